@@ -1,0 +1,341 @@
+"""Checkpoint conversion: ``pytorch_model.bin`` to safetensors, and GGUF to a checkpoint directory.
+
+Contract:
+
+* :func:`convert_checkpoint` reads a checkpoint directory (any weight layout :mod:`minicpm.weights`
+  reads), checks every tensor against its config, and writes config.json, safetensors weights
+  and the directory's tokenizer / generation files (remote-code ``.py`` files are left out).
+* :func:`convert_gguf` reads a GGUF file of architecture ``llama`` or ``minicpm`` with the
+  ``gguf`` package, dequantizes every tensor type that package dequantizes, undoes llama.cpp's
+  Q/K row permutation, and writes config.json, safetensors weights and the tokenizer:
+  ``tokenizer.json`` for GGUF "gpt2" (byte-level BPE) vocabularies, ``tokenizer.model`` for
+  "llama" (SentencePiece) vocabularies, plus ``tokenizer_config.json`` (special tokens,
+  ``add_bos_token``, ``chat_template``).
+* Output is built in a temporary sibling directory and renamed into place at the end: a failed
+  conversion leaves nothing at the destination; an existing non-empty destination is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import MiniCPMConfig
+from .weights import check_tensors, iter_tensors, resolve_dtype, save_tensors, weight_files
+
+# Files besides the weights that make a checkpoint directory usable.
+CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+class ConversionError(ValueError):
+    """The source can't be converted; the message says what is wrong with it."""
+
+
+def _build_into(dst: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp_dir)`` and move the result to ``dst`` only if it succeeds."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConversionError(f"destination {dst} already exists and is not empty")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        build(tmp)
+        if dst.exists():
+            dst.rmdir()
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, dtype: torch.dtype | str | None = None, max_shard_bytes: int | None = None
+) -> Path:
+    """A checkpoint directory (e.g. with pytorch_model.bin) to a safetensors checkpoint directory."""
+    src = Path(src)
+    config = MiniCPMConfig.from_pretrained(src)
+    files = weight_files(src)
+    target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
+    tensors = dict(iter_tensors(files))
+    skip = check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, src)
+    out = {n: (t if target is None else t.to(target)) for n, t in tensors.items() if n not in skip}
+
+    def build(tmp: Path) -> None:
+        save_tensors(out, tmp, max_shard_bytes)
+        shutil.copy2(src / "config.json", tmp / "config.json")
+        for name in CARRIED_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+
+    return _build_into(Path(dst), build)
+
+
+# ---------------------------------------------------------------------------------------- GGUF
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (GGUF interleaved pairs back to rotate-half)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+GGUF_TENSOR_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _hf_name(name: str) -> str | None:
+    if name in GGUF_TENSOR_NAMES:
+        return GGUF_TENSOR_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def gguf_config(reader: Any) -> dict[str, Any]:
+    """config.json fields from GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "minicpm"):
+        raise ConversionError(f"GGUF architecture {arch!r} is not supported (supported: llama, minicpm)")
+
+    def get(key: str, default: Any = None, required: bool = False) -> Any:
+        value = _field(reader, f"{arch}.{key}", default)
+        if required and value is None:
+            raise ConversionError(f"GGUF metadata key {arch}.{key} is missing")
+        return value
+
+    hidden = int(get("embedding_length", required=True))
+    layers = int(get("block_count", required=True))
+    heads = int(get("attention.head_count", required=True))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = get("vocab_size") or (len(tokens) if tokens else None)
+    if vocab is None:
+        vocab = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
+    head_dim = hidden // heads
+    rope_dims = get("rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise ConversionError(f"GGUF rope.dimension_count {rope_dims} != head_dim {head_dim}: partial RoPE is not supported")
+    config: dict[str, Any] = {
+        "architectures": ["MiniCPMForCausalLM" if arch == "minicpm" else "LlamaForCausalLM"],
+        "model_type": arch,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length", required=True)),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor", required=True))}
+    elif scaling not in ("none", None):
+        raise ConversionError(f"GGUF rope scaling type {scaling!r} is not supported (known: none, linear)")
+    if arch == "minicpm":
+        config["scale_emb"] = float(get("embedding_scale", 1.0))
+        config["scale_depth"] = float(get("residual_scale", 1.0 / math.sqrt(layers))) * math.sqrt(layers)
+        config["dim_model_base"] = hidden / float(get("logit_scale", hidden))
+    return config
+
+
+def gguf_tensors(reader: Any, config: MiniCPMConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            if t.name != "rope_freqs.weight":
+                unknown.append(t.name)
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape))
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ConversionError(
+                f"GGUF tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot dequantize"
+            ) from None
+        w = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
+        if name.endswith("q_proj.weight"):
+            w = _unpermute(w, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = _unpermute(w, config.num_key_value_heads)
+        out[name] = w.to(dtype)
+    if unknown:
+        raise ConversionError(f"GGUF file has tensors this converter does not know: {', '.join(unknown)}")
+    return out
+
+
+def _gguf_bpe_tokenizer(reader: Any, tokens: list[str], types: list[int]) -> Any:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"):
+        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("default", "gpt-2", "gpt2", "phi-2", "jina-es", "olmo"):
+        pre_tok = byte_level
+    elif pre in ("llama-bpe", "llama3", "smaug-bpe"):
+        pattern = (
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+            r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+        )
+        from tokenizers import Regex
+
+        pre_tok = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    else:
+        raise ConversionError(f"GGUF BPE pre-tokenizer {pre!r} is not supported")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tok
+    tokenizer.decoder = decoders.ByteLevel()
+    special = [AddedToken(tokens[i], special=types[i] == 3, normalized=False)
+               for i in range(len(tokens)) if types[i] in (3, 4)]
+    tokenizer.add_tokens(special)
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)]
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def _gguf_spm_model(reader: Any, tokens: list[str], types: list[int]) -> bytes:
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    proto = spm_pb.ModelProto()
+    for tok, score, kind in zip(tokens, scores, types, strict=True):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = tok, float(score)
+        piece.type = kind if kind in (1, 2, 3, 4, 5, 6) else 1
+    spec = proto.trainer_spec
+    spec.model_type = spm_pb.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = 6 in types
+    spec.unk_id = int(_field(reader, "tokenizer.ggml.unknown_token_id", 0))
+    spec.bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id", 1))
+    spec.eos_id = int(_field(reader, "tokenizer.ggml.eos_token_id", 2))
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    spec.pad_id = -1 if pad is None or pad in (spec.unk_id, spec.bos_id, spec.eos_id) else int(pad)
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def gguf_tokenizer_files(reader: Any, out: Path) -> None:
+    """Write the tokenizer files that GGUF metadata describes."""
+    kind = _field(reader, "tokenizer.ggml.model")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if kind is None or tokens is None:
+        raise ConversionError("GGUF file has no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens missing)")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    special_ids = {
+        "bos_token": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "unk_token": _field(reader, "tokenizer.ggml.unknown_token_id"),
+        "pad_token": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+    tok_config: dict[str, Any] = {k: tokens[v] for k, v in special_ids.items() if v is not None}
+    tok_config["add_bos_token"] = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
+    tok_config["add_eos_token"] = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+    added = {str(i): {"content": tokens[i], "special": types[i] in (2, 3), "normalized": False, "lstrip": False,
+                      "rstrip": False, "single_word": False}
+             for i in range(len(tokens)) if types[i] in (2, 3, 4)}
+    if kind == "gpt2":
+        _gguf_bpe_tokenizer(reader, tokens, types).save(str(out / "tokenizer.json"))
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    elif kind == "llama":
+        (out / "tokenizer.model").write_bytes(_gguf_spm_model(reader, tokens, types))
+        tok_config["tokenizer_class"] = "LlamaTokenizer"
+        tok_config["legacy"] = True
+        tok_config["add_prefix_space"] = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    else:
+        raise ConversionError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    tok_config["added_tokens_decoder"] = added
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        tok_config["chat_template"] = template
+    ctx = _field(reader, f"{_field(reader, 'general.architecture')}.context_length")
+    if ctx:
+        tok_config["model_max_length"] = int(ctx)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+
+
+def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+    """A GGUF file (llama or minicpm architecture) to a checkpoint directory (float32 by default)."""
+    from gguf import GGUFReader
+
+    src = Path(src)
+    if not src.is_file():
+        raise ConversionError(f"GGUF file {src} does not exist")
+    try:
+        reader = GGUFReader(str(src))
+    except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, struct errors, ...
+        raise ConversionError(f"{src} is not a readable GGUF file: {exc}") from None
+    raw_config = gguf_config(reader)
+    config = MiniCPMConfig.from_dict(raw_config)
+    target = resolve_dtype(dtype or "float32", torch.device("cpu"))
+    tensors = gguf_tensors(reader, config, target)
+    check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, src)
+    raw_config["torch_dtype"] = str(target).removeprefix("torch.")
+
+    def build(tmp: Path) -> None:
+        save_tensors(tensors, tmp)
+        (tmp / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n", encoding="utf-8")
+        gguf_tokenizer_files(reader, tmp)
+
+    return _build_into(Path(dst), build)

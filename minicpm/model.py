@@ -1,0 +1,272 @@
+"""The MiniCPM decoder (and Llama, as MiniCPM with neutral scales), with the reference numerics.
+
+Contract:
+
+* ``MiniCPMForCausalLM(config)(input_ids)`` on a (batch, seq) LongTensor, with no cache, returns
+  float32 logits of shape (batch, seq, vocab): the plain path that parity checks use.
+* ``forward(input_ids, positions=None, cache=None, rope_lengths=None, logits_to_keep=None)``:
+  ``positions`` (batch, seq) are absolute token positions (default ``arange(seq)`` continuing the
+  cache); ``cache`` is any object with ``attend(layer, q, k, v) -> out`` (see
+  :class:`AttentionCache`): it stores the new keys/values wherever it keeps them and returns the
+  attention output, so a dense cache and a paged engine plug in the same way;
+  ``rope_lengths`` is the sequence length that decides the dynamic-NTK base (broadcastable to
+  ``positions``; default: the largest position + 1); ``logits_to_keep`` picks the positions whose
+  logits are computed (None: every position without a cache, the last one with a cache; an int
+  ``n``: the last ``n``; a 1-D LongTensor: those indices along the sequence).
+* MiniCPM's quirks live here and only here: the embedding times ``scale_emb``, every residual
+  branch times ``scale_depth / sqrt(layers)``, the final hidden state divided by
+  ``hidden_size / dim_model_base`` before the head, RMSNorm and RoPE in float32, attention softmax
+  in float32, and the dynamic-NTK base (:meth:`MiniCPMConfig.rope_base`).
+
+Dynamic NTK while decoding: the base of a sequence is decided once, from the length of its
+prompt (``rope_lengths``), and every position of that sequence, cached or new, uses it. Prefill
+therefore matches the reference at every length, and keys never disagree with each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MiniCPMConfig
+
+
+class AttentionCache(Protocol):
+    """Keeps keys/values across forward calls and computes attention over them.
+
+    ``attend`` receives rotated ``q`` (batch, heads, new, head_dim) and ``k``/``v``
+    (batch, kv_heads, new, head_dim) of one layer and returns (batch, heads, new, head_dim): the
+    causal attention of the new queries over everything cached for their sequence plus the new
+    keys. It is called once per layer per forward, in layer order.
+    """
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+    @property
+    def length(self) -> int: ...
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with query i seeing keys 0..past+i (GQA by head grouping)."""
+    t, s = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if past == 0 and t == s:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if t == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class DenseKVCache:
+    """A contiguous per-layer KV cache for a batch of equally long sequences (generation)."""
+
+    def __init__(
+        self,
+        config: MiniCPMConfig,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.num_layers = config.num_hidden_layers
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        start, end = self._length, self._length + k.shape[-2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; {end} were asked for")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        out = causal_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], past=start)
+        if layer == self.num_layers - 1:
+            self._length = end
+        return out
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on."""
+        self._length = min(self._length, length)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_cos_sin(config: MiniCPMConfig, positions: Tensor, rope_lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 cos/sin of shape positions.shape + (head_dim,), rotate-half layout."""
+    d = config.head_dim
+    lengths = rope_lengths.to(positions.device).expand_as(positions)
+    exponent = torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d
+    unique, inverse = torch.unique(lengths, return_inverse=True)
+    bases = torch.tensor([config.rope_base(int(n)) for n in unique.tolist()], dtype=torch.float64)
+    inv_freq = (1.0 / bases.to(positions.device)[:, None] ** exponent).float()  # (unique, d/2)
+    pos = positions.float()
+    if config.rope_type == "linear":
+        pos = pos / config.rope_factor
+    angles = pos[..., None] * inv_freq[inverse]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (batch, heads, seq, d); cos/sin: (batch, seq, d). Rotation in float32."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniCPMConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = causal_attention(q, k, v) if cache is None else cache.attend(self.layer, q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MiniCPMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MiniCPMConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+class MiniCPMModel(nn.Module):
+    def __init__(self, config: MiniCPMConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MiniCPMForCausalLM(nn.Module):
+    """MiniCPM-2B-128k (and any MiniCPM / Llama checkpoint) as a torch module."""
+
+    def __init__(self, config: MiniCPMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MiniCPMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        rope_lengths: Tensor | int | None = None,
+        logits_to_keep: int | Tensor | None = None,
+    ) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
+        if rope_lengths is None:
+            rope_lengths = positions.amax(dim=-1, keepdim=True) + 1
+        elif isinstance(rope_lengths, int):
+            rope_lengths = torch.tensor(rope_lengths)
+        elif rope_lengths.dim() == 1:
+            rope_lengths = rope_lengths[:, None]
+        cos, sin = rope_cos_sin(self.config, positions, rope_lengths)
+
+        h = self.model.embed_tokens(input_ids) * self.config.scale_emb
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, cache)
+
+        if logits_to_keep is None:
+            logits_to_keep = 0 if cache is None else 1
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
+        else:
+            h = h[:, logits_to_keep.to(h.device)]
+        h = self.model.norm(h) * self.config.logit_scale
+        return self.lm_head(h).float()
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+    ) -> MiniCPMForCausalLM:
+        """Load a checkpoint directory (config.json + safetensors or pytorch_model.bin, sharded or not).
+
+        Default dtype: bfloat16 on GPU, float32 on CPU. The module is built on the meta device and
+        the checkpoint's tensors are assigned in place, so peak memory stays near one copy of the
+        weights.
+        """
+        from .weights import load_model
+
+        return load_model(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
+        """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""
+        from .weights import save_model
+
+        save_model(self, path, max_shard_bytes=max_shard_bytes)
