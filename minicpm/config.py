@@ -207,6 +207,8 @@ class MiniCPMConfig:
         out["architectures"] = ["MiniCPMForCausalLM" if self.model_type == "minicpm" else "LlamaForCausalLM"]
         if self.rope_scaling is None:
             out.pop("rope_scaling")
+        if self.head_dim * self.num_attention_heads == self.hidden_size:
+            out.pop("head_dim")  # derived; the reference MiniCPM config has no such field
         return out
 
     def save(self, path: str | Path) -> None:
@@ -222,9 +224,7 @@ def _normalize_rope_scaling(scaling: Any) -> dict[str, Any] | None:
     if kind in (None, "default", "none"):
         return None
     if kind not in ROPE_TYPES:
-        raise ConfigError(
-            f"config field 'rope_scaling' has unknown type {kind!r} (known: {', '.join(ROPE_TYPES)})"
-        )
+        raise ConfigError(f"config field 'rope_scaling' has unknown type {kind!r} (known: {', '.join(ROPE_TYPES)})")
     factor = scaling.get("factor")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
         raise ConfigError(f"config field 'rope_scaling.factor' must be a positive number, got {factor!r}")

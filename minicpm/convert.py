@@ -150,7 +150,9 @@ def gguf_config(reader: Any) -> dict[str, Any]:
     head_dim = hidden // heads
     rope_dims = get("rope.dimension_count")
     if rope_dims is not None and int(rope_dims) != head_dim:
-        raise ConversionError(f"GGUF rope.dimension_count {rope_dims} != head_dim {head_dim}: partial RoPE is not supported")
+        raise ConversionError(
+            f"GGUF rope.dimension_count {rope_dims} != head_dim {head_dim}: partial RoPE is not supported"
+        )
     config: dict[str, Any] = {
         "architectures": ["MiniCPMForCausalLM" if arch == "minicpm" else "LlamaForCausalLM"],
         "model_type": arch,
@@ -227,8 +229,10 @@ def _gguf_bpe_tokenizer(reader: Any, tokens: list[str], types: list[int]) -> Any
         from tokenizers import Regex
 
         pre_tok = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     else:
         raise ConversionError(f"GGUF BPE pre-tokenizer {pre!r} is not supported")
@@ -236,8 +240,9 @@ def _gguf_bpe_tokenizer(reader: Any, tokens: list[str], types: list[int]) -> Any
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tok
     tokenizer.decoder = decoders.ByteLevel()
-    special = [AddedToken(tokens[i], special=types[i] == 3, normalized=False)
-               for i in range(len(tokens)) if types[i] in (3, 4)]
+    special = [
+        AddedToken(tokens[i], special=types[i] == 3, normalized=False) for i in range(len(tokens)) if types[i] in (3, 4)
+    ]
     tokenizer.add_tokens(special)
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
@@ -291,9 +296,18 @@ def gguf_tokenizer_files(reader: Any, out: Path) -> None:
     tok_config: dict[str, Any] = {k: tokens[v] for k, v in special_ids.items() if v is not None}
     tok_config["add_bos_token"] = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
     tok_config["add_eos_token"] = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
-    added = {str(i): {"content": tokens[i], "special": types[i] in (2, 3), "normalized": False, "lstrip": False,
-                      "rstrip": False, "single_word": False}
-             for i in range(len(tokens)) if types[i] in (2, 3, 4)}
+    added = {
+        str(i): {
+            "content": tokens[i],
+            "special": types[i] in (2, 3),
+            "normalized": False,
+            "lstrip": False,
+            "rstrip": False,
+            "single_word": False,
+        }
+        for i in range(len(tokens))
+        if types[i] in (2, 3, 4)
+    }
     if kind == "gpt2":
         _gguf_bpe_tokenizer(reader, tokens, types).save(str(out / "tokenizer.json"))
         tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -311,8 +325,9 @@ def gguf_tokenizer_files(reader: Any, out: Path) -> None:
     ctx = _field(reader, f"{_field(reader, 'general.architecture')}.context_length")
     if ctx:
         tok_config["model_max_length"] = int(ctx)
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | str | None = None) -> Path:
@@ -324,7 +339,7 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | str | No
         raise ConversionError(f"GGUF file {src} does not exist")
     try:
         reader = GGUFReader(str(src))
-    except Exception as exc:  # noqa: BLE001 - the reader raises ValueError, struct errors, ...
+    except Exception as exc:
         raise ConversionError(f"{src} is not a readable GGUF file: {exc}") from None
     raw_config = gguf_config(reader)
     config = MiniCPMConfig.from_dict(raw_config)

@@ -68,7 +68,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     yield name, f.get_tensor(name)
         else:
             state = _torch_load(file)
@@ -83,11 +83,11 @@ def _torch_load(file: Path) -> object:
     except RuntimeError as exc:
         if "mmap" not in str(exc):  # legacy (non-zip) files can't be mapped; read them whole
             raise CheckpointError(f"cannot read {file} as a weights-only torch checkpoint: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling raises many kinds
+    except Exception as exc:
         raise CheckpointError(f"cannot read {file} as a weights-only torch checkpoint: {exc}") from None
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CheckpointError(f"cannot read {file} as a weights-only torch checkpoint: {exc}") from None
 
 
@@ -101,9 +101,7 @@ def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(
-    config: MiniCPMConfig, found: dict[str, tuple[int, ...]], where: Path | str
-) -> set[str]:
+def check_tensors(config: MiniCPMConfig, found: dict[str, tuple[int, ...]], where: Path | str) -> set[str]:
     """Raise :class:`CheckpointError` unless ``found`` (name -> shape) matches the config.
 
     Returns the names to skip (derived buffers, a tied head stored twice).
@@ -130,8 +128,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
@@ -152,12 +156,12 @@ def load_model(
     files = weight_files(path)
     tensors = dict(iter_tensors(files))
     skip = check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, path)
-    if config.tie_word_embeddings and "lm_head.weight" in tensors:
-        if not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
-            raise CheckpointError(
-                f"checkpoint {path}: config ties the embeddings but lm_head.weight differs from "
-                "model.embed_tokens.weight; set tie_word_embeddings to false"
-            )
+    tied_head = tensors.get("lm_head.weight") if config.tie_word_embeddings else None
+    if tied_head is not None and not torch.equal(tied_head, tensors["model.embed_tokens.weight"]):
+        raise CheckpointError(
+            f"checkpoint {path}: config ties the embeddings but lm_head.weight differs from "
+            "model.embed_tokens.weight; set tie_word_embeddings to false"
+        )
     with torch.device("meta"):
         model = cls(config)
     state = {}
@@ -185,9 +189,7 @@ def _atomic_write_text(text: str, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def save_tensors(
-    tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: int | None = None
-) -> list[Path]:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: int | None = None) -> list[Path]:
     """Write ``tensors`` as model.safetensors, or as shards + index above ``max_shard_bytes``."""
     path.mkdir(parents=True, exist_ok=True)
     limit = max_shard_bytes or DEFAULT_SHARD_BYTES

@@ -47,7 +47,12 @@ def reference_logits(config: MiniCPMConfig, state: dict[str, torch.Tensor], ids:
     """The MiniCPM forward written out from the facts page, eager float32 math, nothing shared."""
     c = config
     sd = {k: v.float() for k, v in state.items()}
-    L, H, KV, D = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+    L, H, KV, D = (
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.hidden_size // c.num_attention_heads,
+    )
     b, s = ids.shape
 
     def norm(x, w):
