@@ -30,6 +30,107 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from .llm import LLM
+
+    return LLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format)
+
+
+def _sampling(args: argparse.Namespace, **extra: object):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+        **extra,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    params = _sampling(args, ignore_eos=args.ignore_eos)
+    for delta in llm.stream(args.prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    kwargs = dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    if args.prompt is not None:
+        response, _ = llm.chat(args.prompt, system=args.system, **kwargs)
+        print(response)
+        return 0
+    history: list[dict] = []
+    system = args.system
+    print("minicpm chat: type a message; /reset clears the history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            query = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if query.strip() == "/exit":
+            return 0
+        if query.strip() == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not query.strip():
+            continue
+        try:
+            for delta in llm.chat_stream(query, history, system, **kwargs):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
+            print(f"\nminicpm: error: {exc}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history = llm.last_history
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="compute dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--chat-format",
+        default="auto",
+        choices=["auto", "chatml", "minicpm"],
+        help="chat template: the checkpoint's (auto), ChatML, or MiniCPM's <用户>/<AI>",
+    )
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty (default 1.0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"answer length limit (default {max_new})")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minicpm", description="Run MiniCPM-2B-128k and Llama-family checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="split safetensors into shards of at most this many GiB (default 4)",
     )
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("chat", help="chat with a model (one answer with --prompt, else interactive)")
+    _add_model_flags(p)
+    p.add_argument("--prompt", default=None, help="answer this message and exit")
+    p.add_argument("--system", default=None, help="system message")
+    _add_sampling_flags(p, temperature=0.8, top_p=0.8, max_new=1024)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("generate", help="raw completion of a prompt, streamed to stdout")
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True, help="text to complete")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating to --max-new-tokens")
+    _add_sampling_flags(p, temperature=0.0, top_p=1.0, max_new=256)
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -41,6 +41,7 @@ class MiniCPMConfig:
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int = 2048
+    max_length: int | None = None
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     rms_norm_eps: float = 1e-6
@@ -70,6 +71,10 @@ class MiniCPMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.max_length is not None and (
+            isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length <= 0
+        ):
+            raise ConfigError(f"config field 'max_length' must be a positive integer, got {self.max_length!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -126,6 +131,12 @@ class MiniCPMConfig:
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         return list(eos) if isinstance(eos, list) else [eos] if eos is not None else []
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence (prompt + answer) served: ``max_length`` if the config has it
+        (MiniCPM-2B-128k: 131072), else ``max_position_embeddings``."""
+        return self.max_length or self.max_position_embeddings
 
     def rope_base(self, seq_len: int) -> float:
         """RoPE base for a sequence whose length is ``seq_len``.
@@ -205,8 +216,9 @@ class MiniCPMConfig:
         """A config.json that this class (and the reference MiniCPM code) reads back."""
         out = dataclasses.asdict(self)
         out["architectures"] = ["MiniCPMForCausalLM" if self.model_type == "minicpm" else "LlamaForCausalLM"]
-        if self.rope_scaling is None:
-            out.pop("rope_scaling")
+        for optional in ("rope_scaling", "max_length"):
+            if out[optional] is None:
+                out.pop(optional)
         if self.head_dim * self.num_attention_heads == self.hidden_size:
             out.pop("head_dim")  # derived; the reference MiniCPM config has no such field
         return out
