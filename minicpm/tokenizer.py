@@ -171,10 +171,7 @@ class Tokenizer:
                 single_word=entry.get("single_word", False),
             )
         for token, idx in _read_json(path / "added_tokens.json").items():
-            added.setdefault(int(idx), AddedToken(token, special=True, normalized=False))
-        extra = [_token_content(t) for t in special_map.get("additional_special_tokens", []) or []]
-        extra += [_token_content(t) for t in config.get("additional_special_tokens", []) or []]
-        extra += [v for k, v in ((k, _token_content(config.get(k))) for k in SPECIAL_KEYS) if v]
+            added.setdefault(int(idx), AddedToken(token, special=False, normalized=False))
         for idx in sorted(added):
             token = added[idx]
             existing = backend.token_to_id(token.content)
@@ -186,9 +183,6 @@ class Tokenizer:
             if existing is not None and existing != idx:
                 raise TokenizerError(f"added token {token.content!r} is id {existing} in the vocabulary, not {idx}")
             (backend.add_special_tokens if token.special else backend.add_tokens)([token])
-        for token in extra:
-            if backend.token_to_id(token) is not None:
-                backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
         if rebuild_post:
             bos = _token_content(config.get("bos_token")) if config.get("add_bos_token", True) else None
             eos = _token_content(config.get("eos_token")) if config.get("add_eos_token", False) else None

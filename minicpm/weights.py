@@ -168,7 +168,10 @@ def load_model(
     for name in list(tensors):
         tensor = tensors.pop(name)
         if name not in skip:
-            state[name] = tensor.to(device=device, dtype=dtype)
+            # An own copy: never file-mapped pages, so a checkpoint rewritten on disk can't change
+            # the running model, and every tensor has the allocator's alignment.
+            converted = tensor.to(device=device, dtype=dtype)
+            state[name] = converted.clone() if converted.data_ptr() == tensor.data_ptr() else converted
         del tensor
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

