@@ -24,15 +24,26 @@ def spm_dir(tmp_path_factory) -> Path:
     (path / "added_tokens.json").write_text(json.dumps(CHATML_TOKENS))
     (path / "special_tokens_map.json").write_text(
         json.dumps(
-            {"additional_special_tokens": list(CHATML_TOKENS), "bos_token": "<s>", "eos_token": "</s>",
-             "unk_token": "<unk>"}
+            {
+                "additional_special_tokens": list(CHATML_TOKENS),
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
         )
     )
     (path / "tokenizer_config.json").write_text(
         json.dumps(
-            {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-             "unk_token": "<unk>", "legacy": True, "tokenizer_class": "LlamaTokenizer",
-             "clean_up_tokenization_spaces": False}
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "legacy": True,
+                "tokenizer_class": "LlamaTokenizer",
+                "clean_up_tokenization_spaces": False,
+            }
         )
     )
     return path

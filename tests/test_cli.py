@@ -16,8 +16,16 @@ def test_chat_answers_paris(default_model_dir: Path, capsys) -> None:
 
 
 def test_generate_streams_a_completion(default_model_dir: Path, capsys) -> None:
-    args = ["generate", "--model", str(default_model_dir), "--prompt", "The capital of France is",
-            "--max-new-tokens", "8", "--ignore-eos"]
+    args = [
+        "generate",
+        "--model",
+        str(default_model_dir),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert len(out.strip()) > 0

@@ -111,6 +111,7 @@ def test_chat_returns_clean_response_and_history(llm: LLM) -> None:
     prompt = llm.chat_prompt(history[:2])
     assert prompt[0] == 1 and prompt.count(32001) == 3  # bos, then system/user/assistant headers
     response2, history2 = llm.chat("More?", history, temperature=0, max_new_tokens=4)
+    assert history2[-1]["content"] == response2
     assert len(history2) == 5 and len(history) == 3  # the caller's list is left alone
 
 

@@ -89,8 +89,9 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_matches_transformers(tmp_path: Path, default_model_dir: Path, spm_dir: Path,
-                                            add_generation_prompt: bool) -> None:
+def test_chat_template_matches_transformers(
+    tmp_path: Path, default_model_dir: Path, spm_dir: Path, add_generation_prompt: bool
+) -> None:
     chatml_dir = tmp_path / "chatml"
     shutil.copytree(spm_dir, chatml_dir)
     config = json.loads((chatml_dir / "tokenizer_config.json").read_text())
