@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .llm import CHAT_DEFAULTS
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError)
 
 
@@ -63,18 +65,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     llm = _load(args)
-    kwargs = dict(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop or ()),
-    )
+    params = _sampling(args)
     if args.prompt is not None:
-        response, _ = llm.chat(args.prompt, system=args.system, **kwargs)
-        print(response)
+        for _ in llm.chat_stream(args.prompt, system=args.system, params=params):
+            pass
+        print(llm.last_completion.text)
         return 0
     history: list[dict] = []
     system = args.system
@@ -94,7 +89,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         if not query.strip():
             continue
         try:
-            for delta in llm.chat_stream(query, history, system, **kwargs):
+            for delta in llm.chat_stream(query, history, system, params):
                 sys.stdout.write(delta)
                 sys.stdout.flush()
         except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
@@ -157,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("--prompt", default=None, help="answer this message and exit")
     p.add_argument("--system", default=None, help="system message")
-    _add_sampling_flags(p, temperature=0.8, top_p=0.8, max_new=1024)
+    _add_sampling_flags(p, CHAT_DEFAULTS["temperature"], CHAT_DEFAULTS["top_p"], CHAT_DEFAULTS["max_new_tokens"])
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("generate", help="raw completion of a prompt, streamed to stdout")

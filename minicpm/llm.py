@@ -29,6 +29,9 @@ from .model import DenseKVCache, MiniCPMForCausalLM
 from .sampling import SamplingParams, sample_next
 from .tokenizer import IncrementalDecoder, Tokenizer
 
+# The card's example call: model.chat(tokenizer, query, temperature=0.8, top_p=0.8)
+CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_p": 0.8, "max_new_tokens": 1024}
+
 
 @dataclasses.dataclass
 class Completion:
@@ -182,14 +185,11 @@ class LLM:
         query: str,
         history: Sequence[dict[str, Any]] | None = None,
         system: str | None = None,
-        temperature: float = 0.8,
-        top_p: float = 0.8,
-        max_new_tokens: int = 1024,
-        **kwargs: Any,
+        params: SamplingParams | None = None,
     ) -> Iterator[str]:
-        """Deltas of the answer; the finished turn is appended to ``self.last_history``."""
+        """Deltas of the answer; then ``self.last_history`` and ``self.last_completion`` hold the turn."""
         messages = self.chat_messages(query, history, system)
-        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, **kwargs)
+        params = params or SamplingParams(**CHAT_DEFAULTS)
         ids = self._prompt_ids(self.chat_prompt(messages))
         state = Completion("", [], len(ids), "length")
         yield from self._run(ids, params, state)
@@ -201,12 +201,16 @@ class LLM:
         query: str,
         history: Sequence[dict[str, Any]] | None = None,
         system: str | None = None,
-        temperature: float = 0.8,
-        top_p: float = 0.8,
-        max_new_tokens: int = 1024,
+        temperature: float = CHAT_DEFAULTS["temperature"],
+        top_p: float = CHAT_DEFAULTS["top_p"],
+        max_new_tokens: int = CHAT_DEFAULTS["max_new_tokens"],
         **kwargs: Any,
     ) -> tuple[str, list[dict[str, Any]]]:
-        """``(response, history)`` as the card's ``model.chat`` returns them (history is a new list)."""
-        for _ in self.chat_stream(query, history, system, temperature, top_p, max_new_tokens, **kwargs):
+        """``(response, history)`` as the card's ``model.chat`` returns them (history is a new list).
+
+        Keyword arguments beyond the card's are :class:`SamplingParams` fields (top_k, seed, stop, ...).
+        """
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, **kwargs)
+        for _ in self.chat_stream(query, history, system, params):
             pass
         return self.last_completion.text, self.last_history
