@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minicpm import default_model
+from minicpm import LLM, default_model
 from minicpm.cli import main
 
 
@@ -16,19 +16,12 @@ def test_chat_answers_paris(default_model_dir: Path, capsys) -> None:
 
 
 def test_generate_streams_a_completion(default_model_dir: Path, capsys) -> None:
-    args = [
-        "generate",
-        "--model",
-        str(default_model_dir),
-        "--prompt",
-        "The capital of France is",
-        "--max-new-tokens",
-        "8",
-        "--ignore-eos",
-    ]
+    prompt = "The capital of France is"
+    args = ["generate", "--model", str(default_model_dir), "--prompt", prompt, "--max-new-tokens", "8", "--ignore-eos"]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert len(out.strip()) > 0
+    expected = LLM.from_pretrained(default_model_dir).generate(prompt, max_new_tokens=8, ignore_eos=True)
+    assert len(expected.token_ids) == 8
+    assert capsys.readouterr().out == expected.text + "\n"
 
 
 def test_interactive_chat_reset_and_exit(default_model_dir: Path, capsys, monkeypatch) -> None:
