@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .config import MiniCPMConfig
-from .weights import check_tensors, iter_tensors, resolve_dtype, save_tensors, weight_files
+from .weights import check_tensors, read_checkpoint, resolve_dtype, save_tensors
 
 # Files besides the weights that make a checkpoint directory usable.
 CARRIED_FILES = (
@@ -70,11 +70,8 @@ def convert_checkpoint(
 ) -> Path:
     """A checkpoint directory (e.g. with pytorch_model.bin) to a safetensors checkpoint directory."""
     src = Path(src)
-    config = MiniCPMConfig.from_pretrained(src)
-    files = weight_files(src)
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
-    tensors = dict(iter_tensors(files))
-    skip = check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, src)
+    _, tensors, skip = read_checkpoint(src)
     out = {n: (t if target is None else t.to(target)) for n, t in tensors.items() if n not in skip}
 
     def build(tmp: Path) -> None:

@@ -95,10 +95,6 @@ class DenseKVCache:
             self._length = end
         return out
 
-    def truncate(self, length: int) -> None:
-        """Forget every position from ``length`` on."""
-        self._length = min(self._length, length)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -212,10 +211,6 @@ class Tokenizer:
     def eos_token_id(self) -> int | None:
         return self._special_id("eos_token")
 
-    @cached_property
-    def special_ids(self) -> frozenset[int]:
-        return frozenset(i for i, t in self._backend.get_added_tokens_decoder().items() if t.special)
-
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The ids Hugging Face's ``tokenizer(text)["input_ids"]`` returns."""
@@ -237,10 +232,6 @@ class Tokenizer:
         if chat_format not in CHAT_FORMATS:
             raise TokenizerError(f"unknown chat format {chat_format!r} (known: auto, {', '.join(CHAT_FORMATS)})")
         return CHAT_FORMATS[chat_format]
-
-    @property
-    def uses_chatml(self) -> bool:
-        return self.token_to_id("<|im_end|>") is not None
 
     def apply_chat_template(
         self,

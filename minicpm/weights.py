@@ -141,6 +141,17 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return names[dtype]
 
 
+def read_checkpoint(path: Path) -> tuple[MiniCPMConfig, dict[str, torch.Tensor], set[str]]:
+    """A checkpoint directory's config, its tensors (lazily mapped where the format allows) and the
+    names to skip, after checking every tensor against the config."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    config = MiniCPMConfig.from_pretrained(path)
+    tensors = dict(iter_tensors(weight_files(path)))
+    skip = check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, path)
+    return config, tensors, skip
+
+
 def load_model(
     cls: type[MiniCPMForCausalLM],
     path: str | Path,
@@ -148,14 +159,9 @@ def load_model(
     device: torch.device | str = "cpu",
 ) -> MiniCPMForCausalLM:
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    config = MiniCPMConfig.from_pretrained(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    files = weight_files(path)
-    tensors = dict(iter_tensors(files))
-    skip = check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, path)
+    config, tensors, skip = read_checkpoint(path)
     tied_head = tensors.get("lm_head.weight") if config.tie_word_embeddings else None
     if tied_head is not None and not torch.equal(tied_head, tensors["model.embed_tokens.weight"]):
         raise CheckpointError(
@@ -229,4 +235,4 @@ def save_model(model: MiniCPMForCausalLM, path: str | Path, max_shard_bytes: int
     path.mkdir(parents=True, exist_ok=True)
     state = dict(model.named_parameters())  # a tied head appears once, as the embedding
     save_tensors(state, path, max_shard_bytes)
-    _atomic_write_text(json.dumps(model.config.to_dict(), indent=2) + "\n", path / "config.json")
+    model.config.save(path / "config.json")

@@ -389,3 +389,23 @@ def test_convert_gguf_rejects_bad_input(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ConversionError, match="architecture 'gpt2'"):
         convert_gguf(tmp_path / "g.gguf", tmp_path / "out")
+
+
+def test_real_minicpm_2b_128k_config_numbers() -> None:
+    """The published config at full size: derived scales, NTK base, context, KV bytes per token."""
+    raw = PUBLISHED_CONFIG | {
+        "hidden_size": 2304,
+        "intermediate_size": 5760,
+        "num_attention_heads": 36,
+        "num_key_value_heads": 36,
+        "num_hidden_layers": 40,
+        "vocab_size": 122760,
+        "max_position_embeddings": 65536,
+        "dim_model_base": 256,
+    }
+    config = MiniCPMConfig.from_dict(raw)
+    assert config.head_dim == 64 and config.context_length == 131072
+    assert config.residual_scale == pytest.approx(0.221359, abs=1e-6) and config.logit_scale == pytest.approx(1 / 9)
+    assert config.rope_base(65536) == 1e6
+    assert config.rope_base(131072) == pytest.approx(5.27e6, rel=1e-3)
+    assert config.kv_bytes_per_token(2) == 360 * 1024
