@@ -8,6 +8,7 @@ printed to stderr as one ``minicpm: error: ...`` message with exit status 2, nev
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,6 +100,38 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history = llm.last_history
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .config import MiniCPMConfig
+    from .plan import available_memory, format_plan, plan_memory
+    from .weights import CheckpointError, weight_files
+
+    if args.context <= 0:
+        raise ValueError(f"--context must be a positive number of tokens, got {args.context}")
+    if args.memory is not None and not (math.isfinite(args.memory) and args.memory > 0):
+        raise ValueError(f"--memory must be a positive number of GiB, got {args.memory}")
+    model = Path(args.model)
+    if not model.exists():
+        raise ValueError(f"checkpoint directory {model} does not exist")
+    config = MiniCPMConfig.from_pretrained(model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")  # the loader's default
+    if args.memory is not None:
+        memory, source = int(args.memory * 1024**3), "given"
+    else:
+        memory, source = available_memory(device)
+    try:
+        disk = sum(f.stat().st_size for f in weight_files(model)) if model.is_dir() else None
+    except CheckpointError:
+        disk = None  # planning needs only config.json
+    plan = plan_memory(config, args.context, memory, dtype, memory_source=source, checkpoint_bytes=disk)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument(
@@ -161,6 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating to --max-new-tokens")
     _add_sampling_flags(p, temperature=0.0, top_p=1.0, max_new=256)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("plan", help="will the weights and N tokens of KV cache fit in memory? (loads no weights)")
+    p.add_argument("--model", required=True, help="checkpoint directory (only config.json is read) or a config.json")
+    p.add_argument("--context", type=int, required=True, help="tokens per context (prompt + answer)")
+    p.add_argument(
+        "--memory",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help="memory budget (default: free GPU memory x 0.9 on cuda, MemAvailable on cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32", "float16"],
+        default=None,
+        help="weight and KV dtype (default: bfloat16 on cuda, float32 on cpu, as the loader)",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--json", action="store_true", help="print one JSON object with exact byte counts")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 

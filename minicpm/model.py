@@ -10,7 +10,8 @@ Contract:
   :class:`AttentionCache`): it stores the new keys/values wherever it keeps them and returns the
   attention output, so a dense cache and a paged engine plug in the same way;
   ``rope_lengths`` is the sequence length that decides the dynamic-NTK base (broadcastable to
-  ``positions``; default: the largest position + 1); ``logits_to_keep`` picks the positions whose
+  ``positions``; default: the largest position + 1), or ``inv_freq`` gives the rotary frequencies
+  per token directly (the engine's way: no host sync, CUDA-graph safe); ``logits_to_keep`` picks the positions whose
   logits are computed (None: every position without a cache, the last one with a cache; an int
   ``n``: the last ``n``; a 1-D LongTensor: those indices along the sequence).
 * MiniCPM's quirks live here and only here: the embedding times ``scale_emb``, every residual
@@ -31,6 +32,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import MiniCPMConfig
 
@@ -58,8 +60,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if t == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    # bottom-right aligned causal bias: flash / cuDNN kernels take it without a (t, s) mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s), enable_gqa=gqa)
 
 
 class DenseKVCache:
@@ -107,18 +109,30 @@ class RMSNorm(nn.Module):
         return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
-def rope_cos_sin(config: MiniCPMConfig, positions: Tensor, rope_lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """float32 cos/sin of shape positions.shape + (head_dim,), rotate-half layout."""
-    d = config.head_dim
-    lengths = rope_lengths.to(positions.device).expand_as(positions)
-    exponent = torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d
-    unique, inverse = torch.unique(lengths, return_inverse=True)
-    bases = torch.tensor([config.rope_base(int(n)) for n in unique.tolist()], dtype=torch.float64)
-    inv_freq = (1.0 / bases.to(positions.device)[:, None] ** exponent).float()  # (unique, d/2)
+def rope_inv_freq(config: MiniCPMConfig, rope_length: int, device: torch.device | str = "cpu") -> Tensor:
+    """float32 inverse frequencies (head_dim/2,) of a sequence whose NTK base is decided by ``rope_length``."""
+    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
+    base = torch.tensor(config.rope_base(int(rope_length)), dtype=torch.float64)
+    return (1.0 / base**exponent).float().to(device)
+
+
+def rope_cos_sin(
+    config: MiniCPMConfig, positions: Tensor, rope_lengths: Tensor | None = None, inv_freq: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """float32 cos/sin of shape positions.shape + (head_dim,), rotate-half layout.
+
+    The frequencies come from ``inv_freq`` (broadcastable to positions.shape + (head_dim/2,), as
+    the engine passes them per token with no host sync) or else from ``rope_lengths``.
+    """
+    if inv_freq is None:
+        lengths = rope_lengths.to(positions.device).expand_as(positions)
+        unique, inverse = torch.unique(lengths, return_inverse=True)
+        table = torch.stack([rope_inv_freq(config, n, positions.device) for n in unique.tolist()])
+        inv_freq = table[inverse]
     pos = positions.float()
     if config.rope_type == "linear":
         pos = pos / config.rope_factor
-    angles = pos[..., None] * inv_freq[inverse]
+    angles = pos[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -215,6 +229,7 @@ class MiniCPMForCausalLM(nn.Module):
         cache: AttentionCache | None = None,
         rope_lengths: Tensor | int | None = None,
         logits_to_keep: int | Tensor | None = None,
+        inv_freq: Tensor | None = None,
     ) -> Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -222,13 +237,14 @@ class MiniCPMForCausalLM(nn.Module):
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)
-        if rope_lengths is None:
-            rope_lengths = positions.amax(dim=-1, keepdim=True) + 1
-        elif isinstance(rope_lengths, int):
-            rope_lengths = torch.tensor(rope_lengths)
-        elif rope_lengths.dim() == 1:
-            rope_lengths = rope_lengths[:, None]
-        cos, sin = rope_cos_sin(self.config, positions, rope_lengths)
+        if inv_freq is None:
+            if rope_lengths is None:
+                rope_lengths = positions.amax(dim=-1, keepdim=True) + 1
+            elif isinstance(rope_lengths, int):
+                rope_lengths = torch.tensor(rope_lengths)
+            elif rope_lengths.dim() == 1:
+                rope_lengths = rope_lengths[:, None]
+        cos, sin = rope_cos_sin(self.config, positions, rope_lengths, inv_freq)
 
         h = self.model.embed_tokens(input_ids) * self.config.scale_emb
         for layer in self.model.layers:

@@ -1,0 +1,137 @@
+"""The paged KV cache and attention over it: :class:`PagedKVCache`, :class:`AttentionMetadata`.
+
+Contract: the cache holds, per layer, keys and values of shape (num_blocks + 1, block_size,
+kv_heads, head_dim); the extra last block is a scratch block that padded rows of a CUDA-graph
+batch write into. A forward over a flattened batch (input ids of shape (1, total tokens)) sets
+``cache.metadata`` and passes the cache to the model; for every layer :meth:`PagedKVCache.attend`
+writes the new keys/values at ``metadata.slot_mapping`` and returns, for each sequence's new
+queries, causal attention over that sequence's cached tokens plus its new ones.
+
+* Decode-only batches (one new token per sequence): on CUDA with Triton, a paged kernel reads the
+  blocks in place (:mod:`minicpm.engine.triton_attention`); otherwise the blocks are gathered
+  (a view, no copy, when a sequence's blocks are consecutive) and one masked
+  ``scaled_dot_product_attention`` call covers the batch.
+* Other batches (prefill chunks, possibly with decodes): per sequence, ``scaled_dot_product_attention``
+  with a bottom-right causal bias over the gathered context; a chunk with no cached past attends
+  to its own keys with no gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import MiniCPMConfig
+from ..model import causal_attention
+
+try:
+    from .triton_attention import TRITON_AVAILABLE, paged_decode_attention
+except ImportError:  # pragma: no cover - the module guards its own import of triton
+    TRITON_AVAILABLE = False
+    paged_decode_attention = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one forward's tokens go in the cache and what each sequence attends to.
+
+    Device tensors: ``slot_mapping`` (tokens,), ``block_tables`` (seqs, blocks) int32 and
+    ``context_lens`` (seqs,) int32, which a CUDA graph replays from static buffers. Host lists
+    (``query_lens``, ``context_lens_host``, ``seq_blocks``) drive the eager paths; they are
+    ``None`` inside a captured decode graph. ``decode_mask`` (seqs, 1, 1, keys) masks the padding of
+    the batched gather path (None when every sequence has the same length).
+    """
+
+    slot_mapping: Tensor
+    block_tables: Tensor
+    context_lens: Tensor
+    decode_only: bool
+    query_lens: list[int] | None = None
+    context_lens_host: list[int] | None = None
+    seq_blocks: list[Tensor | slice] | None = None
+    decode_blocks: Tensor | slice | None = None
+    decode_mask: Tensor | None = None
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        config: MiniCPMConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        use_triton: bool | None = None,
+    ) -> None:
+        shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
+        # uninitialized: no path reads a slot before it is written, except the padded gather of
+        # batched decode, which zeroes what it masks (so a large CPU budget costs no memory until used)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.scratch_slot = num_blocks * block_size
+        self.scale = config.head_dim**-0.5
+        device = torch.device(device)
+        if use_triton is None:
+            use_triton = device.type == "cuda" and TRITON_AVAILABLE
+        self.use_triton = use_triton
+        self.metadata: AttentionMetadata | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def _context(self, cache: Tensor, blocks: Tensor | slice, length: int) -> Tensor:
+        """(kv_heads, length, head_dim) view or gather of one sequence's cached keys or values."""
+        kv = cache[blocks]
+        return kv.reshape(-1, kv.shape[-2], kv.shape[-1])[:length].transpose(0, 1)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        md = self.metadata
+        if md is None:
+            raise RuntimeError("PagedKVCache.attend called without metadata")
+        kc, vc = self.k[layer], self.v[layer]
+        kv_heads, d = kc.shape[-2], kc.shape[-1]
+        kc.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, k[0].transpose(0, 1))
+        vc.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, v[0].transpose(0, 1))
+        if md.decode_only:
+            return self._decode(kc, vc, q, md)
+        outs, start = [], 0
+        for i, n in enumerate(md.query_lens):
+            qi = q[:, :, start : start + n]
+            ctx = md.context_lens_host[i]
+            if ctx == n:
+                out = causal_attention(qi, k[:, :, start : start + n], v[:, :, start : start + n])
+            else:
+                blocks = md.seq_blocks[i]
+                ki = self._context(kc, blocks, ctx)[None]
+                vi = self._context(vc, blocks, ctx)[None]
+                out = causal_attention(qi, ki, vi, past=ctx - n)
+            outs.append(out)
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _decode(self, kc: Tensor, vc: Tensor, q: Tensor, md: AttentionMetadata) -> Tensor:
+        qb = q[0].transpose(0, 1)  # (seqs, heads, head_dim)
+        if self.use_triton:
+            out = paged_decode_attention(
+                qb.contiguous(), kc, vc, md.block_tables, md.context_lens, self.scale
+            )  # (seqs, heads, head_dim)
+            return out.transpose(0, 1)[None]
+        b, kv_heads, d = qb.shape[0], kc.shape[-2], kc.shape[-1]
+        keys = kc[md.decode_blocks].reshape(b, -1, kv_heads, d).transpose(1, 2)
+        values = vc[md.decode_blocks].reshape(b, -1, kv_heads, d).transpose(1, 2)
+        if md.decode_mask is None:
+            length = md.context_lens_host[0]
+            keys, values = keys[:, :, :length], values[:, :, :length]
+        else:  # padding may hold never-written memory: 0 * NaN would leak through the softmax
+            keys = keys.masked_fill(~md.decode_mask.transpose(2, 3), 0)
+            values = values.masked_fill(~md.decode_mask.transpose(2, 3), 0)
+        out = F.scaled_dot_product_attention(
+            qb[:, :, None], keys, values, attn_mask=md.decode_mask, enable_gqa=qb.shape[1] != kv_heads
+        )  # (seqs, heads, 1, head_dim)
+        return out[:, :, 0].transpose(0, 1)[None]

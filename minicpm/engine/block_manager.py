@@ -1,0 +1,144 @@
+"""KV block bookkeeping, with prefix caching: :class:`BlockManager`. Plain Python, no tensors.
+
+Contract:
+
+* The KV cache is ``num_blocks`` blocks of ``block_size`` token slots; block ``i`` holds slots
+  ``i * block_size ... (i + 1) * block_size - 1``. Each block has a reference count; a block is
+  free when no sequence holds it.
+* ``allocate(seq)`` admits a waiting sequence: it reuses cached blocks for the longest
+  block-aligned prefix of its tokens that an earlier sequence computed (leaving at least one token
+  to compute, whose logits are needed), takes fresh blocks for the rest of its current tokens,
+  and sets ``num_computed_tokens`` to the reused length. It either succeeds whole or changes
+  nothing (check with ``can_allocate``).
+* ``append_slots(seq, n)`` grows a running sequence's blocks to hold ``n`` more tokens
+  (``can_append`` first). ``free(seq)`` drops its references.
+* ``commit(seq)`` registers every block that became full of computed tokens under a chained hash
+  (previous block's hash, this block's ids, and the sequence's ``hash_seed``, which separates
+  sequences whose keys differ for the same ids, e.g. another dynamic-NTK base). A hit is
+  confirmed by comparing ids. Freed blocks keep their hash until they are reused, least recently
+  freed first, so a later request with the same prefix can pick them up again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
+    return hash((prev, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------ prefix cache
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached block-aligned prefix of ``seq`` (not its last token)."""
+        hits, prev, bs = [], seq.hash_seed, self.block_size
+        if not self.enable_prefix_caching:
+            return hits
+        for i in range((seq.num_tokens - 1) // bs):
+            ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            prev = chain_hash(prev, ids)
+            block_id = self.hash_to_block.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != ids:
+                break
+            hits.append(block_id)
+        return hits
+
+    def _take_free(self) -> Block:
+        block_id, _ = self.free_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block
+
+    # ------------------------------------------------------------------ admission / growth
+    def _admission_cost(self, seq: Sequence) -> tuple[list[int], int]:
+        hits = self._prefix_hits(seq)
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return hits, self.blocks_for(seq.num_tokens) - len(hits) + revived
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        return self._admission_cost(seq)[1] + reserve <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        if seq.block_table:
+            raise RuntimeError(f"{seq!r} already holds blocks")
+        hits, cost = self._admission_cost(seq)
+        if cost > self.num_free_blocks:
+            raise RuntimeError(f"{seq!r} needs {cost} free blocks, {self.num_free_blocks} are free")
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_ids[block_id]
+            block.ref_count += 1
+        seq.block_table = list(hits)
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+        for _ in range(self.blocks_for(seq.num_tokens) - len(hits)):
+            seq.block_table.append(self._take_free().block_id)
+
+    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
+        return self._append_cost(seq, num_tokens) <= self.num_free_blocks
+
+    def _append_cost(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, self.blocks_for(seq.num_computed_tokens + num_tokens) - len(seq.block_table))
+
+    def append_slots(self, seq: Sequence, num_tokens: int) -> None:
+        for _ in range(self._append_cost(seq, num_tokens)):
+            seq.block_table.append(self._take_free().block_id)
+
+    def commit(self, seq: Sequence) -> None:
+        """Hash the blocks of ``seq`` that are now full of computed tokens."""
+        bs = self.block_size
+        prev = (
+            seq.hash_seed
+            if seq.num_hashed_blocks == 0
+            else self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
+        )
+        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
+            block = self.blocks[seq.block_table[i]]
+            ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            prev = chain_hash(prev, ids)
+            block.hash, block.token_ids = prev, ids
+            self.hash_to_block.setdefault(prev, block.block_id)
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, seq.num_computed_tokens // bs)
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0

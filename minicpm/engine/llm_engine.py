@@ -1,0 +1,308 @@
+"""The engine: :class:`LLMEngine` (one thread, step by step) and its request/output types.
+
+Contract:
+
+* ``add_request(prompt, params, request_id=None)`` validates and queues a request and returns its
+  id. A prompt that is empty, holds ids outside the vocabulary, or leaves no room for an answer
+  within ``max_model_len`` (the model's context, capped by what the KV cache can hold) raises
+  ``ValueError`` with the numbers; the engine and the other requests are untouched. ``max_tokens``
+  is capped so prompt plus answer always fits one sequence's worth of KV.
+* ``step()`` runs one scheduled forward (:class:`~minicpm.engine.scheduler.Scheduler`,
+  :class:`~minicpm.engine.model_runner.ModelRunner`) and returns a :class:`RequestOutput` for each
+  request that produced text or finished: the new text (detokenized incrementally; held back while
+  it could still grow into a stop string), the new token ids, and at the end ``finish_reason``
+  ``"stop"`` (a stop id or stop string; neither is part of the output), ``"length"`` or
+  ``"abort"``.
+* ``abort_request(id)`` ends a request at once and frees its blocks.
+* ``generate(prompts, params)`` runs a list of prompts to completion with continuous batching.
+* Greedy results do not depend on what else is in the batch: each sequence attends only to its
+  own keys, with its own NTK base (from its prompt length), and its token is an argmax of its row.
+
+Nothing here is thread-safe: :class:`~minicpm.engine.async_engine.BackgroundEngine` owns an
+engine in its own thread for servers; ``make_request`` (validation and tokenization only) is the
+one method other threads may call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Sequence as Seq
+
+from ..model import MiniCPMForCausalLM
+from ..sampling import SamplingParams
+from ..tokenizer import IncrementalDecoder, Tokenizer
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .model_runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (stop id or string), "length" or "abort"
+    cached_tokens: int = 0
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the previous output of this request
+    token_ids: list[int]  # new token ids since the previous output
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def held_back(text: str, stops: Seq[str]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A sequence plus the state of its text."""
+
+    seq: Sequence
+    decoder: IncrementalDecoder | None  # None: token ids only
+    text: str = ""
+    emitted: int = 0
+    new_ids: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+
+class LLMEngine:
+    def __init__(
+        self, model: MiniCPMForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None
+    ) -> None:
+        self.config = config or EngineConfig.for_device(model.device.type)
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        context = self.model_config.context_length
+        self.max_model_len = min(self.config.max_model_len or context, context)
+        self.runner = ModelRunner(model, self.config, self.max_model_len)
+        self.kv_capacity = self.runner.num_blocks * self.config.block_size
+        self.max_model_len = min(self.max_model_len, self.kv_capacity)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        base = set(self.model_config.eos_token_ids)
+        if tokenizer is not None:
+            for token in (tokenizer.eos_token_id, tokenizer.token_to_id("<|im_end|>")):
+                if token is not None:
+                    base.add(token)
+        self.eos_ids = frozenset(base)
+        self.num_steps = 0
+        self.num_prompt_tokens = 0
+
+    @property
+    def device(self):
+        return self.runner.device
+
+    # ------------------------------------------------------------------ requests
+    def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= self.eos_ids
+        return frozenset(ids)
+
+    def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: give the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        if len(ids) >= self.max_model_len:
+            context = self.model_config.context_length
+            if self.max_model_len < context and self.max_model_len == self.kv_capacity:
+                per_token = self.runner.bytes_per_block / self.config.block_size
+                raise ValueError(
+                    f"the prompt is {len(ids)} tokens; the KV cache holds {self.kv_capacity} tokens "
+                    f"({format_bytes(self.runner.cache.nbytes)} at {format_bytes(per_token)} per token; the model's "
+                    f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
+                )
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens; the model's context is {self.max_model_len} tokens, "
+                "which leaves no room for an answer"
+            )
+        return ids
+
+    def make_request(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Validate and tokenize; touches no engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        config = self.model_config
+        seq = Sequence(
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            prompt_ids=ids,
+            params=params,
+            stop_ids=self.stop_token_ids(params),
+            max_tokens=min(params.max_new_tokens, self.max_model_len - len(ids)),
+            rope_length=len(ids),
+            hash_seed=hash(("minicpm-kv", config.rope_base(len(ids)), config.rope_type)),
+            generator=params.make_generator(self.device),
+        )
+        return Request(seq, IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None)
+
+    def add(self, request: Request) -> str:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request.seq)
+        self.num_prompt_tokens += request.seq.num_prompt_tokens
+        return request.request_id
+
+    def add_request(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        return self.add(self.make_request(prompt, params, request_id))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request.seq, "abort")
+        return self._output(request, finished=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        tokens = iter(self.runner.run(batch))
+        self.num_steps += 1
+        outputs = []
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                out = self._on_token(self.requests[seq.request_id], next(tokens))
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _on_token(self, request: Request, token: int) -> RequestOutput | None:
+        seq, params = request.seq, request.seq.params
+        if token in seq.stop_ids:
+            self.scheduler.finish(seq, "stop")
+            return self._output(request, finished=True)
+        seq.token_ids.append(token)
+        request.new_ids.append(token)
+        if request.decoder is not None:
+            request.text += request.decoder.push(token)
+        cuts = [i for i in (request.text.find(s) for s in params.stop) if i >= 0]
+        if cuts:
+            request.text = request.text[: min(cuts)]
+            self.scheduler.finish(seq, "stop")
+            return self._output(request, finished=True, flush=False)
+        if len(seq.output_ids) >= seq.max_tokens:
+            self.scheduler.finish(seq, "length")
+            return self._output(request, finished=True)
+        return self._output(request, finished=False)
+
+    def _output(self, request: Request, finished: bool, flush: bool = True) -> RequestOutput | None:
+        seq = request.seq
+        if finished:
+            if flush and request.decoder is not None:
+                request.text += request.decoder.flush()
+            safe = len(request.text)
+            del self.requests[seq.request_id]
+        else:
+            safe = len(request.text) - held_back(request.text, seq.params.stop)
+        if not finished and safe <= request.emitted and not request.new_ids:
+            return None
+        delta = request.text[request.emitted : safe] if safe > request.emitted else ""
+        request.emitted = max(request.emitted, safe)
+        new_ids, request.new_ids = request.new_ids, []
+        return RequestOutput(
+            request_id=seq.request_id,
+            text=delta,
+            token_ids=new_ids,
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            prompt_tokens=seq.num_prompt_tokens,
+            output_tokens=len(seq.output_ids),
+            cached_tokens=seq.num_cached_tokens,
+        )
+
+    # ------------------------------------------------------------------ offline batch
+    def generate(
+        self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[Completion]:
+        """Run ``prompts`` to completion together; one :class:`Completion` per prompt, in order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameter sets")
+        requests = [self.make_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        results = {r.request_id: Completion("", [], r.seq.num_prompt_tokens, "length") for r in requests}
+        for r in requests:
+            self.add(r)
+        try:
+            while any(not r.seq.is_finished for r in requests):
+                for out in self.step():
+                    done = results.get(out.request_id)
+                    if done is None:
+                        continue
+                    done.text += out.text
+                    done.token_ids += out.token_ids
+                    if out.finished:
+                        done.finish_reason, done.cached_tokens = out.finish_reason, out.cached_tokens
+        finally:
+            for r in requests:
+                if r.request_id in self.requests:
+                    self.abort_request(r.request_id)
+        return [results[r.request_id] for r in requests]
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "num_blocks": bm.num_blocks,
+            "free_blocks": bm.num_free_blocks,
+            "block_size": bm.block_size,
+            "kv_capacity_tokens": self.kv_capacity,
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": self.num_steps,
+            "prompt_tokens": self.num_prompt_tokens,
+            "cached_prompt_tokens": self.scheduler.num_cached_tokens,
+        }
+
+
+__all__ = ["Completion", "LLMEngine", "Request", "RequestOutput", "SequenceStatus"]

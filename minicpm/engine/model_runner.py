@@ -1,0 +1,269 @@
+"""The only code that turns scheduled sequences into tensors and runs the model: :class:`ModelRunner`.
+
+Contract:
+
+* At construction it sizes the paged KV cache from the memory at hand (``kv_cache_memory`` bytes,
+  or on CUDA ``gpu_memory_utilization`` of the card minus the weights, what is already in use and a
+  measured activation reserve) and, on CUDA unless ``enforce_eager``, captures one CUDA graph of
+  the decode step per (batch-size bucket, context bucket).
+* ``run(batch)`` feeds each scheduled sequence's next tokens as one flattened forward, computes
+  logits only for the sequences that sample this step (those whose tokens reach their end) and
+  returns one sampled token id per such sequence, in order. Pure decode batches that fit a
+  captured graph replay it; everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+from torch import Tensor
+
+from ..model import MiniCPMForCausalLM, rope_inv_freq
+from ..sampling import sample_next
+from .attention import AttentionMetadata, PagedKVCache
+from .config import EngineConfig
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+
+log = logging.getLogger("minicpm.engine")
+
+
+def _is_run(blocks: list[int]) -> bool:
+    """Whether ``blocks`` are consecutive ids (then the cache can be read as a view)."""
+    return blocks[-1] - blocks[0] == len(blocks) - 1 and all(b - a == 1 for a, b in itertools.pairwise(blocks))
+
+
+def available_cpu_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class ModelRunner:
+    def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.model_config = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.block_size = config.block_size
+        c = self.model_config
+        self.bytes_per_block = config.block_size * c.kv_bytes_per_token(self.dtype.itemsize)
+        self.num_blocks = self._num_blocks(max_model_len)
+        self.cache = PagedKVCache(c, self.num_blocks, config.block_size, self.dtype, self.device)
+        self.inv_freq_cache: dict[int, Tensor] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
+            self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
+
+    # ------------------------------------------------------------------ memory
+    def _num_blocks(self, max_model_len: int) -> int:
+        cfg = self.config
+        useful = cfg.max_num_seqs * -(-max_model_len // self.block_size)
+        if cfg.kv_cache_memory is not None:
+            budget = cfg.kv_cache_memory
+            source = f"kv_cache_memory={budget / 2**30:.2f} GiB"
+        elif self.device.type == "cuda":
+            budget = self._cuda_kv_budget(max_model_len)
+            source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
+        else:
+            available = available_cpu_memory()
+            budget = min(4 * 2**30, available // 4)
+            source = f"a quarter of available memory ({available / 2**30:.1f} GiB), at most 4 GiB"
+            useful = min(useful, max(1, budget // self.bytes_per_block))
+        num_blocks = min(budget // self.bytes_per_block, useful)
+        if num_blocks < 1:
+            raise MemoryError(
+                f"no room for a KV cache: one block of {self.block_size} tokens takes "
+                f"{self.bytes_per_block / 2**20:.1f} MiB and the budget ({source}) is {budget / 2**20:.1f} MiB"
+            )
+        return int(num_blocks)
+
+    def _cuda_kv_budget(self, max_model_len: int) -> int:
+        cfg, c = self.config, self.model_config
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            tokens = min(cfg.max_num_batched_tokens, max_model_len)
+            ids = torch.zeros(1, tokens, dtype=torch.long, device=self.device)
+            self.model(ids, logits_to_keep=torch.arange(min(cfg.max_num_seqs, tokens), device=self.device))
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - before
+        # a chunk attending to the longest context gathers its keys and values for one layer
+        gather = max_model_len * c.kv_bytes_per_token(self.dtype.itemsize) // c.num_hidden_layers
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        reserve = activations + gather + 256 * 2**20
+        return int(total * cfg.gpu_memory_utilization - (total - free) - reserve)
+
+    # ------------------------------------------------------------------ inputs
+    def inv_freq(self, seq: Sequence) -> Tensor:
+        key = seq.rope_length if self.model_config.rope_type == "dynamic" else 0
+        table = self.inv_freq_cache.get(key)
+        if table is None:
+            table = self.inv_freq_cache[key] = rope_inv_freq(self.model_config, seq.rope_length, self.device)
+        return table
+
+    def _tensor(self, data: list[int], dtype: torch.dtype = torch.long) -> Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[Tensor, Tensor, Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        context_lens: list[int] = []
+        seq_blocks: list[Tensor | slice] = []
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if end == seq.num_tokens:
+                logits_rows.append(len(ids) - 1)
+            context_lens.append(end)
+            used = table[: -(-end // bs)]
+            seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
+        width = max(len(b) if isinstance(b, list) else b.stop - b.start for b in seq_blocks)
+        tables = [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in batch.seqs]
+        decode_only = batch.decode_only
+        md = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(tables, torch.int32),
+            context_lens=self._tensor(context_lens, torch.int32),
+            decode_only=decode_only,
+            query_lens=list(batch.num_tokens),
+            context_lens_host=context_lens,
+        )
+        if decode_only:
+            if len(seq_blocks) == 1 and isinstance(seq_blocks[0], slice):
+                md.decode_blocks = seq_blocks[0]
+            else:
+                md.decode_blocks = md.block_tables.long()
+            if len(set(context_lens)) > 1:
+                keys = torch.arange(width * bs, device=self.device)
+                md.decode_mask = (keys[None, :] < md.context_lens[:, None])[:, None, None, :]
+        else:
+            md.seq_blocks = [b if isinstance(b, slice) else self._tensor(b) for b in seq_blocks]
+        freqs = torch.stack([self.inv_freq(s) for s in batch.seqs])
+        counts = torch.tensor(batch.num_tokens, device=self.device)
+        inv_freq = torch.repeat_interleave(freqs, counts, dim=0, output_size=len(ids))
+        return self._tensor(ids)[None], self._tensor(positions)[None], inv_freq[None], md, logits_rows
+
+    # ------------------------------------------------------------------ run
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int]:
+        """Sampled token ids, one per sequence of ``batch`` that reached the end of its tokens."""
+        ids, positions, inv_freq, md, rows = self._prepare(batch)
+        graph = self._graph_for(batch, md) if self.graphs and md.decode_only else None
+        if graph is not None:
+            logits = self._replay(graph, ids, positions, inv_freq, md)
+        else:
+            self.cache.metadata = md
+            try:
+                keep = self._tensor(rows) if rows else torch.empty(0, dtype=torch.long, device=self.device)
+                logits = self.model(ids, positions, cache=self.cache, logits_to_keep=keep, inv_freq=inv_freq)[0]
+            finally:
+                self.cache.metadata = None
+        seqs = [
+            s for s, n in zip(batch.seqs, batch.num_tokens, strict=True) if s.num_computed_tokens + n == s.num_tokens
+        ]
+        return self.sample(logits, seqs)
+
+    def sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
+        """One token per row of float32 ``logits`` (rows, vocab), each with its sequence's parameters."""
+        if not seqs:
+            return []
+        plain = [i for i, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
+        tokens: list[int | None] = [None] * len(seqs)
+        if plain:
+            rows = logits if len(plain) == len(seqs) else logits[plain]
+            for i, t in zip(plain, rows.argmax(dim=-1).tolist(), strict=True):
+                tokens[i] = t
+        for i, seq in enumerate(seqs):
+            if tokens[i] is None:
+                seen = torch.tensor(seq.token_ids, device=logits.device)
+                tokens[i] = sample_next(logits[i], seq.params, seen, seq.generator)
+        return tokens  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graph_for(self, batch: ScheduledBatch, md: AttentionMetadata) -> tuple | None:
+        n = len(batch.seqs)
+        longest = max(md.context_lens_host)
+        for key in sorted(self.graphs):
+            if key[0] >= n and key[1] >= longest:
+                return (key, *self.graphs[key])
+        return None
+
+    def _capture_graphs(self, max_len: int) -> None:
+        bs = self.block_size
+        max_batch = self.config.max_num_seqs
+        batch_sizes = sorted(
+            {b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < max_batch} | {max_batch}
+        )
+        context_sizes = sorted({min(c, max_len) for c in (4096, 16384, 65536)} | {max_len})
+        max_blocks = -(-max_len // bs)
+        d2 = self.model_config.head_dim // 2
+        dev = self.device
+        self.static = {
+            "ids": torch.zeros(1, max_batch, dtype=torch.long, device=dev),
+            "positions": torch.zeros(1, max_batch, dtype=torch.long, device=dev),
+            "inv_freq": torch.zeros(1, max_batch, d2, dtype=torch.float32, device=dev),
+            "slots": torch.full((max_batch,), self.cache.scratch_slot, dtype=torch.long, device=dev),
+            "tables": torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev),
+            "lens": torch.zeros(max_batch, dtype=torch.int32, device=dev),
+        }
+        st = self.static
+        pool = None
+        for ctx in reversed(context_sizes):
+            width = -(-ctx // bs)
+            for b in reversed(batch_sizes):
+                md = AttentionMetadata(
+                    slot_mapping=st["slots"][:b],
+                    block_tables=st["tables"][:b, :width],
+                    context_lens=st["lens"][:b],
+                    decode_only=True,
+                )
+                args = (st["ids"][:, :b], st["positions"][:, :b])
+                self.cache.metadata = md
+                with torch.inference_mode():
+                    self.model(*args, cache=self.cache, logits_to_keep=0, inv_freq=st["inv_freq"][:, :b])  # warm up
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        out = self.model(*args, cache=self.cache, logits_to_keep=0, inv_freq=st["inv_freq"][:, :b])
+                if pool is None:
+                    pool = graph.pool()
+                self.graphs[(b, ctx)] = (graph, out)
+                torch.cuda.synchronize()
+        self.cache.metadata = None
+        log.info("captured %d decode CUDA graphs", len(self.graphs))
+
+    def _replay(self, graph: tuple, ids: Tensor, positions: Tensor, inv_freq: Tensor, md: AttentionMetadata) -> Tensor:
+        _, g, out = graph
+        n = ids.shape[1]
+        st = self.static
+        width = md.block_tables.shape[1]
+        st["ids"][:, :n] = ids
+        st["positions"][:, :n] = positions
+        st["inv_freq"][:, :n] = inv_freq
+        st["slots"].fill_(self.cache.scratch_slot)
+        st["slots"][:n] = md.slot_mapping
+        st["lens"].zero_()
+        st["lens"][:n] = md.context_lens
+        st["tables"][:n, :width] = md.block_tables
+        g.replay()
+        return out[0, :n]

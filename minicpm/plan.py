@@ -1,0 +1,310 @@
+"""Memory planning: will a checkpoint and N tokens of KV cache fit, and how many times over?
+
+Contract: :func:`plan_memory` is pure arithmetic on a :class:`~minicpm.config.MiniCPMConfig`
+(nothing is loaded or allocated) and returns a :class:`MemoryPlan` with exact byte counts:
+
+* parameters and weight bytes in the compute dtype, counted from the shapes the model declares
+  (:func:`minicpm.weights.expected_shapes`: embeddings, per-layer q/k/v/o, gate/up/down, both
+  norms, the final norm, and ``lm_head`` unless tied);
+* KV-cache bytes per token (:meth:`MiniCPMConfig.kv_bytes_per_token`; MiniCPM-2B-128k in bf16:
+  2 x 40 layers x 36 heads x 64 x 2 bytes = 360 KiB) and for one context of ``context`` tokens;
+* the model's context limit (:attr:`MiniCPMConfig.context_length`) and whether ``context``
+  exceeds it;
+* given a memory budget: an activation/workspace reserve (:func:`estimate_activation_reserve`),
+  the KV budget ``memory - weights - reserve``, the KV tokens that fit, how many concurrent
+  ``context``-token contexts fit (floor), and whether one 128k (131072-token) context fits. A
+  negative KV budget is reported, not clipped, with how far the weights (or weights + reserve)
+  overshoot.
+
+:func:`available_memory` finds a budget when none is given (CUDA: free device memory x 0.9; CPU:
+``MemAvailable`` from /proc/meminfo, else ``sysconf``) and :func:`format_plan` renders a plan as a
+table. Bad input (context or memory not positive, unknown dtype, no way to measure memory) raises
+``ValueError`` with a message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MiniCPMConfig
+
+FULL_CONTEXT = 131072  # "128k": MiniCPM-2B-128k's max_length
+CUDA_UTILIZATION = 0.9  # share of the free device memory a plan without --memory may use
+PREFILL_CHUNK = 8192  # prompt tokens pushed through the model per forward during prefill
+LOGIT_ROWS = 64  # sequences sampled per decode step whose float32 logits are live at once
+WORKSPACE_BYTES = 256 * 1024**2  # cuBLAS/oneDNN workspaces and allocator slack
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Exact byte counts of one plan; fields that need a budget are None without one."""
+
+    dtype: str
+    bytes_per_element: int
+    parameters: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    context: int
+    context_kv_bytes: int  # KV cache of one context of ``context`` tokens
+    context_limit: int  # config.context_length
+    context_limit_source: str  # "max_length" or "max_position_embeddings"
+    context_exceeds_limit: bool
+    memory_bytes: int | None = None
+    memory_source: str | None = None  # "given", "cuda free memory x 0.9", "MemAvailable", ...
+    activation_reserve_bytes: int | None = None
+    activation_reserve_estimated: bool | None = None  # False: the caller gave the reserve
+    kv_budget_bytes: int | None = None  # memory - weights - reserve; negative when it doesn't fit
+    kv_tokens: int | None = None  # tokens of KV cache that fit (0 when the budget is negative)
+    concurrent_contexts: int | None = None  # floor(kv_tokens / context)
+    fits_full_context: bool | None = None  # one 131072-token context fits
+    checkpoint_bytes: int | None = None  # size of the weight files on disk, when known
+    messages: tuple[str, ...] = ()  # problems worth saying in words
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["messages"] = list(self.messages)
+        out["full_context"] = FULL_CONTEXT
+        return out
+
+
+def resolve_plan_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype} is not a floating-point dtype")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parameter_count(config: MiniCPMConfig) -> int:
+    """Parameters of the model the config describes (a tied head counted once)."""
+    from .weights import expected_shapes
+
+    return sum(math.prod(shape) for shape in expected_shapes(config).values())
+
+
+def estimate_activation_reserve(
+    config: MiniCPMConfig,
+    dtype: torch.dtype | str,
+    context: int,
+    prefill_chunk: int = PREFILL_CHUNK,
+    logit_rows: int = LOGIT_ROWS,
+) -> int:
+    """Bytes to keep free beside weights and KV cache: a deliberately simple upper bound.
+
+    With ``c = min(prefill_chunk, context)`` prompt tokens per prefill forward and ``b`` bytes per
+    element of ``dtype``:
+
+    * one layer's intermediates, summed as if all were alive at once, in ``dtype``: residual,
+      normed input and branch output (3 x hidden), q/k/v ((heads + 2 x kv_heads) x head_dim), the
+      attention output (heads x head_dim) and the MLP's gate, up and gated product
+      (3 x intermediate); plus the float32 temporaries: RMSNorm's upcast (hidden) and RoPE's
+      upcast q/k with their rotated halves (2 x (heads + kv_heads) x head_dim), 4 bytes each.
+      Times ``c`` tokens.
+    * one layer's keys and values of the whole context, which a prefill chunk with a cached past
+      gathers from the paged cache (``context x kv_bytes_per_token / layers``). The causal bias is
+      bottom-right aligned and never materialized, and attention scores are fused (flash /
+      cuDNN / memory-efficient kernels).
+    * float32 logits of ``logit_rows`` sampled rows (only the sampled positions get logits, never
+      the whole prompt) plus one same-sized working copy for softmax/top-p: 2 x rows x vocab x 4.
+    * a fixed :data:`WORKSPACE_BYTES` for GEMM workspaces and allocator slack.
+    """
+    if context <= 0:
+        raise ValueError(f"context must be a positive number of tokens, got {context}")
+    b = resolve_plan_dtype(dtype).itemsize
+    c = min(prefill_chunk, context)
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    elements = 3 * config.hidden_size + qkv + config.num_attention_heads * config.head_dim
+    elements += 3 * config.intermediate_size
+    fp32 = config.hidden_size + 2 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
+    per_token = elements * b + fp32 * 4
+    gather = context * config.kv_bytes_per_token(b) // config.num_hidden_layers
+    logits = 2 * logit_rows * config.vocab_size * 4
+    return c * per_token + gather + logits + WORKSPACE_BYTES
+
+
+def available_memory(device: str | torch.device) -> tuple[int, str]:
+    """A memory budget when none is given, and where it came from.
+
+    CUDA: the device's free memory (``torch.cuda.mem_get_info``) times :data:`CUDA_UTILIZATION`.
+    CPU: ``MemAvailable`` from /proc/meminfo, else ``sysconf`` available pages x page size.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available here; pass --memory GiB or --device cpu")
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_UTILIZATION), f"cuda free memory x {CUDA_UTILIZATION}"
+    if device.type != "cpu":
+        raise ValueError(f"cannot measure the memory of device {device}; pass --memory GiB")
+    meminfo = Path("/proc/meminfo")
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                value, unit = line.split()[1:3]
+                if unit.lower() == "kb":
+                    return int(value) * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available pages (sysconf)"
+    except (AttributeError, ValueError, OSError):
+        raise ValueError("cannot measure the available memory here; pass --memory GiB") from None
+
+
+def plan_memory(
+    config: MiniCPMConfig,
+    context: int,
+    memory_bytes: int | None,
+    dtype: torch.dtype | str,
+    weight_bytes: int | None = None,
+    activation_reserve_bytes: int | None = None,
+    *,
+    memory_source: str | None = None,
+    checkpoint_bytes: int | None = None,
+) -> MemoryPlan:
+    """Plan ``context``-token contexts of ``config`` in ``memory_bytes`` (None: sizes only).
+
+    ``weight_bytes`` overrides parameters x bytes per element (e.g. a quantized checkpoint);
+    ``activation_reserve_bytes`` overrides :func:`estimate_activation_reserve`.
+    """
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise ValueError(f"context must be a positive number of tokens, got {context!r}")
+    if memory_bytes is not None and (isinstance(memory_bytes, bool) or memory_bytes <= 0):
+        raise ValueError(f"memory must be a positive number of bytes, got {memory_bytes!r}")
+    for name, value in (("weight_bytes", weight_bytes), ("activation_reserve_bytes", activation_reserve_bytes)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must not be negative, got {value!r}")
+    torch_dtype = resolve_plan_dtype(dtype)
+    b = torch_dtype.itemsize
+    parameters = parameter_count(config)
+    weights = parameters * b if weight_bytes is None else int(weight_bytes)
+    per_token = config.kv_bytes_per_token(b)
+    limit = config.context_length
+    limit_source = "max_length" if config.max_length else "max_position_embeddings"
+    messages = []
+    exceeds = context > limit
+    if exceeds:
+        messages.append(
+            f"context {context} exceeds the model's limit of {limit} tokens (config {limit_source}); "
+            "the model is not meant to run longer contexts"
+        )
+    fields: dict[str, Any] = {}
+    if memory_bytes is not None:
+        memory_bytes = int(memory_bytes)
+        if activation_reserve_bytes is None:
+            reserve = estimate_activation_reserve(config, torch_dtype, context)
+        else:
+            reserve = int(activation_reserve_bytes)
+        budget = memory_bytes - weights - reserve
+        tokens = max(budget, 0) // per_token
+        contexts = tokens // context
+        if weights > memory_bytes:
+            messages.append(
+                f"the weights alone ({format_bytes(weights)}) do not fit in {format_bytes(memory_bytes)}: "
+                f"{format_bytes(weights - memory_bytes)} short"
+            )
+        elif budget < 0:
+            messages.append(
+                f"the weights fit, but weights + activation reserve ({format_bytes(weights + reserve)}) "
+                f"exceed {format_bytes(memory_bytes)} by {format_bytes(-budget)}; no room for KV cache"
+            )
+        elif contexts == 0:
+            messages.append(
+                f"one {context}-token context needs {format_bytes(context * per_token)} of KV cache; "
+                f"only {format_bytes(budget)} is left ({tokens} tokens)"
+            )
+        fields = dict(
+            memory_bytes=memory_bytes,
+            memory_source=memory_source or "given",
+            activation_reserve_bytes=reserve,
+            activation_reserve_estimated=activation_reserve_bytes is None,
+            kv_budget_bytes=budget,
+            kv_tokens=tokens,
+            concurrent_contexts=contexts,
+            fits_full_context=tokens >= FULL_CONTEXT,
+        )
+    return MemoryPlan(
+        dtype=_dtype_name(torch_dtype),
+        bytes_per_element=b,
+        parameters=parameters,
+        weight_bytes=weights,
+        kv_bytes_per_token=per_token,
+        context=context,
+        context_kv_bytes=context * per_token,
+        context_limit=limit,
+        context_limit_source=limit_source,
+        context_exceeds_limit=exceeds,
+        checkpoint_bytes=checkpoint_bytes,
+        messages=tuple(messages),
+        **fields,
+    )
+
+
+def format_bytes(n: int) -> str:
+    """GiB at or above 1 GiB, else MiB, else KiB, else bytes (binary units; sign kept)."""
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{n} B"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as an aligned two-column table, then its messages (one ``note:`` line each)."""
+    yes_no = {True: "yes", False: "no"}
+    limit_note = "EXCEEDS the limit" if plan.context_exceeds_limit else "within the limit"
+    rows: list[tuple[str, str]] = [
+        ("dtype", f"{plan.dtype} ({plan.bytes_per_element} bytes/element)"),
+        ("parameters", f"{plan.parameters:,} ({plan.parameters / 1e9:.3f} B)"),
+        ("weights", format_bytes(plan.weight_bytes)),
+    ]
+    if plan.checkpoint_bytes is not None:
+        rows.append(("weights on disk", format_bytes(plan.checkpoint_bytes)))
+    rows += [
+        ("KV cache per token", f"{plan.kv_bytes_per_token / 1024:g} KiB"),
+        (f"KV cache for {plan.context:,} tokens", format_bytes(plan.context_kv_bytes)),
+        ("context limit", f"{plan.context_limit:,} tokens ({plan.context_limit_source}); {limit_note}"),
+    ]
+    if plan.memory_bytes is not None:
+        reserve_note = (
+            f" (prefill chunk of {min(PREFILL_CHUNK, plan.context):,} tokens, one layer's gathered KV, "
+            f"float32 logits of {LOGIT_ROWS} rows, {format_bytes(WORKSPACE_BYTES)} workspace)"
+            if plan.activation_reserve_estimated
+            else " (given)"
+        )
+        beyond = (
+            f" (beyond the model's {plan.context_limit:,}-token limit)" if plan.context_limit < FULL_CONTEXT else ""
+        )
+        rows += [
+            ("memory budget", f"{format_bytes(plan.memory_bytes)} ({plan.memory_source})"),
+            ("activation reserve", format_bytes(plan.activation_reserve_bytes) + reserve_note),
+            ("KV budget", f"{format_bytes(plan.kv_budget_bytes)} (memory - weights - reserve)"),
+            ("KV tokens that fit", f"{plan.kv_tokens:,}"),
+            (f"concurrent {plan.context:,}-token contexts", f"{plan.concurrent_contexts:,}"),
+            (f"one {FULL_CONTEXT:,}-token (128k) context fits", yes_no[plan.fits_full_context] + beyond),
+        ]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    lines += [f"note: {message}" for message in plan.messages]
+    return "\n".join(lines)

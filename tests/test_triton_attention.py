@@ -1,0 +1,184 @@
+"""Triton paged decode attention vs. the PyTorch reference, run on CPU in Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton decorates the kernels (at import of
+minicpm.engine.triton_attention), so it is set at the top of this module and left set
+(triton asserts the flag stays consistent once it has been read).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton.language as tl
+from triton.runtime import interpreter as triton_interpreter
+
+from minicpm.engine import triton_attention as ta
+
+if not ta._kernels_interpreted():  # imported earlier without the flag: rebuild the kernels interpreted
+    ta = importlib.reload(ta)
+
+paged_decode_attention = ta.paged_decode_attention
+paged_decode_attention_reference = ta.paged_decode_attention_reference
+
+TOLS = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_bf16_dot(monkeypatch):
+    """The interpreter stores bf16 as uint16 and its tl.dot multiplies the bit patterns
+    (unsupported upstream, triton-lang/triton#11584). Upcast bf16 dot operands to fp32, which
+    matches the GPU (exact bf16 products, fp32 accumulation). fp16 dots run unpatched."""
+    original = triton_interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16:
+            a = self.cast_impl(a, tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = self.cast_impl(b, tl.float32)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(triton_interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def make_case(context_lens, *, h, kv, d, block_size, max_blocks, dtype, pad=-1, seed=0):
+    """Random q and cache; each sequence gets shuffled physical blocks. Every cache slot that
+    no sequence may read (free blocks, slots past a context's end) is NaN, so any stray read
+    poisons the output."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, KV, D = len(context_lens), h, kv, d
+    need = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(need) + 3  # a few free (poisoned) blocks
+    perm = torch.randperm(num_blocks, generator=g)
+    k = torch.full((num_blocks, block_size, KV, D), float("nan"))
+    v = torch.full((num_blocks, block_size, KV, D), float("nan"))
+    block_tables = torch.full((B, max_blocks), pad, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(context_lens):
+        ids = perm[used : used + need[b]]
+        used += need[b]
+        block_tables[b, : need[b]] = ids.int()
+        flat_k = torch.randn(n, KV, D, generator=g)
+        flat_v = torch.randn(n, KV, D, generator=g)
+        for i, blk in enumerate(ids.tolist()):
+            chunk = slice(i * block_size, min((i + 1) * block_size, n))
+            k[blk, : chunk.stop - chunk.start] = flat_k[chunk]
+            v[blk, : chunk.stop - chunk.start] = flat_v[chunk]
+    q = torch.randn(B, H, D, generator=g)
+    ctx = torch.tensor(context_lens, dtype=torch.int32)
+    return q.to(dtype), k.to(dtype), v.to(dtype), block_tables, ctx
+
+
+def check(case, scale, partition_size, dtype):
+    q, k, v, bt, ctx = case
+    out = paged_decode_attention(q, k, v, bt, ctx, scale, partition_size=partition_size)
+    ref = paged_decode_attention_reference(q, k, v, bt, ctx, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref.float(), **TOLS[dtype])
+    for b in range(len(ctx)):
+        if ctx[b] == 0:
+            assert torch.equal(out[b].float(), torch.zeros_like(out[b].float()))
+    return out
+
+
+def test_runs_in_interpreter_on_cpu():
+    assert ta.TRITON_AVAILABLE
+    assert type(ta._paged_decode_partial_kernel).__name__ == "InterpretedFunction"
+    assert type(ta._paged_decode_reduce_kernel).__name__ == "InterpretedFunction"
+
+
+# block_size 16, max 6 blocks (96 tokens), partition 32 -> 3 partitions. Lengths: 1, bs-1, bs,
+# 0 (padded CUDA-graph row), several blocks inside one partition boundary, spanning all partitions.
+MIXED = [1, 15, 16, 0, 50, 90]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("h", "kv"), [(4, 2), (2, 2)], ids=["gqa", "mha"])
+def test_mixed_lengths_match_reference(h, kv, dtype):
+    case = make_case(MIXED, h=h, kv=kv, d=32, block_size=16, max_blocks=6, dtype=dtype)
+    check(case, scale=32**-0.5, partition_size=32, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("block_size", "partition_size", "lens", "max_blocks"),
+    [
+        (32, 16, [33, 5, 64], 2),  # partition smaller than a block, context == capacity
+        (16, 512, [47, 0, 3], 4),  # single partition (default partition_size)
+        (16, 16, [80, 17], 5),  # one partition per block, 5 partitions
+    ],
+)
+def test_partitioning_variants(block_size, partition_size, lens, max_blocks):
+    case = make_case(lens, h=2, kv=1, d=32, block_size=block_size, max_blocks=max_blocks, dtype=torch.float32)
+    check(case, scale=0.3, partition_size=partition_size, dtype=torch.float32)
+
+
+def test_head_dim_64_group_4_zero_padding():
+    # pad=0: padding entries point at a real (other sequence's / poisoned) block and must be ignored.
+    case = make_case([70, 1, 0], h=8, kv=2, d=64, block_size=16, max_blocks=5, dtype=torch.float32, pad=0)
+    check(case, scale=0.125, partition_size=32, dtype=torch.float32)
+
+
+def test_non_contiguous_q_and_context_clamped_to_capacity():
+    q, k, v, bt, ctx = make_case([40, 9], h=4, kv=2, d=32, block_size=16, max_blocks=3, dtype=torch.float32)
+    q_strided = torch.cat([q, torch.full_like(q, float("nan"))], dim=-1)[..., :32]  # e.g. a slice of qkv
+    assert not q_strided.is_contiguous()
+    check((q_strided, k, v, bt, ctx), scale=0.2, partition_size=16, dtype=torch.float32)
+    # context_lens beyond max_blocks * block_size is clamped to the table's capacity (row 0: 40 -> 32).
+    out = paged_decode_attention(q, k, v, bt[:, :2].contiguous(), ctx, 0.2, partition_size=16)
+    ref = paged_decode_attention_reference(q, k, v, bt[:, :2].contiguous(), ctx, 0.2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_all_rows_empty_gives_zeros():
+    q, k, v, bt, ctx = make_case([0, 0], h=2, kv=2, d=32, block_size=16, max_blocks=2, dtype=torch.bfloat16)
+    out = paged_decode_attention(q, k, v, bt, ctx, 1.0, partition_size=16)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def _args(**over):
+    args = {
+        "q": torch.zeros(2, 4, 32),
+        "k_cache": torch.zeros(3, 16, 2, 32),
+        "v_cache": torch.zeros(3, 16, 2, 32),
+        "block_tables": torch.zeros(2, 2, dtype=torch.int32),
+        "context_lens": torch.ones(2, dtype=torch.int32),
+        "scale": 1.0,
+    }
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"q": torch.zeros(2, 4, 32, dtype=torch.bfloat16)}, "dtype mismatch"),
+        ({"q": torch.zeros(2, 3, 32)}, "multiple of num kv heads"),
+        ({"q": torch.zeros(2, 4, 16)}, "head dim mismatch"),
+        ({"q": torch.zeros(2, 4)}, "q must be"),
+        ({"v_cache": torch.zeros(3, 16, 2, 16)}, "v_cache shape"),
+        ({"block_tables": torch.zeros(2, 2, dtype=torch.int64)}, "int32"),
+        ({"block_tables": torch.zeros(3, 2, dtype=torch.int32)}, "block_tables must be"),
+        ({"context_lens": torch.ones(2, dtype=torch.int64)}, "int32"),
+        ({"context_lens": torch.ones(3, dtype=torch.int32)}, "context_lens must be"),
+        ({"partition_size": 48}, "partition_size"),
+        (
+            {"q": torch.zeros(2, 4, 48), "k_cache": torch.zeros(3, 16, 2, 48), "v_cache": torch.zeros(3, 16, 2, 48)},
+            "power of two",
+        ),
+        ({"q": torch.zeros(2, 4, 32, dtype=torch.int32)}, "dtype must be"),
+    ],
+)
+def test_validation_errors(over, match):
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(**_args(**over))
