@@ -4,13 +4,17 @@ Contract:
 
 * ``LLM.from_pretrained(path=None)`` loads a checkpoint directory's model and tokenizer; without
   a path, the embedded default model (:mod:`minicpm.default_model`).
-* ``generate(prompt, params)`` returns a :class:`Completion`; ``stream(prompt, params)`` yields
-  text deltas whose concatenation is the completion's text. The prompt's KV is computed once;
-  each step feeds only the new token. Generation stops at the stop ids (the config's and the
-  tokenizer's eos and, for ChatML vocabularies, ``<|im_end|>``; ``ignore_eos`` drops these), at a
-  stop string (the text ends before it; nothing after it is produced) or after
-  ``max_new_tokens``. A prompt that leaves no room in the model's context is refused with a
-  ``ValueError`` that gives both lengths.
+* Generation runs on an :class:`~minicpm.engine.LLMEngine` (paged KV cache, chunked prefill,
+  prefix caching: a chat turn reuses the KV of the conversation so far), sized by
+  ``engine_config``.
+* ``generate(prompt, params)`` returns a :class:`Completion` (a list of prompts: a list of
+  completions, run as one continuous batch); ``stream(prompt, params)`` yields text deltas whose
+  concatenation is the completion's text; stopping the iteration aborts the request.
+  Generation stops at the stop ids (the config's and the tokenizer's eos and, for ChatML
+  vocabularies, ``<|im_end|>``; ``ignore_eos`` drops these), at a stop string (the text ends
+  before it; nothing after it is produced) or after ``max_new_tokens``. A prompt that leaves no
+  room in the model's context (or in the KV cache) is refused with a ``ValueError`` that gives
+  both lengths.
 * ``chat(query, history=None, system=None, ...)`` returns ``(response, history)`` like the card's
   ``model.chat``, without its defects: it stops at ``<|im_end|>``, keeps every generated token,
   never returns template markers, and ``max_new_tokens`` counts only the answer.
@@ -18,48 +22,37 @@ Contract:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .model import DenseKVCache, MiniCPMForCausalLM
-from .sampling import SamplingParams, sample_next
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .engine import Completion, EngineConfig, LLMEngine, RequestOutput
+from .model import MiniCPMForCausalLM
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 # The card's example call: model.chat(tokenizer, query, temperature=0.8, top_p=0.8)
 CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_p": 0.8, "max_new_tokens": 1024}
 
 
-@dataclasses.dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (stop id or string) or "length"
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that could still grow into a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
-
-
 class LLM:
-    """A model and its tokenizer, ready to complete and chat."""
+    """A model and its tokenizer on an :class:`~minicpm.engine.LLMEngine`, ready to complete and chat."""
 
-    def __init__(self, model: MiniCPMForCausalLM, tokenizer: Tokenizer, chat_format: str = "auto") -> None:
+    def __init__(
+        self,
+        model: MiniCPMForCausalLM,
+        tokenizer: Tokenizer,
+        chat_format: str = "auto",
+        engine_config: EngineConfig | None = None,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.chat_format = chat_format
         tokenizer.resolve_chat_template(chat_format)  # fail now on an unknown format
+        self.engine = LLMEngine(self.model, tokenizer, engine_config)
+        self._pending: dict[str, list[RequestOutput]] = {}
 
     @classmethod
     def from_pretrained(
@@ -68,6 +61,7 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         chat_format: str = "auto",
+        engine_config: EngineConfig | None = None,
     ) -> LLM:
         if path is None:
             from .default_model import default_model_path
@@ -75,87 +69,68 @@ class LLM:
             path = default_model_path()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = MiniCPMForCausalLM.from_pretrained(path, dtype=dtype, device=device)
-        return cls(model, Tokenizer.from_pretrained(path), chat_format=chat_format)
+        return cls(model, Tokenizer.from_pretrained(path), chat_format=chat_format, engine_config=engine_config)
 
     @property
     def config(self):
         return self.model.config
 
-    def stop_token_ids(self, params: SamplingParams) -> set[int]:
-        ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            ids.update(self.config.eos_token_ids)
-            for token in (self.tokenizer.eos_token_id, self.tokenizer.token_to_id("<|im_end|>")):
-                if token is not None:
-                    ids.add(token)
-        return ids
-
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        context = self.config.context_length
-        if len(ids) >= context:
-            raise ValueError(
-                f"the prompt is {len(ids)} tokens; the model's context is {context} tokens, "
-                "which leaves no room for an answer"
-            )
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {self.config.vocab_size})")
-        return ids
+    def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        return self.engine.stop_token_ids(params)
 
     # ------------------------------------------------------------------ generation
-    def _run(self, prompt_ids: list[int], params: SamplingParams, state: Completion) -> Iterator[str]:
-        """The decode loop; yields text deltas and fills ``state`` as it goes."""
-        model, device = self.model, self.model.device
-        max_new = min(params.max_new_tokens, self.config.context_length - len(prompt_ids))
-        stop_ids = self.stop_token_ids(params)
-        generator = params.make_generator(device)
-        cache = DenseKVCache(self.config, 1, len(prompt_ids) + max_new, dtype=model.dtype, device=device)
-        seen = torch.tensor(prompt_ids, device=device)
-        decoder = IncrementalDecoder(self.tokenizer)
-        text, emitted, cut_at_stop_string = "", 0, False
-        step_input = seen[None]
-        with torch.inference_mode():
-            for _ in range(max_new):
-                logits = model(step_input, cache=cache, rope_lengths=len(prompt_ids))[0, -1]
-                token = sample_next(logits, params, seen, generator)
-                if token in stop_ids:
-                    state.finish_reason = "stop"
-                    break
-                state.token_ids.append(token)
-                text += decoder.push(token)
-                cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    state.finish_reason, text, cut_at_stop_string = "stop", text[:cut], True
-                    break
-                safe = len(text) - _held_back(text, params.stop)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-                seen = torch.cat([seen, seen.new_tensor([token])])
-                step_input = seen[None, -1:]
-            else:
-                state.finish_reason = "length"
-        if not cut_at_stop_string:
-            text += decoder.flush()
-        if len(text) > emitted:
-            yield text[emitted:]
-        state.text = text
+    def _outputs(self, request_id: str) -> Iterator[RequestOutput]:
+        """Step the engine until ``request_id`` finishes, yielding its outputs (others' are kept)."""
+        engine, pending = self.engine, self._pending
+        pending.setdefault(request_id, [])
+        try:
+            while True:
+                while pending[request_id]:
+                    out = pending[request_id].pop(0)
+                    yield out
+                    if out.finished:
+                        return
+                for out in engine.step():
+                    if out.request_id in pending:
+                        pending[out.request_id].append(out)
+        finally:
+            del pending[request_id]
+            if request_id in engine.requests:  # the caller stopped early
+                engine.abort_request(request_id)
+
+    def _run(self, prompt: str | Sequence[int], params: SamplingParams, state: Completion) -> Iterator[str]:
+        request = self.engine.make_request(prompt, params)
+        state.prompt_tokens = request.seq.num_prompt_tokens
+        self.engine.add(request)
+        for out in self._outputs(request.request_id):
+            state.text += out.text
+            state.token_ids += out.token_ids
+            if out.finished:
+                state.finish_reason, state.cached_tokens = out.finish_reason, out.cached_tokens
+            if out.text:
+                yield out.text
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Text deltas of a completion of ``prompt`` (a string, or token ids)."""
         params = params or SamplingParams(**kwargs)
-        ids = self._prompt_ids(prompt)
-        yield from self._run(ids, params, Completion("", [], len(ids), "length"))
+        yield from self._run(prompt, params, Completion("", [], 0, "length"))
 
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs: Any) -> Completion:
-        """Complete ``prompt``; keyword arguments build the :class:`SamplingParams`."""
+    def generate(
+        self,
+        prompt: str | Sequence[int] | list[str | Sequence[int]],
+        params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> Completion | list[Completion]:
+        """Complete ``prompt``; keyword arguments build the :class:`SamplingParams`.
+
+        A list of prompts (strings or token-id lists) runs as one continuous batch and returns a
+        list of completions in order.
+        """
         params = params or SamplingParams(**kwargs)
-        ids = self._prompt_ids(prompt)
-        state = Completion("", [], len(ids), "length")
-        for _ in self._run(ids, params, state):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return self.engine.generate(prompt, params)
+        state = Completion("", [], 0, "length")
+        for _ in self._run(prompt, params, state):
             pass
         return state
 
@@ -190,9 +165,8 @@ class LLM:
         """Deltas of the answer; then ``self.last_history`` and ``self.last_completion`` hold the turn."""
         messages = self.chat_messages(query, history, system)
         params = params or SamplingParams(**CHAT_DEFAULTS)
-        ids = self._prompt_ids(self.chat_prompt(messages))
-        state = Completion("", [], len(ids), "length")
-        yield from self._run(ids, params, state)
+        state = Completion("", [], 0, "length")
+        yield from self._run(self.chat_prompt(messages), params, state)
         self.last_completion = state
         self.last_history = [*messages, {"role": "assistant", "content": state.text}]
 
