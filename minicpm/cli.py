@@ -36,7 +36,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     from .llm import LLM
 
-    return LLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format)
+    return LLM.from_pretrained(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        chat_format=args.chat_format,
+        engine_config=_engine_config(args),
+    )
+
+
+def _engine_config(args: argparse.Namespace):
+    import torch
+
+    from .engine import EngineConfig
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return EngineConfig.for_device(
+        device,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib is not None else None,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager or None,
+        enable_prefix_caching=False if args.no_prefix_caching else None,
+    )
 
 
 def _sampling(args: argparse.Namespace, **extra: object):
@@ -147,6 +171,25 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         choices=["auto", "chatml", "minicpm"],
         help="chat template: the checkpoint's (auto), ChatML, or MiniCPM's <用户>/<AI>",
     )
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="KV cache size (default: on CPU a quarter of available memory, at most 4 GiB; on GPU what "
+        "--gpu-memory-utilization leaves)",
+    )
+    g.add_argument("--gpu-memory-utilization", type=float, default=None, help="share of the GPU to use (default 0.9)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together (default 16 CPU, 64 GPU)")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per step, i.e. the prefill chunk (default 512 CPU, 8192 GPU)",
+    )
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 64)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:

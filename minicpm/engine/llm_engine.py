@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Sequence as Seq
 
 from ..model import MiniCPMForCausalLM
+from ..plan import format_bytes
 from ..sampling import SamplingParams
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from .block_manager import BlockManager
@@ -58,13 +59,6 @@ class RequestOutput:
     prompt_tokens: int
     output_tokens: int
     cached_tokens: int
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def held_back(text: str, stops: Seq[str]) -> int:
@@ -146,10 +140,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             context = self.model_config.context_length
             if self.max_model_len < context and self.max_model_len == self.kv_capacity:
-                per_token = self.runner.bytes_per_block / self.config.block_size
+                per_token = format_bytes(self.runner.bytes_per_block // self.config.block_size)
                 raise ValueError(
                     f"the prompt is {len(ids)} tokens; the KV cache holds {self.kv_capacity} tokens "
-                    f"({format_bytes(self.runner.cache.nbytes)} at {format_bytes(per_token)} per token; the model's "
+                    f"({format_bytes(self.runner.cache.nbytes)} at {per_token} per token; the model's "
                     f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
                 )
             raise ValueError(

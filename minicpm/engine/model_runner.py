@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..model import MiniCPMForCausalLM, rope_inv_freq
+from ..plan import format_bytes
 from ..sampling import sample_next
 from .attention import AttentionMetadata, PagedKVCache
 from .config import EngineConfig
@@ -70,7 +71,7 @@ class ModelRunner:
         useful = cfg.max_num_seqs * -(-max_model_len // self.block_size)
         if cfg.kv_cache_memory is not None:
             budget = cfg.kv_cache_memory
-            source = f"kv_cache_memory={budget / 2**30:.2f} GiB"
+            source = f"kv_cache_memory={format_bytes(budget)}"
         elif self.device.type == "cuda":
             budget = self._cuda_kv_budget(max_model_len)
             source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
@@ -81,9 +82,9 @@ class ModelRunner:
             useful = min(useful, max(1, budget // self.bytes_per_block))
         num_blocks = min(budget // self.bytes_per_block, useful)
         if num_blocks < 1:
-            raise MemoryError(
+            raise ValueError(
                 f"no room for a KV cache: one block of {self.block_size} tokens takes "
-                f"{self.bytes_per_block / 2**20:.1f} MiB and the budget ({source}) is {budget / 2**20:.1f} MiB"
+                f"{format_bytes(self.bytes_per_block)} and the budget ({source}) is {format_bytes(max(budget, 0))}"
             )
         return int(num_blocks)
 

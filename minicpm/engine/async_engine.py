@@ -1,0 +1,185 @@
+"""An :class:`~minicpm.engine.LLMEngine` in its own thread: :class:`BackgroundEngine`.
+
+Contract: one daemon thread owns the engine and runs ``step()`` while any request is in flight
+(it sleeps otherwise). From any thread:
+
+* ``add_request(prompt, params, request_id=None)`` validates and tokenizes in the caller's thread
+  (bad input raises ``ValueError`` there, and nothing is queued) and returns a
+  :class:`RequestStream`: iterate it for the request's :class:`~minicpm.engine.RequestOutput`\\ s
+  until the one with ``finished`` set.
+* ``abort(request_id)`` ends a request; its stream ends with ``finish_reason == "abort"``.
+* ``async for out in engine.generate(prompt, params)`` does the same from an asyncio loop; leaving
+  the loop early (a client that disconnects, a cancelled task) aborts the request.
+* ``close()`` aborts everything and stops the thread.
+
+If a step raises (a bug, a device error), every request then in flight gets the exception from
+its stream, is aborted (its blocks are freed), and the engine keeps serving new requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from collections.abc import Sequence as Seq
+
+from ..sampling import SamplingParams
+from .llm_engine import LLMEngine, Request, RequestOutput
+
+log = logging.getLogger("minicpm.engine")
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running this request."""
+
+
+class RequestStream:
+    """The outputs of one request, readable from a thread (iteration) or an asyncio loop (``async for``)."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._loop = loop
+        self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+
+    def put(self, item: RequestOutput | BaseException) -> bool:
+        """Called by the engine thread; False when the reader's loop is gone."""
+        if self._loop is None:
+            self._queue.put(item)
+            return True
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop was closed
+            return False
+        return True
+
+    def _take(self, item: RequestOutput | BaseException) -> RequestOutput:
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while not self.finished:
+            yield self._take(self._queue.get())
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            yield self._take(await self._queue.get())
+
+
+class BackgroundEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._closed = False
+        self._stats: dict[str, int] = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="minicpm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side
+    def _submit(self, request: Request, loop: asyncio.AbstractEventLoop | None) -> RequestStream:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        stream = RequestStream(request.request_id, loop)
+        self._commands.put(("add", request, stream))
+        return stream
+
+    def add_request(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestStream:
+        return self._submit(self.engine.make_request(prompt, params, request_id), None)
+
+    async def generate(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        stream = self._submit(self.engine.make_request(prompt, params, request_id), asyncio.get_running_loop())
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters as of its last step."""
+        return dict(self._stats)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._commands.put(("close", None, None))
+            self._thread.join()
+
+    def __enter__(self) -> BackgroundEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ engine thread
+    def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        if isinstance(out, BaseException) or out.finished:
+            del self._streams[request_id]
+        if not stream.put(out) and request_id in self.engine.requests:
+            self.engine.abort_request(request_id)
+
+    def _handle(self, command: str, arg: object, stream: RequestStream | None) -> bool:
+        engine = self.engine
+        if command == "add":
+            try:
+                engine.add(arg)
+            except ValueError as e:  # a duplicate request id
+                stream.put(e)
+                return True
+            self._streams[arg.request_id] = stream
+        elif command == "abort":
+            out = engine.abort_request(arg)
+            if out is not None:
+                self._deliver(out, arg)
+        elif command == "close":
+            for request_id in list(engine.requests):
+                self._deliver(engine.abort_request(request_id), request_id)
+            return False
+        return True
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                command = self._commands.get(block=not engine.has_unfinished_requests())
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if not self._handle(*command):
+                    return
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if not engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # reported to every request in flight
+                log.exception("engine step failed")
+                error = EngineError(f"the engine failed: {type(e).__name__}: {e}")
+                error.__cause__ = e
+                for request_id in list(engine.requests):
+                    engine.abort_request(request_id)
+                    self._deliver(error, request_id)
+                continue
+            self._stats = engine.stats()
+            for out in outputs:
+                self._deliver(out, out.request_id)
