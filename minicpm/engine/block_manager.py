@@ -12,31 +12,52 @@ Contract:
   nothing (check with ``can_allocate``).
 * ``append_slots(seq, n)`` grows a running sequence's blocks to hold ``n`` more tokens
   (``can_append`` first). ``free(seq)`` drops its references.
-* ``commit(seq)`` registers every block that became full of computed tokens under a chained hash
-  (previous block's hash, this block's ids, and the sequence's ``hash_seed``, which separates
-  sequences whose keys differ for the same ids, e.g. another dynamic-NTK base). A hit is
-  confirmed by comparing ids. Freed blocks keep their hash until they are reused, least recently
-  freed first, so a later request with the same prefix can pick them up again.
+* ``commit(seq)`` registers every block that became full of computed tokens under a
+  :class:`BlockKey`: its own ids and the identity of what precedes it (the previous block's
+  content id, or for the first block the sequence's ``hash_seed``, which separates sequences whose
+  keys differ for the same ids, e.g. another dynamic-NTK base). The key hashes by a chained hash
+  and compares exactly, so a hash collision is never a hit. Freed blocks keep their key until
+  they are reused, least recently freed first, so a later request with the same prefix can pick
+  them up again; reusing a block retires its content id, which unlinks everything cached after it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from .sequence import Sequence
 
 
+def chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
+    return hash((prev, token_ids))
+
+
+class BlockKey:
+    """What a full block holds: ``token_ids`` after ``parent``: the previous block's content id (an
+    int), or ``("seed", hash_seed)`` for a sequence's first block."""
+
+    __slots__ = ("_hash", "parent", "token_ids")
+
+    def __init__(self, parent: object, token_ids: tuple[int, ...]) -> None:
+        self.parent = parent
+        self.token_ids = token_ids
+        self._hash = chain_hash(hash(parent), token_ids)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockKey) and self.parent == other.parent and self.token_ids == other.token_ids
+
+
 @dataclass(eq=False)
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
-    token_ids: tuple[int, ...] = ()
-
-
-def chain_hash(prev: int, token_ids: tuple[int, ...]) -> int:
-    return hash((prev, token_ids))
+    hash: BlockKey | None = None
+    content_id: int = -1
 
 
 class BlockManager:
@@ -47,7 +68,8 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[BlockKey, int] = {}
+        self._content_ids = itertools.count()
         self.enable_prefix_caching = enable_prefix_caching
 
     @property
@@ -60,16 +82,15 @@ class BlockManager:
     # ------------------------------------------------------------------ prefix cache
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached block-aligned prefix of ``seq`` (not its last token)."""
-        hits, prev, bs = [], seq.hash_seed, self.block_size
+        hits, parent, bs = [], ("seed", seq.hash_seed), self.block_size
         if not self.enable_prefix_caching:
             return hits
         for i in range((seq.num_tokens - 1) // bs):
-            ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            prev = chain_hash(prev, ids)
-            block_id = self.hash_to_block.get(prev)
-            if block_id is None or self.blocks[block_id].token_ids != ids:
+            block_id = self.hash_to_block.get(BlockKey(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+            if block_id is None:
                 break
             hits.append(block_id)
+            parent = self.blocks[block_id].content_id
         return hits
 
     def _take_free(self) -> Block:
@@ -78,7 +99,7 @@ class BlockManager:
         if block.hash is not None:
             if self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
-            block.hash, block.token_ids = None, ()
+            block.hash, block.content_id = None, -1
         block.ref_count = 1
         return block
 
@@ -103,7 +124,9 @@ class BlockManager:
                 del self.free_ids[block_id]
             block.ref_count += 1
         seq.block_table = list(hits)
-        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.num_preemptions == 0:  # a recompute's hits are not prompt tokens saved
+            seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_hashed_blocks = len(hits)
         for _ in range(self.blocks_for(seq.num_tokens) - len(hits)):
             seq.block_table.append(self._take_free().block_id)
@@ -120,18 +143,13 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Hash the blocks of ``seq`` that are now full of computed tokens."""
-        bs = self.block_size
-        prev = (
-            seq.hash_seed
-            if seq.num_hashed_blocks == 0
-            else self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
-        )
-        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // bs):
+        bs, n = self.block_size, seq.num_hashed_blocks
+        parent = ("seed", seq.hash_seed) if n == 0 else self.blocks[seq.block_table[n - 1]].content_id
+        for i in range(n, seq.num_computed_tokens // bs):
             block = self.blocks[seq.block_table[i]]
-            ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            prev = chain_hash(prev, ids)
-            block.hash, block.token_ids = prev, ids
-            self.hash_to_block.setdefault(prev, block.block_id)
+            block.hash = BlockKey(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            block.content_id = parent = next(self._content_ids)
+            self.hash_to_block.setdefault(block.hash, block.block_id)
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, seq.num_computed_tokens // bs)
 
     def free(self, seq: Sequence) -> None:

@@ -166,7 +166,7 @@ class LLMEngine:
             stop_ids=self.stop_token_ids(params),
             max_tokens=min(params.max_new_tokens, self.max_model_len - len(ids)),
             rope_length=len(ids),
-            hash_seed=hash(("minicpm-kv", config.rope_base(len(ids)), config.rope_type)),
+            hash_seed=("minicpm-kv", config.rope_type, config.rope_base(len(ids))),
             generator=params.make_generator(self.device),
         )
         return Request(seq, IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None)

@@ -107,7 +107,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq)
-            self.num_cached_tokens += seq.num_cached_tokens
+            if seq.num_preemptions == 0:  # a recompute's hits are not prompt tokens saved
+                self.num_cached_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)

@@ -35,7 +35,7 @@ class Sequence:
     stop_ids: frozenset[int]
     max_tokens: int
     rope_length: int
-    hash_seed: int
+    hash_seed: object  # hashable; equal only for sequences whose keys/values are equal for equal ids
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
