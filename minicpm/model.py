@@ -156,13 +156,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        """One ``qkv_proj`` with the q, k and v weights stacked (same function, fewer calls)."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.qkv_proj.weight = nn.Parameter(weight, requires_grad=False)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, d).transpose(1, 2)
+            qk = apply_rope(qkv[:, : h + kv], cos, sin)  # q and k rotated in one pass
+            q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv :]
+        else:
+            q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, kv, d).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = causal_attention(q, k, v) if cache is None else cache.attend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -173,8 +187,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        """One ``gate_up_proj`` with the gate and up weights stacked."""
+        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
+        self.gate_up_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.gate_up_proj.weight = nn.Parameter(weight, requires_grad=False)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -213,6 +238,19 @@ class MiniCPMForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def fused(self) -> bool:
+        return self.model.layers[0].self_attn.qkv_proj is not None
+
+    def fuse_projections(self) -> None:
+        """Stack q/k/v and gate/up weights into one linear each, in place (the inference engine's
+        layout: fewer, larger matrix products). Checkpoint names no longer apply afterwards, so
+        :meth:`save_pretrained` refuses a fused model."""
+        if not self.fused:
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -231,6 +231,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: 
 
 
 def save_model(model: MiniCPMForCausalLM, path: str | Path, max_shard_bytes: int | None = None) -> None:
+    if model.fused:
+        raise ValueError("this model's projections are fused for inference; save the checkpoint it was loaded from")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = dict(model.named_parameters())  # a tied head appears once, as the embedding

@@ -557,6 +557,7 @@ def test_block_manager_freed_blocks_keep_hash_and_are_reused_lru() -> None:
 
 
 def test_block_manager_lru_order_of_freed_blocks() -> None:
+    """Unhashed free blocks go first (lowest id first); then cached ones, least recently freed first."""
     bm = BlockManager(num_blocks=4, block_size=2)
     a, b = seq_of([1, 2, 3], request_id="a"), seq_of([4, 5, 6], request_id="b")  # 2 blocks each
     bm.allocate(a)
@@ -565,11 +566,16 @@ def test_block_manager_lru_order_of_freed_blocks() -> None:
     compute_all(bm, b)
     a_blocks, b_blocks = list(a.block_table), list(b.block_table)
     bm.free(b)
-    bm.free(a)  # b freed first: its blocks are reused first
+    bm.free(a)  # b freed first: its cached block is evicted before a's
+    assert bm.free_ids == [*sorted([a_blocks[1], b_blocks[1]]), b_blocks[0], a_blocks[0]]
     c = seq_of([7, 8, 9], request_id="c")
-    bm.allocate(c)
-    assert set(c.block_table) == set(b_blocks)
+    bm.allocate(c)  # takes the two unhashed tail blocks: both cached prefixes survive
+    assert set(c.block_table) == {a_blocks[1], b_blocks[1]}
+    d = seq_of([9, 9], request_id="d")
+    bm.allocate(d)  # now the least recently freed cached block: b's
+    assert d.block_table == [b_blocks[0]] and bm.blocks[b_blocks[0]].hash is None
     assert bm.blocks[a_blocks[0]].hash is not None
+    bm.free(d)
     a_again = seq_of([1, 2, 3], request_id="a2")
     bm.allocate(a_again)
     assert a_again.num_cached_tokens == 2 and a_again.block_table[0] == a_blocks[0]

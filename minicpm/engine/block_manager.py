@@ -19,10 +19,12 @@ Contract:
   and compares exactly, so a hash collision is never a hit. Freed blocks keep their key until
   they are reused, least recently freed first, so a later request with the same prefix can pick
   them up again; reusing a block retires its content id, which unlinks everything cached after it.
+  Blocks that hold nothing cached are handed out first, lowest id first.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -67,14 +69,22 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # free blocks: never-used or unhashed ones, lowest id first (so a request's blocks tend to be
+        # consecutive, which the CPU attention reads as a view); then cached ones, least recently freed first
+        self.fresh: list[int] = list(range(num_blocks))
+        self.cached: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[BlockKey, int] = {}
         self._content_ids = itertools.count()
         self.enable_prefix_caching = enable_prefix_caching
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_ids)
+        return len(self.fresh) + len(self.cached)
+
+    @property
+    def free_ids(self) -> list[int]:
+        """Free block ids in the order they will be handed out."""
+        return sorted(self.fresh) + list(self.cached)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -94,7 +104,10 @@ class BlockManager:
         return hits
 
     def _take_free(self) -> Block:
-        block_id, _ = self.free_ids.popitem(last=False)
+        if self.fresh:
+            block_id = heapq.heappop(self.fresh)
+        else:
+            block_id, _ = self.cached.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:
             if self.hash_to_block.get(block.hash) == block_id:
@@ -121,7 +134,7 @@ class BlockManager:
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                del self.free_ids[block_id]
+                del self.cached[block_id]
             block.ref_count += 1
         seq.block_table = list(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -157,6 +170,9 @@ class BlockManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_ids[block_id] = None
+                if block.hash is None:
+                    heapq.heappush(self.fresh, block_id)
+                else:
+                    self.cached[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = seq.num_hashed_blocks = 0

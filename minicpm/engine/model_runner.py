@@ -25,6 +25,7 @@ from ..plan import format_bytes
 from ..sampling import sample_next
 from .attention import AttentionMetadata, PagedKVCache
 from .config import EngineConfig
+from .layers import prepare_model
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -50,7 +51,7 @@ def available_cpu_memory() -> int:
 
 class ModelRunner:
     def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
-        self.model = model.eval()
+        self.model = prepare_model(model.eval())
         self.config = config
         self.model_config = model.config
         self.device = model.device
@@ -60,7 +61,7 @@ class ModelRunner:
         self.bytes_per_block = config.block_size * c.kv_bytes_per_token(self.dtype.itemsize)
         self.num_blocks = self._num_blocks(max_model_len)
         self.cache = PagedKVCache(c, self.num_blocks, config.block_size, self.dtype, self.device)
-        self.inv_freq_cache: dict[int, Tensor] = {}
+        self.inv_freq_cache: dict[float, Tensor] = {}
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
@@ -103,12 +104,12 @@ class ModelRunner:
         gather = max_model_len * c.kv_bytes_per_token(self.dtype.itemsize) // c.num_hidden_layers
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        reserve = activations + gather + 256 * 2**20
+        reserve = activations + gather + 512 * 2**20  # + CUDA graphs and allocator slack
         return int(total * cfg.gpu_memory_utilization - (total - free) - reserve)
 
     # ------------------------------------------------------------------ inputs
     def inv_freq(self, seq: Sequence) -> Tensor:
-        key = seq.rope_length if self.model_config.rope_type == "dynamic" else 0
+        key = self.model_config.rope_base(seq.rope_length)
         table = self.inv_freq_cache.get(key)
         if table is None:
             table = self.inv_freq_cache[key] = rope_inv_freq(self.model_config, seq.rope_length, self.device)
@@ -150,7 +151,7 @@ class ModelRunner:
             query_lens=list(batch.num_tokens),
             context_lens_host=context_lens,
         )
-        if decode_only:
+        if decode_only and not self.cache.use_triton:
             if len(seq_blocks) == 1 and isinstance(seq_blocks[0], slice):
                 md.decode_blocks = seq_blocks[0]
             else:
@@ -158,10 +159,10 @@ class ModelRunner:
             if len(set(context_lens)) > 1:
                 keys = torch.arange(width * bs, device=self.device)
                 md.decode_mask = (keys[None, :] < md.context_lens[:, None])[:, None, None, :]
-        else:
+        elif not decode_only:
             md.seq_blocks = [b if isinstance(b, slice) else self._tensor(b) for b in seq_blocks]
         freqs = torch.stack([self.inv_freq(s) for s in batch.seqs])
-        counts = torch.tensor(batch.num_tokens, device=self.device)
+        counts = self._tensor(batch.num_tokens)
         inv_freq = torch.repeat_interleave(freqs, counts, dim=0, output_size=len(ids))
         return self._tensor(ids)[None], self._tensor(positions)[None], inv_freq[None], md, logits_rows
 

@@ -1,0 +1,133 @@
+"""benchmarks/gpu_engine.py in its tiny CPU mode: every measurement path runs, the last line is the JSON.
+
+The full run needs an H100/H200; here the tiny shape exercises the same code (model built on the meta
+device, the HF peer sharing its weights, the engine's eager paths) in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_engine.py"
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # other tests set it in-process
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, f"rc {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    pytest.importorskip("transformers")
+    return last_json(run_script("--tiny", "--device", "cpu"))
+
+
+def test_tiny_run_reports_every_figure_for_both_systems(tiny: dict) -> None:
+    for key in (
+        "benchmark",
+        "device",
+        "dtype",
+        "tiny",
+        "model",
+        "weights_gib",
+        "kv_bytes_per_token",
+        "copy_bandwidth_tb_s",
+        "bandwidth_scale",
+        "engine",
+        "prefill",
+        "decode",
+        "batch",
+        "targets",
+        "targets_judged",
+        "hf_note",
+        "errors",
+    ):
+        assert key in tiny, key
+    assert tiny["benchmark"] == "gpu_engine"
+    assert tiny["device"] == "cpu" and tiny["tiny"] is True and tiny["dtype"] == "float32"
+    assert tiny["errors"] == []
+    assert positive(tiny["copy_bandwidth_tb_s"]) and positive(tiny["weights_gib"])
+    engine = tiny["engine"]
+    assert positive(engine["kv_pool_gib"]) and engine["cuda_graphs"] == 0 and engine["triton_decode"] is False
+    assert engine["kv_capacity_tokens"] >= engine["max_model_len"] == tiny["model"]["max_length"]
+
+    assert [r["context"] for r in tiny["prefill"]] == [256, 512, 1024]
+    for row in tiny["prefill"]:
+        assert 0 < row["tokens"] <= row["context"]
+        for key in ("ours_s", "hf_s", "speedup"):
+            assert positive(row[key]), (key, row)
+        assert row["ours_peak_gib"] is None and row["hf_peak_gib"] is None  # peak memory is CUDA-only
+    # 1024 tokens + new tokens don't fit the tiny 1024-token context: the prompt is shortened
+    assert tiny["prefill"][-1]["tokens"] < 1024
+
+    assert [r["context"] for r in tiny["decode"]] == [128, 512, 1024]
+    for row in tiny["decode"]:
+        for key in ("ours_ms", "hf_ms", "speedup"):
+            assert positive(row[key]), (key, row)
+        assert row["ours_new_tokens"] >= 2 and row["hf_new_tokens"] >= 2
+
+    batch = tiny["batch"]
+    assert batch["batch"] == 4 and batch["context"] == 128
+    for key in ("ours_tok_s", "hf_tok_s", "speedup", "ours_prefill_s", "hf_prefill_s"):
+        assert positive(batch[key]), (key, batch)
+
+
+def test_tiny_run_lists_the_targets_without_judging_them(tiny: dict) -> None:
+    assert tiny["targets_judged"] is False
+    assert len(tiny["targets"]) == 5
+    for t in tiny["targets"]:
+        assert t["pass"] is None
+        assert t["op"] in ("<=", ">=") and positive(t["target_h200"])
+    assert [t["target_h200"] for t in tiny["targets"]] == [2.5, 16.0, 8.0, 3.0, 6000.0]
+
+
+def test_skip_hf_and_flags() -> None:
+    out = last_json(
+        run_script(
+            "--tiny",
+            "--device",
+            "cpu",
+            "--skip-hf",
+            "--contexts",
+            "200",
+            "--batch",
+            "0",
+            "--new-tokens",
+            "3",
+            "--json-only",
+        )
+    )
+    assert out["transformers"] is None and out["hf_note"] is None
+    (prefill,) = out["prefill"]
+    (decode,) = out["decode"]
+    assert prefill["context"] == decode["context"] == 200 and prefill["tokens"] == 200
+    assert positive(prefill["ours_s"]) and prefill["hf_s"] is None and prefill["speedup"] is None
+    assert positive(decode["ours_ms"]) and decode["ours_new_tokens"] == 3 and decode["hf_ms"] is None
+    assert out["batch"]["ours_tok_s"] is None and out["batch"]["hf_tok_s"] is None
+
+
+def test_refuses_a_cpu_without_tiny() -> None:
+    proc = run_script("--device", "cpu", timeout=60)
+    assert proc.returncode != 0
+    assert "not a GPU" in proc.stderr and "--tiny" in proc.stderr
