@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 from hf_peer import hf_llama
 
-from minicpm import LLM, MiniCPMConfig, MiniCPMForCausalLM, SamplingParams
+from minicpm import MiniCPMConfig, MiniCPMForCausalLM, SamplingParams, Tokenizer
+from minicpm.default_model import default_model_path
 from minicpm.engine import EngineConfig, LLMEngine
 
 PROMPT = "Once upon a time, in a small village at the edge of a great forest,"
@@ -77,8 +78,8 @@ def rate(run: Callable[[int], object], n: int, per_step: int = 1) -> float:
 def measure(name: str, model: MiniCPMForCausalLM, prompt: list[int], args: argparse.Namespace) -> dict:
     n = args.new_tokens
     context = model.config.context_length
+    hf = hf_llama(model)  # first: the engine fuses (and on CPU bf16 packs) the model's layers in place
     engine = LLMEngine(model, None, EngineConfig.for_device("cpu"))
-    hf = hf_llama(model)
     vocab = model.config.vocab_size
     out: dict = {}
 
@@ -135,9 +136,9 @@ def main() -> None:
     for name in args.models:
         for dtype in args.dtypes:
             if name == "default":
-                llm = LLM.from_pretrained(dtype=dtype, device="cpu")
-                model, prompt = llm.model, llm.tokenizer.encode(PROMPT)
-                del llm
+                path = default_model_path()
+                model = MiniCPMForCausalLM.from_pretrained(path, dtype=dtype, device="cpu")
+                prompt = Tokenizer.from_pretrained(path).encode(PROMPT)
             else:
                 model = tiny_minicpm().to(getattr(torch, dtype))
                 prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(1))

@@ -18,6 +18,8 @@ from minicpm import MiniCPMForCausalLM
 def hf_llama(model: MiniCPMForCausalLM, attn_implementation: str = "sdpa"):
     import transformers
 
+    if model.fused:
+        raise ValueError("build the HF peer before an engine takes the model over (its layers are fused)")
     c = model.config
     rope = {"rope_type": c.rope_type, "factor": c.rope_factor} if c.rope_type != "none" else None
     hf_config = transformers.LlamaConfig(
@@ -49,7 +51,7 @@ def hf_llama(model: MiniCPMForCausalLM, attn_implementation: str = "sdpa"):
             state["lm_head.weight"] = state["lm_head.weight"] * c.logit_scale
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_config)
-    hf.load_state_dict(state, strict=not hf_config.tie_word_embeddings, assign=True)
+    hf.load_state_dict(state, strict=True, assign=True)
     if hf_config.tie_word_embeddings:
         hf.tie_weights()
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config).to(model.device)  # its buffers were on meta
