@@ -105,8 +105,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in float32, cast back, times the weight: fused, bitwise the same
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
 def rope_inv_freq(config: MiniCPMConfig, rope_length: int, device: torch.device | str = "cpu") -> Tensor:
@@ -137,12 +139,21 @@ def rope_cos_sin(
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (batch, heads, seq, d); cos/sin: (batch, seq, d). Rotation in float32."""
+def signed_sin(sin: Tensor) -> Tensor:
+    """``sin`` with its first half negated: what :func:`apply_rope` takes, computed once per forward."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x: (batch, heads, seq, d); cos/sin_signed: (batch, seq, d). Rotation in float32.
+
+    Rotate-half, ``x * cos + cat(-x2, x1) * sin``, written as ``x * cos + cat(x2, x1) * sin_signed``
+    (a sign moved, so bitwise the same) to save operations per layer."""
     xf = x.float()
     half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    swapped = xf.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    return (xf * cos[:, None] + swapped * sin_signed[:, None]).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -213,8 +224,11 @@ class DecoderLayer(nn.Module):
         self.residual_scale = config.residual_scale
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache) * self.residual_scale
-        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        scale = self.residual_scale
+        branch = self.self_attn(self.input_layernorm(h), cos, sin, cache)
+        h = h + (branch * scale if scale != 1 else branch)
+        branch = self.mlp(self.post_attention_layernorm(h))
+        return h + (branch * scale if scale != 1 else branch)
 
 
 class MiniCPMModel(nn.Module):
@@ -283,8 +297,11 @@ class MiniCPMForCausalLM(nn.Module):
             elif rope_lengths.dim() == 1:
                 rope_lengths = rope_lengths[:, None]
         cos, sin = rope_cos_sin(self.config, positions, rope_lengths, inv_freq)
+        sin = signed_sin(sin)
 
-        h = self.model.embed_tokens(input_ids) * self.config.scale_emb
+        h = self.model.embed_tokens(input_ids)
+        if self.config.scale_emb != 1:
+            h = h * self.config.scale_emb
         for layer in self.model.layers:
             h = layer(h, cos, sin, cache)
 
@@ -294,7 +311,9 @@ class MiniCPMForCausalLM(nn.Module):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:
             h = h[:, logits_to_keep.to(h.device)]
-        h = self.model.norm(h) * self.config.logit_scale
+        h = self.model.norm(h)
+        if self.config.logit_scale != 1:
+            h = h * self.config.logit_scale
         return self.lm_head(h).float()
 
     # ------------------------------------------------------------------ checkpoints

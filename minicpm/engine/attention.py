@@ -85,10 +85,15 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @staticmethod
+    def _blocks(cache: Tensor, blocks: Tensor | slice) -> Tensor:
+        """(tokens, kv_heads, head_dim) of the given blocks: a view for a slice, else one gather."""
+        kv = cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks.view(-1))
+        return kv.view(-1, kv.shape[-2], kv.shape[-1])
+
     def _context(self, cache: Tensor, blocks: Tensor | slice, length: int) -> Tensor:
         """(kv_heads, length, head_dim) view or gather of one sequence's cached keys or values."""
-        kv = cache[blocks]
-        return kv.reshape(-1, kv.shape[-2], kv.shape[-1])[:length].transpose(0, 1)
+        return self._blocks(cache, blocks)[:length].transpose(0, 1)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         md = self.metadata
@@ -123,8 +128,8 @@ class PagedKVCache:
             )  # (seqs, heads, head_dim)
             return out.transpose(0, 1)[None]
         b, kv_heads, d = qb.shape[0], kc.shape[-2], kc.shape[-1]
-        keys = kc[md.decode_blocks].reshape(b, -1, kv_heads, d).transpose(1, 2)
-        values = vc[md.decode_blocks].reshape(b, -1, kv_heads, d).transpose(1, 2)
+        keys = self._blocks(kc, md.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
+        values = self._blocks(vc, md.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
         if md.decode_mask is None:
             length = md.context_lens_host[0]
             keys, values = keys[:, :, :length], values[:, :, :length]
