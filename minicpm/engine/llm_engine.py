@@ -19,8 +19,9 @@ Contract:
   own keys, with its own NTK base (from its prompt length), and its token is an argmax of its row.
 
 The engine takes the model over: it fuses its projections (and on CPU in bfloat16 packs its
-linear weights) in place (:mod:`minicpm.engine.layers`). Nothing here is thread-safe: :class:`~minicpm.engine.async_engine.BackgroundEngine` owns an
-engine in its own thread for servers; ``make_request`` (validation and tokenization only) is the
+linear weights) in place (:mod:`minicpm.engine.layers`). Nothing here is thread-safe:
+:class:`~minicpm.engine.async_engine.BackgroundEngine` owns an engine in its own thread for
+servers; ``make_request`` (validation and tokenization only) is the
 one method other threads may call.
 """
 
