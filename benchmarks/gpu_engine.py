@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import gc
 import inspect
-import itertools
 import json
 import math
 import sys
@@ -50,6 +49,8 @@ try:
     import minicpm  # noqa: F401
 except ImportError:  # a bare checkout (e.g. the GPU machine): import the package from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_peer import hf_llama
 
 from minicpm import MiniCPMConfig, MiniCPMForCausalLM, SamplingParams
 from minicpm.engine import EngineConfig, LLMEngine
@@ -140,34 +141,7 @@ def build_model(config: MiniCPMConfig, device: torch.device, dtype: torch.dtype,
 
 def build_hf(model: MiniCPMForCausalLM, device: torch.device) -> Any:
     """transformers' LlamaForCausalLM (SDPA) holding ``model``'s own weight tensors (no copy)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    hf_config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        rope_theta=c.rope_theta,
-        rope_scaling={"rope_type": "dynamic", "factor": c.rope_factor} if c.rope_type == "dynamic" else None,
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="sdpa",
-    )
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(hf_config)
-    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
-    # rotary inverse frequencies are non-persistent buffers: rebuild them for real on the device
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)
-    meta = [n for n, t in itertools.chain(hf.named_parameters(), hf.named_buffers()) if t.is_meta]
-    if meta:
-        raise RuntimeError(f"HF peer still has meta tensors: {meta[:5]}")
+    hf = hf_llama(model, "sdpa", fold_scales=False)
     # transformers >= 5.2x names the cache argument `cache` (and warns on `past_key_values`); older ones don't
     hf.cache_arg = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
     return hf.eval()

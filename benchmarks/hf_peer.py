@@ -15,7 +15,11 @@ import torch
 from minicpm import MiniCPMForCausalLM
 
 
-def hf_llama(model: MiniCPMForCausalLM, attn_implementation: str = "sdpa"):
+def hf_llama(model: MiniCPMForCausalLM, attn_implementation: str = "sdpa", fold_scales: bool = True):
+    """The peer; ``fold_scales=False`` shares every tensor (no copy) and drops MiniCPM's scales,
+    which changes the function but neither speed nor memory (the GPU benchmark's choice)."""
+    import itertools
+
     import transformers
 
     if model.fused:
@@ -29,11 +33,12 @@ def hf_llama(model: MiniCPMForCausalLM, attn_implementation: str = "sdpa"):
         num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
         max_position_embeddings=c.max_position_embeddings,
         rope_theta=c.rope_theta,
         rope_scaling=rope,
         rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings and c.scale_emb == 1 and c.logit_scale == 1,
+        tie_word_embeddings=c.tie_word_embeddings and (not fold_scales or c.scale_emb == c.logit_scale == 1),
         attn_implementation=attn_implementation,
         dtype=model.dtype,
     )
@@ -41,13 +46,13 @@ def hf_llama(model: MiniCPMForCausalLM, attn_implementation: str = "sdpa"):
     if "lm_head.weight" not in state or state["lm_head.weight"] is state["model.embed_tokens.weight"]:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     with torch.no_grad():
-        if c.scale_emb != 1:
+        if fold_scales and c.scale_emb != 1:
             state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * c.scale_emb
-        if c.residual_scale != 1:
+        if fold_scales and c.residual_scale != 1:
             for name in state:
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     state[name] = state[name] * c.residual_scale
-        if c.logit_scale != 1:
+        if fold_scales and c.logit_scale != 1:
             state["lm_head.weight"] = state["lm_head.weight"] * c.logit_scale
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_config)
@@ -55,4 +60,7 @@ def hf_llama(model: MiniCPMForCausalLM, attn_implementation: str = "sdpa"):
     if hf_config.tie_word_embeddings:
         hf.tie_weights()
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config).to(model.device)  # its buffers were on meta
+    meta = [n for n, t in itertools.chain(hf.named_parameters(), hf.named_buffers()) if t.is_meta]
+    if meta:
+        raise RuntimeError(f"HF peer still has meta tensors: {meta[:5]}")
     return hf.eval()
