@@ -1,0 +1,115 @@
+"""The CUDA-graph decode path's bookkeeping, run on CPU: capture per (batch, context) bucket, static
+buffers, padded rows writing to the scratch slot, bucket choice on replay. Graphs are simulated (a
+replay re-runs the captured call on the same static buffers) and the decode attention is the Triton
+kernel in Triton's CPU interpreter, so everything but the CUDA driver is exercised; greedy tokens
+must equal the eager engine's."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from helpers import random_model, tiny_config
+
+from minicpm import SamplingParams
+from minicpm.engine import EngineConfig, LLMEngine
+
+pytest.importorskip("triton")
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: remembers the captured call and re-runs it on replay."""
+
+    capturing: FakeGraph | None = None
+
+    def __init__(self) -> None:
+        self.call = None
+
+    def pool(self) -> str:
+        return "pool"
+
+    def replay(self) -> None:
+        model, args, kwargs, out, metadata, cache = self.call
+        cache.metadata = metadata
+        try:
+            out.copy_(model(*args, **kwargs))
+        finally:
+            cache.metadata = None
+
+
+@contextlib.contextmanager
+def fake_capture(graph: FakeGraph, pool: object = None):
+    FakeGraph.capturing = graph
+    try:
+        yield
+    finally:
+        FakeGraph.capturing = None
+
+
+class Recorder(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        graph = FakeGraph.capturing
+        if graph is not None:
+            cache = kwargs["cache"]
+            graph.call = (self.inner, args, kwargs, out, cache.metadata, cache)
+        return out
+
+
+def make_engine(kv_heads: int) -> LLMEngine:
+    config = tiny_config(num_hidden_layers=2, num_key_value_heads=kv_heads, max_position_embeddings=64, max_length=256)
+    model = random_model(config, seed=5)
+    kv = config.kv_bytes_per_token(4) * 8 * 200
+    return LLMEngine(
+        model, None, EngineConfig(block_size=8, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_memory=kv)
+    )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_graph_replays_give_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, kv_heads: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 17, 40, 70, 9, 130, 33)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = [c.token_ids for c in make_engine(kv_heads).generate(prompts, params)]
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    engine = make_engine(kv_heads)
+    runner = engine.runner
+    runner.cache.use_triton = True
+    runner.model = Recorder(runner.model)
+    runner._capture_graphs(engine.max_model_len)
+    assert {b for b, _ in runner.graphs} == {1, 2, 4}
+    replays = []
+    replay = runner._replay
+    padded = []
+
+    def recording_replay(graph, ids, *rest):
+        replays.append(graph[0])
+        if ids.shape[1] < graph[0][0]:
+            padded.append(ids.shape[1])
+        return replay(graph, ids, *rest)
+
+    monkeypatch.setattr(runner, "_replay", recording_replay)
+
+    got = [c.token_ids for c in engine.generate(prompts, params)]
+    assert got == expected
+    # batches of 4, and of 3 padded to the bucket of 4, and then fewer
+    assert len(replays) >= 5 and {b for b, _ in replays} >= {2, 4}
+    assert padded, "no replay ran a batch smaller than its bucket"
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
