@@ -13,11 +13,14 @@ queries, causal attention over that sequence's cached tokens plus its new ones.
   ``scaled_dot_product_attention`` call covers the batch.
 * Other batches (prefill chunks, possibly with decodes): per sequence, ``scaled_dot_product_attention``
   with a bottom-right causal bias over the gathered context; a chunk with no cached past attends
-  to its own keys with no gather.
+  to its own keys with no gather. On CUDA (multi-head models), a chunk with a past runs as two
+  kernels merged by log-sum-exp (:func:`split_causal_attention`) when a start-up probe finds one
+  (cuDNN first) that agrees with the plain path: the faster cuDNN kernel takes no bottom-right mask.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,66 @@ try:
 except ImportError:  # pragma: no cover - the module guards its own import of triton
     TRITON_AVAILABLE = False
     paged_decode_attention = None
+
+
+LseAttention = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
+"""(q, k, v, is_causal) -> (output, float32 log-sum-exp of the scores, shape q.shape[:-1]); no GQA."""
+
+
+def cpu_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)[:2]
+    return out, lse.reshape(q.shape[:-1])
+
+
+def cudnn_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False)[:2]
+    return out, lse.reshape(q.shape[:-1])
+
+
+def flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False)[:2]
+    return out, lse.reshape(q.shape[:-1])
+
+
+def split_causal_attention(
+    attend: LseAttention, q: Tensor, k_past: Tensor, v_past: Tensor, k_new: Tensor, v_new: Tensor
+) -> Tensor:
+    """Causal attention of a chunk's queries over (cached past + its own keys) as two kernels: the
+    past unmasked, the chunk with a plain (top-left) causal mask, merged by their log-sum-exps. On
+    GPU this lets chunked prefill use the cuDNN kernel, which takes no bottom-right causal mask."""
+    out_past, lse_past = attend(q, k_past, v_past, False)
+    out_new, lse_new = attend(q, k_new, v_new, True)
+    lse = torch.logaddexp(lse_past, lse_new)
+    w_past = torch.exp(lse_past - lse).unsqueeze(-1)
+    w_new = torch.exp(lse_new - lse).unsqueeze(-1)
+    return (out_past.float() * w_past + out_new.float() * w_new).to(q.dtype)
+
+
+def probe_lse_attention(
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int,
+    head_dim: int,
+    candidates: tuple[LseAttention, ...] = (cudnn_attention_with_lse, flash_attention_with_lse),
+) -> LseAttention | None:
+    """The first candidate (cuDNN, then flash) whose split attention matches the plain path on a
+    random chunk laid out like the cache's; None when none runs or agrees (the plain path is used)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    past, new = 200, 72
+
+    def cached(n: int) -> Tensor:  # (1, heads, n, d) strided like a view of the paged cache
+        return torch.randn(n, heads, head_dim, generator=gen, device=device, dtype=dtype).transpose(0, 1)[None]
+
+    q, k, v = cached(new), cached(past + new), cached(past + new)
+    expected = causal_attention(q, k, v, past=past).float()
+    for attend in candidates:
+        try:
+            got = split_causal_attention(attend, q, k[:, :, :past], v[:, :, :past], k[:, :, past:], v[:, :, past:])
+        except Exception:  # an op this build or card lacks
+            continue
+        if torch.allclose(got.float(), expected, atol=2e-2, rtol=2e-2):
+            return attend
+    return None
 
 
 @dataclass
@@ -79,6 +142,11 @@ class PagedKVCache:
         if use_triton is None:
             use_triton = device.type == "cuda" and TRITON_AVAILABLE
         self.use_triton = use_triton
+        # a chunk with a cached past as two kernels merged by log-sum-exp (see split_causal_attention);
+        # on CUDA only where a probe finds a kernel that returns it and agrees with the plain path
+        self.lse_attention: LseAttention | None = None
+        if device.type == "cuda" and config.num_attention_heads == config.num_key_value_heads:
+            self.lse_attention = probe_lse_attention(device, dtype, config.num_attention_heads, config.head_dim)
         self.metadata: AttentionMetadata | None = None
 
     @property
@@ -109,13 +177,18 @@ class PagedKVCache:
         for i, n in enumerate(md.query_lens):
             qi = q[:, :, start : start + n]
             ctx = md.context_lens_host[i]
+            ki, vi = k[:, :, start : start + n], v[:, :, start : start + n]
             if ctx == n:
-                out = causal_attention(qi, k[:, :, start : start + n], v[:, :, start : start + n])
+                out = causal_attention(qi, ki, vi)
+            elif self.lse_attention is not None and n > 1:
+                past = ctx - n
+                kp = self._context(kc, md.seq_blocks[i], past)[None]
+                vp = self._context(vc, md.seq_blocks[i], past)[None]
+                out = split_causal_attention(self.lse_attention, qi, kp, vp, ki, vi)
             else:
-                blocks = md.seq_blocks[i]
-                ki = self._context(kc, blocks, ctx)[None]
-                vi = self._context(vc, blocks, ctx)[None]
-                out = causal_attention(qi, ki, vi, past=ctx - n)
+                kc_i = self._context(kc, md.seq_blocks[i], ctx)[None]
+                vc_i = self._context(vc, md.seq_blocks[i], ctx)[None]
+                out = causal_attention(qi, kc_i, vc_i, past=ctx - n)
             outs.append(out)
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -1,0 +1,67 @@
+"""Attention pieces of the engine on CPU: the log-sum-exp split of a chunk's attention (what CUDA
+uses to reach the cuDNN kernel) against the plain bottom-right causal path, its start-up probe, and
+an engine forced onto it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_rel, random_model, tiny_config
+
+from minicpm import SamplingParams
+from minicpm.engine import EngineConfig, LLMEngine
+from minicpm.engine.attention import cpu_attention_with_lse, probe_lse_attention, split_causal_attention
+from minicpm.model import causal_attention
+
+
+def cached(n: int, heads: int = 4, d: int = 16, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, heads, d, dtype=dtype).transpose(0, 1)[None]  # strided like the paged cache
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("past", "new"), [(70, 30), (1, 5), (64, 64), (200, 2)])
+def test_split_attention_equals_the_bottom_right_causal_path(dtype, tol, past: int, new: int) -> None:
+    torch.manual_seed(past + new)
+    q, k, v = cached(new, dtype=dtype), cached(past + new, dtype=dtype), cached(past + new, dtype=dtype)
+    expected = causal_attention(q, k, v, past=past)
+    got = split_causal_attention(
+        cpu_attention_with_lse, q, k[:, :, :past], v[:, :, :past], k[:, :, past:], v[:, :, past:]
+    )
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert_close_rel(got.float(), expected.float(), tol)
+
+
+def test_probe_takes_the_first_kernel_that_agrees_and_skips_broken_ones() -> None:
+    def raises(q, k, v, is_causal):
+        raise RuntimeError("not on this card")
+
+    def wrong_lse(q, k, v, is_causal):
+        out, lse = cpu_attention_with_lse(q, k, v, is_causal)
+        return out, lse + 1.0 if is_causal else lse
+
+    cpu = torch.device("cpu")
+    assert probe_lse_attention(cpu, torch.float32, 4, 16, (raises, wrong_lse, cpu_attention_with_lse)) is (
+        cpu_attention_with_lse
+    )
+    assert probe_lse_attention(cpu, torch.float32, 4, 16, (raises, wrong_lse)) is None
+    assert probe_lse_attention(cpu, torch.float32, 4, 16) is None  # the CUDA kernels do not run here
+
+
+def test_engine_on_the_split_path_gives_the_same_greedy_tokens() -> None:
+    model = random_model(tiny_config(num_hidden_layers=2, max_length=256), seed=7)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (40, 90, 7)]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    config = EngineConfig(block_size=8, max_num_seqs=2, max_num_batched_tokens=16)
+    expected = LLMEngine(model, None, config).generate(prompts, params)
+    engine = LLMEngine(model, None, config)
+    calls = []
+
+    def counted(q, k, v, is_causal):
+        calls.append(q.shape[2])
+        return cpu_attention_with_lse(q, k, v, is_causal)
+
+    engine.runner.cache.lse_attention = counted
+    got = engine.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert calls, "no chunk went through the split path"
