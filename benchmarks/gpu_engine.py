@@ -445,6 +445,7 @@ def run_ours(
             "block_size": config.block_size,
             "cuda_graphs": len(engine.runner.graphs),
             "triton_decode": bool(engine.runner.cache.use_triton),
+            "prefill_split_kernel": getattr(engine.runner.cache.lse_attention, "__name__", None),
         }
         return engine
 
@@ -553,7 +554,8 @@ def print_tables(summary: dict) -> None:
     print(
         f"weights {fmt(summary['weights_gib'], '.2f')} GiB | KV pool {fmt(e.get('kv_pool_gib'), '.2f')} GiB "
         f"({e.get('kv_capacity_tokens')} tokens, {summary['kv_bytes_per_token']} B/token) | engine build "
-        f"{fmt(e.get('build_s'), '.1f')} s, {e.get('cuda_graphs')} CUDA graphs, triton decode {e.get('triton_decode')}"
+        f"{fmt(e.get('build_s'), '.1f')} s, {e.get('cuda_graphs')} CUDA graphs, "
+        f"triton decode {e.get('triton_decode')}, chunked-prefill split kernel {e.get('prefill_split_kernel')}"
     )
     print(
         f"device-to-device copy {fmt(summary['copy_bandwidth_tb_s'], '.2f')} TB/s (read + written; the H200 anchors: "
