@@ -132,3 +132,22 @@ def test_sampling_matches_transformers_processors() -> None:
             theirs = transformers.TopPLogitsWarper(top_p)(seen, theirs)
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs[0])), (top_k, top_p)
         assert torch.allclose(ours[~torch.isinf(ours)], theirs[0][~torch.isinf(ours)])
+
+
+def test_leaving_a_stream_early_aborts_its_request(llm: LLM) -> None:
+    stream = llm.stream(PROMPT, SamplingParams(max_new_tokens=60, ignore_eos=True))
+    first = next(iter(stream))
+    assert first
+    stream.close()
+    engine = llm.engine
+    assert not engine.requests and not engine.scheduler.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_list_of_prompts_runs_as_one_batch_with_the_same_greedy_answers(llm: LLM) -> None:
+    prompts = [PROMPT, "The capital of France", "1, 2, 3,"]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    batch = llm.generate(prompts, params)
+    alone = [llm.generate(p, params) for p in prompts]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert [c.text for c in batch] == [c.text for c in alone]
