@@ -200,6 +200,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            if self.scheduler.has_unfinished():  # cannot happen: every request fits the cache alone
+                raise RuntimeError(f"the scheduler made no progress: {self.stats()}")
             return []
         tokens = iter(self.runner.run(batch))
         self.num_steps += 1
