@@ -155,7 +155,10 @@ class BlockManager:
             seq.block_table.append(self._take_free().block_id)
 
     def commit(self, seq: Sequence) -> None:
-        """Hash the blocks of ``seq`` that are now full of computed tokens."""
+        """Hash the blocks of ``seq`` that are now full of computed tokens (nothing without prefix
+        caching: freed blocks then go straight back to the fresh pool, and are reused warm)."""
+        if not self.enable_prefix_caching:
+            return
         bs, n = self.block_size, seq.num_hashed_blocks
         parent = ("seed", seq.hash_seed) if n == 0 else self.blocks[seq.block_table[n - 1]].content_id
         for i in range(n, seq.num_computed_tokens // bs):
