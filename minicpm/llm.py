@@ -84,6 +84,8 @@ class LLM:
         engine, pending = self.engine, self._pending
         pending.setdefault(request_id, [])
         try:
+            if not pending[request_id] and request_id not in engine.requests:
+                return
             while True:
                 while pending[request_id]:
                     out = pending[request_id].pop(0)
@@ -94,7 +96,7 @@ class LLM:
                     if out.request_id in pending:
                         pending[out.request_id].append(out)
         finally:
-            del pending[request_id]
+            pending.pop(request_id, None)
             if request_id in engine.requests:  # the caller stopped early
                 engine.abort_request(request_id)
 
@@ -127,12 +129,29 @@ class LLM:
         list of completions in order.
         """
         params = params or SamplingParams(**kwargs)
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            return self.engine.generate(prompt, params)
-        state = Completion("", [], 0, "length")
-        for _ in self._run(prompt, params, state):
-            pass
-        return state
+        if not (isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)):
+            state = Completion("", [], 0, "length")
+            for _ in self._run(prompt, params, state):
+                pass
+            return state
+        requests = [self.engine.make_request(p, params) for p in prompt]  # all validated before any runs
+        states = [Completion("", [], r.seq.num_prompt_tokens, "length") for r in requests]
+        for r in requests:
+            self.engine.add(r)
+            self._pending[r.request_id] = []
+        try:
+            for r, state in zip(requests, states, strict=True):
+                for out in self._outputs(r.request_id):
+                    state.text += out.text
+                    state.token_ids += out.token_ids
+                    if out.finished:
+                        state.finish_reason, state.cached_tokens = out.finish_reason, out.cached_tokens
+        finally:
+            for r in requests:
+                self._pending.pop(r.request_id, None)
+                if r.request_id in self.engine.requests:
+                    self.engine.abort_request(r.request_id)
+        return states
 
     # ------------------------------------------------------------------ chat
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:

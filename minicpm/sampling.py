@@ -3,8 +3,8 @@
 Contract: :class:`SamplingParams` validates every field on construction (a bad value raises
 ``ValueError`` naming it). :func:`sample_next` applies, in Hugging Face's order, the repetition
 penalty (over prompt and generated ids), then temperature, top-k and top-p, and draws from a
-``torch.Generator`` so that one seed gives one sample; temperature 0 is greedy (argmax after the
-repetition penalty).
+``torch.Generator`` so that one seed gives one sample; temperature 0 (or below 1e-5, its limit)
+is greedy (argmax after the repetition penalty).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import dataclasses
 
 import torch
 from torch import Tensor
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +39,12 @@ class SamplingParams:
             raise bad("max_new_tokens", "a positive integer")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise bad("temperature", ">= 0")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.01 <= self.repetition_penalty <= 100:
+            raise bad("repetition_penalty", "in [0.01, 100] (1 is off)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", "an integer >= 0 (0 disables it)")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            raise bad("repetition_penalty", "> 0")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -52,7 +54,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or below 1e-5 (its limit, which sampling could not represent: logits / T overflow)."""
+        return self.temperature < GREEDY_BELOW
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.greedy:

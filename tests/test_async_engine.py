@@ -105,6 +105,14 @@ def test_abort_ends_the_stream_and_frees_blocks() -> None:
         assert_all_blocks_free(bg)
 
 
+def test_a_thread_that_stops_reading_aborts_its_request() -> None:
+    with BackgroundEngine(make_engine()) as bg:
+        for out in bg.add_request(PROMPTS[4], SamplingParams(max_new_tokens=100, ignore_eos=True)):
+            if out.token_ids:
+                break  # the generator is closed here, which aborts the request
+        assert_all_blocks_free(bg)
+
+
 def test_bad_input_fails_in_the_caller_and_duplicate_ids_fail_in_the_stream() -> None:
     with BackgroundEngine(make_engine()) as bg:
         with pytest.raises(ValueError, match="empty"):

@@ -342,7 +342,9 @@ def test_request_that_cannot_fit_is_refused_and_engine_keeps_serving(model: Mini
         with pytest.raises(ValueError, match=rf"prompt is {n} tokens.*holds 80 tokens.*context is 160"):
             engine.add_request(prompt_of(n, seed=801), params, request_id="too-long")
     with pytest.raises(ValueError, match=r"prompt is 200 tokens"):
-        engine.generate([prompt_of(200, seed=802)], params)
+        engine.add_request(prompt_of(200, seed=802), params)
+    with pytest.raises(ValueError, match="needs an idle engine; 1 requests are in flight"):
+        engine.generate([prompt_of(5, seed=802)], params)  # it would drop the other request's outputs
     with pytest.raises(ValueError, match="empty"):
         engine.add_request([], params)
     with pytest.raises(ValueError, match=r"outside the vocabulary \(size 97\)"):

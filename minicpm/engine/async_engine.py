@@ -6,7 +6,8 @@ Contract: one daemon thread owns the engine and runs ``step()`` while any reques
 * ``add_request(prompt, params, request_id=None)`` validates and tokenizes in the caller's thread
   (bad input raises ``ValueError`` there, and nothing is queued) and returns a
   :class:`RequestStream`: iterate it for the request's :class:`~minicpm.engine.RequestOutput`\\ s
-  until the one with ``finished`` set.
+  until the one with ``finished`` set; a reader that stops early (``break``, ``close()``, the
+  stream garbage-collected) aborts the request.
 * ``abort(request_id)`` ends a request; its stream ends with ``finish_reason == "abort"``.
 * ``async for out in engine.generate(prompt, params)`` does the same from an asyncio loop; leaving
   the loop early (a client that disconnects, a cancelled task) aborts the request.
@@ -22,7 +23,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
 
 from ..sampling import SamplingParams
@@ -38,9 +39,15 @@ class EngineError(RuntimeError):
 class RequestStream:
     """The outputs of one request, readable from a thread (iteration) or an asyncio loop (``async for``)."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        abort: Callable[[str], None] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.finished = False
+        self._abort = abort
         self._loop = loop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
 
@@ -63,13 +70,23 @@ class RequestStream:
             self.finished = True
         return item
 
+    def _left_early(self) -> None:
+        if not self.finished and self._abort is not None:
+            self._abort(self.request_id)
+
     def __iter__(self) -> Iterator[RequestOutput]:
-        while not self.finished:
-            yield self._take(self._queue.get())
+        try:
+            while not self.finished:
+                yield self._take(self._queue.get())
+        finally:  # the reader stopped (break, close, garbage collection): the request is aborted
+            self._left_early()
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        while not self.finished:
-            yield self._take(await self._queue.get())
+        try:
+            while not self.finished:
+                yield self._take(await self._queue.get())
+        finally:
+            self._left_early()
 
 
 class BackgroundEngine:
@@ -78,16 +95,18 @@ class BackgroundEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._closed = False
+        self._lock = threading.Lock()  # submit vs close: an accepted request is always read
         self._stats: dict[str, int] = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="minicpm-engine", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ client side
     def _submit(self, request: Request, loop: asyncio.AbstractEventLoop | None) -> RequestStream:
-        if self._closed:
-            raise RuntimeError("the engine is closed")
-        stream = RequestStream(request.request_id, loop)
-        self._commands.put(("add", request, stream))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            stream = RequestStream(request.request_id, loop, self.abort)
+            self._commands.put(("add", request, stream))
         return stream
 
     def add_request(
@@ -99,12 +118,8 @@ class BackgroundEngine:
         self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         stream = self._submit(self.engine.make_request(prompt, params, request_id), asyncio.get_running_loop())
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            if not stream.finished:
-                self.abort(stream.request_id)
+        async for out in stream:
+            yield out
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
@@ -114,10 +129,12 @@ class BackgroundEngine:
         return dict(self._stats)
 
     def close(self) -> None:
-        if not self._closed:
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._commands.put(("close", None, None))
-            self._thread.join()
+        self._thread.join()
 
     def __enter__(self) -> BackgroundEngine:
         return self
@@ -132,8 +149,10 @@ class BackgroundEngine:
             return
         if isinstance(out, BaseException) or out.finished:
             del self._streams[request_id]
-        if not stream.put(out) and request_id in self.engine.requests:
-            self.engine.abort_request(request_id)
+        if not stream.put(out):  # the reader's event loop is gone
+            self._streams.pop(request_id, None)
+            if request_id in self.engine.requests:
+                self.engine.abort_request(request_id)
 
     def _handle(self, command: str, arg: object, stream: RequestStream | None) -> bool:
         engine = self.engine
@@ -178,6 +197,8 @@ class BackgroundEngine:
                 error.__cause__ = e
                 for request_id in list(engine.requests):
                     engine.abort_request(request_id)
+                # every open stream, including any whose last output was lost with the step
+                for request_id in list(self._streams):
                     self._deliver(error, request_id)
                 continue
             self._stats = engine.stats()

@@ -34,6 +34,11 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if not positive_int(name):
                 raise bad(name, "a positive integer")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"engine setting 'max_num_batched_tokens' ({self.max_num_batched_tokens}) must be at least "
+                f"'max_num_seqs' ({self.max_num_seqs}), or some decoding requests would never get a step"
+            )
         if self.kv_cache_memory is not None and not positive_int("kv_cache_memory"):
             raise bad("kv_cache_memory", "a positive number of bytes or None")
         if self.max_model_len is not None and not positive_int("max_model_len"):

@@ -11,8 +11,8 @@ Contract:
   :class:`~minicpm.engine.model_runner.ModelRunner`) and returns a :class:`RequestOutput` for each
   request that produced text or finished: the new text (detokenized incrementally; held back while
   it could still grow into a stop string), the new token ids, and at the end ``finish_reason``
-  ``"stop"`` (a stop id or stop string; neither is part of the output), ``"length"`` or
-  ``"abort"``.
+  ``"stop"``, ``"length"`` or ``"abort"``. A stop id is not part of the output; a stop string ends
+  the text before it (the token ids keep the token that completed it, as vLLM's do).
 * ``abort_request(id)`` ends a request at once and frees its blocks.
 * ``generate(prompts, params)`` runs a list of prompts to completion with continuous batching.
 * Greedy results do not depend on what else is in the batch: each sequence attends only to its
@@ -159,6 +159,8 @@ class LLMEngine:
     ) -> Request:
         """Validate and tokenize; touches no engine state (safe from any thread)."""
         params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         ids = self.encode_prompt(prompt)
         config = self.model_config
         seq = Sequence(
@@ -263,7 +265,15 @@ class LLMEngine:
     def generate(
         self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None
     ) -> list[Completion]:
-        """Run ``prompts`` to completion together; one :class:`Completion` per prompt, in order."""
+        """Run ``prompts`` to completion together; one :class:`Completion` per prompt, in order.
+
+        For an engine with nothing else in flight (it steps every request, and would drop the
+        outputs of others): refused otherwise. :class:`~minicpm.LLM` and the background engine
+        track outputs per request instead."""
+        if self.requests:
+            raise ValueError(
+                f"generate() needs an idle engine; {len(self.requests)} requests are in flight (read them with step())"
+            )
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameter sets")
