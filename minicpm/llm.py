@@ -105,10 +105,7 @@ class LLM:
         state.prompt_tokens = request.seq.num_prompt_tokens
         self.engine.add(request)
         for out in self._outputs(request.request_id):
-            state.text += out.text
-            state.token_ids += out.token_ids
-            if out.finished:
-                state.finish_reason, state.cached_tokens = out.finish_reason, out.cached_tokens
+            state.add(out)
             if out.text:
                 yield out.text
 
@@ -142,10 +139,7 @@ class LLM:
         try:
             for r, state in zip(requests, states, strict=True):
                 for out in self._outputs(r.request_id):
-                    state.text += out.text
-                    state.token_ids += out.token_ids
-                    if out.finished:
-                        state.finish_reason, state.cached_tokens = out.finish_reason, out.cached_tokens
+                    state.add(out)
         finally:
             for r in requests:
                 self._pending.pop(r.request_id, None)

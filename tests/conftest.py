@@ -13,6 +13,18 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster than two contending ones, and GEMM reductions are
+    deterministic (with two, a BLAS may split a reduction differently from call to call)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 CHATML_TOKENS = {"<|im_end|>": 32000, "<|im_start|>": 32001}
 

@@ -19,14 +19,7 @@ from minicpm.convert import ConversionError, convert_checkpoint, convert_gguf
 IDS = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise comparisons below need one GEMM thread: with two, the BLAS may split a reduction
-    differently from call to call (seen once in ~5 full runs), which is noise, not a load bug."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits_of(path: Path) -> torch.Tensor:

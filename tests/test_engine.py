@@ -24,13 +24,7 @@ MAX_POS = 64  # max_position_embeddings: prompts longer than this get their own 
 CONTEXT = 160  # max_length
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two contending ones, and reductions are deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,13 @@ class Completion:
     finish_reason: str  # "stop" (stop id or string), "length" or "abort"
     cached_tokens: int = 0
 
+    def add(self, out: RequestOutput) -> None:
+        """Take in one :class:`RequestOutput` of this completion's request."""
+        self.text += out.text
+        self.token_ids += out.token_ids
+        if out.finished:
+            self.finish_reason, self.cached_tokens = out.finish_reason, out.cached_tokens
+
 
 @dataclasses.dataclass
 class RequestOutput:
@@ -284,13 +291,8 @@ class LLMEngine:
         try:
             while any(not r.seq.is_finished for r in requests):
                 for out in self.step():
-                    done = results.get(out.request_id)
-                    if done is None:
-                        continue
-                    done.text += out.text
-                    done.token_ids += out.token_ids
-                    if out.finished:
-                        done.finish_reason, done.cached_tokens = out.finish_reason, out.cached_tokens
+                    if out.request_id in results:
+                        results[out.request_id].add(out)
         finally:
             for r in requests:
                 if r.request_id in self.requests:
