@@ -2,10 +2,11 @@
 
 Contract:
 
-* At construction it sizes the paged KV cache from the memory at hand (``kv_cache_memory`` bytes,
-  or on CUDA ``gpu_memory_utilization`` of the card minus the weights, what is already in use and a
-  measured activation reserve) and, on CUDA unless ``enforce_eager``, captures one CUDA graph of
-  the decode step per (batch-size bucket, context bucket).
+* At construction it prepares the model (:func:`~minicpm.engine.layers.prepare_model`: fused
+  projections, packed CPU bf16 weights), then sizes the paged KV cache from the memory at hand
+  (``kv_cache_memory`` bytes, or on CUDA ``gpu_memory_utilization`` of the card minus the weights,
+  what is already in use and a measured activation reserve) and, on CUDA unless ``enforce_eager``,
+  captures one CUDA graph of the decode step per (batch-size bucket, context bucket).
 * ``run(batch)`` feeds each scheduled sequence's next tokens as one flattened forward, computes
   logits only for the sequences that sample this step (those whose tokens reach their end) and
   returns one sampled token id per such sequence, in order. Pure decode batches that fit a

@@ -13,7 +13,8 @@ limit (``max_num_seqs``):
 When a running sequence needs a new block and none is free, the newest running sequence is
 preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
 recomputed from its tokens later (its own cached blocks may still be hit). Nothing is admitted in
-a step that preempted. ``finish(seq)`` and ``abort(request_id)`` free a sequence's blocks.
+a step that preempted. ``finish(seq, reason)`` (a stop, the length limit, an abort) frees a
+sequence's blocks, whether it was running or still waiting.
 Whether a request can ever fit is checked before it gets here (:class:`~minicpm.engine.llm_engine.LLMEngine`).
 """
 
