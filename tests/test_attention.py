@@ -20,9 +20,11 @@ def cached(n: int, heads: int = 4, d: int = 16, dtype: torch.dtype = torch.float
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize(("past", "new"), [(70, 30), (1, 5), (64, 64), (200, 2)])
-def test_split_attention_equals_the_bottom_right_causal_path(dtype, tol, past: int, new: int) -> None:
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_split_attention_equals_the_bottom_right_causal_path(dtype, tol, past: int, new: int, kv_heads: int) -> None:
     torch.manual_seed(past + new)
-    q, k, v = cached(new, dtype=dtype), cached(past + new, dtype=dtype), cached(past + new, dtype=dtype)
+    q = cached(new, dtype=dtype)
+    k, v = cached(past + new, kv_heads, dtype=dtype), cached(past + new, kv_heads, dtype=dtype)
     expected = causal_attention(q, k, v, past=past)
     got = split_causal_attention(
         cpu_attention_with_lse, q, k[:, :, :past], v[:, :, :past], k[:, :, past:], v[:, :, past:]
@@ -40,21 +42,25 @@ def test_probe_takes_the_first_kernel_that_agrees_and_skips_broken_ones() -> Non
         return out, lse + 1.0 if is_causal else lse
 
     cpu = torch.device("cpu")
-    assert probe_lse_attention(cpu, torch.float32, 4, 16, (raises, wrong_lse, cpu_attention_with_lse)) is (
-        cpu_attention_with_lse
-    )
-    assert probe_lse_attention(cpu, torch.float32, 4, 16, (raises, wrong_lse)) is None
-    assert probe_lse_attention(cpu, torch.float32, 4, 16) is None  # the CUDA kernels do not run here
+    for kv_heads in (4, 2):
+        candidates = (raises, wrong_lse, cpu_attention_with_lse)
+        assert probe_lse_attention(cpu, torch.float32, 4, kv_heads, 16, candidates) is cpu_attention_with_lse
+        assert probe_lse_attention(cpu, torch.float32, 4, kv_heads, 16, (raises, wrong_lse)) is None
+    assert probe_lse_attention(cpu, torch.float32, 4, 4, 16) is None  # the CUDA kernels do not run here
 
 
-def test_engine_on_the_split_path_gives_the_same_greedy_tokens() -> None:
-    model = random_model(tiny_config(num_hidden_layers=2, max_length=256), seed=7)
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_engine_on_the_split_path_gives_the_same_greedy_tokens(kv_heads: int) -> None:
+    model = random_model(tiny_config(num_hidden_layers=2, num_key_value_heads=kv_heads, max_length=256), seed=7)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (40, 90, 7)]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     config = EngineConfig(block_size=8, max_num_seqs=2, max_num_batched_tokens=16)
-    expected = LLMEngine(model, None, config).generate(prompts, params)
+    plain = LLMEngine(model, None, config)
+    plain.runner.cache.lse_attention = None  # the bottom-right masked path
+    expected = plain.generate(prompts, params)
     engine = LLMEngine(model, None, config)
+    assert engine.runner.cache.lse_attention is cpu_attention_with_lse  # the CPU default
     calls = []
 
     def counted(q, k, v, is_causal):
