@@ -29,6 +29,7 @@ import torch
 from hf_peer import hf_llama
 
 from minicpm import MiniCPMConfig, MiniCPMForCausalLM, SamplingParams, Tokenizer
+from minicpm.config import MINICPM_2B_128K
 from minicpm.default_model import default_model_path
 from minicpm.engine import EngineConfig, LLMEngine
 
@@ -37,22 +38,16 @@ TARGETS = {"decode_b1_vs_hf": 3.0, "decode_b16_vs_hf_b1": 8.0}
 
 
 def tiny_minicpm() -> MiniCPMForCausalLM:
-    config = MiniCPMConfig(
-        vocab_size=122760,
-        hidden_size=256,
-        intermediate_size=640,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=65536,
-        max_length=131072,
-        rope_theta=1e6,
-        rope_scaling={"type": "dynamic", "factor": 4.0},
-        scale_emb=12,
-        dim_model_base=64,
-        scale_depth=1.4,
-        tie_word_embeddings=False,
-    )
+    """MiniCPM-2B-128k's config (real vocabulary, scales, dynamic NTK) at a tiny width and depth."""
+    sizes = {
+        "hidden_size": 256,
+        "intermediate_size": 640,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "dim_model_base": 64,
+    }
+    config = MiniCPMConfig.from_dict(MINICPM_2B_128K | sizes)
     torch.manual_seed(0)
     model = MiniCPMForCausalLM(config)
     with torch.no_grad():

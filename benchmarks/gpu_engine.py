@@ -53,6 +53,7 @@ except ImportError:  # a bare checkout (e.g. the GPU machine): import the packag
 from hf_peer import hf_llama
 
 from minicpm import MiniCPMConfig, MiniCPMForCausalLM, SamplingParams
+from minicpm.config import MINICPM_2B_128K
 from minicpm.engine import EngineConfig, LLMEngine
 
 GIB = 2**30
@@ -68,44 +69,24 @@ HF_NOTE = (
 # --------------------------------------------------------------------------- shapes
 def full_config() -> MiniCPMConfig:
     """MiniCPM-2B-128k exactly (shared/facts/minicpm-2b-128k.md)."""
-    return MiniCPMConfig(
-        vocab_size=122760,
-        hidden_size=2304,
-        intermediate_size=5760,
-        num_hidden_layers=40,
-        num_attention_heads=36,
-        num_key_value_heads=36,
-        max_position_embeddings=65536,
-        max_length=131072,
-        rope_theta=1e6,
-        rope_scaling={"type": "dynamic", "factor": 4.0},
-        rms_norm_eps=1e-5,
-        scale_emb=12,
-        dim_model_base=256,
-        scale_depth=1.4,
-        tie_word_embeddings=False,
-        torch_dtype="bfloat16",
-    )
+    return MiniCPMConfig.from_dict(MINICPM_2B_128K)
 
 
 def tiny_config() -> MiniCPMConfig:
     """Same structure (untied head, dynamic NTK past max_position_embeddings), a few thousand parameters."""
-    return MiniCPMConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        max_length=1024,
-        rope_theta=1e6,
-        rope_scaling={"type": "dynamic", "factor": 4.0},
-        rms_norm_eps=1e-5,
-        scale_emb=12,
-        dim_model_base=16,
-        scale_depth=1.4,
-        tie_word_embeddings=False,
+    return MiniCPMConfig.from_dict(
+        MINICPM_2B_128K
+        | {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 512,
+            "max_length": 1024,
+            "dim_model_base": 16,
+        }
     )
 
 

@@ -21,6 +21,43 @@ from typing import Any
 
 ROPE_TYPES = ("none", "linear", "dynamic")
 
+# MiniCPM-2B-128k's config.json as OpenBMB publishes it (shared/facts/minicpm-2b-128k.md): the exact
+# shape that plans, benchmarks and tests use (``MiniCPMConfig.from_dict(MINICPM_2B_128K)``); copy
+# it (``MINICPM_2B_128K | {...}``) to change fields.
+MINICPM_2B_128K: dict[str, Any] = {
+    "_name_or_path": "openbmb/CPM-2B",
+    "architectures": ["MiniCPMForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_minicpm.MiniCPMConfig",
+        "AutoModel": "modeling_minicpm.MiniCPMModel",
+        "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
+        "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification",
+    },
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 2304,
+    "initializer_range": 0.1,
+    "intermediate_size": 5760,
+    "max_position_embeddings": 65536,
+    "num_attention_heads": 36,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 36,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"type": "dynamic", "factor": 4.0},
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0",
+    "use_cache": True,
+    "vocab_size": 122760,
+    "scale_emb": 12,
+    "dim_model_base": 256,
+    "scale_depth": 1.4,
+    "rope_theta": 1000000.0,
+    "max_length": 131072,
+    "tie_word_embeddings": False,
+}
+
 
 class ConfigError(ValueError):
     """A config.json field is missing, malformed or unsupported; the message names it."""

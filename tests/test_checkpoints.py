@@ -14,6 +14,7 @@ from helpers import assert_close_rel, random_model, reference_logits, tiny_confi
 
 from minicpm import CheckpointError, ConfigError, MiniCPMConfig, MiniCPMForCausalLM
 from minicpm.cli import main as cli_main
+from minicpm.config import MINICPM_2B_128K
 from minicpm.convert import ConversionError, convert_checkpoint, convert_gguf
 
 IDS = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(0))
@@ -157,38 +158,15 @@ def test_config_defaults_and_llama_mapping() -> None:
 
 
 # The config.json of MiniCPM-2B-128k as OpenBMB publishes it, with only the sizes made tiny.
-PUBLISHED_CONFIG = {
-    "_name_or_path": "openbmb/CPM-2B",
-    "architectures": ["MiniCPMForCausalLM"],
-    "auto_map": {
-        "AutoConfig": "configuration_minicpm.MiniCPMConfig",
-        "AutoModel": "modeling_minicpm.MiniCPMModel",
-        "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
-        "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
-        "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification",
-    },
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "hidden_act": "silu",
+PUBLISHED_CONFIG = MINICPM_2B_128K | {
     "hidden_size": 72,
-    "initializer_range": 0.1,
     "intermediate_size": 180,
     "max_position_embeddings": 64,
     "num_attention_heads": 6,
     "num_hidden_layers": 4,
     "num_key_value_heads": 6,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"type": "dynamic", "factor": 4.0},
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.36.0",
-    "use_cache": True,
     "vocab_size": 120,
-    "scale_emb": 12,
     "dim_model_base": 8,
-    "scale_depth": 1.4,
-    "rope_theta": 1000000.0,
-    "max_length": 131072,
-    "tie_word_embeddings": False,
 }
 
 
@@ -399,16 +377,7 @@ def test_convert_gguf_rejects_bad_input(tmp_path: Path) -> None:
 
 def test_real_minicpm_2b_128k_config_numbers() -> None:
     """The published config at full size: derived scales, NTK base, context, KV bytes per token."""
-    raw = PUBLISHED_CONFIG | {
-        "hidden_size": 2304,
-        "intermediate_size": 5760,
-        "num_attention_heads": 36,
-        "num_key_value_heads": 36,
-        "num_hidden_layers": 40,
-        "vocab_size": 122760,
-        "max_position_embeddings": 65536,
-        "dim_model_base": 256,
-    }
+    raw = MINICPM_2B_128K
     config = MiniCPMConfig.from_dict(raw)
     assert config.head_dim == 64 and config.context_length == 131072
     assert config.residual_scale == pytest.approx(0.221359, abs=1e-6) and config.logit_scale == pytest.approx(1 / 9)

@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_config
 
 from minicpm.cli import main
-from minicpm.config import MiniCPMConfig
+from minicpm.config import MINICPM_2B_128K, MiniCPMConfig
 from minicpm.plan import (
     FULL_CONTEXT,
     WORKSPACE_BYTES,
@@ -27,42 +27,7 @@ from minicpm.weights import expected_shapes
 
 GiB = 1024**3
 
-# MiniCPM-2B-128k's config.json as OpenBMB publishes it, at full size (see the facts page).
-# test_checkpoints.PUBLISHED_CONFIG has the same fields with tiny sizes; it is not imported because
-# that module skips itself wholesale without gguf.
-REAL_CONFIG = {
-    "_name_or_path": "openbmb/CPM-2B",
-    "architectures": ["MiniCPMForCausalLM"],
-    "auto_map": {
-        "AutoConfig": "configuration_minicpm.MiniCPMConfig",
-        "AutoModel": "modeling_minicpm.MiniCPMModel",
-        "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
-        "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
-        "AutoModelForSequenceClassification": "modeling_minicpm.MiniCPMForSequenceClassification",
-    },
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "hidden_act": "silu",
-    "hidden_size": 2304,
-    "initializer_range": 0.1,
-    "intermediate_size": 5760,
-    "max_position_embeddings": 65536,
-    "num_attention_heads": 36,
-    "num_hidden_layers": 40,
-    "num_key_value_heads": 36,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"type": "dynamic", "factor": 4.0},
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.36.0",
-    "use_cache": True,
-    "vocab_size": 122760,
-    "scale_emb": 12,
-    "dim_model_base": 256,
-    "scale_depth": 1.4,
-    "rope_theta": 1000000.0,
-    "max_length": 131072,
-    "tie_word_embeddings": False,
-}
+REAL_CONFIG = MINICPM_2B_128K  # the published config.json, at full size
 # 40 x (4 x 2304^2 + 3 x 2304 x 5760 + 2 x 2304) non-embedding + final norm 2304
 # + embeddings and the untied head, 122760 x 2304 each: "about 3.0 B" on the facts page.
 REAL_NON_EMBEDDING = 40 * (4 * 2304**2 + 3 * 2304 * 5760 + 2 * 2304) + 2304
