@@ -6,39 +6,10 @@ import pytest
 import torch
 from helpers import assert_close_rel, random_model, reference_logits, tiny_config
 
-from minicpm import DenseKVCache, MiniCPMConfig
+from minicpm import DenseKVCache
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_llama_with_folded_scales(config: MiniCPMConfig, state: dict[str, torch.Tensor]):
-    """transformers' LlamaForCausalLM carrying MiniCPM's three scales in its weights."""
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_theta=config.rope_theta,
-        rope_scaling=config.rope_scaling,
-        rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    folded = {k: v.clone().float() for k, v in state.items()}
-    if "lm_head.weight" not in folded:
-        folded["lm_head.weight"] = folded["model.embed_tokens.weight"].clone()
-    folded["model.embed_tokens.weight"] *= config.scale_emb
-    for name in folded:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            folded[name] *= config.residual_scale
-    folded["lm_head.weight"] *= config.logit_scale
-    model = transformers.LlamaForCausalLM(hf_config).eval()
-    model.load_state_dict(folded, strict=True)
-    return model
-
+from hf_peer import hf_llama  # noqa: E402  (benchmarks/: the benchmarks' peer, tested here)
 
 CASES = {
     "mha-untied": dict(),
@@ -56,7 +27,7 @@ def test_parity_with_hf_llama(case: str, seq_len: int) -> None:
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    hf = hf_llama_with_folded_scales(config, state)
+    hf = hf_llama(model, "eager")  # transformers' Llama carrying MiniCPM's three scales in its weights
     ids = torch.randint(0, config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(ids)
@@ -87,7 +58,7 @@ def test_plain_and_linear_rope_match_reference(scaling) -> None:
     ids = torch.randint(0, config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert_close_rel(model(ids), reference_logits(config, model.state_dict(), ids), 1e-4)
-        hf = hf_llama_with_folded_scales(config, model.state_dict())
+        hf = hf_llama(model, "eager")
         assert_close_rel(model(ids), hf(ids).logits, 1e-4)
 
 
