@@ -33,21 +33,13 @@ from typing import Any
 import torch
 
 from .config import MiniCPMConfig
+from .weights import dtype_by_name, expected_shapes
 
 FULL_CONTEXT = 131072  # "128k": MiniCPM-2B-128k's max_length
 CUDA_UTILIZATION = 0.9  # share of the free device memory a plan without --memory may use
 PREFILL_CHUNK = 8192  # prompt tokens pushed through the model per forward during prefill
 LOGIT_ROWS = 64  # sequences sampled per decode step whose float32 logits are live at once
 WORKSPACE_BYTES = 256 * 1024**2  # cuBLAS/oneDNN workspaces and allocator slack
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +79,7 @@ def resolve_plan_dtype(dtype: torch.dtype | str) -> torch.dtype:
         if not dtype.is_floating_point:
             raise ValueError(f"dtype {dtype} is not a floating-point dtype")
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return dtype_by_name(dtype)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -98,8 +88,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def parameter_count(config: MiniCPMConfig) -> int:
     """Parameters of the model the config describes (a tied head counted once)."""
-    from .weights import expected_shapes
-
     return sum(math.prod(shape) for shape in expected_shapes(config).values())
 
 
@@ -157,9 +145,17 @@ def available_memory(device: str | torch.device) -> tuple[int, str]:
         return int(free * CUDA_UTILIZATION), f"cuda free memory x {CUDA_UTILIZATION}"
     if device.type != "cpu":
         raise ValueError(f"cannot measure the memory of device {device}; pass --memory GiB")
-    meminfo = Path("/proc/meminfo")
+    found = available_cpu_memory()
+    if found is None:
+        raise ValueError("cannot measure the available memory here; pass --memory GiB")
+    return found
+
+
+def available_cpu_memory() -> tuple[int, str] | None:
+    """Available system memory in bytes and where it came from: ``MemAvailable`` from
+    /proc/meminfo, else ``sysconf`` available pages x page size; None where neither can be read."""
     try:
-        for line in meminfo.read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 value, unit = line.split()[1:3]
                 if unit.lower() == "kb":
@@ -169,7 +165,7 @@ def available_memory(device: str | torch.device) -> tuple[int, str]:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available pages (sysconf)"
     except (AttributeError, ValueError, OSError):
-        raise ValueError("cannot measure the available memory here; pass --memory GiB") from None
+        return None
 
 
 def plan_memory(

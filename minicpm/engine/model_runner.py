@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..model import MiniCPMForCausalLM, rope_inv_freq
-from ..plan import format_bytes
+from ..plan import available_cpu_memory, format_bytes
 from ..sampling import sample_next
 from .attention import AttentionMetadata, PagedKVCache
 from .config import EngineConfig
@@ -36,18 +36,6 @@ log = logging.getLogger("minicpm.engine")
 def _is_run(blocks: list[int]) -> bool:
     """Whether ``blocks`` are consecutive ids (then the cache can be read as a view)."""
     return blocks[-1] - blocks[0] == len(blocks) - 1 and all(b - a == 1 for a, b in itertools.pairwise(blocks))
-
-
-def available_cpu_memory() -> int:
-    """MemAvailable from /proc/meminfo in bytes (0 where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class ModelRunner:
@@ -78,10 +66,12 @@ class ModelRunner:
             budget = self._cuda_kv_budget(max_model_len)
             source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
         else:
-            available = available_cpu_memory()
+            found = available_cpu_memory()
+            if found is None:
+                raise ValueError("cannot measure the available memory here: set kv_cache_memory (--kv-cache-gib)")
+            available, where = found
             budget = min(4 * 2**30, available // 4)
-            source = f"a quarter of available memory ({available / 2**30:.1f} GiB), at most 4 GiB"
-            useful = min(useful, max(1, budget // self.bytes_per_block))
+            source = f"a quarter of available memory ({format_bytes(available)}, {where}), at most 4 GiB"
         num_blocks = min(budget // self.bytes_per_block, useful)
         if num_blocks < 1:
             raise ValueError(
