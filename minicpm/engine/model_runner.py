@@ -112,12 +112,16 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[Tensor, Tensor, Tensor, AttentionMetadata, list[int]]:
+    def _prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[Tensor, Tensor, Tensor, AttentionMetadata, list[int], list[Sequence]]:
+        """Inputs of one forward, the rows whose logits are needed and the sequences they sample for."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
+        samplers: list[Sequence] = []
         context_lens: list[int] = []
         seq_blocks: list[Tensor | slice] = []
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
@@ -128,6 +132,7 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if end == seq.num_tokens:
                 logits_rows.append(len(ids) - 1)
+                samplers.append(seq)
             context_lens.append(end)
             used = table[: -(-end // bs)]
             seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
@@ -155,13 +160,13 @@ class ModelRunner:
         freqs = torch.stack([self.inv_freq(s) for s in batch.seqs])
         counts = self._tensor(batch.num_tokens)
         inv_freq = torch.repeat_interleave(freqs, counts, dim=0, output_size=len(ids))
-        return self._tensor(ids)[None], self._tensor(positions)[None], inv_freq[None], md, logits_rows
+        return self._tensor(ids)[None], self._tensor(positions)[None], inv_freq[None], md, logits_rows, samplers
 
     # ------------------------------------------------------------------ run
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int]:
         """Sampled token ids, one per sequence of ``batch`` that reached the end of its tokens."""
-        ids, positions, inv_freq, md, rows = self._prepare(batch)
+        ids, positions, inv_freq, md, rows, samplers = self._prepare(batch)
         graph = self._graph_for(batch, md) if self.graphs and md.decode_only else None
         if graph is not None:
             logits = self._replay(graph, ids, positions, inv_freq, md)
@@ -172,10 +177,7 @@ class ModelRunner:
                 logits = self.model(ids, positions, cache=self.cache, logits_to_keep=keep, inv_freq=inv_freq)[0]
             finally:
                 self.cache.metadata = None
-        seqs = [
-            s for s, n in zip(batch.seqs, batch.num_tokens, strict=True) if s.num_computed_tokens + n == s.num_tokens
-        ]
-        return self.sample(logits, seqs)
+        return self.sample(logits, samplers)
 
     def sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
         """One token per row of float32 ``logits`` (rows, vocab), each with its sequence's parameters."""
