@@ -46,7 +46,6 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     arrival: int = field(default_factory=lambda: next(_arrival))
-    inv_freq: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
