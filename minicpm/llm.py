@@ -18,23 +18,38 @@ Contract:
 * ``chat(query, history=None, system=None, ...)`` returns ``(response, history)`` like the card's
   ``model.chat``, without its defects: it stops at ``<|im_end|>``, keeps every generated token,
   never returns template markers, and ``max_new_tokens`` counts only the answer.
+* One ``LLM`` may be shared by any number of threads: calls from several threads are batched
+  together on the one engine (each step runs under a lock and hands every request its own
+  outputs), and each thread gets exactly what its call alone would produce, or an
+  :class:`~minicpm.engine.async_engine.EngineError` if the engine fails; never another's tokens.
+  ``last_completion`` and ``last_history`` are per thread.
+* ``stream`` and ``chat_stream`` take ``cancel`` (e.g. a ``threading.Event``): once it is set the
+  request is aborted at the next step boundary and the completion ends with ``finish_reason``
+  "abort", keeping what was generated (the CLI's Ctrl-C). The engine is never interrupted
+  mid-step.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .engine import Completion, EngineConfig, LLMEngine, RequestOutput
+from .engine.async_engine import EngineError
 from .model import MiniCPMForCausalLM
-from .sampling import SamplingParams
+from .sampling import CHAT_DEFAULTS, SamplingParams
 from .tokenizer import Tokenizer
 
-# The card's example call: model.chat(tokenizer, query, temperature=0.8, top_p=0.8)
-CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_p": 0.8, "max_new_tokens": 1024}
+__all__ = ["CHAT_DEFAULTS", "LLM", "Completion"]
+
+
+class Cancel(Protocol):
+    def is_set(self) -> bool: ...
 
 
 class LLM:
@@ -52,7 +67,9 @@ class LLM:
         self.chat_format = chat_format
         tokenizer.resolve_chat_template(chat_format)  # fail now on an unknown format
         self.engine = LLMEngine(self.model, tokenizer, engine_config)
-        self._pending: dict[str, list[RequestOutput]] = {}
+        self._lock = threading.Lock()  # the engine and _pending are touched only under it
+        self._pending: dict[str, deque[RequestOutput | BaseException]] = {}
+        self._local = threading.local()
 
     @classmethod
     def from_pretrained(
@@ -63,10 +80,9 @@ class LLM:
         chat_format: str = "auto",
         engine_config: EngineConfig | None = None,
     ) -> LLM:
-        if path is None:
-            from .default_model import default_model_path
+        from .default_model import resolve_model_path
 
-            path = default_model_path()
+        path = resolve_model_path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = MiniCPMForCausalLM.from_pretrained(path, dtype=dtype, device=device)
         return cls(model, Tokenizer.from_pretrained(path), chat_format=chat_format, engine_config=engine_config)
@@ -79,40 +95,88 @@ class LLM:
         return self.engine.stop_token_ids(params)
 
     # ------------------------------------------------------------------ generation
-    def _outputs(self, request_id: str) -> Iterator[RequestOutput]:
-        """Step the engine until ``request_id`` finishes, yielding its outputs (others' are kept)."""
+    def _step(self) -> None:
+        """One engine step (under the lock); each output goes to its request's queue. If the step
+        fails, every request in flight is aborted and every waiting caller gets the error."""
         engine, pending = self.engine, self._pending
-        pending.setdefault(request_id, [])
         try:
-            if not pending[request_id] and request_id not in engine.requests:
-                return
-            while True:
-                while pending[request_id]:
-                    out = pending[request_id].pop(0)
-                    yield out
-                    if out.finished:
-                        return
-                for out in engine.step():
-                    if out.request_id in pending:
-                        pending[out.request_id].append(out)
-        finally:
-            pending.pop(request_id, None)
-            if request_id in engine.requests:  # the caller stopped early
+            outputs = engine.step()
+        except Exception as exc:
+            error = EngineError(f"the engine failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            for request_id in list(engine.requests):
                 engine.abort_request(request_id)
+            for queue in pending.values():
+                queue.append(error)
+            return
+        for out in outputs:
+            queue = pending.get(out.request_id)
+            if queue is not None:
+                queue.append(out)
 
-    def _run(self, prompt: str | Sequence[int], params: SamplingParams, state: Completion) -> Iterator[str]:
+    def _submit(self, requests: Sequence[Any]) -> None:
+        with self._lock:
+            for request in requests:
+                if request.request_id in self._pending:
+                    raise ValueError(f"request id {request.request_id!r} is already in flight")
+            for request in requests:
+                self.engine.add(request)
+                self._pending[request.request_id] = deque()
+
+    def _outputs(self, request_id: str, cancel: Cancel | None = None) -> Iterator[RequestOutput]:
+        """Step the engine until ``request_id`` finishes, yielding its outputs (others' are queued
+        for their own callers, in this thread or another)."""
+        engine, pending, lock = self.engine, self._pending, self._lock
+        try:
+            while True:
+                with lock:
+                    queue = pending.get(request_id)
+                    if queue is None:
+                        return
+                    if not queue:
+                        if request_id not in engine.requests:
+                            return
+                        if cancel is not None and cancel.is_set():
+                            queue.append(engine.abort_request(request_id))
+                        else:
+                            self._step()
+                        continue
+                    item = queue.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            with lock:
+                pending.pop(request_id, None)
+                if request_id in engine.requests:  # the caller stopped early
+                    engine.abort_request(request_id)
+
+    def _run(
+        self, prompt: str | Sequence[int], params: SamplingParams, state: Completion, cancel: Cancel | None = None
+    ) -> Iterator[str]:
         request = self.engine.make_request(prompt, params)
         state.prompt_tokens = request.seq.num_prompt_tokens
-        self.engine.add(request)
-        for out in self._outputs(request.request_id):
+        self._submit([request])
+        for out in self._outputs(request.request_id, cancel):
             state.add(out)
             if out.text:
                 yield out.text
 
-    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
-        """Text deltas of a completion of ``prompt`` (a string, or token ids)."""
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        cancel: Cancel | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """Text deltas of a completion of ``prompt`` (a string, or token ids); then
+        ``last_completion`` (of this thread) holds the whole completion."""
         params = params or SamplingParams(**kwargs)
-        yield from self._run(prompt, params, Completion("", [], 0, "length"))
+        state = Completion("", [], 0, "length")
+        yield from self._run(prompt, params, state, cancel)
+        self._local.completion = state
 
     def generate(
         self,
@@ -133,19 +197,37 @@ class LLM:
             return state
         requests = [self.engine.make_request(p, params) for p in prompt]  # all validated before any runs
         states = [Completion("", [], r.seq.num_prompt_tokens, "length") for r in requests]
-        for r in requests:
-            self.engine.add(r)
-            self._pending[r.request_id] = []
+        self._submit(requests)
+        outputs = [self._outputs(r.request_id) for r in requests]
         try:
-            for r, state in zip(requests, states, strict=True):
-                for out in self._outputs(r.request_id):
+            for stream, state in zip(outputs, states, strict=True):
+                for out in stream:
                     state.add(out)
         finally:
-            for r in requests:
-                self._pending.pop(r.request_id, None)
-                if r.request_id in self.engine.requests:
-                    self.engine.abort_request(r.request_id)
+            for stream in outputs:
+                stream.close()
+            with self._lock:
+                for r in requests:
+                    self._pending.pop(r.request_id, None)
+                    if r.request_id in self.engine.requests:
+                        self.engine.abort_request(r.request_id)
         return states
+
+    @property
+    def last_completion(self) -> Completion:
+        """The completion of this thread's last ``stream`` / ``chat_stream`` / ``chat``."""
+        try:
+            return self._local.completion
+        except AttributeError:
+            raise AttributeError("no completion yet in this thread: run stream() or chat_stream() first") from None
+
+    @property
+    def last_history(self) -> list[dict[str, Any]]:
+        """The conversation after this thread's last ``chat_stream`` / ``chat`` turn."""
+        try:
+            return self._local.history
+        except AttributeError:
+            raise AttributeError("no chat turn yet in this thread: run chat_stream() first") from None
 
     # ------------------------------------------------------------------ chat
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
@@ -174,14 +256,16 @@ class LLM:
         history: Sequence[dict[str, Any]] | None = None,
         system: str | None = None,
         params: SamplingParams | None = None,
+        cancel: Cancel | None = None,
     ) -> Iterator[str]:
-        """Deltas of the answer; then ``self.last_history`` and ``self.last_completion`` hold the turn."""
+        """Deltas of the answer; then ``last_history`` and ``last_completion`` (of this thread)
+        hold the turn. A turn ended by ``cancel`` keeps the part of the answer given so far."""
         messages = self.chat_messages(query, history, system)
         params = params or SamplingParams(**CHAT_DEFAULTS)
         state = Completion("", [], 0, "length")
-        yield from self._run(self.chat_prompt(messages), params, state)
-        self.last_completion = state
-        self.last_history = [*messages, {"role": "assistant", "content": state.text}]
+        yield from self._run(self.chat_prompt(messages), params, state, cancel)
+        self._local.completion = state
+        self._local.history = [*messages, {"role": "assistant", "content": state.text}]
 
     def chat(
         self,

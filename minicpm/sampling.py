@@ -10,11 +10,21 @@ is greedy (argmax after the repetition penalty).
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where sampling happens: the CLI validates flags without it
+    import torch
+    from torch import Tensor
 
 GREEDY_BELOW = 1e-5
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+# The card's example call: model.chat(tokenizer, query, temperature=0.8, top_p=0.8)
+CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_p": 0.8, "max_new_tokens": 1024}
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +47,18 @@ class SamplingParams:
 
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "a positive integer")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise bad("temperature", ">= 0")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0.01 <= self.repetition_penalty <= 100:
+        if not _real(self.temperature) or not self.temperature >= 0:
+            raise bad("temperature", "a finite number >= 0")
+        if not _real(self.repetition_penalty) or not 0.01 <= self.repetition_penalty <= 100:
             raise bad("repetition_penalty", "in [0.01, 100] (1 is off)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _real(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", "an integer >= 0 (0 disables it)")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT
+        ):
+            raise bad("seed", "an integer in [0, 2**64) or None")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -58,6 +72,8 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        import torch
+
         if self.greedy:
             return None
         gen = torch.Generator(device=device)
@@ -70,6 +86,8 @@ class SamplingParams:
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     """HF's rule: a seen token's logit is divided by ``penalty`` if positive, multiplied if negative."""
+    import torch
+
     if penalty == 1.0 or seen.numel() == 0:
         return logits
     scores = logits.gather(-1, seen)
@@ -79,6 +97,8 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
 
 def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     """Set to -inf what top-k and then top-p (nucleus, keeping at least one token) remove."""
+    import torch
+
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -94,6 +114,8 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 def sample_next(logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None) -> int:
     """One token id from float32 ``logits`` (vocab,) given the ids ``seen`` so far."""
+    import torch
+
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())

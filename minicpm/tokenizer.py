@@ -8,6 +8,10 @@ Contract:
   ``added_tokens.json``. Added and special tokens are split out of the text before encoding.
 * :meth:`Tokenizer.encode` returns the ids Hugging Face's tokenizer call returns by default (bos
   added when the tokenizer says so); :meth:`Tokenizer.decode` the text its ``decode`` returns.
+  Text that is not valid Unicode (lone surrogates: bytes that were not UTF-8, as Python's
+  ``surrogateescape`` hands over command-line arguments) is encoded as if those bytes had been
+  decoded with replacement characters (U+FFFD), as ``bytes.decode("utf-8", "replace")`` does,
+  never an error (:func:`clean_text`).
 * :class:`IncrementalDecoder` turns a growing list of ids into text deltas that never split a
   UTF-8 character (held back while the last bytes form an incomplete character); the deltas
   concatenate to ``decode`` of all the ids.
@@ -41,6 +45,30 @@ MINICPM_TEMPLATE = (
 )
 CHAT_FORMATS = {"chatml": CHATML_TEMPLATE, "minicpm": MINICPM_TEMPLATE}
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced as UTF-8 decoding with errors="replace" would
+    have: surrogate escapes (U+DC80-U+DCFF, undecodable bytes) are restored to their bytes and
+    decoded with replacement characters; any other lone surrogate becomes U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    out, run = [], bytearray()
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            run.append(code - 0xDC00)
+            continue
+        if run:
+            out.append(run.decode("utf-8", "replace"))
+            run.clear()
+        out.append("\ufffd" if 0xD800 <= code <= 0xDFFF else ch)
+    if run:
+        out.append(run.decode("utf-8", "replace"))
+    return "".join(out)
 
 
 class TokenizerError(ValueError):
@@ -216,7 +244,7 @@ class Tokenizer:
         """The ids Hugging Face's ``tokenizer(text)["input_ids"]`` returns."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._backend.encode(clean_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text Hugging Face's ``tokenizer.decode(ids)`` returns."""

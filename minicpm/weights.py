@@ -67,14 +67,36 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from safetensors or torch pickle files without loading all at once."""
     for file in files:
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                    yield name, f.get_tensor(name)
+            yield from _safetensors_items(file)
         else:
             state = _torch_load(file)
             if not isinstance(state, dict):
                 raise CheckpointError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
             yield from state.items()
+
+
+def _safetensors_items(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file; a truncated or corrupt file (the usual interrupted
+    download) is a :class:`CheckpointError` that names it and its size."""
+
+    def broken(exc: Exception) -> CheckpointError:
+        size = file.stat().st_size if file.exists() else 0
+        return CheckpointError(
+            f"{file} is not a readable safetensors file ({size:,} bytes; {exc}): it is probably truncated or "
+            "corrupt, e.g. an interrupted download; download or convert it again"
+        )
+
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
+        raise broken(exc) from None
+    with handle as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as exc:
+                raise broken(exc) from None
+            yield name, tensor
 
 
 def _torch_load(file: Path) -> object:

@@ -154,11 +154,11 @@ def test_cli_reads_only_config_json_and_reports_the_disk_size(real_dir: Path, ca
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--context", "0", "--memory", "80"], "--context must be a positive number of tokens, got 0"),
-        (["--context", "-5", "--memory", "80"], "--context must be a positive"),
-        (["--context", "1024", "--memory", "0"], "--memory must be a positive number of GiB, got 0.0"),
-        (["--context", "1024", "--memory", "-2"], "--memory must be a positive"),
-        (["--context", "1024", "--memory", "nan"], "--memory must be a positive"),
+        (["--context", "0", "--memory", "80"], "--context: must be a positive integer, got 0"),
+        (["--context", "-5", "--memory", "80"], "--context: must be a positive"),
+        (["--context", "1024", "--memory", "0"], "--memory: must be a positive number, got 0"),
+        (["--context", "1024", "--memory", "-2"], "--memory: must be a positive"),
+        (["--context", "1024", "--memory", "nan"], "--memory: expected a finite number, got 'nan'"),
     ],
 )
 def test_cli_bad_numbers_exit_2(real_dir: Path, capsys, args: list[str], message: str) -> None:
@@ -175,14 +175,14 @@ def test_cli_missing_config_exits_2(tmp_path: Path, capsys) -> None:
     (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIG | {"hidden_size": -1}))
     assert main(["plan", "--model", str(tmp_path), "--context", "1024", "--memory", "80"]) == 2
     assert "'hidden_size'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["plan", "--model", str(tmp_path)])  # --context is required
+    assert main(["plan", "--model", str(tmp_path)]) == 2  # --context is required
+    assert "the following arguments are required: --context" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cli_cuda_budget_without_cuda_exits_2(real_dir: Path, capsys) -> None:
     assert main(["plan", "--model", str(real_dir), "--context", "1024", "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- plan_memory on a tiny config

@@ -6,9 +6,30 @@ only place that builds tensors, runs the model and captures CUDA graphs), :mod:`
 (the paged cache and attention over it), :mod:`.triton_attention` (the GPU decode kernel),
 :mod:`.llm_engine` (the step API) and :mod:`.async_engine` (the engine in its own thread, for
 other threads and asyncio).
+
+:class:`EngineConfig` imports without torch (the CLI validates engine flags before loading
+anything); the other names load the engine on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import EngineConfig
-from .llm_engine import Completion, LLMEngine, RequestOutput
+
+if TYPE_CHECKING:
+    from .llm_engine import Completion, LLMEngine, RequestOutput
+
+_LAZY = {"Completion", "LLMEngine", "RequestOutput"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'minicpm.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(".llm_engine", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["Completion", "EngineConfig", "LLMEngine", "RequestOutput"]

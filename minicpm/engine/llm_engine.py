@@ -149,10 +149,11 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             context = self.model_config.context_length
             if self.max_model_len < context and self.max_model_len == self.kv_capacity:
-                per_token = format_bytes(self.runner.bytes_per_block // self.config.block_size)
+                per_token = self.runner.bytes_per_block // self.config.block_size
+                size = format_bytes(self.kv_capacity * per_token)
                 raise ValueError(
                     f"the prompt is {len(ids)} tokens; the KV cache holds {self.kv_capacity} tokens "
-                    f"({format_bytes(self.runner.cache.nbytes)} at {per_token} per token; the model's "
+                    f"({size} at {format_bytes(per_token)} per token; the model's "
                     f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
                 )
             raise ValueError(
