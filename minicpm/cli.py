@@ -138,7 +138,7 @@ def _naming_flags() -> Iterator[None]:
     except ValueError as exc:
         message = str(exc)
         for field, flag in FLAG_FOR.items():
-            message = re.sub(rf"(sampling parameter|engine setting) '{field}'", flag, message)
+            message = re.sub(rf"((sampling parameter|engine setting) )?'{field}'", flag, message)
         raise ValueError(message) from None
 
 
@@ -219,12 +219,13 @@ def _notice(llm: Any, params: Any, interactive: bool = False) -> None:
         if n >= params.max_new_tokens:
             print(f"(the answer was cut at --max-new-tokens {params.max_new_tokens})", file=sys.stderr)
         else:
+            limit = llm.engine.max_model_len
+            if limit < llm.config.context_length:
+                what = f"the {limit} tokens the KV cache holds (--kv-cache-gib)"
+            else:
+                what = f"the model's context of {limit} tokens"
             hint = "; /reset starts a new conversation" if interactive else ""
-            print(
-                f"(the answer was cut at {n} tokens: prompt and answer filled the context of "
-                f"{llm.engine.max_model_len} tokens{hint})",
-                file=sys.stderr,
-            )
+            print(f"(the answer was cut at {n} tokens: prompt and answer filled {what}{hint})", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------- commands
