@@ -106,6 +106,12 @@ SEED = _checked(int, "an integer in [0, 2**64)", lambda v: 0 <= v < SEED_LIMIT)
 BLOCK_SIZE = _checked(int, "a power of two from 1 to 2048", lambda v: 1 <= v <= 2048 and v & (v - 1) == 0)
 
 
+def STOP(text: str) -> str:  # noqa: N802
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def DEVICE(text: str) -> str:  # noqa: N802 - an argparse type, named like the others
     if re.fullmatch(r"cpu|cuda(:\d+)?", text):
         return text
@@ -346,6 +352,9 @@ def _interactive(llm: Any, params: Any, system: str | None) -> int:
             except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
                 print(f"\nminicpm: error: {exc}", file=sys.stderr)
                 continue
+            except KeyboardInterrupt:  # a second Ctrl-C inside a step: the turn is dropped, the session stays
+                print("\n(interrupted; this turn is not kept)", file=sys.stderr)
+                continue
             _notice(llm, params, interactive=True)
             history = llm.last_history
     finally:
@@ -450,7 +459,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: f
         "--max-new-tokens", type=POSITIVE_INT, default=max_new, help=f"answer length limit (default {max_new})"
     )
     p.add_argument("--seed", type=SEED, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", type=STOP, help="stop string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,13 +101,16 @@ class LLM:
         engine, pending = self.engine, self._pending
         try:
             outputs = engine.step()
-        except Exception as exc:
-            error = EngineError(f"the engine failed: {type(exc).__name__}: {exc}")
+        except BaseException as exc:  # KeyboardInterrupt too: a step cut short leaves no request behind
+            what = "was interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            error = EngineError(f"the engine {what}: {type(exc).__name__}: {exc}")
             error.__cause__ = exc
             for request_id in list(engine.requests):
                 engine.abort_request(request_id)
             for queue in pending.values():
                 queue.append(error)
+            if not isinstance(exc, Exception):
+                raise
             return
         for out in outputs:
             queue = pending.get(out.request_id)

@@ -106,7 +106,7 @@ SEVENTY_DIGITS = "1" * 70
         (["--max-num-seqs", "0"], "--max-num-seqs: must be a positive integer"),
         (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must be in (0, 1]"),
         (["--max-num-seqs", "32", "--max-num-batched-tokens", "8"], "--max-num-batched-tokens (8) must be at least"),
-        (["--stop", ""], "--stop must be a list of non-empty strings"),
+        (["--stop", ""], "--stop: must not be empty"),
         (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
         (["--prompt", ""], "--prompt is empty"),
         (["--prompt", "  \n"], "--prompt is empty"),
