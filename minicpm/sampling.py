@@ -1,10 +1,21 @@
-"""Sampling parameters and the next-token choice, with Hugging Face ``generate`` semantics.
+"""Sampling parameters and the logits processing of one step, batched over rows.
 
 Contract: :class:`SamplingParams` validates every field on construction (a bad value raises
-``ValueError`` naming it). :func:`sample_next` applies, in Hugging Face's order, the repetition
-penalty (over prompt and generated ids), then temperature, top-k and top-p, and draws from a
-``torch.Generator`` so that one seed gives one sample; temperature 0 (or below 1e-5, its limit)
-is greedy (argmax after the repetition penalty).
+``ValueError`` naming it). The processing functions take a float32 ``(rows, vocab)`` tensor and
+one value per row, so a whole step is processed at once whatever each request asked for:
+
+* :func:`apply_penalties`: Hugging Face's repetition penalty over prompt and generated ids (a
+  seen token's logit divided by the penalty if positive, multiplied if negative), then OpenAI's
+  presence and frequency penalties over generated ids (``logit -= presence * [count > 0] +
+  frequency * count``), as vLLM applies them;
+* :func:`filter_logits`: temperature already applied, top-k (ties with the k-th kept, as
+  Hugging Face does), then top-p (nucleus, keeping at least one token), then min-p (tokens below
+  ``min_p`` x the top probability) set to -inf; Hugging Face's warper order.
+
+Temperature 0 (or below 1e-5, its limit) is greedy: the argmax after penalties. A seed makes
+sampling reproducible (one ``torch.Generator`` per request). The engine's
+:class:`~minicpm.engine.sampler.Sampler` keeps the per-request state (seen ids, counts) and runs
+these once per step.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported where sampling happens: the CLI validates
     from torch import Tensor
 
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's limit
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 # The card's example call: model.chat(tokenizer, query, temperature=0.8, top_p=0.8)
 CHAT_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_p": 0.8, "max_new_tokens": 1024}
@@ -40,6 +52,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # the chosen token's logprob and this many top alternatives (0-20)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -65,6 +82,29 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _real(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "in [-2, 2] (0 is off)")
+        if not _real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1] (0 is off)")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "an integer >= 0")
+        if self.min_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"sampling parameter 'min_tokens' ({self.min_tokens}) must be at most "
+                f"'max_new_tokens' ({self.max_new_tokens})"
+            )
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty needs the request's token history."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -84,41 +124,45 @@ class SamplingParams:
         return gen
 
 
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """HF's rule: a seen token's logit is divided by ``penalty`` if positive, multiplied if negative."""
+def apply_penalties(
+    logits: Tensor,
+    seen: Tensor,
+    counts: Tensor,
+    repetition: Tensor,
+    presence: Tensor,
+    frequency: Tensor,
+) -> Tensor:
+    """Penalised ``logits`` (rows, vocab): ``seen`` (bool) marks prompt and generated ids, ``counts``
+    (int) counts generated ids; one repetition / presence / frequency value per row."""
     import torch
 
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    scores = logits.gather(-1, seen)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(-1, seen, scores)
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
+    counts = counts.to(logits.dtype)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
-def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Set to -inf what top-k and then top-p (nucleus, keeping at least one token) remove."""
+def filter_logits(
+    logits: Tensor, top_k: Tensor | None = None, top_p: Tensor | None = None, min_p: Tensor | None = None
+) -> Tensor:
+    """Set to -inf what top-k, then top-p, then min-p remove; one value per row, or None where no
+    row uses that filter (a row's 0, 1 and 0 also mean off). Runs without a host synchronisation."""
     import torch
 
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= 1 - top_p
+        remove_sorted = cumulative <= (1 - top_p)[:, None]
         remove_sorted[..., -1:] = False
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
+    if min_p is not None:
+        probs = logits.softmax(dim=-1)
+        floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
-
-
-def sample_next(logits: Tensor, params: SamplingParams, seen: Tensor, generator: torch.Generator | None) -> int:
-    """One token id from float32 ``logits`` (vocab,) given the ids ``seen`` so far."""
-    import torch
-
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return int(logits.argmax())
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -221,14 +221,14 @@ def test_prefix_cache_respects_ntk_base(model: MiniCPMForCausalLM) -> None:
 def capture_logits(engine: LLMEngine) -> dict[tuple[str, int], tuple[list[int], torch.Tensor]]:
     """(request id, tokens so far) -> (those tokens, the float32 logits row the sampler got)."""
     seen: dict[tuple[str, int], tuple[list[int], torch.Tensor]] = {}
-    sample = engine.runner.sample
+    sample = engine.runner.sampler.sample
 
     def wrapped(logits, seqs):
         for row, seq in zip(logits, seqs, strict=True):
             seen[(seq.request_id, seq.num_tokens)] = (list(seq.token_ids), row.detach().clone())
         return sample(logits, seqs)
 
-    engine.runner.sample = wrapped
+    engine.runner.sampler.sample = wrapped
     return seen
 
 

@@ -18,6 +18,7 @@ from minicpm.engine import EngineConfig, LLMEngine
 from minicpm.engine import async_engine as async_engine_module
 from minicpm.engine.async_engine import BackgroundEngine, EngineError, RequestStream
 from minicpm.engine.block_manager import BlockManager
+from minicpm.engine.sampler import Sampled, Sampler
 from minicpm.engine.scheduler import ScheduledBatch
 from minicpm.engine.sequence import Sequence
 from minicpm.llm import LLM
@@ -69,13 +70,15 @@ class CharTokenizer:
 
 
 def reference_greedy(model, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
-    from minicpm.sampling import apply_repetition_penalty
-
+    """Full recompute each token; Hugging Face's repetition penalty written out."""
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([ids]), rope_lengths=len(prompt))[0, -1]
-            ids.append(int(apply_repetition_penalty(logits, torch.tensor(ids), penalty).argmax()))
+            seen = torch.tensor(sorted(set(ids)))
+            scores = logits[seen]
+            logits[seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+            ids.append(int(logits.argmax()))
     return ids[len(prompt) :]
 
 
@@ -309,8 +312,19 @@ def test_decode_attention_over_mixed_block_layouts_ignores_garbage(model, layout
             torch.testing.assert_close(out[0, h, i], weights @ values[:, kv], rtol=1e-5, atol=1e-5)
 
 
+class ScriptedSampler(Sampler):
+    """Tokens from a script instead of the logits."""
+
+    def __init__(self, script: dict[str, list[int]]) -> None:
+        super().__init__(26, torch.device("cpu"))
+        self.script = script
+
+    def sample(self, logits, seqs):
+        return [Sampled(self.script[s.request_id].pop(0)) for s in seqs]
+
+
 def scripted(engine: LLMEngine, script: dict[str, list[int]]) -> None:
-    engine.runner.sample = lambda logits, seqs: [script[s.request_id].pop(0) for s in seqs]
+    engine.runner.sampler = ScriptedSampler(script)
 
 
 CASES = [

@@ -9,7 +9,7 @@ import torch
 from helpers import random_model, tiny_config
 
 from minicpm import LLM, SamplingParams, Tokenizer
-from minicpm.sampling import apply_repetition_penalty, filter_top_k_top_p
+from minicpm.sampling import apply_penalties, filter_logits
 
 PROMPT = "Once upon a time, in a small village"
 
@@ -115,23 +115,47 @@ def test_chat_returns_clean_response_and_history(llm: LLM) -> None:
     assert len(history2) == 5 and len(history) == 3  # the caller's list is left alone
 
 
-def test_sampling_matches_transformers_processors() -> None:
+def test_batched_processing_matches_transformers_processors_row_by_row() -> None:
+    """Each row of one batched call, with its own settings, equals transformers' processors."""
     transformers = pytest.importorskip("transformers")
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 500, generator=g) * 3
-    seen = torch.randint(0, 500, (1, 40), generator=g)
-    ours = apply_repetition_penalty(logits[0], seen[0], 1.3)
-    theirs = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())[0]
-    assert torch.allclose(ours, theirs)
-    for top_k, top_p in [(0, 0.8), (40, 1.0), (40, 0.5), (0, 0.999)]:
-        ours = filter_top_k_top_p(logits[0] / 0.7, top_k, top_p)
-        theirs = transformers.TemperatureLogitsWarper(0.7)(seen, logits.clone())
+    settings = [(0, 0.8, 0.0), (40, 1.0, 0.0), (40, 0.5, 0.0), (0, 0.999, 0.0), (0, 1.0, 0.05), (7, 0.9, 0.1)]
+    n = len(settings)
+    logits = torch.randn(n, 500, generator=g) * 3
+    seen_ids = torch.randint(0, 500, (n, 40), generator=g)
+    seen = torch.zeros(n, 500, dtype=torch.bool).scatter(1, seen_ids, True)
+    zeros = torch.zeros(n)
+    penalised = apply_penalties(
+        logits, seen, torch.zeros(n, 500, dtype=torch.int32), torch.full((n,), 1.3), zeros, zeros
+    )
+    theirs = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone())
+    assert torch.allclose(penalised, theirs)
+    ours = filter_logits(
+        logits / 0.7,
+        torch.tensor([s[0] for s in settings]),
+        torch.tensor([s[1] for s in settings]),
+        torch.tensor([s[2] for s in settings]),
+    )
+    for row, (top_k, top_p, min_p) in enumerate(settings):
+        theirs = transformers.TemperatureLogitsWarper(0.7)(seen_ids[row : row + 1], logits[row : row + 1].clone())
         if top_k:
-            theirs = transformers.TopKLogitsWarper(top_k)(seen, theirs)
+            theirs = transformers.TopKLogitsWarper(top_k)(seen_ids, theirs)
         if top_p < 1:
-            theirs = transformers.TopPLogitsWarper(top_p)(seen, theirs)
-        assert torch.equal(torch.isinf(ours), torch.isinf(theirs[0])), (top_k, top_p)
-        assert torch.allclose(ours[~torch.isinf(ours)], theirs[0][~torch.isinf(ours)])
+            theirs = transformers.TopPLogitsWarper(top_p)(seen_ids, theirs)
+        if min_p:
+            theirs = transformers.MinPLogitsWarper(min_p)(seen_ids, theirs)
+        kept = ~torch.isinf(ours[row])
+        assert torch.equal(kept, ~torch.isinf(theirs[0])), (top_k, top_p, min_p)
+        assert torch.allclose(ours[row][kept], theirs[0][kept])
+
+
+def test_presence_and_frequency_penalties_follow_openai() -> None:
+    logits = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    counts = torch.tensor([[0, 2, 1, 0]], dtype=torch.int32)
+    seen = counts > 0
+    one = torch.ones(1)
+    out = apply_penalties(logits, seen, counts, one, torch.tensor([0.5]), torch.tensor([0.25]))
+    assert torch.allclose(out, torch.tensor([[1.0, -2.0 - 0.5 - 0.5, 3.0 - 0.5 - 0.25, 0.5]]))
 
 
 def test_leaving_a_stream_early_aborts_its_request(llm: LLM) -> None:

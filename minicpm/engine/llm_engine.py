@@ -38,6 +38,7 @@ from ..tokenizer import IncrementalDecoder, Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .model_runner import ModelRunner
+from .sampler import Sampled
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -68,6 +69,7 @@ class RequestOutput:
     prompt_tokens: int
     output_tokens: int
     cached_tokens: int
+    logprobs: list[Sampled] | None = None  # per new token id, when the request asked for logprobs
 
 
 def held_back(text: str, stops: Seq[str]) -> int:
@@ -90,6 +92,7 @@ class Request:
     text: str = ""
     emitted: int = 0
     new_ids: list[int] = dataclasses.field(default_factory=list)
+    new_logprobs: list[Sampled] = dataclasses.field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -225,16 +228,24 @@ class LLMEngine:
                     outputs.append(out)
         return outputs
 
-    def _on_token(self, request: Request, token: int) -> RequestOutput | None:
+    def _on_token(self, request: Request, sampled: Sampled) -> RequestOutput | None:
         seq, params = request.seq, request.seq.params
-        if token in seq.stop_ids:
+        token = sampled.token_id
+        if token in seq.stop_ids and len(seq.output_ids) >= params.min_tokens:
             self.scheduler.finish(seq, "stop")
             return self._output(request, finished=True)
         seq.token_ids.append(token)
         request.new_ids.append(token)
+        if params.logprobs is not None:
+            request.new_logprobs.append(sampled)
+        searched = len(request.text)
         if request.decoder is not None:
             request.text += request.decoder.push(token)
-        cuts = [i for i in (request.text.find(s) for s in params.stop) if i >= 0]
+        cuts = []
+        if params.stop and len(seq.output_ids) >= params.min_tokens and len(request.text) > searched:
+            # only where the new text could complete a stop string (not the whole text every token)
+            start = max(0, searched - max(len(s) for s in params.stop) + 1)
+            cuts = [i for i in (request.text.find(s, start) for s in params.stop) if i >= 0]
         if cuts:
             request.text = request.text[: min(cuts)]
             self.scheduler.finish(seq, "stop")
@@ -251,6 +262,7 @@ class LLMEngine:
                 request.text += request.decoder.flush()
             safe = len(request.text)
             del self.requests[seq.request_id]
+            self.runner.sampler.release(seq.request_id)
         else:
             safe = len(request.text) - held_back(request.text, seq.params.stop)
         if not finished and safe <= request.emitted and not request.new_ids:
@@ -258,6 +270,7 @@ class LLMEngine:
         delta = request.text[request.emitted : safe] if safe > request.emitted else ""
         request.emitted = max(request.emitted, safe)
         new_ids, request.new_ids = request.new_ids, []
+        logprobs, request.new_logprobs = request.new_logprobs, []
         return RequestOutput(
             request_id=seq.request_id,
             text=delta,
@@ -267,6 +280,7 @@ class LLMEngine:
             prompt_tokens=seq.num_prompt_tokens,
             output_tokens=len(seq.output_ids),
             cached_tokens=seq.num_cached_tokens,
+            logprobs=logprobs if seq.params.logprobs is not None else None,
         )
 
     # ------------------------------------------------------------------ offline batch

@@ -23,10 +23,10 @@ from torch import Tensor
 
 from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
-from ..sampling import sample_next
 from .attention import AttentionMetadata, PagedKVCache
 from .config import EngineConfig
 from .layers import prepare_model
+from .sampler import Sampled, Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
@@ -51,6 +51,7 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(max_model_len)
         self.cache = PagedKVCache(c, self.num_blocks, config.block_size, self.dtype, self.device)
         self.inv_freq_cache: dict[float, Tensor] = {}
+        self.sampler = Sampler(c.vocab_size, self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
@@ -164,8 +165,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ run
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """Sampled token ids, one per sequence of ``batch`` that reached the end of its tokens."""
+    def run(self, batch: ScheduledBatch) -> list[Sampled]:
+        """One sampled token (with logprobs where asked) per sequence of ``batch`` that reached the
+        end of its tokens, in order."""
         ids, positions, inv_freq, md, rows, samplers = self._prepare(batch)
         graph = self._graph_for(batch, md) if self.graphs and md.decode_only else None
         if graph is not None:
@@ -177,23 +179,7 @@ class ModelRunner:
                 logits = self.model(ids, positions, cache=self.cache, logits_to_keep=keep, inv_freq=inv_freq)[0]
             finally:
                 self.cache.metadata = None
-        return self.sample(logits, samplers)
-
-    def sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row of float32 ``logits`` (rows, vocab), each with its sequence's parameters."""
-        if not seqs:
-            return []
-        plain = [i for i, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
-        tokens: list[int | None] = [None] * len(seqs)
-        if plain:
-            rows = logits if len(plain) == len(seqs) else logits[plain]
-            for i, t in zip(plain, rows.argmax(dim=-1).tolist(), strict=True):
-                tokens[i] = t
-        for i, seq in enumerate(seqs):
-            if tokens[i] is None:
-                seen = torch.tensor(seq.token_ids, device=logits.device)
-                tokens[i] = sample_next(logits[i], seq.params, seen, seq.generator)
-        return tokens  # type: ignore[return-value]
+        return self.sampler.sample(logits, samplers)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_for(self, batch: ScheduledBatch, md: AttentionMetadata) -> tuple | None:

@@ -1,0 +1,141 @@
+"""The next-token choice of one engine step, batched: :class:`Sampler`.
+
+Contract: ``sampler.sample(logits, seqs)`` takes the float32 logits of the rows that sample this step
+(one per sequence, in order) and returns one :class:`Sampled` per row: the token id and, for
+requests that asked for ``logprobs``, its log-probability and the top alternatives. All rows are
+processed together (:mod:`minicpm.sampling`): ``min_tokens`` masks the stop ids of rows still short
+of it, penalties, greedy argmax, temperature, top-k / top-p / min-p, then one draw per sampled row
+from its request's generator; logprobs are of the model's raw distribution (log-softmax of the
+logits before any processing, as vLLM reports them by default). A step costs one host
+synchronisation, whatever the mix.
+
+The token history that penalties need is kept per request as two vocabulary-sized rows (ids seen
+in the prompt or output; counts of output ids), built once when the request first samples and
+updated with each token, never rebuilt from the token list. ``release(request_id)`` drops it
+(the engine calls it when a request ends); a preempted request keeps it, since its tokens stay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ..sampling import SamplingParams, apply_penalties, filter_logits
+from .sequence import Sequence
+
+
+@dataclasses.dataclass
+class Sampled:
+    token_id: int
+    logprob: float | None = None  # of token_id, when the request asked for logprobs
+    top: list[tuple[int, float]] | None = None  # the request's top-k (id, logprob), best first
+
+
+class _History:
+    """Prompt-or-output presence and output counts of one request, as vocabulary rows."""
+
+    def __init__(self, seq: Sequence, vocab: int, device: torch.device) -> None:
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(vocab, dtype=torch.int32, device=device)
+        self.seen[torch.tensor(seq.token_ids, dtype=torch.long, device=device)] = True
+        out = seq.output_ids
+        if out:
+            ids = torch.tensor(out, dtype=torch.long, device=device)
+            self.counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        self.length = seq.num_tokens  # tokens taken in so far
+
+    def take(self, seq: Sequence) -> None:
+        """Add the tokens appended since the last call."""
+        for token in seq.token_ids[self.length :]:
+            self.seen[token] = True
+            self.counts[token] += 1
+        self.length = seq.num_tokens
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self._histories: dict[str, _History] = {}
+
+    def release(self, request_id: str) -> None:
+        self._histories.pop(request_id, None)
+
+    def _history(self, seq: Sequence) -> _History:
+        history = self._histories.get(seq.request_id)
+        if history is None:
+            history = self._histories[seq.request_id] = _History(seq, self.vocab_size, self.device)
+        else:
+            history.take(seq)
+        return history
+
+    def _column(self, values: list, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    @torch.inference_mode()
+    def sample(self, logits: Tensor, seqs: list[Sequence]) -> list[Sampled]:
+        if not seqs:
+            return []
+        params: list[SamplingParams] = [s.params for s in seqs]
+        n = len(seqs)
+        raw = logits
+        # min_tokens: the stop ids of rows still short of it cannot be chosen
+        banned = [(i, t) for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens for t in s.stop_ids]
+        if banned:
+            logits = logits.clone()
+            rows, ids = zip(*banned, strict=True)
+            logits[self._column(list(rows), torch.long), self._column(list(ids), torch.long)] = float("-inf")
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        if penalized:
+            histories = [self._history(seqs[i]) for i in penalized]
+            rows = self._column(penalized, torch.long)
+            logits = logits.clone() if logits is raw else logits
+            logits[rows] = apply_penalties(
+                logits[rows],
+                torch.stack([h.seen for h in histories]),
+                torch.stack([h.counts for h in histories]),
+                self._column([params[i].repetition_penalty for i in penalized], torch.float32),
+                self._column([params[i].presence_penalty for i in penalized], torch.float32),
+                self._column([params[i].frequency_penalty for i in penalized], torch.float32),
+            )
+        tokens = logits.argmax(dim=-1)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            sp = [params[i] for i in sampled]
+            x = (
+                logits[self._column(sampled, torch.long)]
+                / self._column([p.temperature for p in sp], torch.float32)[:, None]
+            )
+            x = filter_logits(
+                x,
+                self._column([p.top_k for p in sp], torch.long) if any(p.top_k for p in sp) else None,
+                self._column([p.top_p for p in sp], torch.float32) if any(p.top_p < 1 for p in sp) else None,
+                self._column([p.min_p for p in sp], torch.float32) if any(p.min_p > 0 for p in sp) else None,
+            )
+            probs = x.softmax(dim=-1)
+            draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
+            tokens = tokens.index_copy(0, self._column(sampled, torch.long), torch.cat(draws))
+        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not wants:
+            return [Sampled(t) for t in tokens.tolist()]
+        # logprobs of the raw distribution; everything comes back in one transfer
+        k = max(params[i].logprobs for i in wants)
+        rows = self._column(wants, torch.long)
+        logp = torch.log_softmax(raw[rows], dim=-1)
+        chosen = logp.gather(-1, tokens[rows][:, None])[:, 0]
+        top = logp.topk(k, dim=-1) if k else None
+        parts = [tokens.double(), chosen.double()]
+        if top is not None:
+            parts += [top.values.double().flatten(), top.indices.double().flatten()]
+        host = torch.cat(parts).tolist()
+        out = [Sampled(int(t)) for t in host[:n]]
+        chosen_host = host[n : n + len(wants)]
+        values = host[n + len(wants) : n + len(wants) * (1 + k)]
+        indices = host[n + len(wants) * (1 + k) :]
+        for j, i in enumerate(wants):
+            out[i].logprob = chosen_host[j]
+            m = params[i].logprobs
+            out[i].top = [(int(indices[j * k + r]), values[j * k + r]) for r in range(m)]
+        return out
