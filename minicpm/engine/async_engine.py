@@ -114,6 +114,15 @@ class BackgroundEngine:
     ) -> RequestStream:
         return self._submit(self.engine.make_request(prompt, params, request_id), None)
 
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        """Queue a request made (validated, tokenized) with ``engine.make_request``, e.g. in a worker
+        thread; read its stream from ``loop`` (asyncio) or, without one, from any thread."""
+        return self._submit(request, loop)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
     async def generate(
         self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
@@ -188,6 +197,7 @@ class BackgroundEngine:
                 except queue.Empty:
                     command = None
             if not engine.has_unfinished_requests():
+                self._stats = engine.stats()  # e.g. the last request was just aborted
                 continue
             try:
                 outputs = engine.step()

@@ -70,6 +70,7 @@ class RequestOutput:
     output_tokens: int
     cached_tokens: int
     logprobs: list[Sampled] | None = None  # per new token id, when the request asked for logprobs
+    queue_time: float | None = None  # seconds from the request to its first scheduling, once finished
 
 
 def held_back(text: str, stops: Seq[str]) -> int:
@@ -281,6 +282,7 @@ class LLMEngine:
             output_tokens=len(seq.output_ids),
             cached_tokens=seq.num_cached_tokens,
             logprobs=logprobs if seq.params.logprobs is not None else None,
+            queue_time=(seq.first_scheduled or seq.created) - seq.created if finished else None,
         )
 
     # ------------------------------------------------------------------ offline batch

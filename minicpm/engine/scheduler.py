@@ -20,6 +20,7 @@ Whether a request can ever fit is checked before it gets here (:class:`~minicpm.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -111,6 +112,8 @@ class Scheduler:
             if seq.num_preemptions == 0:  # a recompute's hits are not prompt tokens saved
                 self.num_cached_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.monotonic()
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)
             seqs.append(seq)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,8 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     arrival: int = field(default_factory=lambda: next(_arrival))
+    created: float = field(default_factory=time.monotonic)  # when the request was made
+    first_scheduled: float | None = None  # when it was first admitted (queue time = this - created)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

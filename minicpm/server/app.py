@@ -1,0 +1,627 @@
+"""The OpenAI-compatible HTTP API over one :class:`~minicpm.engine.async_engine.BackgroundEngine`.
+
+Contract (``build_app(state)``):
+
+* ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events or
+  not), ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize``, ``GET /health``, ``GET
+  /version``, ``GET /metrics``. Requests from every client share the engine's batches.
+* Errors always use OpenAI's nested envelope ``{"error": {"message", "type", "param", "code"}}``:
+  400 for malformed JSON, wrong types, out-of-range values and prompts that alone fill the
+  context (``max_tokens`` beyond the room left is clamped, as vLLM does); 401 for a missing or
+  wrong key (compared in constant time) on every route but ``/health``, ``/metrics``,
+  ``/version``; 404 for an unknown model or route; 503 with ``Retry-After`` when the queue is full
+  or the server is draining. A client's mistake is never a 500.
+* Tokenizing happens in a worker thread, never on the event loop. A client that disconnects,
+  streaming or not, aborts its requests at once (their KV blocks are freed).
+* A stream sends a role chunk per choice, content deltas, a chunk with ``finish_reason``, the
+  usage chunk (``choices: []``) when ``stream_options.include_usage``, then ``data: [DONE]``; an
+  error before the first token is a plain HTTP error, one after it an error frame before
+  ``[DONE]``.
+* One access-log line per request (``minicpm.server`` logger): id, prompt, completion and cached
+  tokens, time to first token, total time, finish reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..engine.async_engine import BackgroundEngine, EngineError, RequestStream
+from ..engine.llm_engine import RequestOutput
+from ..engine.sampler import Sampled
+from ..sampling import SamplingParams
+from ..tokenizer import Tokenizer, TokenizerError
+from . import protocol as P
+from .metrics import Metrics
+
+log = logging.getLogger("minicpm.server")
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    503: "unavailable_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "server_error")
+    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=kind, param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+@dataclasses.dataclass
+class ServerState:
+    engine: BackgroundEngine
+    tokenizer: Tokenizer
+    served_names: list[str]
+    chat_format: str = "auto"
+    chat_template: str | None = None
+    api_keys: Sequence[str] = ()
+    max_queued_requests: int = 256
+    sampling_defaults: dict[str, float] = dataclasses.field(default_factory=dict)
+    ready: bool = True
+    draining: bool = False
+    in_flight: int = 0
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        self._key_digests = [hashlib.sha256(k.encode()).digest() for k in self.api_keys]
+        self.metrics.bind(self.engine)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def key_ok(self, given: str) -> bool:
+        digest = hashlib.sha256(given.encode()).digest()
+        ok = False
+        for expected in self._key_digests:  # every key compared, in constant time
+            ok |= secrets.compare_digest(digest, expected)
+        return ok
+
+
+def _json_frame(model: Any) -> str:
+    data = model.model_dump_json(exclude_unset=False) if hasattr(model, "model_dump_json") else json.dumps(model)
+    return f"data: {data}\n\n"
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="minicpm", version=__version__, description="OpenAI-compatible API of minicpm")
+    app.state.minicpm = state
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+        elif param:
+            message = f"{param}: {message}"
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = "no such route: " + request.url.path if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return error_response(500, f"internal server error: {type(exc).__name__}")
+
+    # ------------------------------------------------------------------ auth
+    async def authorized(request: Request) -> None:
+        if not state.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not state.key_ok(key.strip()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
+
+    guarded = [Depends(authorized)]
+
+    # ------------------------------------------------------------------ plain routes
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        if not state.ready or state.draining or not state.engine.alive:
+            why = "draining" if state.draining else "not ready" if not state.ready else "the engine stopped"
+            return PlainTextResponse(why, status_code=503)
+        return PlainTextResponse("ok")
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        body, content_type = state.metrics.render()
+        return PlainTextResponse(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=guarded, response_model=P.ModelList)
+    async def models() -> P.ModelList:
+        return P.ModelList(
+            data=[
+                P.ModelCard(
+                    id=name,
+                    created=state.created,
+                    max_model_len=state.max_model_len,
+                    sampling_defaults=dict(state.sampling_defaults),
+                )
+                for name in state.served_names
+            ]
+        )
+
+    @app.post("/tokenize", dependencies=guarded, response_model=P.TokenizeResponse)
+    async def tokenize(body: P.TokenizeRequest) -> P.TokenizeResponse:
+        _check_model(state, body.model)
+        if body.messages is not None:
+            ids = await asyncio.to_thread(_chat_ids, state, body.messages, body.add_generation_prompt)
+        else:
+            ids = await asyncio.to_thread(state.tokenizer.encode, body.prompt, body.add_special_tokens)
+        return P.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+
+    @app.post("/detokenize", dependencies=guarded, response_model=P.DetokenizeResponse)
+    async def detokenize(body: P.DetokenizeRequest) -> P.DetokenizeResponse:
+        _check_model(state, body.model)
+        vocab = state.engine.engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary (size {vocab})", "tokens")
+        return P.DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+    # ------------------------------------------------------------------ generation
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=guarded,
+        response_model=P.ChatCompletion,
+        responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}},
+    )
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Any:
+        name = _check_model(state, body.model)
+        _log_unknown(body)
+        ids = await asyncio.to_thread(_chat_ids, state, body.messages, True)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than text is not supported yet", "response_format")
+        return await _generate(state, request, body, name, [ids], limit, logprobs, chat=True)
+
+    @app.post(
+        "/v1/completions",
+        dependencies=guarded,
+        response_model=P.Completion,
+        responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}},
+    )
+    async def completions(body: P.CompletionRequest, request: Request) -> Any:
+        name = _check_model(state, body.model)
+        _log_unknown(body)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+        prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)
+        limit = 16 if body.max_tokens is None else body.max_tokens
+        if limit == 0:
+            raise APIError(400, "max_tokens: 0 (scoring the prompt alone) is not supported yet", "max_tokens")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported yet", "echo")
+        return await _generate(state, request, body, name, prompts, limit, body.logprobs, chat=False)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _check_model(state: ServerState, model: str | None) -> str:
+    if model is None or model in state.served_names:
+        return model or state.served_names[0]
+    raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+
+def _log_unknown(body: Any) -> None:
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        log.debug("ignored unknown request fields: %s", ", ".join(extra))
+
+
+def _message_text(i: int, message: P.ChatMessage) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"messages[{i}].content[{j}] is a {part.type!r} part; only text parts are supported")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def _chat_ids(state: ServerState, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+    msgs = [{"role": m.role, "content": _message_text(i, m)} for i, m in enumerate(messages)]
+    tok = state.tokenizer
+    try:
+        if state.chat_template is not None:
+            from ..tokenizer import _compile_template
+
+            text = _compile_template(state.chat_template).render(
+                messages=msgs, add_generation_prompt=add_generation_prompt, **tok.special_tokens
+            )
+        else:
+            text = tok.apply_chat_template(msgs, add_generation_prompt, chat_format=state.chat_format)
+    except TokenizerError as exc:
+        raise APIError(400, str(exc), "messages") from None
+    except Exception as exc:  # a template error on this conversation is the request's problem
+        raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
+    bos = tok.special_tokens.get("bos_token")
+    return tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.tokenizer.encode(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt is empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [state.tokenizer.encode(p) for p in prompt]
+    if all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists", "prompt")
+
+
+def _params(state: ServerState, body: Any, limit: int | None, logprobs: int | None, seed: int | None) -> SamplingParams:
+    d = state.sampling_defaults
+    stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
+    top_k = body.top_k if body.top_k is not None else int(d.get("top_k", 0))
+    return SamplingParams(
+        max_new_tokens=max(1, limit) if limit is not None else 1 << 30,
+        temperature=body.temperature if body.temperature is not None else d.get("temperature", 1.0),
+        top_p=body.top_p if body.top_p is not None else d.get("top_p", 1.0),
+        top_k=max(0, top_k),
+        min_p=body.min_p if body.min_p is not None else 0.0,
+        repetition_penalty=body.repetition_penalty
+        if body.repetition_penalty is not None
+        else d.get("repetition_penalty", 1.0),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=seed,
+        stop=tuple(stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        min_tokens=min(body.min_tokens, limit) if limit else body.min_tokens,
+        logprobs=logprobs,
+    )
+
+
+def _make_requests(state: ServerState, prompts: list[list[int]], body: Any, limit: int | None, logprobs: int | None):
+    engine = state.engine.engine
+    requests = []
+    for p, ids in enumerate(prompts):
+        if len(ids) >= state.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt "
+                f"contains {len(ids)} input tokens, which leaves no room for an answer.",
+                "input_tokens",
+            )
+        for i in range(body.n):
+            seed = None if body.seed is None else (body.seed + i) % 2**64
+            try:
+                params = _params(state, body, limit, logprobs, seed)
+                requests.append((p * body.n + i, engine.make_request(ids, params)))
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from None
+    return requests
+
+
+async def _merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with their choice index."""
+    if len(streams) == 1:
+        index, stream = streams[0]
+        async for out in stream:
+            yield index, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except BaseException as exc:
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for _, s in streams:  # a reader that leaves aborts what is left
+            s._left_early()
+
+
+@dataclasses.dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[Sampled] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    first_token: float | None = None
+    last_token: float | None = None
+    queue_time: float | None = None
+
+
+def _finish(reason: str | None) -> str | None:
+    return None if reason is None else "length" if reason == "length" else "stop"
+
+
+def _usage(choices: list[_Choice], prompt_counted: set[int], prompt_of: Callable[[int], int]) -> P.Usage:
+    prompt = sum(choices[i].prompt_tokens for i in prompt_counted)
+    completion = sum(len(c.token_ids) for c in choices)
+    cached = sum(choices[i].cached_tokens for i in prompt_counted)
+    return P.Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+def _token_text(tok: Tokenizer, token: int) -> str:
+    return tok.decode([token])
+
+
+def _chat_logprobs(tok: Tokenizer, items: list[Sampled]) -> P.ChatLogprobs:
+    def entry(token: int, logprob: float) -> dict:
+        text = _token_text(tok, token)
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+    content = [
+        P.TokenLogprob(**entry(s.token_id, s.logprob), top_logprobs=[P.TopLogprob(**entry(t, v)) for t, v in s.top])
+        for s in items
+    ]
+    return P.ChatLogprobs(content=content)
+
+
+def _completion_logprobs(tok: Tokenizer, items: list[Sampled], offset: int) -> P.CompletionLogprobs:
+    tokens, values, tops, offsets = [], [], [], []
+    for s in items:
+        text = _token_text(tok, s.token_id)
+        tokens.append(text)
+        values.append(max(s.logprob, -9999.0))
+        tops.append({_token_text(tok, t): max(v, -9999.0) for t, v in s.top} if s.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return P.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+
+async def _generate(
+    state: ServerState,
+    request: Request,
+    body: Any,
+    name: str,
+    prompts: list[list[int]],
+    limit: int | None,
+    logprobs: int | None,
+    chat: bool,
+) -> Any:
+    if state.draining:
+        raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+    engine = state.engine
+    capacity = engine.engine.config.max_num_seqs + state.max_queued_requests
+    made = await asyncio.to_thread(_make_requests, state, prompts, body, limit, logprobs)
+    if state.in_flight + len(made) > capacity:
+        raise APIError(
+            503, "The engine is currently busy (the queue is full); try again.", headers={"Retry-After": "1"}
+        )
+    loop = asyncio.get_running_loop()
+    request_id = P.new_id("chatcmpl" if chat else "cmpl")
+    start = time.monotonic()
+    streams = [(index, engine.submit(r, loop)) for index, r in made]
+    state.in_flight += len(streams)
+    choices = [_Choice(prompt_tokens=r.seq.num_prompt_tokens) for _, r in made]
+    first_of_prompt = {p * body.n for p in range(len(prompts))}
+    echo_text = [
+        state.tokenizer.decode(prompts[i // body.n]) if not chat and body.echo else "" for i in range(len(made))
+    ]
+
+    def take(index: int, out: RequestOutput) -> None:
+        c = choices[index]
+        now = time.monotonic()
+        if out.token_ids:
+            if c.first_token is None:
+                c.first_token = now
+                state.metrics.ttft.observe(now - start)
+            elif c.last_token is not None:
+                state.metrics.itl.observe((now - c.last_token) / len(out.token_ids))
+            c.last_token = now
+        c.text += out.text
+        c.token_ids += out.token_ids
+        if out.logprobs:
+            c.logprobs += out.logprobs
+        if out.finished:
+            c.finish_reason = out.finish_reason
+            c.cached_tokens = out.cached_tokens
+            c.queue_time = out.queue_time
+
+    def done() -> None:
+        state.in_flight -= len(streams)
+        end = time.monotonic()
+        for i, c in enumerate(choices):
+            state.metrics.finished(c, end - start, counted_prompt=i in first_of_prompt)
+        first = choices[0]
+        ttft = f"{first.first_token - start:.3f}s" if first.first_token else "-"
+        usage = _usage(choices, first_of_prompt, lambda i: 0)
+        log.info(
+            "%s prompt=%d completion=%d cached=%d ttft=%s total=%.3fs finish=%s",
+            request_id,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.prompt_tokens_details.cached_tokens,
+            ttft,
+            end - start,
+            ",".join(str(c.finish_reason) for c in choices),
+        )
+
+    if not body.stream:
+        try:
+            finished = await _until_disconnect(request, _collect(streams, take))
+        except EngineError as exc:
+            raise APIError(500, str(exc)) from None
+        finally:
+            done()
+        if not finished:
+            return JSONResponse({}, status_code=499)  # nobody is listening
+        usage = _usage(choices, first_of_prompt, lambda i: 0)
+        if chat:
+            return P.ChatCompletion(
+                id=request_id,
+                model=name,
+                choices=[
+                    P.ChatChoice(
+                        index=i,
+                        message=P.AssistantMessage(content=c.text),
+                        logprobs=_chat_logprobs(state.tokenizer, c.logprobs) if logprobs is not None else None,
+                        finish_reason=_finish(c.finish_reason),
+                    )
+                    for i, c in enumerate(choices)
+                ],
+                usage=usage,
+            )
+        return P.Completion(
+            id=request_id,
+            model=name,
+            choices=[
+                P.CompletionChoice(
+                    index=i,
+                    text=echo_text[i] + c.text,
+                    logprobs=_completion_logprobs(state.tokenizer, c.logprobs, len(echo_text[i]))
+                    if logprobs is not None
+                    else None,
+                    finish_reason=_finish(c.finish_reason),
+                )
+                for i, c in enumerate(choices)
+            ],
+            usage=usage,
+        )
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    created = int(time.time())
+
+    def chunk(index: int, text: str | None, items: list[Sampled] | None, finish: str | None, role: bool = False):
+        if chat:
+            lp = _chat_logprobs(state.tokenizer, items) if items is not None and logprobs is not None else None
+            delta = P.Delta(role="assistant", content="") if role else P.Delta(content=text)
+            choice = P.ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=finish)
+            return P.ChatCompletionChunk(id=request_id, created=created, model=name, choices=[choice])
+        offset = len(echo_text[index]) + len(choices[index].text) - len(text or "")
+        lp = (
+            _completion_logprobs(state.tokenizer, items, offset) if items is not None and logprobs is not None else None
+        )
+        choice = P.CompletionChoice(index=index, text=text or "", logprobs=lp, finish_reason=finish)
+        return P.Completion(id=request_id, created=created, model=name, choices=[choice])
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if chat:
+                for i in range(len(choices)):
+                    yield _json_frame(chunk(i, None, None, None, role=True))
+            elif body.echo:
+                for i in range(len(choices)):
+                    yield _json_frame(chunk(i, echo_text[i], None, None))
+            async for index, out in _merged(streams):
+                take(index, out)
+                if out.text or (out.token_ids and logprobs is not None):
+                    yield _json_frame(chunk(index, out.text, out.logprobs or [], None))
+                if out.finished:
+                    if chat:
+                        yield _json_frame(chunk(index, None, None, _finish(out.finish_reason)))
+                    else:
+                        yield _json_frame(chunk(index, "", None, _finish(out.finish_reason)))
+            if include_usage:
+                usage = _usage(choices, first_of_prompt, lambda i: 0)
+                if chat:
+                    yield _json_frame(
+                        P.ChatCompletionChunk(id=request_id, created=created, model=name, choices=[], usage=usage)
+                    )
+                else:
+                    yield _json_frame(P.Completion(id=request_id, created=created, model=name, choices=[], usage=usage))
+        except EngineError as exc:
+            info = P.ErrorResponse(error=P.ErrorInfo(message=str(exc), type="server_error", code=500))
+            yield _json_frame(info)
+        finally:
+            done()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _collect(streams: list[tuple[int, RequestStream]], take: Callable[[int, RequestOutput], None]) -> bool:
+    async for index, out in _merged(streams):
+        take(index, out)
+    return True
+
+
+async def _until_disconnect(request: Request, work: Any) -> bool:
+    """Run ``work``; if the client disconnects first, cancel it (its requests are aborted)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
