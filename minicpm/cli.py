@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -99,6 +100,7 @@ def _checked(kind: type, rule: str, ok: Callable[[Any], bool]) -> Callable[[str]
 POSITIVE_INT = _checked(int, "a positive integer", lambda v: v >= 1)
 NON_NEGATIVE_INT = _checked(int, "an integer >= 0", lambda v: v >= 0)
 POSITIVE = _checked(float, "a positive number", lambda v: v > 0)
+GIB = _checked(float, "a number of GiB from 1e-6 to 1e6", lambda v: 1e-6 <= v <= 1e6)
 NON_NEGATIVE = _checked(float, "a number >= 0", lambda v: v >= 0)
 FRACTION = _checked(float, "in (0, 1]", lambda v: 0 < v <= 1)
 PENALTY = _checked(float, "in [0.01, 100] (1 is off)", lambda v: 0.01 <= v <= 100)
@@ -145,6 +147,9 @@ def _naming_flags() -> Iterator[None]:
         message = str(exc)
         for field, flag in FLAG_FOR.items():
             message = re.sub(rf"((sampling parameter|engine setting) )?'{field}'", flag, message)
+        message = message.replace("kv_cache_memory=", "--kv-cache-gib ").replace(
+            "give the engine more KV memory", "give the engine more KV memory (--kv-cache-gib)"
+        )
         raise ValueError(message) from None
 
 
@@ -183,9 +188,10 @@ def _sampling(args: argparse.Namespace, **extra: object) -> Any:
 def _load(args: argparse.Namespace, device: str, engine_config: Any) -> Any:
     from .llm import LLM
 
-    return LLM.from_pretrained(
-        args.model, dtype=args.dtype, device=device, chat_format=args.chat_format, engine_config=engine_config
-    )
+    with _naming_flags():  # e.g. a KV budget too small for one block
+        return LLM.from_pretrained(
+            args.model, dtype=args.dtype, device=device, chat_format=args.chat_format, engine_config=engine_config
+        )
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -208,18 +214,26 @@ def _ctrl_c_cancels() -> Iterator[threading.Event]:
 
 
 def _write_stream(deltas: Iterator[str]) -> None:
-    for delta in deltas:
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    wrote = False
+    try:
+        for delta in deltas:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+            wrote = True
+    finally:
+        if wrote:  # end the answer's line, also before an error message
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def _notice(llm: Any, params: Any, interactive: bool = False) -> None:
     """One line on stderr when the answer did not end by itself."""
     done = llm.last_completion
     if done.finish_reason == "abort":
-        print(f"(interrupted after {len(done.token_ids)} tokens)", file=sys.stderr)
+        if interactive and not done.token_ids:
+            print("(interrupted before the answer began; this turn is not kept)", file=sys.stderr)
+        else:
+            print(f"(interrupted after {len(done.token_ids)} tokens)", file=sys.stderr)
     elif done.finish_reason == "length":
         n = len(done.token_ids)
         if n >= params.max_new_tokens:
@@ -329,6 +343,7 @@ def _interactive(llm: Any, params: Any, system: str | None) -> int:
             ctrl_c = False
             words = query.split()
             if not words:
+                _forget_last_line()
                 continue
             if words[0].startswith("/") and (len(words) == 1 or words[0] in _COMMANDS):
                 command = _COMMANDS.get(words[0])
@@ -350,15 +365,26 @@ def _interactive(llm: Any, params: Any, system: str | None) -> int:
                 with _ctrl_c_cancels() as cancel:
                     _write_stream(llm.chat_stream(query, history, system, params, cancel=cancel))
             except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
-                print(f"\nminicpm: error: {exc}", file=sys.stderr)
+                print(f"minicpm: error: {exc}", file=sys.stderr)
                 continue
             except KeyboardInterrupt:  # a second Ctrl-C inside a step: the turn is dropped, the session stays
                 print("\n(interrupted; this turn is not kept)", file=sys.stderr)
                 continue
             _notice(llm, params, interactive=True)
-            history = llm.last_history
+            if llm.last_completion.token_ids:  # a turn stopped before its first token is not kept
+                history = llm.last_history
     finally:
         save_history()
+
+
+def _forget_last_line() -> None:
+    """Keep blank lines out of the readline history."""
+    with contextlib.suppress(ImportError, ValueError, AttributeError):
+        import readline
+
+        n = readline.get_current_history_length()
+        if n and not (readline.get_history_item(n) or "").strip():
+            readline.remove_history_item(n - 1)
 
 
 _COMMANDS = {
@@ -468,7 +494,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument(
         "--kv-cache-gib",
-        type=POSITIVE,
+        type=GIB,
         default=None,
         help="KV cache size (default: on CPU a quarter of available memory, at most 4 GiB; on GPU what "
         "--gpu-memory-utilization leaves)",
@@ -517,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-shard-size",
-        type=POSITIVE,
+        type=GIB,
         default=None,
         metavar="GiB",
         help="split safetensors into shards of at most this many GiB (default 4)",
@@ -568,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=POSITIVE_INT, required=True, help="tokens per context (prompt + answer)")
     p.add_argument(
         "--memory",
-        type=POSITIVE,
+        type=GIB,
         default=None,
         metavar="GiB",
         help="memory budget (default: free GPU memory x 0.9 on cuda, MemAvailable on cpu)",
@@ -625,6 +651,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             func: Callable[[argparse.Namespace], int] = args.func
             return func(args)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat does
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:

@@ -243,6 +243,14 @@ class MiniCPMConfig:
             raise ConfigError(f"no config.json at {path}") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): is it a config.json?"
+            ) from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory, not a config.json") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object, not {type(raw).__name__}")
         return cls.from_dict(raw)
 
     @classmethod

@@ -98,19 +98,28 @@ def remove_stale_partials(dst: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _build_into(dst: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` and move the result to ``dst`` only if it succeeds."""
-    dst = Path(dst)
+def check_destination(dst: Path) -> None:
+    """Refuse a non-empty destination, and clear what killed conversions left beside it."""
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConversionError(f"destination {dst} already exists and is not empty")
+    if dst.parent.is_dir():
+        remove_stale_partials(dst)
+
+
+def _build_into(dst: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp_dir)`` and move the result to ``dst`` only if it succeeds; directories it
+    had to create for ``dst`` are removed again if it fails."""
+    dst = Path(dst)
+    check_destination(dst)
+    created = [p for p in [dst.parent, *dst.parent.parents] if not p.exists()]
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConversionError(f"cannot create {dst.parent} (for {dst}): {exc.strerror}") from None
-    remove_stale_partials(dst)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     except OSError as exc:
+        _remove_empty(created)
         raise ConversionError(f"cannot write to {dst.parent} (for {dst}): {exc.strerror}") from None
     try:
         try:
@@ -124,8 +133,15 @@ def _build_into(dst: Path, build: Callable[[Path], None]) -> Path:
         tmp.rename(dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     return dst
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def convert_checkpoint(
@@ -133,6 +149,7 @@ def convert_checkpoint(
 ) -> Path:
     """A checkpoint directory (e.g. with pytorch_model.bin) to a safetensors checkpoint directory."""
     src = Path(src)
+    check_destination(Path(dst))
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
     _, tensors, skip = read_checkpoint(src)
     out = {n: (t if target is None else t.to(target)) for n, t in tensors.items() if n not in skip}
@@ -397,6 +414,7 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | str | No
     src = Path(src)
     if not src.is_file():
         raise ConversionError(f"GGUF file {src} does not exist")
+    check_destination(Path(dst))
     try:
         reader = GGUFReader(str(src))
     except Exception as exc:

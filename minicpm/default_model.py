@@ -15,6 +15,7 @@ is a ``ValueError`` that says what to give instead. First-time conversions are a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -62,10 +63,11 @@ def default_model_path() -> Path:
         version = "unknown"
     target = _converted_once(gguf, cache_root() / f"SmolLM2-135M-Instruct-{version}", "the embedded default model")
     config = target / "generation_config.json"
-    if not config.exists():  # the model card's recommendation, recorded once
+    if not config.exists():  # the model card's recommendation, recorded once (a read-only cache: skipped)
         tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(SMOLLM2_SAMPLING) + "\n", encoding="utf-8")
-        os.replace(tmp, config)
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(SMOLLM2_SAMPLING) + "\n", encoding="utf-8")
+            os.replace(tmp, config)
     return target
 
 
@@ -91,6 +93,9 @@ def resolve_model_path(path: str | Path | None) -> Path:
         return default_model_path()
     path = Path(path).expanduser()
     if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and ggufs:
+            raise ValueError(f"{path} has no config.json but holds a GGUF file: give the file, e.g. --model {ggufs[0]}")
         return path
     if path.is_file():
         if path.suffix.lower() == ".gguf":

@@ -68,6 +68,8 @@ class LLM:
         tokenizer.resolve_chat_template(chat_format)  # fail now on an unknown format
         self.engine = LLMEngine(self.model, tokenizer, engine_config)
         self._lock = threading.Lock()  # the engine and _pending are touched only under it
+        self._stepping: int | None = None  # the thread inside a step
+        self._abandoned: deque[str] = deque()  # streams dropped inside a step (by the GC): aborted next
         self._pending: dict[str, deque[RequestOutput | BaseException]] = {}
         self._local = threading.local()
         # what a request that leaves temperature / top-p / top-k / repetition penalty unset gets
@@ -103,6 +105,12 @@ class LLM:
         """One engine step (under the lock); each output goes to its request's queue. If the step
         fails, every request in flight is aborted and every waiting caller gets the error."""
         engine, pending = self.engine, self._pending
+        while self._abandoned:
+            request_id = self._abandoned.popleft()
+            pending.pop(request_id, None)
+            if request_id in engine.requests:
+                engine.abort_request(request_id)
+        self._stepping = threading.get_ident()
         try:
             outputs = engine.step()
         except BaseException as exc:  # KeyboardInterrupt too: a step cut short leaves no request behind
@@ -116,6 +124,8 @@ class LLM:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            self._stepping = None
         for out in outputs:
             queue = pending.get(out.request_id)
             if queue is not None:
@@ -155,10 +165,15 @@ class LLM:
                 if item.finished:
                     return
         finally:
-            with lock:
-                pending.pop(request_id, None)
-                if request_id in engine.requests:  # the caller stopped early
-                    engine.abort_request(request_id)
+            if self._stepping == threading.get_ident():
+                # closed by the garbage collector inside this thread's own step: the lock is ours
+                # already and the step is half done, so the next step aborts it
+                self._abandoned.append(request_id)
+            else:
+                with lock:
+                    pending.pop(request_id, None)
+                    if request_id in engine.requests:  # the caller stopped early
+                        engine.abort_request(request_id)
 
     def _run(
         self, prompt: str | Sequence[int], params: SamplingParams, state: Completion, cancel: Cancel | None = None

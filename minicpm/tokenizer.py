@@ -155,10 +155,16 @@ class Tokenizer:
         self.config = config
         specials = {k: _token_content(config.get(k)) for k in SPECIAL_KEYS}
         self.special_tokens = {k: v for k, v in specials.items() if v is not None}
-        self.chat_template: str | None = config.get("chat_template")
-        if isinstance(self.chat_template, list):  # a list of named templates: take "default"
-            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
-            self.chat_template = named.get("default")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # a list of named templates: take "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(
+                f"tokenizer_config.json: chat_template must be a string (or a list of named templates), "
+                f"got {type(template).__name__}"
+            )
+        self.chat_template: str | None = template
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -188,7 +194,14 @@ class Tokenizer:
 
         # Added tokens the tokenizer files list beside the model, in id order.
         added: dict[int, AddedToken] = {}
-        for id_str, entry in (config.get("added_tokens_decoder") or {}).items():
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("content"), str) and str(k).isdigit() for k, e in decoder.items()
+        ):
+            raise TokenizerError(
+                f"{path / 'tokenizer_config.json'}: added_tokens_decoder must map ids to objects with 'content'"
+            )
+        for id_str, entry in decoder.items():
             added[int(id_str)] = AddedToken(
                 entry["content"],
                 special=entry.get("special", True),
@@ -279,6 +292,8 @@ class Tokenizer:
             )
         except TemplateRaisedError as exc:
             raise TokenizerError(f"chat template refused the messages: {exc}") from None
+        except Exception as exc:  # a template that fails on these messages (a type error, an undefined name)
+            raise TokenizerError(f"chat template failed on these messages: {type(exc).__name__}: {exc}") from None
 
 
 class TemplateRaisedError(Exception):

@@ -99,18 +99,28 @@ def _safetensors_items(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
+def _unreadable(file: Path, exc: Exception) -> CheckpointError:
+    text = str(exc)
+    lines = [x.strip() for x in text.split("WeightsUnpickler error:", 1)[-1].splitlines() if x.strip()]
+    detail = lines[0] if lines else type(exc).__name__  # torch's own message runs to many lines
+    return CheckpointError(
+        f"{file} is not a readable weights-only PyTorch checkpoint, probably truncated or corrupt "
+        f"({type(exc).__name__}: {detail})"
+    )
+
+
 def _torch_load(file: Path) -> object:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):  # legacy (non-zip) files can't be mapped; read them whole
-            raise CheckpointError(f"cannot read {file} as a weights-only torch checkpoint: {exc}") from None
+            raise _unreadable(file, exc) from None
     except Exception as exc:
-        raise CheckpointError(f"cannot read {file} as a weights-only torch checkpoint: {exc}") from None
+        raise _unreadable(file, exc) from None
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {file} as a weights-only torch checkpoint: {exc}") from None
+        raise _unreadable(file, exc) from None
 
 
 def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
@@ -141,7 +151,8 @@ def check_tensors(config: MiniCPMConfig, found: dict[str, tuple[int, ...]], wher
         if tuple(found[name]) != expected[name]:
             problems.append(f"tensor {name} has shape {list(found[name])}, expected {list(expected[name])}")
     if problems:
-        raise CheckpointError(f"checkpoint {where} does not match its config:\n  " + "\n  ".join(problems))
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"checkpoint {where} does not match its config: {shown}")
     return skip
 
 

@@ -92,7 +92,8 @@ SEVENTY_DIGITS = "1" * 70
         (["--device", "tpu"], "--device: unknown device 'tpu'"),
         (["--kv-cache-gib", "inf"], "--kv-cache-gib: expected a finite number, got 'inf'"),
         (["--kv-cache-gib", "nan"], "--kv-cache-gib: expected a finite number, got 'nan'"),
-        (["--kv-cache-gib", "0"], "--kv-cache-gib: must be a positive number"),
+        (["--kv-cache-gib", "0"], "--kv-cache-gib: must be a number of GiB from 1e-6 to 1e6"),
+        (["--kv-cache-gib", "1e300"], "--kv-cache-gib: must be a number of GiB from 1e-6 to 1e6"),
         (["--seed", SEVENTY_DIGITS], "--seed: must be an integer in [0, 2**64)"),
         (["--seed", "-1"], "--seed: must be an integer in [0, 2**64)"),
         (["--temperature", "nan"], "--temperature: expected a finite number"),
@@ -225,3 +226,81 @@ def test_kv_cache_message_counts_usable_tokens_only(default_model_dir: Path) -> 
     assert f"the KV cache holds 64 tokens ({64 * per_token / 2**20:.2f} MiB at {per_token / 1024:.2f} KiB" in str(
         info.value
     )
+
+
+def test_review_findings_are_one_line_each(tmp_path: Path, tiny_dir: Path, default_model_dir: Path, capsys) -> None:
+    """Inputs a fresh-eyes review found still ending in tracebacks or unclear messages."""
+    assert main(["plan", "--context", "100", "--memory", "1e300"]) == 2
+    assert "--memory: must be a number of GiB" in _one_error_line(capsys.readouterr().err)
+    assert main(["convert", str(tiny_dir), str(tmp_path / "o"), "--max-shard-size", "1e300"]) == 2
+    assert "--max-shard-size: must be a number of GiB" in _one_error_line(capsys.readouterr().err)
+
+    bad = tmp_path / "latin1"
+    bad.mkdir()
+    (bad / "config.json").write_bytes(b"\xff\xfe{}")
+    assert main(["generate", "--model", str(bad), "--prompt", "x"]) == 2
+    assert f"{bad / 'config.json'} is not UTF-8 text" in _one_error_line(capsys.readouterr().err)
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps(config | {"vocab_size": 1000}))
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert (
+        "does not match its config: " in line and "embed_tokens.weight has shape [97, 64], expected [1000, 64]" in line
+    )
+
+    only_gguf = tmp_path / "downloads"
+    only_gguf.mkdir()
+    (only_gguf / "model.Q4_0.gguf").write_bytes(b"GGUF")
+    assert main(["chat", "--model", str(only_gguf), "--prompt", "x"]) == 2
+    assert f"give the file, e.g. --model {only_gguf / 'model.Q4_0.gguf'}" in _one_error_line(capsys.readouterr().err)
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text(json.dumps(config))
+    (junk / "pytorch_model.bin").write_bytes(b"\x80\x02not a checkpoint at all")
+    assert main(["generate", "--model", str(junk), "--prompt", "x"]) == 2
+    assert "is not a readable weights-only PyTorch checkpoint, probably truncated or corrupt" in _one_error_line(
+        capsys.readouterr().err
+    )
+
+    args = ["chat", "--model", str(default_model_dir), "--prompt", "x", "--kv-cache-gib", "1e-6"]
+    assert main(args) == 2
+    assert "--kv-cache-gib" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"chat_template": 5}, "chat_template must be a string"),
+        ({"added_tokens_decoder": "x"}, "added_tokens_decoder must map ids"),
+        ({"chat_template": "{{ messages[0].content / 2 }}"}, "chat template failed on these messages: TypeError"),
+    ],
+)
+def test_bad_tokenizer_config_is_one_line(default_model_dir: Path, tmp_path: Path, change: dict, words: str, capsys):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(default_model_dir, model)
+    tok_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_config | change))
+    assert main(["chat", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    assert words in _one_error_line(capsys.readouterr().err)
+
+
+def test_failed_conversions_remove_what_they_created(tmp_path: Path, tiny_dir: Path, monkeypatch) -> None:
+    from minicpm import convert
+
+    dead = tmp_path / ".out.partial-999999999-x"
+    dead.mkdir()
+    with pytest.raises(ValueError):
+        convert.convert_checkpoint(tmp_path / "missing", tmp_path / "out")  # fails before writing anything
+    assert not dead.exists()  # still, the killed conversion's leftovers are gone
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "save_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert_checkpoint(tiny_dir, tmp_path / "new" / "nested" / "out")
+    assert not (tmp_path / "new").exists()

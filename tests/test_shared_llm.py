@@ -120,3 +120,24 @@ def test_text_that_is_not_unicode_is_read_as_replacement_characters(llm: LLM) ->
     with BackgroundEngine(llm.engine.__class__(llm.model, tok)) as engine:
         outputs = list(engine.add_request(escaped, GREEDY))
     assert outputs[-1].finished and outputs[-1].finish_reason in ("stop", "length")
+
+
+def test_a_stream_closed_inside_a_step_does_not_deadlock(llm: LLM, monkeypatch) -> None:
+    """The garbage collector may finalize a dropped stream while its own thread is inside a step
+    (holding the lock): the request is aborted at the next step instead of deadlocking."""
+    dropped = llm.stream("Write a long story.", SamplingParams(max_new_tokens=50, ignore_eos=True))
+    next(iter(dropped))
+    real_step = llm.engine.step
+    fired = []
+
+    def step_with_a_finalizer():
+        if not fired:
+            fired.append(True)
+            dropped.close()  # what the GC does to an unreachable generator
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", step_with_a_finalizer)
+    eight = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    result = _run_threads(lambda i: llm.generate(QUESTIONS[0], eight).token_ids, 1)[0]
+    assert fired and isinstance(result, list) and len(result) == 8, result
+    assert _all_blocks_free(llm)
