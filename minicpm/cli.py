@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .sampling import CHAT_DEFAULTS, SEED_LIMIT
+from .sampling import CARD_DEFAULTS, CHAT_DEFAULTS, GENERATION_FIELDS, SEED_LIMIT
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError)
 # Library settings -> the flag that sets them, so a library error names what the user typed.
@@ -173,12 +173,12 @@ def _sampling(args: argparse.Namespace, **extra: object) -> Any:
     from .sampling import SamplingParams
 
     with _naming_flags():
-        return SamplingParams(
+        return SamplingParams(  # unset (None) flags: neutral here, the model's defaults after loading
             max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty,
+            temperature=CARD_DEFAULTS["temperature"] if args.temperature is None else args.temperature,
+            top_p=1.0 if args.top_p is None else args.top_p,
+            top_k=0 if args.top_k is None else args.top_k,
+            repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
             seed=args.seed,
             stop=tuple(args.stop or ()),
             **extra,
@@ -288,6 +288,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty")
     llm, params = _prepare(args)
+    unset = {k: v for k, v in llm.sampling_defaults.items() if k in GENERATION_FIELDS and getattr(args, k) is None}
+    if unset:
+        import dataclasses
+
+        params = dataclasses.replace(params, **unset)
     if args.prompt is not None:
         with _ctrl_c_cancels() as cancel:
             _write_stream(llm.chat_stream(args.prompt, system=args.system, params=params, cancel=cancel))
@@ -516,11 +521,32 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, top_p: float, max_new: int) -> None:
-    p.add_argument("--temperature", type=NON_NEGATIVE, default=temperature, help=f"0 is greedy (default {temperature})")
-    p.add_argument("--top-p", type=FRACTION, default=top_p, help=f"nucleus sampling mass (default {top_p})")
-    p.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="keep the k likeliest tokens (default 0: off)")
-    p.add_argument("--repetition-penalty", type=PENALTY, default=1.0, help="HF-style penalty (default 1.0: off)")
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new: int, model_defaults: bool) -> None:
+    """``model_defaults``: unset temperature / top-p / top-k / repetition penalty take the model's
+    (its generation_config.json, else the MiniCPM card's); otherwise greedy."""
+    if model_defaults:
+        from .default_model import cache_root
+
+        known = sorted(cache_root().glob("SmolLM2-135M-Instruct-*/generation_config.json"))
+        embedded = ""
+        if known:
+            from .sampling import checkpoint_sampling_defaults
+
+            d = checkpoint_sampling_defaults(known[-1].parent)
+            embedded = ", ".join(f"{k} {v}" for k, v in d.items())
+            embedded = f"; the embedded model: {embedded}"
+        where = f"(default: the model's generation_config.json{embedded}; else {CARD_DEFAULTS['temperature']})"
+        t_help, p_help = f"0 is greedy {where}", "nucleus sampling mass (default: the model's; else 0.8)"
+        k_help, r_help = "keep the k likeliest tokens (default: the model's; else off)", "HF-style (default: off)"
+        defaults: dict[str, Any] = {"temperature": None, "top_p": None, "top_k": None, "repetition_penalty": None}
+    else:
+        t_help, p_help = "0 is greedy (default 0)", "nucleus sampling mass (default 1.0)"
+        k_help, r_help = "keep the k likeliest tokens (default 0: off)", "HF-style penalty (default 1.0: off)"
+        defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=defaults["temperature"], help=t_help)
+    p.add_argument("--top-p", type=FRACTION, default=defaults["top_p"], help=p_help)
+    p.add_argument("--top-k", type=NON_NEGATIVE_INT, default=defaults["top_k"], help=k_help)
+    p.add_argument("--repetition-penalty", type=PENALTY, default=defaults["repetition_penalty"], help=r_help)
     p.add_argument(
         "--max-new-tokens", type=POSITIVE_INT, default=max_new, help=f"answer length limit (default {max_new})"
     )
@@ -554,14 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("--prompt", default=None, help="answer this message and exit")
     p.add_argument("--system", default=None, help="system message")
-    _add_sampling_flags(p, CHAT_DEFAULTS["temperature"], CHAT_DEFAULTS["top_p"], CHAT_DEFAULTS["max_new_tokens"])
+    _add_sampling_flags(p, CHAT_DEFAULTS["max_new_tokens"], model_defaults=True)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("generate", help="raw completion of a prompt, streamed to stdout")
     _add_model_flags(p)
     p.add_argument("--prompt", required=True, help="text to complete")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating to --max-new-tokens")
-    _add_sampling_flags(p, temperature=0.0, top_p=1.0, max_new=256)
+    _add_sampling_flags(p, max_new=256, model_defaults=False)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server (chat, completions, models, metrics)")

@@ -116,7 +116,7 @@ def test_sigterm_during_convert_leaves_nothing_behind(env: dict[str, str], tmp_p
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and b"Traceback" not in err, err
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # the conversion made "models" for the output and took it away again
 
 
 def test_help_answers_without_importing_torch(env: dict[str, str]) -> None:

@@ -156,8 +156,8 @@ def test_cli_reads_only_config_json_and_reports_the_disk_size(real_dir: Path, ca
     [
         (["--context", "0", "--memory", "80"], "--context: must be a positive integer, got 0"),
         (["--context", "-5", "--memory", "80"], "--context: must be a positive"),
-        (["--context", "1024", "--memory", "0"], "--memory: must be a positive number, got 0"),
-        (["--context", "1024", "--memory", "-2"], "--memory: must be a positive"),
+        (["--context", "1024", "--memory", "0"], "--memory: must be a number of GiB from 1e-6 to 1e6, got 0"),
+        (["--context", "1024", "--memory", "-2"], "--memory: must be a number of GiB"),
         (["--context", "1024", "--memory", "nan"], "--memory: expected a finite number, got 'nan'"),
     ],
 )
