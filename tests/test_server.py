@@ -388,3 +388,48 @@ def test_sigterm_drains_then_exits_0(default_model_dir: Path) -> None:
             proc.kill()
         err = proc.stderr.read().decode()
     assert "Traceback" not in err, err
+
+
+def test_a_client_gone_before_its_stream_starts_leaves_nothing(small: LLM) -> None:
+    state = ServerState(engine=BackgroundEngine(small.engine), tokenizer=small.tokenizer, served_names=[NAME])
+    app = build_app(state)
+    body = json.dumps({"messages": MSG, "max_tokens": 50, "stream": True, "ignore_eos": True}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT,
+        "raw_path": CHAT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def main() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)
+            return {}
+
+        async def send(message: dict) -> None:
+            pass
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+
+    try:
+        asyncio.run(main())
+        deadline = time.monotonic() + 10
+        while (state.engine.stats()["running"] or state.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.in_flight == 0 and state.engine.stats()["running"] == 0
+        s = state.engine.stats()
+        assert s["free_blocks"] == s["num_blocks"]
+    finally:
+        state.engine.close()

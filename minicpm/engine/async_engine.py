@@ -70,7 +70,8 @@ class RequestStream:
             self.finished = True
         return item
 
-    def _left_early(self) -> None:
+    def cancel(self) -> None:
+        """Abort the request unless it has finished (the reader left)."""
         if not self.finished and self._abort is not None:
             self._abort(self.request_id)
 
@@ -79,14 +80,14 @@ class RequestStream:
             while not self.finished:
                 yield self._take(self._queue.get())
         finally:  # the reader stopped (break, close, garbage collection): the request is aborted
-            self._left_early()
+            self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
                 yield self._take(await self._queue.get())
         finally:
-            self._left_early()
+            self.cancel()
 
 
 class BackgroundEngine:

@@ -377,7 +377,7 @@ async def _merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tup
         for t in tasks:
             t.cancel()
         for _, s in streams:  # a reader that leaves aborts what is left
-            s._left_early()
+            s.cancel()
 
 
 @dataclasses.dataclass
@@ -397,7 +397,7 @@ def _finish(reason: str | None) -> str | None:
     return None if reason is None else "length" if reason == "length" else "stop"
 
 
-def _usage(choices: list[_Choice], prompt_counted: set[int], prompt_of: Callable[[int], int]) -> P.Usage:
+def _usage(choices: list[_Choice], prompt_counted: set[int]) -> P.Usage:
     prompt = sum(choices[i].prompt_tokens for i in prompt_counted)
     completion = sum(len(c.token_ids) for c in choices)
     cached = sum(choices[i].cached_tokens for i in prompt_counted)
@@ -486,14 +486,22 @@ async def _generate(
             c.cached_tokens = out.cached_tokens
             c.queue_time = out.queue_time
 
+    closed = []
+
     def done() -> None:
+        """Once per HTTP request, however it ends: abort what is still running, count, log."""
+        if closed:
+            return
+        closed.append(True)
+        for _, s in streams:
+            s.cancel()
         state.in_flight -= len(streams)
         end = time.monotonic()
         for i, c in enumerate(choices):
             state.metrics.finished(c, end - start, counted_prompt=i in first_of_prompt)
         first = choices[0]
         ttft = f"{first.first_token - start:.3f}s" if first.first_token else "-"
-        usage = _usage(choices, first_of_prompt, lambda i: 0)
+        usage = _usage(choices, first_of_prompt)
         log.info(
             "%s prompt=%d completion=%d cached=%d ttft=%s total=%.3fs finish=%s",
             request_id,
@@ -514,7 +522,7 @@ async def _generate(
             done()
         if not finished:
             return JSONResponse({}, status_code=499)  # nobody is listening
-        usage = _usage(choices, first_of_prompt, lambda i: 0)
+        usage = _usage(choices, first_of_prompt)
         if chat:
             return P.ChatCompletion(
                 id=request_id,
@@ -581,7 +589,7 @@ async def _generate(
                     else:
                         yield _json_frame(chunk(index, "", None, _finish(out.finish_reason)))
             if include_usage:
-                usage = _usage(choices, first_of_prompt, lambda i: 0)
+                usage = _usage(choices, first_of_prompt)
                 if chat:
                     yield _json_frame(
                         P.ChatCompletionChunk(id=request_id, created=created, model=name, choices=[], usage=usage)
@@ -595,7 +603,22 @@ async def _generate(
             done()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _GuardedStream(events(), done, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _GuardedStream(StreamingResponse):
+    """A stream whose cleanup runs even if the client left before its body was ever iterated
+    (Starlette then cancels the response without starting the generator)."""
+
+    def __init__(self, content: Any, cleanup: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
 
 
 async def _collect(streams: list[tuple[int, RequestStream]], take: Callable[[int, RequestOutput], None]) -> bool:
