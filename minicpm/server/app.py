@@ -148,9 +148,10 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
 
     guarded = [Depends(authorized)]
+    errors = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 503)}
 
     # ------------------------------------------------------------------ plain routes
-    @app.get("/health")
+    @app.get("/health", response_class=PlainTextResponse, responses={503: {"content": {"text/plain": {}}}})
     async def health() -> PlainTextResponse:
         if not state.ready or state.draining or not state.engine.alive:
             why = "draining" if state.draining else "not ready" if not state.ready else "the engine stopped"
@@ -161,12 +162,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def version() -> dict:
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         body, content_type = state.metrics.render()
         return PlainTextResponse(body, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=guarded, response_model=P.ModelList)
+    @app.get("/v1/models", dependencies=guarded, response_model=P.ModelList, responses=errors)
     async def models() -> P.ModelList:
         return P.ModelList(
             data=[
@@ -180,7 +181,7 @@ def build_app(state: ServerState) -> FastAPI:
             ]
         )
 
-    @app.post("/tokenize", dependencies=guarded, response_model=P.TokenizeResponse)
+    @app.post("/tokenize", dependencies=guarded, response_model=P.TokenizeResponse, responses=errors)
     async def tokenize(body: P.TokenizeRequest) -> P.TokenizeResponse:
         _check_model(state, body.model)
         if body.messages is not None:
@@ -189,7 +190,7 @@ def build_app(state: ServerState) -> FastAPI:
             ids = await asyncio.to_thread(state.tokenizer.encode, body.prompt, body.add_special_tokens)
         return P.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
 
-    @app.post("/detokenize", dependencies=guarded, response_model=P.DetokenizeResponse)
+    @app.post("/detokenize", dependencies=guarded, response_model=P.DetokenizeResponse, responses=errors)
     async def detokenize(body: P.DetokenizeRequest) -> P.DetokenizeResponse:
         _check_model(state, body.model)
         vocab = state.engine.engine.model_config.vocab_size
@@ -203,7 +204,7 @@ def build_app(state: ServerState) -> FastAPI:
         "/v1/chat/completions",
         dependencies=guarded,
         response_model=P.ChatCompletion,
-        responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}},
+        responses=errors,
     )
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Any:
         name = _check_model(state, body.model)
@@ -219,7 +220,7 @@ def build_app(state: ServerState) -> FastAPI:
         "/v1/completions",
         dependencies=guarded,
         response_model=P.Completion,
-        responses={400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 503: {"model": P.ErrorResponse}},
+        responses=errors,
     )
     async def completions(body: P.CompletionRequest, request: Request) -> Any:
         name = _check_model(state, body.model)
@@ -234,6 +235,19 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported yet", "echo")
         return await _generate(state, request, body, name, prompts, limit, body.logprobs, chat=False)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI documents its 422 for invalid bodies; this server answers those with 400."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in spec["paths"].values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
