@@ -57,6 +57,7 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0
     logprobs: int | None = None  # the chosen token's logprob and this many top alternatives (0-20)
+    prompt_logprobs: int | None = None  # each prompt token's logprob (from the second) and top alternatives
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -94,12 +95,10 @@ class SamplingParams:
                 f"sampling parameter 'min_tokens' ({self.min_tokens}) must be at most "
                 f"'max_new_tokens' ({self.max_new_tokens})"
             )
-        if self.logprobs is not None and (
-            isinstance(self.logprobs, bool)
-            or not isinstance(self.logprobs, int)
-            or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+                raise bad(name, f"an integer in [0, {MAX_LOGPROBS}] or None")
 
     @property
     def penalized(self) -> bool:

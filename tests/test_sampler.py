@@ -176,3 +176,23 @@ def test_min_tokens_holds_back_stop_ids_and_stop_strings(model: MiniCPMForCausal
     assert stopped.token_ids == [] and stopped.finish_reason == "stop"
     held = engine.generate([prompt], SamplingParams(max_new_tokens=10, stop_token_ids=(first,), min_tokens=4))[0]
     assert len(held.token_ids) >= 4 and first not in held.token_ids[:4]
+
+
+def test_prompt_logprobs_over_chunks_and_past_the_prefix_cache(model: MiniCPMForCausalLM) -> None:
+    engine = engine_for(model)  # 16-token steps: a 40-token prompt is scored over three chunks
+    prompt = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(9)).tolist()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt]))[0].double(), -1)
+    engine.generate([prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))  # its blocks are now cached
+    for _ in range(2):
+        rid = engine.add_request(prompt, SamplingParams(max_new_tokens=2, ignore_eos=True, prompt_logprobs=2))
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        assert outs[0].request_id == rid and all(o.prompt_logprobs is None for o in outs[1:])
+        scores = outs[0].prompt_logprobs
+        assert [s.token_id for s in scores] == prompt[1:]
+        for p, s in enumerate(scores):
+            assert s.logprob == pytest.approx(logp[p, prompt[p + 1]].item(), abs=1e-4), p
+            assert [t for t, _ in s.top] == logp[p].topk(2).indices.tolist()
+        assert outs[-1].cached_tokens == 0  # scored from scratch, not from cached blocks

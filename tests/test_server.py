@@ -202,6 +202,19 @@ def test_logprobs_equal_the_plain_models_log_softmax(server: LiveServer, llm: LL
             assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
             assert entry.bytes == list(entry.token.encode())
             ids.append(best)
+    # echo + logprobs + max_tokens 0: the prompt's own logprobs (what evaluation harnesses send)
+    scored = c.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.usage.completion_tokens == 0 and lp.token_logprobs[0] is None and len(lp.tokens) == len(prompt)
+    with torch.no_grad():
+        full = torch.log_softmax(plain(torch.tensor([prompt]))[0].float(), -1)
+    expected = [full[p, prompt[p + 1]].item() for p in range(len(prompt) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert lp.tokens == [tok.decode([t]) for t in prompt]
+    assert list(lp.top_logprobs[1]) == [tok.decode([i]) for i in full[0].topk(2).indices.tolist()]
+    streamed = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2, stream=True))
+    first = streamed[0].choices[0]
+    assert first.text == tok.decode(prompt) and first.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
     comp = c.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=2)
     lp = comp.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4

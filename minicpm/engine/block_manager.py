@@ -93,8 +93,8 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached block-aligned prefix of ``seq`` (not its last token)."""
         hits, parent, bs = [], ("seed", seq.hash_seed), self.block_size
-        if not self.enable_prefix_caching:
-            return hits
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return hits  # scoring a prompt needs its logits: nothing of it may be skipped
         for i in range((seq.num_tokens - 1) // bs):
             block_id = self.hash_to_block.get(BlockKey(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
             if block_id is None:

@@ -71,6 +71,8 @@ class RequestOutput:
     cached_tokens: int
     logprobs: list[Sampled] | None = None  # per new token id, when the request asked for logprobs
     queue_time: float | None = None  # seconds from the request to its first scheduling, once finished
+    # with prompt_logprobs, in the request's first output: entry p scores prompt token p + 1
+    prompt_logprobs: list[Sampled] | None = None
 
 
 def held_back(text: str, stops: Seq[str]) -> int:
@@ -94,6 +96,7 @@ class Request:
     emitted: int = 0
     new_ids: list[int] = dataclasses.field(default_factory=list)
     new_logprobs: list[Sampled] = dataclasses.field(default_factory=list)
+    first_output_sent: bool = False
 
     @property
     def request_id(self) -> str:
@@ -283,7 +286,16 @@ class LLMEngine:
             cached_tokens=seq.num_cached_tokens,
             logprobs=logprobs if seq.params.logprobs is not None else None,
             queue_time=(seq.first_scheduled or seq.created) - seq.created if finished else None,
+            prompt_logprobs=self._prompt_logprobs(request),
         )
+
+    @staticmethod
+    def _prompt_logprobs(request: Request) -> list[Sampled] | None:
+        if request.first_output_sent or request.seq.params.prompt_logprobs is None:
+            return None
+        request.first_output_sent = True
+        scores = request.seq.prompt_logprobs or []
+        return [s for s in scores if s is not None]
 
     # ------------------------------------------------------------------ offline batch
     def generate(

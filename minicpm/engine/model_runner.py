@@ -52,6 +52,7 @@ class ModelRunner:
         self.cache = PagedKVCache(c, self.num_blocks, config.block_size, self.dtype, self.device)
         self.inv_freq_cache: dict[float, Tensor] = {}
         self.sampler = Sampler(c.vocab_size, self.device)
+        self._scoring: list[tuple[Sequence, int, int, int]] = []
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
@@ -123,6 +124,7 @@ class ModelRunner:
         slots: list[int] = []
         logits_rows: list[int] = []
         samplers: list[Sequence] = []
+        scoring: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, end, first row)
         context_lens: list[int] = []
         seq_blocks: list[Tensor | slice] = []
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
@@ -134,6 +136,9 @@ class ModelRunner:
             if end == seq.num_tokens:
                 logits_rows.append(len(ids) - 1)
                 samplers.append(seq)
+            last_scored = min(end, seq.num_prompt_tokens - 1)  # row p scores prompt token p + 1
+            if seq.params.prompt_logprobs is not None and start < last_scored:
+                scoring.append((seq, start, last_scored, len(ids) - (end - start)))
             context_lens.append(end)
             used = table[: -(-end // bs)]
             seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
@@ -161,6 +166,9 @@ class ModelRunner:
         freqs = torch.stack([self.inv_freq(s) for s in batch.seqs])
         counts = self._tensor(batch.num_tokens)
         inv_freq = torch.repeat_interleave(freqs, counts, dim=0, output_size=len(ids))
+        for _, first, last, row in scoring:
+            logits_rows.extend(range(row, row + last - first))
+        self._scoring = scoring
         return self._tensor(ids)[None], self._tensor(positions)[None], inv_freq[None], md, logits_rows, samplers
 
     # ------------------------------------------------------------------ run
@@ -179,7 +187,27 @@ class ModelRunner:
                 logits = self.model(ids, positions, cache=self.cache, logits_to_keep=keep, inv_freq=inv_freq)[0]
             finally:
                 self.cache.metadata = None
-        return self.sampler.sample(logits, samplers)
+        if self._scoring:
+            self._score_prompts(logits[len(samplers) :])
+        return self.sampler.sample(logits[: len(samplers)], samplers)
+
+    def _score_prompts(self, logits: Tensor) -> None:
+        """Logprobs of prompt tokens (with their top alternatives) into each scoring sequence."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        row = 0
+        for seq, first, last, _ in self._scoring:
+            rows = logp[row : row + last - first]
+            row += last - first
+            targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=rows.device)
+            chosen = rows.gather(-1, targets[:, None])[:, 0].tolist()
+            k = seq.params.prompt_logprobs
+            top = rows.topk(k, dim=-1) if k else None
+            top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None] * (seq.num_prompt_tokens - 1)
+            for j, p in enumerate(range(first, last)):
+                pairs = list(zip(top_ids[j], top_values[j], strict=True)) if top is not None else []
+                seq.prompt_logprobs[p] = Sampled(seq.token_ids[p + 1], chosen[j], pairs)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_for(self, batch: ScheduledBatch, md: AttentionMetadata) -> tuple | None:

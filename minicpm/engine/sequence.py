@@ -49,6 +49,8 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     created: float = field(default_factory=time.monotonic)  # when the request was made
     first_scheduled: float | None = None  # when it was first admitted (queue time = this - created)
+    # with params.prompt_logprobs: entry p is the logprob (and top alternatives) of prompt token p + 1
+    prompt_logprobs: list | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

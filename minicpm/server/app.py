@@ -229,10 +229,8 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, "suffix is not supported", "suffix")
         prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)
         limit = 16 if body.max_tokens is None else body.max_tokens
-        if limit == 0:
-            raise APIError(400, "max_tokens: 0 (scoring the prompt alone) is not supported yet", "max_tokens")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported yet", "echo")
+        if limit == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; it needs echo (to score the prompt)", "max_tokens")
         return await _generate(state, request, body, name, prompts, limit, body.logprobs, chat=False)
 
     def openapi() -> dict[str, Any]:
@@ -313,6 +311,8 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
 
 
 def _params(state: ServerState, body: Any, limit: int | None, logprobs: int | None, seed: int | None) -> SamplingParams:
+    """``limit`` 0 (echo, scoring the prompt): one token is generated and then dropped."""
+    echo_scores = getattr(body, "echo", False) and logprobs is not None
     d = state.sampling_defaults
     stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
     top_k = body.top_k if body.top_k is not None else int(d.get("top_k", 0))
@@ -331,8 +331,9 @@ def _params(state: ServerState, body: Any, limit: int | None, logprobs: int | No
         stop=tuple(stop),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
-        min_tokens=min(body.min_tokens, limit) if limit else body.min_tokens,
+        min_tokens=min(body.min_tokens, limit) if limit else 0 if limit == 0 else body.min_tokens,
         logprobs=logprobs,
+        prompt_logprobs=logprobs if echo_scores else None,
     )
 
 
@@ -405,6 +406,7 @@ class _Choice:
     first_token: float | None = None
     last_token: float | None = None
     queue_time: float | None = None
+    prompt_logprobs: list[Sampled] | None = None
 
 
 def _finish(reason: str | None) -> str | None:
@@ -437,6 +439,20 @@ def _chat_logprobs(tok: Tokenizer, items: list[Sampled]) -> P.ChatLogprobs:
         for s in items
     ]
     return P.ChatLogprobs(content=content)
+
+
+def _echoed_logprobs(tok: Tokenizer, prompt: list[int], c: _Choice, echo: str) -> P.CompletionLogprobs:
+    """The answer's logprobs; with echo, the prompt's first (its first token has none)."""
+    answer = _completion_logprobs(tok, c.logprobs, len(echo))
+    if not echo or c.prompt_logprobs is None:
+        return answer
+    scored = _completion_logprobs(tok, c.prompt_logprobs, len(_token_text(tok, prompt[0])))
+    return P.CompletionLogprobs(
+        tokens=[_token_text(tok, prompt[0]), *scored.tokens, *answer.tokens],
+        token_logprobs=[None, *scored.token_logprobs, *answer.token_logprobs],
+        top_logprobs=[None, *scored.top_logprobs, *answer.top_logprobs],
+        text_offset=[0, *scored.text_offset, *answer.text_offset],
+    )
 
 
 def _completion_logprobs(tok: Tokenizer, items: list[Sampled], offset: int) -> P.CompletionLogprobs:
@@ -477,11 +493,12 @@ async def _generate(
     state.in_flight += len(streams)
     choices = [_Choice(prompt_tokens=r.seq.num_prompt_tokens) for _, r in made]
     first_of_prompt = {p * body.n for p in range(len(prompts))}
+    score_only = not chat and limit == 0
     echo_text = [
         state.tokenizer.decode(prompts[i // body.n]) if not chat and body.echo else "" for i in range(len(made))
     ]
 
-    def take(index: int, out: RequestOutput) -> None:
+    def take(index: int, out: RequestOutput) -> RequestOutput:
         c = choices[index]
         now = time.monotonic()
         if out.token_ids:
@@ -491,6 +508,10 @@ async def _generate(
             elif c.last_token is not None:
                 state.metrics.itl.observe((now - c.last_token) / len(out.token_ids))
             c.last_token = now
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
+        if score_only:  # max_tokens 0: the one generated token is not part of the answer
+            out = dataclasses.replace(out, text="", token_ids=[], logprobs=[])
         c.text += out.text
         c.token_ids += out.token_ids
         if out.logprobs:
@@ -499,6 +520,7 @@ async def _generate(
             c.finish_reason = out.finish_reason
             c.cached_tokens = out.cached_tokens
             c.queue_time = out.queue_time
+        return out
 
     closed = []
 
@@ -559,7 +581,7 @@ async def _generate(
                 P.CompletionChoice(
                     index=i,
                     text=echo_text[i] + c.text,
-                    logprobs=_completion_logprobs(state.tokenizer, c.logprobs, len(echo_text[i]))
+                    logprobs=_echoed_logprobs(state.tokenizer, prompts[i // body.n], c, echo_text[i])
                     if logprobs is not None
                     else None,
                     finish_reason=_finish(c.finish_reason),
@@ -590,11 +612,20 @@ async def _generate(
             if chat:
                 for i in range(len(choices)):
                     yield _json_frame(chunk(i, None, None, None, role=True))
-            elif body.echo:
-                for i in range(len(choices)):
-                    yield _json_frame(chunk(i, echo_text[i], None, None))
-            async for index, out in _merged(streams):
-                take(index, out)
+            echoed: set[int] = set()
+            async for index, raw in _merged(streams):
+                out = take(index, raw)
+                if not chat and body.echo and index not in echoed:  # the prompt (and its logprobs) first
+                    echoed.add(index)
+                    scored = _Choice(prompt_logprobs=choices[index].prompt_logprobs)
+                    prompt = prompts[index // body.n]
+                    lp = (
+                        _echoed_logprobs(state.tokenizer, prompt, scored, echo_text[index])
+                        if logprobs is not None
+                        else None
+                    )
+                    choice = P.CompletionChoice(index=index, text=echo_text[index], logprobs=lp, finish_reason=None)
+                    yield _json_frame(P.Completion(id=request_id, created=created, model=name, choices=[choice]))
                 if out.text or (out.token_ids and logprobs is not None):
                     yield _json_frame(chunk(index, out.text, out.logprobs or [], None))
                 if out.finished:
