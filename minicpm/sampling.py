@@ -58,6 +58,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # the chosen token's logprob and this many top alternatives (0-20)
     prompt_logprobs: int | None = None  # each prompt token's logprob (from the second) and top alternatives
+    grammar: str | None = None  # an llguidance grammar (e.g. from a JSON schema) every output must follow
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:

@@ -229,6 +229,10 @@ class Tokenizer:
             backend.post_processor = _template_post_processor(backend, bos, eos)
         return cls(backend, config)
 
+    def to_json(self) -> str:
+        """The tokenizer as Hugging Face ``tokenizer.json`` text (added tokens included)."""
+        return self._backend.to_str()
+
     # ------------------------------------------------------------------ vocabulary
     @property
     def vocab_size(self) -> int:

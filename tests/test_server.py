@@ -446,3 +446,41 @@ def test_a_client_gone_before_its_stream_starts_leaves_nothing(small: LLM) -> No
         assert s["free_blocks"] == s["num_blocks"]
     finally:
         state.engine.close()
+
+
+def test_json_schema_output_validates(server: LiveServer) -> None:
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    c = client(server)
+    for prompt, temperature in [("Describe a person called Ann, aged 31, as JSON.", 0), ("Invent a person.", 1.0)]:
+        r = c.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=temperature,
+            seed=3,
+            max_tokens=60,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        )
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    free = c.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=40, response_format={"type": "json_object"}
+    )
+    text = free.choices[0].message.content
+    assert text.lstrip().startswith("{")
+    if free.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    bad = httpx.post(
+        server.url + CHAT,
+        json={
+            "messages": MSG,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}},
+        },
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"

@@ -9,6 +9,12 @@ from its request's generator; logprobs are of the model's raw distribution (log-
 logits before any processing, as vLLM reports them by default). A step costs one host
 synchronisation, whatever the mix.
 
+A request with a ``grammar`` (constrained decoding, e.g. JSON that follows a schema) gets an
+llguidance matcher that advances with its tokens; each step its allowed tokens are applied to the
+row as a bitmask before the choice, so only tokens that keep the output valid can be picked (the
+stop ids only once the grammar may end). The matchers need the text tokenizer
+(:meth:`Sampler.set_tokenizer`).
+
 The token history that penalties need is kept per request as two vocabulary-sized rows (ids seen
 in the prompt or output; counts of output ids), built once when the request first samples and
 updated with each token, never rebuilt from the token list. ``release(request_id)`` drops it
@@ -18,6 +24,7 @@ updated with each token, never rebuilt from the token list. ``release(request_id
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,14 +61,85 @@ class _History:
         self.length = seq.num_tokens
 
 
+class _Constraint:
+    """An llguidance matcher fed with a request's output tokens as they come."""
+
+    def __init__(self, matcher: Any, seq: Sequence) -> None:
+        self.matcher = matcher
+        self.length = seq.num_prompt_tokens
+
+    def take(self, seq: Sequence) -> None:
+        for token in seq.token_ids[self.length :]:
+            self.matcher.consume_token(token)
+        self.length = seq.num_tokens
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self._histories: dict[str, _History] = {}
+        self._constraints: dict[str, _Constraint] = {}
+        self._tokenizer_json: str | None = None
+        self._eos: list[int] = []
+        self._grammar_tokenizer: Any = None
+
+    def set_tokenizer(self, tokenizer_json: str, eos_ids: list[int]) -> None:
+        """What grammar matchers need: the tokenizer (Hugging Face JSON) and the stop ids."""
+        self._tokenizer_json, self._eos = tokenizer_json, sorted(eos_ids)
 
     def release(self, request_id: str) -> None:
         self._histories.pop(request_id, None)
+        self._constraints.pop(request_id, None)
+
+    def _tokenizer_for_grammars(self) -> Any:
+        import llguidance
+
+        if self._grammar_tokenizer is None:
+            if self._tokenizer_json is None:
+                raise ValueError("constrained decoding needs the engine's tokenizer")
+            self._grammar_tokenizer = llguidance.LLTokenizer(
+                self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None
+            )
+        return self._grammar_tokenizer
+
+    def check_grammar(self, grammar: str) -> str | None:
+        """The error of ``grammar`` on this vocabulary, or None. Callable from any thread: it also
+        pays the one-time costs (importing the bitmask kernels, indexing the vocabulary) there,
+        not in the engine's step."""
+        import llguidance
+        import llguidance.torch  # slow first import (it loads triton): paid here, not in a step
+
+        matcher = llguidance.LLMatcher(self._tokenizer_for_grammars(), grammar)
+        return matcher.get_error() if matcher.is_error() else None
+
+    def _constraint(self, seq: Sequence) -> _Constraint:
+        c = self._constraints.get(seq.request_id)
+        if c is None:
+            import llguidance
+
+            matcher = llguidance.LLMatcher(self._tokenizer_for_grammars(), seq.params.grammar)
+            c = self._constraints[seq.request_id] = _Constraint(matcher, seq)
+        c.take(seq)
+        return c
+
+    def _apply_grammars(self, logits: Tensor, rows: list[int], seqs: list[Sequence]) -> Tensor:
+        from llguidance.torch import allocate_token_bitmask, apply_token_bitmask_inplace, fill_next_token_bitmask
+
+        mask = allocate_token_bitmask(len(rows), self.vocab_size)
+        for j, i in enumerate(rows):
+            fill_next_token_bitmask(self._constraint(seqs[i]).matcher, mask, j)
+        index = self._column(rows, torch.long)
+        constrained = logits[index]
+        apply_token_bitmask_inplace(constrained, mask.to(logits.device))
+        stuck = torch.isinf(constrained).all(dim=-1)  # a matcher in error: let the request stop
+        if bool(stuck.any()):
+            eos = self._column(self._eos, torch.long) if self._eos else None
+            for j in stuck.nonzero()[:, 0].tolist():
+                if eos is not None:
+                    constrained[j, eos] = 0.0
+        logits[index] = constrained
+        return logits
 
     def _history(self, seq: Sequence) -> _History:
         history = self._histories.get(seq.request_id)
@@ -100,6 +178,9 @@ class Sampler:
                 self._column([params[i].presence_penalty for i in penalized], torch.float32),
                 self._column([params[i].frequency_penalty for i in penalized], torch.float32),
             )
+        grammars = [i for i, p in enumerate(params) if p.grammar is not None]
+        if grammars:
+            logits = self._apply_grammars(logits.clone() if logits is raw else logits, grammars, seqs)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:

@@ -212,9 +212,8 @@ def build_app(state: ServerState) -> FastAPI:
         ids = await asyncio.to_thread(_chat_ids, state, body.messages, True)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported yet", "response_format")
-        return await _generate(state, request, body, name, [ids], limit, logprobs, chat=True)
+        grammar = await asyncio.to_thread(_grammar, state, body.response_format)
+        return await _generate(state, request, body, name, [ids], limit, logprobs, chat=True, grammar=grammar)
 
     @app.post(
         "/v1/completions",
@@ -310,7 +309,34 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
     raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists", "prompt")
 
 
-def _params(state: ServerState, body: Any, limit: int | None, logprobs: int | None, seed: int | None) -> SamplingParams:
+def _grammar(state: ServerState, response_format: dict[str, Any] | None) -> str | None:
+    """An llguidance grammar for ``response_format`` (None for plain text)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema (an object)", "response_format")
+    else:
+        raise APIError(400, f"response_format type {kind!r} is not text, json_object or json_schema", "response_format")
+    try:
+        import llguidance
+    except ImportError:
+        raise APIError(400, "structured output needs the llguidance package on the server", "response_format") from None
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    error = llguidance.LLMatcher.validate_grammar(grammar) or state.engine.engine.runner.sampler.check_grammar(grammar)
+    if error:
+        raise APIError(400, f"response_format schema is not usable: {error}", "response_format")
+    return grammar
+
+
+def _params(
+    state: ServerState, body: Any, limit: int | None, logprobs: int | None, seed: int | None, grammar: str | None
+) -> SamplingParams:
     """``limit`` 0 (echo, scoring the prompt): one token is generated and then dropped."""
     echo_scores = getattr(body, "echo", False) and logprobs is not None
     d = state.sampling_defaults
@@ -334,10 +360,18 @@ def _params(state: ServerState, body: Any, limit: int | None, logprobs: int | No
         min_tokens=min(body.min_tokens, limit) if limit else 0 if limit == 0 else body.min_tokens,
         logprobs=logprobs,
         prompt_logprobs=logprobs if echo_scores else None,
+        grammar=grammar,
     )
 
 
-def _make_requests(state: ServerState, prompts: list[list[int]], body: Any, limit: int | None, logprobs: int | None):
+def _make_requests(
+    state: ServerState,
+    prompts: list[list[int]],
+    body: Any,
+    limit: int | None,
+    logprobs: int | None,
+    grammar: str | None,
+):
     engine = state.engine.engine
     requests = []
     for p, ids in enumerate(prompts):
@@ -351,7 +385,7 @@ def _make_requests(state: ServerState, prompts: list[list[int]], body: Any, limi
         for i in range(body.n):
             seed = None if body.seed is None else (body.seed + i) % 2**64
             try:
-                params = _params(state, body, limit, logprobs, seed)
+                params = _params(state, body, limit, logprobs, seed, grammar)
                 requests.append((p * body.n + i, engine.make_request(ids, params)))
             except ValueError as exc:
                 raise APIError(400, str(exc)) from None
@@ -476,12 +510,13 @@ async def _generate(
     limit: int | None,
     logprobs: int | None,
     chat: bool,
+    grammar: str | None = None,
 ) -> Any:
     if state.draining:
         raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
     engine = state.engine
     capacity = engine.engine.config.max_num_seqs + state.max_queued_requests
-    made = await asyncio.to_thread(_make_requests, state, prompts, body, limit, logprobs)
+    made = await asyncio.to_thread(_make_requests, state, prompts, body, limit, logprobs, grammar)
     if state.in_flight + len(made) > capacity:
         raise APIError(
             503, "The engine is currently busy (the queue is full); try again.", headers={"Retry-After": "1"}
