@@ -131,3 +131,15 @@ def test_refuses_a_cpu_without_tiny() -> None:
     proc = run_script("--device", "cpu", timeout=60)
     assert proc.returncode != 0
     assert "not a GPU" in proc.stderr and "--tiny" in proc.stderr
+
+
+def test_serve_bench_runs_against_minicpm_serve(default_model_dir: Path, capsys, monkeypatch) -> None:
+    import serve_bench
+
+    monkeypatch.setenv("MINICPM_CACHE", str(default_model_dir.parent))
+    args = ["--num-prompts", "3", "--concurrency", "2", "--input-len", "20", "--output-len", "4", "--rounds", "1"]
+    assert serve_bench.main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    figures = report["results"]["minicpm"]["median"]
+    assert figures["completed"] == 3 and figures["failed"] == 0
+    assert figures["output_throughput"] > 0 and 0 < figures["mean_ttft_ms"] <= figures["mean_e2el_ms"]
