@@ -484,3 +484,34 @@ def test_json_schema_output_validates(server: LiveServer) -> None:
         },
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
+
+
+def test_the_openai_client_on_a_tiny_model(default_model_dir: Path, tmp_path: Path) -> None:
+    """The same API on a tiny random MiniCPM (real tokenizer): greedy text equals the engine's."""
+    import shutil
+
+    from helpers import random_model, tiny_config
+
+    path = tmp_path / "tiny"
+    random_model(tiny_config(vocab_size=49152, max_position_embeddings=256, rope_scaling=None)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, path / name)
+    llm = LLM.from_pretrained(path)
+    live = LiveServer(ServerState(engine=BackgroundEngine(llm.engine), tokenizer=llm.tokenizer, served_names=["tiny"]))
+    try:
+        offline = LLM.from_pretrained(path)
+        c = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Hello there"}]
+        expected = offline.generate(offline.chat_prompt(messages), SamplingParams(max_new_tokens=12, ignore_eos=True))
+        done = c.chat.completions.create(
+            model="tiny", messages=messages, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}
+        )
+        assert done.choices[0].message.content == expected.text and done.usage.completion_tokens == 12
+        streamed = c.chat.completions.create(
+            model="tiny", messages=messages, temperature=0, max_tokens=12, stream=True, extra_body={"ignore_eos": True}
+        )
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == expected.text
+        comp = c.completions.create(model="tiny", prompt="Once upon", max_tokens=5, temperature=0, logprobs=1)
+        assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens
+    finally:
+        live.stop()
