@@ -515,3 +515,17 @@ def test_the_openai_client_on_a_tiny_model(default_model_dir: Path, tmp_path: Pa
         assert len(comp.choices[0].logprobs.tokens) == comp.usage.completion_tokens
     finally:
         live.stop()
+
+
+def test_n_choices_share_the_prompts_kv_blocks(server: LiveServer) -> None:
+    c = client(server)
+    story = " ".join(f"line {i} of a long and unique prompt about otters." for i in range(20))
+    prompt_ids = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": story}]}).json()
+    full_blocks = (prompt_ids["count"] - 1) // 64 * 64
+    assert full_blocks >= 128
+    before = metric(server, "minicpm:prefix_cache_hits_total")
+    r = c.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": story}], n=3, temperature=0.8, seed=1, max_tokens=8
+    )
+    assert len(r.choices) == 3 and r.usage.prompt_tokens == prompt_ids["count"]
+    assert metric(server, "minicpm:prefix_cache_hits_total") - before == 2 * full_blocks  # choices 2 and 3

@@ -392,7 +392,50 @@ def _make_requests(
     return requests
 
 
-async def _merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+class _Leader:
+    """The first choice of a prompt; ``prefilled`` is set once its prompt has been computed (its
+    first output) or it ended."""
+
+    def __init__(self, stream: RequestStream) -> None:
+        self.stream = stream
+        self.prefilled = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self.stream:
+                self.prefilled.set()
+                yield out
+        finally:
+            self.prefilled.set()
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+
+class _Follower:
+    """Another choice of the same prompt, submitted after the leader's prefill: its full prompt
+    blocks are then prefix-cache hits (``n`` choices share the prompt's KV blocks)."""
+
+    def __init__(self, engine: BackgroundEngine, request: Any, loop: asyncio.AbstractEventLoop, ready: asyncio.Event):
+        self.engine, self.request, self.loop, self.ready = engine, request, loop, ready
+        self.stream: RequestStream | None = None
+        self.cancelled = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        await self.ready.wait()
+        if self.cancelled:
+            return
+        self.stream = self.engine.submit(self.request, self.loop)
+        async for out in self.stream:
+            yield out
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.stream is not None:
+            self.stream.cancel()
+
+
+async def _merged(streams: list[tuple[int, Any]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several requests as they come, tagged with their choice index."""
     if len(streams) == 1:
         index, stream = streams[0]
@@ -402,7 +445,7 @@ async def _merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tup
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(index: int, stream: RequestStream) -> None:
+    async def pump(index: int, stream: Any) -> None:
         try:
             async for out in stream:
                 await queue.put((index, out))
@@ -524,7 +567,13 @@ async def _generate(
     loop = asyncio.get_running_loop()
     request_id = P.new_id("chatcmpl" if chat else "cmpl")
     start = time.monotonic()
-    streams = [(index, engine.submit(r, loop)) for index, r in made]
+    streams: list[tuple[int, Any]] = []
+    for index, r in made:
+        if index % body.n == 0:  # the first choice of a prompt goes now
+            leader = _Leader(engine.submit(r, loop))
+            streams.append((index, leader))
+        else:  # the others once its prompt is in the KV cache, so they share its blocks
+            streams.append((index, _Follower(engine, r, loop, leader.prefilled)))
     state.in_flight += len(streams)
     choices = [_Choice(prompt_tokens=r.seq.num_prompt_tokens) for _, r in made]
     first_of_prompt = {p * body.n for p in range(len(prompts))}
@@ -701,7 +750,7 @@ class _GuardedStream(StreamingResponse):
             self._cleanup()
 
 
-async def _collect(streams: list[tuple[int, RequestStream]], take: Callable[[int, RequestOutput], None]) -> bool:
+async def _collect(streams: list[tuple[int, Any]], take: Callable[[int, RequestOutput], None]) -> bool:
     async for index, out in _merged(streams):
         take(index, out)
     return True
