@@ -419,9 +419,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             template = Path(args.chat_template).read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"--chat-template {args.chat_template}: {exc.strerror}") from None
-        from .tokenizer import _compile_template
+        from .tokenizer import compile_template
 
-        _compile_template(template)  # a template that does not compile fails now
+        compile_template(template)  # a template that does not compile fails now
     keys = list(args.api_key or [])
     if not keys and os.environ.get("MINICPM_API_KEY"):
         keys = [os.environ["MINICPM_API_KEY"]]

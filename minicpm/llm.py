@@ -254,9 +254,7 @@ class LLM:
     # ------------------------------------------------------------------ chat
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template, ready for the answer."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_format=self.chat_format)
-        bos = self.tokenizer.special_tokens.get("bos_token")
-        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+        return self.tokenizer.encode_chat(messages, chat_format=self.chat_format)
 
     @staticmethod
     def chat_messages(query: str, history: Sequence[dict[str, Any]] | None, system: str | None) -> list[dict[str, Any]]:

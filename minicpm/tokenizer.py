@@ -283,21 +283,36 @@ class Tokenizer:
         messages: Sequence[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_format: str = "auto",
+        template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """The prompt string, rendered as Hugging Face's ``apply_chat_template(tokenize=False)`` does."""
+        """The prompt string, rendered as Hugging Face's ``apply_chat_template(tokenize=False)`` does;
+        ``template`` (jinja2 source) replaces the one ``chat_format`` picks."""
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise TokenizerError(f"message {i} must be an object with a string 'role', got {message!r}")
-        template = _compile_template(self.resolve_chat_template(chat_format))
+        compiled = compile_template(template if template is not None else self.resolve_chat_template(chat_format))
         try:
-            return template.render(
+            return compiled.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs
             )
         except TemplateRaisedError as exc:
             raise TokenizerError(f"chat template refused the messages: {exc}") from None
         except Exception as exc:  # a template that fails on these messages (a type error, an undefined name)
             raise TokenizerError(f"chat template failed on these messages: {type(exc).__name__}: {exc}") from None
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_format: str = "auto",
+        template: str | None = None,
+    ) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template (bos added unless the
+        template already wrote it)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, chat_format, template)
+        bos = self.special_tokens.get("bos_token")
+        return self.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
 
 class TemplateRaisedError(Exception):
@@ -307,7 +322,7 @@ class TemplateRaisedError(Exception):
 _TEMPLATES: dict[str, Any] = {}
 
 
-def _compile_template(source: str) -> Any:
+def compile_template(source: str) -> Any:
     if source not in _TEMPLATES:
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols

@@ -529,3 +529,22 @@ def test_n_choices_share_the_prompts_kv_blocks(server: LiveServer) -> None:
     )
     assert len(r.choices) == 3 and r.usage.prompt_tokens == prompt_ids["count"]
     assert metric(server, "minicpm:prefix_cache_hits_total") - before == 2 * full_blocks  # choices 2 and 3
+
+
+def test_a_chat_template_given_to_the_server_replaces_the_models(small: LLM) -> None:
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{{ '<bot>' }}"
+    broken = "{{ messages[0]['content'] / 2 }}"
+    for source, expect in ((template, 200), (broken, 400)):
+        state = ServerState(
+            engine=BackgroundEngine(small.engine), tokenizer=small.tokenizer, served_names=[NAME], chat_template=source
+        )
+        try:
+            with TestClient(build_app(state), raise_server_exceptions=False) as tc:
+                r = tc.post("/tokenize", json={"messages": MSG})
+                assert r.status_code == expect, r.text
+                if expect == 200:
+                    assert r.json()["tokens"] == small.tokenizer.encode("<user>hi<bot>")
+                else:
+                    assert "chat template failed on these messages" in r.json()["error"]["message"]
+        finally:
+            state.engine.close()

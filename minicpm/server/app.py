@@ -277,22 +277,10 @@ def _message_text(i: int, message: P.ChatMessage) -> str:
 
 def _chat_ids(state: ServerState, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
     msgs = [{"role": m.role, "content": _message_text(i, m)} for i, m in enumerate(messages)]
-    tok = state.tokenizer
     try:
-        if state.chat_template is not None:
-            from ..tokenizer import _compile_template
-
-            text = _compile_template(state.chat_template).render(
-                messages=msgs, add_generation_prompt=add_generation_prompt, **tok.special_tokens
-            )
-        else:
-            text = tok.apply_chat_template(msgs, add_generation_prompt, chat_format=state.chat_format)
-    except TokenizerError as exc:
+        return state.tokenizer.encode_chat(msgs, add_generation_prompt, state.chat_format, state.chat_template)
+    except TokenizerError as exc:  # a template that fails on this conversation: the request's problem
         raise APIError(400, str(exc), "messages") from None
-    except Exception as exc:  # a template error on this conversation is the request's problem
-        raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
-    bos = tok.special_tokens.get("bos_token")
-    return tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
 
 def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
