@@ -243,7 +243,9 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
         targets.append(Target("llama.cpp", f"http://127.0.0.1:{port}", cmd, dict(os.environ)))
     if args.vllm_python:
         port = _free_port()
-        model = args.model or str(__import__("minicpm.default_model").default_model.default_model_path())
+        from minicpm.default_model import default_model_path
+
+        model = args.model or str(default_model_path())
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port)]
         cmd += ["--dtype", "float32", "--enforce-eager"]
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")

@@ -166,6 +166,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> Any:
             gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager or None,
             enable_prefix_caching=False if args.no_prefix_caching else None,
+            max_model_len=getattr(args, "max_model_len", None),  # serve's flag
         )
 
 
@@ -409,10 +410,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     device = _check_device(args.device)
     engine_config = _engine_config(args, device)
-    if args.max_model_len is not None:
-        import dataclasses
-
-        engine_config = dataclasses.replace(engine_config, max_model_len=args.max_model_len)
     template = None
     if args.chat_template is not None:
         try:
@@ -525,17 +522,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new: int, model_defaults
     """``model_defaults``: unset temperature / top-p / top-k / repetition penalty take the model's
     (its generation_config.json, else the MiniCPM card's); otherwise greedy."""
     if model_defaults:
-        from .default_model import cache_root
+        from .default_model import SMOLLM2_SAMPLING  # what the embedded model's conversion records
 
-        known = sorted(cache_root().glob("SmolLM2-135M-Instruct-*/generation_config.json"))
-        embedded = ""
-        if known:
-            from .sampling import checkpoint_sampling_defaults
-
-            d = checkpoint_sampling_defaults(known[-1].parent)
-            embedded = ", ".join(f"{k} {v}" for k, v in d.items())
-            embedded = f"; the embedded model: {embedded}"
-        where = f"(default: the model's generation_config.json{embedded}; else {CARD_DEFAULTS['temperature']})"
+        embedded = ", ".join(f"{k} {v}" for k, v in SMOLLM2_SAMPLING.items())
+        where = f"(default: the model's generation_config.json; the embedded model: {embedded}; else "
+        where += f"{CARD_DEFAULTS['temperature']})"
         t_help, p_help = f"0 is greedy {where}", "nucleus sampling mass (default: the model's; else 0.8)"
         k_help, r_help = "keep the k likeliest tokens (default: the model's; else off)", "HF-style (default: off)"
         defaults: dict[str, Any] = {"temperature": None, "top_p": None, "top_k": None, "repetition_penalty": None}

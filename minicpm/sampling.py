@@ -185,7 +185,7 @@ def checkpoint_sampling_defaults(path: str | Any) -> dict[str, float]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         data = {}
-    found = {k: data[k] for k in GENERATION_FIELDS if isinstance(data.get(k), (int, float)) and k in data}
+    found = {k: data[k] for k in GENERATION_FIELDS if isinstance(data.get(k), (int, float))}
     if data.get("do_sample") is False:
         found["temperature"] = 0.0
     return found or dict(CARD_DEFAULTS)

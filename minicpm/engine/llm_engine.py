@@ -126,8 +126,7 @@ class LLMEngine:
                 if token is not None:
                     base.add(token)
         self.eos_ids = frozenset(base)
-        if tokenizer is not None and hasattr(tokenizer, "to_json"):
-            self.runner.sampler.set_tokenizer(tokenizer.to_json(), sorted(base))
+        self.runner.sampler.set_tokenizer(tokenizer, sorted(base))
         self.num_steps = 0
         self.num_prompt_tokens = 0
 

@@ -80,13 +80,14 @@ class Sampler:
         self.device = device
         self._histories: dict[str, _History] = {}
         self._constraints: dict[str, _Constraint] = {}
-        self._tokenizer_json: str | None = None
+        self._tokenizer: Any = None
         self._eos: list[int] = []
         self._grammar_tokenizer: Any = None
 
-    def set_tokenizer(self, tokenizer_json: str, eos_ids: list[int]) -> None:
-        """What grammar matchers need: the tokenizer (Hugging Face JSON) and the stop ids."""
-        self._tokenizer_json, self._eos = tokenizer_json, sorted(eos_ids)
+    def set_tokenizer(self, tokenizer: Any, eos_ids: list[int]) -> None:
+        """What grammar matchers need: the text tokenizer (read only when the first grammar comes)
+        and the stop ids."""
+        self._tokenizer, self._eos = tokenizer, sorted(eos_ids)
 
     def release(self, request_id: str) -> None:
         self._histories.pop(request_id, None)
@@ -96,10 +97,10 @@ class Sampler:
         import llguidance
 
         if self._grammar_tokenizer is None:
-            if self._tokenizer_json is None:
+            if not hasattr(self._tokenizer, "to_json"):
                 raise ValueError("constrained decoding needs the engine's tokenizer")
             self._grammar_tokenizer = llguidance.LLTokenizer(
-                self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None
+                self._tokenizer.to_json(), n_vocab=self.vocab_size, eos_token=self._eos or None
             )
         return self._grammar_tokenizer
 
@@ -133,11 +134,8 @@ class Sampler:
         constrained = logits[index]
         apply_token_bitmask_inplace(constrained, mask.to(logits.device))
         stuck = torch.isinf(constrained).all(dim=-1)  # a matcher in error: let the request stop
-        if bool(stuck.any()):
-            eos = self._column(self._eos, torch.long) if self._eos else None
-            for j in stuck.nonzero()[:, 0].tolist():
-                if eos is not None:
-                    constrained[j, eos] = 0.0
+        if self._eos and bool(stuck.any()):
+            constrained[stuck.nonzero()[:, :1], self._column(self._eos, torch.long)] = 0.0
         logits[index] = constrained
         return logits
 

@@ -102,8 +102,7 @@ class ServerState:
 
 
 def _json_frame(model: Any) -> str:
-    data = model.model_dump_json(exclude_unset=False) if hasattr(model, "model_dump_json") else json.dumps(model)
-    return f"data: {data}\n\n"
+    return f"data: {model.model_dump_json()}\n\n"
 
 
 def build_app(state: ServerState) -> FastAPI:
