@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .sampling import CARD_DEFAULTS, CHAT_DEFAULTS, GENERATION_FIELDS, SEED_LIMIT
+from .sampling import CARD_DEFAULTS, CHAT_DEFAULTS, GENERATION_FIELDS, SEED_LIMIT, with_defaults
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError)
 # Library settings -> the flag that sets them, so a library error names what the user typed.
@@ -176,10 +176,7 @@ def _sampling(args: argparse.Namespace, **extra: object) -> Any:
     with _naming_flags():
         return SamplingParams(  # unset (None) flags: neutral here, the model's defaults after loading
             max_new_tokens=args.max_new_tokens,
-            temperature=CARD_DEFAULTS["temperature"] if args.temperature is None else args.temperature,
-            top_p=1.0 if args.top_p is None else args.top_p,
-            top_k=0 if args.top_k is None else args.top_k,
-            repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
+            **with_defaults({k: getattr(args, k) for k in GENERATION_FIELDS}, {}),
             seed=args.seed,
             stop=tuple(args.stop or ()),
             **extra,
@@ -289,11 +286,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty")
     llm, params = _prepare(args)
-    unset = {k: v for k, v in llm.sampling_defaults.items() if k in GENERATION_FIELDS and getattr(args, k) is None}
-    if unset:
-        import dataclasses
+    import dataclasses
 
-        params = dataclasses.replace(params, **unset)
+    given = {k: getattr(args, k) for k in GENERATION_FIELDS}
+    params = dataclasses.replace(params, **with_defaults(given, llm.sampling_defaults))
     if args.prompt is not None:
         with _ctrl_c_cancels() as cancel:
             _write_stream(llm.chat_stream(args.prompt, system=args.system, params=params, cancel=cancel))

@@ -171,6 +171,16 @@ def filter_logits(
 # The MiniCPM card's example call: model.chat(tokenizer, query, temperature=0.8, top_p=0.8)
 CARD_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_p": 0.8}
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+# what a setting is when neither the caller nor the checkpoint gives it (sampling, nothing filtered)
+NEUTRAL_SETTINGS: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+def with_defaults(given: dict[str, Any], defaults: dict[str, float]) -> dict[str, Any]:
+    """Each of :data:`GENERATION_FIELDS`: the caller's value (None: unset), else the checkpoint's
+    default (:func:`checkpoint_sampling_defaults`), else :data:`NEUTRAL_SETTINGS`."""
+    return {
+        k: given[k] if given.get(k) is not None else defaults.get(k, NEUTRAL_SETTINGS[k]) for k in GENERATION_FIELDS
+    }
 
 
 def checkpoint_sampling_defaults(path: str | Any) -> dict[str, float]:

@@ -175,3 +175,18 @@ def test_a_list_of_prompts_runs_as_one_batch_with_the_same_greedy_answers(llm: L
     alone = [llm.generate(p, params) for p in prompts]
     assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
     assert [c.text for c in batch] == [c.text for c in alone]
+
+
+def test_unset_settings_come_from_the_checkpoint_then_the_card(tmp_path) -> None:
+    import json
+
+    from minicpm.sampling import checkpoint_sampling_defaults, with_defaults
+
+    assert checkpoint_sampling_defaults(tmp_path) == {"temperature": 0.8, "top_p": 0.8}  # no file: the card
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0.7, "top_k": 20, "do_sample": True}))
+    defaults = checkpoint_sampling_defaults(tmp_path)
+    assert defaults == {"top_p": 0.7, "top_k": 20}
+    given = {"temperature": None, "top_p": None, "top_k": 5, "repetition_penalty": None}
+    assert with_defaults(given, defaults) == {"temperature": 1.0, "top_p": 0.7, "top_k": 5, "repetition_penalty": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert checkpoint_sampling_defaults(tmp_path) == {"temperature": 0.0}

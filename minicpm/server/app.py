@@ -43,7 +43,7 @@ from .. import __version__
 from ..engine.async_engine import BackgroundEngine, EngineError, RequestStream
 from ..engine.llm_engine import RequestOutput
 from ..engine.sampler import Sampled
-from ..sampling import SamplingParams
+from ..sampling import GENERATION_FIELDS, SamplingParams, with_defaults
 from ..tokenizer import Tokenizer, TokenizerError
 from . import protocol as P
 from .metrics import Metrics
@@ -326,18 +326,15 @@ def _params(
 ) -> SamplingParams:
     """``limit`` 0 (echo, scoring the prompt): one token is generated and then dropped."""
     echo_scores = getattr(body, "echo", False) and logprobs is not None
-    d = state.sampling_defaults
     stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop else []
-    top_k = body.top_k if body.top_k is not None else int(d.get("top_k", 0))
+    chosen = with_defaults({k: getattr(body, k) for k in GENERATION_FIELDS}, state.sampling_defaults)
     return SamplingParams(
         max_new_tokens=max(1, limit) if limit is not None else 1 << 30,
-        temperature=body.temperature if body.temperature is not None else d.get("temperature", 1.0),
-        top_p=body.top_p if body.top_p is not None else d.get("top_p", 1.0),
-        top_k=max(0, top_k),
+        temperature=chosen["temperature"],
+        top_p=chosen["top_p"],
+        top_k=max(0, int(chosen["top_k"])),  # vLLM's -1 is off, like 0
         min_p=body.min_p if body.min_p is not None else 0.0,
-        repetition_penalty=body.repetition_penalty
-        if body.repetition_penalty is not None
-        else d.get("repetition_penalty", 1.0),
+        repetition_penalty=chosen["repetition_penalty"],
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         seed=seed,
