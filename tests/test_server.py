@@ -313,6 +313,8 @@ def test_envelope_for_json_auth_routes_models_length_and_queue(api) -> None:
     assert _error(tc.post("/detokenize", json={"tokens": [10**9]}), 400)["param"] == "tokens"
     spec = tc.get("/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"} <= set(spec["paths"])
+    state.engine.close()  # an engine that stopped is not healthy
+    assert tc.get("/health").status_code == 503 and tc.get("/health").text == "the engine stopped"
 
 
 def test_50_clients_that_disconnect_leave_nothing_running(server: LiveServer) -> None:

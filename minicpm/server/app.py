@@ -79,7 +79,6 @@ class ServerState:
     api_keys: Sequence[str] = ()
     max_queued_requests: int = 256
     sampling_defaults: dict[str, float] = dataclasses.field(default_factory=dict)
-    ready: bool = True
     draining: bool = False
     in_flight: int = 0
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -152,8 +151,8 @@ def build_app(state: ServerState) -> FastAPI:
     # ------------------------------------------------------------------ plain routes
     @app.get("/health", response_class=PlainTextResponse, responses={503: {"content": {"text/plain": {}}}})
     async def health() -> PlainTextResponse:
-        if not state.ready or state.draining or not state.engine.alive:
-            why = "draining" if state.draining else "not ready" if not state.ready else "the engine stopped"
+        if state.draining or not state.engine.alive:  # the server listens only once the model is loaded
+            why = "draining" if state.draining else "the engine stopped"
             return PlainTextResponse(why, status_code=503)
         return PlainTextResponse("ok")
 
