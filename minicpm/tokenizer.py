@@ -307,10 +307,12 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_format: str = "auto",
         template: str | None = None,
+        assistant_prefix: str = "",
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template (bos added unless the
-        template already wrote it)."""
-        text = self.apply_chat_template(messages, add_generation_prompt, chat_format, template)
+        template already wrote it), then ``assistant_prefix``: the start of the answer, as
+        evaluation suites that put an answer cue in the model's mouth (RULER) use it."""
+        text = self.apply_chat_template(messages, add_generation_prompt, chat_format, template) + assistant_prefix
         bos = self.special_tokens.get("bos_token")
         return self.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 

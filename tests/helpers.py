@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import torch
 
@@ -98,3 +100,28 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -
     err = (actual.float() - expected.float()).abs().max().item() / expected.float().abs().max().item()
     assert err <= rel, f"relative error {err:.3g} > {rel:.3g}"
     return err
+
+
+class LiveServer:
+    """A minicpm server (uvicorn, in a thread of this process) over a ServerState."""
+
+    def __init__(self, state) -> None:
+        import uvicorn
+
+        from minicpm.server.app import build_app
+
+        self.state = state
+        config = uvicorn.Config(build_app(state), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not (self.server.started and self.server.servers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.state.engine.close()

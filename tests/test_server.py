@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers import LiveServer  # noqa: E402
 
 from minicpm import LLM, SamplingParams  # noqa: E402
 from minicpm.engine import EngineConfig  # noqa: E402
@@ -31,25 +31,6 @@ from minicpm.server.app import ServerState, build_app  # noqa: E402
 
 NAME = "smol"
 QUESTIONS = [f"Question {i}: what is {i} plus {i + 1}?" for i in range(32)]
-
-
-class LiveServer:
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        config = uvicorn.Config(build_app(state), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not (self.server.started and self.server.servers) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.state.engine.close()
 
 
 @pytest.fixture(scope="module")

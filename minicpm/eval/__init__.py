@@ -1,0 +1,1 @@
+"""Long-context evaluation: InfiniteBench, needle-in-a-haystack and RULER."""
