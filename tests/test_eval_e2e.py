@@ -119,3 +119,14 @@ def test_bad_flags_are_one_line(argv: list[str], words: str, capsys, tmp_path: P
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+
+
+def test_ray_replicas_give_the_same_predictions(tiny: Path, data: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    evaluate(tiny, data, tmp_path / "engine")
+    try:
+        evaluate(tiny, data, tmp_path / "ray", "--ray", "2")
+    finally:
+        ray.shutdown()
+    for name in FILES:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "engine" / name).read_bytes()

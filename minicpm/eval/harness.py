@@ -258,7 +258,22 @@ class RayTarget(Target):
         self.actor, self.name, self.concurrency = actor, name, concurrency
 
     async def generate(self, item: Item) -> Generation:
-        return await self.actor.generate.remote(item)
+        import ray
+
+        try:
+            return await self.actor.generate.remote(item)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, Exception) else exc
+            if isinstance(cause, ItemError):
+                raise cause from None
+            raise TargetDownError(f"{type(cause).__name__}: {cause}") from None
+        except ray.exceptions.RayActorError as exc:
+            raise TargetDownError(f"the actor died: {exc}") from None
+
+    async def aclose(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
 
 
 def ray_targets(
