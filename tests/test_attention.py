@@ -71,3 +71,47 @@ def test_engine_on_the_split_path_gives_the_same_greedy_tokens(kv_heads: int) ->
     got = engine.generate(prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert calls, "no chunk went through the split path"
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cpu_steps_read_scattered_blocks_in_place(kv_heads: int, monkeypatch) -> None:
+    """A mixed step (a decode row, a chunk with a past, a first chunk) whose sequences own blocks
+    in scattered order equals the plain causal path on contiguous keys, and nothing is gathered."""
+    from minicpm.engine.attention import AttentionMetadata, PagedKVCache
+    from minicpm.engine.model_runner import _runs
+
+    torch.manual_seed(kv_heads)
+    bs, heads, d = 4, 4, 16
+    config = tiny_config(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * d)
+    cache = PagedKVCache(config, num_blocks=32, block_size=bs, dtype=torch.float32, device="cpu")
+    tables = [[7, 3, 4, 5, 20], [9, 10, 2, 11], [30, 31]]  # runs: 3, 3 and 1
+    ctx = [19, 15, 6]  # context after this step
+    new = [1, 5, 6]  # a decode row, a chunk with a past of 10, a first chunk
+    full_k = [cached(c, kv_heads) for c in ctx]
+    full_v = [cached(c, kv_heads) for c in ctx]
+    for table, n, k, v in zip(tables, new, full_k, full_v, strict=True):  # the past is in the cache already
+        for p in range(k.shape[2] - n):
+            slot = table[p // bs] * bs + p % bs
+            cache.k[0].view(-1, kv_heads, d)[slot] = k[0, :, p]
+            cache.v[0].view(-1, kv_heads, d)[slot] = v[0, :, p]
+    slots = [t[p // bs] * bs + p % bs for t, c, n in zip(tables, ctx, new, strict=True) for p in range(c - n, c)]
+    q = torch.cat([cached(n, heads) for n in new], dim=2)
+    k_new = torch.cat([k[:, :, k.shape[2] - n :] for k, n in zip(full_k, new, strict=True)], dim=2)
+    v_new = torch.cat([v[:, :, v.shape[2] - n :] for v, n in zip(full_v, new, strict=True)], dim=2)
+    cache.metadata = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.zeros(3, 5, dtype=torch.int32),
+        context_lens=torch.tensor(ctx, dtype=torch.int32),
+        decode_only=False,
+        query_lens=new,
+        context_lens_host=ctx,
+        seq_runs=[_runs(t, c, bs) for t, c in zip(tables, ctx, strict=True)],
+    )
+    assert [len(r) for r in cache.metadata.seq_runs] == [3, 3, 1]
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("a gather"))
+    got = cache.attend(0, q, k_new, v_new)
+    start, expected = 0, []
+    for n, c, k, v in zip(new, ctx, full_k, full_v, strict=True):
+        expected.append(causal_attention(q[:, :, start : start + n], k, v, past=c - n))
+        start += n
+    assert_close_rel(got, torch.cat(expected, dim=2), 1e-5)

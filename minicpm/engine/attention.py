@@ -7,11 +7,14 @@ batch write into. A forward over a flattened batch (input ids of shape (1, total
 writes the new keys/values at ``metadata.slot_mapping`` and returns, for each sequence's new
 queries, causal attention over that sequence's cached tokens plus its new ones.
 
-* Decode-only batches (one new token per sequence): on CUDA with Triton, a paged kernel reads the
-  blocks in place (:mod:`minicpm.engine.triton_attention`); otherwise the blocks are gathered
-  (a view, no copy, when a sequence's blocks are consecutive) and one masked
-  ``scaled_dot_product_attention`` call covers the batch.
-* Other batches (prefill chunks, possibly with decodes): per sequence, ``scaled_dot_product_attention``
+* On CPU, every step (decode rows and prefill chunks, in any mix) takes one path: each sequence
+  attends to its own blocks read in place, one view per run of consecutive block ids (the block
+  manager hands out low ids first, so a sequence is usually one run), runs merged by log-sum-exp;
+  nothing is gathered or masked, whatever the order of the blocks.
+* Decode-only batches on GPU: with Triton, a paged kernel reads the blocks in place
+  (:mod:`minicpm.engine.triton_attention`); otherwise the blocks are gathered (a view when a
+  sequence's blocks are consecutive) and one masked ``scaled_dot_product_attention`` covers the batch.
+* Other batches on GPU (prefill chunks, possibly with decodes): per sequence, ``scaled_dot_product_attention``
   with a bottom-right causal bias over the gathered context; a chunk with no cached past attends
   to its own keys with no gather. A chunk with a past runs as two kernels merged by log-sum-exp
   (:func:`split_causal_attention`): on CPU always; on CUDA when a start-up probe finds a kernel
@@ -56,6 +59,31 @@ def flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -
     return out, lse.reshape(q.shape[:-1])
 
 
+def merge_by_lse(parts: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
+    """Softmax attention over the union of disjoint key sets, from each set's (output, lse)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = parts[0][1]
+    for _, other in parts[1:]:
+        lse = torch.logaddexp(lse, other)
+    total = sum(out.float() * torch.exp(part_lse - lse).unsqueeze(-1) for out, part_lse in parts)
+    return total.to(dtype)
+
+
+def past_attention(attend: LseAttention, q: Tensor, pasts: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """(output, lse) of ``q`` (b, heads, t, d) over each (k, v) (b, kv_heads, s, d) of ``pasts``,
+    unmasked. GQA: the queries of one kv head are stacked along the sequence (no copy of the keys)."""
+    b, heads, t, d = q.shape
+    kv_heads = pasts[0][0].shape[1]
+    groups = heads // kv_heads
+    stacked = q.reshape(b, kv_heads, groups * t, d)  # query head i uses kv head i // groups
+    parts = []
+    for k, v in pasts:
+        out, lse = attend(stacked, k, v, False)
+        parts.append((out.reshape(b, heads, t, d), lse.reshape(b, heads, t)))
+    return parts
+
+
 def split_causal_attention(
     attend: LseAttention, q: Tensor, k_past: Tensor, v_past: Tensor, k_new: Tensor, v_new: Tensor
 ) -> Tensor:
@@ -63,23 +91,16 @@ def split_causal_attention(
     past unmasked, the chunk with a plain (top-left) causal mask, merged by their log-sum-exps.
     Both kernels skip what a bottom-right mask would hide, which the masked kernels do not (on CPU
     about 1.6x faster for a late chunk), and on GPU the past can go to cuDNN, which takes no such
-    mask. GQA: the queries of one kv head are stacked along the sequence for the past (no copy of
+    mask. The past may be several segments (``k_past``/``v_past`` lists: runs of paged blocks read in
+    place). GQA: the queries of one kv head are stacked along the sequence for the past (no copy of
     the past keys), and the chunk's own few keys are repeated per query head."""
-    b, heads, t, d = q.shape
-    kv_heads = k_past.shape[1]
-    groups = heads // kv_heads
+    pasts = list(zip(k_past, v_past, strict=True)) if isinstance(k_past, list) else [(k_past, v_past)]
+    parts = past_attention(attend, q, pasts)
+    groups = q.shape[1] // k_new.shape[1]
     if groups > 1:
-        stacked = q.reshape(b, kv_heads, groups * t, d)  # query head i uses kv head i // groups
-        out_past, lse_past = attend(stacked, k_past, v_past, False)
-        out_past, lse_past = out_past.reshape(b, heads, t, d), lse_past.reshape(b, heads, t)
         k_new, v_new = k_new.repeat_interleave(groups, dim=1), v_new.repeat_interleave(groups, dim=1)
-    else:
-        out_past, lse_past = attend(q, k_past, v_past, False)
-    out_new, lse_new = attend(q, k_new, v_new, True)
-    lse = torch.logaddexp(lse_past, lse_new)
-    w_past = torch.exp(lse_past - lse).unsqueeze(-1)
-    w_new = torch.exp(lse_new - lse).unsqueeze(-1)
-    return (out_past.float() * w_past + out_new.float() * w_new).to(q.dtype)
+    parts.append(attend(q, k_new, v_new, True))
+    return merge_by_lse(parts, q.dtype)
 
 
 def probe_lse_attention(
@@ -130,6 +151,8 @@ class AttentionMetadata:
     seq_blocks: list[Tensor | slice] | None = None
     decode_blocks: Tensor | slice | None = None
     decode_mask: Tensor | None = None
+    # CPU: per sequence, (first slot, tokens) of each run of consecutive blocks holding its context
+    seq_runs: list[list[tuple[int, int]]] | None = None
 
 
 class PagedKVCache:
@@ -188,6 +211,8 @@ class PagedKVCache:
         kv_heads, d = kc.shape[-2], kc.shape[-1]
         kc.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, k[0].transpose(0, 1))
         vc.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, v[0].transpose(0, 1))
+        if md.seq_runs is not None:
+            return self._attend_in_place(kc.view(-1, kv_heads, d), vc.view(-1, kv_heads, d), q, k, v, md)
         if md.decode_only:
             return self._decode(kc, vc, q, md)
         outs, start = [], 0
@@ -206,6 +231,48 @@ class PagedKVCache:
                 kc_i = self._context(kc, md.seq_blocks[i], ctx)[None]
                 vc_i = self._context(vc, md.seq_blocks[i], ctx)[None]
                 out = causal_attention(qi, kc_i, vc_i, past=ctx - n)
+            outs.append(out)
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _attend_in_place(
+        self, kc: Tensor, vc: Tensor, q: Tensor, k: Tensor, v: Tensor, md: AttentionMetadata
+    ) -> Tensor:
+        """Every sequence of the step, decode rows and prefill chunks alike, attends to its own
+        blocks read in place: each run of consecutive blocks is a view of the cache (no gather, no
+        mask), runs are merged by log-sum-exp. ``kc``/``vc``: (slots, kv_heads, head_dim)."""
+        heads, d = q.shape[1], q.shape[3]
+        attend = self.lse_attention or cpu_attention_with_lse
+        kv_heads = kc.shape[1]
+        groups = heads // kv_heads
+        outs, start = [], 0
+        for i, n in enumerate(md.query_lens):
+            qi = q[:, :, start : start + n]
+            ctx = md.context_lens_host[i]
+            past = ctx - n
+            if n > 1 and past == 0:  # a first chunk: its own keys only
+                out = causal_attention(qi, k[:, :, start : start + n], v[:, :, start : start + n])
+            else:
+                limit = ctx if n == 1 else past  # a decode row's own key is in the cache already
+                segments, seen = [], 0
+                for slot, tokens in md.seq_runs[i]:
+                    tokens = min(tokens, limit - seen)
+                    if tokens <= 0:
+                        break
+                    end = slot + tokens  # (1, kv_heads, tokens, head_dim) views of the cache
+                    segments.append((kc[slot:end].transpose(0, 1)[None], vc[slot:end].transpose(0, 1)[None]))
+                    seen += tokens
+                if n == 1 and len(segments) == 1:  # the common decode case: one plain kernel call
+                    kk, vv = segments[0]
+                    out = F.scaled_dot_product_attention(qi.reshape(1, kv_heads, groups, d), kk, vv)
+                    out = out.reshape(1, heads, 1, d)
+                elif n == 1:
+                    out = merge_by_lse(past_attention(attend, qi, segments), q.dtype)
+                else:
+                    ks, vs = [kk for kk, _ in segments], [vv for _, vv in segments]
+                    out = split_causal_attention(
+                        attend, qi, ks, vs, k[:, :, start : start + n], v[:, :, start : start + n]
+                    )
             outs.append(out)
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -38,6 +38,18 @@ def _is_run(blocks: list[int]) -> bool:
     return blocks[-1] - blocks[0] == len(blocks) - 1 and all(b - a == 1 for a, b in itertools.pairwise(blocks))
 
 
+def _runs(blocks: list[int], length: int, block_size: int) -> list[tuple[int, int]]:
+    """(first slot, tokens) of each maximal run of consecutive block ids holding ``length`` tokens."""
+    runs, i = [], 0
+    while i < len(blocks):
+        j = i
+        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            j += 1
+        runs.append((blocks[i] * block_size, min((j + 1) * block_size, length) - i * block_size))
+        i = j + 1
+    return runs
+
+
 class ModelRunner:
     def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
         self.model = prepare_model(model.eval())
@@ -153,7 +165,12 @@ class ModelRunner:
             query_lens=list(batch.num_tokens),
             context_lens_host=context_lens,
         )
-        if decode_only and not self.cache.use_triton:
+        if self.device.type == "cpu":  # one in-place path for every step, whatever its mix
+            md.seq_runs = [
+                _runs(seq.block_table[: -(-end // bs)], end, bs)
+                for seq, end in zip(batch.seqs, context_lens, strict=True)
+            ]
+        elif decode_only and not self.cache.use_triton:
             if len(seq_blocks) == 1 and isinstance(seq_blocks[0], slice):
                 md.decode_blocks = seq_blocks[0]
             else:
