@@ -754,3 +754,27 @@ def test_engine_respects_max_num_seqs(model: MiniCPMForCausalLM) -> None:
     for prompt, out in zip(prompts, outs, strict=True):
         assert_matches_reference(model, prompt, out.token_ids, 5)
     check_idle(engine)
+
+
+def test_contiguous_allocation_keeps_growing_sequences_in_one_run() -> None:
+    """On CPU the block manager places prompts where their answers have room and extends a sequence
+    with the block after its last one, so interleaved growth does not scatter a sequence's blocks."""
+    from minicpm.engine.block_manager import BlockManager
+    from minicpm.engine.model_runner import _runs
+
+    for contiguous, expect_one_run in ((True, True), (False, False)):
+        bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False, contiguous=contiguous)
+        seqs = [seq_of(list(range(1, 9)), request_id=str(i)) for i in range(4)]
+        for seq in seqs:
+            bm.allocate(seq)
+            seq.num_computed_tokens = seq.num_tokens
+        for _ in range(8):  # all four grow together, a token each per step
+            for seq in seqs:
+                bm.append_slots(seq, 1)
+                seq.token_ids.append(5)
+                seq.num_computed_tokens += 1
+        runs = [len(_runs(seq.block_table, seq.num_tokens, 4)) for seq in seqs]
+        assert all(r == 1 for r in runs) == expect_one_run, runs
+        for seq in seqs:
+            bm.free(seq)
+        assert bm.num_free_blocks == 64 and sorted(bm.free_ids) == list(range(64))

@@ -63,7 +63,9 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, contiguous: bool = False
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
@@ -71,20 +73,25 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # free blocks: never-used or unhashed ones, lowest id first (so a request's blocks tend to be
         # consecutive, which the CPU attention reads as a view); then cached ones, least recently freed first
-        self.fresh: list[int] = list(range(num_blocks))
+        self.fresh: list[int] = list(range(num_blocks))  # a heap; ids taken out of order are skipped lazily
+        self.fresh_set: set[int] = set(self.fresh)
         self.cached: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[BlockKey, int] = {}
         self._content_ids = itertools.count()
         self.enable_prefix_caching = enable_prefix_caching
+        # keep each sequence's blocks consecutive where free blocks allow (CPU attention reads a run
+        # of consecutive blocks as one view): prompts go where their answer has room to follow,
+        # and a growing sequence takes the block after its last one when that is free
+        self.contiguous = contiguous
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.fresh) + len(self.cached)
+        return len(self.fresh_set) + len(self.cached)
 
     @property
     def free_ids(self) -> list[int]:
         """Free block ids in the order they will be handed out."""
-        return sorted(self.fresh) + list(self.cached)
+        return sorted(self.fresh_set) + list(self.cached)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -103,9 +110,19 @@ class BlockManager:
             parent = self.blocks[block_id].content_id
         return hits
 
-    def _take_free(self) -> Block:
-        if self.fresh:
+    def _take_free(self, prefer: int | None = None) -> Block:
+        """A free block: ``prefer`` if it is fresh, else the lowest fresh id, else the least recently
+        freed cached one."""
+        if prefer is not None and prefer in self.fresh_set:
+            block_id = prefer
+            self.fresh_set.discard(block_id)
+            if len(self.fresh) > 2 * len(self.fresh_set) + 64:  # drop the heap's stale entries
+                self.fresh = sorted(self.fresh_set)
+        elif self.fresh_set:
             block_id = heapq.heappop(self.fresh)
+            while block_id not in self.fresh_set:  # taken earlier as a preferred id
+                block_id = heapq.heappop(self.fresh)
+            self.fresh_set.discard(block_id)
         else:
             block_id, _ = self.cached.popitem(last=False)
         block = self.blocks[block_id]
@@ -141,8 +158,13 @@ class BlockManager:
         if seq.num_preemptions == 0:  # a recompute's hits are not prompt tokens saved
             seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_hashed_blocks = len(hits)
-        for _ in range(self.blocks_for(seq.num_tokens) - len(hits)):
-            seq.block_table.append(self._take_free().block_id)
+        new = self.blocks_for(seq.num_tokens) - len(hits)
+        start = None
+        if new and self.contiguous:
+            growth = self._growth(seq, new)
+            start = self._fresh_run(new + growth, growth)
+        for i in range(new):
+            seq.block_table.append(self._take_free(None if start is None else start + i).block_id)
 
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
         return self._append_cost(seq, num_tokens) <= self.num_free_blocks
@@ -152,7 +174,38 @@ class BlockManager:
 
     def append_slots(self, seq: Sequence, num_tokens: int) -> None:
         for _ in range(self._append_cost(seq, num_tokens)):
-            seq.block_table.append(self._take_free().block_id)
+            after = seq.block_table[-1] + 1 if seq.block_table and self.contiguous else None
+            seq.block_table.append(self._take_free(after).block_id)
+
+    def _growth(self, seq: Sequence, new: int) -> int:
+        """Blocks to leave free after a new sequence's prompt blocks so that its answer extends
+        them in place: what its answer may need, at most as many blocks as the prompt takes, at most 16."""
+        answer = self.blocks_for(seq.num_tokens + seq.max_tokens) - self.blocks_for(seq.num_tokens)
+        return max(0, min(answer, new, 16))
+
+    def _fresh_run(self, length: int, gap: int) -> int | None:
+        """Where to put a new sequence's blocks: the lowest start of ``length`` consecutive fresh
+        blocks, skipping the first ``gap`` of a free stretch that follows a block in use (room for
+        that sequence to grow), else the start of the longest free stretch; None when fewer than
+        ``length`` blocks are fresh."""
+        if length > len(self.fresh_set):
+            return None
+        stretches, first, prev = [], None, None
+        for block_id in sorted(self.fresh_set):
+            if prev is None or block_id != prev + 1:
+                if first is not None:
+                    stretches.append((first, prev))
+                first = block_id
+            prev = block_id
+        stretches.append((first, prev))
+        best, best_len = None, 0
+        for a, b in stretches:
+            start = a + gap if a > 0 else a
+            if b - start + 1 >= length:
+                return start
+            if b - a + 1 > best_len:
+                best, best_len = a, b - a + 1
+        return best
 
     def commit(self, seq: Sequence) -> None:
         """Hash the blocks of ``seq`` that are now full of computed tokens (nothing without prefix
@@ -175,6 +228,7 @@ class BlockManager:
             if block.ref_count == 0:
                 if block.hash is None:
                     heapq.heappush(self.fresh, block_id)
+                    self.fresh_set.add(block_id)
                 else:
                     self.cached[block_id] = None
         seq.block_table = []

@@ -116,7 +116,10 @@ class LLMEngine:
         self.kv_capacity = self.runner.num_blocks * self.config.block_size
         self.max_model_len = min(self.max_model_len, self.kv_capacity)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            self.runner.num_blocks,
+            self.config.block_size,
+            self.config.enable_prefix_caching,
+            contiguous=self.runner.device.type == "cpu",
         )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}

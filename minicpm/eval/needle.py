@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .scoring import needle_score
+
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
 QUESTION = "What is the best thing to do in San Francisco?"
 SYSTEM = "You are a helpful AI bot that answers questions for a user. Keep your response short and direct"
@@ -158,5 +160,4 @@ def build(
 
 def score(prediction: str) -> float:
     """The fraction of :data:`FACTS` in ``prediction`` (case-insensitive substring match)."""
-    text = prediction.lower()
-    return sum(fact in text for fact in FACTS) / len(FACTS)
+    return needle_score(prediction, FACTS)

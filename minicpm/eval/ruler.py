@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from . import needle
+from .scoring import match_all, match_part, ruler_postprocess
 
 CountTokens = Callable[[str, str], int]
 
@@ -672,12 +673,7 @@ def generate(
 
 
 # ----------------------------------------------------------------------------------------- scoring
-_CONTROL = re.compile(r"[\x00-\x1f]")
-
-
-def postprocess(prediction: str) -> str:
-    """RULER's ``postprocess_pred``: strip, control characters to newlines, strip."""
-    return _CONTROL.sub("\n", prediction.strip()).strip()
+postprocess = ruler_postprocess  # RULER's postprocess_pred: strip, control characters to newlines, strip
 
 
 def score(task: str, prediction: str, outputs: Sequence[str]) -> float:
@@ -685,9 +681,7 @@ def score(task: str, prediction: str, outputs: Sequence[str]) -> float:
     metric = spec(task).metric
     if not outputs:
         raise ValueError(f"{task}: no references to score against")
-    text = postprocess(prediction).lower()
-    found = [r.lower() in text for r in outputs]
-    return sum(found) / len(found) if metric == "all" else float(any(found))
+    return match_all(prediction, outputs) if metric == "all" else match_part(prediction, outputs)
 
 
 def effective_length(averages: dict[int, float], threshold: float = THRESHOLD) -> int | None:
