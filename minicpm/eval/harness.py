@@ -103,6 +103,7 @@ class EngineTarget(Target):
         self.concurrency = concurrency or 2 * llm.engine.config.max_num_seqs
 
     async def generate(self, item: Item) -> Generation:
+        from ..engine.async_engine import EngineError
         from ..sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=item.max_new_tokens, temperature=0.0)
@@ -113,6 +114,8 @@ class EngineTarget(Target):
                 last = out
         except ValueError as exc:  # e.g. a prompt longer than the engine's context
             raise ItemError(str(exc)) from None
+        except EngineError as exc:  # the engine failed (it aborted everything in flight)
+            raise TargetDownError(str(exc)) from None
         assert last is not None
         return Generation("".join(parts), last.prompt_tokens, last.output_tokens, last.finish_reason)
 
@@ -480,7 +483,8 @@ def run(
 
             bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=description, unit="prompt", smoothing=0.1)
         files: dict[str, Any] = {}
-        scores = [r["score"] for r in records.values() if r["index"] in {i.index for i in items}]
+        mine = {item.index for item in items}
+        scores = [r["score"] for r in records.values() if r["index"] in mine]
 
         def done(item: Item, gen: Generation) -> None:
             record = make_record(item, gen, float(score(item, gen.text)))
