@@ -14,6 +14,7 @@ pre-packed in oneDNN's blocked layout, where that is faster:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -37,6 +38,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
+@functools.cache  # once per shape and process: every engine of a process gets the same answer
 def _onednn_is_faster(in_features: int, out_features: int) -> bool:
     """Time oneDNN's packed float32 product against ``F.linear`` at 1 and 16 rows."""
     import time

@@ -139,6 +139,8 @@ class ModelRunner:
         scoring: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, end, first row)
         context_lens: list[int] = []
         seq_blocks: list[Tensor | slice] = []
+        seq_runs: list[list[tuple[int, int]]] = []
+        cpu, width = self.device.type == "cpu", 1
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
@@ -153,8 +155,11 @@ class ModelRunner:
                 scoring.append((seq, start, last_scored, len(ids) - (end - start)))
             context_lens.append(end)
             used = table[: -(-end // bs)]
-            seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
-        width = max(len(b) if isinstance(b, list) else b.stop - b.start for b in seq_blocks)
+            width = max(width, len(used))
+            if cpu:
+                seq_runs.append(_runs(used, end, bs))
+            else:
+                seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
         tables = [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in batch.seqs]
         decode_only = batch.decode_only
         md = AttentionMetadata(
@@ -165,11 +170,8 @@ class ModelRunner:
             query_lens=list(batch.num_tokens),
             context_lens_host=context_lens,
         )
-        if self.device.type == "cpu":  # one in-place path for every step, whatever its mix
-            md.seq_runs = [
-                _runs(seq.block_table[: -(-end // bs)], end, bs)
-                for seq, end in zip(batch.seqs, context_lens, strict=True)
-            ]
+        if cpu:  # one in-place path for every step, whatever its mix
+            md.seq_runs = seq_runs
         elif decode_only and not self.cache.use_triton:
             if len(seq_blocks) == 1 and isinstance(seq_blocks[0], slice):
                 md.decode_blocks = seq_blocks[0]

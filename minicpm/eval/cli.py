@@ -11,11 +11,9 @@ and prints the table. Flags are checked before anything loads; bad input is one 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +243,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
     device = base._check_device(args.device) if not args.endpoint else None
     engine_config = base._engine_config(args, device) if device else None
     tokenizer, context = _load_tokenizer(args)
-    suite = _SUITE_BUILDERS[args.suite]
-    items, settings, score, make_report = suite(args, tokenizer, context)
+    items, settings, score, make_report = _suite_module(args.suite).build(args, tokenizer, context)
     settings = {
         "suite": args.suite,
         "model": str(args.model) if args.model else "embedded default",
@@ -314,9 +311,8 @@ def _save_time(run_dir: Any, timer: Any) -> float:
 def _finish(run_dir: Any, settings: dict[str, Any], records: list[dict[str, Any]], make_report: Any) -> int:
     report, markdown = make_report(records, settings)
     run_dir.write_report(report, markdown)
-    if settings["suite"] == "needle":
-        from .needle_suite import write_artifacts
-
+    write_artifacts = getattr(_suite_module(settings["suite"]), "write_artifacts", None)
+    if write_artifacts is not None:
         write_artifacts(records, settings, run_dir.path)
     print(markdown)
     print(f"minicpm: report: {run_dir.path / 'report.md'}", file=sys.stderr)
@@ -334,38 +330,17 @@ def _default_output(args: argparse.Namespace, settings: dict[str, Any]) -> Path:
     return Path("minicpm-eval") / name
 
 
-def _infinitebench(args: argparse.Namespace, tokenizer: Any, context: int) -> tuple:
-    from . import infinitebench as ib
-    from .scoring import INFINITEBENCH_TASKS
-
-    tasks = ib.check_tasks(args.tasks or INFINITEBENCH_TASKS)
-    max_length = args.max_length or context
-    items = ib.build_items(tokenizer, args.data, tasks, args.style, max_length, args.limit, args.chat_format)
-    settings = {
-        "style": args.style,
-        "max_length": max_length,
-        "tasks": tasks,
-        "limit": args.limit,
-        "data": str(Path(args.data).resolve()),
-        "max_new_tokens": {t: ib.answer_room(t, max_length) for t in tasks},
-        "decoding": "greedy",
-    }
-    return items, settings, ib.score_item, ib.report
+# each suite's module: build(args, tokenizer, context) -> (items, settings, score, report), report(records,
+# settings) -> (json, markdown), and optionally write_artifacts(records, settings, run_dir)
+_SUITE_MODULES = {"infinitebench": "infinitebench", "needle": "needle_suite", "ruler": "ruler_suite"}
 
 
-def _needle(args: argparse.Namespace, tokenizer: Any, context: int) -> tuple:
-    from . import needle_suite
+def _suite_module(suite: str) -> Any:
+    import importlib
 
-    return needle_suite.build(args, tokenizer, context)
-
-
-def _ruler(args: argparse.Namespace, tokenizer: Any, context: int) -> tuple:
-    from . import ruler_suite
-
-    return ruler_suite.build(args, tokenizer, context)
-
-
-_SUITE_BUILDERS = {"infinitebench": _infinitebench, "needle": _needle, "ruler": _ruler}
+    if suite not in _SUITE_MODULES:
+        raise ValueError(f"unknown suite {suite!r} in run.json")
+    return importlib.import_module(f".{_SUITE_MODULES[suite]}", __package__)
 
 
 # --------------------------------------------------------------------------------- file tools
@@ -424,23 +399,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_maker(suite: str) -> Any:
-    if suite == "infinitebench":
-        from .infinitebench import report
-    elif suite == "needle":
-        from .needle_suite import report
-    elif suite == "ruler":
-        from .ruler_suite import report
-    else:
-        raise ValueError(f"unknown suite {suite!r} in run.json")
-    return report
-
-
 def _cmd_merge(args: argparse.Namespace) -> int:
     from . import harness
 
     settings, records = harness.merge(args.runs, args.output)
-    return _finish(harness.RunDir(args.output), settings, records, _report_maker(settings["suite"]))
+    return _finish(harness.RunDir(args.output), settings, records, _suite_module(settings["suite"]).report)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -465,11 +428,3 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for key, values in rows.items():
         print(f"| {key} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
     return 0
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - convenience
-    return base.main(["eval", *(argv or sys.argv[1:])])

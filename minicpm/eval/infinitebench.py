@@ -215,6 +215,23 @@ def build_items(
     return items
 
 
+def build(args: Any, tokenizer: Any, context: int) -> tuple[list[Item], dict[str, Any], Any, Any]:
+    """The suite for ``minicpm eval infinitebench``: (items, settings, score, report)."""
+    tasks = check_tasks(args.tasks or INFINITEBENCH_TASKS)
+    max_length = args.max_length or context
+    items = build_items(tokenizer, args.data, tasks, args.style, max_length, args.limit, args.chat_format)
+    settings = {
+        "style": args.style,
+        "max_length": max_length,
+        "tasks": tasks,
+        "limit": args.limit,
+        "data": str(Path(args.data).resolve()),
+        "max_new_tokens": {t: answer_room(t, max_length) for t in tasks},
+        "decoding": "greedy",
+    }
+    return items, settings, score_item, report
+
+
 def score_item(item: Item, prediction: str, model: str = "") -> float:
     return score_infinitebench(item.group, prediction, item.ground_truth, model)
 
