@@ -7,10 +7,13 @@ batch write into. A forward over a flattened batch (input ids of shape (1, total
 writes the new keys/values at ``metadata.slot_mapping`` and returns, for each sequence's new
 queries, causal attention over that sequence's cached tokens plus its new ones.
 
-* On CPU, every step (decode rows and prefill chunks, in any mix) takes one path: each sequence
-  attends to its own blocks read in place, one view per run of consecutive block ids (the block
-  manager hands out low ids first, so a sequence is usually one run), runs merged by log-sum-exp;
-  nothing is gathered or masked, whatever the order of the blocks.
+* On CPU nothing is gathered or masked, whatever the order of the blocks. Decode rows (one new
+  token) go, all of the step's together, to the native paged kernel
+  (:mod:`minicpm.engine.cpu_kernels`: one call per layer, blocks read through the block table
+  in place), so a decode row's result does not depend on what else the step holds. Prefill
+  chunks (and decode rows where the kernel cannot be built) attend to their own blocks read in
+  place, one view per run of consecutive block ids (the block manager keeps a sequence's blocks
+  consecutive where it can), runs merged by log-sum-exp.
 * Decode-only batches on GPU: with Triton, a paged kernel reads the blocks in place
   (:mod:`minicpm.engine.triton_attention`); otherwise the blocks are gathered (a view when a
   sequence's blocks are consecutive) and one masked ``scaled_dot_product_attention`` covers the batch.
@@ -32,6 +35,7 @@ from torch import Tensor
 
 from ..config import MiniCPMConfig
 from ..model import causal_attention
+from .cpu_kernels import native_kernels, paged_attention
 
 try:
     from .triton_attention import TRITON_AVAILABLE, paged_decode_attention
@@ -153,6 +157,11 @@ class AttentionMetadata:
     decode_mask: Tensor | None = None
     # CPU: per sequence, (first slot, tokens) of each run of consecutive blocks holding its context
     seq_runs: list[list[tuple[int, int]]] | None = None
+    # CPU native kernel: the decode rows' token indices (host), the row of ``block_tables`` each
+    # reads and its context length (int32 tensors); None when the step has no decode row
+    decode_rows: list[int] | None = None
+    decode_seqs: Tensor | None = None
+    decode_lens: Tensor | None = None
 
 
 class PagedKVCache:
@@ -187,6 +196,10 @@ class PagedKVCache:
             self.lse_attention = probe_lse_attention(
                 device, dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim
             )
+        # CPU decode rows: the native paged kernel, where it builds (else the per-run torch path)
+        self.native = None
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            self.native = native_kernels()
         self.metadata: AttentionMetadata | None = None
 
     @property
@@ -212,7 +225,10 @@ class PagedKVCache:
         kc.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, k[0].transpose(0, 1))
         vc.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, v[0].transpose(0, 1))
         if md.seq_runs is not None:
-            return self._attend_in_place(kc.view(-1, kv_heads, d), vc.view(-1, kv_heads, d), q, k, v, md)
+            kc, vc = kc.view(-1, kv_heads, d), vc.view(-1, kv_heads, d)
+            if self.native is not None and md.decode_rows:
+                return self._attend_native(kc, vc, q, k, v, md)
+            return self._attend_in_place(kc, vc, q, k, v, md)
         if md.decode_only:
             return self._decode(kc, vc, q, md)
         outs, start = [], 0
@@ -234,6 +250,36 @@ class PagedKVCache:
             outs.append(out)
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _attend_native(self, kc: Tensor, vc: Tensor, q: Tensor, k: Tensor, v: Tensor, md: AttentionMetadata) -> Tensor:
+        """The step's decode rows in one native kernel call; its prefill chunks (if any) by
+        :meth:`_attend_in_place`, written around them. Returns (1, heads, tokens, head_dim)."""
+        rows = q[0].transpose(0, 1)  # (tokens, heads, head_dim), heads contiguous
+        if rows.stride(2) != 1 or rows.stride(1) != rows.shape[2]:
+            rows = rows.contiguous()
+        tokens = rows.shape[0]
+        every = len(md.decode_rows) == tokens
+        queries = rows if every else rows[torch.tensor(md.decode_rows)]
+        decoded = paged_attention(
+            queries, kc, vc, md.block_tables, md.decode_seqs, md.decode_lens, self.block_size, self.scale, self.native
+        )
+        if every:
+            return decoded.transpose(0, 1)[None]
+        out = torch.empty_like(rows, memory_format=torch.contiguous_format)
+        out[md.decode_rows] = decoded
+        start = 0
+        for i, n in enumerate(md.query_lens):
+            if n > 1:
+                sub = AttentionMetadata(
+                    md.slot_mapping, md.block_tables, md.context_lens, False, [n], [md.context_lens_host[i]]
+                )
+                sub.seq_runs = [md.seq_runs[i]]
+                part = self._attend_in_place(
+                    kc, vc, q[:, :, start : start + n], k[:, :, start : start + n], v[:, :, start : start + n], sub
+                )
+                out[start : start + n] = part[0].transpose(0, 1)
+            start += n
+        return out.transpose(0, 1)[None]
 
     def _attend_in_place(
         self, kc: Tensor, vc: Tensor, q: Tensor, k: Tensor, v: Tensor, md: AttentionMetadata

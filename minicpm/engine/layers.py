@@ -1,92 +1,182 @@
 """Inference-time module swaps, applied by the model runner after loading (the model file stays as is).
 
 Contract: :func:`prepare_model` fuses q/k/v and gate/up projections (same function, fewer matrix
-products) and, on CPU, replaces every linear layer with :class:`PackedLinear`, whose weight is
-pre-packed in oneDNN's blocked layout, where that is faster:
+products) and wraps every linear layer in :class:`RowSplitLinear`, which multiplies a step's decode
+rows apart from its prefill rows when the runner says where they split (:class:`StepRows`): GEMM
+libraries pick their blocking, and with it the summation order, by row count, and this way a
+decode row's products do not depend on whether a prompt is being prefilled beside it.
 
-* bfloat16 (where oneDNN supports it): always; the same products (bitwise, in our tests) at about
-  twice the matrix-vector speed of ``F.linear``, which is what batch-1 decode spends its time on.
-* float32: when a start-up probe (a few milliseconds on a layer-sized matrix, at 1 and 16 rows)
-  finds oneDNN at least 10% faster than ``F.linear``'s BLAS: e.g. on AMD CPUs, where MKL's sgemm
-  takes a slow path (1.4-1.5x here). Float32 results then differ from ``F.linear``'s in the last
-  bits (another summation order). ``MINICPM_CPU_LINEAR=blas`` or ``=onednn`` overrides the probe.
+On CPU, each linear layer's product is the fastest of these for the model's dtype, chosen once
+per process by a start-up probe (:func:`linear_choice`: a few tens of milliseconds on a
+layer-sized weight, at 1 and 16 rows):
+
+* ``panel``: the native kernel (:func:`~minicpm.engine.cpu_kernels.panel_linear`, float32 or
+  bfloat16 weights packed in column panels), where it builds. Each output is one in-order sum, so
+  a row's result does not depend on the rows beside it at all. On this project's AMD EPYC
+  machines it wins in float32 (1.2-1.6x oneDNN's at 1-16 rows, even at 512).
+* ``onednn-1`` / ``onednn-16``: oneDNN with the weight pre-packed for that many rows (the best
+  count differs by CPU). In bfloat16 it uses the CPU's bfloat16 dot products, which win from 4
+  rows up; the same products bitwise as ``F.linear`` in our tests.
+* ``blas``: plain ``F.linear`` (float32 only; MKL's sgemm takes a slow path on AMD CPUs).
+
+``MINICPM_CPU_LINEAR=panel|onednn|blas`` overrides the probe. Float32 results differ between the
+choices in the last bits (other summation orders).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 from torch import Tensor, nn
 
 from ..model import MiniCPMForCausalLM
+from .cpu_kernels import native_kernels, pack_panels, panel_linear
 
 
 class PackedLinear(nn.Module):
-    """A bias-free linear layer over a oneDNN-packed bfloat16 or float32 weight (CPU only)."""
+    """A bias-free linear layer over a oneDNN-packed bfloat16 or float32 weight (CPU only),
+    packed for ``rows`` rows per product."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, rows: int = 16) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.rows = rows
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN for {self.rows} rows"
 
 
-@functools.cache  # once per shape and process: every engine of a process gets the same answer
-def _onednn_is_faster(in_features: int, out_features: int) -> bool:
-    """Time oneDNN's packed float32 product against ``F.linear`` at 1 and 16 rows."""
-    import time
+class PanelLinear(nn.Module):
+    """A bias-free linear layer over a weight packed in column panels for the native kernel
+    (:func:`~minicpm.engine.cpu_kernels.panel_linear`; CPU, float32 or bfloat16)."""
 
+    def __init__(self, linear: nn.Linear, lib: object) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.lib = lib
+        self.packed = pack_panels(linear.weight.detach(), lib)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return panel_linear(x, self.packed, self.out_features, self.lib)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native panels"
+
+
+def make_linear(linear: nn.Linear, choice: str) -> nn.Module:
+    """``linear`` as ``choice`` computes it: "panel", "onednn-<rows>" or "blas" (itself)."""
+    if choice == "panel":
+        lib = native_kernels()
+        if lib is None:
+            raise RuntimeError("the native CPU kernels are not available here")
+        return PanelLinear(linear, lib)
+    if choice.startswith("onednn-"):
+        return PackedLinear(linear, int(choice.split("-")[1]))
+    if choice == "blas":
+        return linear
+    raise ValueError(f"unknown linear choice {choice!r}: panel, onednn-<rows> or blas")
+
+
+class StepRows:
+    """Where a step's rows split for the linear layers: rows ``[0, split)`` (the step's decode
+    rows, which the scheduler puts first) and the rest are multiplied apart; 0 means together."""
+
+    def __init__(self) -> None:
+        self.split = 0
+
+
+class RowSplitLinear(nn.Module):
+    """``inner`` applied to rows ``[0, rows.split)`` and the rest separately, then joined."""
+
+    def __init__(self, inner: nn.Module, rows: StepRows) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rows = rows
+
+    def forward(self, x: Tensor) -> Tensor:
+        at = self.rows.split
+        if 0 < at < x.shape[-2]:
+            return torch.cat((self.inner(x[..., :at, :]), self.inner(x[..., at:, :])), dim=-2)
+        return self.inner(x)
+
+
+def linear_candidates(dtype: torch.dtype) -> list[str]:
+    """What can multiply ``dtype`` weights on this CPU, per ``MINICPM_CPU_LINEAR`` (default: all)."""
+    found = []
+    if native_kernels() is not None:
+        found.append("panel")
+    if torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    ):
+        found += ["onednn-1", "onednn-16"]
+    if dtype == torch.float32 or not found:
+        found.append("blas")
+    wanted = os.environ.get("MINICPM_CPU_LINEAR", "auto").lower()
+    if wanted != "auto":
+        if wanted not in ("panel", "onednn", "blas"):
+            raise ValueError(f"MINICPM_CPU_LINEAR must be panel, onednn, blas or auto, got {wanted!r}")
+        found = [c for c in found if c.split("-")[0] == wanted] or found
+    return found
+
+
+@functools.cache  # once per shape, dtype and process: every engine of a process gets the same answer
+def linear_choice(in_features: int, out_features: int, dtype: torch.dtype) -> str:
+    """The fastest of :func:`linear_candidates` on a layer-sized weight, timed at 1 and 16 rows
+    (the native panels unless another is at least 10% faster)."""
+    candidates = linear_candidates(dtype)
+    if len(candidates) == 1:
+        return candidates[0]
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_features, in_features, generator=gen))
-        packed = PackedLinear(linear)
-        best = {}
-        for name, fn in (("blas", linear), ("onednn", packed)):
+        linear = linear.to(dtype)
+        times = {}
+        for choice in candidates:
+            fn = make_linear(linear, choice)
             total = 0.0
             for rows in (1, 16):
-                x = torch.randn(rows, in_features, generator=gen)
+                x = torch.randn(rows, in_features, generator=gen).to(dtype)
                 fn(x)  # warm up
-                times = []
+                runs = []
                 for _ in range(5):
                     start = time.perf_counter()
                     for _ in range(8):
                         fn(x)
-                    times.append(time.perf_counter() - start)
-                total += min(times)
-            best[name] = total
-    return best["onednn"] < 0.9 * best["blas"]
+                    runs.append(time.perf_counter() - start)
+                total += min(runs)
+            times[choice] = total
+    # the probe's weight stays in cache; a model's streams from memory, where the panels' front-to-
+    # back reads gain more (here 1.2x oneDNN's at 16 rows): they keep a 10% handicap in their favour
+    return min(candidates, key=lambda c: times[c] * (0.9 if c == "panel" else 1.0))
 
 
-def can_pack(model: MiniCPMForCausalLM) -> bool:
-    if model.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if model.dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if model.dtype != torch.float32:
-        return False
-    choice = os.environ.get("MINICPM_CPU_LINEAR", "auto").lower()
-    if choice in ("blas", "onednn"):
-        return choice == "onednn"
+def cpu_linear(model: MiniCPMForCausalLM) -> str | None:
+    """How :func:`prepare_model` multiplies ``model``'s layers here (see :func:`linear_choice`);
+    None off the CPU or for a dtype other than float32 / bfloat16 (``F.linear``)."""
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+        return None
     c = model.config
-    return _onednn_is_faster(c.hidden_size, c.intermediate_size)
+    return linear_choice(c.hidden_size, c.intermediate_size, model.dtype)
 
 
-def prepare_model(model: MiniCPMForCausalLM, pack: bool | None = None) -> MiniCPMForCausalLM:
-    """Fuse projections and, where it pays (see :func:`can_pack`), pack linear weights; in place."""
+def prepare_model(model: MiniCPMForCausalLM, rows: StepRows) -> MiniCPMForCausalLM:
+    """Fuse projections, give each linear layer this machine's product (:func:`cpu_linear`) and
+    wrap it in a :class:`RowSplitLinear` reading ``rows``; in place, once per model."""
     model.fuse_projections()
-    if pack is None:
-        pack = can_pack(model)
-    if pack:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear and child.bias is None:
-                    setattr(parent, name, PackedLinear(child))
+    choice = cpu_linear(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, RowSplitLinear):  # prepared before: follow the new engine's rows
+                child.rows = rows
+            elif type(child) is nn.Linear and child.bias is None:
+                inner = child if choice is None else make_linear(child, choice)
+                setattr(parent, name, RowSplitLinear(inner, rows))
     return model

@@ -25,7 +25,7 @@ from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
 from .attention import AttentionMetadata, PagedKVCache
 from .config import EngineConfig
-from .layers import prepare_model
+from .layers import StepRows, prepare_model
 from .sampler import Sampled, Sampler
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
@@ -52,7 +52,8 @@ def _runs(blocks: list[int], length: int, block_size: int) -> list[tuple[int, in
 
 class ModelRunner:
     def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
-        self.model = prepare_model(model.eval())
+        self.rows = StepRows()
+        self.model = prepare_model(model.eval(), self.rows)
         self.config = config
         self.model_config = model.config
         self.device = model.device
@@ -140,6 +141,9 @@ class ModelRunner:
         context_lens: list[int] = []
         seq_blocks: list[Tensor | slice] = []
         seq_runs: list[list[tuple[int, int]]] = []
+        decode_rows: list[int] = []
+        decode_seqs: list[int] = []
+        decode_lens: list[int] = []
         cpu, width = self.device.type == "cpu", 1
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -158,6 +162,10 @@ class ModelRunner:
             width = max(width, len(used))
             if cpu:
                 seq_runs.append(_runs(used, end, bs))
+                if n == 1:
+                    decode_rows.append(len(ids) - 1)
+                    decode_seqs.append(len(context_lens) - 1)
+                    decode_lens.append(end)
             else:
                 seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
         tables = [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in batch.seqs]
@@ -170,8 +178,12 @@ class ModelRunner:
             query_lens=list(batch.num_tokens),
             context_lens_host=context_lens,
         )
-        if cpu:  # one in-place path for every step, whatever its mix
+        if cpu:  # in place for every step, whatever its mix: decode rows to the native kernel
             md.seq_runs = seq_runs
+            if decode_rows and self.cache.native is not None:
+                md.decode_rows = decode_rows
+                md.decode_seqs = self._tensor(decode_seqs, torch.int32)
+                md.decode_lens = self._tensor(decode_lens, torch.int32)
         elif decode_only and not self.cache.use_triton:
             if len(seq_blocks) == 1 and isinstance(seq_blocks[0], slice):
                 md.decode_blocks = seq_blocks[0]
@@ -201,11 +213,14 @@ class ModelRunner:
             logits = self._replay(graph, ids, positions, inv_freq, md)
         else:
             self.cache.metadata = md
+            # a mixed step's decode rows (first in the batch) go through the linears apart from the rest
+            self.rows.split = next((i for i, n in enumerate(batch.num_tokens) if n != 1), 0)
             try:
                 keep = self._tensor(rows) if rows else torch.empty(0, dtype=torch.long, device=self.device)
                 logits = self.model(ids, positions, cache=self.cache, logits_to_keep=keep, inv_freq=inv_freq)[0]
             finally:
                 self.cache.metadata = None
+                self.rows.split = 0
         if self._scoring:
             self._score_prompts(logits[len(samplers) :])
         return self.sampler.sample(logits[: len(samplers)], samplers)

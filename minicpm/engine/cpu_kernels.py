@@ -1,0 +1,260 @@
+"""Native CPU kernels, compiled on first use: :func:`paged_attention` (``csrc/paged_attention.c``).
+
+Contract:
+
+* :func:`native_kernels` builds the C source with the system's C compiler (``$CC``, else ``cc``)
+  at ``-O3 -march=native -fopenmp`` into ``$MINICPM_CACHE/kernels/`` (default ``~/.cache/minicpm``),
+  keyed by the source, the compiler's version and this CPU's flags, so a second start loads it in
+  milliseconds. The build writes to a temporary name and renames, so concurrent processes never
+  load half a library. Where there is no compiler, the build fails or ``MINICPM_CPU_KERNELS=off``,
+  it returns None (after one warning for a failure) and callers use their torch path.
+* The library links the OpenMP runtime by soname, so inside a torch process it shares torch's
+  (torch's own ``libgomp.so.1`` is already loaded): the kernel's threads are torch's, and
+  ``torch.set_num_threads`` governs both.
+* :func:`paged_attention` checks every shape, dtype and layout before calling into C: a mismatch
+  raises ``ValueError`` naming it, never a crash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("minicpm.engine")
+
+CSRC = Path(__file__).with_name("csrc")
+# per source, the floating-point flags beyond -O3 (never -ffast-math: no flush-to-zero start-up
+# code and no finite-math assumptions, so the process's floating-point state is left alone)
+SOURCES = {
+    # attention: reassociation, so a vector's lanes are summed as a tree
+    "paged_attention.c": ["-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"],
+    # linear: no reassociation, so each output's sum runs in one order whatever the row count
+    "linear.c": [],
+}
+_COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-Wall", "-ffp-contract=fast"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_REFUSALS = {
+    -1: "more than 64 query heads per kv head",
+    -3: "out of memory for the kernel's scratch",
+    -4: "a row_seq entry is not a row of block_tables",
+    -5: "a row_len entry is below 1 or beyond the table width times block_size",
+    -6: "a block id outside the cache",
+}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MINICPM_CACHE") or Path.home() / ".cache" / "minicpm") / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("flags", "model name"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+
+
+def _build() -> Path:
+    """Compile :data:`SOURCES` into one library in the kernel cache (or find it there); raises on
+    any failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    parts = [cc, version, " ".join(_COMMON_FLAGS), _cpu_signature()]
+    for name, flags in SOURCES.items():
+        parts += [name, " ".join(flags), (CSRC / name).read_text()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"minicpm-cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = []
+        for name, flags in SOURCES.items():
+            obj = str(Path(tmp) / f"{Path(name).stem}.o")
+            _run([cc, *_COMMON_FLAGS, *flags, "-c", str(CSRC / name), "-o", obj], cc, name)
+            objects.append(obj)
+        library = str(Path(tmp) / "lib.so")
+        _run([cc, "-shared", "-fopenmp", *objects, "-o", library, "-lm"], cc, "the link")
+        os.replace(library, target)  # whole or not at all, for a concurrent process
+    return target
+
+
+def _run(cmd: list[str], cc: str, what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cc} failed on {what}:\n{done.stderr.strip()[-2000:]}")
+
+
+@functools.cache
+def native_kernels() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it is switched off or cannot be built here."""
+    if os.environ.get("MINICPM_CPU_KERNELS", "on").lower() in ("off", "0", "false", "no"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except Exception as exc:  # no compiler, a failed build, an unloadable library: the torch path is used
+        log.warning("native CPU kernels unavailable, using torch's: %s", exc)
+        return None
+    fn = lib.minicpm_paged_attention
+    i32p = ctypes.POINTER(ctypes.c_int32)
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        i32p,
+        ctypes.c_int,
+        ctypes.c_int,
+        i32p,
+        i32p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_void_p,
+    ]
+    fn.restype = ctypes.c_int
+    v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.minicpm_pack_panels.argtypes = [i, v, i64, i, i, v]
+    lib.minicpm_pack_panels.restype = None
+    lib.minicpm_linear.argtypes = [i, i, v, i64, v, i, i, i, v, i64, v]
+    lib.minicpm_linear.restype = None
+    return lib
+
+
+PANEL = 32  # output columns per packed panel (csrc/linear.c)
+
+
+def pack_panels(weight: Tensor, lib: ctypes.CDLL) -> Tensor:
+    """``weight`` (out, in), float32 or bfloat16, in :func:`panel_linear`'s layout: panels of 32
+    output columns, each (in, 32), zero-padded to a whole panel."""
+    if weight.dim() != 2 or weight.dtype not in _DTYPES or weight.device.type != "cpu" or weight.stride(1) != 1:
+        raise ValueError(
+            "pack_panels: weight must be a CPU float32 or bfloat16 (out, in) tensor with unit column stride"
+        )
+    n, k = weight.shape
+    packed = torch.empty(-(-n // PANEL), k, PANEL, dtype=weight.dtype)
+    lib.minicpm_pack_panels(_DTYPES[weight.dtype], weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr())
+    return packed
+
+
+def panel_linear(x: Tensor, packed: Tensor, out_features: int, lib: ctypes.CDLL) -> Tensor:
+    """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`); float32 accumulation,
+    each output summed in input order, so a row's result does not depend on the other rows."""
+    k = packed.shape[1]
+    if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
+        raise ValueError(
+            f"panel_linear: x must be CPU float32 or bfloat16 with {k} features, got {x.dtype} {tuple(x.shape)}"
+        )
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    scratch = torch.empty(m * k if x.dtype == torch.bfloat16 else 0, dtype=torch.float32)
+    lib.minicpm_linear(
+        _DTYPES[packed.dtype],
+        _DTYPES[x.dtype],
+        rows.data_ptr(),
+        rows.stride(0),
+        packed.data_ptr(),
+        m,
+        out_features,
+        k,
+        y.data_ptr(),
+        y.stride(0),
+        scratch.data_ptr(),
+    )
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _int32_pointer(t: Tensor) -> ctypes._Pointer:
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+
+
+def paged_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    row_seq: Tensor,
+    row_len: Tensor,
+    block_size: int,
+    scale: float,
+    lib: ctypes.CDLL | None = None,
+) -> Tensor:
+    """Softmax attention of each query row over a prefix of its sequence's paged keys, in place.
+
+    ``q`` (rows, heads, head_dim), head-contiguous; ``k_cache``/``v_cache`` (slots, kv_heads,
+    head_dim) contiguous, one layer; ``block_tables`` (seqs, width) int32; row ``r`` attends to
+    the first ``row_len[r]`` (>= 1) keys of sequence ``row_seq[r]`` (int32 both). Returns
+    (rows, heads, head_dim) in ``q``'s dtype. Indices are checked in C before any read: a row
+    length beyond its table or a block id outside the cache is a ``ValueError``.
+    """
+    lib = lib or native_kernels()
+    if lib is None:
+        raise RuntimeError("native CPU kernels are not available")
+    rows, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    checks = {
+        "q must be a CPU float32 or bfloat16 tensor": q.device.type == "cpu" and q.dtype in _DTYPES,
+        "q's heads and head_dim must be contiguous": q.stride(2) == 1 and q.stride(1) == head_dim,
+        "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) in q's dtype": all(
+            c.is_contiguous() and c.dim() == 3 and c.shape[1:] == (kv_heads, head_dim) and c.dtype == q.dtype
+            for c in (k_cache, v_cache)
+        ),
+        "heads must be a multiple of kv_heads": kv_heads > 0 and heads % kv_heads == 0,
+        "block_tables, row_seq and row_len must be contiguous int32": all(
+            t.dtype == torch.int32 and t.is_contiguous() for t in (block_tables, row_seq, row_len)
+        ),
+        "row_seq and row_len need one entry per row": row_seq.numel() == rows and row_len.numel() == rows,
+    }
+    for message, ok in checks.items():
+        if not ok:
+            raise ValueError(f"paged_attention: {message}")
+    out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
+    code = lib.minicpm_paged_attention(
+        _DTYPES[q.dtype],
+        q.data_ptr(),
+        q.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[0] // block_size,
+        _int32_pointer(block_tables),
+        block_tables.shape[0],
+        block_tables.shape[1],
+        _int32_pointer(row_seq),
+        _int32_pointer(row_len),
+        rows,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        out.data_ptr(),
+    )
+    if code != 0:
+        raise ValueError(f"paged_attention: {_REFUSALS.get(code, f'the kernel refused its arguments (code {code})')}")
+    return out

@@ -1,0 +1,147 @@
+/* y = x W^T on CPU over a weight packed in column panels, for the few-row products of decoding.
+ *
+ * Built with paged_attention.c into one library by minicpm/engine/cpu_kernels.py; see
+ * cpu_kernels.py for the contract. Layout: W (n, k) is packed once into panels of PANEL = 32
+ * output columns, panel p holding W[p*32 + c, j] at [p][j][c] (zero-padded past n), so a panel is
+ * read front to back and the micro-kernel needs no horizontal sums: each step broadcasts one
+ * input element per row and multiplies it into a panel row of 32 outputs.
+ *
+ * Each output element is one sum over j in order 0..k-1 of x[m, j] * W[n, j] (fused multiply-add,
+ * float32 accumulators), whatever the number of rows or threads: a row's result does not depend
+ * on the rows computed beside it. GCC vector extensions give whole-vector code on any target
+ * (AVX-512, AVX2, NEON) without intrinsics.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define PANEL 32
+#define ROWS 12 /* rows per micro-tile: 2 * ROWS accumulators of 16 lanes (24 of 32 AVX-512 registers) */
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+static inline v16f load16(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline v16f load16_bf16(const uint16_t *p) {
+    v16h h;
+    memcpy(&h, p, sizeof h);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* rows x 32 outputs of one panel; ``rows`` is a literal at each call site (always_inline) */
+#define DEFINE_TILE(NAME, WT, LOADW)                                                                \
+    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t x_stride,       \
+                                                           const WT *panel, int k, const int rows,  \
+                                                           float *out) {                           \
+        v16f acc0[ROWS], acc1[ROWS];                                                               \
+        for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = (v16f){0};                              \
+        for (int j = 0; j < k; j++) {                                                              \
+            const v16f w0 = LOADW(panel + (int64_t)j * PANEL), w1 = LOADW(panel + (int64_t)j * PANEL + 16); \
+            for (int r = 0; r < rows; r++) {                                                       \
+                const float xv = x[r * x_stride + j];                                              \
+                acc0[r] += xv * w0;                                                                \
+                acc1[r] += xv * w1;                                                                \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < rows; r++) {                                                           \
+            memcpy(out + r * PANEL, &acc0[r], sizeof(v16f));                                       \
+            memcpy(out + r * PANEL + 16, &acc1[r], sizeof(v16f));                                  \
+        }                                                                                          \
+    }
+
+DEFINE_TILE(tile_f32, float, load16)
+DEFINE_TILE(tile_bf16, uint16_t, load16_bf16)
+
+#define DISPATCH_ROWS(TILE, x, xs, panel, k, rows, out) \
+    switch (rows) {                                     \
+    case 12: TILE(x, xs, panel, k, 12, out); break;     \
+    case 11: TILE(x, xs, panel, k, 11, out); break;     \
+    case 10: TILE(x, xs, panel, k, 10, out); break;     \
+    case 9: TILE(x, xs, panel, k, 9, out); break;       \
+    case 8: TILE(x, xs, panel, k, 8, out); break;       \
+    case 7: TILE(x, xs, panel, k, 7, out); break;       \
+    case 6: TILE(x, xs, panel, k, 6, out); break;       \
+    case 5: TILE(x, xs, panel, k, 5, out); break;       \
+    case 4: TILE(x, xs, panel, k, 4, out); break;       \
+    case 3: TILE(x, xs, panel, k, 3, out); break;       \
+    case 2: TILE(x, xs, panel, k, 2, out); break;       \
+    default: TILE(x, xs, panel, k, 1, out); break;      \
+    }
+
+/* Pack W (n, k), row stride w_stride, into panels (n rounded up to 32); wtype 0 float32, 1 bfloat16. */
+void minicpm_pack_panels(int wtype, const void *w, int64_t w_stride, int n, int k, void *packed) {
+    const int panels = (n + PANEL - 1) / PANEL;
+    const size_t size = wtype == 0 ? 4 : 2;
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        char *dst = (char *)packed + (size_t)p * k * PANEL * size;
+        for (int j = 0; j < k; j++)
+            for (int c = 0; c < PANEL; c++) {
+                const int row = p * PANEL + c;
+                const char *src = (const char *)w + ((int64_t)row * w_stride + j) * size;
+                if (row < n)
+                    memcpy(dst + ((size_t)j * PANEL + c) * size, src, size);
+                else
+                    memset(dst + ((size_t)j * PANEL + c) * size, 0, size);
+            }
+    }
+}
+
+/* y (m, n), row stride y_stride, = x (m, k), row stride x_stride, times the packed W^T.
+ * wtype: the packed weight's type (0 float32, 1 bfloat16); x and y are float32 (xtype 0) or
+ * bfloat16 (xtype 1), widened into ``scratch`` (m * k floats) first when bfloat16. */
+void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, int m, int n, int k,
+                    void *y, int64_t y_stride, float *scratch) {
+    const float *xf = (const float *)x;
+    if (xtype == 1) {
+        for (int r = 0; r < m; r++)
+            for (int j = 0; j < k; j++) {
+                uint32_t u = (uint32_t)((const uint16_t *)x)[(int64_t)r * x_stride + j] << 16;
+                memcpy(&scratch[(int64_t)r * k + j], &u, sizeof u);
+            }
+        xf = scratch;
+        x_stride = k;
+    }
+    const int panels = (n + PANEL - 1) / PANEL;
+    const int tiles = (m + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int p = 0; p < panels; p++) {
+        for (int t = 0; t < tiles; t++) {
+            float out[ROWS * PANEL];
+            const int r0 = t * ROWS, rows = m - r0 < ROWS ? m - r0 : ROWS;
+            const float *xt = xf + (int64_t)r0 * x_stride;
+            if (wtype == 0) {
+                const float *panel = (const float *)packed + (int64_t)p * k * PANEL;
+                DISPATCH_ROWS(tile_f32, xt, x_stride, panel, k, rows, out)
+            } else {
+                const uint16_t *panel = (const uint16_t *)packed + (int64_t)p * k * PANEL;
+                DISPATCH_ROWS(tile_bf16, xt, x_stride, panel, k, rows, out)
+            }
+            const int c0 = p * PANEL, cols = n - c0 < PANEL ? n - c0 : PANEL;
+            for (int r = 0; r < rows; r++) {
+                if (xtype == 0) {
+                    memcpy((float *)y + (int64_t)(r0 + r) * y_stride + c0, out + r * PANEL, cols * sizeof(float));
+                } else {
+                    uint16_t *dst = (uint16_t *)y + (int64_t)(r0 + r) * y_stride + c0;
+                    for (int c = 0; c < cols; c++) dst[c] = f32_to_bf16_rne(out[r * PANEL + c]);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+"""The native CPU paged-attention kernel: against a plain reference (dtypes, GQA and MHA, head
+sizes, shuffled blocks, lengths around block edges), its refusals, its fallback, and the engine on
+it: same greedy tokens as the torch path, one kernel call per layer, and a decode row's logits
+bitwise the same whether or not a neighbour is prefilling in the same step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_model, tiny_config
+
+from minicpm import SamplingParams
+from minicpm.engine import EngineConfig, LLMEngine, cpu_kernels
+from minicpm.engine.cpu_kernels import native_kernels, paged_attention
+
+needs_native = pytest.mark.skipif(native_kernels() is None, reason="no C compiler: the native kernel cannot be built")
+
+
+def reference(q, kc, vc, tables, row_seq, row_len, bs):
+    """Per row: gather the sequence's first keys through its table, float32 softmax attention."""
+    rows, heads = q.shape[:2]
+    groups = heads // kc.shape[1]
+    out = []
+    for r in range(rows):
+        table, n = tables[row_seq[r]].tolist(), int(row_len[r])
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)])
+        k = kc[slots].float().transpose(0, 1).repeat_interleave(groups, 0)
+        v = vc[slots].float().transpose(0, 1).repeat_interleave(groups, 0)
+        out.append(F.scaled_dot_product_attention(q[r].float()[:, None], k, v)[:, 0])
+    return torch.stack(out)
+
+
+def make_case(heads, kv_heads, d, bs, lens, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    kc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
+    vc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
+    width = max(-(-n // bs) for n in lens)
+    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)  # scattered blocks
+    tables = order[: len(lens) * width].view(len(lens), width).contiguous()
+    q = torch.randn(len(lens), heads, d, generator=gen).to(dtype)
+    row_seq = torch.arange(len(lens), dtype=torch.int32)
+    row_len = torch.tensor(lens, dtype=torch.int32)
+    return q, kc, vc, tables, row_seq, row_len
+
+
+@needs_native
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 1)])
+@pytest.mark.parametrize("d", [64, 128, 48])
+def test_kernel_matches_the_reference(dtype, tol, heads, kv_heads, d) -> None:
+    bs = 16
+    lens = [1, bs - 1, bs, bs + 1, 5 * bs + 3, 2]
+    q, kc, vc, tables, row_seq, row_len = make_case(heads, kv_heads, d, bs, lens, dtype, seed=heads + d)
+    got = paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    expected = reference(q, kc, vc, tables, row_seq, row_len, bs)
+    assert (got.float() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
+
+
+@needs_native
+def test_rows_of_one_sequence_see_their_own_prefixes_and_threads_do_not_change_bits() -> None:
+    """Chunk-like rows (one sequence, lengths 5..12) and a long row over many blocks; the result is
+    the same bits with one thread or two (each (row, kv head) is one thread's work)."""
+    bs, heads, kv_heads, d = 4, 6, 2, 64
+    q, kc, vc, tables, _, _ = make_case(heads, kv_heads, d, bs, [60, 12], torch.float32, seed=3)
+    row_seq = torch.tensor([1] * 8 + [0], dtype=torch.int32)
+    row_len = torch.tensor([*range(5, 13), 60], dtype=torch.int32)
+    q = torch.randn(9, heads, d)
+    expected = reference(q, kc, vc, tables, row_seq, row_len, bs)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    assert (results[0] - expected).abs().max().item() < 2e-6
+
+
+@needs_native
+def test_query_rows_may_be_strided_views() -> None:
+    """The engine passes q as a view of the fused q/k projection: rows (heads + kv_heads) * d apart."""
+    bs, heads, kv_heads, d = 8, 4, 2, 64
+    _, kc, vc, tables, row_seq, row_len = make_case(heads, kv_heads, d, bs, [9, 30], torch.float32)
+    wide = torch.randn(2, heads + kv_heads, d)
+    view = wide[:, :heads]
+    got = paged_attention(view, kc, vc, tables, row_seq, row_len, bs, 0.125)
+    assert torch.equal(got, paged_attention(view.contiguous(), kc, vc, tables, row_seq, row_len, bs, 0.125))
+
+
+@needs_native
+def test_bad_arguments_raise_naming_the_problem() -> None:
+    bs, heads, kv_heads, d = 8, 4, 2, 16
+    q, kc, vc, tables, row_seq, row_len = make_case(heads, kv_heads, d, bs, [9, 30], torch.float32)
+
+    def call(**changes):
+        args = dict(q=q, k_cache=kc, v_cache=vc, block_tables=tables, row_seq=row_seq, row_len=row_len)
+        args.update(changes)
+        return paged_attention(**args, block_size=bs, scale=0.25)
+
+    with pytest.raises(ValueError, match="row_len entry"):
+        call(row_len=torch.tensor([9, 33], dtype=torch.int32))  # beyond 4 blocks of 8
+    with pytest.raises(ValueError, match="row_len entry"):
+        call(row_len=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="block id outside the cache"):
+        bad = tables.clone()
+        bad[1, 0] = 64
+        call(block_tables=bad)
+    with pytest.raises(ValueError, match="row_seq entry"):
+        call(row_seq=torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        call(row_len=row_len.long())
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        call(q=q.double())
+    with pytest.raises(ValueError, match="in q's dtype"):
+        call(k_cache=kc.bfloat16())
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        call(q=torch.randn(2, 3, d), k_cache=kc, v_cache=vc)
+
+
+def test_switched_off_or_unbuildable_means_none_and_a_warning(monkeypatch, tmp_path, caplog) -> None:
+    monkeypatch.setenv("MINICPM_CACHE", str(tmp_path))
+    native_kernels.cache_clear()
+    try:
+        monkeypatch.setenv("MINICPM_CPU_KERNELS", "off")
+        assert native_kernels() is None
+        native_kernels.cache_clear()
+        monkeypatch.setenv("MINICPM_CPU_KERNELS", "on")
+        monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+        assert native_kernels() is None
+        assert "no C compiler" in caplog.text
+        assert not list(tmp_path.glob("kernels/*.so"))  # nothing half-written left behind
+    finally:
+        native_kernels.cache_clear()
+
+
+def generate_with_calls(engine: LLMEngine, prompts, params, monkeypatch):
+    calls = []
+    real = cpu_kernels.paged_attention
+
+    def counted(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr("minicpm.engine.attention.paged_attention", counted)
+    return engine.generate(prompts, params), calls
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_on_the_native_kernel_gives_the_torch_path_tokens(dtype, monkeypatch, one_thread) -> None:
+    """Mixed steps (decodes beside prefill chunks), scattered blocks, preemption: the same greedy
+    tokens with the kernel as without, and decode rows reach the kernel once per layer per step."""
+    config = tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256)
+    model = random_model(config, seed=11).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (40, 90, 7, 23, 61)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    engine_config = EngineConfig(block_size=8, max_num_seqs=4, max_num_batched_tokens=24, kv_cache_memory=2**20)
+    plain = LLMEngine(model, None, engine_config)
+    plain.runner.cache.native = None
+    expected = plain.generate(prompts, params)
+    engine = LLMEngine(model, None, engine_config)
+    assert engine.runner.cache.native is not None
+    got, calls = generate_with_calls(engine, prompts, params, monkeypatch)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert calls and len(calls) % config.num_hidden_layers == 0
+    assert max(calls) > 1  # several decode rows shared a call
+
+
+@needs_native
+def test_a_decode_rows_logits_do_not_depend_on_a_neighbours_prefill(one_thread) -> None:
+    model = random_model(tiny_config(num_hidden_layers=2, max_length=256), seed=5)
+    gen = torch.Generator().manual_seed(2)
+    first, second = (torch.randint(0, 97, (n,), generator=gen).tolist() for n in (30, 50))
+    logits = []
+    for neighbour in (False, True):
+        engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=64))
+        engine.add_request(first, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        for _ in range(3):  # the prompt, then two decode steps
+            engine.step()
+        if neighbour:
+            engine.add_request(second, SamplingParams(max_new_tokens=2, ignore_eos=True))
+        seen = []
+
+        def keep(rows, seqs, seen=seen, sample=engine.runner.sampler.sample):
+            seen.append(rows.clone())
+            return sample(rows, seqs)
+
+        engine.runner.sampler.sample = keep
+        engine.step()
+        assert len(seen[0]) == 1 + neighbour  # with a neighbour: its whole prompt ran in this step
+        logits.append(seen[0][0])
+    assert torch.equal(logits[0], logits[1])
+
+
+# ---------------------------------------------------------------------------- panel linear
+
+
+@needs_native
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize(("n", "k"), [(64, 48), (97, 33), (1, 5), (320, 200)])
+def test_panel_linear_matches_a_float64_product(dtype, tol, n: int, k: int) -> None:
+    """Any width (a last panel padded), any depth, 1 to 40 rows (tiles of 12 and their tails)."""
+    from minicpm.engine.cpu_kernels import pack_panels, panel_linear
+
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    packed = pack_panels(weight, native_kernels())
+    assert packed.shape == (-(-n // 32), k, 32)
+    for m in (1, 5, 12, 13, 40):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        got = panel_linear(x, packed, n, native_kernels())
+        expected = x.double() @ weight.double().T
+        assert got.dtype == dtype and got.shape == (m, n)
+        scale = x.double().abs() @ weight.double().abs().T  # the size of the terms summed
+        assert ((got.double() - expected).abs() <= tol * scale + 1e-6).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panel_linear_rows_do_not_depend_on_their_neighbours(dtype) -> None:
+    """Each output is one in-order sum: a row alone, in any batch, at any position, with one
+    thread or two, gives the same bits (what the engine's determinism in float32 rests on)."""
+    from minicpm.engine.cpu_kernels import pack_panels, panel_linear
+
+    lib = native_kernels()
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(200, 96, generator=gen).to(dtype)
+    packed = pack_panels(weight, lib)
+    batch = torch.randn(37, 96, generator=gen).to(dtype)
+    whole = panel_linear(batch, packed, 200, lib)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for i in (0, 11, 12, 36):
+                assert torch.equal(panel_linear(batch[i : i + 1], packed, 200, lib)[0], whole[i])
+            assert torch.equal(panel_linear(batch[5:30], packed, 200, lib), whole[5:30])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_panel_linear_takes_views_and_batched_shapes_and_refuses_a_wrong_width() -> None:
+    from minicpm.engine.cpu_kernels import pack_panels, panel_linear
+
+    lib = native_kernels()
+    weight = torch.randn(40, 24)
+    packed = pack_panels(weight, lib)
+    x = torch.randn(2, 3, 30)[..., 3:27]  # (2, 3, 24) with a row stride of 30
+    assert torch.allclose(panel_linear(x, packed, 40, lib), x @ weight.T, atol=1e-5)
+    with pytest.raises(ValueError, match="24 features"):
+        panel_linear(torch.randn(3, 25), packed, 40, lib)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        pack_panels(weight.double(), lib)
+
+
+def test_linear_choice_follows_the_override(monkeypatch) -> None:
+    from minicpm.engine import layers
+
+    monkeypatch.setenv("MINICPM_CPU_LINEAR", "blas")
+    assert layers.linear_candidates(torch.float32) == ["blas"]
+    monkeypatch.setenv("MINICPM_CPU_LINEAR", "onednn")
+    assert all(c.startswith("onednn") for c in layers.linear_candidates(torch.float32))
+    monkeypatch.setenv("MINICPM_CPU_LINEAR", "fastest")
+    with pytest.raises(ValueError, match="MINICPM_CPU_LINEAR"):
+        layers.linear_candidates(torch.float32)
+    with pytest.raises(ValueError, match="unknown linear choice"):
+        layers.make_linear(torch.nn.Linear(4, 4, bias=False), "mkl")
+
+
+@needs_native
+@pytest.mark.parametrize("choice", ["panel", "onednn-16", "blas"])
+def test_every_linear_choice_gives_the_plain_models_greedy_tokens(choice, monkeypatch, one_thread) -> None:
+    from minicpm.engine import layers
+
+    model = random_model(tiny_config(num_hidden_layers=2, max_length=256), seed=9)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (20, 35)]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(10):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            expected.append(ids[len(prompt) :])
+    monkeypatch.setattr(layers, "cpu_linear", lambda m: choice)
+    engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32))
+    inner = {type(m.inner).__name__ for m in engine.runner.model.modules() if isinstance(m, layers.RowSplitLinear)}
+    assert inner == {"PanelLinear" if choice == "panel" else "PackedLinear" if choice != "blas" else "Linear"}
+    assert [c.token_ids for c in engine.generate(prompts, params)] == expected
