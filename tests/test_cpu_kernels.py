@@ -295,3 +295,30 @@ def test_every_linear_choice_gives_the_plain_models_greedy_tokens(choice, monkey
     inner = {type(m.inner).__name__ for m in engine.runner.model.modules() if isinstance(m, layers.RowSplitLinear)}
     assert inner == {"PanelLinear" if choice == "panel" else "PackedLinear" if choice != "blas" else "Linear"}
     assert [c.token_ids for c in engine.generate(prompts, params)] == expected
+
+
+@needs_native
+def test_on_the_panels_a_decode_rows_logits_do_not_depend_on_the_batch(monkeypatch) -> None:
+    """float32 on the native panels: the same request's logits, step by step, decoding alone or
+    beside two others (rows of other lengths before and after it), are the same bits."""
+    from minicpm.engine import layers
+
+    monkeypatch.setattr(layers, "cpu_linear", lambda m: "panel")
+    model = random_model(tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256), seed=6)
+    gen = torch.Generator().manual_seed(8)
+    others = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (17, 44)]
+    mine = torch.randint(0, 97, (29,), generator=gen).tolist()
+    runs = []
+    for batch in ([mine], [others[0], mine, others[1]]):
+        engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=128))
+        seen: list[torch.Tensor] = []
+
+        def keep(rows, seqs, seen=seen, sample=engine.runner.sampler.sample):
+            seen.extend(rows[i].clone() for i, s in enumerate(seqs) if s.token_ids[: len(mine)] == mine)
+            return sample(rows, seqs)
+
+        engine.runner.sampler.sample = keep
+        engine.generate(batch, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        runs.append(seen)
+    assert len(runs[0]) == len(runs[1]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
