@@ -112,16 +112,24 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: MiniCPMConfig, rope_length: int, device: torch.device | str = "cpu") -> Tensor:
-    """float32 inverse frequencies (head_dim/2,) of a sequence whose NTK base is decided by ``rope_length``."""
-    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
-    base = torch.tensor(config.rope_base(int(rope_length)), dtype=torch.float64)
-    return (1.0 / base**exponent).float().to(device)
+    """float32 inverse frequencies (head_dim/2,) of a sequence whose NTK base is decided by
+    ``rope_length``, computed as the reference does: a Python-float base raised to float32
+    exponents (a float32 power), then one float32 division."""
+    exponent = torch.arange(0, config.head_dim, 2).float().to(device) / config.head_dim
+    return 1.0 / (config.rope_base(int(rope_length)) ** exponent)
 
 
 def rope_cos_sin(
-    config: MiniCPMConfig, positions: Tensor, rope_lengths: Tensor | None = None, inv_freq: Tensor | None = None
+    config: MiniCPMConfig,
+    positions: Tensor,
+    rope_lengths: Tensor | None = None,
+    inv_freq: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """float32 cos/sin of shape positions.shape + (head_dim,), rotate-half layout.
+    """float32 cos/sin of shape positions.shape + (head_dim,), rotate-half layout, with the
+    reference's roundings: angles ``float32(position) * inv_freq`` in float32, cos/sin computed in
+    float32 and rounded to the activation ``dtype`` (the reference casts its cos/sin cache to the
+    dtype of the values), then used in the float32 rotation.
 
     The frequencies come from ``inv_freq`` (broadcastable to positions.shape + (head_dim/2,), as
     the engine passes them per token with no host sync) or else from ``rope_lengths``.
@@ -136,7 +144,10 @@ def rope_cos_sin(
         pos = pos / config.rope_factor
     angles = pos[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)
-    return emb.cos(), emb.sin()
+    cos, sin = emb.cos(), emb.sin()
+    if dtype != torch.float32:
+        cos, sin = cos.to(dtype).float(), sin.to(dtype).float()
+    return cos, sin
 
 
 def signed_sin(sin: Tensor) -> Tensor:
@@ -296,7 +307,7 @@ class MiniCPMForCausalLM(nn.Module):
                 rope_lengths = torch.tensor(rope_lengths)
             elif rope_lengths.dim() == 1:
                 rope_lengths = rope_lengths[:, None]
-        cos, sin = rope_cos_sin(self.config, positions, rope_lengths, inv_freq)
+        cos, sin = rope_cos_sin(self.config, positions, rope_lengths, inv_freq, self.dtype)
         sin = signed_sin(sin)
 
         h = self.model.embed_tokens(input_ids)
@@ -312,8 +323,8 @@ class MiniCPMForCausalLM(nn.Module):
         else:
             h = h[:, logits_to_keep.to(h.device)]
         h = self.model.norm(h)
-        if self.config.logit_scale != 1:
-            h = h * self.config.logit_scale
+        if self.config.logit_scale != 1:  # a division, as the reference writes it
+            h = h / (self.config.hidden_size / self.config.dim_model_base)
         return self.lm_head(h).float()
 
     # ------------------------------------------------------------------ checkpoints

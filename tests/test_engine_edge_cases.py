@@ -135,9 +135,33 @@ def test_llm_generate_of_a_list_does_not_strand_an_open_stream(model) -> None:
     assert first + "".join(stream) == expected
 
 
-def test_background_step_error_after_a_finish_in_the_same_step_ends_every_stream(model) -> None:
-    """If a step raises, every open stream ends with the error, including one whose request finished
-    earlier in that same step (its final output was lost with the step)."""
+def test_a_request_that_fails_while_its_token_is_finished_ends_alone(model) -> None:
+    """A step is atomic per request: a fault injected while finishing one request's token ends that
+    request with an error; the others of the same steps finish with exactly their tokens, and
+    every block is free at the end."""
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    expected = make_engine(model).generate(prompts, params)
+    engine = make_engine(model)
+    on_token = engine._on_token
+
+    def failing(request, sampled):
+        if request.seq.token_ids[:3] == [6, 7, 8] and len(request.seq.output_ids) == 2:
+            raise RuntimeError("detokenizer failed")
+        return on_token(request, sampled)
+
+    engine._on_token = failing
+    got = engine.generate(prompts, params)
+    assert got[1].finish_reason == "error" and "detokenizer failed" in got[1].error
+    assert got[1].token_ids == expected[1].token_ids[:2]
+    for i in (0, 2):
+        assert got[i].token_ids == expected[i].token_ids and got[i].finish_reason == "length"
+    assert not engine.requests and not engine.scheduler.running
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.generate([[3, 2, 1]], params)[0].finish_reason == "length"  # it goes on serving
+
+
+def test_background_a_failed_request_gets_the_error_and_the_others_finish(model) -> None:
     engine = make_engine(model)
     on_token = engine._on_token
 
@@ -147,24 +171,55 @@ def test_background_step_error_after_a_finish_in_the_same_step_ends_every_stream
         return on_token(request, token)
 
     engine._on_token = failing
-    both_queued = threading.Event()
-    add = engine.add
-
-    def add_x_after_y_is_queued(request):  # so that x and y share the engine's first step
-        if request.request_id == "x":
-            both_queued.wait(5)
-        return add(request)
-
-    engine.add = add_x_after_y_is_queued
     with BackgroundEngine(engine) as bg:
-        x = bg.add_request([1, 2, 3], SamplingParams(max_new_tokens=1, ignore_eos=True), request_id="x")
+        x = bg.add_request([1, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True), request_id="x")
         y = bg.add_request([4, 5, 6], SamplingParams(max_new_tokens=5, ignore_eos=True), request_id="y")
-        both_queued.set()
         y_ended, y_got = read_in_thread(y, timeout=5)
-        assert y_ended and isinstance(y_got[-1], EngineError)
-        x_ended, _ = read_in_thread(x, timeout=1.5)
-        assert x_ended, "x finished (or failed) in the failing step, but its stream never ends"
+        assert y_ended and isinstance(y_got[-1], EngineError) and "detokenizer failed" in str(y_got[-1])
+        x_ended, x_got = read_in_thread(x, timeout=5)
+        assert x_ended and x_got[-1].finish_reason == "length" and sum(len(o.token_ids) for o in x_got) == 4
         assert not bg._streams
+
+
+def test_background_a_stream_dropped_before_it_is_read_aborts_its_request(model) -> None:
+    import gc
+    import time
+
+    engine = make_engine(model)
+    with BackgroundEngine(engine) as bg:
+        stream = bg.add_request([1, 2, 3], SamplingParams(max_new_tokens=10_000, ignore_eos=True))
+        del stream
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while (engine.requests or bg.stats()["running"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.requests and not bg._streams
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_background_if_the_engine_thread_dies_every_stream_gets_the_error(model) -> None:
+    engine = make_engine(model)
+    steps = {"n": 0}
+    step = engine.step
+
+    def dying_step():
+        steps["n"] += 1
+        if steps["n"] == 3:
+            raise SystemExit("a fault no step handler catches")
+        return step()
+
+    engine.step = dying_step
+    bg = BackgroundEngine(engine)
+    try:
+        streams = [bg.add_request([i + 1, 2, 3], SamplingParams(max_new_tokens=50, ignore_eos=True)) for i in range(3)]
+        for stream in streams:
+            ended, got = read_in_thread(stream, timeout=5)
+            assert ended and isinstance(got[-1], EngineError) and "died" in str(got[-1])
+        with pytest.raises(EngineError, match="died"):
+            bg.add_request([1, 2], SamplingParams(max_new_tokens=2))
+        assert not bg.alive
+    finally:
+        bg.close()
 
 
 def test_background_add_request_racing_close_is_refused_or_answered(model, monkeypatch) -> None:
@@ -404,3 +459,28 @@ def test_background_close_aborts_waiting_requests_and_unknown_aborts_are_harmles
         ended, outs = read_in_thread(stream, timeout=5)
         assert ended and outs[-1].finished and outs[-1].finish_reason == "abort"
     assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_engine_config_means_the_same_on_every_device() -> None:
+    """Batch size and step budget default to "per device" and are resolved by the engine; what a
+    user sets is kept, and bad values name the field."""
+    budget_only = EngineConfig(kv_cache_memory=2**30)
+    assert (budget_only.max_num_seqs, budget_only.max_num_batched_tokens) == (None, None)
+    gpu, cpu = budget_only.resolved("cuda:0"), budget_only.resolved(torch.device("cpu"))
+    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens, gpu.kv_cache_memory) == (64, 8192, 2**30)
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (16, 512)
+    assert EngineConfig(max_num_seqs=600).resolved("cpu").max_num_batched_tokens == 600
+    assert EngineConfig(max_num_batched_tokens=100).resolved("cuda").max_num_seqs == 64
+    assert EngineConfig.for_device("cuda", max_num_seqs=8) == EngineConfig(max_num_seqs=8).resolved("cuda")
+    for bad in ({"max_num_seqs": 0}, {"max_num_batched_tokens": 2.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)
+    with pytest.raises(ValueError, match="at least 'max_num_seqs'"):
+        EngineConfig(max_num_seqs=32, max_num_batched_tokens=16)
+
+
+def test_an_engine_resolves_an_unset_config_for_its_device() -> None:
+    model = random_model(tiny_config(num_hidden_layers=1))
+    engine = LLMEngine(model, None, EngineConfig(block_size=8, kv_cache_memory=1 << 20))
+    assert (engine.config.max_num_seqs, engine.config.max_num_batched_tokens) == (16, 512)
+    assert engine.scheduler.max_num_seqs == 16

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_close_rel, random_model, reference_logits, tiny_config
 
 from minicpm import DenseKVCache
@@ -116,3 +119,79 @@ def test_bfloat16_close_to_float32() -> None:
     assert err > 0  # the bf16 path really ran in bf16
     agree = (bf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.9
+
+
+def _reference_at(model, ids: torch.Tensor, position_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, ...]:
+    """One decoder layer as the reference's ``modeling_minicpm.py`` computes it, in the model's
+    dtype: its dynamic-NTK cos/sin cache for ``seq_len`` (float32 power for ``inv_freq``, float32
+    angles, cos/sin cast to the values' dtype), its float32 rotation, eager attention with a float32
+    softmax, its RMSNorm, and the head on the hidden state *divided* by hidden / dim_model_base.
+    Returns (cos, sin, logits)."""
+    c, dtype = model.config, model.dtype
+    sd = {k: v for k, v in model.state_dict().items()}
+    dim = c.head_dim
+    base = c.rope_theta
+    if seq_len > c.max_position_embeddings:
+        factor = c.rope_factor
+        base = base * ((factor * seq_len / c.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+    t = torch.arange(seq_len, dtype=inv_freq.dtype)
+    emb = torch.cat((torch.outer(t, inv_freq),) * 2, dim=-1)
+    cos, sin = emb.cos().to(dtype)[position_ids], emb.sin().to(dtype)[position_ids]
+
+    def rms(x, w):
+        variance = x.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
+        return (x * torch.rsqrt(variance + c.rms_norm_eps)).to(x.dtype) * w
+
+    def rotate(x):
+        half = x.shape[-1] // 2
+        xf = x.float()
+        turned = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+        return ((xf * cos) + (turned * sin)).to(x.dtype)
+
+    b, s = ids.shape
+    h = F.embedding(ids, sd["model.embed_tokens.weight"]) * c.scale_emb
+    p = "model.layers.0."
+    x = rms(h, sd[p + "input_layernorm.weight"])
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    q = F.linear(x, sd[p + "self_attn.q_proj.weight"]).view(b, s, heads, dim).transpose(1, 2)
+    k = F.linear(x, sd[p + "self_attn.k_proj.weight"]).view(b, s, kv, dim).transpose(1, 2)
+    v = F.linear(x, sd[p + "self_attn.v_proj.weight"]).view(b, s, kv, dim).transpose(1, 2)
+    q, k = rotate(q), rotate(k)
+    k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(dim)
+    scores = scores + torch.full((s, s), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    att = torch.matmul(weights, v).transpose(1, 2).reshape(b, s, heads * dim)
+    h = h + F.linear(att, sd[p + "self_attn.o_proj.weight"]) * (c.scale_depth / math.sqrt(c.num_hidden_layers))
+    x = rms(h, sd[p + "post_attention_layernorm.weight"])
+    mlp = F.silu(F.linear(x, sd[p + "mlp.gate_proj.weight"])) * F.linear(x, sd[p + "mlp.up_proj.weight"])
+    h = h + F.linear(mlp, sd[p + "mlp.down_proj.weight"]) * (c.scale_depth / math.sqrt(c.num_hidden_layers))
+    h = rms(h, sd["model.norm.weight"])
+    logits = F.linear(h / (c.hidden_size / c.dim_model_base), sd["lm_head.weight"]).float()
+    return cos, sin, logits
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
+def test_rope_and_logits_follow_the_references_arithmetic_near_100k(dtype, tol) -> None:
+    """Positions around 100k with dynamic NTK active (max_position_embeddings 65536): cos/sin the
+    same bits as the reference's cache, logits to rounding; a float64 inv_freq would be off."""
+    from minicpm.model import rope_cos_sin, rope_inv_freq
+
+    config = tiny_config(num_hidden_layers=1, num_key_value_heads=2, max_position_embeddings=65536, max_length=131072)
+    model = random_model(config, seed=21).to(dtype)
+    seq_len = 100_008
+    positions = torch.arange(100_000, seq_len)
+    ids = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    ref_cos, ref_sin, ref_logits = _reference_at(model, ids, positions, seq_len)
+    inv_freq = rope_inv_freq(config, seq_len)
+    cos, sin = rope_cos_sin(config, positions, inv_freq=inv_freq, dtype=dtype)
+    assert torch.equal(cos, ref_cos.float()) and torch.equal(sin, ref_sin.float())
+    with torch.no_grad():
+        logits = model(ids, positions[None], rope_lengths=seq_len)[0]
+    assert_close_rel(logits, ref_logits[0], tol)
+    # the teeth: inverse frequencies from a float64 power (this project's earlier arithmetic) give
+    # other angles at these positions (here ~1e-5 rad; ~4e-3 at head_dim 64 near 100k), other cos
+    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
+    wide = (1.0 / torch.tensor(config.rope_base(seq_len), dtype=torch.float64) ** exponent).float()
+    assert not torch.equal(rope_cos_sin(config, positions, inv_freq=wide)[0], ref_cos.float())

@@ -7,22 +7,28 @@ Contract: one daemon thread owns the engine and runs ``step()`` while any reques
   (bad input raises ``ValueError`` there, and nothing is queued) and returns a
   :class:`RequestStream`: iterate it for the request's :class:`~minicpm.engine.RequestOutput`\\ s
   until the one with ``finished`` set; a reader that stops early (``break``, ``close()``, the
-  stream garbage-collected) aborts the request.
+  stream garbage-collected, even before it was first read) aborts the request: the engine holds
+  streams by weak reference only.
 * ``abort(request_id)`` ends a request; its stream ends with ``finish_reason == "abort"``.
 * ``async for out in engine.generate(prompt, params)`` does the same from an asyncio loop; leaving
   the loop early (a client that disconnects, a cancelled task) aborts the request.
 * ``close()`` aborts everything and stops the thread.
 
 If a step raises (a bug, a device error), every request then in flight gets the exception from
-its stream, is aborted (its blocks are freed), and the engine keeps serving new requests.
+its stream, is aborted (its blocks are freed), and the engine keeps serving new requests. A
+request that alone fails while its token is finished (``finish_reason`` "error") gets an
+:class:`EngineError` from its stream; the others go on. If the engine thread itself dies, every
+open stream gets the error (none waits forever) and new requests are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
 
@@ -47,6 +53,7 @@ class RequestStream:
     ) -> None:
         self.request_id = request_id
         self.finished = False
+        self._cancelled = False
         self._abort = abort
         self._loop = loop
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
@@ -72,8 +79,13 @@ class RequestStream:
 
     def cancel(self) -> None:
         """Abort the request unless it has finished (the reader left)."""
-        if not self.finished and self._abort is not None:
+        if not self.finished and not self._cancelled and self._abort is not None:
+            self._cancelled = True  # once; the stream can still be read to its "abort" output
             self._abort(self.request_id)
+
+    def __del__(self) -> None:  # dropped unread (or half read): the request is aborted
+        with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
+            self.cancel()
 
     def __iter__(self) -> Iterator[RequestOutput]:
         try:
@@ -94,8 +106,9 @@ class BackgroundEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, weakref.ref[RequestStream]] = {}  # weak: a dropped stream aborts
         self._closed = False
+        self._died: str | None = None  # why the engine thread ended, if it did not close
         self._lock = threading.Lock()  # submit vs close: an accepted request is always read
         self._stats: dict[str, int] = engine.stats()
         self._thread = threading.Thread(target=self._loop, name="minicpm-engine", daemon=True)
@@ -104,6 +117,8 @@ class BackgroundEngine:
     # ------------------------------------------------------------------ client side
     def _submit(self, request: Request, loop: asyncio.AbstractEventLoop | None) -> RequestStream:
         with self._lock:
+            if self._died is not None:
+                raise EngineError(f"the engine thread died: {self._died}")
             if self._closed:
                 raise RuntimeError("the engine is closed")
             stream = RequestStream(request.request_id, loop, self.abort)
@@ -154,12 +169,15 @@ class BackgroundEngine:
 
     # ------------------------------------------------------------------ engine thread
     def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
+        ref = self._streams.get(request_id)
+        if ref is None:
             return
         if isinstance(out, BaseException) or out.finished:
             del self._streams[request_id]
-        if not stream.put(out):  # the reader's event loop is gone
+        if isinstance(out, RequestOutput) and out.finish_reason == "error":
+            out = EngineError(f"the request failed: {out.error}")
+        stream = ref()
+        if stream is None or not stream.put(out):  # dropped unread, or its event loop is gone
             self._streams.pop(request_id, None)
             if request_id in self.engine.requests:
                 self.engine.abort_request(request_id)
@@ -172,7 +190,7 @@ class BackgroundEngine:
             except ValueError as e:  # a duplicate request id
                 stream.put(e)
                 return True
-            self._streams[arg.request_id] = stream
+            self._streams[arg.request_id] = weakref.ref(stream)
         elif command == "abort":
             out = engine.abort_request(arg)
             if out is not None:
@@ -184,6 +202,27 @@ class BackgroundEngine:
         return True
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # the thread is ending on an error: no open stream may wait forever
+            log.exception("the engine thread died")
+            with self._lock:
+                self._died = f"{type(exc).__name__}: {exc}"
+            error = EngineError(f"the engine thread died: {self._died}")
+            for ref in list(self._streams.values()):
+                stream = ref()
+                if stream is not None:
+                    stream.put(error)
+            self._streams.clear()
+            while True:  # commands sent before _died was set: refuse their streams too
+                try:
+                    command, _, stream = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command == "add" and stream is not None:
+                    stream.put(error)
+
+    def _serve(self) -> None:
         engine = self.engine
         while True:
             try:

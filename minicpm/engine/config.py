@@ -1,8 +1,12 @@
 """Engine settings: :class:`EngineConfig` (frozen; every field validated, errors name the field).
 
-Defaults depend on the device (``EngineConfig.for_device``): on CUDA, bigger prefill chunks and
-batches, a KV budget from ``gpu_memory_utilization``, CUDA graphs on; on CPU, a byte budget
-(``kv_cache_memory``; default a quarter of the available memory, at most 4 GiB) and eager steps.
+``EngineConfig()`` means the same on every device: the fields whose best value depends on the
+device (``max_num_seqs``, ``max_num_batched_tokens``) default to None, "per device", and the
+engine resolves them (:meth:`EngineConfig.resolved`): on CUDA 64 sequences and 8192-token steps,
+on CPU 16 and 512. So a GPU user who sets only the KV budget gets GPU-sized batches and chunks.
+The KV budget is per device too: on CUDA from ``gpu_memory_utilization``, on CPU a byte budget
+(``kv_cache_memory``; default a quarter of the available memory, at most 4 GiB); CUDA graphs on
+CUDA, eager steps on CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 64
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int | None = None  # None: per device (see the module docstring)
+    max_num_batched_tokens: int | None = None
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
@@ -32,9 +36,13 @@ class EngineConfig:
         if not positive_int("block_size") or self.block_size & (self.block_size - 1):
             raise bad("block_size", "a power of two")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if not positive_int(name):
-                raise bad(name, "a positive integer")
-        if self.max_num_batched_tokens < self.max_num_seqs:
+            if getattr(self, name) is not None and not positive_int(name):
+                raise bad(name, "a positive integer or None (per device)")
+        if (
+            self.max_num_seqs is not None
+            and self.max_num_batched_tokens is not None
+            and (self.max_num_batched_tokens < self.max_num_seqs)
+        ):
             raise ValueError(
                 f"engine setting 'max_num_batched_tokens' ({self.max_num_batched_tokens}) must be at least "
                 f"'max_num_seqs' ({self.max_num_seqs}), or some decoding requests would never get a step"
@@ -46,9 +54,15 @@ class EngineConfig:
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", "in (0, 1]")
 
+    def resolved(self, device: object) -> EngineConfig:
+        """This config with its per-device fields filled in for ``device`` ("cpu", "cuda:0", a
+        torch.device); a set field is kept (a token budget below the batch size is raised to it)."""
+        cuda = str(device).startswith("cuda")
+        seqs = self.max_num_seqs or (64 if cuda else 16)
+        tokens = self.max_num_batched_tokens or max(8192 if cuda else 512, seqs)
+        return dataclasses.replace(self, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+
     @classmethod
     def for_device(cls, device: str, **overrides: object) -> EngineConfig:
         """Defaults for ``device`` ("cpu" or "cuda..."), with ``overrides`` (None values ignored)."""
-        fields = {"max_num_seqs": 64, "max_num_batched_tokens": 8192} if str(device).startswith("cuda") else {}
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**fields)
+        return cls(**{k: v for k, v in overrides.items() if v is not None}).resolved(device)

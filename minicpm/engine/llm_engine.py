@@ -13,13 +13,18 @@ Contract:
   it could still grow into a stop string), the new token ids, and at the end ``finish_reason``
   ``"stop"``, ``"length"`` or ``"abort"``. A stop id is not part of the output; a stop string ends
   the text before it (the token ids keep the token that completed it, as vLLM's do).
+* A step is atomic per request: if finishing one request's token fails (detokenizing, a stop
+  check), that request alone ends with ``finish_reason`` ``"error"`` and the message in
+  ``error``, its blocks freed; the other requests of the step go on.
 * ``abort_request(id)`` ends a request at once and frees its blocks.
 * ``generate(prompts, params)`` runs a list of prompts to completion with continuous batching.
-* Greedy results do not depend on what else is in the batch: each sequence attends only to its
-  own keys, with its own NTK base (from its prompt length), and its token is an argmax of its row.
+* Greedy results do not depend on what else is in the batch, to rounding: each sequence attends
+  only to its own keys, with its own NTK base (from its prompt length), and its token is an argmax
+  of its row. Bitwise, a decode row's logits do not depend on a neighbour's prefill in the same
+  step (the README's "Determinism" says exactly what holds).
 
-The engine takes the model over: it fuses its projections (and on CPU in bfloat16 packs its
-linear weights) in place (:mod:`minicpm.engine.layers`). Nothing here is thread-safe:
+The engine takes the model over: it fuses its projections and gives its linear layers this
+machine's product, in place (:mod:`minicpm.engine.layers`). Nothing here is thread-safe:
 :class:`~minicpm.engine.async_engine.BackgroundEngine` owns an engine in its own thread for
 servers; ``make_request`` (validation and tokenization only) is the
 one method other threads may call.
@@ -28,6 +33,7 @@ one method other threads may call.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Sequence as Seq
 
@@ -42,21 +48,24 @@ from .sampler import Sampled
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
+log = logging.getLogger("minicpm.engine")
+
 
 @dataclasses.dataclass
 class Completion:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (stop id or string), "length" or "abort"
+    finish_reason: str  # "stop" (stop id or string), "length", "abort" or "error"
     cached_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": what failed
 
     def add(self, out: RequestOutput) -> None:
         """Take in one :class:`RequestOutput` of this completion's request."""
         self.text += out.text
         self.token_ids += out.token_ids
         if out.finished:
-            self.finish_reason, self.cached_tokens = out.finish_reason, out.cached_tokens
+            self.finish_reason, self.cached_tokens, self.error = out.finish_reason, out.cached_tokens, out.error
 
 
 @dataclasses.dataclass
@@ -73,6 +82,7 @@ class RequestOutput:
     queue_time: float | None = None  # seconds from the request to its first scheduling, once finished
     # with prompt_logprobs, in the request's first output: entry p scores prompt token p + 1
     prompt_logprobs: list[Sampled] | None = None
+    error: str | None = None  # finish_reason "error": finishing this request's token failed
 
 
 def held_back(text: str, stops: Seq[str]) -> int:
@@ -107,7 +117,7 @@ class LLMEngine:
     def __init__(
         self, model: MiniCPMForCausalLM, tokenizer: Tokenizer | None, config: EngineConfig | None = None
     ) -> None:
-        self.config = config or EngineConfig.for_device(model.device.type)
+        self.config = (config or EngineConfig()).resolved(model.device.type)
         self.model_config = model.config
         self.tokenizer = tokenizer
         context = self.model_config.context_length
@@ -231,10 +241,35 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
             if seq.num_computed_tokens == seq.num_tokens:
-                out = self._on_token(self.requests[seq.request_id], next(tokens))
+                request, sampled = self.requests[seq.request_id], next(tokens)
+                try:
+                    out = self._on_token(request, sampled)
+                except Exception as exc:  # this request alone ends; the step goes on for the others
+                    out = self._fail(request, exc)
                 if out is not None:
                     outputs.append(out)
         return outputs
+
+    def _fail(self, request: Request, exc: Exception) -> RequestOutput:
+        """End ``request`` with finish_reason "error" (its blocks freed, its state dropped)."""
+        log.exception("request %s failed while finishing its token", request.request_id)
+        seq = request.seq
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "error")
+        seq.finish_reason = "error"
+        self.requests.pop(seq.request_id, None)
+        self.runner.sampler.release(seq.request_id)
+        return RequestOutput(
+            request_id=seq.request_id,
+            text="",
+            token_ids=[],
+            finished=True,
+            finish_reason="error",
+            prompt_tokens=seq.num_prompt_tokens,
+            output_tokens=len(seq.output_ids),
+            cached_tokens=seq.num_cached_tokens,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
     def _on_token(self, request: Request, sampled: Sampled) -> RequestOutput | None:
         seq, params = request.seq, request.seq.params
