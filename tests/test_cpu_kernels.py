@@ -322,3 +322,83 @@ def test_on_the_panels_a_decode_rows_logits_do_not_depend_on_the_batch(monkeypat
         runs.append(seen)
     assert len(runs[0]) == len(runs[1]) == 6
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+class _StepCounter:
+    """Counts, inside one engine step, attention kernel calls (torch's SDPA family through a
+    dispatch mode, the native kernel through its Python entry) and every new tensor at least
+    ``limit`` elements large (a gathered context would be one)."""
+
+    def __init__(self, limit: int, monkeypatch) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        self.limit, self.native, self.torch_attention, self.big = limit, 0, 0, []
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = str(func)
+                if "scaled_dot_product" in name or "flash_attention" in name:
+                    counter.torch_attention += 1
+                owned = {
+                    t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                }
+                for t in tree_leaves(out):  # new memory (not a view of an input) the size of a context
+                    big = isinstance(t, torch.Tensor) and t.numel() >= counter.limit
+                    if big and t.untyped_storage().data_ptr() not in owned:
+                        counter.big.append(f"{name} {tuple(t.shape)}")
+                return out
+
+        self.mode = Mode
+        real = cpu_kernels.paged_attention
+
+        def counted(*args, **kwargs):
+            counter.native += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr("minicpm.engine.attention.paged_attention", counted)
+
+    def step(self, engine) -> None:
+        self.native = self.torch_attention = 0
+        self.big = []
+        with self.mode():
+            engine.step()
+
+
+@needs_native
+def test_no_step_gathers_a_context_and_decode_rows_take_one_kernel_call_per_layer(monkeypatch) -> None:
+    """Decode-only, mixed (a chunk beside the decodes) and scattered batch-1 steps: one native
+    call per layer for the decode rows, torch attention only for a chunk, and no tensor the size
+    of one layer's context is ever allocated."""
+    layers, ctx = 2, 400
+    config = tiny_config(num_hidden_layers=layers, num_key_value_heads=2, max_position_embeddings=1024, max_length=1024)
+    model = random_model(config, seed=2)
+    engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32, kv_cache_memory=1 << 22))
+    engine.block_manager.enable_prefix_caching = False
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    for _ in range(3):
+        engine.add_request(torch.randint(0, 97, (ctx,), generator=gen).tolist(), params)
+    while any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    limit = ctx * config.num_key_value_heads * config.head_dim  # one layer's keys of one context
+    count = _StepCounter(limit, monkeypatch)
+
+    count.step(engine)  # decode only: three rows
+    assert (count.native, count.torch_attention, count.big) == (layers, 0, [])
+
+    engine.add_request(torch.randint(0, 97, (60,), generator=gen).tolist(), params)
+    count.step(engine)  # three decode rows + a first chunk of 29 tokens
+    assert count.native == layers and 0 < count.torch_attention <= layers and count.big == []
+    count.step(engine)  # three decode rows + the chunk's second part, over its cached past
+    assert count.native == layers and count.torch_attention > 0 and count.big == []
+
+    seq = engine.scheduler.running[0]
+    for other in engine.scheduler.running[1:]:
+        engine.abort_request(other.request_id)
+    keep = len(seq.block_table) - 1
+    seq.block_table[:keep] = seq.block_table[:keep][::-1]  # scattered: same blocks, reversed
+    count.step(engine)
+    assert (count.native, count.torch_attention, count.big) == (layers, 0, [])

@@ -91,10 +91,9 @@ def test_one_batched_call_equals_each_row_alone() -> None:
         probs = plain_probs(row, seq)
         if seq.params.greedy:
             expected = int(probs.argmax())
-        else:  # the same draw from the same seed
-            expected = int(
-                torch.multinomial(probs.float(), 1, generator=torch.Generator().manual_seed(seq.params.seed))
-            )
+        else:  # the same uniform from the same seed, through the inverse CDF (vocabulary order)
+            u = torch.rand(1, generator=torch.Generator().manual_seed(seq.params.seed)).double()
+            expected = int((probs.cumsum(0) <= u * probs.sum()).sum())
         assert got[i].token_id == expected, f"row {i}: {seq.params}"
         assert probs[got[i].token_id] > 0
         if seq.params.min_tokens:
@@ -196,3 +195,43 @@ def test_prompt_logprobs_over_chunks_and_past_the_prefix_cache(model: MiniCPMFor
             assert s.logprob == pytest.approx(logp[p, prompt[p + 1]].item(), abs=1e-4), p
             assert [t for t, _ in s.top] == logp[p].topk(2).indices.tolist()
         assert outs[-1].cached_tokens == 0  # scored from scratch, not from cached blocks
+
+
+def test_draw_decides_filters_among_candidates_as_over_the_whole_vocabulary() -> None:
+    """On a real-sized vocabulary, rows whose filters are decided within the 256 candidates give
+    the token that the whole-vocabulary path gives for the same uniform, and the plain rules'."""
+    from minicpm.engine import sampler as sampler_module
+    from minicpm.engine.sampler import draw
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows = 5000, 24
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.5, 6, rows)[:, None]
+    top_k = torch.tensor([0, 5, 40, 255, 300, 0, 0, 0] * 3)
+    top_p = torch.tensor([0.9, 1.0, 0.8, 1.0, 0.95, 1.0, 0.5, 1.0] * 3)
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.05, 0.0, 0.0] * 3)
+    probs = logits.softmax(-1)
+    for trial in range(20):
+        u = torch.rand(rows, generator=gen)
+        fast = draw(probs, top_k, top_p, min_p, u)
+        old, sampler_module.CANDIDATES = sampler_module.CANDIDATES, vocab  # force the whole vocabulary
+        try:
+            full = draw(probs, top_k, top_p, min_p, u)
+        finally:
+            sampler_module.CANDIDATES = old
+        assert torch.equal(fast, full), f"trial {trial}"
+        for r in range(rows):  # the plain rules, written out: what is kept, then the inverse CDF
+            x = logits[r].double()
+            if top_k[r]:
+                x[x < x.sort(descending=True).values[top_k[r] - 1]] = float("-inf")
+            if top_p[r] < 1:
+                p = x.softmax(-1)
+                order = p.argsort()
+                cumulative = p[order].cumsum(0)
+                x[order[:-1][cumulative[:-1] <= 1 - top_p[r].item()]] = float("-inf")
+            if min_p[r]:
+                p = x.softmax(-1)
+                x[p < min_p[r].item() * p.max()] = float("-inf")
+            kept = x > float("-inf")
+            weights = probs[r].double() * kept
+            assert kept[fast[r]], f"row {r} drew a filtered token"
+            assert int((weights.cumsum(0) <= u[r].double() * weights.sum()).sum()) == int(fast[r])

@@ -14,14 +14,18 @@ queries, causal attention over that sequence's cached tokens plus its new ones.
   chunks (and decode rows where the kernel cannot be built) attend to their own blocks read in
   place, one view per run of consecutive block ids (the block manager keeps a sequence's blocks
   consecutive where it can), runs merged by log-sum-exp.
-* Decode-only batches on GPU: with Triton, a paged kernel reads the blocks in place
-  (:mod:`minicpm.engine.triton_attention`); otherwise the blocks are gathered (a view when a
-  sequence's blocks are consecutive) and one masked ``scaled_dot_product_attention`` covers the batch.
-* Other batches on GPU (prefill chunks, possibly with decodes): per sequence, ``scaled_dot_product_attention``
-  with a bottom-right causal bias over the gathered context; a chunk with no cached past attends
-  to its own keys with no gather. A chunk with a past runs as two kernels merged by log-sum-exp
-  (:func:`split_causal_attention`): on CPU always; on CUDA when a start-up probe finds a kernel
-  (cuDNN first) that agrees with the plain path, which is kept as the fallback.
+* On GPU with Triton (:mod:`minicpm.engine.triton_attention`) every step reads the blocks in
+  place too: its leading decode rows (the scheduler puts them first) go to the paged decode
+  kernel, the rest (prefill chunks, with or without a cached past) to the varlen paged prefill
+  kernel, one launch each per layer; a decode-only step is the decode kernel alone (and can
+  replay a CUDA graph).
+* On GPU without Triton, decode-only batches gather the blocks (a view when a sequence's blocks
+  are consecutive) for one masked ``scaled_dot_product_attention``; other batches go per
+  sequence, ``scaled_dot_product_attention`` with a bottom-right causal bias over the gathered
+  context; a chunk with no cached past attends to its own keys with no gather. A chunk with a
+  past runs as two kernels merged by log-sum-exp (:func:`split_causal_attention`): on CPU
+  always; on CUDA when a start-up probe finds a kernel (cuDNN first) that agrees with the plain
+  path, which is kept as the fallback.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from ..model import causal_attention
 from .cpu_kernels import native_kernels, paged_attention
 
 try:
-    from .triton_attention import TRITON_AVAILABLE, paged_decode_attention
+    from .triton_attention import TRITON_AVAILABLE, paged_decode_attention, paged_prefill_attention
 except ImportError:  # pragma: no cover - the module guards its own import of triton
     TRITON_AVAILABLE = False
-    paged_decode_attention = None
+    paged_decode_attention = paged_prefill_attention = None
 
 
 LseAttention = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
@@ -162,6 +166,11 @@ class AttentionMetadata:
     decode_rows: list[int] | None = None
     decode_seqs: Tensor | None = None
     decode_lens: Tensor | None = None
+    # Triton steps with prefill rows: the leading 1-token sequences (decode kernel) and, for the
+    # rest, row offsets (int32, from 0) and the longest query (varlen prefill kernel)
+    leading_decodes: int = 0
+    cu_q: Tensor | None = None
+    max_query_len: int = 0
 
 
 class PagedKVCache:
@@ -231,6 +240,8 @@ class PagedKVCache:
             return self._attend_in_place(kc, vc, q, k, v, md)
         if md.decode_only:
             return self._decode(kc, vc, q, md)
+        if md.cu_q is not None:
+            return self._triton_step(kc, vc, q, md)
         outs, start = [], 0
         for i, n in enumerate(md.query_lens):
             qi = q[:, :, start : start + n]
@@ -322,6 +333,19 @@ class PagedKVCache:
             outs.append(out)
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _triton_step(self, kc: Tensor, vc: Tensor, q: Tensor, md: AttentionMetadata) -> Tensor:
+        """A step with prefill rows, in place: its leading decode rows through the paged decode
+        kernel, every other row through the varlen paged prefill kernel."""
+        rows = q[0].transpose(0, 1)  # (tokens, heads, head_dim)
+        n = md.leading_decodes
+        out = torch.empty(rows.shape, dtype=q.dtype, device=q.device)
+        if n:
+            out[:n] = paged_decode_attention(rows[:n], kc, vc, md.block_tables[:n], md.context_lens[:n], self.scale)
+        out[n:] = paged_prefill_attention(
+            rows[n:], kc, vc, md.block_tables[n:], md.cu_q, md.context_lens[n:], self.scale, md.max_query_len
+        )
+        return out.transpose(0, 1)[None]
 
     def _decode(self, kc: Tensor, vc: Tensor, q: Tensor, md: AttentionMetadata) -> Tensor:
         qb = q[0].transpose(0, 1)  # (seqs, heads, head_dim)

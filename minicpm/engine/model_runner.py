@@ -178,13 +178,20 @@ class ModelRunner:
             query_lens=list(batch.num_tokens),
             context_lens_host=context_lens,
         )
-        if cpu:  # in place for every step, whatever its mix: decode rows to the native kernel
+        if self.cache.use_triton:  # in place: paged decode and varlen prefill kernels
+            if not decode_only:
+                lead = next((i for i, n in enumerate(batch.num_tokens) if n != 1), len(batch.num_tokens))
+                rest = batch.num_tokens[lead:]
+                md.leading_decodes = lead
+                md.cu_q = self._tensor([0, *itertools.accumulate(rest)], torch.int32)
+                md.max_query_len = max(rest)
+        elif cpu:  # in place for every step, whatever its mix: decode rows to the native kernel
             md.seq_runs = seq_runs
             if decode_rows and self.cache.native is not None:
                 md.decode_rows = decode_rows
                 md.decode_seqs = self._tensor(decode_seqs, torch.int32)
                 md.decode_lens = self._tensor(decode_lens, torch.int32)
-        elif decode_only and not self.cache.use_triton:
+        elif decode_only:
             if len(seq_blocks) == 1 and isinstance(seq_blocks[0], slice):
                 md.decode_blocks = seq_blocks[0]
             else:
@@ -192,7 +199,7 @@ class ModelRunner:
             if len(set(context_lens)) > 1:
                 keys = torch.arange(width * bs, device=self.device)
                 md.decode_mask = (keys[None, :] < md.context_lens[:, None])[:, None, None, :]
-        elif not decode_only:
+        else:
             md.seq_blocks = [b if isinstance(b, slice) else self._tensor(b) for b in seq_blocks]
         freqs = torch.stack([self.inv_freq(s) for s in batch.seqs])
         counts = self._tensor(batch.num_tokens)

@@ -4,10 +4,14 @@ Contract: ``sampler.sample(logits, seqs)`` takes the float32 logits of the rows 
 (one per sequence, in order) and returns one :class:`Sampled` per row: the token id and, for
 requests that asked for ``logprobs``, its log-probability and the top alternatives. All rows are
 processed together (:mod:`minicpm.sampling`): ``min_tokens`` masks the stop ids of rows still short
-of it, penalties, greedy argmax, temperature, top-k / top-p / min-p, then one draw per sampled row
-from its request's generator; logprobs are of the model's raw distribution (log-softmax of the
-logits before any processing, as vLLM reports them by default). A step costs one host
-synchronisation, whatever the mix.
+of it, penalties, greedy argmax, temperature, then :func:`draw`: top-k / top-p / min-p (the rules
+of Hugging Face's warpers) and one uniform per sampled row from its request's generator, turned
+into a token by the inverse CDF of what the filters keep (probabilities in vocabulary order).
+Filters are decided among each row's 256 most likely tokens whenever that provably contains all it
+keeps (nearly always: top-k up to 255, a top-p mass reached within them, a min-p floor above the
+256th), so a step sorts 256 candidates per row, not the vocabulary. Logprobs are of the model's
+raw distribution (log-softmax of the logits before any processing, as vLLM reports them by
+default). A step costs one host synchronisation, whatever the mix.
 
 A request with a ``grammar`` (constrained decoding, e.g. JSON that follows a schema) gets an
 llguidance matcher that advances with its tokens; each step its allowed tokens are applied to the
@@ -29,8 +33,73 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampling import SamplingParams, apply_penalties, filter_logits
+from ..sampling import SamplingParams, apply_penalties
 from .sequence import Sequence
+
+CANDIDATES = 256  # a row's most likely tokens among which its filters are decided when they can be
+
+
+def _kept(values: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """Which of each row's probabilities ``values`` (sorted descending, all the row's tokens that
+    can be kept) top-k (ties kept), then top-p (over the top-k mass), then min-p keep."""
+    keep = torch.ones_like(values, dtype=torch.bool)
+    k = top_k.clamp(min=1, max=values.shape[-1])
+    kth = values.gather(-1, (k - 1)[:, None])
+    keep &= (values >= kth) | (top_k == 0)[:, None]
+    kept = values * keep
+    total = torch.where(top_k > 0, kept.cumsum(-1)[:, -1], 1.0)  # softmax mass: 1 without top-k
+    before = kept.cumsum(-1) - kept  # mass ranked above each token
+    keep &= (before < top_p[:, None] * total[:, None]) | (top_p >= 1)[:, None]
+    keep &= values >= min_p[:, None] * values[:, :1]
+    return keep
+
+
+def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
+    """Index, per row, where the running sum of ``weights`` first exceeds ``u`` times its total."""
+    cdf = weights.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
+    last = (weights > 0).long().cumsum(-1).argmax(-1)  # the last index with weight (u * total rounding up)
+    return torch.minimum(idx, last)
+
+
+def draw(probs: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, u: Tensor) -> Tensor:
+    """One token id per row of ``probs`` (n, vocab): the inverse CDF at ``u`` (n,) of the tokens that
+    :func:`_kept` keeps, their probabilities taken in vocabulary order. Rows whose filters are
+    decided within their :data:`CANDIDATES` most likely tokens sort only those; others (and rows
+    with no filter) use the whole vocabulary: the same token either way."""
+    n, vocab = probs.shape
+    tokens = torch.empty(n, dtype=torch.long, device=probs.device)
+    filtered = (top_k > 0) | (top_p < 1) | (min_p > 0)
+    rows = torch.arange(n, device=probs.device)
+    covered = torch.zeros(n, dtype=torch.bool, device=probs.device)
+    if vocab > CANDIDATES and bool(filtered.any()):
+        top = probs.topk(CANDIDATES, dim=-1)
+        mass, floor = top.values.sum(-1), min_p * top.values[:, 0]
+        within = (top_k > 0) & (top_k < CANDIDATES)
+        within |= (top_k == 0) & (((top_p < 1) & (mass >= top_p)) | ((min_p > 0) & (top.values[:, -1] < floor)))
+        covered = filtered & within
+        if bool(covered.any()):
+            i = rows[covered]
+            ids, values = top.indices[i], top.values[i]
+            keep = _kept(values, top_k[i], top_p[i], min_p[i])
+            ids, order = ids.sort(-1)  # vocabulary order
+            weights = (values * keep).gather(-1, order)
+            tokens[i] = ids.gather(-1, _inverse_cdf(weights, u[i])[:, None])[:, 0]
+    rest = ~covered
+    if bool(rest.any()):
+        i = rows[rest]
+        weights = probs[i]
+        needs = filtered[i]
+        if bool(needs.any()):  # filters not decided within the candidates: sort the vocabulary
+            j = i[needs]
+            values, order = probs[j].sort(-1, descending=True)
+            keep = torch.zeros_like(values, dtype=torch.bool).scatter(
+                -1, order, _kept(values, top_k[j], top_p[j], min_p[j])
+            )
+            weights = weights.clone()
+            weights[needs] = weights[needs] * keep
+        tokens[i] = _inverse_cdf(weights, u[i])
+    return tokens
 
 
 @dataclasses.dataclass
@@ -187,15 +256,15 @@ class Sampler:
                 logits[self._column(sampled, torch.long)]
                 / self._column([p.temperature for p in sp], torch.float32)[:, None]
             )
-            x = filter_logits(
-                x,
-                self._column([p.top_k for p in sp], torch.long) if any(p.top_k for p in sp) else None,
-                self._column([p.top_p for p in sp], torch.float32) if any(p.top_p < 1 for p in sp) else None,
-                self._column([p.min_p for p in sp], torch.float32) if any(p.min_p > 0 for p in sp) else None,
+            u = torch.cat([torch.rand(1, generator=seqs[i].generator, device=self.device) for i in sampled])
+            drawn = draw(
+                x.softmax(dim=-1),
+                self._column([p.top_k for p in sp], torch.long),
+                self._column([p.top_p for p in sp], torch.float32),
+                self._column([p.min_p for p in sp], torch.float32),
+                u,
             )
-            probs = x.softmax(dim=-1)
-            draws = [torch.multinomial(probs[j], 1, generator=seqs[i].generator) for j, i in enumerate(sampled)]
-            tokens = tokens.index_copy(0, self._column(sampled, torch.long), torch.cat(draws))
+            tokens = tokens.index_copy(0, self._column(sampled, torch.long), drawn)
         wants = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wants:
             return [Sampled(t) for t in tokens.tolist()]

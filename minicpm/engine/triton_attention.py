@@ -1,4 +1,17 @@
-"""Triton paged-attention decode kernel (flash-decoding, split-K), optional.
+"""Triton paged-attention kernels, optional: decode (flash-decoding, split-K) and varlen prefill.
+
+:func:`paged_prefill_attention` (and its plain-PyTorch :func:`paged_prefill_attention_reference`):
+causal attention of a step's query chunks, several sequences flattened together, each over its
+own cached past and itself, read through its block table in place (nothing gathered):
+
+* ``q``: ``(T, H, D)``, the step's rotated queries, sequence after sequence; ``cu_q``: ``(S + 1,)``
+  int32 offsets of each sequence's rows in ``q``; ``context_lens``: ``(S,)`` int32, each
+  sequence's tokens in the cache including this chunk's (already written); ``block_tables``:
+  ``(S, max_blocks)`` int32. Row ``i`` of sequence ``s`` (its position ``context_lens[s] -
+  query_len + i``) attends to keys ``0 .. position``. ``max_query_len`` (a host int) sizes the grid.
+* Returns ``(T, H, D)`` in ``q.dtype``; statistics and accumulation in float32.
+* Grid ``(cdiv(max_query_len, BLOCK_M), S, H)``; each program walks its key tiles up to its last
+  row's position only (what the causal mask would hide is never loaded).
 
 Contract of :func:`paged_decode_attention` (and of the plain-PyTorch
 :func:`paged_decode_attention_reference`, which tests compare against):
@@ -47,7 +60,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
     TRITON_AVAILABLE = False
 
-__all__ = ["TRITON_AVAILABLE", "paged_decode_attention", "paged_decode_attention_reference"]
+__all__ = [
+    "TRITON_AVAILABLE",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "paged_prefill_attention",
+    "paged_prefill_attention_reference",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -118,7 +137,131 @@ def paged_decode_attention_reference(
     return out.to(q.dtype)
 
 
+def _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"q must be (T, H, D) and the caches (num_blocks, block_size, KV, D), got {tuple(q.shape)}, "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    H, D = q.shape[1:]
+    KV = k_cache.shape[2]
+    if k_cache.shape[3] != D or KV == 0 or H % KV != 0:
+        raise ValueError(f"q (H={H}, D={D}) does not fit the cache (KV={KV}, D={k_cache.shape[3]})")
+    if q.dtype not in _SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"dtypes must match and be one of {_SUPPORTED_DTYPES}: q {q.dtype}, cache {k_cache.dtype}")
+    S = context_lens.shape[0]
+    if cu_q.shape != (S + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != S:
+        raise ValueError(
+            f"cu_q must be (S + 1,) and block_tables (S, max_blocks) for S={S} sequences, got "
+            f"{tuple(cu_q.shape)} and {tuple(block_tables.shape)}"
+        )
+    for name, t in (("cu_q", cu_q), ("context_lens", context_lens), ("block_tables", block_tables)):
+        if t.dtype != torch.int32 or t.device != q.device:
+            raise ValueError(f"{name} must be int32 on {q.device}, got {t.dtype} on {t.device}")
+
+
+def paged_prefill_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Plain-PyTorch float32 reference of :func:`paged_prefill_attention` (gathers; for tests)."""
+    _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens)
+    T, H, D = q.shape
+    _, block_size, KV, _ = k_cache.shape
+    out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
+    for s in range(context_lens.shape[0]):
+        start, end, ctx = int(cu_q[s]), int(cu_q[s + 1]), int(context_lens[s])
+        if end == start:
+            continue
+        blocks = block_tables[s, : -(-ctx // block_size)].long()
+        k = k_cache[blocks].reshape(-1, KV, D)[:ctx].float().repeat_interleave(H // KV, dim=1)
+        v = v_cache[blocks].reshape(-1, KV, D)[:ctx].float().repeat_interleave(H // KV, dim=1)
+        scores = torch.einsum("thd,nhd->htn", q[start:end].float(), k) * scale
+        positions = torch.arange(ctx - (end - start), ctx, device=q.device)
+        hidden = torch.arange(ctx, device=q.device)[None, :] > positions[:, None]
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        out[start:end] = torch.einsum("htn,nhd->thd", probs, v)
+    return out.to(q.dtype)
+
+
 if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _paged_prefill_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bt_ptr,
+        cu_ptr,
+        ctx_ptr,
+        out_ptr,
+        qk_scale,  # scale * log2(e)
+        stride_qt,
+        stride_qh,
+        stride_kn,
+        stride_kt,
+        stride_kh,
+        stride_btb,
+        stride_ot,
+        stride_oh,
+        GROUP: tl.constexpr,  # query heads per kv head
+        D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # query rows per program
+        BLOCK_N: tl.constexpr,  # keys per tile
+        DOT_PRECISION: tl.constexpr,
+    ):
+        mt = tl.program_id(0)
+        s = tl.program_id(1)
+        h = tl.program_id(2)
+        kvh = h // GROUP
+        q_start = tl.load(cu_ptr + s)
+        q_len = tl.load(cu_ptr + s + 1) - q_start
+        ctx = tl.load(ctx_ptr + s)
+        past = ctx - q_len
+        rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        offs_d = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + (q_start + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        # keys up to the last real row's position; none for a tile past the chunk's rows
+        last = tl.minimum(past + mt * BLOCK_M + BLOCK_M, ctx)
+        last = tl.where(mt * BLOCK_M < q_len, last, 0)
+        offs_n = tl.arange(0, BLOCK_N)
+        for start in range(0, last, BLOCK_N):
+            tok = start + offs_n
+            tok_ok = tok < last
+            blk = tl.load(bt_ptr + s * stride_btb + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+            slot = blk * stride_kn + (tok % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+            k = tl.load(k_ptr + slot[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + slot[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            visible = tok_ok[None, :] & (tok[None, :] <= (past + rows)[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a padded row sees no key
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + (q_start + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
 
     @triton.jit
     def _paged_decode_partial_kernel(
@@ -271,6 +414,68 @@ if TRITON_AVAILABLE:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(out_ptr.dtype.element_ty))
 
 
+def _check_launch(name: str, q: torch.Tensor) -> None:
+    """What every kernel launch needs: triton, CUDA (or the interpreter), a head dim it tiles."""
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(f"{name} needs triton, which is not installed")
+    D = q.shape[-1]
+    if not _is_pow2(D) or not 16 <= D <= 256:
+        raise ValueError(f"head dim D must be a power of two in [16, 256], got {D}")
+    if not q.is_cuda and not _kernels_interpreted():
+        raise ValueError(f"{name} needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Varlen paged causal attention with Triton (see the module docstring for the contract)."""
+    _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens)
+    _check_launch("paged_prefill_attention", q)
+    T, H, D = q.shape
+    _, block_size, KV, _ = k_cache.shape
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("q and the caches need a contiguous head dimension (and the caches one layout)")
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    S = context_lens.shape[0]
+    if T == 0 or S == 0 or max_query_len <= 0:
+        return out
+    _paged_prefill_kernel[(triton.cdiv(max_query_len, block_m), S, H)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_q,
+        context_lens,
+        out,
+        float(scale) * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=H // KV,
+        D=D,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    return out
+
+
 def _kernels_interpreted() -> bool:
     """True when the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return TRITON_AVAILABLE and not isinstance(_paged_decode_partial_kernel, triton.runtime.JITFunction)
@@ -286,15 +491,10 @@ def paged_decode_attention(
     partition_size: int = 512,
 ) -> torch.Tensor:
     """Paged decode attention with Triton (see the module docstring for the contract)."""
-    if not TRITON_AVAILABLE:
-        raise RuntimeError("paged_decode_attention needs triton, which is not installed")
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, partition_size)
+    _check_launch("paged_decode_attention", q)
     B, H, D = q.shape
     _, block_size, KV, _ = k_cache.shape
-    if not _is_pow2(D) or not 16 <= D <= 256:
-        raise ValueError(f"head dim D must be a power of two in [16, 256], got {D}")
-    if not q.is_cuda and not _kernels_interpreted():
-        raise ValueError(f"paged_decode_attention needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
 
     max_blocks = block_tables.shape[1]
     max_ctx = max_blocks * block_size
