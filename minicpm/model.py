@@ -294,6 +294,22 @@ class MiniCPMForCausalLM(nn.Module):
         logits_to_keep: int | Tensor | None = None,
         inv_freq: Tensor | None = None,
     ) -> Tensor:
+        """float32 logits of ``input_ids`` (batch, seq): :meth:`hidden_states`, then :meth:`logits`
+        of the positions ``logits_to_keep`` names (default: all without a cache, the last with one)."""
+        h = self.hidden_states(input_ids, positions, cache, rope_lengths, inv_freq)
+        if logits_to_keep is None:
+            logits_to_keep = 0 if cache is None else 1
+        return self.logits(h, logits_to_keep)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        rope_lengths: Tensor | int | None = None,
+        inv_freq: Tensor | None = None,
+    ) -> Tensor:
+        """The last decoder layer's output (batch, seq, hidden), before the final norm."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
@@ -315,9 +331,12 @@ class MiniCPMForCausalLM(nn.Module):
             h = h * self.config.scale_emb
         for layer in self.model.layers:
             h = layer(h, cos, sin, cache)
+        return h
 
-        if logits_to_keep is None:
-            logits_to_keep = 0 if cache is None else 1
+    def logits(self, h: Tensor, logits_to_keep: int | Tensor = 0) -> Tensor:
+        """float32 logits from :meth:`hidden_states`: of the last ``logits_to_keep`` positions
+        (0: all), or of the positions a tensor of indices names; final norm, the reference's
+        division by hidden / dim_model_base, the head."""
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h
         else:

@@ -285,3 +285,18 @@ def test_engine_steps_on_the_triton_kernels_give_the_cpu_paths_tokens(dtype, mon
         assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     else:  # bfloat16: near ties of a random tiny model can flip later; the prompts' answers start alike
         assert [c.token_ids[0] for c in got] == [c.token_ids[0] for c in expected]
+
+
+@pytest.mark.parametrize("max_splits", [1, 4, 16])
+def test_decode_splits_walk_256_partitions_and_follow_real_lengths(max_splits):
+    """A 4096-token row is 256 partitions of 16 tokens walked by at most ``max_splits`` programs
+    each; beside it, short rows in the same wide table (their programs stop at their lengths)."""
+    lens = [4096, 3, 17, 0, 40]
+    case = make_case(lens, h=4, kv=2, d=16, block_size=16, max_blocks=256, dtype=torch.float32)
+    q, k, v, bt, ctx = case
+    out = paged_decode_attention(q, k, v, bt, ctx, 0.25, partition_size=16, max_splits=max_splits)
+    ref = paged_decode_attention_reference(q, k, v, bt, ctx, 0.25)
+    torch.testing.assert_close(out.float(), ref.float(), **TOLS[torch.float32])
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    with pytest.raises(ValueError, match="max_splits"):
+        paged_decode_attention(q, k, v, bt, ctx, 0.25, partition_size=16, max_splits=0)

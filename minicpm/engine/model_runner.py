@@ -6,17 +6,21 @@ Contract:
   projections, packed CPU bf16 weights), then sizes the paged KV cache from the memory at hand
   (``kv_cache_memory`` bytes, or on CUDA ``gpu_memory_utilization`` of the card minus the weights,
   what is already in use and a measured activation reserve) and, on CUDA unless ``enforce_eager``,
-  captures one CUDA graph of the decode step per (batch-size bucket, context bucket).
+  captures one CUDA graph of the decoder per batch-size bucket (hidden states into one shared
+  static buffer; any context length replays it, the attention kernel's work following each row's
+  real length).
 * ``run(batch)`` feeds each scheduled sequence's next tokens as one flattened forward, computes
   logits only for the sequences that sample this step (those whose tokens reach their end) and
   returns one sampled token id per such sequence, in order. Pure decode batches that fit a
-  captured graph replay it; everything else runs eagerly.
+  captured graph replay it, then compute the logits of their real rows outside the graph;
+  everything else runs eagerly.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -66,7 +70,7 @@ class ModelRunner:
         self.inv_freq_cache: dict[float, Tensor] = {}
         self.sampler = Sampler(c.vocab_size, self.device)
         self._scoring: list[tuple[Sequence, int, int, int]] = []
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = {}
         if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
 
@@ -217,7 +221,7 @@ class ModelRunner:
         ids, positions, inv_freq, md, rows, samplers = self._prepare(batch)
         graph = self._graph_for(batch, md) if self.graphs and md.decode_only else None
         if graph is not None:
-            logits = self._replay(graph, ids, positions, inv_freq, md)
+            logits = self._replay(graph, ids, positions, inv_freq, md, self._tensor(rows))
         else:
             self.cache.metadata = md
             # a mixed step's decode rows (first in the batch) go through the linears apart from the rest
@@ -252,20 +256,25 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graph_for(self, batch: ScheduledBatch, md: AttentionMetadata) -> tuple | None:
+        """The smallest captured batch bucket that holds this decode step (any context: the
+        graphs' block tables are as wide as the longest sequence, and the decode kernel's work
+        follows each row's real length)."""
         n = len(batch.seqs)
-        longest = max(md.context_lens_host)
-        for key in sorted(self.graphs):
-            if key[0] >= n and key[1] >= longest:
-                return (key, *self.graphs[key])
-        return None
+        fitting = [b for b in self.graphs if b >= n]
+        if not fitting or md.block_tables.shape[1] > self.static["tables"].shape[1]:
+            return None
+        b = min(fitting)
+        return (b, *self.graphs[b])
 
     def _capture_graphs(self, max_len: int) -> None:
+        """One graph per batch-size bucket of the decoder alone (embeddings to the last layer),
+        writing its hidden states into one shared static buffer; logits are computed outside the
+        graphs, for the real rows only."""
         bs = self.block_size
         max_batch = self.config.max_num_seqs
         batch_sizes = sorted(
             {b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < max_batch} | {max_batch}
         )
-        context_sizes = sorted({min(c, max_len) for c in (4096, 16384, 65536)} | {max_len})
         max_blocks = -(-max_len // bs)
         d2 = self.model_config.head_dim // 2
         dev = self.device
@@ -276,34 +285,43 @@ class ModelRunner:
             "slots": torch.full((max_batch,), self.cache.scratch_slot, dtype=torch.long, device=dev),
             "tables": torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=dev),
             "lens": torch.zeros(max_batch, dtype=torch.int32, device=dev),
+            "hidden": torch.zeros(1, max_batch, self.model_config.hidden_size, dtype=self.dtype, device=dev),
         }
         st = self.static
         pool = None
-        for ctx in reversed(context_sizes):
-            width = -(-ctx // bs)
-            for b in reversed(batch_sizes):
-                md = AttentionMetadata(
-                    slot_mapping=st["slots"][:b],
-                    block_tables=st["tables"][:b, :width],
-                    context_lens=st["lens"][:b],
-                    decode_only=True,
-                )
-                args = (st["ids"][:, :b], st["positions"][:, :b])
-                self.cache.metadata = md
-                with torch.inference_mode():
-                    self.model(*args, cache=self.cache, logits_to_keep=0, inv_freq=st["inv_freq"][:, :b])  # warm up
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool):
-                        out = self.model(*args, cache=self.cache, logits_to_keep=0, inv_freq=st["inv_freq"][:, :b])
-                if pool is None:
-                    pool = graph.pool()
-                self.graphs[(b, ctx)] = (graph, out)
-                torch.cuda.synchronize()
-        self.cache.metadata = None
-        log.info("captured %d decode CUDA graphs", len(self.graphs))
+        for b in reversed(batch_sizes):
+            md = AttentionMetadata(
+                slot_mapping=st["slots"][:b],
+                block_tables=st["tables"][:b],
+                context_lens=st["lens"][:b],
+                decode_only=True,
+            )
 
-    def _replay(self, graph: tuple, ids: Tensor, positions: Tensor, inv_freq: Tensor, md: AttentionMetadata) -> Tensor:
-        _, g, out = graph
+            def decoder(b: int = b, md: AttentionMetadata = md) -> None:
+                self.cache.metadata = md
+                try:
+                    h = self.model.hidden_states(
+                        st["ids"][:, :b], st["positions"][:, :b], cache=self.cache, inv_freq=st["inv_freq"][:, :b]
+                    )
+                    st["hidden"][:, :b].copy_(h)
+                finally:
+                    self.cache.metadata = None
+
+            with torch.inference_mode():
+                decoder()  # warm up
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    decoder()
+            if pool is None:
+                pool = graph.pool()
+            self.graphs[b] = (graph, decoder)
+            torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (batch buckets %s)", len(self.graphs), batch_sizes)
+
+    def _replay(
+        self, graph: tuple, ids: Tensor, positions: Tensor, inv_freq: Tensor, md: AttentionMetadata, keep: Tensor
+    ) -> Tensor:
+        _, g, _ = graph
         n = ids.shape[1]
         st = self.static
         width = md.block_tables.shape[1]
@@ -312,8 +330,8 @@ class ModelRunner:
         st["inv_freq"][:, :n] = inv_freq
         st["slots"].fill_(self.cache.scratch_slot)
         st["slots"][:n] = md.slot_mapping
-        st["lens"].zero_()
+        st["lens"].zero_()  # padded rows: no context, no reads
         st["lens"][:n] = md.context_lens
-        st["tables"][:n, :width] = md.block_tables
+        st["tables"][:n, :width] = md.block_tables  # entries past a row's length are never read
         g.replay()
-        return out[0, :n]
+        return self.model.logits(st["hidden"][:, :n], keep)[0]

@@ -29,12 +29,14 @@ Contract of :func:`paged_decode_attention` (and of the plain-PyTorch
 * Returns ``(B, H, D)`` in ``q.dtype``: ``softmax(q @ k.T * scale) @ v`` over the first
   ``context_len`` tokens, softmax statistics and accumulation in float32.
 
-Implementation: kernel 1 runs on grid ``(B, KV, num_partitions)`` with
-``num_partitions = cdiv(max_blocks * block_size, partition_size)``, computed from static
-shapes only. Each program handles all ``H // KV`` query heads of its kv head (each K/V tile
-is loaded once for the group) over one ``partition_size``-token slice of the sequence and
-writes an unnormalised partial output plus its running max / sum (max = -inf, sum = 0
-for partitions past ``context_len``). Kernel 2 (grid ``(B, H)``) merges the partials with
+Implementation: kernel 1 runs on grid ``(B, KV, splits)`` with ``splits = min(cdiv(max_blocks *
+block_size, partition_size), max_splits)`` (16 by default), computed from static shapes only.
+Each program handles all ``H // KV`` query heads of its kv head (each K/V tile is loaded once
+for the group) and walks every ``splits``-th ``partition_size``-token slice of its sequence, up
+to that sequence's real ``context_len`` (so the work follows the real lengths: a 70k sequence in
+a graph sized for 128k does not make 48 short ones launch programs per partition), merging them
+as it goes; it writes one unnormalised partial output plus its running max / sum (max = -inf,
+sum = 0 for a split that saw no token). Kernel 2 (grid ``(B, H)``) merges the partials with
 log-sum-exp. There is no host synchronisation, so the call is CUDA-graph capturable
 (the intermediate buffers come from ``torch.empty`` in the wrapper).
 
@@ -288,8 +290,8 @@ if TRITON_AVAILABLE:
         stride_btb,
         stride_btn,
         max_ctx,  # max_blocks * BLOCK_SIZE
-        num_parts,
         H: tl.constexpr,
+        SPLITS: tl.constexpr,  # programs per (sequence, kv head), each walking every SPLITS-th partition
         GROUP: tl.constexpr,  # H // KV real query heads per program
         GROUP_PAD: tl.constexpr,  # padded row count (1, or >= 16 for tl.dot)
         D: tl.constexpr,
@@ -301,12 +303,10 @@ if TRITON_AVAILABLE:
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
-        part = tl.program_id(2)
+        split = tl.program_id(2)
 
         ctx = tl.minimum(tl.load(ctx_ptr + b), max_ctx)
-        part_start = part * PARTITION
-        part_len = tl.minimum(tl.maximum(ctx - part_start, 0), PARTITION)
-        num_tiles = tl.cdiv(part_len, TILE)  # 0 for partitions past the context: no cache reads
+        num_live = tl.cdiv(tl.maximum(ctx, 0), PARTITION)  # partitions holding tokens
 
         rows = tl.arange(0, GROUP_PAD)
         row_ok = rows < GROUP
@@ -325,53 +325,57 @@ if TRITON_AVAILABLE:
         acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
 
         offs_t = tl.arange(0, TILE)
-        for t in range(0, num_tiles):
-            tok = part_start + t * TILE + offs_t
-            tok_ok = tok < ctx
-            # Physical block of each token; masked so padding table entries are never read.
-            blk = tl.load(bt_ptr + b * stride_btb + (tok // BLOCK_SIZE) * stride_btn, mask=tok_ok, other=0)
-            blk = blk.to(tl.int64)
-            slot = tok % BLOCK_SIZE
-            k = tl.load(
-                k_ptr
-                + blk[:, None] * stride_kn
-                + slot[:, None] * stride_kt
-                + kvh * stride_kh
-                + offs_d[None, :] * stride_kd,
-                mask=tok_ok[:, None],
-                other=0.0,
-            )  # (TILE, D)
-            v = tl.load(
-                v_ptr
-                + blk[:, None] * stride_vn
-                + slot[:, None] * stride_vt
-                + kvh * stride_vh
-                + offs_d[None, :] * stride_vd,
-                mask=tok_ok[:, None],
-                other=0.0,
-            )
-            if USE_DOT:
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            else:
-                s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # (GROUP_PAD, TILE)
-            s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
-            # Every processed tile holds >= 1 valid token, so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if USE_DOT:
-                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # fp32 accumulate
-            else:
-                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)  # (GROUP_PAD, D)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+        # this program's partitions: split, split + SPLITS, ... up to the real context only
+        for part in range(split, num_live, SPLITS):
+            part_start = part * PARTITION
+            part_len = tl.minimum(ctx - part_start, PARTITION)
+            for t in range(0, tl.cdiv(part_len, TILE)):
+                tok = part_start + t * TILE + offs_t
+                tok_ok = tok < ctx
+                # Physical block of each token; masked so padding table entries are never read.
+                blk = tl.load(bt_ptr + b * stride_btb + (tok // BLOCK_SIZE) * stride_btn, mask=tok_ok, other=0)
+                blk = blk.to(tl.int64)
+                slot = tok % BLOCK_SIZE
+                k = tl.load(
+                    k_ptr
+                    + blk[:, None] * stride_kn
+                    + slot[:, None] * stride_kt
+                    + kvh * stride_kh
+                    + offs_d[None, :] * stride_kd,
+                    mask=tok_ok[:, None],
+                    other=0.0,
+                )  # (TILE, D)
+                v = tl.load(
+                    v_ptr
+                    + blk[:, None] * stride_vn
+                    + slot[:, None] * stride_vt
+                    + kvh * stride_vh
+                    + offs_d[None, :] * stride_vd,
+                    mask=tok_ok[:, None],
+                    other=0.0,
+                )
+                if USE_DOT:
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                else:
+                    s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)  # (GROUP_PAD, TILE)
+                s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
+                # Every processed tile holds >= 1 valid token, so m_new is finite.
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if USE_DOT:
+                    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # fp32 accumulate
+                else:
+                    pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)  # (GROUP_PAD, D)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
 
-        stat_off = (b * H + heads) * num_parts + part
+        stat_off = (b * H + heads) * SPLITS + split
         tl.store(m_ptr + stat_off, m_i, mask=row_ok)
         tl.store(l_ptr + stat_off, l_i, mask=row_ok)
-        # Dead partitions only write the neutral (m=-inf, l=0) stats; the reducer skips their acc.
-        acc_rows = tl.where(num_tiles > 0, GROUP, 0)
+        # Idle splits only write the neutral (m=-inf, l=0) stats; the reducer skips their acc.
+        acc_rows = tl.where(split < num_live, GROUP, 0)
         tl.store(acc_ptr + stat_off[:, None] * D + offs_d[None, :], acc, mask=(rows < acc_rows)[:, None])
 
     @triton.jit
@@ -385,8 +389,8 @@ if TRITON_AVAILABLE:
         stride_oh,
         stride_od,
         max_ctx,
-        num_parts,
         H: tl.constexpr,
+        SPLITS: tl.constexpr,
         D: tl.constexpr,
         PARTS_PAD: tl.constexpr,
         PARTITION: tl.constexpr,
@@ -394,9 +398,9 @@ if TRITON_AVAILABLE:
         b = tl.program_id(0)
         h = tl.program_id(1)
         ctx = tl.minimum(tl.load(ctx_ptr + b), max_ctx)
-        num_live = tl.cdiv(tl.maximum(ctx, 0), PARTITION)
+        num_live = tl.minimum(tl.cdiv(tl.maximum(ctx, 0), PARTITION), SPLITS)  # splits that saw tokens
 
-        base = (b * H + h) * num_parts
+        base = (b * H + h) * SPLITS
         offs_p = tl.arange(0, PARTS_PAD)
         live = offs_p < num_live
         m_all = tl.load(m_ptr + base + offs_p, mask=live, other=float("-inf"))
@@ -489,9 +493,12 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     partition_size: int = 512,
+    max_splits: int = 16,
 ) -> torch.Tensor:
     """Paged decode attention with Triton (see the module docstring for the contract)."""
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, partition_size)
+    if not isinstance(max_splits, int) or max_splits < 1:
+        raise ValueError(f"max_splits must be a positive integer, got {max_splits!r}")
     _check_launch("paged_decode_attention", q)
     B, H, D = q.shape
     _, block_size, KV, _ = k_cache.shape
@@ -504,17 +511,17 @@ def paged_decode_attention(
     if max_ctx == 0:
         return out.zero_()
 
-    num_parts = math.ceil(max_ctx / partition_size)
+    splits = min(math.ceil(max_ctx / partition_size), max_splits)
     group = H // KV
     use_dot = group > 1
     group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
     tile = min(_MAX_TILE, partition_size)
 
-    m_buf = torch.empty(B, H, num_parts, dtype=torch.float32, device=q.device)
+    m_buf = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     l_buf = torch.empty_like(m_buf)
-    acc_buf = torch.empty(B, H, num_parts, D, dtype=torch.float32, device=q.device)
+    acc_buf = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
 
-    _paged_decode_partial_kernel[(B, KV, num_parts)](
+    _paged_decode_partial_kernel[(B, KV, splits)](
         q,
         k_cache,
         v_cache,
@@ -529,8 +536,8 @@ def paged_decode_attention(
         *v_cache.stride(),
         *block_tables.stride(),
         max_ctx,
-        num_parts,
         H=H,
+        SPLITS=splits,
         GROUP=group,
         GROUP_PAD=group_pad,
         D=D,
@@ -549,10 +556,10 @@ def paged_decode_attention(
         out,
         *out.stride(),
         max_ctx,
-        num_parts,
         H=H,
+        SPLITS=splits,
         D=D,
-        PARTS_PAD=triton.next_power_of_2(num_parts),
+        PARTS_PAD=triton.next_power_of_2(splits),
         PARTITION=partition_size,
         num_warps=4,
     )
