@@ -11,6 +11,10 @@ on the values), built on the meta device and initialised on the GPU. Measured, f
 * batch-1 decode ms/token at 1k / 32k / 128k context: (t_last - t_first_token) / (N - 1);
 * batch-32 decode throughput at 1k context, 128 new tokens each: tokens/s after every request has
   its first token;
+* mixed load (ours): the same 32 requests decoding at 1k while a 32k prompt is prefilled in
+  chunks of ``max_num_batched_tokens`` (8192 on GPU) in the same steps: the decoders'
+  inter-token latency during the prefill (median and max over those steps) beside their
+  decode-only inter-token latency, and the long prompt's time to first token;
 * device-to-device copy bandwidth (bytes read + written), which scales the decode targets of
   shared/facts/performance-anchors.md (set on an H200) to other cards.
 
@@ -99,10 +103,11 @@ class Plan:
     batch: int
     batch_context: int
     batch_new_tokens: int
+    mixed_context: int  # the long prompt prefilled beside the batch's decoders (0 skips the case)
 
 
-FULL_PLAN = Plan([4096, 32768, 131072], [1024, 32768, 131072], 64, 32, 32, 1024, 128)
-TINY_PLAN = Plan([256, 512, 1024], [128, 512, 1024], 8, 4, 4, 128, 8)
+FULL_PLAN = Plan([4096, 32768, 131072], [1024, 32768, 131072], 64, 32, 32, 1024, 128, 32768)
+TINY_PLAN = Plan([256, 512, 1024], [128, 512, 1024], 8, 4, 4, 128, 8, 512)
 
 
 def build_model(config: MiniCPMConfig, device: torch.device, dtype: torch.dtype, seed: int) -> MiniCPMForCausalLM:
@@ -371,6 +376,49 @@ def engine_batch(engine: LLMEngine, prompts: list[list[int]], n: int, device: to
     return {"tok_s": decode_tokens / (end - all_first), "prefill_s": all_first - start}
 
 
+def engine_mixed(
+    engine: LLMEngine, prompts: list[list[int]], long_prompt: list[int], device: torch.device
+) -> dict[str, float]:
+    """The batch decoding, then a long prompt prefilled in chunks beside it: the decoders'
+    inter-token latency (one token each per step) decode-only and during the prefill."""
+    params = SamplingParams(max_new_tokens=1 << 20, ignore_eos=True)
+    rids = [engine.add_request(p, params) for p in prompts]
+    limit = sum(len(p) for p in prompts) + len(long_prompt) + 256
+
+    def timed_step() -> tuple[float, list]:
+        start = time.perf_counter()
+        outputs = engine.step()
+        sync(device)
+        return time.perf_counter() - start, outputs
+
+    try:
+        for _ in range(limit):  # every decoder past its prompt
+            if all(engine.requests[r].seq.num_uncomputed <= 1 for r in rids if r in engine.requests):
+                break
+            timed_step()
+        alone = [timed_step()[0] for _ in range(8)]
+        start = time.perf_counter()
+        long_id = engine.add_request(long_prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        during, first = [], None
+        for _ in range(limit):
+            took, outputs = timed_step()
+            during.append(took)
+            if any(o.request_id == long_id and o.token_ids for o in outputs):
+                first = time.perf_counter() - start
+                break
+        if first is None:
+            raise RuntimeError(f"the {len(long_prompt)}-token prompt got no first token in {limit} steps")
+    finally:
+        abort_all(engine)
+    return {
+        "itl_alone_ms": 1000 * sorted(alone)[len(alone) // 2],
+        "itl_during_ms": 1000 * sorted(during)[len(during) // 2],
+        "itl_during_max_ms": 1000 * max(during),
+        "prefill_steps": len(during),
+        "long_ttft_s": first,
+    }
+
+
 def abort_all(engine: LLMEngine) -> None:
     for rid in list(engine.requests):
         engine.abort_request(rid)
@@ -386,13 +434,21 @@ def run_ours(
     rec: Recorder,
     gen: torch.Generator,
 ) -> dict[str, Any]:
-    res: dict[str, Any] = {"prefill": {}, "peak": {}, "decode": {}, "decode_tokens": {}, "batch": None, "engine": {}}
+    res: dict[str, Any] = {
+        "prefill": {},
+        "peak": {},
+        "decode": {},
+        "decode_tokens": {},
+        "batch": None,
+        "mixed": None,
+        "engine": {},
+    }
     c = model.config
     block = args.block_size
     config = EngineConfig.for_device(
         device.type,
         block_size=block,
-        max_num_seqs=args.max_num_seqs or max(plan.batch, 1),
+        max_num_seqs=args.max_num_seqs or max(plan.batch + (1 if plan.mixed_context else 0), 1),
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager or None,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -405,7 +461,8 @@ def run_ours(
         # the pool: the longest request or the batch case, whichever needs more (they never run together)
         longest = max(len(p) + (plan.new_tokens if ctx in plan.decode_contexts else 1) for ctx, p in prompts.items())
         batch_tokens = sum(-(-(len(p) + plan.batch_new_tokens) // block) * block for p in batch_prompts)
-        need_tokens = max(longest, batch_tokens, len(warm_prompt) + 8)
+        mixed_tokens = sum(-(-(len(p) + 1024) // block) * block for p in batch_prompts) + plan.mixed_context + block
+        need_tokens = max(longest, batch_tokens, len(warm_prompt) + 8, mixed_tokens if plan.mixed_context else 0)
         blocks = -(-need_tokens // block) + 16
         config = dataclasses.replace(
             config, kv_cache_memory=blocks * block * c.kv_bytes_per_token(model.dtype.itemsize)
@@ -460,6 +517,13 @@ def run_ours(
         res["batch"] = rec(
             "ours batch",
             lambda: engine_batch(engine, batch_prompts, plan.batch_new_tokens, device),
+            lambda: abort_all(engine),
+        )
+    if plan.batch > 0 and plan.mixed_context > 0:
+        long_prompt = random_prompt(min(plan.mixed_context, c.context_length - 8), c.vocab_size, gen)
+        res["mixed"] = rec(
+            "ours mixed",
+            lambda: engine_mixed(engine, batch_prompts, long_prompt, device),
             lambda: abort_all(engine),
         )
     res["engine"]["steps"] = engine.num_steps
@@ -571,6 +635,17 @@ def print_tables(summary: dict) -> None:
             f"{fmt(b['speedup'], '.2f')} (prefill of the batch: ours {fmt(b['ours_prefill_s'])} s, "
             f"HF {fmt(b['hf_prefill_s'])} s)"
         )
+    m = summary.get("mixed") or {}
+    if m.get("itl_alone_ms") is not None:
+        print()
+        print(
+            f"mixed load: {m['batch']} decoding at {m['context']} tokens while a {m['long_prompt']}-token prompt "
+            f"prefills beside them ({m['prefill_steps']} steps): decoders' inter-token latency "
+            f"{fmt(m['itl_during_ms'], '.1f')} ms (max {fmt(m['itl_during_max_ms'], '.1f')}) against "
+            f"{fmt(m['itl_alone_ms'], '.1f')} ms decode-only; the long prompt's first token after "
+            f"{fmt(m['long_ttft_s'], '.2f')} s"
+            + (" (a tiny or CPU run: the GPU figures are still to be measured)" if m.get("to_measure_on_gpu") else "")
+        )
     print()
     judged = "" if summary["targets_judged"] else "; not judged: a tiny or CPU run"
     print(
@@ -602,6 +677,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="batch size of the throughput case, 0 skips it (default 32)")
     p.add_argument("--batch-context", type=int, help="prompt tokens per request of the batch case (default 1024)")
     p.add_argument("--batch-new-tokens", type=int, help="new tokens per request of the batch case (default 128)")
+    p.add_argument(
+        "--mixed-context", type=int, help="long prompt prefilled beside the batch's decoders, 0 skips (default 32768)"
+    )
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine batch limit (default: --batch)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine prefill chunk (its default)")
@@ -625,7 +703,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.prefill_contexts = list(args.prefill_contexts)
     if args.decode_contexts is not None:
         plan.decode_contexts = list(args.decode_contexts)
-    for field in ("new_tokens", "hf_new_tokens", "batch", "batch_context", "batch_new_tokens"):
+    for field in ("new_tokens", "hf_new_tokens", "batch", "batch_context", "batch_new_tokens", "mixed_context"):
         value = getattr(args, field)
         if value is not None:
             setattr(plan, field, value)
@@ -735,6 +813,10 @@ def main(argv: list[str] | None = None) -> int:
         "hf_prefill_s": hb["prefill_s"] if isinstance(hb, dict) else None,
     }
     batch_row["speedup"] = ratio(batch_row["ours_tok_s"], batch_row["hf_tok_s"])
+    om = ours.get("mixed")
+    mixed_row = {"batch": plan.batch, "context": batch_row["context"], "long_prompt": plan.mixed_context}
+    mixed_row |= om if isinstance(om, dict) else {"error": om}
+    mixed_row["to_measure_on_gpu"] = device.type != "cuda" or args.tiny
     judged = device.type == "cuda" and not args.tiny
     target_rows, scale = targets(prefill_rows, decode_rows, batch_row, num(bandwidth), device_name, judged)
     summary = {
@@ -764,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill": prefill_rows,
         "decode": decode_rows,
         "batch": batch_row,
+        "mixed": mixed_row,
         "targets": target_rows,
         "targets_judged": judged,
         "hf_note": None if args.skip_hf else HF_NOTE,

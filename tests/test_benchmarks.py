@@ -92,6 +92,12 @@ def test_tiny_run_reports_every_figure_for_both_systems(tiny: dict) -> None:
     for key in ("ours_tok_s", "hf_tok_s", "speedup", "ours_prefill_s", "hf_prefill_s"):
         assert positive(batch[key]), (key, batch)
 
+    mixed = tiny["mixed"]  # the batch decoding while a 512-token prompt prefills beside it
+    assert mixed["batch"] == 4 and mixed["long_prompt"] == 512 and mixed["to_measure_on_gpu"] is True
+    for key in ("itl_alone_ms", "itl_during_ms", "itl_during_max_ms", "long_ttft_s"):
+        assert positive(mixed[key]), (key, mixed)
+    assert 1 <= mixed["prefill_steps"] <= 4  # admitted at once, prefilled in chunks beside the decoders
+
 
 def test_tiny_run_lists_the_targets_without_judging_them(tiny: dict) -> None:
     assert tiny["targets_judged"] is False
