@@ -778,3 +778,31 @@ def test_contiguous_allocation_keeps_growing_sequences_in_one_run() -> None:
         for seq in seqs:
             bm.free(seq)
         assert bm.num_free_blocks == 64 and sorted(bm.free_ids) == list(range(64))
+
+
+def test_bfloat16_greedy_follows_the_full_recompute_token_by_token(model: MiniCPMForCausalLM) -> None:
+    """bfloat16, mixed steps (chunks beside decodes), preemption and prefix-cache hits: each token
+    the engine picks is the full recompute's argmax given the engine's own prefix (teacher forced),
+    or within bfloat16 rounding of it (a near tie); most are exactly it."""
+    bf16 = random_model(model.config, seed=1).to(torch.bfloat16)
+    engine = make_engine(bf16, blocks=10)
+    shared = prompt_of(24, seed=900)
+    prompts = [shared + prompt_of(n, seed=901 + n) for n in (9, 30, 3)] + [prompt_of(n, seed=950 + n) for n in (50, 17)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(prompt, SamplingParams(max_new_tokens=14, ignore_eos=True), request_id=f"r{i}")
+    results = run_to_end(engine)
+    assert engine.stats()["preemptions"] > 0 and engine.scheduler.num_cached_tokens > 0
+    exact = total = 0
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            tokens, reason = results[f"r{i}"]
+            assert reason == "length" and len(tokens) == 14
+            for j, token in enumerate(tokens):
+                logits = bf16(torch.tensor([prompt + tokens[:j]]), rope_lengths=len(prompt))[0, -1]
+                best = int(logits.argmax())
+                gap = float(logits[best] - logits[token])
+                assert gap <= 2e-2 * (1 + float(logits.abs().max())), f"r{i} token {j}: {token} vs {best}, gap {gap}"
+                exact += token == best
+                total += 1
+    assert exact >= 0.9 * total
+    check_idle(engine)
