@@ -115,3 +115,39 @@ def test_cpu_steps_read_scattered_blocks_in_place(kv_heads: int, monkeypatch) ->
         expected.append(causal_attention(q[:, :, start : start + n], k, v, past=c - n))
         start += n
     assert_close_rel(got, torch.cat(expected, dim=2), 1e-5)
+
+
+def test_a_failing_split_prefill_kernel_falls_back_to_the_plain_path(caplog) -> None:
+    """The GPU's per-sequence path (here on CPU with block lists): the split kernel raises, the chunk
+    is computed by the plain bottom-right causal path, and the kernel is not tried again."""
+    from minicpm.engine.attention import AttentionMetadata, PagedKVCache
+
+    torch.manual_seed(0)
+    bs, heads, kv_heads, d = 4, 4, 2, 16
+    config = tiny_config(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * d)
+    cache = PagedKVCache(config, num_blocks=16, block_size=bs, dtype=torch.float32, device="cpu")
+    calls = []
+
+    def broken(q, k, v, is_causal):
+        calls.append(1)
+        raise RuntimeError("cuDNN: no kernel for this shape")
+
+    cache.lse_attention = broken
+    table, ctx, new = [5, 2, 9, 11], 14, 6
+    k_full, v_full = cached(ctx, kv_heads), cached(ctx, kv_heads)
+    for p in range(ctx - new):
+        cache.k[0, table[p // bs], p % bs] = k_full[0, :, p]
+        cache.v[0, table[p // bs], p % bs] = v_full[0, :, p]
+    q = cached(new, heads)
+    cache.metadata = AttentionMetadata(
+        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx - new, ctx)]),
+        block_tables=torch.tensor([table], dtype=torch.int32),
+        context_lens=torch.tensor([ctx], dtype=torch.int32),
+        decode_only=False,
+        query_lens=[new],
+        context_lens_host=[ctx],
+        seq_blocks=[torch.tensor(table)],
+    )
+    got = cache.attend(0, q, k_full[:, :, ctx - new :], v_full[:, :, ctx - new :])
+    assert_close_rel(got, causal_attention(q, k_full, v_full, past=ctx - new), 1e-5)
+    assert calls == [1] and cache.lse_attention is None and "using the plain path" in caplog.text

@@ -300,3 +300,39 @@ def test_decode_splits_walk_256_partitions_and_follow_real_lengths(max_splits):
     assert torch.equal(out[3], torch.zeros_like(out[3]))
     with pytest.raises(ValueError, match="max_splits"):
         paged_decode_attention(q, k, v, bt, ctx, 0.25, partition_size=16, max_splits=0)
+
+
+def test_a_triton_kernel_failing_mid_serving_falls_back_to_the_torch_path(monkeypatch, caplog):
+    """The varlen kernel raises on its third call: that step and the later ones go through the
+    torch path (a warning, Triton left for good) and the greedy tokens are the plain engine's."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import random_model, tiny_config
+
+    from minicpm import SamplingParams
+    from minicpm.engine import EngineConfig, LLMEngine
+    from minicpm.engine import attention as attention_module
+
+    model = random_model(tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256), seed=6)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (30, 21, 9)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    config = EngineConfig(block_size=8, max_num_seqs=3, max_num_batched_tokens=16, kv_cache_memory=1 << 20)
+    expected = LLMEngine(model, None, config).generate(prompts, params)
+    engine = LLMEngine(model, None, config)
+    engine.runner.cache.use_triton = True
+    calls = {"n": 0}
+    real = attention_module.paged_prefill_attention
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "paged_prefill_attention", flaky)
+    got = engine.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert engine.runner.cache.use_triton is False and calls["n"] == 3
+    assert "using the torch path" in caplog.text

@@ -30,6 +30,7 @@ queries, causal attention over that sequence's cached tokens plus its new ones.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ except ImportError:  # pragma: no cover - the module guards its own import of tr
     TRITON_AVAILABLE = False
     paged_decode_attention = paged_prefill_attention = None
 
+
+log = logging.getLogger("minicpm.engine")
 
 LseAttention = Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]
 """(q, k, v, is_causal) -> (output, float32 log-sum-exp of the scores, shape q.shape[:-1]); no GQA."""
@@ -238,10 +241,15 @@ class PagedKVCache:
             if self.native is not None and md.decode_rows:
                 return self._attend_native(kc, vc, q, k, v, md)
             return self._attend_in_place(kc, vc, q, k, v, md)
+        if self.use_triton and (md.decode_only or md.cu_q is not None):
+            try:
+                return self._decode(kc, vc, q, md) if md.decode_only else self._triton_step(kc, vc, q, md)
+            except Exception as exc:  # a kernel failing mid-serving: the torch path, from now on
+                if md.context_lens_host is None:  # inside a captured graph: nothing to fall back to here
+                    raise
+                self._drop_triton(exc, md)
         if md.decode_only:
             return self._decode(kc, vc, q, md)
-        if md.cu_q is not None:
-            return self._triton_step(kc, vc, q, md)
         outs, start = [], 0
         for i, n in enumerate(md.query_lens):
             qi = q[:, :, start : start + n]
@@ -249,15 +257,12 @@ class PagedKVCache:
             ki, vi = k[:, :, start : start + n], v[:, :, start : start + n]
             if ctx == n:
                 out = causal_attention(qi, ki, vi)
-            elif self.lse_attention is not None and n > 1:
-                past = ctx - n
-                kp = self._context(kc, md.seq_blocks[i], past)[None]
-                vp = self._context(vc, md.seq_blocks[i], past)[None]
-                out = split_causal_attention(self.lse_attention, qi, kp, vp, ki, vi)
             else:
-                kc_i = self._context(kc, md.seq_blocks[i], ctx)[None]
-                vc_i = self._context(vc, md.seq_blocks[i], ctx)[None]
-                out = causal_attention(qi, kc_i, vc_i, past=ctx - n)
+                out = self._split(kc, vc, qi, ki, vi, md, i) if self.lse_attention is not None and n > 1 else None
+                if out is None:  # the plain bottom-right causal path
+                    kc_i = self._context(kc, md.seq_blocks[i], ctx)[None]
+                    vc_i = self._context(vc, md.seq_blocks[i], ctx)[None]
+                    out = causal_attention(qi, kc_i, vc_i, past=ctx - n)
             outs.append(out)
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -333,6 +338,35 @@ class PagedKVCache:
             outs.append(out)
             start += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _split(
+        self, kc: Tensor, vc: Tensor, q: Tensor, k: Tensor, v: Tensor, md: AttentionMetadata, i: int
+    ) -> Tensor | None:
+        """Sequence ``i``'s chunk by :func:`split_causal_attention`; None (and the plain path from
+        now on) if its kernel fails."""
+        past = md.context_lens_host[i] - q.shape[2]
+        kp = self._context(kc, md.seq_blocks[i], past)[None]
+        vp = self._context(vc, md.seq_blocks[i], past)[None]
+        try:
+            return split_causal_attention(self.lse_attention, q, kp, vp, k, v)
+        except Exception as exc:
+            log.warning("the split prefill kernel failed (%s: %s); using the plain path", type(exc).__name__, exc)
+            self.lse_attention = None
+            return None
+
+    def _drop_triton(self, exc: Exception, md: AttentionMetadata) -> None:
+        """Leave the Triton kernels for good and give this step what the torch paths read."""
+        log.warning("a Triton attention kernel failed (%s: %s); using the torch path", type(exc).__name__, exc)
+        self.use_triton = False
+        bs = self.block_size
+        md.cu_q = None
+        if md.decode_only:
+            md.decode_blocks = md.block_tables.long()
+            if len(set(md.context_lens_host)) > 1:
+                keys = torch.arange(md.block_tables.shape[1] * bs, device=md.block_tables.device)
+                md.decode_mask = (keys[None, :] < md.context_lens[:, None])[:, None, None, :]
+        else:
+            md.seq_blocks = [md.block_tables[i, : -(-n // bs)].long() for i, n in enumerate(md.context_lens_host)]
 
     def _triton_step(self, kc: Tensor, vc: Tensor, q: Tensor, md: AttentionMetadata) -> Tensor:
         """A step with prefill rows, in place: its leading decode rows through the paged decode

@@ -260,6 +260,8 @@ class ModelRunner:
         graphs' block tables are as wide as the longest sequence, and the decode kernel's work
         follows each row's real length)."""
         n = len(batch.seqs)
+        if not self.cache.use_triton:  # its kernels failed and were left: the graphs hold them
+            return None
         fitting = [b for b in self.graphs if b >= n]
         if not fitting or md.block_tables.shape[1] > self.static["tables"].shape[1]:
             return None
