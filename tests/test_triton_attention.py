@@ -247,11 +247,9 @@ def test_prefill_validation_names_the_problem():
         paged_prefill_attention(q.double(), k, v, tables, cu, ctx, 0.25, 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_engine_steps_on_the_triton_kernels_give_the_cpu_paths_tokens(dtype, monkeypatch):
-    """An engine whose cache takes the Triton path (the GPU's; here in the interpreter): mixed
-    steps of decode rows and chunks with a cached past go to the decode and varlen prefill
-    kernels, and the greedy tokens are the CPU paths'."""
+def triton_engine_case(dtype, seed):
+    """A tiny engine whose cache takes the Triton path (in the interpreter), three prompts that make
+    mixed steps (decode rows beside chunks with a cached past), and the plain CPU engine's answers."""
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -259,16 +257,27 @@ def test_engine_steps_on_the_triton_kernels_give_the_cpu_paths_tokens(dtype, mon
 
     from minicpm import SamplingParams
     from minicpm.engine import EngineConfig, LLMEngine
-    from minicpm.engine import attention as attention_module
 
-    model = random_model(tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256), seed=4).to(dtype)
-    gen = torch.Generator().manual_seed(3)
+    model = random_model(tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256), seed=seed)
+    model = model.to(dtype)
+    gen = torch.Generator().manual_seed(seed - 1)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (30, 21, 9)]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     config = EngineConfig(block_size=8, max_num_seqs=3, max_num_batched_tokens=16, kv_cache_memory=1 << 20)
     expected = LLMEngine(model, None, config).generate(prompts, params)
     engine = LLMEngine(model, None, config)
     engine.runner.cache.use_triton = True
+    return engine, prompts, params, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_engine_steps_on_the_triton_kernels_give_the_cpu_paths_tokens(dtype, monkeypatch):
+    """An engine whose cache takes the Triton path (the GPU's; here in the interpreter): mixed
+    steps of decode rows and chunks with a cached past go to the decode and varlen prefill
+    kernels, and the greedy tokens are the CPU paths'."""
+    from minicpm.engine import attention as attention_module
+
+    engine, prompts, params, expected = triton_engine_case(dtype, seed=4)
     calls = {"decode": 0, "prefill": 0}
     for name in calls:
         real = getattr(attention_module, f"paged_{name}_attention")
@@ -305,23 +314,9 @@ def test_decode_splits_walk_256_partitions_and_follow_real_lengths(max_splits):
 def test_a_triton_kernel_failing_mid_serving_falls_back_to_the_torch_path(monkeypatch, caplog):
     """The varlen kernel raises on its third call: that step and the later ones go through the
     torch path (a warning, Triton left for good) and the greedy tokens are the plain engine's."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from helpers import random_model, tiny_config
-
-    from minicpm import SamplingParams
-    from minicpm.engine import EngineConfig, LLMEngine
     from minicpm.engine import attention as attention_module
 
-    model = random_model(tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256), seed=6)
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (30, 21, 9)]
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    config = EngineConfig(block_size=8, max_num_seqs=3, max_num_batched_tokens=16, kv_cache_memory=1 << 20)
-    expected = LLMEngine(model, None, config).generate(prompts, params)
-    engine = LLMEngine(model, None, config)
-    engine.runner.cache.use_triton = True
+    engine, prompts, params, expected = triton_engine_case(torch.float32, seed=6)
     calls = {"n": 0}
     real = attention_module.paged_prefill_attention
 
