@@ -48,6 +48,7 @@ FLAG_FOR = {
     "max_num_batched_tokens": "--max-num-batched-tokens",
     "kv_cache_memory": "--kv-cache-gib",
     "gpu_memory_utilization": "--gpu-memory-utilization",
+    "quantize": "--quantize",
 }
 HELP = """commands:
   /reset, /clear    forget the conversation
@@ -167,6 +168,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> Any:
             enforce_eager=args.enforce_eager or None,
             enable_prefix_caching=False if args.no_prefix_caching else None,
             max_model_len=getattr(args, "max_model_len", None),  # serve's flag
+            quantize=args.quantize,
         )
 
 
@@ -513,6 +515,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=BLOCK_SIZE, default=None, help="tokens per KV block (default 64)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default=None,
+        help="weight-only quantization of the linear layers after loading, the file untouched (CPU; "
+        "int8: one scale per output channel, a quarter of float32's bytes; default none)",
+    )
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new: int, model_defaults: bool) -> None:

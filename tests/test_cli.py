@@ -55,6 +55,16 @@ def test_an_answer_cut_by_the_context_says_so(default_model_dir: Path, capsys) -
     assert "tokens: prompt and answer filled the 128 tokens the KV cache holds (--kv-cache-gib)" in err
 
 
+def test_quantize_int8_answers_like_float32(default_model_dir: Path, capsys) -> None:
+    """--quantize int8 on the embedded model: the same greedy answer to a factual question."""
+    answers = []
+    for flags in ([], ["--quantize", "int8"]):
+        args = ["generate", "--prompt", "The capital of France is", "--temperature", "0", "--max-new-tokens", "4"]
+        assert main([*args, *flags]) == 0
+        answers.append(capsys.readouterr().out)
+    assert "Paris" in answers[1] and answers[0] == answers[1]
+
+
 def test_missing_default_model_names_the_install_command(monkeypatch, capsys) -> None:
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     assert main(["chat", "--prompt", "hi"]) == 2
@@ -108,6 +118,7 @@ SEVENTY_DIGITS = "1" * 70
         (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must be in (0, 1]"),
         (["--max-num-seqs", "32", "--max-num-batched-tokens", "8"], "--max-num-batched-tokens (8) must be at least"),
         (["--stop", ""], "--stop: must not be empty"),
+        (["--quantize", "int4"], "--quantize: invalid choice: 'int4'"),
         (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
         (["--prompt", ""], "--prompt is empty"),
         (["--prompt", "  \n"], "--prompt is empty"),

@@ -402,3 +402,74 @@ def test_no_step_gathers_a_context_and_decode_rows_take_one_kernel_call_per_laye
     seq.block_table[:keep] = seq.block_table[:keep][::-1]  # scattered: same blocks, reversed
     count.step(engine)
     assert (count.native, count.torch_attention, count.big) == (layers, 0, [])
+
+
+# ---------------------------------------------------------------------------- int8 weights
+
+
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    from minicpm.engine.cpu_kernels import quantize_int8_panels
+
+    packed, scales = quantize_int8_panels(weight)
+    n, k = weight.shape
+    return packed.transpose(1, 2).reshape(-1, k)[:n].float() * scales[:n, None]
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "k"), [(64, 48), (97, 33), (320, 200)])
+def test_int8_panels_equal_their_dequantized_product_and_round_to_half_a_step(n: int, k: int) -> None:
+    from minicpm.engine.cpu_kernels import quantize_int8_panels
+
+    gen = torch.Generator().manual_seed(n)
+    weight = torch.randn(n, k, generator=gen)
+    weight[3] = 0  # an all-zero row keeps scale 1
+    packed, scales = quantize_int8_panels(weight)
+    assert packed.dtype == torch.int8 and packed.shape == (-(-n // 32), k, 32) and scales[3] == 1
+    deq = _dequantized(weight)
+    assert ((deq - weight).abs() <= scales[:n, None] / 2 + 1e-7).all()
+    for m in (1, 13, 40):
+        x = torch.randn(m, k, generator=gen)
+        got = panel_linear_int8(x, packed, n, scales)
+        expected = x.double() @ deq.double().T
+        assert ((got.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-6).all()
+        assert torch.equal(panel_linear_int8(x[:1], packed, n, scales)[0], got[0])  # rows independent
+
+
+def panel_linear_int8(x, packed, n, scales):
+    from minicpm.engine.cpu_kernels import panel_linear
+
+    return panel_linear(x, packed, n, native_kernels(), scales)
+
+
+@needs_native
+def test_int8_engine_gives_the_greedy_tokens_of_its_dequantized_weights(one_thread) -> None:
+    """quantize="int8": every linear layer (the head too) becomes int8 panels; the engine's greedy
+    tokens are those of the plain model with each weight replaced by its dequantized int8 copy."""
+    from minicpm.engine.layers import Int8PanelLinear, RowSplitLinear
+
+    config = tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256)
+    model = random_model(config, seed=12)
+    reference = random_model(config, seed=12)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(_dequantized(module.weight))
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (25, 40)]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(8):
+                ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))
+            expected.append(ids[len(prompt) :])
+    engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32, quantize="int8"))
+    wrapped = [m.inner for m in engine.runner.model.modules() if isinstance(m, RowSplitLinear)]
+    assert wrapped and all(isinstance(m, Int8PanelLinear) for m in wrapped)
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert [c.token_ids for c in got] == expected
+
+
+def test_quantize_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="'quantize' must be 'none' or 'int8'"):
+        EngineConfig(quantize="int4")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+QUANTIZE_CHOICES = ("none", "int8")
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -24,6 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    quantize: str = "none"  # weight-only: "int8" (CPU, one scale per output channel) or "none"
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -53,6 +56,8 @@ class EngineConfig:
             raise bad("max_model_len", "a positive integer or None")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", "in (0, 1]")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise bad("quantize", " or ".join(repr(c) for c in QUANTIZE_CHOICES))
 
     def resolved(self, device: object) -> EngineConfig:
         """This config with its per-device fields filled in for ``device`` ("cpu", "cuda:0", a

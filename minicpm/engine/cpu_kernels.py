@@ -42,7 +42,7 @@ SOURCES = {
     # linear: no reassociation, so each output's sum runs in one order whatever the row count
     "linear.c": [],
 }
-_COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-Wall", "-ffp-contract=fast"]
+_COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-Wall", "-Wno-psabi", "-ffp-contract=fast"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _REFUSALS = {
     -1: "more than 64 query heads per kv head",
@@ -139,7 +139,7 @@ def native_kernels() -> ctypes.CDLL | None:
     v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.minicpm_pack_panels.argtypes = [i, v, i64, i, i, v]
     lib.minicpm_pack_panels.restype = None
-    lib.minicpm_linear.argtypes = [i, i, v, i64, v, i, i, i, v, i64, v]
+    lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, i, i, i, v, i64, v]
     lib.minicpm_linear.restype = None
     return lib
 
@@ -160,9 +160,30 @@ def pack_panels(weight: Tensor, lib: ctypes.CDLL) -> Tensor:
     return packed
 
 
-def panel_linear(x: Tensor, packed: Tensor, out_features: int, lib: ctypes.CDLL) -> Tensor:
-    """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`); float32 accumulation,
-    each output summed in input order, so a row's result does not depend on the other rows."""
+def quantize_int8_panels(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 weight-only quantization, one scale per output row: ``(panels, scales)``, the
+    int8 weight in :func:`pack_panels`' layout (int8, zero-padded) and float32 scales (padded to
+    whole panels) with ``W ~ q * scale``, ``scale = max|W[row]| / 127`` (1 for an all-zero row)."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int8_panels: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
+    w = weight.detach().float()
+    n, k = w.shape
+    scales = w.abs().amax(dim=1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.int8)
+    padded[:n] = q
+    packed = padded.view(panels, PANEL, k).transpose(1, 2).contiguous()  # (panels, in, 32)
+    return packed, torch.cat([scales, torch.ones(panels * PANEL - n)]).contiguous()
+
+
+def panel_linear(
+    x: Tensor, packed: Tensor, out_features: int, lib: ctypes.CDLL, scales: Tensor | None = None
+) -> Tensor:
+    """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`, or int8 panels with
+    their ``scales`` from :func:`quantize_int8_panels`); float32 accumulation, each output summed in
+    input order, so a row's result does not depend on the other rows."""
     k = packed.shape[1]
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
         raise ValueError(
@@ -174,12 +195,16 @@ def panel_linear(x: Tensor, packed: Tensor, out_features: int, lib: ctypes.CDLL)
     m = rows.shape[0]
     y = torch.empty(m, out_features, dtype=x.dtype)
     scratch = torch.empty(m * k if x.dtype == torch.bfloat16 else 0, dtype=torch.float32)
+    if (packed.dtype == torch.int8) != (scales is not None):
+        raise ValueError("panel_linear: int8 panels need their scales, and only they take scales")
+    wtype = 2 if packed.dtype == torch.int8 else _DTYPES[packed.dtype]
     lib.minicpm_linear(
-        _DTYPES[packed.dtype],
+        wtype,
         _DTYPES[x.dtype],
         rows.data_ptr(),
         rows.stride(0),
         packed.data_ptr(),
+        None if scales is None else scales.data_ptr(),
         m,
         out_features,
         k,

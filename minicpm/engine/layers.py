@@ -21,6 +21,11 @@ layer-sized weight, at 1 and 16 rows):
 
 ``MINICPM_CPU_LINEAR=panel|onednn|blas`` overrides the probe. Float32 results differ between the
 choices in the last bits (other summation orders).
+
+``quantize="int8"`` (the engine's setting) swaps every linear layer, the head included, for
+:class:`Int8PanelLinear`: weight-only int8, one scale per output channel, in the same panels (the
+int8 sums are exact in float32 and scaled once); the model file is untouched, the embeddings,
+norms, KV cache and residual stream stay in the activation dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model import MiniCPMForCausalLM
-from .cpu_kernels import native_kernels, pack_panels, panel_linear
+from .cpu_kernels import native_kernels, pack_panels, panel_linear, quantize_int8_panels
 
 
 class PackedLinear(nn.Module):
@@ -70,13 +75,30 @@ class PanelLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, native panels"
 
 
+class Int8PanelLinear(nn.Module):
+    """A bias-free linear layer over an int8 weight (one float32 scale per output channel) in the
+    native kernel's panels: weight-only quantization, activations and sums stay in float."""
+
+    def __init__(self, linear: nn.Linear, lib: object) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.lib = lib
+        self.packed, self.scales = quantize_int8_panels(linear.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return panel_linear(x, self.packed, self.out_features, self.lib, self.scales)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 panels"
+
+
 def make_linear(linear: nn.Linear, choice: str) -> nn.Module:
-    """``linear`` as ``choice`` computes it: "panel", "onednn-<rows>" or "blas" (itself)."""
-    if choice == "panel":
+    """``linear`` as ``choice`` computes it: "panel", "int8", "onednn-<rows>" or "blas" (itself)."""
+    if choice in ("panel", "int8"):
         lib = native_kernels()
         if lib is None:
             raise RuntimeError("the native CPU kernels are not available here")
-        return PanelLinear(linear, lib)
+        return PanelLinear(linear, lib) if choice == "panel" else Int8PanelLinear(linear, lib)
     if choice.startswith("onednn-"):
         return PackedLinear(linear, int(choice.split("-")[1]))
     if choice == "blas":
@@ -167,15 +189,28 @@ def cpu_linear(model: MiniCPMForCausalLM) -> str | None:
     return linear_choice(c.hidden_size, c.intermediate_size, model.dtype)
 
 
-def prepare_model(model: MiniCPMForCausalLM, rows: StepRows) -> MiniCPMForCausalLM:
-    """Fuse projections, give each linear layer this machine's product (:func:`cpu_linear`) and
-    wrap it in a :class:`RowSplitLinear` reading ``rows``; in place, once per model."""
+def prepare_model(model: MiniCPMForCausalLM, rows: StepRows, quantize: str = "none") -> MiniCPMForCausalLM:
+    """Fuse projections, give each linear layer this machine's product (:func:`cpu_linear`; with
+    ``quantize="int8"``, int8 panels: CPU and the native kernels only) and wrap it in a
+    :class:`RowSplitLinear` reading ``rows``; in place, once per model."""
     model.fuse_projections()
     choice = cpu_linear(model)
+    if quantize == "int8":
+        if model.device.type != "cpu":
+            raise ValueError(f"quantize='int8' runs on the CPU; the model is on {model.device}")
+        if native_kernels() is None:
+            raise ValueError(
+                "quantize='int8' needs the native CPU kernels, which could not be built here (a C compiler)"
+            )
+        choice = "int8"
+    elif quantize != "none":
+        raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, RowSplitLinear):  # prepared before: follow the new engine's rows
                 child.rows = rows
+                if (quantize == "int8") != isinstance(child.inner, Int8PanelLinear):
+                    raise ValueError("this model was prepared by an engine with another 'quantize'; load it again")
             elif type(child) is nn.Linear and child.bias is None:
                 inner = child if choice is None else make_linear(child, choice)
                 setattr(parent, name, RowSplitLinear(inner, rows))
