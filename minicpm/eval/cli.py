@@ -145,6 +145,20 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--output", required=True, metavar="DIR")
     q.set_defaults(func=_cmd_merge)
 
+    q = esub.add_parser("perplexity", help="perplexity of a text file, as llama.cpp's perplexity tool measures it")
+    q.add_argument("file", metavar="FILE", help="a UTF-8 text file")
+    q.add_argument("--context", type=base.POSITIVE_INT, default=512, help="tokens per window (default 512)")
+    q.add_argument(
+        "--stride",
+        type=base.POSITIVE_INT,
+        default=None,
+        help="tokens between window starts (default: --context, non-overlapping); each window scores its "
+        "last min(stride, context/2) tokens",
+    )
+    q.add_argument("--json", action="store_true", help="one JSON object instead of the PPL line")
+    base._add_model_flags(q)
+    q.set_defaults(func=_cmd_perplexity)
+
     q = esub.add_parser("compare", help="finished runs side by side")
     q.add_argument("runs", nargs="+", metavar="DIR")
     q.add_argument("--json", action="store_true")
@@ -404,6 +418,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     settings, records = harness.merge(args.runs, args.output)
     return _finish(harness.RunDir(args.output), settings, records, _suite_module(settings["suite"]).report)
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .perplexity import perplexity
+
+    text = Path(args.file).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{args.file} is empty")
+    device = base._check_device(args.device)
+    llm = base._load(args, device, base._engine_config(args, device))
+    ids = llm.tokenizer.encode(text)
+    result = perplexity(llm.engine.runner.model, ids, args.context, args.stride)
+    print(json.dumps(dataclasses.asdict(result)) if args.json else result.line())
+    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -1,0 +1,83 @@
+"""Perplexity of a text, measured the way llama.cpp's ``perplexity`` tool does: :func:`perplexity`.
+
+Contract: the text is tokenized whole (no chat template, a BOS first where the tokenizer adds one),
+cut into windows of ``context`` tokens that start every ``stride`` tokens (default ``context``:
+non-overlapping chunks, as llama.cpp's). Each window is one forward from scratch; only its last
+``min(stride, context // 2)`` tokens are scored (with the default stride, the second half: every
+scored token sees at least ``context / 2`` tokens before it), each scored at most once. The result
+is ``exp(mean NLL)`` over the scored tokens with its standard error by the delta method
+(``ppl * sd(NLL) / sqrt(n)``), what llama.cpp prints as ``PPL = x +/- e``.
+
+The forward is the engine's own prepared model (``llm.engine.runner.model``), so the figure is of
+the weights as they run, ``--quantize int8`` included. A text shorter than one window, or a window
+that does not fit the model's context, is a ``ValueError`` naming the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    stderr: float
+    mean_nll: float
+    scored_tokens: int
+    windows: int
+    text_tokens: int
+    context: int
+    stride: int
+
+    def line(self) -> str:
+        return (
+            f"PPL = {self.perplexity:.4f} +/- {self.stderr:.4f} ({self.scored_tokens} tokens scored in "
+            f"{self.windows} windows of {self.context}, stride {self.stride}; the text is {self.text_tokens} tokens)"
+        )
+
+
+def window_plan(num_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored offset) of each window; the scored offsets run to the window's end."""
+    if context < 2:
+        raise ValueError(f"--context must be at least 2, got {context}")
+    if not 1 <= stride <= context:
+        raise ValueError(f"--stride must be from 1 to --context ({context}), got {stride}")
+    if num_tokens < context:
+        raise ValueError(f"the text is {num_tokens} tokens, shorter than one window of --context {context}")
+    scored = min(stride, context // 2)
+    return [(start, context - scored) for start in range(0, num_tokens - context + 1, stride)]
+
+
+@torch.inference_mode()
+def perplexity(model: Any, ids: list[int], context: int, stride: int | None = None) -> Perplexity:
+    """Perplexity of ``ids`` under ``model`` (a :class:`~minicpm.MiniCPMForCausalLM`, as prepared)."""
+    stride = stride or context
+    limit = model.config.context_length
+    if context > limit:
+        raise ValueError(f"--context {context} is longer than the model's context ({limit} tokens)")
+    plan = window_plan(len(ids), context, stride)
+    nll: list[Tensor] = []
+    for start, first in plan:
+        window = torch.tensor([ids[start : start + context]], device=model.device)
+        logits = model(window, logits_to_keep=torch.arange(first - 1, context - 1, device=model.device))[0]
+        targets = window[0, first:]
+        nll.append(-torch.log_softmax(logits.double(), dim=-1).gather(-1, targets[:, None])[:, 0].cpu())
+    values = torch.cat(nll)
+    mean = values.mean().item()
+    sd = values.std().item() if values.numel() > 1 else 0.0
+    ppl = math.exp(mean)
+    return Perplexity(
+        perplexity=ppl,
+        stderr=ppl * sd / math.sqrt(values.numel()),
+        mean_nll=mean,
+        scored_tokens=values.numel(),
+        windows=len(plan),
+        text_tokens=len(ids),
+        context=context,
+        stride=stride,
+    )
