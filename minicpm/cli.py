@@ -517,10 +517,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument(
         "--quantize",
-        choices=["none", "int8"],
+        choices=["none", "int8", "int4"],
         default=None,
         help="weight-only quantization of the linear layers after loading, the file untouched (CPU; "
-        "int8: one scale per output channel, a quarter of float32's bytes; default none)",
+        "int8: one scale per output channel, a quarter of float32's bytes; int4: groups of 32 with a "
+        "scale and a minimum, as llama.cpp's Q4_1; default none)",
     )
 
 

@@ -118,7 +118,7 @@ SEVENTY_DIGITS = "1" * 70
         (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must be in (0, 1]"),
         (["--max-num-seqs", "32", "--max-num-batched-tokens", "8"], "--max-num-batched-tokens (8) must be at least"),
         (["--stop", ""], "--stop: must not be empty"),
-        (["--quantize", "int4"], "--quantize: invalid choice: 'int4'"),
+        (["--quantize", "int2"], "--quantize: invalid choice: 'int2'"),
         (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
         (["--prompt", ""], "--prompt is empty"),
         (["--prompt", "  \n"], "--prompt is empty"),

@@ -442,18 +442,21 @@ def panel_linear_int8(x, packed, n, scales):
 
 
 @needs_native
-def test_int8_engine_gives_the_greedy_tokens_of_its_dequantized_weights(one_thread) -> None:
-    """quantize="int8": every linear layer (the head too) becomes int8 panels; the engine's greedy
-    tokens are those of the plain model with each weight replaced by its dequantized int8 copy."""
-    from minicpm.engine.layers import Int8PanelLinear, RowSplitLinear
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(quantize, one_thread) -> None:
+    """quantize="int8" / "int4": every linear layer (the head too) becomes quantized panels; the
+    engine's greedy tokens are those of the plain model with each weight replaced by its
+    dequantized copy."""
+    from minicpm.engine.layers import QUANTIZED, RowSplitLinear
 
+    dequantize = {"int8": _dequantized, "int4": lambda w: _dequantized_int4(w, 32)}[quantize]
     config = tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256)
     model = random_model(config, seed=12)
     reference = random_model(config, seed=12)
     with torch.no_grad():
         for module in reference.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(_dequantized(module.weight))
+                module.weight.copy_(dequantize(module.weight))
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (25, 40)]
     expected = []
@@ -463,13 +466,60 @@ def test_int8_engine_gives_the_greedy_tokens_of_its_dequantized_weights(one_thre
             for _ in range(8):
                 ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))
             expected.append(ids[len(prompt) :])
-    engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32, quantize="int8"))
+    engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32, quantize=quantize))
     wrapped = [m.inner for m in engine.runner.model.modules() if isinstance(m, RowSplitLinear)]
-    assert wrapped and all(isinstance(m, Int8PanelLinear) for m in wrapped)
+    assert wrapped and all(isinstance(m, QUANTIZED[quantize]) for m in wrapped)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert [c.token_ids for c in got] == expected
 
 
 def test_quantize_setting_is_checked() -> None:
-    with pytest.raises(ValueError, match="'quantize' must be 'none' or 'int8'"):
-        EngineConfig(quantize="int4")
+    with pytest.raises(ValueError, match="'quantize' must be 'none' or 'int8' or 'int4'"):
+        EngineConfig(quantize="int2")
+
+
+# ---------------------------------------------------------------------------- int4 weights
+
+
+def _dequantized_int4(weight: torch.Tensor, group: int) -> torch.Tensor:
+    from minicpm.engine.cpu_kernels import quantize_int4_panels
+
+    packed, scales, mins = quantize_int4_panels(weight, group)
+    panels, k = packed.shape[0], weight.shape[1]
+    codes = torch.cat([(packed & 15).transpose(1, 2), (packed >> 4).transpose(1, 2)], 1).reshape(-1, k).float()
+
+    def per_input(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(panels * 32, k // group).repeat_interleave(group, 1)
+
+    return (codes * per_input(scales) + per_input(mins))[: weight.shape[0]]
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "k", "group"), [(200, 96, 32), (97, 128, 64), (64, 256, 128)])
+def test_int4_panels_equal_their_dequantized_product(n: int, k: int, group: int) -> None:
+    from minicpm.engine.cpu_kernels import panel_linear, quantize_int4_panels
+
+    gen = torch.Generator().manual_seed(k)
+    weight = torch.randn(n, k, generator=gen)
+    weight[5] = 0.25  # a constant row: scale 1, every code 0
+    packed, scales, mins = quantize_int4_panels(weight, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (-(-n // 32), k, 16)
+    deq = _dequantized_int4(weight, group)
+    step = (weight.view(n, -1, group).amax(-1) - weight.view(n, -1, group).amin(-1)) / 15
+    assert ((deq - weight).abs() <= step.repeat_interleave(group, 1) / 2 + 1e-6).all()
+    assert torch.equal(deq[5], weight[5])
+    for m in (1, 7, 13):  # row tiles of 6 and their tails
+        x = torch.randn(m, k, generator=gen)
+        got = panel_linear(x, packed, n, native_kernels(), scales, mins)
+        expected = x.double() @ deq.double().T
+        assert ((got.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-5).all()
+        assert torch.equal(panel_linear(x[-1:], packed, n, native_kernels(), scales, mins)[0], got[-1])
+
+
+def test_int4_settings_are_checked() -> None:
+    from minicpm.engine.cpu_kernels import quantize_int4_panels
+
+    with pytest.raises(ValueError, match="group size must be one of"):
+        quantize_int4_panels(torch.randn(4, 64), 48)
+    with pytest.raises(ValueError, match="multiple of it"):
+        quantize_int4_panels(torch.randn(4, 80), 32)

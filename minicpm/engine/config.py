@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,9 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    quantize: str = "none"  # weight-only: "int8" (CPU, one scale per output channel) or "none"
+    # weight-only, CPU: "int8" (one scale per output channel), "int4" (groups of 32 inputs with a
+    # scale and a minimum each, as llama.cpp's Q4_1) or "none"
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:

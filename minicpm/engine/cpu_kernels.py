@@ -139,7 +139,7 @@ def native_kernels() -> ctypes.CDLL | None:
     v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.minicpm_pack_panels.argtypes = [i, v, i64, i, i, v]
     lib.minicpm_pack_panels.restype = None
-    lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, i, i, i, v, i64, v]
+    lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, v, i, i, i, i, v, i64, v]
     lib.minicpm_linear.restype = None
     return lib
 
@@ -178,13 +178,52 @@ def quantize_int8_panels(weight: Tensor) -> tuple[Tensor, Tensor]:
     return packed, torch.cat([scales, torch.ones(panels * PANEL - n)]).contiguous()
 
 
+INT4_GROUPS = (32, 64, 128)
+
+
+def quantize_int4_panels(weight: Tensor, group: int = 32) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric int4 weight-only quantization in groups of ``group`` inputs (as llama.cpp's Q4_1):
+    per (output row, group) ``scale = (max - min) / 15`` (1 for a constant group) and ``min``, codes
+    ``round((w - min) / scale)`` in 0..15. Returns ``(packed, scales, mins)``: codes two per byte in
+    panels (panel, in, 16) (column c in byte c % 16, the low nibble for c < 16), and float32 scales
+    and mins laid out (panel, in / group, 32), padded to whole panels."""
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group!r}")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_int4_panels: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if k % group:
+        raise ValueError(f"int4 groups of {group} need the input size ({k}) to be a multiple of it")
+    panels = -(-n // PANEL)
+    w = torch.zeros(panels * PANEL, k)
+    w[:n] = weight.detach().float()
+    grouped = w.view(panels * PANEL, k // group, group)
+    low, high = grouped.amin(-1), grouped.amax(-1)
+    scales = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
+    codes = torch.round((grouped - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(-1, k)
+    by_panel = codes.view(panels, PANEL, k)
+    packed = (by_panel[:, :16] | (by_panel[:, 16:] << 4)).transpose(1, 2).contiguous()  # (panels, in, 16)
+
+    def layout(t: Tensor) -> Tensor:  # (rows, groups) -> (panel, group, 32)
+        return t.view(panels, PANEL, k // group).transpose(1, 2).contiguous()
+
+    return packed, layout(scales), layout(low)
+
+
 def panel_linear(
-    x: Tensor, packed: Tensor, out_features: int, lib: ctypes.CDLL, scales: Tensor | None = None
+    x: Tensor,
+    packed: Tensor,
+    out_features: int,
+    lib: ctypes.CDLL,
+    scales: Tensor | None = None,
+    mins: Tensor | None = None,
 ) -> Tensor:
-    """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`, or int8 panels with
-    their ``scales`` from :func:`quantize_int8_panels`); float32 accumulation, each output summed in
-    input order, so a row's result does not depend on the other rows."""
+    """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`; int8 panels with their
+    ``scales`` from :func:`quantize_int8_panels`; or int4 panels with ``scales`` and ``mins`` from
+    :func:`quantize_int4_panels`); float32 accumulation in a fixed order, so a row's result does not
+    depend on the other rows."""
     k = packed.shape[1]
+    int4 = packed.dtype == torch.uint8
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
         raise ValueError(
             f"panel_linear: x must be CPU float32 or bfloat16 with {k} features, got {x.dtype} {tuple(x.shape)}"
@@ -195,9 +234,11 @@ def panel_linear(
     m = rows.shape[0]
     y = torch.empty(m, out_features, dtype=x.dtype)
     scratch = torch.empty(m * k if x.dtype == torch.bfloat16 else 0, dtype=torch.float32)
-    if (packed.dtype == torch.int8) != (scales is not None):
-        raise ValueError("panel_linear: int8 panels need their scales, and only they take scales")
-    wtype = 2 if packed.dtype == torch.int8 else _DTYPES[packed.dtype]
+    quantized = packed.dtype in (torch.int8, torch.uint8)
+    if quantized != (scales is not None) or int4 != (mins is not None):
+        raise ValueError("panel_linear: int8 panels take their scales, int4 panels their scales and mins")
+    wtype = 3 if int4 else 2 if packed.dtype == torch.int8 else _DTYPES[packed.dtype]
+    group = k // scales.shape[1] if int4 else 0
     lib.minicpm_linear(
         wtype,
         _DTYPES[x.dtype],
@@ -205,6 +246,8 @@ def panel_linear(
         rows.stride(0),
         packed.data_ptr(),
         None if scales is None else scales.data_ptr(),
+        None if mins is None else mins.data_ptr(),
+        group,
         m,
         out_features,
         k,

@@ -24,8 +24,10 @@ choices in the last bits (other summation orders).
 
 ``quantize="int8"`` (the engine's setting) swaps every linear layer, the head included, for
 :class:`Int8PanelLinear`: weight-only int8, one scale per output channel, in the same panels (the
-int8 sums are exact in float32 and scaled once); the model file is untouched, the embeddings,
-norms, KV cache and residual stream stay in the activation dtype.
+int8 sums are exact in float32 and scaled once); ``quantize="int4"`` for :class:`Int4PanelLinear`:
+codes 0..15 in groups of 32 inputs, each with a scale and a minimum (llama.cpp's Q4_1 scheme).
+The model file is untouched; the embeddings, norms, KV cache and residual stream stay in the
+activation dtype.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model import MiniCPMForCausalLM
-from .cpu_kernels import native_kernels, pack_panels, panel_linear, quantize_int8_panels
+from .cpu_kernels import native_kernels, pack_panels, panel_linear, quantize_int4_panels, quantize_int8_panels
 
 
 class PackedLinear(nn.Module):
@@ -92,13 +94,33 @@ class Int8PanelLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 panels"
 
 
+class Int4PanelLinear(nn.Module):
+    """A bias-free linear layer over int4 codes in groups of 32 inputs, each (output, group) with a
+    float32 scale and minimum (llama.cpp's Q4_1 scheme), in the native kernel's panels."""
+
+    def __init__(self, linear: nn.Linear, lib: object, group: int = 32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.lib, self.group = lib, group
+        self.packed, self.scales, self.mins = quantize_int4_panels(linear.weight, group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return panel_linear(x, self.packed, self.out_features, self.lib, self.scales, self.mins)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 panels, groups of {self.group}"
+
+
+QUANTIZED = {"int8": Int8PanelLinear, "int4": Int4PanelLinear}
+
+
 def make_linear(linear: nn.Linear, choice: str) -> nn.Module:
-    """``linear`` as ``choice`` computes it: "panel", "int8", "onednn-<rows>" or "blas" (itself)."""
-    if choice in ("panel", "int8"):
+    """``linear`` as ``choice`` computes it: "panel", "int8", "int4", "onednn-<rows>" or "blas" (itself)."""
+    if choice == "panel" or choice in QUANTIZED:
         lib = native_kernels()
         if lib is None:
             raise RuntimeError("the native CPU kernels are not available here")
-        return PanelLinear(linear, lib) if choice == "panel" else Int8PanelLinear(linear, lib)
+        return PanelLinear(linear, lib) if choice == "panel" else QUANTIZED[choice](linear, lib)
     if choice.startswith("onednn-"):
         return PackedLinear(linear, int(choice.split("-")[1]))
     if choice == "blas":
@@ -191,26 +213,25 @@ def cpu_linear(model: MiniCPMForCausalLM) -> str | None:
 
 def prepare_model(model: MiniCPMForCausalLM, rows: StepRows, quantize: str = "none") -> MiniCPMForCausalLM:
     """Fuse projections, give each linear layer this machine's product (:func:`cpu_linear`; with
-    ``quantize="int8"``, int8 panels: CPU and the native kernels only) and wrap it in a
+    ``quantize="int8"`` or ``"int4"``, quantized panels: CPU and the native kernels only) and wrap it in a
     :class:`RowSplitLinear` reading ``rows``; in place, once per model."""
     model.fuse_projections()
     choice = cpu_linear(model)
-    if quantize == "int8":
+    if quantize in QUANTIZED:
         if model.device.type != "cpu":
-            raise ValueError(f"quantize='int8' runs on the CPU; the model is on {model.device}")
+            raise ValueError(f"quantize={quantize!r} runs on the CPU; the model is on {model.device}")
         if native_kernels() is None:
-            raise ValueError(
-                "quantize='int8' needs the native CPU kernels, which could not be built here (a C compiler)"
-            )
-        choice = "int8"
+            raise ValueError(f"quantize={quantize!r} needs the native CPU kernels, which could not be built here")
+        choice = quantize
     elif quantize != "none":
-        raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
+        raise ValueError(f"quantize must be 'none', 'int8' or 'int4', got {quantize!r}")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, RowSplitLinear):  # prepared before: follow the new engine's rows
                 child.rows = rows
-                if (quantize == "int8") != isinstance(child.inner, Int8PanelLinear):
-                    raise ValueError("this model was prepared by an engine with another 'quantize'; load it again")
+                was = next((q for q, cls in QUANTIZED.items() if isinstance(child.inner, cls)), "none")
+                if was != quantize:
+                    raise ValueError(f"this model was prepared with quantize={was!r}, not {quantize!r}; load it again")
             elif type(child) is nn.Linear and child.bias is None:
                 inner = child if choice is None else make_linear(child, choice)
                 setattr(parent, name, RowSplitLinear(inner, rows))

@@ -64,6 +64,21 @@ static inline v16f load16_i8(const int8_t *p) {
 }
 #endif
 
+/* 32 int4 weights of one panel row (16 bytes: column c in byte c % 16, the low nibble for c < 16,
+ * the high one for c >= 16) as two vectors of their values 0..15 */
+static inline void load32_u4(const uint8_t *p, v16f *lo, v16f *hi) {
+#if defined(__AVX512F__)
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *lo = (v16f)_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+    *hi = (v16f)_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+#else
+    for (int c = 0; c < 16; c++) {
+        (*lo)[c] = (float)(p[c] & 15);
+        (*hi)[c] = (float)(p[c] >> 4);
+    }
+#endif
+}
+
 static inline uint16_t f32_to_bf16_rne(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -96,6 +111,56 @@ static inline uint16_t f32_to_bf16_rne(float f) {
 DEFINE_TILE(tile_f32, float, load16)
 DEFINE_TILE(tile_bf16, uint16_t, load16_bf16)
 DEFINE_TILE(tile_i8, int8_t, load16_i8)
+
+#define ROWS_Q4 6 /* int4 keeps a group's sums beside the accumulators: 4 * ROWS_Q4 vectors */
+
+/* rows x 32 outputs of one int4 panel, groups of ``group`` inputs: per group, the weights' codes q
+ * are summed against x (and x alone), then ``scale * sum(x q) + min * sum(x)`` is added, which is
+ * sum(x * (q * scale + min)) regrouped: each weight w ~ q * scale + min of its (column, group). */
+static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_t x_stride, const uint8_t *panel,
+                                                          const float *scales, const float *mins, int k, int group,
+                                                          const int rows, float *out) {
+    v16f acc0[ROWS_Q4], acc1[ROWS_Q4];
+    for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = (v16f){0};
+    for (int g0 = 0, g = 0; g0 < k; g0 += group, g++) {
+        v16f q0[ROWS_Q4], q1[ROWS_Q4];
+        float sx[ROWS_Q4];
+        for (int r = 0; r < rows; r++) {
+            q0[r] = q1[r] = (v16f){0};
+            sx[r] = 0.0f;
+        }
+        for (int j = g0; j < g0 + group; j++) {
+            v16f w0, w1;
+            load32_u4(panel + (int64_t)j * (PANEL / 2), &w0, &w1);
+            for (int r = 0; r < rows; r++) {
+                const float xv = x[r * x_stride + j];
+                q0[r] += xv * w0;
+                q1[r] += xv * w1;
+                sx[r] += xv;
+            }
+        }
+        const v16f s0 = load16(scales + (int64_t)g * PANEL), s1 = load16(scales + (int64_t)g * PANEL + 16);
+        const v16f m0 = load16(mins + (int64_t)g * PANEL), m1 = load16(mins + (int64_t)g * PANEL + 16);
+        for (int r = 0; r < rows; r++) {
+            acc0[r] += s0 * q0[r] + m0 * sx[r];
+            acc1[r] += s1 * q1[r] + m1 * sx[r];
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        memcpy(out + r * PANEL, &acc0[r], sizeof(v16f));
+        memcpy(out + r * PANEL + 16, &acc1[r], sizeof(v16f));
+    }
+}
+
+#define DISPATCH_ROWS_Q4(x, xs, panel, scales, mins, k, group, rows, out)    \
+    switch (rows) {                                                         \
+    case 6: tile_q4(x, xs, panel, scales, mins, k, group, 6, out); break;   \
+    case 5: tile_q4(x, xs, panel, scales, mins, k, group, 5, out); break;   \
+    case 4: tile_q4(x, xs, panel, scales, mins, k, group, 4, out); break;   \
+    case 3: tile_q4(x, xs, panel, scales, mins, k, group, 3, out); break;   \
+    case 2: tile_q4(x, xs, panel, scales, mins, k, group, 2, out); break;   \
+    default: tile_q4(x, xs, panel, scales, mins, k, group, 1, out); break;  \
+    }
 
 #define DISPATCH_ROWS(TILE, x, xs, panel, k, rows, out) \
     switch (rows) {                                     \
@@ -134,11 +199,13 @@ void minicpm_pack_panels(int wtype, const void *w, int64_t w_stride, int n, int 
 
 /* y (m, n), row stride y_stride, = x (m, k), row stride x_stride, times the packed W^T.
  * wtype: the packed weight's type (0 float32, 1 bfloat16, 2 int8 with one float32 scale per output
- * column in ``scales``: the int8 sums, exact in float32 accumulators, are scaled once at the end);
+ * column in ``scales``: the int8 sums, exact in float32 accumulators, are scaled once at the end;
+ * 3 int4 codes 0..15 in groups of ``group`` inputs (k a multiple of it), each (column, group) with
+ * its float32 ``scales`` and ``mins``, laid out (panel, group, 32): w ~ code * scale + min);
  * x and y are float32 (xtype 0) or bfloat16 (xtype 1), widened into ``scratch`` (m * k floats)
  * first when bfloat16. */
 void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
-                    int m, int n, int k, void *y, int64_t y_stride, float *scratch) {
+                    const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch) {
     const float *xf = (const float *)x;
     if (xtype == 1) {
         for (int r = 0; r < m; r++)
@@ -163,11 +230,19 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
             } else if (wtype == 1) {
                 const uint16_t *panel = (const uint16_t *)packed + (int64_t)p * k * PANEL;
                 DISPATCH_ROWS(tile_bf16, xt, x_stride, panel, k, rows, out)
-            } else {
+            } else if (wtype == 2) {
                 const int8_t *panel = (const int8_t *)packed + (int64_t)p * k * PANEL;
                 DISPATCH_ROWS(tile_i8, xt, x_stride, panel, k, rows, out)
                 for (int r = 0; r < rows; r++)
                     for (int c = 0; c < PANEL; c++) out[r * PANEL + c] *= scales[p * PANEL + c];
+            } else {
+                const uint8_t *panel = (const uint8_t *)packed + (int64_t)p * k * (PANEL / 2);
+                const int64_t per_panel = (int64_t)(k / group) * PANEL;
+                for (int h = 0; h < rows; h += ROWS_Q4) {
+                    const int sub = rows - h < ROWS_Q4 ? rows - h : ROWS_Q4;
+                    DISPATCH_ROWS_Q4(xt + (int64_t)h * x_stride, x_stride, panel, scales + p * per_panel,
+                                     mins + p * per_panel, k, group, sub, out + h * PANEL)
+                }
             }
             const int c0 = p * PANEL, cols = n - c0 < PANEL ? n - c0 : PANEL;
             for (int r = 0; r < rows; r++) {
