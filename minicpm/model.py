@@ -32,7 +32,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
 
 from .config import MiniCPMConfig
 
@@ -60,7 +59,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, past: int = 0) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if t == 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    # bottom-right aligned causal bias: flash / cuDNN kernels take it without a (t, s) mask
+    # bottom-right aligned causal bias: flash / cuDNN kernels take it without a (t, s) mask (imported
+    # here: the module pulls in torch._dynamo, over a second of start-up that most runs never need)
+    from torch.nn.attention.bias import causal_lower_right
+
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s), enable_gqa=gqa)
 
 
@@ -245,7 +247,10 @@ class DecoderLayer(nn.Module):
 class MiniCPMModel(nn.Module):
     def __init__(self, config: MiniCPMConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if not weight.is_meta:  # nn.Embedding's own initialisation; on the meta device (every
+            nn.init.normal_(weight)  # checkpoint load) it would import torch._dynamo: 1.2 s of start-up
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
