@@ -11,6 +11,8 @@ from pathlib import Path
 # No GPU in these tests: Triton kernels (if triton is installed) run in its CPU interpreter. This
 # must be set before anything imports triton, which minicpm.engine does.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Thread counts stay as each test sets them (the load-following governor has its own tests).
+os.environ.setdefault("MINICPM_ADAPTIVE_THREADS", "0")
 
 import pytest
 import torch

@@ -13,6 +13,8 @@ Contract:
   it could still grow into a stop string), the new token ids, and at the end ``finish_reason``
   ``"stop"``, ``"length"`` or ``"abort"``. A stop id is not part of the output; a stop string ends
   the text before it (the token ids keep the token that completed it, as vLLM's do).
+* On CPU, the thread count follows the machine's load (:class:`~minicpm.engine.threads.ThreadGovernor`):
+  fewer threads while other processes keep cores busy, back when they stop.
 * A step is atomic per request: if finishing one request's token fails (detokenizing, a stop
   check), that request alone ends with ``finish_reason`` ``"error"`` and the message in
   ``error``, its blocks freed; the other requests of the step go on.
@@ -47,6 +49,7 @@ from .model_runner import ModelRunner
 from .sampler import Sampled
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
+from .threads import ThreadGovernor
 
 log = logging.getLogger("minicpm.engine")
 
@@ -132,6 +135,7 @@ class LLMEngine:
             contiguous=self.runner.device.type == "cpu",
         )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.governor = ThreadGovernor() if model.device.type == "cpu" else None
         self.requests: dict[str, Request] = {}
         base = set(self.model_config.eos_token_ids)
         if tokenizer is not None:
@@ -229,6 +233,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
+        if self.governor is not None:
+            self.governor.tick()  # CPU: follow the machine's load (a clock read when nothing is due)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():  # cannot happen: every request fits the cache alone
