@@ -210,7 +210,7 @@ def test_panel_linear_matches_a_float64_product(dtype, tol, n: int, k: int) -> N
 
     gen = torch.Generator().manual_seed(n + k)
     weight = torch.randn(n, k, generator=gen).to(dtype)
-    packed = pack_panels(weight, native_kernels())
+    packed = pack_panels(weight)
     assert packed.shape == (-(-n // 32), k, 32)
     for m in (1, 5, 12, 13, 40):
         x = torch.randn(m, k, generator=gen).to(dtype)
@@ -231,7 +231,7 @@ def test_panel_linear_rows_do_not_depend_on_their_neighbours(dtype) -> None:
     lib = native_kernels()
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(200, 96, generator=gen).to(dtype)
-    packed = pack_panels(weight, lib)
+    packed = pack_panels(weight)
     batch = torch.randn(37, 96, generator=gen).to(dtype)
     whole = panel_linear(batch, packed, 200, lib)
     threads = torch.get_num_threads()
@@ -251,13 +251,13 @@ def test_panel_linear_takes_views_and_batched_shapes_and_refuses_a_wrong_width()
 
     lib = native_kernels()
     weight = torch.randn(40, 24)
-    packed = pack_panels(weight, lib)
+    packed = pack_panels(weight)
     x = torch.randn(2, 3, 30)[..., 3:27]  # (2, 3, 24) with a row stride of 30
     assert torch.allclose(panel_linear(x, packed, 40, lib), x @ weight.T, atol=1e-5)
     with pytest.raises(ValueError, match="24 features"):
         panel_linear(torch.randn(3, 25), packed, 40, lib)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        pack_panels(weight.double(), lib)
+        pack_panels(weight.double())
 
 
 def test_linear_choice_follows_the_override(monkeypatch) -> None:

@@ -137,8 +137,6 @@ def native_kernels() -> ctypes.CDLL | None:
     ]
     fn.restype = ctypes.c_int
     v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.minicpm_pack_panels.argtypes = [i, v, i64, i, i, v]
-    lib.minicpm_pack_panels.restype = None
     lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, v, i, i, i, i, v, i64, v]
     lib.minicpm_linear.restype = None
     return lib
@@ -147,17 +145,26 @@ def native_kernels() -> ctypes.CDLL | None:
 PANEL = 32  # output columns per packed panel (csrc/linear.c)
 
 
-def pack_panels(weight: Tensor, lib: ctypes.CDLL) -> Tensor:
+def _panel_rows(t: Tensor) -> Tensor:
+    """``t`` (out, ...) zero-padded to whole panels of 32 output rows."""
+    panels = -(-t.shape[0] // PANEL)
+    padded = t.new_zeros(panels * PANEL, *t.shape[1:])
+    padded[: t.shape[0]] = t
+    return padded
+
+
+def _panels(t: Tensor) -> Tensor:
+    """(out, cols) -> (panels, cols, 32): each panel's 32 output rows side by side, zero-padded."""
+    rows = _panel_rows(t)
+    return rows.view(-1, PANEL, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def pack_panels(weight: Tensor) -> Tensor:
     """``weight`` (out, in), float32 or bfloat16, in :func:`panel_linear`'s layout: panels of 32
     output columns, each (in, 32), zero-padded to a whole panel."""
-    if weight.dim() != 2 or weight.dtype not in _DTYPES or weight.device.type != "cpu" or weight.stride(1) != 1:
-        raise ValueError(
-            "pack_panels: weight must be a CPU float32 or bfloat16 (out, in) tensor with unit column stride"
-        )
-    n, k = weight.shape
-    packed = torch.empty(-(-n // PANEL), k, PANEL, dtype=weight.dtype)
-    lib.minicpm_pack_panels(_DTYPES[weight.dtype], weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr())
-    return packed
+    if weight.dim() != 2 or weight.dtype not in _DTYPES or weight.device.type != "cpu":
+        raise ValueError("pack_panels: weight must be a CPU float32 or bfloat16 (out, in) tensor")
+    return _panels(weight.detach())
 
 
 def quantize_int8_panels(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,15 +174,12 @@ def quantize_int8_panels(weight: Tensor) -> tuple[Tensor, Tensor]:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_int8_panels: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
     w = weight.detach().float()
-    n, k = w.shape
     scales = w.abs().amax(dim=1) / 127
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    panels = -(-n // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.int8)
-    padded[:n] = q
-    packed = padded.view(panels, PANEL, k).transpose(1, 2).contiguous()  # (panels, in, 32)
-    return packed, torch.cat([scales, torch.ones(panels * PANEL - n)]).contiguous()
+    padded_scales = _panel_rows(scales)
+    padded_scales[w.shape[0] :] = 1
+    return _panels(q), padded_scales
 
 
 INT4_GROUPS = (32, 64, 128)
@@ -191,23 +195,16 @@ def quantize_int4_panels(weight: Tensor, group: int = 32) -> tuple[Tensor, Tenso
         raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group!r}")
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_int4_panels: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
-    n, k = weight.shape
+    k = weight.shape[1]
     if k % group:
         raise ValueError(f"int4 groups of {group} need the input size ({k}) to be a multiple of it")
-    panels = -(-n // PANEL)
-    w = torch.zeros(panels * PANEL, k)
-    w[:n] = weight.detach().float()
-    grouped = w.view(panels * PANEL, k // group, group)
+    grouped = _panel_rows(weight.detach().float()).view(-1, k // group, group)
     low, high = grouped.amin(-1), grouped.amax(-1)
     scales = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
     codes = torch.round((grouped - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(-1, k)
-    by_panel = codes.view(panels, PANEL, k)
-    packed = (by_panel[:, :16] | (by_panel[:, 16:] << 4)).transpose(1, 2).contiguous()  # (panels, in, 16)
-
-    def layout(t: Tensor) -> Tensor:  # (rows, groups) -> (panel, group, 32)
-        return t.view(panels, PANEL, k // group).transpose(1, 2).contiguous()
-
-    return packed, layout(scales), layout(low)
+    by_panel = _panels(codes)  # (panels, in, 32): column c and c + 16 share a byte
+    packed = (by_panel[..., :16] | (by_panel[..., 16:] << 4)).contiguous()  # (panels, in, 16)
+    return packed, _panels(scales), _panels(low)
 
 
 def panel_linear(

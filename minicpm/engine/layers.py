@@ -68,7 +68,7 @@ class PanelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.lib = lib
-        self.packed = pack_panels(linear.weight.detach(), lib)
+        self.packed = pack_panels(linear.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return panel_linear(x, self.packed, self.out_features, self.lib)

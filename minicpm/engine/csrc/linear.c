@@ -1,10 +1,11 @@
 /* y = x W^T on CPU over a weight packed in column panels, for the few-row products of decoding.
  *
  * Built with paged_attention.c into one library by minicpm/engine/cpu_kernels.py; see
- * cpu_kernels.py for the contract. Layout: W (n, k) is packed once into panels of PANEL = 32
- * output columns, panel p holding W[p*32 + c, j] at [p][j][c] (zero-padded past n), so a panel is
- * read front to back and the micro-kernel needs no horizontal sums: each step broadcasts one
- * input element per row and multiplies it into a panel row of 32 outputs.
+ * cpu_kernels.py for the contract (and the packing, done there). Layout: W (n, k) is packed once
+ * into panels of PANEL = 32 output columns, panel p holding W[p*32 + c, j] at [p][j][c]
+ * (zero-padded past n), so a panel is read front to back and the micro-kernel needs no
+ * horizontal sums: each step broadcasts one input element per row and multiplies it into a panel
+ * row of 32 outputs.
  *
  * Each output element is one sum over j in order 0..k-1 of x[m, j] * W[n, j] (fused multiply-add,
  * float32 accumulators), whatever the number of rows or threads: a row's result does not depend
@@ -177,25 +178,6 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
     case 2: TILE(x, xs, panel, k, 2, out); break;       \
     default: TILE(x, xs, panel, k, 1, out); break;      \
     }
-
-/* Pack W (n, k), row stride w_stride, into panels (n rounded up to 32); wtype 0 float32, 1 bfloat16. */
-void minicpm_pack_panels(int wtype, const void *w, int64_t w_stride, int n, int k, void *packed) {
-    const int panels = (n + PANEL - 1) / PANEL;
-    const size_t size = wtype == 0 ? 4 : 2;
-#pragma omp parallel for schedule(static)
-    for (int p = 0; p < panels; p++) {
-        char *dst = (char *)packed + (size_t)p * k * PANEL * size;
-        for (int j = 0; j < k; j++)
-            for (int c = 0; c < PANEL; c++) {
-                const int row = p * PANEL + c;
-                const char *src = (const char *)w + ((int64_t)row * w_stride + j) * size;
-                if (row < n)
-                    memcpy(dst + ((size_t)j * PANEL + c) * size, src, size);
-                else
-                    memset(dst + ((size_t)j * PANEL + c) * size, 0, size);
-            }
-    }
-}
 
 /* y (m, n), row stride y_stride, = x (m, k), row stride x_stride, times the packed W^T.
  * wtype: the packed weight's type (0 float32, 1 bfloat16, 2 int8 with one float32 scale per output
