@@ -84,13 +84,12 @@ def fake_prefill(engine, prompts: list[list[int]], new_tokens: int) -> None:
             engine.step()
     finally:
         engine.runner.run, engine.scheduler.max_num_batched_tokens = real_run, budget
-    cache, bs = engine.runner.cache, engine.block_manager.block_size
+    cache = engine.runner.cache
     used = sorted({b for s in engine.scheduler.running for b in s.block_table})
     for layer in range(cache.k.shape[0]):  # touch what the steps will read: random keys and values
         for b in used:
             cache.k[layer, b].normal_(0, 0.5)
             cache.v[layer, b].normal_(0, 0.5)
-    del bs
 
 
 def timed_step(engine) -> float:

@@ -176,6 +176,15 @@ class AttentionMetadata:
     max_query_len: int = 0
 
 
+def decode_mask(md: AttentionMetadata, block_size: int) -> Tensor | None:
+    """(seqs, 1, 1, keys) mask of the batched gather path's real keys (each row's context length
+    out of the table width); None when every sequence has the same length (nothing to mask)."""
+    if len(set(md.context_lens_host)) == 1:
+        return None
+    keys = torch.arange(md.block_tables.shape[1] * block_size, device=md.block_tables.device)
+    return (keys[None, :] < md.context_lens[:, None])[:, None, None, :]
+
+
 class PagedKVCache:
     def __init__(
         self,
@@ -362,9 +371,7 @@ class PagedKVCache:
         md.cu_q = None
         if md.decode_only:
             md.decode_blocks = md.block_tables.long()
-            if len(set(md.context_lens_host)) > 1:
-                keys = torch.arange(md.block_tables.shape[1] * bs, device=md.block_tables.device)
-                md.decode_mask = (keys[None, :] < md.context_lens[:, None])[:, None, None, :]
+            md.decode_mask = decode_mask(md, bs)
         else:
             md.seq_blocks = [md.block_tables[i, : -(-n // bs)].long() for i, n in enumerate(md.context_lens_host)]
 

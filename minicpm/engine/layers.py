@@ -130,7 +130,8 @@ def make_linear(linear: nn.Linear, choice: str) -> nn.Module:
 
 class StepRows:
     """Where a step's rows split for the linear layers: rows ``[0, split)`` (the step's decode
-    rows, which the scheduler puts first) and the rest are multiplied apart; 0 means together."""
+    rows, which the scheduler puts first) and the rest are multiplied apart; 0, or a split at or
+    past the last row, means together."""
 
     def __init__(self) -> None:
         self.split = 0

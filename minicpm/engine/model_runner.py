@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
-from .attention import AttentionMetadata, PagedKVCache
+from .attention import AttentionMetadata, PagedKVCache, decode_mask
 from .config import EngineConfig
 from .layers import StepRows, prepare_model
 from .sampler import Sampled, Sampler
@@ -184,9 +184,8 @@ class ModelRunner:
         )
         if self.cache.use_triton:  # in place: paged decode and varlen prefill kernels
             if not decode_only:
-                lead = next((i for i, n in enumerate(batch.num_tokens) if n != 1), len(batch.num_tokens))
+                md.leading_decodes = lead = batch.leading_decodes
                 rest = batch.num_tokens[lead:]
-                md.leading_decodes = lead
                 md.cu_q = self._tensor([0, *itertools.accumulate(rest)], torch.int32)
                 md.max_query_len = max(rest)
         elif cpu:  # in place for every step, whatever its mix: decode rows to the native kernel
@@ -200,9 +199,7 @@ class ModelRunner:
                 md.decode_blocks = seq_blocks[0]
             else:
                 md.decode_blocks = md.block_tables.long()
-            if len(set(context_lens)) > 1:
-                keys = torch.arange(width * bs, device=self.device)
-                md.decode_mask = (keys[None, :] < md.context_lens[:, None])[:, None, None, :]
+            md.decode_mask = decode_mask(md, bs)
         else:
             md.seq_blocks = [b if isinstance(b, slice) else self._tensor(b) for b in seq_blocks]
         freqs = torch.stack([self.inv_freq(s) for s in batch.seqs])
@@ -224,8 +221,9 @@ class ModelRunner:
             logits = self._replay(graph, ids, positions, inv_freq, md, self._tensor(rows))
         else:
             self.cache.metadata = md
-            # a mixed step's decode rows (first in the batch) go through the linears apart from the rest
-            self.rows.split = next((i for i, n in enumerate(batch.num_tokens) if n != 1), 0)
+            # a mixed step's decode rows (first in the batch) go through the linears apart from the
+            # rest (a split at or past the last row, as in a decode-only step, splits nothing)
+            self.rows.split = batch.leading_decodes
             try:
                 keep = self._tensor(rows) if rows else torch.empty(0, dtype=torch.long, device=self.device)
                 logits = self.model(ids, positions, cache=self.cache, logits_to_keep=keep, inv_freq=inv_freq)[0]

@@ -38,6 +38,11 @@ class ScheduledBatch:
         return sum(self.num_tokens)
 
     @property
+    def leading_decodes(self) -> int:
+        """How many sequences at the front take one token each (decodes come first in a step)."""
+        return next((i for i, n in enumerate(self.num_tokens) if n != 1), len(self.num_tokens))
+
+    @property
     def decode_only(self) -> bool:
         return all(n == 1 == s.num_uncomputed for s, n in zip(self.seqs, self.num_tokens, strict=True))
 
