@@ -447,7 +447,7 @@ def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(qua
     """quantize="int8" / "int4": every linear layer (the head too) becomes quantized panels; the
     engine's greedy tokens are those of the plain model with each weight replaced by its
     dequantized copy."""
-    from minicpm.engine.layers import QUANTIZED, RowSplitLinear
+    from minicpm.engine.layers import PanelLinear, RowSplitLinear
 
     dequantize = {"int8": _dequantized, "int4": lambda w: _dequantized_int4(w, 32)}[quantize]
     config = tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256)
@@ -468,7 +468,7 @@ def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(qua
             expected.append(ids[len(prompt) :])
     engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32, quantize=quantize))
     wrapped = [m.inner for m in engine.runner.model.modules() if isinstance(m, RowSplitLinear)]
-    assert wrapped and all(isinstance(m, QUANTIZED[quantize]) for m in wrapped)
+    assert wrapped and all(isinstance(m, PanelLinear) and m.weights == quantize for m in wrapped)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert [c.token_ids for c in got] == expected
 

@@ -22,10 +22,10 @@ layer-sized weight, at 1 and 16 rows):
 ``MINICPM_CPU_LINEAR=panel|onednn|blas`` overrides the probe. Float32 results differ between the
 choices in the last bits (other summation orders).
 
-``quantize="int8"`` (the engine's setting) swaps every linear layer, the head included, for
-:class:`Int8PanelLinear`: weight-only int8, one scale per output channel, in the same panels (the
-int8 sums are exact in float32 and scaled once); ``quantize="int4"`` for :class:`Int4PanelLinear`:
-codes 0..15 in groups of 32 inputs, each with a scale and a minimum (llama.cpp's Q4_1 scheme).
+``quantize="int8"`` (the engine's setting) makes every linear layer, the head included, a
+:class:`PanelLinear` over int8 weights, one scale per output channel (the int8 sums are exact in
+float32 and scaled once); ``quantize="int4"`` over codes 0..15 in groups of 32 inputs, each with a
+scale and a minimum (llama.cpp's Q4_1 scheme).
 The model file is untouched; the embeddings, norms, KV cache and residual stream stay in the
 activation dtype.
 """
@@ -61,57 +61,34 @@ class PackedLinear(nn.Module):
 
 
 class PanelLinear(nn.Module):
-    """A bias-free linear layer over a weight packed in column panels for the native kernel
-    (:func:`~minicpm.engine.cpu_kernels.panel_linear`; CPU, float32 or bfloat16)."""
+    """A bias-free linear layer over a weight in the native kernel's column panels
+    (:func:`~minicpm.engine.cpu_kernels.panel_linear`; CPU): ``weights`` "float" (the model's
+    float32 or bfloat16), or weight-only "int8" (one float32 scale per output channel) or "int4"
+    (codes in groups of 32 inputs, each (output, group) with a float32 scale and minimum: llama.cpp's
+    Q4_1 scheme); activations and sums stay in float."""
 
-    def __init__(self, linear: nn.Linear, lib: object) -> None:
+    def __init__(self, linear: nn.Linear, lib: object, weights: str = "float") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.lib = lib
-        self.packed = pack_panels(linear.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return panel_linear(x, self.packed, self.out_features, self.lib)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, native panels"
-
-
-class Int8PanelLinear(nn.Module):
-    """A bias-free linear layer over an int8 weight (one float32 scale per output channel) in the
-    native kernel's panels: weight-only quantization, activations and sums stay in float."""
-
-    def __init__(self, linear: nn.Linear, lib: object) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.lib = lib
-        self.packed, self.scales = quantize_int8_panels(linear.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return panel_linear(x, self.packed, self.out_features, self.lib, self.scales)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 panels"
-
-
-class Int4PanelLinear(nn.Module):
-    """A bias-free linear layer over int4 codes in groups of 32 inputs, each (output, group) with a
-    float32 scale and minimum (llama.cpp's Q4_1 scheme), in the native kernel's panels."""
-
-    def __init__(self, linear: nn.Linear, lib: object, group: int = 32) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.lib, self.group = lib, group
-        self.packed, self.scales, self.mins = quantize_int4_panels(linear.weight, group)
+        self.lib, self.weights = lib, weights
+        self.scales = self.mins = None
+        if weights == "float":
+            self.packed = pack_panels(linear.weight)
+        elif weights == "int8":
+            self.packed, self.scales = quantize_int8_panels(linear.weight)
+        elif weights == "int4":
+            self.packed, self.scales, self.mins = quantize_int4_panels(linear.weight, 32)
+        else:
+            raise ValueError(f"panel weights must be 'float', 'int8' or 'int4', got {weights!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         return panel_linear(x, self.packed, self.out_features, self.lib, self.scales, self.mins)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 panels, groups of {self.group}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, native {self.weights} panels"
 
 
-QUANTIZED = {"int8": Int8PanelLinear, "int4": Int4PanelLinear}
+QUANTIZED = ("int8", "int4")  # the weight-only formats of ``quantize``, all native panels
 
 
 def make_linear(linear: nn.Linear, choice: str) -> nn.Module:
@@ -120,7 +97,7 @@ def make_linear(linear: nn.Linear, choice: str) -> nn.Module:
         lib = native_kernels()
         if lib is None:
             raise RuntimeError("the native CPU kernels are not available here")
-        return PanelLinear(linear, lib) if choice == "panel" else QUANTIZED[choice](linear, lib)
+        return PanelLinear(linear, lib, "float" if choice == "panel" else choice)
     if choice.startswith("onednn-"):
         return PackedLinear(linear, int(choice.split("-")[1]))
     if choice == "blas":
@@ -230,7 +207,8 @@ def prepare_model(model: MiniCPMForCausalLM, rows: StepRows, quantize: str = "no
         for name, child in list(parent.named_children()):
             if isinstance(child, RowSplitLinear):  # prepared before: follow the new engine's rows
                 child.rows = rows
-                was = next((q for q, cls in QUANTIZED.items() if isinstance(child.inner, cls)), "none")
+                was = getattr(child.inner, "weights", "none")
+                was = was if was in QUANTIZED else "none"
                 if was != quantize:
                     raise ValueError(f"this model was prepared with quantize={was!r}, not {quantize!r}; load it again")
             elif type(child) is nn.Linear and child.bias is None:
