@@ -49,6 +49,7 @@ FLAG_FOR = {
     "kv_cache_memory": "--kv-cache-gib",
     "gpu_memory_utilization": "--gpu-memory-utilization",
     "quantize": "--quantize",
+    "group_size": "--group-size",
 }
 HELP = """commands:
   /reset, /clear    forget the conversation
@@ -169,6 +170,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> Any:
             enable_prefix_caching=False if args.no_prefix_caching else None,
             max_model_len=getattr(args, "max_model_len", None),  # serve's flag
             quantize=args.quantize,
+            group_size=args.group_size,
         )
 
 
@@ -254,10 +256,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     src = Path(args.src)
     if src.is_file() and src.suffix.lower() == ".gguf":
-        out = convert_gguf(src, args.dst, dtype=args.dtype)
+        out = convert_gguf(
+            src, args.dst, dtype=args.dtype, quantize=args.quantize or "auto", group_size=args.group_size
+        )
     elif src.is_dir():
         shard = max(1, int(args.max_shard_size * 1024**3)) if args.max_shard_size else None
-        out = convert_checkpoint(src, args.dst, dtype=args.dtype, max_shard_bytes=shard)
+        out = convert_checkpoint(
+            src, args.dst, args.dtype, shard, quantize=args.quantize or "auto", group_size=args.group_size
+        )
     elif not src.exists():
         raise ValueError(f"{src} does not exist (expected a .gguf file or a checkpoint directory)")
     else:
@@ -515,13 +521,23 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=BLOCK_SIZE, default=None, help="tokens per KV block (default 64)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    _add_quantize_flags(
+        g,
+        "weight-only quantization of the linear layers, CPU (default auto: the weights as the "
+        "checkpoint stores them, e.g. the embedded model's Q4_1 / Q8_0 as it ships; none: float; int8: one scale per "
+        "output channel, a quarter of float32's bytes; int4: groups of 32 with a scale and a minimum, as llama.cpp's "
+        "Q4_1)",
+    )
+
+
+def _add_quantize_flags(g: Any, help_text: str) -> None:
+    g.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=None, help=help_text)
     g.add_argument(
-        "--quantize",
-        choices=["none", "int8", "int4"],
+        "--group-size",
+        type=int,
+        choices=[16, 32, 64, 128],
         default=None,
-        help="weight-only quantization of the linear layers after loading, the file untouched (CPU; "
-        "int8: one scale per output channel, a quarter of float32's bytes; int4: groups of 32 with a "
-        "scale and a minimum, as llama.cpp's Q4_1; default none)",
+        help="inputs per quantization group (int4: 32, 64 or 128, default 32; int8: 16-128, default one per channel)",
     )
 
 
@@ -571,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="GiB",
         help="split safetensors into shards of at most this many GiB (default 4)",
+    )
+    _add_quantize_flags(
+        p,
+        "weights to write (default auto: as the source stores them, a GGUF's Q8_0 / Q6_K / Q4_0 / "
+        "Q4_1 / Q4_K kept quantized; none: float; int8 / int4: every linear layer quantized, scales beside the codes)",
     )
     p.set_defaults(func=_cmd_convert)
 

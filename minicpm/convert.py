@@ -5,9 +5,14 @@ Contract:
 * :func:`convert_checkpoint` reads a checkpoint directory (any weight layout :mod:`minicpm.weights`
   reads), checks every tensor against its config, and writes config.json, safetensors weights
   and the directory's tokenizer / generation files (remote-code ``.py`` files are left out).
+* Both take ``quantize``: "auto" (default) writes weights as the source stores them, "none"
+  dequantizes, "int8" / "int4" (with ``group_size``) quantize every linear layer
+  (:func:`minicpm.quant.quantize_tensors`): a quantized checkpoint stores ``.qweight`` /
+  ``.scales`` / ``.mins`` beside the float tensors and loads back bit for bit.
 * :func:`convert_gguf` reads a GGUF file of architecture ``llama`` or ``minicpm`` with the
-  ``gguf`` package, dequantizes every tensor type that package dequantizes, undoes llama.cpp's
-  Q/K row permutation, and writes config.json, safetensors weights and the tokenizer:
+  ``gguf`` package; keeps Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K tensors quantized as they are (or
+  dequantizes every tensor type that package dequantizes, with ``quantize="none"``), undoes
+  llama.cpp's Q/K row permutation, and writes config.json, safetensors weights and the tokenizer:
   ``tokenizer.json`` for GGUF "gpt2" (byte-level BPE) vocabularies, ``tokenizer.model`` for
   "llama" (SentencePiece) vocabularies, plus ``tokenizer_config.json`` (special tokens,
   ``add_bos_token``, ``chat_template``).
@@ -35,7 +40,15 @@ import numpy as np
 import torch
 
 from .config import MiniCPMConfig
-from .weights import check_tensors, read_checkpoint, resolve_dtype, save_tensors
+from .quant import (
+    QuantizedLinear,
+    UnmappableQuantizationError,
+    check_quantize,
+    from_gguf,
+    permute_rows,
+    quantize_tensors,
+)
+from .weights import check_tensors, read_checkpoint, resolve_dtype, save_checkpoint
 
 # Files besides the weights that make a checkpoint directory usable.
 CARRIED_FILES = (
@@ -145,18 +158,28 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 
 def convert_checkpoint(
-    src: str | Path, dst: str | Path, dtype: torch.dtype | str | None = None, max_shard_bytes: int | None = None
+    src: str | Path,
+    dst: str | Path,
+    dtype: torch.dtype | str | None = None,
+    max_shard_bytes: int | None = None,
+    quantize: str = "auto",
+    group_size: int | None = None,
 ) -> Path:
-    """A checkpoint directory (e.g. with pytorch_model.bin) to a safetensors checkpoint directory."""
+    """A checkpoint directory (e.g. with pytorch_model.bin) to a safetensors checkpoint directory;
+    ``quantize`` as :func:`minicpm.quant.quantize_tensors` (default: weights as stored)."""
     src = Path(src)
+    check_quantize(quantize, group_size)
     check_destination(Path(dst))
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
-    _, tensors, skip = read_checkpoint(src)
+    config, tensors, skip, quantized = read_checkpoint(src)
     out = {n: (t if target is None else t.to(target)) for n, t in tensors.items() if n not in skip}
+    own_head = "lm_head.weight" in quantized and "model.embed_tokens.weight" not in quantized
+    out |= {n: q for n, q in quantized.items() if n not in skip or (n == "lm_head.weight" and own_head)}
+    out = quantize_tensors(out, quantize, target or torch.float32, config.tie_word_embeddings, group_size)
+    raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
 
     def build(tmp: Path) -> None:
-        save_tensors(out, tmp, max_shard_bytes)
-        shutil.copy2(src / "config.json", tmp / "config.json")
+        save_checkpoint(out, raw_config, tmp, max_shard_bytes)
         for name in CARRIED_FILES:
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
@@ -194,6 +217,10 @@ GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+
+
+def _logical_shape(t: torch.Tensor | QuantizedLinear) -> tuple[int, ...]:
+    return (t.out_features, t.in_features) if isinstance(t, QuantizedLinear) else tuple(t.shape)
 
 
 def _hf_name(name: str) -> str | None:
@@ -259,10 +286,13 @@ def gguf_config(reader: Any) -> dict[str, Any]:
     return config
 
 
-def gguf_tensors(reader: Any, config: MiniCPMConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def gguf_tensors(reader: Any, config: MiniCPMConfig, dtype: torch.dtype, keep_quantized: bool) -> dict[str, Any]:
+    """The GGUF file's tensors by checkpoint name: float ones in ``dtype``; quantized ones kept as
+    :class:`~minicpm.quant.QuantizedLinear` (``keep_quantized``: no float copy; a type with no
+    mapping is a :class:`ConversionError` naming it) or dequantized to ``dtype``."""
     from gguf.quants import dequantize
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     unknown = []
     for t in reader.tensors:
         name = _hf_name(t.name)
@@ -271,21 +301,41 @@ def gguf_tensors(reader: Any, config: MiniCPMConfig, dtype: torch.dtype) -> dict
                 unknown.append(t.name)
             continue
         shape = tuple(int(d) for d in reversed(t.shape))
+        kind = t.tensor_type.name
+        heads = (
+            config.num_attention_heads
+            if name.endswith("q_proj.weight")
+            else config.num_key_value_heads
+            if name.endswith("k_proj.weight")
+            else None
+        )
+        if keep_quantized and kind not in FLOAT_TYPES and len(shape) == 2:
+            try:
+                w = from_gguf(t.data, kind, shape)
+            except UnmappableQuantizationError as exc:
+                raise ConversionError(
+                    f"GGUF tensor {t.name}: {exc}; convert with --quantize none (float), int8 or int4 instead"
+                ) from None
+            if heads is not None:
+                w = permute_rows(w, _unpermute(torch.arange(shape[0]), heads))
+            out[name] = w
+            continue
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ConversionError(
-                f"GGUF tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot dequantize"
+                f"GGUF tensor {t.name} has type {kind}, which the gguf package cannot dequantize"
             ) from None
         w = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
-        if name.endswith("q_proj.weight"):
-            w = _unpermute(w, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = _unpermute(w, config.num_key_value_heads)
+        if heads is not None:
+            w = _unpermute(w, heads)
         out[name] = w.to(dtype)
     if unknown:
         raise ConversionError(f"GGUF file has tensors this converter does not know: {', '.join(unknown)}")
     return out
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def _gguf_bpe_tokenizer(reader: Any, tokens: list[str], types: list[int]) -> Any:
@@ -407,11 +457,21 @@ def gguf_tokenizer_files(reader: Any, out: Path) -> None:
     )
 
 
-def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | str | None = None) -> Path:
-    """A GGUF file (llama or minicpm architecture) to a checkpoint directory (float32 by default)."""
+def convert_gguf(
+    src: str | Path,
+    dst: str | Path,
+    dtype: torch.dtype | str | None = None,
+    quantize: str = "auto",
+    group_size: int | None = None,
+) -> Path:
+    """A GGUF file (llama or minicpm architecture) to a checkpoint directory: quantized tensors as
+    they are stored (``quantize="auto"``, types :data:`~minicpm.quant.GGUF_TYPES`), dequantized
+    ("none") or requantized ("int8" / "int4", see :func:`minicpm.quant.quantize_tensors`); float
+    tensors in ``dtype`` (default float32)."""
     from gguf import GGUFReader
 
     src = Path(src)
+    check_quantize(quantize, group_size)
     if not src.is_file():
         raise ConversionError(f"GGUF file {src} does not exist")
     check_destination(Path(dst))
@@ -422,13 +482,13 @@ def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | str | No
     raw_config = gguf_config(reader)
     config = MiniCPMConfig.from_dict(raw_config)
     target = resolve_dtype(dtype or "float32", torch.device("cpu"))
-    tensors = gguf_tensors(reader, config, target)
-    check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, src)
+    tensors = gguf_tensors(reader, config, target, keep_quantized=quantize == "auto")
+    check_tensors(config, {n: _logical_shape(t) for n, t in tensors.items()}, src)
+    tensors = quantize_tensors(tensors, quantize, target, config.tie_word_embeddings, group_size)
     raw_config["torch_dtype"] = str(target).removeprefix("torch.")
 
     def build(tmp: Path) -> None:
-        save_tensors(tensors, tmp)
-        (tmp / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n", encoding="utf-8")
+        save_checkpoint(tensors, raw_config, tmp)
         gguf_tokenizer_files(reader, tmp)
 
     return _build_into(Path(dst), build)

@@ -62,7 +62,10 @@ def default_model_path() -> Path:
         version = importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    target = _converted_once(gguf, cache_root() / f"SmolLM2-135M-Instruct-{version}", "the embedded default model")
+    # "-as-shipped": its quantized weights kept (an older cache held them dequantized to float32)
+    target = _converted_once(
+        gguf, cache_root() / f"SmolLM2-135M-Instruct-{version}-as-shipped", "the embedded default model"
+    )
     config = target / "generation_config.json"
     if not config.exists():  # the model card's recommendation, recorded once (a read-only cache: skipped)
         tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
@@ -101,7 +104,9 @@ def resolve_model_path(path: str | Path | None) -> Path:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             stat = path.stat()
-            key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+            # "quantized": conversions keep quantized tensors as stored (older ones dequantized them)
+            key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|quantized"
+            key = hashlib.sha256(key.encode()).hexdigest()[:12]
             return _converted_once(path, cache_root() / "gguf" / f"{path.stem}-{key}", str(path))
         raise ValueError(
             f"{path} is a file; give the checkpoint directory that holds config.json and the weights"

@@ -88,7 +88,15 @@ class LLM:
 
         path = resolve_model_path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = MiniCPMForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+        config = engine_config or EngineConfig()
+        on_cpu = torch.device(device).type == "cpu"  # elsewhere quantized weights load dequantized
+        model = MiniCPMForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            device=device,
+            quantize=config.quantize if on_cpu else "none",
+            group_size=config.group_size,
+        )
         llm = cls(model, Tokenizer.from_pretrained(path), chat_format=chat_format, engine_config=engine_config)
         llm.sampling_defaults = checkpoint_sampling_defaults(path)
         return llm

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MiniCPMConfig
+from .quant import QuantizedEmbedding, QuantizedLinear, stack
 
 
 class AttentionCache(Protocol):
@@ -169,6 +170,33 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     return (xf * cos[:, None] + swapped * sin_signed[:, None]).to(x.dtype)
 
 
+class ConcatLinear(nn.Module):
+    """Linear layers over one input, outputs side by side: a fusion of layers whose weights cannot
+    be stacked (quantized in different formats)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Module:
+    """One layer computing bias-free ``parts`` (float ``nn.Linear`` or :class:`QuantizedLinear`)
+    stacked by output: one weight where they share a format, else a :class:`ConcatLinear`."""
+    if all(type(p) is nn.Linear for p in parts):
+        weight = torch.cat([p.weight for p in parts]).detach()
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        return fused
+    if all(isinstance(p, QuantizedLinear) for p in parts):
+        fused = stack(parts)
+        if fused is not None:
+            return fused
+    return ConcatLinear(parts)
+
+
 class Attention(nn.Module):
     def __init__(self, config: MiniCPMConfig, layer: int) -> None:
         super().__init__()
@@ -184,9 +212,7 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """One ``qkv_proj`` with the q, k and v weights stacked (same function, fewer calls)."""
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
-        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.qkv_proj.weight = nn.Parameter(weight, requires_grad=False)
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
@@ -215,9 +241,7 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """One ``gate_up_proj`` with the gate and up weights stacked."""
-        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
-        self.gate_up_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.gate_up_proj.weight = nn.Parameter(weight, requires_grad=False)
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
@@ -266,8 +290,14 @@ class MiniCPMForCausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
+        """A tied head shares the embedding table (a quantized table: its codes); a head quantized
+        on its own (an engine's or a converter's ``quantize``) stays as it is."""
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            embed = self.model.embed_tokens
+            if isinstance(embed, QuantizedEmbedding):
+                self.lm_head = embed.table
+            elif type(self.lm_head) is nn.Linear:
+                self.lm_head.weight = embed.weight
 
     @property
     def fused(self) -> bool:
@@ -284,11 +314,12 @@ class MiniCPMForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activation dtype (the norms' and the residual stream's; weights may be quantized)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def forward(
         self,
@@ -358,16 +389,20 @@ class MiniCPMForCausalLM(nn.Module):
         path: str | Path,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
+        quantize: str = "auto",
+        group_size: int | None = None,
     ) -> MiniCPMForCausalLM:
         """Load a checkpoint directory (config.json + safetensors or pytorch_model.bin, sharded or not).
 
-        Default dtype: bfloat16 on GPU, float32 on CPU. The module is built on the meta device and
-        the checkpoint's tensors are assigned in place, so peak memory stays near one copy of the
-        weights.
+        Default dtype: bfloat16 on GPU, float32 on CPU (the activations' and float weights'). The
+        module is built on the meta device and the checkpoint's tensors are assigned in place, so
+        peak memory stays near one copy of the weights. ``quantize``: "auto" keeps quantized
+        weights as stored (CPU), "none" dequantizes them, "int8" / "int4" quantize every linear
+        layer (:func:`minicpm.quant.quantize_model`).
         """
         from .weights import load_model
 
-        return load_model(cls, path, dtype=dtype, device=device)
+        return load_model(cls, path, dtype=dtype, device=device, quantize=quantize, group_size=group_size)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write config.json and safetensors weights (sharded above ``max_shard_bytes``)."""

@@ -8,6 +8,12 @@ from the checkpoint, and a checkpoint whose tensors don't match the config fails
 :class:`CheckpointError` that lists every missing, unexpected and mis-shaped tensor. Writing goes
 to temporary names that are renamed into place once complete, so an interrupted save leaves no
 half-written file under a final name.
+
+Quantized checkpoints (:mod:`minicpm.quant`) store a weight ``<name>.weight`` as
+``<name>.qweight``, ``<name>.scales`` and optionally ``<name>.mins``; they are checked against the
+config by the weight's logical shape. :func:`load_model`'s ``quantize`` decides what runs: "auto"
+keeps a stored format on CPU (elsewhere it is dequantized), "none" dequantizes, "int8" / "int4"
+quantize every linear layer (see :func:`minicpm.quant.quantize_model`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import MiniCPMConfig
+from .quant import QuantizedEmbedding, QuantizedLinear, check_quantize, quantize_model
 
 if TYPE_CHECKING:
     from .model import MiniCPMForCausalLM
@@ -180,15 +187,43 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype_by_name(dtype)
 
 
-def read_checkpoint(path: Path) -> tuple[MiniCPMConfig, dict[str, torch.Tensor], set[str]]:
-    """A checkpoint directory's config, its tensors (lazily mapped where the format allows) and the
-    names to skip, after checking every tensor against the config."""
+QUANT_SUFFIXES = ("qweight", "scales", "mins")
+
+
+def gather_quantized(tensors: dict[str, torch.Tensor], where: Path | str) -> dict[str, QuantizedLinear]:
+    """Pop every ``<name>.qweight`` / ``.scales`` / ``.mins`` triple out of ``tensors`` into
+    ``{"<name>.weight": QuantizedLinear}``; a partial or inconsistent triple is a
+    :class:`CheckpointError` naming it."""
+    bases = sorted({n.rsplit(".", 1)[0] for n in tensors if n.rsplit(".", 1)[-1] in QUANT_SUFFIXES})
+    found = {}
+    for base in bases:
+        parts = {sfx: tensors.pop(f"{base}.{sfx}", None) for sfx in QUANT_SUFFIXES}
+        if parts["qweight"] is None or parts["scales"] is None:
+            raise CheckpointError(f"checkpoint {where}: quantized tensor {base} needs both .qweight and .scales")
+        q = parts["qweight"]
+        in_features = q.shape[1] * (2 if q.dtype == torch.uint8 else 1) if q.dim() == 2 else 0
+        try:
+            found[f"{base}.weight"] = QuantizedLinear(q, parts["scales"], parts["mins"], in_features)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {where}: quantized tensor {base}: {exc}") from None
+    return found
+
+
+def read_checkpoint(
+    path: Path,
+) -> tuple[MiniCPMConfig, dict[str, torch.Tensor], set[str], dict[str, QuantizedLinear]]:
+    """A checkpoint directory's config, its float tensors (lazily mapped where the format allows),
+    the names to skip and its quantized weights (by weight name), after checking every tensor
+    against the config."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     config = MiniCPMConfig.from_pretrained(path)
     tensors = dict(iter_tensors(weight_files(path)))
-    skip = check_tensors(config, {n: tuple(t.shape) for n, t in tensors.items()}, path)
-    return config, tensors, skip
+    quantized = gather_quantized(tensors, path)
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    shapes |= {n: (q.out_features, q.in_features) for n, q in quantized.items()}
+    skip = check_tensors(config, shapes, path)
+    return config, tensors, skip, quantized
 
 
 def load_model(
@@ -196,11 +231,20 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    quantize: str = "auto",
+    group_size: int | None = None,
 ) -> MiniCPMForCausalLM:
+    """``cls`` with the checkpoint's weights in ``dtype`` on ``device``; quantized weights as
+    ``quantize`` says (module docstring). Weight-only quantized layers run on the CPU only."""
     path = Path(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    config, tensors, skip = read_checkpoint(path)
+    check_quantize(quantize, group_size)
+    if quantize in ("int8", "int4") and device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on the CPU; the model is to load on {device}")
+    config, tensors, skip, quantized = read_checkpoint(path)
+    if device.type != "cpu":
+        quantize = "none"
     tied_head = tensors.get("lm_head.weight") if config.tie_word_embeddings else None
     if tied_head is not None and not torch.equal(tied_head, tensors["model.embed_tokens.weight"]):
         raise CheckpointError(
@@ -218,11 +262,36 @@ def load_model(
             converted = tensor.to(device=device, dtype=dtype)
             state[name] = converted.clone() if converted.data_ptr() == tensor.data_ptr() else converted
         del tensor
-    if config.tie_word_embeddings:
+    own_head = "lm_head.weight" in quantized and "model.embed_tokens.weight" not in quantized
+    for name, layer in quantized.items():
+        if name in skip and not (name == "lm_head.weight" and own_head):  # a head quantized on its own
+            continue
+        layer = _own_copy(layer)
+        parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if attr == "embed_tokens":
+            setattr(parent, attr, QuantizedEmbedding(layer, dtype))
+        else:
+            setattr(parent, attr, layer)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state and "lm_head.weight" not in quantized:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    if isinstance(model.model.embed_tokens, QuantizedEmbedding):
+        model.tie_weights()  # a tied head is the table itself, not a float weight to load
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n in missing if n.rsplit(".", 1)[-1] not in QUANT_SUFFIXES]
+    if missing or unexpected:  # check_tensors has seen every name: a mismatch here is a bug
+        raise CheckpointError(f"checkpoint {path}: not loaded: {missing or unexpected}")
     model.tie_weights()
+    quantize_model(model, quantize, group_size)
+    if device.type != "cpu":
+        quantize_model(model, "none")
     return model.eval()
+
+
+def _own_copy(layer: QuantizedLinear) -> QuantizedLinear:
+    """``layer`` over its own memory (never file-mapped pages)."""
+    mins = None if layer.mins is None else layer.mins.clone()
+    return QuantizedLinear(layer.qweight.clone(), layer.scales.clone(), mins, layer.in_features)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
@@ -274,6 +343,37 @@ def save_model(model: MiniCPMForCausalLM, path: str | Path, max_shard_bytes: int
         raise ValueError("this model's projections are fused for inference; save the checkpoint it was loaded from")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = dict(model.named_parameters())  # a tied head appears once, as the embedding
-    save_tensors(state, path, max_shard_bytes)
-    model.config.save(path / "config.json")
+    save_checkpoint(model_weights(model), model.config.to_dict(), path, max_shard_bytes)
+
+
+def model_weights(model: MiniCPMForCausalLM) -> dict[str, torch.Tensor | QuantizedLinear]:
+    """``model``'s weights by checkpoint name, quantized layers as they are; a tied head once, as
+    the embedding."""
+    out: dict[str, torch.Tensor | QuantizedLinear] = dict(model.named_parameters())  # a tied float head once
+    embed = model.model.embed_tokens
+    for name, module in model.named_modules():  # a module registered twice (a tied head) once
+        if isinstance(module, QuantizedLinear):
+            base = "model.embed_tokens" if isinstance(embed, QuantizedEmbedding) and module is embed.table else name
+            out[f"{base}.weight"] = module
+    return out
+
+
+def save_checkpoint(
+    weights: dict[str, torch.Tensor | QuantizedLinear], config: dict, path: Path, max_shard_bytes: int | None = None
+) -> None:
+    """Write ``weights`` (quantized ones as ``.qweight`` / ``.scales`` / ``.mins``) and ``config``
+    (with a ``quantization_config`` naming the formats, when there are any) into ``path``."""
+    tensors: dict[str, torch.Tensor] = {}
+    formats = set()
+    for name, w in weights.items():
+        if isinstance(w, QuantizedLinear):
+            base = name.removesuffix(".weight")
+            tensors |= {f"{base}.{sfx}": t for sfx, t in w.tensors().items()}
+            formats.add(f"{w.fmt}-g{w.group}" if w.group != w.in_features else f"{w.fmt}-per-channel")
+        else:
+            tensors[name] = w
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    if formats:  # informative (this loader reads the tensors' names), and a stop sign for other loaders
+        config["quantization_config"] = {"quant_method": "minicpm-weight-only", "formats": sorted(formats)}
+    save_tensors(tensors, path, max_shard_bytes)
+    _atomic_write_text(json.dumps(config, indent=2) + "\n", path / "config.json")

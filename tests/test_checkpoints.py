@@ -16,6 +16,7 @@ from minicpm import CheckpointError, ConfigError, MiniCPMConfig, MiniCPMForCausa
 from minicpm.cli import main as cli_main
 from minicpm.config import MINICPM_2B_128K
 from minicpm.convert import ConversionError, convert_checkpoint, convert_gguf
+from minicpm.quant import QuantizedLinear
 
 IDS = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(0))
 
@@ -247,29 +248,26 @@ def _spm_file() -> Path:
     return Path(spec.origin).parent / "data" / "tokenizer.model.v1"
 
 
-@pytest.mark.parametrize("arch", ["minicpm", "llama"])
-def test_convert_gguf_roundtrip(tmp_path: Path, arch: str) -> None:
-    from sentencepiece import SentencePieceProcessor
-    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+# GGUF types by layer for the round trip: q / k / v in three formats (their fusion cannot stack
+# them), gate / up alike (stacked), down in float
+MIXED_TYPES = {
+    "q_proj": "Q8_0",
+    "k_proj": "Q4_1",
+    "v_proj": "Q4_0",
+    "o_proj": "Q8_0",
+    "gate_proj": "Q4_1",
+    "up_proj": "Q4_1",
+    "embed_tokens": "Q8_0",
+    "lm_head": "Q4_0",
+}
 
-    proto = spm_pb.ModelProto()
-    proto.ParseFromString(_spm_file().read_bytes())
-    tokens = [p.piece for p in proto.pieces] + ["<|im_end|>", "<|im_start|>"]
-    scores = [p.score for p in proto.pieces] + [0.0, 0.0]
-    types = [int(p.type) for p in proto.pieces] + [4, 4]
-    config = tiny_config(
-        vocab_size=len(tokens),
-        num_key_value_heads=2,
-        rope_scaling=None,
-        tie_word_embeddings=arch == "llama",
-        max_position_embeddings=256,
-    )
-    if arch == "llama":
-        config = MiniCPMConfig.from_dict(config.to_dict() | {"model_type": "llama", "architectures": []})
-    model = random_model(config)
-    state = {k: v.numpy() for k, v in model.state_dict().items()}
 
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch)
+def _write_gguf(path: Path, arch: str, config, state, tokens, scores, types, qtypes: dict[str, str]) -> dict:
+    """A GGUF of ``state`` with each 2-D weight in ``qtypes``' type for its layer (else F32);
+    returns what each weight dequantizes to, by checkpoint name."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -321,21 +319,49 @@ def test_convert_gguf_roundtrip(tmp_path: Path, arch: str) -> None:
             w = _permute(w, config.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             w = _permute(w, config.num_key_value_heads)
-        qtype = gguf.GGMLQuantizationType.Q8_0 if w.ndim == 2 and "down" not in name else gguf.GGMLQuantizationType.F32
+        qtype = gguf.GGMLQuantizationType[qtypes.get(name.split(".")[-2], "F32") if w.ndim == 2 else "F32"]
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gname, w.astype(np.float32))
             expected[name] = torch.from_numpy(state[name])
         else:
             writer.add_tensor(gname, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
             back = gguf.quants.dequantize(gguf.quants.quantize(state[name], qtype), qtype)
-            expected[name] = torch.from_numpy(back)  # Q8_0 blocks lie along rows: permutation commutes
+            expected[name] = torch.from_numpy(back)  # blocks lie along rows: permutation commutes
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return expected
+
+
+@pytest.mark.parametrize("arch", ["minicpm", "llama"])
+def test_convert_gguf_roundtrip(tmp_path: Path, arch: str) -> None:
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(_spm_file().read_bytes())
+    tokens = [p.piece for p in proto.pieces] + ["<|im_end|>", "<|im_start|>"]
+    scores = [p.score for p in proto.pieces] + [0.0, 0.0]
+    types = [int(p.type) for p in proto.pieces] + [4, 4]
+    config = tiny_config(
+        vocab_size=len(tokens),
+        num_key_value_heads=2,
+        rope_scaling=None,
+        tie_word_embeddings=arch == "llama",
+        max_position_embeddings=256,
+    )
+    if arch == "llama":
+        config = MiniCPMConfig.from_dict(config.to_dict() | {"model_type": "llama", "architectures": []})
+    model = random_model(config)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+
+    expected = _write_gguf(tmp_path / "m.gguf", arch, config, state, tokens, scores, types, MIXED_TYPES)
 
     assert cli_main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")]) == 0
-    out = MiniCPMForCausalLM.from_pretrained(tmp_path / "out")
+    out = MiniCPMForCausalLM.from_pretrained(tmp_path / "out", quantize="none")  # Q8_0 kept; dequantized here
+    kept = MiniCPMForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(kept.model.layers[0].self_attn.q_proj, QuantizedLinear)
     assert out.config.model_type == arch
     assert out.config.residual_scale == pytest.approx(config.residual_scale)
     assert out.config.logit_scale == pytest.approx(config.logit_scale)
@@ -349,6 +375,8 @@ def test_convert_gguf_roundtrip(tmp_path: Path, arch: str) -> None:
     )
     with torch.no_grad():
         assert torch.equal(out(IDS[:, :20] % 100), ref(IDS[:, :20] % 100))
+        assert torch.equal(kept(IDS[:, :20] % 100), ref(IDS[:, :20] % 100))
+    _assert_engine_follows(kept, ref)
 
     sp_orig = SentencePieceProcessor(model_file=str(_spm_file()))
     sp_conv = SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
@@ -358,6 +386,40 @@ def test_convert_gguf_roundtrip(tmp_path: Path, arch: str) -> None:
     tok_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert tok_config["bos_token"] == "<s>" and tok_config["add_bos_token"] is True
     assert "<|im_start|>" in tok_config["chat_template"]
+
+
+def _assert_engine_follows(model: MiniCPMForCausalLM, ref: MiniCPMForCausalLM) -> None:
+    """The engine over ``model`` (its weights as loaded: quantized panels on CPU) decodes ``ref``'s
+    greedy tokens."""
+    from minicpm import SamplingParams
+    from minicpm.engine import EngineConfig, LLMEngine
+
+    prompt = (IDS[0, :15] % 100).tolist()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(ref(torch.tensor([ids]))[0, -1].argmax()))
+    engine = LLMEngine(model, None, EngineConfig(block_size=8))
+    got = engine.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert got[0].token_ids == ids[len(prompt) :]
+
+
+def test_gguf_type_without_a_format_is_named_and_converts_dequantized(tmp_path: Path) -> None:
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(_spm_file().read_bytes())
+    tokens = [p.piece for p in proto.pieces]
+    config = tiny_config(vocab_size=len(tokens), rope_scaling=None, max_position_embeddings=256)
+    state = {k: v.numpy() for k, v in random_model(config).state_dict().items()}
+    scores, types = [p.score for p in proto.pieces], [int(p.type) for p in proto.pieces]
+    expected = _write_gguf(tmp_path / "m.gguf", "minicpm", config, state, tokens, scores, types, {"up_proj": "Q5_1"})
+    with pytest.raises(ConversionError, match=r"blk\.0\.ffn_up\.weight: GGUF type Q5_1 has no quantized format"):
+        convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", quantize="none")
+    loaded = MiniCPMForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded.model.layers[0].mlp.up_proj.weight, expected["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_convert_gguf_rejects_bad_input(tmp_path: Path) -> None:

@@ -311,7 +311,7 @@ def test_failed_conversions_remove_what_they_created(tmp_path: Path, tiny_dir: P
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "save_tensors", interrupted)
+    monkeypatch.setattr(convert, "save_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert.convert_checkpoint(tiny_dir, tmp_path / "new" / "nested" / "out")
     assert not (tmp_path / "new").exists()

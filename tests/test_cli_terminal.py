@@ -108,7 +108,9 @@ def test_sigterm_during_convert_leaves_nothing_behind(env: dict[str, str], tmp_p
     assert spec is not None and spec.origin is not None
     gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     out = tmp_path / "models" / "smol"
-    proc = subprocess.Popen([*command(), "convert", str(gguf), str(out)], env=env, stderr=subprocess.PIPE)
+    # dequantized to float32: half a gigabyte to write, so the signal lands mid-conversion
+    convert = [*command(), "convert", str(gguf), str(out), "--quantize", "none"]
+    proc = subprocess.Popen(convert, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not any(out.parent.glob(".smol.partial-*")) and time.monotonic() < deadline:
         time.sleep(0.05)

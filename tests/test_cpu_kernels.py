@@ -404,59 +404,129 @@ def test_no_step_gathers_a_context_and_decode_rows_take_one_kernel_call_per_laye
     assert (count.native, count.torch_attention, count.big) == (layers, 0, [])
 
 
-# ---------------------------------------------------------------------------- int8 weights
+# ------------------------------------------------------------------------ quantized weights
 
 
-def _dequantized(weight: torch.Tensor) -> torch.Tensor:
-    from minicpm.engine.cpu_kernels import quantize_int8_panels
+def _quantized_product(layer, x: torch.Tensor) -> torch.Tensor:
+    from minicpm.engine.cpu_kernels import panel_linear, quantized_panels
 
-    packed, scales = quantize_int8_panels(weight)
-    n, k = weight.shape
-    return packed.transpose(1, 2).reshape(-1, k)[:n].float() * scales[:n, None]
+    packed, scales, mins = quantized_panels(layer)
+    return panel_linear(x, packed, layer.out_features, native_kernels(), scales, mins)
 
 
 @needs_native
-@pytest.mark.parametrize(("n", "k"), [(64, 48), (97, 33), (320, 200)])
-def test_int8_panels_equal_their_dequantized_product_and_round_to_half_a_step(n: int, k: int) -> None:
-    from minicpm.engine.cpu_kernels import quantize_int8_panels
+@pytest.mark.parametrize(
+    ("fmt", "group", "n", "k"),
+    [
+        ("int8", None, 64, 48),
+        ("int8", None, 97, 33),
+        ("int8", None, 320, 200),
+        ("int8", 16, 70, 64),
+        ("int8", 32, 40, 96),
+        ("int8", 128, 33, 256),
+        ("int4", 32, 200, 96),
+        ("int4", 64, 97, 128),
+        ("int4", 128, 64, 256),
+    ],
+)
+def test_quantized_panels_equal_the_dequantized_product(fmt: str, group, n: int, k: int) -> None:
+    """Every format and group size: the kernel's product is the float product with the dequantized
+    weight (to float32 rounding), each weight within half a step of the original, rows independent."""
+    from minicpm.quant import quantize
 
-    gen = torch.Generator().manual_seed(n)
+    gen = torch.Generator().manual_seed(n + k)
     weight = torch.randn(n, k, generator=gen)
-    weight[3] = 0  # an all-zero row keeps scale 1
-    packed, scales = quantize_int8_panels(weight)
-    assert packed.dtype == torch.int8 and packed.shape == (-(-n // 32), k, 32) and scales[3] == 1
-    deq = _dequantized(weight)
-    assert ((deq - weight).abs() <= scales[:n, None] / 2 + 1e-7).all()
-    for m in (1, 13, 40):
+    weight[3] = 0  # an all-zero row: scale 1, codes exact
+    weight[5] = 0.25  # a constant row: int4 min 0.25, every code 0
+    layer = quantize(weight, fmt, group)
+    g = group or (k if fmt == "int8" else 32)
+    assert layer.group == g and layer.scales.shape == (n, k // g)
+    deq = layer.dequantize()
+    assert torch.equal(deq[3], weight[3]) and (fmt == "int8" or torch.equal(deq[5], weight[5]))
+    step = layer.scales.repeat_interleave(g, 1)
+    assert ((deq - weight).abs() <= step / 2 + 1e-6).all()
+    for m in (1, 7, 13, 40):  # row tiles (12, or 6 for grouped) and their tails
         x = torch.randn(m, k, generator=gen)
-        got = panel_linear_int8(x, packed, n, scales)
+        got = _quantized_product(layer, x)
         expected = x.double() @ deq.double().T
-        assert ((got.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-6).all()
-        assert torch.equal(panel_linear_int8(x[:1], packed, n, scales)[0], got[0])  # rows independent
-
-
-def panel_linear_int8(x, packed, n, scales):
-    from minicpm.engine.cpu_kernels import panel_linear
-
-    return panel_linear(x, packed, n, native_kernels(), scales)
+        assert ((got.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-5).all()
+        assert torch.equal(_quantized_product(layer, x[-1:])[0], got[-1])  # rows independent
+        xb = x.bfloat16()
+        assert torch.allclose(
+            _quantized_product(layer, xb).float(), (xb.double() @ deq.double().T).float(), rtol=2e-2, atol=2e-2
+        )
 
 
 @needs_native
-@pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(quantize, one_thread) -> None:
-    """quantize="int8" / "int4": every linear layer (the head too) becomes quantized panels; the
-    engine's greedy tokens are those of the plain model with each weight replaced by its
-    dequantized copy."""
-    from minicpm.engine.layers import PanelLinear, RowSplitLinear
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_gguf_blocks_load_as_the_gguf_package_dequantizes_them(kind: str) -> None:
+    """GGUF blocks map onto a format with no float copy: the dequantized weight equals the gguf
+    package's bit for bit, and the kernel's product matches it."""
+    import gguf
+    import numpy as np
 
-    dequantize = {"int8": _dequantized, "int4": lambda w: _dequantized_int4(w, 32)}[quantize]
-    config = tiny_config(num_hidden_layers=2, num_key_value_heads=2, max_length=256)
+    from minicpm.quant import from_gguf
+
+    n, k = 48, 512
+    rng = np.random.default_rng(len(kind))
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind in ("Q4_K", "Q6_K"):  # the gguf package does not quantize these: random blocks, sane scales
+        size = {"Q4_K": 144, "Q6_K": 210}[kind]
+        data = rng.integers(0, 256, (n * k // 256, size), dtype=np.uint8)
+        for at in (0, 2) if kind == "Q4_K" else (208,):
+            data[:, at : at + 2] = rng.uniform(1e-3, 0.1, (len(data), 1)).astype(np.float16).view(np.uint8)
+        data = data.reshape(n, -1)
+    else:
+        data = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
+    expected = torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
+    layer = from_gguf(data, kind, (n, k))
+    assert (layer.fmt, layer.group) == (
+        ("int8", 16) if kind == "Q6_K" else ("int8", 32) if kind == "Q8_0" else ("int4", 32)
+    )
+    assert torch.equal(layer.dequantize(), expected)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    got = _quantized_product(layer, x).double()
+    ref = x.double() @ expected.double().T
+    assert ((got - ref).abs() <= 1e-5 * (x.abs().double() @ expected.abs().double().T) + 1e-5).all()
+
+
+def test_unmappable_gguf_type_and_bad_settings_are_named() -> None:
+    import numpy as np
+
+    from minicpm.quant import UnmappableQuantizationError, from_gguf, quantize
+
+    with pytest.raises(UnmappableQuantizationError, match="GGUF type Q5_1 has no quantized format"):
+        from_gguf(np.zeros((4, 24), np.uint8), "Q5_1", (4, 32))
+    with pytest.raises(ValueError, match="int4 group size must be one of 32, 64, 128, got 48"):
+        quantize(torch.randn(4, 96), "int4", 48)
+    with pytest.raises(ValueError, match="multiple of it"):
+        quantize(torch.randn(4, 80), "int4", 64)
+    with pytest.raises(ValueError, match="quantize must be one of auto, none, int8, int4, got 'int2'"):
+        quantize(torch.randn(4, 64), "int2")
+    with pytest.raises(ValueError, match="'quantize' must be 'auto' or 'none' or 'int8' or 'int4'"):
+        EngineConfig(quantize="int2")
+    with pytest.raises(ValueError, match=r"group_size.*int4 group size must be one of"):
+        EngineConfig(quantize="int4", group_size=16)
+
+
+@needs_native
+@pytest.mark.parametrize(("quantize", "group"), [("int8", None), ("int4", 32), ("int4", 128), ("int8", 32)])
+def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(quantize, group, one_thread) -> None:
+    """quantize="int8" / "int4" (any group size): every linear layer (the head too) becomes
+    quantized panels; the engine's greedy tokens are those of the plain model with each weight
+    replaced by its dequantized copy."""
+    from minicpm.engine.layers import PanelLinear, RowSplitLinear
+    from minicpm.quant import quantize as quantize_weight
+
+    config = tiny_config(
+        num_hidden_layers=2, num_key_value_heads=2, max_length=256, hidden_size=128, intermediate_size=256
+    )
     model = random_model(config, seed=12)
     reference = random_model(config, seed=12)
     with torch.no_grad():
         for module in reference.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(dequantize(module.weight))
+                module.weight.copy_(quantize_weight(module.weight, quantize, group).dequantize())
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (25, 40)]
     expected = []
@@ -466,60 +536,9 @@ def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(qua
             for _ in range(8):
                 ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))
             expected.append(ids[len(prompt) :])
-    engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32, quantize=quantize))
+    settings = EngineConfig(block_size=8, max_num_batched_tokens=32, quantize=quantize, group_size=group)
+    engine = LLMEngine(model, None, settings)
     wrapped = [m.inner for m in engine.runner.model.modules() if isinstance(m, RowSplitLinear)]
     assert wrapped and all(isinstance(m, PanelLinear) and m.weights == quantize for m in wrapped)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert [c.token_ids for c in got] == expected
-
-
-def test_quantize_setting_is_checked() -> None:
-    with pytest.raises(ValueError, match="'quantize' must be 'none' or 'int8' or 'int4'"):
-        EngineConfig(quantize="int2")
-
-
-# ---------------------------------------------------------------------------- int4 weights
-
-
-def _dequantized_int4(weight: torch.Tensor, group: int) -> torch.Tensor:
-    from minicpm.engine.cpu_kernels import quantize_int4_panels
-
-    packed, scales, mins = quantize_int4_panels(weight, group)
-    panels, k = packed.shape[0], weight.shape[1]
-    codes = torch.cat([(packed & 15).transpose(1, 2), (packed >> 4).transpose(1, 2)], 1).reshape(-1, k).float()
-
-    def per_input(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(panels * 32, k // group).repeat_interleave(group, 1)
-
-    return (codes * per_input(scales) + per_input(mins))[: weight.shape[0]]
-
-
-@needs_native
-@pytest.mark.parametrize(("n", "k", "group"), [(200, 96, 32), (97, 128, 64), (64, 256, 128)])
-def test_int4_panels_equal_their_dequantized_product(n: int, k: int, group: int) -> None:
-    from minicpm.engine.cpu_kernels import panel_linear, quantize_int4_panels
-
-    gen = torch.Generator().manual_seed(k)
-    weight = torch.randn(n, k, generator=gen)
-    weight[5] = 0.25  # a constant row: scale 1, every code 0
-    packed, scales, mins = quantize_int4_panels(weight, group)
-    assert packed.dtype == torch.uint8 and packed.shape == (-(-n // 32), k, 16)
-    deq = _dequantized_int4(weight, group)
-    step = (weight.view(n, -1, group).amax(-1) - weight.view(n, -1, group).amin(-1)) / 15
-    assert ((deq - weight).abs() <= step.repeat_interleave(group, 1) / 2 + 1e-6).all()
-    assert torch.equal(deq[5], weight[5])
-    for m in (1, 7, 13):  # row tiles of 6 and their tails
-        x = torch.randn(m, k, generator=gen)
-        got = panel_linear(x, packed, n, native_kernels(), scales, mins)
-        expected = x.double() @ deq.double().T
-        assert ((got.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-5).all()
-        assert torch.equal(panel_linear(x[-1:], packed, n, native_kernels(), scales, mins)[0], got[-1])
-
-
-def test_int4_settings_are_checked() -> None:
-    from minicpm.engine.cpu_kernels import quantize_int4_panels
-
-    with pytest.raises(ValueError, match="group size must be one of"):
-        quantize_int4_panels(torch.randn(4, 64), 48)
-    with pytest.raises(ValueError, match="multiple of it"):
-        quantize_int4_panels(torch.randn(4, 80), 32)

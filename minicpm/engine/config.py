@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-QUANTIZE_CHOICES = ("none", "int8", "int4")
+from ..quant import QUANTIZE_CHOICES, check_quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +26,11 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    # weight-only, CPU: "int8" (one scale per output channel), "int4" (groups of 32 inputs with a
-    # scale and a minimum each, as llama.cpp's Q4_1) or "none"
-    quantize: str = "none"
+    # weight-only, CPU (minicpm.quant): "auto" runs the weights as loaded (a quantized checkpoint
+    # quantized), "none" in float, "int8" (one scale per output channel, or groups of group_size)
+    # or "int4" (groups of group_size, default 32, with a scale and a minimum each: llama.cpp's Q4_1)
+    quantize: str = "auto"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -60,6 +62,10 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", "in (0, 1]")
         if self.quantize not in QUANTIZE_CHOICES:
             raise bad("quantize", " or ".join(repr(c) for c in QUANTIZE_CHOICES))
+        try:
+            check_quantize(self.quantize, self.group_size)
+        except ValueError as exc:
+            raise ValueError(f"engine setting 'group_size': {exc}") from None
 
     def resolved(self, device: object) -> EngineConfig:
         """This config with its per-device fields filled in for ``device`` ("cpu", "cuda:0", a

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..quant import QuantizedLinear
+
 log = logging.getLogger("minicpm.engine")
 
 CSRC = Path(__file__).with_name("csrc")
@@ -167,44 +169,28 @@ def pack_panels(weight: Tensor) -> Tensor:
     return _panels(weight.detach())
 
 
-def quantize_int8_panels(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 weight-only quantization, one scale per output row: ``(panels, scales)``, the
-    int8 weight in :func:`pack_panels`' layout (int8, zero-padded) and float32 scales (padded to
-    whole panels) with ``W ~ q * scale``, ``scale = max|W[row]| / 127`` (1 for an all-zero row)."""
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize_int8_panels: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1) / 127
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    padded_scales = _panel_rows(scales)
-    padded_scales[w.shape[0] :] = 1
-    return _panels(q), padded_scales
-
-
-INT4_GROUPS = (32, 64, 128)
-
-
-def quantize_int4_panels(weight: Tensor, group: int = 32) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric int4 weight-only quantization in groups of ``group`` inputs (as llama.cpp's Q4_1):
-    per (output row, group) ``scale = (max - min) / 15`` (1 for a constant group) and ``min``, codes
-    ``round((w - min) / scale)`` in 0..15. Returns ``(packed, scales, mins)``: codes two per byte in
-    panels (panel, in, 16) (column c in byte c % 16, the low nibble for c < 16), and float32 scales
-    and mins laid out (panel, in / group, 32), padded to whole panels."""
-    if group not in INT4_GROUPS:
-        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group!r}")
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize_int4_panels: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
-    k = weight.shape[1]
-    if k % group:
-        raise ValueError(f"int4 groups of {group} need the input size ({k}) to be a multiple of it")
-    grouped = _panel_rows(weight.detach().float()).view(-1, k // group, group)
-    low, high = grouped.amin(-1), grouped.amax(-1)
-    scales = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
-    codes = torch.round((grouped - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(-1, k)
+def quantized_panels(q: QuantizedLinear) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A :class:`~minicpm.quant.QuantizedLinear`'s weight in :func:`panel_linear`'s layout:
+    ``(packed, scales, mins)``. int8 codes in :func:`pack_panels`' layout (int8, zero-padded); int4
+    codes two per byte, (panel, in, 16) (column c in byte c % 16, the low nibble for c < 16);
+    float32 scales and mins (panel, in / group, 32), padded with scale 1 and min 0; an int8 weight
+    with one scale per output row and no minimums gets its scales flat (panels * 32)."""
+    codes = q.codes()
+    scales = _panel_rows(q.scales)
+    scales[q.out_features :] = 1
+    mins = None if q.mins is None else _panels(q.mins)
+    if q.fmt == "int8":
+        if q.group == q.in_features and mins is None:
+            return _panels(codes), scales.view(-1), None
+        return _panels(codes), _panels_of_rows(scales), mins
     by_panel = _panels(codes)  # (panels, in, 32): column c and c + 16 share a byte
     packed = (by_panel[..., :16] | (by_panel[..., 16:] << 4)).contiguous()  # (panels, in, 16)
-    return packed, _panels(scales), _panels(low)
+    return packed, _panels_of_rows(scales), mins
+
+
+def _panels_of_rows(padded: Tensor) -> Tensor:
+    """(panels * 32, cols), already padded, -> (panels, cols, 32)."""
+    return padded.view(-1, PANEL, padded.shape[1]).transpose(1, 2).contiguous()
 
 
 def panel_linear(
@@ -215,10 +201,9 @@ def panel_linear(
     scales: Tensor | None = None,
     mins: Tensor | None = None,
 ) -> Tensor:
-    """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`; int8 panels with their
-    ``scales`` from :func:`quantize_int8_panels`; or int4 panels with ``scales`` and ``mins`` from
-    :func:`quantize_int4_panels`); float32 accumulation in a fixed order, so a row's result does not
-    depend on the other rows."""
+    """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`, or a quantized weight's
+    :func:`quantized_panels` with its ``scales`` and ``mins``); float32 accumulation in a fixed
+    order, so a row's result does not depend on the other rows."""
     k = packed.shape[1]
     int4 = packed.dtype == torch.uint8
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
@@ -232,10 +217,13 @@ def panel_linear(
     y = torch.empty(m, out_features, dtype=x.dtype)
     scratch = torch.empty(m * k if x.dtype == torch.bfloat16 else 0, dtype=torch.float32)
     quantized = packed.dtype in (torch.int8, torch.uint8)
-    if quantized != (scales is not None) or int4 != (mins is not None):
-        raise ValueError("panel_linear: int8 panels take their scales, int4 panels their scales and mins")
-    wtype = 3 if int4 else 2 if packed.dtype == torch.int8 else _DTYPES[packed.dtype]
-    group = k // scales.shape[1] if int4 else 0
+    if quantized != (scales is not None) or (mins is not None and not grouped_layout(scales)):
+        raise ValueError(
+            "panel_linear: quantized panels take their scales (and grouped ones their mins), float ones none"
+        )
+    grouped = quantized and grouped_layout(scales)
+    wtype = 3 if int4 else (4 if grouped else 2) if packed.dtype == torch.int8 else _DTYPES[packed.dtype]
+    group = k // scales.shape[1] if grouped else 0
     lib.minicpm_linear(
         wtype,
         _DTYPES[x.dtype],
@@ -253,6 +241,10 @@ def panel_linear(
         scratch.data_ptr(),
     )
     return y.view(*x.shape[:-1], out_features)
+
+
+def grouped_layout(scales: Tensor) -> bool:
+    return scales.dim() == 3
 
 
 def _int32_pointer(t: Tensor) -> ctypes._Pointer:

@@ -33,6 +33,7 @@ activation dtype.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 
@@ -40,7 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from ..model import MiniCPMForCausalLM
-from .cpu_kernels import native_kernels, pack_panels, panel_linear, quantize_int4_panels, quantize_int8_panels
+from ..quant import FORMATS as QUANTIZED
+from ..quant import QuantizedEmbedding, QuantizedLinear, quantize_model
+from .cpu_kernels import native_kernels, pack_panels, panel_linear, quantized_panels
+
+log = logging.getLogger("minicpm.engine")
 
 
 class PackedLinear(nn.Module):
@@ -62,42 +67,38 @@ class PackedLinear(nn.Module):
 
 class PanelLinear(nn.Module):
     """A bias-free linear layer over a weight in the native kernel's column panels
-    (:func:`~minicpm.engine.cpu_kernels.panel_linear`; CPU): ``weights`` "float" (the model's
-    float32 or bfloat16), or weight-only "int8" (one float32 scale per output channel) or "int4"
-    (codes in groups of 32 inputs, each (output, group) with a float32 scale and minimum: llama.cpp's
-    Q4_1 scheme); activations and sums stay in float."""
+    (:func:`~minicpm.engine.cpu_kernels.panel_linear`; CPU): an ``nn.Linear``'s float32 or bfloat16
+    weight, or a :class:`~minicpm.quant.QuantizedLinear`'s codes with their scales (and minimums);
+    activations and sums stay in float. ``weights`` names the format ("float", "int8" or "int4")."""
 
-    def __init__(self, linear: nn.Linear, lib: object, weights: str = "float") -> None:
+    def __init__(self, linear: nn.Linear | QuantizedLinear, lib: object) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.lib, self.weights = lib, weights
+        self.lib = lib
         self.scales = self.mins = None
-        if weights == "float":
-            self.packed = pack_panels(linear.weight)
-        elif weights == "int8":
-            self.packed, self.scales = quantize_int8_panels(linear.weight)
-        elif weights == "int4":
-            self.packed, self.scales, self.mins = quantize_int4_panels(linear.weight, 32)
+        if isinstance(linear, QuantizedLinear):
+            self.weights, self.group = linear.fmt, linear.group
+            self.packed, self.scales, self.mins = quantized_panels(linear)
         else:
-            raise ValueError(f"panel weights must be 'float', 'int8' or 'int4', got {weights!r}")
+            self.weights, self.group = "float", None
+            self.packed = pack_panels(linear.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return panel_linear(x, self.packed, self.out_features, self.lib, self.scales, self.mins)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, native {self.weights} panels"
+        group = "" if self.group in (None, self.in_features) else f" in groups of {self.group}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, native {self.weights} panels{group}"
 
 
-QUANTIZED = ("int8", "int4")  # the weight-only formats of ``quantize``, all native panels
-
-
-def make_linear(linear: nn.Linear, choice: str) -> nn.Module:
-    """``linear`` as ``choice`` computes it: "panel", "int8", "int4", "onednn-<rows>" or "blas" (itself)."""
-    if choice == "panel" or choice in QUANTIZED:
+def make_linear(linear: nn.Linear | QuantizedLinear, choice: str) -> nn.Module:
+    """``linear`` as ``choice`` computes it: "panel" (float or quantized), "onednn-<rows>" or
+    "blas" (itself)."""
+    if choice == "panel" or isinstance(linear, QuantizedLinear):
         lib = native_kernels()
         if lib is None:
             raise RuntimeError("the native CPU kernels are not available here")
-        return PanelLinear(linear, lib, "float" if choice == "panel" else choice)
+        return PanelLinear(linear, lib)
     if choice.startswith("onednn-"):
         return PackedLinear(linear, int(choice.split("-")[1]))
     if choice == "blas":
@@ -189,29 +190,42 @@ def cpu_linear(model: MiniCPMForCausalLM) -> str | None:
     return linear_choice(c.hidden_size, c.intermediate_size, model.dtype)
 
 
-def prepare_model(model: MiniCPMForCausalLM, rows: StepRows, quantize: str = "none") -> MiniCPMForCausalLM:
-    """Fuse projections, give each linear layer this machine's product (:func:`cpu_linear`; with
-    ``quantize="int8"`` or ``"int4"``, quantized panels: CPU and the native kernels only) and wrap it in a
-    :class:`RowSplitLinear` reading ``rows``; in place, once per model."""
+def prepare_model(
+    model: MiniCPMForCausalLM, rows: StepRows, quantize: str = "auto", group_size: int | None = None
+) -> MiniCPMForCausalLM:
+    """Bring the weights to ``quantize``'s format (:func:`~minicpm.quant.quantize_model`), fuse
+    projections, give each linear layer this machine's product (:func:`cpu_linear`; quantized
+    layers the native kernel's panels: CPU only) and wrap it in a :class:`RowSplitLinear` reading
+    ``rows``; in place, once per model (a second engine over it must ask for the same format)."""
+    prepared = getattr(model, "prepared_quantize", None)
+    if prepared is not None:
+        if quantize not in ("auto", prepared):
+            raise ValueError(f"this model was prepared with quantize={prepared!r}, not {quantize!r}; load it again")
+        for module in model.modules():
+            if isinstance(module, RowSplitLinear):  # follow the new engine's rows
+                module.rows = rows
+        return model
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    if quantize in QUANTIZED or (quantize == "auto" and quantized):
+        where = f"quantize={quantize!r}" if quantize != "auto" else "this model's quantized weights"
+        if model.device.type != "cpu":
+            raise ValueError(f"{where} run on the CPU; the model is on {model.device}")
+        if native_kernels() is None:
+            if quantize != "auto":
+                raise ValueError(f"{where} need the native CPU kernels, which could not be built here")
+            log.warning("no native CPU kernels here: the quantized weights are dequantized to %s", model.dtype)
+            quantize = "none"
+    quantize_model(model, quantize, group_size)
     model.fuse_projections()
     choice = cpu_linear(model)
-    if quantize in QUANTIZED:
-        if model.device.type != "cpu":
-            raise ValueError(f"quantize={quantize!r} runs on the CPU; the model is on {model.device}")
-        if native_kernels() is None:
-            raise ValueError(f"quantize={quantize!r} needs the native CPU kernels, which could not be built here")
-        choice = quantize
-    elif quantize != "none":
-        raise ValueError(f"quantize must be 'none', 'int8' or 'int4', got {quantize!r}")
     for parent in list(model.modules()):
+        if isinstance(parent, QuantizedEmbedding):  # its table serves lookups; a tied head is found as the head
+            continue
         for name, child in list(parent.named_children()):
-            if isinstance(child, RowSplitLinear):  # prepared before: follow the new engine's rows
-                child.rows = rows
-                was = getattr(child.inner, "weights", "none")
-                was = was if was in QUANTIZED else "none"
-                if was != quantize:
-                    raise ValueError(f"this model was prepared with quantize={was!r}, not {quantize!r}; load it again")
+            if isinstance(child, QuantizedLinear):
+                setattr(parent, name, RowSplitLinear(make_linear(child, "panel"), rows))
             elif type(child) is nn.Linear and child.bias is None:
                 inner = child if choice is None else make_linear(child, choice)
                 setattr(parent, name, RowSplitLinear(inner, rows))
+    model.prepared_quantize = quantize if quantize != "auto" else ("quantized" if quantized else "none")
     return model

@@ -57,7 +57,7 @@ def _runs(blocks: list[int], length: int, block_size: int) -> list[tuple[int, in
 class ModelRunner:
     def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
         self.rows = StepRows()
-        self.model = prepare_model(model.eval(), self.rows, config.quantize)
+        self.model = prepare_model(model.eval(), self.rows, config.quantize, config.group_size)
         self.config = config
         self.model_config = model.config
         self.device = model.device

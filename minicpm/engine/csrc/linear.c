@@ -9,9 +9,10 @@
  *
  * Each output element is one sum over j in order 0..k-1 of x[m, j] * W[n, j] (fused multiply-add,
  * float32 accumulators), whatever the number of rows or threads: a row's result does not depend
- * on the rows computed beside it. Weights are float32, bfloat16, or int8 with a scale per output
- * column (weight-only quantization: a quarter of float32's bytes to read per token). GCC vector extensions give whole-vector code on any target
- * (AVX-512, AVX2, NEON) without intrinsics.
+ * on the rows computed beside it. Weights are float32, bfloat16, int8 with a scale per output
+ * column, or int8 / int4 codes in groups with a scale and an optional minimum each (weight-only
+ * quantization). GCC vector extensions give whole-vector code on any target (AVX-512, AVX2, NEON);
+ * x86 intrinsics appear only in the int8 / int4 loads.
  */
 #include <stdint.h>
 #include <string.h>
@@ -88,6 +89,14 @@ static inline uint16_t f32_to_bf16_rne(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* a tile's accumulators (two vectors of 16 outputs per row) into ``out``, rows of 32 */
+static inline __attribute__((always_inline)) void store_tile(const v16f *acc0, const v16f *acc1, int rows, float *out) {
+    for (int r = 0; r < rows; r++) {
+        memcpy(out + r * PANEL, &acc0[r], sizeof(v16f));
+        memcpy(out + r * PANEL + 16, &acc1[r], sizeof(v16f));
+    }
+}
+
 /* rows x 32 outputs of one panel; ``rows`` is a literal at each call site (always_inline) */
 #define DEFINE_TILE(NAME, WT, LOADW)                                                                \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t x_stride,       \
@@ -103,64 +112,76 @@ static inline uint16_t f32_to_bf16_rne(float f) {
                 acc1[r] += xv * w1;                                                                \
             }                                                                                      \
         }                                                                                          \
-        for (int r = 0; r < rows; r++) {                                                           \
-            memcpy(out + r * PANEL, &acc0[r], sizeof(v16f));                                       \
-            memcpy(out + r * PANEL + 16, &acc1[r], sizeof(v16f));                                  \
-        }                                                                                          \
+        store_tile(acc0, acc1, rows, out);                                                         \
     }
 
 DEFINE_TILE(tile_f32, float, load16)
 DEFINE_TILE(tile_bf16, uint16_t, load16_bf16)
 DEFINE_TILE(tile_i8, int8_t, load16_i8)
 
-#define ROWS_Q4 6 /* int4 keeps a group's sums beside the accumulators: 4 * ROWS_Q4 vectors */
+#define ROWS_Q4 6 /* grouped tiles keep a group's sums beside the accumulators: 4 * ROWS_Q4 vectors */
 
-/* rows x 32 outputs of one int4 panel, groups of ``group`` inputs: per group, the weights' codes q
- * are summed against x (and x alone), then ``scale * sum(x q) + min * sum(x)`` is added, which is
- * sum(x * (q * scale + min)) regrouped: each weight w ~ q * scale + min of its (column, group). */
-static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_t x_stride, const uint8_t *panel,
-                                                          const float *scales, const float *mins, int k, int group,
-                                                          const int rows, float *out) {
-    v16f acc0[ROWS_Q4], acc1[ROWS_Q4];
-    for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = (v16f){0};
-    for (int g0 = 0, g = 0; g0 < k; g0 += group, g++) {
-        v16f q0[ROWS_Q4], q1[ROWS_Q4];
-        float sx[ROWS_Q4];
-        for (int r = 0; r < rows; r++) {
-            q0[r] = q1[r] = (v16f){0};
-            sx[r] = 0.0f;
-        }
-        for (int j = g0; j < g0 + group; j++) {
-            v16f w0, w1;
-            load32_u4(panel + (int64_t)j * (PANEL / 2), &w0, &w1);
-            for (int r = 0; r < rows; r++) {
-                const float xv = x[r * x_stride + j];
-                q0[r] += xv * w0;
-                q1[r] += xv * w1;
-                sx[r] += xv;
-            }
-        }
-        const v16f s0 = load16(scales + (int64_t)g * PANEL), s1 = load16(scales + (int64_t)g * PANEL + 16);
-        const v16f m0 = load16(mins + (int64_t)g * PANEL), m1 = load16(mins + (int64_t)g * PANEL + 16);
-        for (int r = 0; r < rows; r++) {
-            acc0[r] += s0 * q0[r] + m0 * sx[r];
-            acc1[r] += s1 * q1[r] + m1 * sx[r];
-        }
-    }
-    for (int r = 0; r < rows; r++) {
-        memcpy(out + r * PANEL, &acc0[r], sizeof(v16f));
-        memcpy(out + r * PANEL + 16, &acc1[r], sizeof(v16f));
-    }
+/* 32 int8 weights of one panel row as two vectors */
+static inline void load32_i8(const int8_t *p, v16f *lo, v16f *hi) {
+    *lo = load16_i8(p);
+    *hi = load16_i8(p + 16);
 }
 
-#define DISPATCH_ROWS_Q4(x, xs, panel, scales, mins, k, group, rows, out)    \
-    switch (rows) {                                                         \
-    case 6: tile_q4(x, xs, panel, scales, mins, k, group, 6, out); break;   \
-    case 5: tile_q4(x, xs, panel, scales, mins, k, group, 5, out); break;   \
-    case 4: tile_q4(x, xs, panel, scales, mins, k, group, 4, out); break;   \
-    case 3: tile_q4(x, xs, panel, scales, mins, k, group, 3, out); break;   \
-    case 2: tile_q4(x, xs, panel, scales, mins, k, group, 2, out); break;   \
-    default: tile_q4(x, xs, panel, scales, mins, k, group, 1, out); break;  \
+/* rows x 32 outputs of one grouped panel (int4 codes or int8 codes), groups of ``group`` inputs:
+ * per group, the weights' codes q are summed against x (and x alone, when there are minimums),
+ * then ``scale * sum(x q) + min * sum(x)`` is added, which is sum(x * (q * scale + min))
+ * regrouped: each weight w ~ q * scale + min of its (column, group). */
+#define DEFINE_GROUPED_TILE(NAME, WT, LOAD32, ROW_ELEMS)                                               \
+    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t x_stride, const WT *panel, \
+                                                           const float *scales, const float *mins, int k,  \
+                                                           int group, const int rows, float *out) {        \
+        v16f acc0[ROWS_Q4], acc1[ROWS_Q4];                                                                 \
+        for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = (v16f){0};                                      \
+        for (int g0 = 0, g = 0; g0 < k; g0 += group, g++) {                                                \
+            v16f q0[ROWS_Q4], q1[ROWS_Q4];                                                                 \
+            float sx[ROWS_Q4];                                                                             \
+            for (int r = 0; r < rows; r++) {                                                               \
+                q0[r] = q1[r] = (v16f){0};                                                                 \
+                sx[r] = 0.0f;                                                                              \
+            }                                                                                              \
+            for (int j = g0; j < g0 + group; j++) {                                                        \
+                v16f w0, w1;                                                                               \
+                LOAD32(panel + (int64_t)j * (ROW_ELEMS), &w0, &w1);                                        \
+                for (int r = 0; r < rows; r++) {                                                           \
+                    const float xv = x[r * x_stride + j];                                                  \
+                    q0[r] += xv * w0;                                                                      \
+                    q1[r] += xv * w1;                                                                      \
+                    if (mins) sx[r] += xv;                                                                 \
+                }                                                                                          \
+            }                                                                                              \
+            const v16f s0 = load16(scales + (int64_t)g * PANEL), s1 = load16(scales + (int64_t)g * PANEL + 16); \
+            if (mins) {                                                                                    \
+                const v16f m0 = load16(mins + (int64_t)g * PANEL), m1 = load16(mins + (int64_t)g * PANEL + 16); \
+                for (int r = 0; r < rows; r++) {                                                           \
+                    acc0[r] += s0 * q0[r] + m0 * sx[r];                                                    \
+                    acc1[r] += s1 * q1[r] + m1 * sx[r];                                                    \
+                }                                                                                          \
+            } else {                                                                                       \
+                for (int r = 0; r < rows; r++) {                                                           \
+                    acc0[r] += s0 * q0[r];                                                                 \
+                    acc1[r] += s1 * q1[r];                                                                 \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        store_tile(acc0, acc1, rows, out);                                                                 \
+    }
+
+DEFINE_GROUPED_TILE(tile_q4, uint8_t, load32_u4, PANEL / 2)
+DEFINE_GROUPED_TILE(tile_q8, int8_t, load32_i8, PANEL)
+
+#define DISPATCH_ROWS_GROUPED(TILE, x, xs, panel, scales, mins, k, group, rows, out) \
+    switch (rows) {                                                                  \
+    case 6: TILE(x, xs, panel, scales, mins, k, group, 6, out); break;               \
+    case 5: TILE(x, xs, panel, scales, mins, k, group, 5, out); break;               \
+    case 4: TILE(x, xs, panel, scales, mins, k, group, 4, out); break;               \
+    case 3: TILE(x, xs, panel, scales, mins, k, group, 3, out); break;               \
+    case 2: TILE(x, xs, panel, scales, mins, k, group, 2, out); break;               \
+    default: TILE(x, xs, panel, scales, mins, k, group, 1, out); break;              \
     }
 
 #define DISPATCH_ROWS(TILE, x, xs, panel, k, rows, out) \
@@ -183,7 +204,8 @@ static inline __attribute__((always_inline)) void tile_q4(const float *x, int64_
  * wtype: the packed weight's type (0 float32, 1 bfloat16, 2 int8 with one float32 scale per output
  * column in ``scales``: the int8 sums, exact in float32 accumulators, are scaled once at the end;
  * 3 int4 codes 0..15 in groups of ``group`` inputs (k a multiple of it), each (column, group) with
- * its float32 ``scales`` and ``mins``, laid out (panel, group, 32): w ~ code * scale + min);
+ * its float32 ``scales`` and ``mins``, laid out (panel, group, 32): w ~ code * scale + min;
+ * 4 int8 codes in such groups, ``mins`` NULL for none);
  * x and y are float32 (xtype 0) or bfloat16 (xtype 1), widened into ``scratch`` (m * k floats)
  * first when bfloat16. */
 void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
@@ -218,12 +240,19 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
                 for (int r = 0; r < rows; r++)
                     for (int c = 0; c < PANEL; c++) out[r * PANEL + c] *= scales[p * PANEL + c];
             } else {
-                const uint8_t *panel = (const uint8_t *)packed + (int64_t)p * k * (PANEL / 2);
                 const int64_t per_panel = (int64_t)(k / group) * PANEL;
+                const float *ps = scales + p * per_panel, *pm = mins ? mins + p * per_panel : NULL;
                 for (int h = 0; h < rows; h += ROWS_Q4) {
                     const int sub = rows - h < ROWS_Q4 ? rows - h : ROWS_Q4;
-                    DISPATCH_ROWS_Q4(xt + (int64_t)h * x_stride, x_stride, panel, scales + p * per_panel,
-                                     mins + p * per_panel, k, group, sub, out + h * PANEL)
+                    if (wtype == 3) {
+                        const uint8_t *panel = (const uint8_t *)packed + (int64_t)p * k * (PANEL / 2);
+                        DISPATCH_ROWS_GROUPED(tile_q4, xt + (int64_t)h * x_stride, x_stride, panel, ps, pm, k, group,
+                                              sub, out + h * PANEL)
+                    } else {
+                        const int8_t *panel = (const int8_t *)packed + (int64_t)p * k * PANEL;
+                        DISPATCH_ROWS_GROUPED(tile_q8, xt + (int64_t)h * x_stride, x_stride, panel, ps, pm, k, group,
+                                              sub, out + h * PANEL)
+                    }
                 }
             }
             const int c0 = p * PANEL, cols = n - c0 < PANEL ? n - c0 : PANEL;

@@ -1,0 +1,358 @@
+"""Weight-only quantized weights: the formats, the modules that hold them, and GGUF's blocks.
+
+Contract:
+
+* Two formats, both "codes in groups, a float32 scale (and optionally a minimum) per (output row,
+  group)", with ``w = code * scale (+ min)`` computed in float32:
+
+  - ``int8``: signed codes, ``qweight`` int8 (out, in); ``group`` = ``in`` (one scale per output
+    channel, symmetric: :func:`quantize`'s default) or 16..128 (GGUF's Q8_0 and Q6_K).
+  - ``int4``: codes 0..15, two per byte, ``qweight`` uint8 (out, in / 2) (input 2j in the low
+    nibble, 2j + 1 in the high one); groups of 32, 64 or 128 inputs, each with a scale and a minimum
+    (llama.cpp's Q4_1 scheme; Q4_0 and Q4_K map onto it exactly).
+
+  ``scales`` and ``mins`` are float32 (out, in / group); ``mins`` may be absent (zero).
+* :class:`QuantizedLinear` holds one such weight in that natural layout (what a checkpoint stores:
+  ``<name>.qweight``, ``<name>.scales``, ``<name>.mins``); its own ``forward`` multiplies by the
+  dequantized weight (the plain reference). The engine swaps it for the native kernel's panels on
+  CPU. :class:`QuantizedEmbedding` looks rows up from the same codes (a tied head shares them).
+* :func:`from_gguf` maps a GGUF tensor's blocks onto a format without a float copy: Q8_0 -> int8
+  groups of 32, Q6_K -> int8 groups of 16, Q4_0 / Q4_1 / Q4_K -> int4 groups of 32; the products
+  are exact in float32, so the dequantized weight equals the ``gguf`` package's bit for bit. Any
+  other quantized type raises :class:`UnmappableQuantizationError` naming it.
+* A bad format, group size or shape raises ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FORMATS = ("int8", "int4")
+GROUPS = {"int8": (16, 32, 64, 128), "int4": (32, 64, 128)}  # int8 also takes one group per row
+QUANTIZE_CHOICES = ("auto", "none", *FORMATS)  # what a loader or the engine is told to run
+
+
+class UnmappableQuantizationError(ValueError):
+    """A stored quantized type this project cannot hold as it is."""
+
+
+def check_quantize(quantize: str, group_size: int | None = None) -> None:
+    """Raise ``ValueError`` naming a bad ``quantize`` / ``group_size`` pair."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if group_size is not None:
+        if quantize not in FORMATS:
+            raise ValueError(f"a group size applies to quantize int8 or int4, not {quantize!r}")
+        if group_size not in GROUPS[quantize]:
+            raise ValueError(
+                f"{quantize} group size must be one of {', '.join(map(str, GROUPS[quantize]))}, got {group_size!r}"
+            )
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free linear layer over a quantized weight (see the module docstring for the layout)."""
+
+    def __init__(self, qweight: Tensor, scales: Tensor, mins: Tensor | None, in_features: int) -> None:
+        super().__init__()
+        fmt = {torch.int8: "int8", torch.uint8: "int4"}.get(qweight.dtype)
+        if fmt is None or qweight.dim() != 2:
+            raise ValueError(f"qweight must be a 2-D int8 or uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+        out = qweight.shape[0]
+        packed_in = in_features if fmt == "int8" else in_features // 2
+        if qweight.shape[1] != packed_in or (fmt == "int4" and in_features % 2):
+            raise ValueError(
+                f"{fmt} qweight of {in_features} inputs must be ({out}, {packed_in}), got {tuple(qweight.shape)}"
+            )
+        if scales.dim() != 2 or scales.shape[0] != out or scales.shape[1] < 1 or in_features % scales.shape[1]:
+            raise ValueError(
+                f"scales must be ({out}, groups) with groups dividing {in_features}, got {tuple(scales.shape)}"
+            )
+        if mins is not None and mins.shape != scales.shape:
+            raise ValueError(f"mins must have the scales' shape {tuple(scales.shape)}, got {tuple(mins.shape)}")
+        self.fmt = fmt
+        self.in_features, self.out_features = in_features, out
+        self.group = in_features // scales.shape[1]
+        if not (fmt == "int8" and self.group == in_features) and self.group not in GROUPS[fmt]:
+            raise ValueError(f"{fmt} groups of {self.group} inputs are not supported (known: {GROUPS[fmt]})")
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("mins", None if mins is None else mins.float())
+
+    def codes(self) -> Tensor:
+        """The codes, one per weight (out, in): int8, or uint8 0..15."""
+        if self.fmt == "int8":
+            return self.qweight
+        q = self.qweight
+        return torch.stack((q & 15, q >> 4), dim=-1).view(q.shape[0], -1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight (out, in): ``code * scale (+ min)`` in float32, then ``dtype``."""
+        return _dequantize_rows(self.codes(), self.scales, self.mins, self.group).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """What a checkpoint stores for this layer, by suffix."""
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.mins is not None:
+            out["mins"] = self.mins
+        return out
+
+    def extra_repr(self) -> str:
+        group = "per channel" if self.group == self.in_features else f"groups of {self.group}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt} {group}"
+
+
+def _dequantize_rows(codes: Tensor, scales: Tensor, mins: Tensor | None, group: int) -> Tensor:
+    n, k = codes.shape
+    w = codes.float().view(n, k // group, group) * scales[..., None]
+    if mins is not None:
+        w = w + mins[..., None]
+    return w.view(n, k)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table whose rows are dequantized on lookup from a :class:`QuantizedLinear`'s
+    codes (vocab, hidden), into ``dtype``: a tied head and the table share one copy."""
+
+    def __init__(self, table: QuantizedLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = self.table
+        flat = ids.reshape(-1)
+        codes = t.qweight[flat]
+        if t.fmt == "int4":
+            codes = torch.stack((codes & 15, codes >> 4), dim=-1).view(flat.numel(), -1)
+        mins = None if t.mins is None else t.mins[flat]
+        rows = _dequantize_rows(codes, t.scales[flat], mins, t.group)
+        return rows.to(self.dtype).view(*ids.shape, t.in_features)
+
+
+def quantize(weight: Tensor, fmt: str, group: int | None = None) -> QuantizedLinear:
+    """``weight`` (out, in) quantized: ``int8`` symmetric (``scale = max|w| / 127`` per row or group,
+    1 where all zero), ``int4`` asymmetric (``scale = (max - min) / 15`` per group, 1 where
+    constant; ``min`` the group's minimum); codes rounded to nearest."""
+    check_quantize(fmt, group)
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize a weight to int8 or int4, not {fmt!r}")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    group = group or (k if fmt == "int8" else 32)
+    if k % group:
+        raise ValueError(f"{fmt} groups of {group} need the input size ({k}) to be a multiple of it")
+    w = weight.detach().float().view(n, k // group, group)
+    if fmt == "int8":
+        scales = w.abs().amax(-1) / 127
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8).view(n, k)
+        return QuantizedLinear(q, scales, None, k)
+    low, high = w.amin(-1), w.amax(-1)
+    scales = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
+    codes = torch.round((w - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k // 2, 2)
+    return QuantizedLinear((codes[..., 0] | (codes[..., 1] << 4)).contiguous(), scales, low, k)
+
+
+def stack(parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:
+    """One layer computing ``parts`` stacked by output (fused projections), or None where their
+    formats or groups differ."""
+    first = parts[0]
+    if any(
+        (p.fmt, p.group, p.in_features, p.mins is None)
+        != (first.fmt, first.group, first.in_features, first.mins is None)
+        for p in parts
+    ):
+        return None
+    mins = None if first.mins is None else torch.cat([p.mins for p in parts])
+    return QuantizedLinear(
+        torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), mins, first.in_features
+    )
+
+
+def permute_rows(q: QuantizedLinear, order: Tensor) -> QuantizedLinear:
+    """``q`` with its output rows taken in ``order`` (rows are quantized independently)."""
+    mins = None if q.mins is None else q.mins[order]
+    return QuantizedLinear(q.qweight[order], q.scales[order], mins, q.in_features)
+
+
+# ---------------------------------------------------------------------------------------- GGUF
+def _f16(block: np.ndarray, at: int) -> np.ndarray:
+    return block[:, at : at + 2].copy().view(np.float16).astype(np.float32)[:, 0]
+
+
+def _nibbles_32(qs: np.ndarray) -> np.ndarray:
+    """ggml's 32-weight nibble layout (weight j < 16 in byte j's low nibble, j + 16 in its high
+    one) -> codes in weight order, (..., 32)."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes of packed 6-bit scales and mins -> (blocks, 8) each."""
+    sc = np.empty((s.shape[0], 8), np.uint8)
+    mn = np.empty((s.shape[0], 8), np.uint8)
+    sc[:, :4], mn[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def _decode(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """A tensor's blocks (count, bytes per block) -> codes (count, weights per block), scales and
+    mins (count, groups per block) and the group size."""
+    b = blocks
+    if kind == "Q8_0":
+        return b[:, 2:].copy().view(np.int8), _f16(b, 0)[:, None], None, 32
+    if kind == "Q4_0":
+        d = _f16(b, 0)[:, None]
+        return _nibbles_32(b[:, 2:]), d, -8 * d, 32
+    if kind == "Q4_1":
+        return _nibbles_32(b[:, 4:]), _f16(b, 0)[:, None], _f16(b, 2)[:, None], 32
+    if kind == "Q4_K":
+        d, dmin = _f16(b, 0)[:, None], _f16(b, 2)[:, None]
+        sc, mn = _k_scales_mins(b[:, 4:16])
+        qs = b[:, 16:].reshape(-1, 4, 32)  # 4 chunks of 32 bytes: sub-block 2i low nibbles, 2i + 1 high
+        codes = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 256)
+        return codes, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 32
+    if kind == "Q6_K":
+        ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
+        sc = b[:, 192:208].copy().view(np.int8).astype(np.float32)
+        d = _f16(b, 208)[:, None]
+        low = np.concatenate([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-1)
+        high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+        codes = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(-1, 256)
+        return codes, d * sc, None, 16
+    raise UnmappableQuantizationError(kind)
+
+
+GGUF_TYPES = ("Q8_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K")  # what :func:`from_gguf` maps
+
+
+def from_gguf(data: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedLinear:
+    """A GGUF tensor of type ``kind`` (its raw blocks ``data``, uint8 (rows, bytes per row)) of
+    logical ``shape`` (out, in) as a :class:`QuantizedLinear`, without a float copy."""
+    n, k = shape
+    try:
+        blocks = np.ascontiguousarray(data).reshape(n * k // (256 if kind.endswith("_K") else 32), -1)
+        codes, scales, mins, group = _decode(kind, blocks)
+    except UnmappableQuantizationError:
+        raise UnmappableQuantizationError(
+            f"GGUF type {kind} has no quantized format here (mapped: {', '.join(GGUF_TYPES)})"
+        ) from None
+    codes = torch.from_numpy(codes.reshape(n, k))
+    scales = torch.from_numpy(np.ascontiguousarray(scales.reshape(n, k // group)))
+    mins = None if mins is None else torch.from_numpy(np.ascontiguousarray(mins.reshape(n, k // group)))
+    if codes.dtype == torch.int8:
+        return QuantizedLinear(codes.contiguous(), scales, mins, k)
+    pairs = codes.view(n, k // 2, 2)
+    return QuantizedLinear((pairs[..., 0] | (pairs[..., 1] << 4)).contiguous(), scales, mins, k)
+
+
+# ------------------------------------------------------------------------------- whole models
+def to_format(w: Tensor | QuantizedLinear, fmt: str, group_size: int | None = None) -> QuantizedLinear:
+    """``w`` (a float weight or a quantized layer) in ``fmt`` and ``group_size``: itself where it
+    already is, else quantized from its (dequantized) weight."""
+    if isinstance(w, QuantizedLinear):
+        wanted = group_size or (w.in_features if fmt == "int8" else 32)
+        if (w.fmt, w.group) == (fmt, wanted):
+            return w
+        w = w.dequantize()
+    return quantize(w, fmt, group_size)
+
+
+def _linear_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) of every bias-free linear layer, float or quantized, once each; the
+    tables of quantized embeddings are not linear layers here (a tied head is found as the head)."""
+    slots = []
+    for parent in model.modules():
+        if isinstance(parent, QuantizedEmbedding):
+            continue
+        for name, child in parent.named_children():
+            if isinstance(child, QuantizedLinear) or (type(child) is nn.Linear and child.bias is None):
+                slots.append((parent, name, child))
+    return slots
+
+
+def to_float_linear(layer: QuantizedLinear, dtype: torch.dtype) -> nn.Linear:
+    """A float ``nn.Linear`` with ``layer``'s dequantized weight."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+    linear.weight = nn.Parameter(layer.dequantize(dtype), requires_grad=False)
+    return linear
+
+
+def quantize_model(model: nn.Module, quantize: str, group_size: int | None = None) -> nn.Module:
+    """``model``'s weights in ``quantize``'s format, in place (before projections are fused):
+
+    * ``"auto"``: as they are;
+    * ``"none"``: every quantized layer and embedding dequantized into the model's dtype (a tied
+      head quantized on its own is the table again);
+    * ``"int8"`` / ``"int4"``: every linear layer, the head included, in that format and group
+      size (default: int8 per channel, int4 groups of 32); a layer already in it is kept as it is,
+      any other is requantized from its (dequantized) weight. The embedding table stays as
+      it is; a head tied to it becomes a quantized layer of its own.
+    """
+    check_quantize(quantize, group_size)
+    if quantize == "auto":
+        return model
+    dtype = model.dtype
+    embed = model.model.embed_tokens
+    if quantize == "none" and isinstance(embed, QuantizedEmbedding):
+        model.model.embed_tokens = nn.Embedding.from_pretrained(embed.table.dequantize(dtype), freeze=True)
+        if model.lm_head is embed.table:
+            model.lm_head = to_float_linear(embed.table, dtype)
+            model.lm_head.weight = model.model.embed_tokens.weight
+    if quantize == "none" and model.config.tie_word_embeddings and isinstance(model.lm_head, QuantizedLinear):
+        model.lm_head = to_float_linear(model.lm_head, dtype)  # quantized on its own: tied to the table again
+        model.tie_weights()
+    for parent, name, layer in _linear_slots(model):
+        if quantize == "none":
+            if isinstance(layer, QuantizedLinear):
+                setattr(parent, name, to_float_linear(layer, dtype))
+            continue
+        new = to_format(layer if isinstance(layer, QuantizedLinear) else layer.weight, quantize, group_size)
+        if new is not layer:
+            setattr(parent, name, new)
+    return model
+
+
+def is_linear_weight(name: str) -> bool:
+    """Whether a checkpoint weight (Llama names) is a linear layer's: the projections and the head."""
+    return name == "lm_head.weight" or (name.startswith("model.layers.") and name.endswith("_proj.weight"))
+
+
+Weights = dict[str, "Tensor | QuantizedLinear"]
+
+
+def quantize_tensors(
+    tensors: Weights, quantize: str, dtype: torch.dtype, tied: bool, group_size: int | None = None
+) -> Weights:
+    """A checkpoint's weights (by weight name; float tensors or :class:`QuantizedLinear`) under
+    :func:`quantize_model`'s rule, one tensor at a time: "auto" as they are, "none" every quantized
+    weight dequantized to ``dtype``, "int8" / "int4" every linear weight in that format (a tied
+    head then stored on its own as ``lm_head.weight`` unless the table already is in it)."""
+    check_quantize(quantize, group_size)
+    if quantize == "auto":
+        return tensors
+    out: Weights = {}
+    if quantize == "none" and tied and not isinstance(tensors.get("model.embed_tokens.weight"), QuantizedLinear):
+        tensors.pop("lm_head.weight", None)  # a head quantized on its own: tied to the table again
+    for name in list(tensors):
+        t = tensors.pop(name)
+        if quantize == "none" or not is_linear_weight(name):
+            out[name] = t.dequantize(dtype) if quantize == "none" and isinstance(t, QuantizedLinear) else t
+            continue
+        out[name] = to_format(t, quantize, group_size)
+    table = out.get("model.embed_tokens.weight")
+    if tied and quantize in FORMATS and table is not None and "lm_head.weight" not in out:
+        head = to_format(table, quantize, group_size)
+        if head is not table:  # the table is not in the head's format: the head is stored on its own
+            out["lm_head.weight"] = head
+    return out
