@@ -166,6 +166,7 @@ def test_engine_on_the_native_kernel_gives_the_torch_path_tokens(dtype, monkeypa
     expected = plain.generate(prompts, params)
     engine = LLMEngine(model, None, engine_config)
     assert engine.runner.cache.native is not None
+    engine.runner.fused = None  # decode rows through the model's layers (the fused decoder: test_fused_decode)
     got, calls = generate_with_calls(engine, prompts, params, monkeypatch)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
     assert calls and len(calls) % config.num_hidden_layers == 0

@@ -101,7 +101,9 @@ def test_default_model_runs_as_it_ships(default_model_dir: Path, one_thread) -> 
     embed = model.model.embed_tokens
     assert isinstance(embed, QuantizedEmbedding) and (embed.table.fmt, embed.table.group) == ("int8", 32)
     panels = [m for m in model.modules() if isinstance(m, PanelLinear)]
-    assert {p.weights for p in panels} == {"int4", "int8"} and len(panels) == 4 * 30 + 1  # qkv, o, gate-up, down; the head
+    assert {p.weights for p in panels} == {"int4", "int8"} and len(
+        panels
+    ) == 4 * 30 + 1  # qkv, o, gate-up, down; the head
     floats = [n for n, p in model.named_parameters() if p.dim() == 2]
     assert floats == []  # every matrix is quantized: norms only
 

@@ -43,6 +43,8 @@ SOURCES = {
     "paged_attention.c": ["-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"],
     # linear: no reassociation, so each output's sum runs in one order whatever the row count
     "linear.c": [],
+    # the fused decode layers: no contraction either, so products and sums round as torch's operators
+    "decode.c": ["-ffp-contract=off"],
 }
 _COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-Wall", "-Wno-psabi", "-ffp-contract=fast"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -141,6 +143,10 @@ def native_kernels() -> ctypes.CDLL | None:
     v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, v, i, i, i, i, v, i64, v]
     lib.minicpm_linear.restype = None
+    f = ctypes.c_float
+    lib.minicpm_decode_layers.argtypes = [i, i, i, v, v, v, v, v, v, v, i64, i64, v, i, i, v, v, i]
+    lib.minicpm_decode_layers.argtypes += [i, i, i, i, i, f, f, f, v, v]
+    lib.minicpm_decode_layers.restype = ctypes.c_int
     return lib
 
 
@@ -205,7 +211,6 @@ def panel_linear(
     :func:`quantized_panels` with its ``scales`` and ``mins``); float32 accumulation in a fixed
     order, so a row's result does not depend on the other rows."""
     k = packed.shape[1]
-    int4 = packed.dtype == torch.uint8
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
         raise ValueError(
             f"panel_linear: x must be CPU float32 or bfloat16 with {k} features, got {x.dtype} {tuple(x.shape)}"
@@ -221,9 +226,7 @@ def panel_linear(
         raise ValueError(
             "panel_linear: quantized panels take their scales (and grouped ones their mins), float ones none"
         )
-    grouped = quantized and grouped_layout(scales)
-    wtype = 3 if int4 else (4 if grouped else 2) if packed.dtype == torch.int8 else _DTYPES[packed.dtype]
-    group = k // scales.shape[1] if grouped else 0
+    wtype, group = panel_format(packed, scales)
     lib.minicpm_linear(
         wtype,
         _DTYPES[x.dtype],
@@ -245,6 +248,21 @@ def panel_linear(
 
 def grouped_layout(scales: Tensor) -> bool:
     return scales.dim() == 3
+
+
+def panel_format(packed: Tensor, scales: Tensor | None) -> tuple[int, int]:
+    """The kernel's weight type code and group size for panels ``packed`` with ``scales``: 0
+    float32, 1 bfloat16, 2 int8 per output column, 3 int4 in groups, 4 int8 in groups."""
+    if packed.dtype == torch.uint8:
+        return 3, packed.shape[1] // scales.shape[1]
+    if packed.dtype == torch.int8:
+        return (4, packed.shape[1] // scales.shape[1]) if grouped_layout(scales) else (2, 0)
+    return _DTYPES[packed.dtype], 0
+
+
+def refusal(code: int) -> str:
+    """What a nonzero code of the attention kernel (or a call that runs it) means."""
+    return _REFUSALS.get(code, f"the kernel refused its arguments (code {code})")
 
 
 def _int32_pointer(t: Tensor) -> ctypes._Pointer:
@@ -313,5 +331,5 @@ def paged_attention(
         out.data_ptr(),
     )
     if code != 0:
-        raise ValueError(f"paged_attention: {_REFUSALS.get(code, f'the kernel refused its arguments (code {code})')}")
+        raise ValueError(f"paged_attention: {refusal(code)}")
     return out

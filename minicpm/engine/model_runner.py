@@ -29,6 +29,7 @@ from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
 from .attention import AttentionMetadata, PagedKVCache, decode_mask
 from .config import EngineConfig
+from .fused_decode import FusedDecoder
 from .layers import StepRows, prepare_model
 from .sampler import Sampled, Sampler
 from .scheduler import ScheduledBatch
@@ -70,6 +71,7 @@ class ModelRunner:
         self.inv_freq_cache: dict[float, Tensor] = {}
         self.sampler = Sampler(c.vocab_size, self.device)
         self._scoring: list[tuple[Sequence, int, int, int]] = []
+        self.fused = FusedDecoder.build(self.model, self.cache)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = {}
         if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
@@ -214,7 +216,53 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[Sampled]:
         """One sampled token (with logprobs where asked) per sequence of ``batch`` that reached the
-        end of its tokens, in order."""
+        end of its tokens, in order. On CPU the step's leading decode rows go through the fused
+        decoder (one native call for every layer), the rest through the model."""
+        lead = self._fused_rows(batch)
+        if not lead:
+            logits, samplers = self._forward(batch)
+            return self.sampler.sample(logits, samplers)
+        decoded = self._decode_fused(batch.seqs[:lead])
+        if lead == len(batch.seqs):
+            return self.sampler.sample(decoded, batch.seqs)
+        logits, samplers = self._forward(ScheduledBatch(batch.seqs[lead:], batch.num_tokens[lead:]))
+        return self.sampler.sample(torch.cat((decoded, logits)), batch.seqs[:lead] + samplers)
+
+    def _fused_rows(self, batch: ScheduledBatch) -> int:
+        """How many leading sequences the fused decoder takes: one new token each, sampling after
+        it, no prompt logprobs to score."""
+        if self.fused is None or self.cache.native is None or self.cache.use_triton:  # (tests switch paths)
+            return 0
+        lead = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            last = seq.num_computed_tokens + 1 == seq.num_tokens
+            scores = seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1
+            if n != 1 or not last or scores:
+                break
+            lead += 1
+        return lead
+
+    def _decode_fused(self, seqs: list[Sequence]) -> Tensor:
+        """float32 logits (rows, vocab) of one new token for each of ``seqs`` (the fused decoder)."""
+        bs = self.block_size
+        positions = [seq.num_computed_tokens for seq in seqs]
+        lens = [p + 1 for p in positions]
+        width = max(-(-n // bs) for n in lens)
+        tables = [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in seqs]
+        h = self.fused.hidden_states(
+            torch.tensor([seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)]),
+            torch.tensor(positions),
+            torch.stack([self.inv_freq(s) for s in seqs]),
+            torch.tensor([seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)]),
+            torch.tensor(tables, dtype=torch.int32),
+            torch.arange(len(seqs), dtype=torch.int32),
+            torch.tensor(lens, dtype=torch.int32),
+        )
+        return self.model.logits(h[None])[0]
+
+    def _forward(self, batch: ScheduledBatch) -> tuple[Tensor, list[Sequence]]:
+        """The model over ``batch``: logits of the sampling rows (then of the scored prompt rows,
+        already consumed) and the sequences they sample for."""
         ids, positions, inv_freq, md, rows, samplers = self._prepare(batch)
         graph = self._graph_for(batch, md) if self.graphs and md.decode_only else None
         if graph is not None:
@@ -232,7 +280,7 @@ class ModelRunner:
                 self.rows.split = 0
         if self._scoring:
             self._score_prompts(logits[len(samplers) :])
-        return self.sampler.sample(logits[: len(samplers)], samplers)
+        return logits[: len(samplers)], samplers
 
     def _score_prompts(self, logits: Tensor) -> None:
         """Logprobs of prompt tokens (with their top alternatives) into each scoring sequence."""

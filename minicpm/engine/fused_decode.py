@@ -1,0 +1,196 @@
+"""A CPU step's decode rows through every decoder layer in one native call (``csrc/decode.c``).
+
+Contract:
+
+* :meth:`FusedDecoder.build` returns a decoder for a model :func:`~minicpm.engine.layers.prepare_model`
+  has prepared, on CPU, when every linear layer of its decoder is the native kernel's panels (float32,
+  bfloat16, int8 or int4; parts of a :class:`~minicpm.model.ConcatLinear` too) and the native kernels
+  built; else None (and the engine's eager path runs every row). ``MINICPM_CPU_FUSED=0`` turns it off.
+* :meth:`FusedDecoder.hidden_states` takes rows of one token each (their ids, positions, rotary
+  frequencies, cache slots and block tables) and returns the last layer's hidden states (rows,
+  hidden) in the activation dtype, having written each row's keys and values into the cache, as the
+  eager model would: the same operators in the same order and roundings, the same panel and
+  attention kernels. The two reductions it computes itself (RMSNorm's mean of squares, silu's exp)
+  may differ from torch's in the last bit of float32.
+* A row's result does not depend on the other rows (each kernel computes rows independently), and
+  the per-operator cost of ~30 layers x 15 torch calls becomes one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ..model import ConcatLinear, MiniCPMForCausalLM, rope_cos_sin, signed_sin
+from .attention import PagedKVCache
+from .cpu_kernels import _DTYPES, native_kernels, panel_format, refusal
+from .layers import PanelLinear, RowSplitLinear
+
+MAX_PARTS = 3
+_I3, _P3 = ctypes.c_int * MAX_PARTS, ctypes.c_void_p * MAX_PARTS
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("parts", ctypes.c_int),
+        ("wtype", _I3),
+        ("group", _I3),
+        ("n", _I3),
+        ("offset", _I3),
+        ("packed", _P3),
+        ("scales", _P3),
+        ("mins", _P3),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("qkv", _Linear),
+        ("o", _Linear),
+        ("gate_up", _Linear),
+        ("down", _Linear),
+    ]
+
+
+def _panels(module: nn.Module) -> list[PanelLinear] | None:
+    """The panel layers computing ``module`` stacked by output, or None if any part is not one."""
+    if isinstance(module, RowSplitLinear):
+        module = module.inner
+    if isinstance(module, PanelLinear):
+        return [module]
+    if isinstance(module, ConcatLinear):
+        parts = [_panels(p) for p in module.parts]
+        if all(p is not None for p in parts):
+            return [q for p in parts for q in p]
+    return None
+
+
+def _linear(module: nn.Module) -> _Linear | None:
+    panels = _panels(module)
+    if panels is None or len(panels) > MAX_PARTS:
+        return None
+    out = _Linear(parts=len(panels))
+    offset = 0
+    for i, p in enumerate(panels):
+        out.wtype[i], out.group[i] = panel_format(p.packed, p.scales)
+        out.n[i], out.offset[i] = p.out_features, offset
+        out.packed[i] = p.packed.data_ptr()
+        out.scales[i] = 0 if p.scales is None else p.scales.data_ptr()
+        out.mins[i] = 0 if p.mins is None else p.mins.data_ptr()
+        offset += p.out_features
+    return out
+
+
+class FusedDecoder:
+    """See the module docstring."""
+
+    def __init__(self, model: MiniCPMForCausalLM, cache: PagedKVCache, lib: ctypes.CDLL, layers: ctypes.Array) -> None:
+        self.model, self.cache, self.lib, self.layers = model, cache, lib, layers
+        c = model.config
+        self.config = c
+        self.dtype = model.dtype
+        self.max_rows = 0
+        self.work = self.scratch = torch.empty(0)
+
+    @classmethod
+    def build(cls, model: MiniCPMForCausalLM, cache: PagedKVCache) -> FusedDecoder | None:
+        if os.environ.get("MINICPM_CPU_FUSED", "1").lower() in ("0", "off", "false", "no"):
+            return None
+        lib = native_kernels()
+        c = model.config
+        if lib is None or model.device.type != "cpu" or model.dtype not in _DTYPES:
+            return None
+        if c.head_dim % 2 or c.head_dim > 512 or cache.k.dtype != model.dtype:
+            return None
+        specs = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(w.dtype != model.dtype or not w.is_contiguous() for w in norms):
+                return None
+            linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if attn.qkv_proj is None or any(x is None for x in linears):
+                return None
+            specs.append(_Layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears))
+        return cls(model, cache, lib, (_Layer * len(specs))(*specs))
+
+    def _buffers(self, rows: int) -> None:
+        if rows <= self.max_rows:
+            return
+        c = self.config
+        heads, kv, d, hidden, inter = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.hidden_size,
+            c.intermediate_size,
+        )
+        per_row = 2 * hidden + (heads + 2 * kv) * d + heads * d + 3 * inter
+        self.work = torch.empty(rows * per_row, dtype=self.dtype)
+        self.scratch = torch.empty(rows * max(hidden, inter, heads * d), dtype=torch.float32)
+        self.max_rows = rows
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        ids: Tensor,
+        positions: Tensor,
+        inv_freq: Tensor,
+        slots: Tensor,
+        block_tables: Tensor,
+        row_seq: Tensor,
+        row_len: Tensor,
+    ) -> Tensor:
+        """(rows, hidden) after the last layer for ``ids`` (rows,) at ``positions`` (rows,), with
+        ``inv_freq`` (rows, head_dim / 2) float32, new-token ``slots`` (rows,) int64 and the paged
+        attention's ``block_tables`` / ``row_seq`` / ``row_len`` (int32, contiguous)."""
+        c, cache = self.config, self.cache
+        m = ids.shape[0]
+        self._buffers(m)
+        h = self.model.model.embed_tokens(ids)
+        if c.scale_emb != 1:
+            h = h * c.scale_emb
+        h = h.contiguous()
+        cos, sin = rope_cos_sin(c, positions, inv_freq=inv_freq, dtype=self.dtype)
+        sin = signed_sin(sin).contiguous()
+        cos = cos.contiguous()
+        slots = slots.to(torch.int64).contiguous()
+        k = cache.k
+        code = self.lib.minicpm_decode_layers(
+            _DTYPES[self.dtype],
+            m,
+            c.num_hidden_layers,
+            self.layers,
+            h.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            k.data_ptr(),
+            cache.v.data_ptr(),
+            k[0].numel(),
+            k.shape[1],
+            block_tables.data_ptr(),
+            block_tables.shape[0],
+            block_tables.shape[1],
+            row_seq.data_ptr(),
+            row_len.data_ptr(),
+            cache.block_size,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.intermediate_size,
+            c.rms_norm_eps,
+            c.residual_scale,
+            cache.scale,
+            self.work.data_ptr(),
+            self.scratch.data_ptr(),
+        )
+        if code != 0:
+            raise ValueError(f"fused decode: {refusal(code)}")
+        return h
