@@ -92,7 +92,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight (out, in): ``code * scale (+ min)`` in float32, then ``dtype``."""
-        return _dequantize_rows(self.codes(), self.scales, self.mins, self.group).to(dtype)
+        return dequantize_rows(self.codes(), self.scales, self.mins, self.group).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize(x.dtype))
@@ -109,7 +109,7 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt} {group}"
 
 
-def _dequantize_rows(codes: Tensor, scales: Tensor, mins: Tensor | None, group: int) -> Tensor:
+def dequantize_rows(codes: Tensor, scales: Tensor, mins: Tensor | None, group: int) -> Tensor:
     n, k = codes.shape
     w = codes.float().view(n, k // group, group) * scales[..., None]
     if mins is not None:
@@ -133,7 +133,7 @@ class QuantizedEmbedding(nn.Module):
         if t.fmt == "int4":
             codes = torch.stack((codes & 15, codes >> 4), dim=-1).view(flat.numel(), -1)
         mins = None if t.mins is None else t.mins[flat]
-        rows = _dequantize_rows(codes, t.scales[flat], mins, t.group)
+        rows = dequantize_rows(codes, t.scales[flat], mins, t.group)
         return rows.to(self.dtype).view(*ids.shape, t.in_features)
 
 

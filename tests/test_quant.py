@@ -94,12 +94,13 @@ def test_default_model_runs_as_it_ships(default_model_dir: Path, one_thread) -> 
     """The embedded SmolLM2 GGUF (Q4_1 layers, a Q8_0 table tied to the head) loads quantized with
     no float copy of its weights, and decodes the greedy tokens of its dequantized float32 self."""
     from minicpm import LLM
-    from minicpm.engine.layers import PanelLinear
+    from minicpm.engine.layers import PanelEmbedding, PanelLinear
 
     shipped = LLM.from_pretrained(default_model_dir, device="cpu")
     model = shipped.engine.runner.model
     embed = model.model.embed_tokens
-    assert isinstance(embed, QuantizedEmbedding) and (embed.table.fmt, embed.table.group) == ("int8", 32)
+    assert isinstance(embed, PanelEmbedding) and embed.head is model.lm_head.inner  # one copy of the table
+    assert (embed.head.weights, embed.head.group) == ("int8", 32)
     panels = [m for m in model.modules() if isinstance(m, PanelLinear)]
     assert {p.weights for p in panels} == {"int4", "int8"} and len(
         panels
@@ -112,3 +113,36 @@ def test_default_model_runs_as_it_ships(default_model_dir: Path, one_thread) -> 
     params = SamplingParams(max_new_tokens=12)
     prompt = "The capital of France is"
     assert shipped.generate([prompt], params)[0].token_ids == float32.generate([prompt], params)[0].token_ids
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("dtype", "fmt", "group"),
+    [
+        (torch.float32, None, None),
+        (torch.bfloat16, None, None),
+        (torch.float32, "int8", None),
+        (torch.float32, "int8", 32),
+        (torch.bfloat16, "int4", 64),
+    ],
+)
+def test_a_tied_table_is_read_from_the_heads_panels(dtype, fmt, group, monkeypatch) -> None:
+    """Tied embeddings, float or quantized: the engine keeps one copy of the table (the head's
+    panels) and looks rows up from it bit for bit as the table itself gives them."""
+    from minicpm.engine import layers
+    from minicpm.engine.layers import PanelEmbedding
+    from minicpm.quant import quantize
+
+    monkeypatch.setattr(layers, "cpu_linear", lambda model: "panel")
+    config = tiny_config(tie_word_embeddings=True, hidden_size=128, intermediate_size=256)
+    model = random_model(config, seed=8).to(dtype)
+    if fmt is not None:
+        model.model.embed_tokens = QuantizedEmbedding(quantize(model.model.embed_tokens.weight, fmt, group), dtype)
+        model.tie_weights()
+        assert model.lm_head is model.model.embed_tokens.table
+    ids = torch.arange(config.vocab_size)[None]
+    expected = model.model.embed_tokens(ids)
+    engine = LLMEngine(model, None, EngineConfig(block_size=8))
+    embed = engine.runner.model.model.embed_tokens
+    assert isinstance(embed, PanelEmbedding) and embed.head is engine.runner.model.lm_head.inner
+    assert torch.equal(embed(ids), expected)

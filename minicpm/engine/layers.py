@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..model import MiniCPMForCausalLM
 from ..quant import FORMATS as QUANTIZED
-from ..quant import QuantizedEmbedding, QuantizedLinear, quantize_model
+from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, quantize_model
 from .cpu_kernels import native_kernels, pack_panels, panel_linear, quantized_panels
 
 log = logging.getLogger("minicpm.engine")
@@ -89,6 +89,33 @@ class PanelLinear(nn.Module):
     def extra_repr(self) -> str:
         group = "" if self.group in (None, self.in_features) else f" in groups of {self.group}"
         return f"in_features={self.in_features}, out_features={self.out_features}, native {self.weights} panels{group}"
+
+
+class PanelEmbedding(nn.Module):
+    """A tied embedding table looked up from the head's panels (:class:`PanelLinear`): one copy of
+    the table for both. A row is the head's weight row, dequantized as
+    :class:`~minicpm.quant.QuantizedEmbedding` dequantizes it, in ``dtype``."""
+
+    def __init__(self, head: PanelLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head, self.dtype = head, dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.head
+        flat = ids.reshape(-1)
+        panel, col = flat // 32, flat % 32
+        if h.weights == "int4":
+            codes = h.packed[panel, :, col % 16]  # (n, in): two columns per byte
+            codes = torch.where((col >= 16)[:, None], codes >> 4, codes & 15)
+        else:
+            codes = h.packed[panel, :, col]
+        if h.scales is None:
+            rows = codes
+        else:
+            scales = h.scales.view(-1)[flat, None] if h.scales.dim() == 1 else h.scales[panel, :, col]
+            mins = None if h.mins is None else h.mins[panel, :, col]
+            rows = dequantize_rows(codes, scales, mins, h.in_features // scales.shape[1])
+        return rows.to(self.dtype).view(*ids.shape, h.in_features)
 
 
 def make_linear(linear: nn.Linear | QuantizedLinear, choice: str) -> nn.Module:
@@ -190,6 +217,14 @@ def cpu_linear(model: MiniCPMForCausalLM) -> str | None:
     return linear_choice(c.hidden_size, c.intermediate_size, model.dtype)
 
 
+def head_is_table(model: MiniCPMForCausalLM) -> bool:
+    """Whether the head computes with the embedding table itself (tied, in one format)."""
+    embed, head = model.model.embed_tokens, model.lm_head
+    if isinstance(embed, QuantizedEmbedding):
+        return head is embed.table
+    return type(head) is nn.Linear and head.weight is embed.weight
+
+
 def prepare_model(
     model: MiniCPMForCausalLM, rows: StepRows, quantize: str = "auto", group_size: int | None = None
 ) -> MiniCPMForCausalLM:
@@ -218,6 +253,7 @@ def prepare_model(
     quantize_model(model, quantize, group_size)
     model.fuse_projections()
     choice = cpu_linear(model)
+    shared_table = head_is_table(model)
     for parent in list(model.modules()):
         if isinstance(parent, QuantizedEmbedding):  # its table serves lookups; a tied head is found as the head
             continue
@@ -227,5 +263,8 @@ def prepare_model(
             elif type(child) is nn.Linear and child.bias is None:
                 inner = child if choice is None else make_linear(child, choice)
                 setattr(parent, name, RowSplitLinear(inner, rows))
+    inner = model.lm_head.inner
+    if shared_table and isinstance(inner, PanelLinear):  # one copy of the table: the head's panels
+        model.model.embed_tokens = PanelEmbedding(inner, model.dtype)
     model.prepared_quantize = quantize if quantize != "auto" else ("quantized" if quantized else "none")
     return model

@@ -18,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 from collections.abc import Callable
@@ -55,6 +56,15 @@ def _runs(blocks: list[int], length: int, block_size: int) -> list[tuple[int, in
     return runs
 
 
+def release_freed_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc keeps freed heap pages, so a
+    model's load-time copies would stay resident); a no-op where there is no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class ModelRunner:
     def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
         self.rows = StepRows()
@@ -72,6 +82,8 @@ class ModelRunner:
         self.sampler = Sampler(c.vocab_size, self.device)
         self._scoring: list[tuple[Sequence, int, int, int]] = []
         self.fused = FusedDecoder.build(self.model, self.cache)
+        if self.device.type == "cpu":
+            release_freed_memory()  # loading and packing freed a model's worth of copies
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = {}
         if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
