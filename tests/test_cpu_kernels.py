@@ -334,7 +334,7 @@ class _StepCounter:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
-        self.limit, self.native, self.torch_attention, self.big = limit, 0, 0, []
+        self.limit, self.native, self.fused, self.torch_attention, self.big = limit, 0, 0, 0, []
         counter = self
 
         class Mode(TorchDispatchMode):
@@ -360,23 +360,42 @@ class _StepCounter:
             return real(*args, **kwargs)
 
         monkeypatch.setattr("minicpm.engine.attention.paged_attention", counted)
+        from minicpm.engine.fused_decode import FusedDecoder
+
+        fused = FusedDecoder.hidden_states
+
+        def counted_fused(*args, **kwargs):
+            counter.fused += 1
+            return fused(*args, **kwargs)
+
+        monkeypatch.setattr(FusedDecoder, "hidden_states", counted_fused)
+
+    def calls(self) -> tuple[int, int]:
+        """(native attention calls per step for the decode rows, fused decoder calls)"""
+        return self.native, self.fused
 
     def step(self, engine) -> None:
-        self.native = self.torch_attention = 0
+        self.native = self.fused = self.torch_attention = 0
         self.big = []
         with self.mode():
             engine.step()
 
 
 @needs_native
-def test_no_step_gathers_a_context_and_decode_rows_take_one_kernel_call_per_layer(monkeypatch) -> None:
-    """Decode-only, mixed (a chunk beside the decodes) and scattered batch-1 steps: one native
-    call per layer for the decode rows, torch attention only for a chunk, and no tensor the size
-    of one layer's context is ever allocated."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_step_gathers_a_context_and_decode_rows_take_one_kernel_call_per_layer(fused, monkeypatch) -> None:
+    """Decode-only, mixed (a chunk beside the decodes) and scattered batch-1 steps: the decode rows
+    take one fused decoder call (or, without it, one native attention call per layer), torch
+    attention runs only for a chunk, and no tensor the size of one layer's context is ever
+    allocated."""
     layers, ctx = 2, 400
     config = tiny_config(num_hidden_layers=layers, num_key_value_heads=2, max_position_embeddings=1024, max_length=1024)
     model = random_model(config, seed=2)
     engine = LLMEngine(model, None, EngineConfig(block_size=8, max_num_batched_tokens=32, kv_cache_memory=1 << 22))
+    assert (engine.runner.fused is not None) == (cpu_kernels.native_kernels() is not None)
+    if not fused:
+        engine.runner.fused = None
+    decode_calls = (0, 1) if fused else (layers, 0)
     engine.block_manager.enable_prefix_caching = False
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_new_tokens=200, ignore_eos=True)
@@ -388,13 +407,13 @@ def test_no_step_gathers_a_context_and_decode_rows_take_one_kernel_call_per_laye
     count = _StepCounter(limit, monkeypatch)
 
     count.step(engine)  # decode only: three rows
-    assert (count.native, count.torch_attention, count.big) == (layers, 0, [])
+    assert (count.calls(), count.torch_attention, count.big) == (decode_calls, 0, [])
 
     engine.add_request(torch.randint(0, 97, (60,), generator=gen).tolist(), params)
     count.step(engine)  # three decode rows + a first chunk of 29 tokens
-    assert count.native == layers and 0 < count.torch_attention <= layers and count.big == []
+    assert count.calls() == decode_calls and 0 < count.torch_attention <= layers and count.big == []
     count.step(engine)  # three decode rows + the chunk's second part, over its cached past
-    assert count.native == layers and count.torch_attention > 0 and count.big == []
+    assert count.calls() == decode_calls and count.torch_attention > 0 and count.big == []
 
     seq = engine.scheduler.running[0]
     for other in engine.scheduler.running[1:]:
@@ -402,17 +421,17 @@ def test_no_step_gathers_a_context_and_decode_rows_take_one_kernel_call_per_laye
     keep = len(seq.block_table) - 1
     seq.block_table[:keep] = seq.block_table[:keep][::-1]  # scattered: same blocks, reversed
     count.step(engine)
-    assert (count.native, count.torch_attention, count.big) == (layers, 0, [])
+    assert (count.calls(), count.torch_attention, count.big) == (decode_calls, 0, [])
 
 
 # ------------------------------------------------------------------------ quantized weights
 
 
-def _quantized_product(layer, x: torch.Tensor) -> torch.Tensor:
+def _quantized_product(layer, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
     from minicpm.engine.cpu_kernels import panel_linear, quantized_panels
 
     packed, scales, mins = quantized_panels(layer)
-    return panel_linear(x, packed, layer.out_features, native_kernels(), scales, mins)
+    return panel_linear(x, packed, layer.out_features, native_kernels(), scales, mins, prefill)
 
 
 @needs_native
@@ -433,6 +452,7 @@ def _quantized_product(layer, x: torch.Tensor) -> torch.Tensor:
 def test_quantized_panels_equal_the_dequantized_product(fmt: str, group, n: int, k: int) -> None:
     """Every format and group size: the kernel's product is the float product with the dequantized
     weight (to float32 rounding), each weight within half a step of the original, rows independent."""
+    from minicpm.engine.cpu_kernels import pack_panels, panel_linear
     from minicpm.quant import quantize
 
     gen = torch.Generator().manual_seed(n + k)
@@ -452,6 +472,11 @@ def test_quantized_panels_equal_the_dequantized_product(fmt: str, group, n: int,
         expected = x.double() @ deq.double().T
         assert ((got.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-5).all()
         assert torch.equal(_quantized_product(layer, x[-1:])[0], got[-1])  # rows independent
+        # prefill rows: the panels widened to their dequantized weights first (from two row tiles)
+        wide = _quantized_product(layer, x, prefill=True)
+        assert ((wide.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-5).all()
+        if m > 12:  # bit for bit the float32 panels' product with the dequantized weight
+            assert torch.equal(wide, panel_linear(x, pack_panels(deq), n, native_kernels()))
         xb = x.bfloat16()
         assert torch.allclose(
             _quantized_product(layer, xb).float(), (xb.double() @ deq.double().T).float(), rtol=2e-2, atol=2e-2

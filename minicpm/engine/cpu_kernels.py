@@ -141,7 +141,7 @@ def native_kernels() -> ctypes.CDLL | None:
     ]
     fn.restype = ctypes.c_int
     v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, v, i, i, i, i, v, i64, v]
+    lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, v, i, i, i, i, v, i64, v, i]
     lib.minicpm_linear.restype = None
     f = ctypes.c_float
     lib.minicpm_decode_layers.argtypes = [i, i, i, v, v, v, v, v, v, v, i64, i64, v, i, i, v, v, i]
@@ -206,10 +206,13 @@ def panel_linear(
     lib: ctypes.CDLL,
     scales: Tensor | None = None,
     mins: Tensor | None = None,
+    prefill: bool = False,
 ) -> Tensor:
     """``x @ W.T`` for ``x`` (..., in) over ``packed`` (:func:`pack_panels`, or a quantized weight's
     :func:`quantized_panels` with its ``scales`` and ``mins``); float32 accumulation in a fixed
-    order, so a row's result does not depend on the other rows."""
+    order, so a row's result does not depend on the other rows. ``prefill`` (rows none of which is
+    a decode row): quantized and bfloat16 panels are widened to float32 weights first, faster for
+    many rows; a row's result then depends on how many rows there are (whether widening pays)."""
     k = packed.shape[1]
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
         raise ValueError(
@@ -242,6 +245,7 @@ def panel_linear(
         y.data_ptr(),
         y.stride(0),
         scratch.data_ptr(),
+        int(prefill),
     )
     return y.view(*x.shape[:-1], out_features)
 

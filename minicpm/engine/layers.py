@@ -6,28 +6,23 @@ rows apart from its prefill rows when the runner says where they split (:class:`
 libraries pick their blocking, and with it the summation order, by row count, and this way a
 decode row's products do not depend on whether a prompt is being prefilled beside it.
 
-On CPU, each linear layer's product is the fastest of these for the model's dtype, chosen once
-per process by a start-up probe (:func:`linear_choice`: a few tens of milliseconds on a
-layer-sized weight, at 1 and 16 rows):
+On CPU, each linear layer's product is one of these for the model's dtype (:func:`linear_choice`):
 
-* ``panel``: the native kernel (:func:`~minicpm.engine.cpu_kernels.panel_linear`, float32 or
-  bfloat16 weights packed in column panels), where it builds. Each output is one in-order sum, so
-  a row's result does not depend on the rows beside it at all. On this project's AMD EPYC
-  machines it wins in float32 (1.2-1.6x oneDNN's at 1-16 rows, even at 512).
-* ``onednn-1`` / ``onednn-16``: oneDNN with the weight pre-packed for that many rows (the best
-  count differs by CPU). In bfloat16 it uses the CPU's bfloat16 dot products, which win from 4
-  rows up; the same products bitwise as ``F.linear`` in our tests.
+* ``panel`` (the default where the native kernels build): :func:`~minicpm.engine.cpu_kernels.panel_linear`
+  over weights packed in column panels: float32, bfloat16, or weight-only quantized
+  (:mod:`minicpm.quant`: int8 per channel or in groups, int4 in groups). Each output is one
+  in-order sum, so a row's result does not depend on the rows beside it; rows of prompts (none a
+  decode row) may first widen the panel to float32 weights, faster for many rows. The fused decoder
+  (:mod:`~minicpm.engine.fused_decode`) needs every layer on panels: batch-1 decode of the default
+  model 2.4x oneDNN's in bfloat16 here, at ~1.3x oneDNN's time for a 2k-token bfloat16 prefill.
+* ``onednn-1`` / ``onednn-16``: oneDNN with the weight pre-packed for that many rows. In bfloat16
+  it uses the CPU's bfloat16 dot products, faster from 4 rows up (no fused decoder then).
 * ``blas``: plain ``F.linear`` (float32 only; MKL's sgemm takes a slow path on AMD CPUs).
 
-``MINICPM_CPU_LINEAR=panel|onednn|blas`` overrides the probe. Float32 results differ between the
-choices in the last bits (other summation orders).
-
-``quantize="int8"`` (the engine's setting) makes every linear layer, the head included, a
-:class:`PanelLinear` over int8 weights, one scale per output channel (the int8 sums are exact in
-float32 and scaled once); ``quantize="int4"`` over codes 0..15 in groups of 32 inputs, each with a
-scale and a minimum (llama.cpp's Q4_1 scheme).
-The model file is untouched; the embeddings, norms, KV cache and residual stream stay in the
-activation dtype.
+``MINICPM_CPU_LINEAR=panel|onednn|blas`` chooses (``onednn`` / ``blas``: the faster of their
+variants, by a start-up probe at 1 and 16 rows). Float32 results differ between the choices in the
+last bits (other summation orders). Quantized layers are always panels; the model file is
+untouched, and the embeddings, norms, KV cache and residual stream stay in the activation dtype.
 """
 
 from __future__ import annotations
@@ -83,8 +78,8 @@ class PanelLinear(nn.Module):
             self.weights, self.group = "float", None
             self.packed = pack_panels(linear.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return panel_linear(x, self.packed, self.out_features, self.lib, self.scales, self.mins)
+    def forward(self, x: Tensor, prefill: bool = False) -> Tensor:
+        return panel_linear(x, self.packed, self.out_features, self.lib, self.scales, self.mins, prefill)
 
     def extra_repr(self) -> str:
         group = "" if self.group in (None, self.in_features) else f" in groups of {self.group}"
@@ -135,8 +130,8 @@ def make_linear(linear: nn.Linear | QuantizedLinear, choice: str) -> nn.Module:
 
 class StepRows:
     """Where a step's rows split for the linear layers: rows ``[0, split)`` (the step's decode
-    rows, which the scheduler puts first) and the rest are multiplied apart; 0, or a split at or
-    past the last row, means together."""
+    rows, which the scheduler puts first) and the rest are multiplied apart; 0 means no decode
+    row, a split at or past the last row only decode rows."""
 
     def __init__(self) -> None:
         self.split = 0
@@ -152,9 +147,14 @@ class RowSplitLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         at = self.rows.split
-        if 0 < at < x.shape[-2]:
-            return torch.cat((self.inner(x[..., :at, :]), self.inner(x[..., at:, :])), dim=-2)
-        return self.inner(x)
+        if at >= x.shape[-2]:  # decode rows only
+            return self.inner(x)
+        if at == 0:  # none: rows of prompts (the panels may widen their weights for them)
+            return self._rest(x)
+        return torch.cat((self.inner(x[..., :at, :]), self._rest(x[..., at:, :])), dim=-2)
+
+    def _rest(self, x: Tensor) -> Tensor:
+        return self.inner(x, prefill=True) if isinstance(self.inner, PanelLinear) else self.inner(x)
 
 
 def linear_candidates(dtype: torch.dtype) -> list[str]:
@@ -178,10 +178,11 @@ def linear_candidates(dtype: torch.dtype) -> list[str]:
 
 @functools.cache  # once per shape, dtype and process: every engine of a process gets the same answer
 def linear_choice(in_features: int, out_features: int, dtype: torch.dtype) -> str:
-    """The fastest of :func:`linear_candidates` on a layer-sized weight, timed at 1 and 16 rows
-    (the native panels unless another is at least 10% faster)."""
+    """The native panels where they build (the fused decoder runs on them: batch-1 decode of the
+    default model 2.4x oneDNN's in bfloat16), unless ``MINICPM_CPU_LINEAR`` names another; then
+    the fastest of :func:`linear_candidates` on a layer-sized weight, timed at 1 and 16 rows."""
     candidates = linear_candidates(dtype)
-    if len(candidates) == 1:
+    if len(candidates) == 1 or candidates[0] == "panel":
         return candidates[0]
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=False)
@@ -203,9 +204,7 @@ def linear_choice(in_features: int, out_features: int, dtype: torch.dtype) -> st
                     runs.append(time.perf_counter() - start)
                 total += min(runs)
             times[choice] = total
-    # the probe's weight stays in cache; a model's streams from memory, where the panels' front-to-
-    # back reads gain more (here 1.2x oneDNN's at 16 rows): they keep a 10% handicap in their favour
-    return min(candidates, key=lambda c: times[c] * (0.9 if c == "panel" else 1.0))
+    return min(candidates, key=lambda c: times[c])
 
 
 def cpu_linear(model: MiniCPMForCausalLM) -> str | None:

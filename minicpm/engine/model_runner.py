@@ -18,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -59,10 +60,8 @@ def _runs(blocks: list[int], length: int, block_size: int) -> list[tuple[int, in
 def release_freed_memory() -> None:
     """Hand memory the process has freed back to the system (glibc keeps freed heap pages, so a
     model's load-time copies would stay resident); a no-op where there is no ``malloc_trim``."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class ModelRunner:

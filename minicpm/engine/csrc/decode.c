@@ -27,7 +27,8 @@
 #define MAX_PARTS 3
 
 void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
-                    const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch);
+                    const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch,
+                    int prefill);
 int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
                             int64_t num_blocks, const int32_t *tables, int seqs, int width,
                             const int32_t *row_seq, const int32_t *row_len, int rows, int heads, int kv_heads,
@@ -80,7 +81,7 @@ static void linear(const Linear *l, int xtype, const void *x, int m, int k, void
     const int es = xtype ? 2 : 4;
     for (int p = 0; p < l->parts; p++)
         minicpm_linear(l->wtype[p], xtype, x, k, l->packed[p], l->scales[p], l->mins[p], l->group[p], m, l->n[p], k,
-                       (char *)y + (int64_t)l->offset[p] * es, n_total, scratch);
+                       (char *)y + (int64_t)l->offset[p] * es, n_total, scratch, 0);
 }
 
 /* torch's RMSNorm: float32 statistics; float32 activations (x * rstd) * w, bfloat16 ones
