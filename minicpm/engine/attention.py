@@ -42,11 +42,28 @@ from ..config import MiniCPMConfig
 from ..model import causal_attention
 from .cpu_kernels import native_kernels, paged_attention
 
-try:
-    from .triton_attention import TRITON_AVAILABLE, paged_decode_attention, paged_prefill_attention
-except ImportError:  # pragma: no cover - the module guards its own import of triton
-    TRITON_AVAILABLE = False
-    paged_decode_attention = paged_prefill_attention = None
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run (imported on first need: 0.2 s of start-up otherwise)."""
+    try:
+        from .triton_attention import TRITON_AVAILABLE
+    except ImportError:  # pragma: no cover - the module guards its own import of triton
+        return False
+    return TRITON_AVAILABLE
+
+
+def paged_decode_attention(*args: object, **kwargs: object) -> Tensor:
+    """:func:`minicpm.engine.triton_attention.paged_decode_attention`, imported on first use."""
+    from .triton_attention import paged_decode_attention as kernel
+
+    return kernel(*args, **kwargs)
+
+
+def paged_prefill_attention(*args: object, **kwargs: object) -> Tensor:
+    """:func:`minicpm.engine.triton_attention.paged_prefill_attention`, imported on first use."""
+    from .triton_attention import paged_prefill_attention as kernel
+
+    return kernel(*args, **kwargs)
 
 
 log = logging.getLogger("minicpm.engine")
@@ -206,7 +223,7 @@ class PagedKVCache:
         self.scale = config.head_dim**-0.5
         device = torch.device(device)
         if use_triton is None:
-            use_triton = device.type == "cuda" and TRITON_AVAILABLE
+            use_triton = device.type == "cuda" and triton_available()
         self.use_triton = use_triton
         # a chunk with a cached past as two kernels merged by log-sum-exp (split_causal_attention):
         # on CPU the flash kernel; on CUDA the first kernel a probe finds agreeing with the plain path
