@@ -117,23 +117,14 @@ def test_cpu_steps_read_scattered_blocks_in_place(kv_heads: int, monkeypatch) ->
     assert_close_rel(got, torch.cat(expected, dim=2), 1e-5)
 
 
-def test_a_failing_split_prefill_kernel_falls_back_to_the_plain_path(caplog) -> None:
-    """The GPU's per-sequence path (here on CPU with block lists): the split kernel raises, the chunk
-    is computed by the plain bottom-right causal path, and the kernel is not tried again."""
+def _chunk_case(ctx: int, new: int, table: list[int], bs: int = 4, heads: int = 4, kv_heads: int = 2, d: int = 16):
+    """A CPU cache holding ``ctx - new`` tokens of one sequence in ``table``'s blocks and the
+    metadata of a ``new``-token chunk after them (the GPU's per-sequence path, block lists):
+    (cache, q, k_new, v_new, the plain path's answer)."""
     from minicpm.engine.attention import AttentionMetadata, PagedKVCache
 
-    torch.manual_seed(0)
-    bs, heads, kv_heads, d = 4, 4, 2, 16
     config = tiny_config(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * d)
-    cache = PagedKVCache(config, num_blocks=16, block_size=bs, dtype=torch.float32, device="cpu")
-    calls = []
-
-    def broken(q, k, v, is_causal):
-        calls.append(1)
-        raise RuntimeError("cuDNN: no kernel for this shape")
-
-    cache.lse_attention = broken
-    table, ctx, new = [5, 2, 9, 11], 14, 6
+    cache = PagedKVCache(config, num_blocks=64, block_size=bs, dtype=torch.float32, device="cpu")
     k_full, v_full = cached(ctx, kv_heads), cached(ctx, kv_heads)
     for p in range(ctx - new):
         cache.k[0, table[p // bs], p % bs] = k_full[0, :, p]
@@ -148,6 +139,75 @@ def test_a_failing_split_prefill_kernel_falls_back_to_the_plain_path(caplog) -> 
         context_lens_host=[ctx],
         seq_blocks=[torch.tensor(table)],
     )
-    got = cache.attend(0, q, k_full[:, :, ctx - new :], v_full[:, :, ctx - new :])
-    assert_close_rel(got, causal_attention(q, k_full, v_full, past=ctx - new), 1e-5)
+    expected = causal_attention(q, k_full, v_full, past=ctx - new)
+    return cache, q, k_full[:, :, ctx - new :], v_full[:, :, ctx - new :], expected
+
+
+def test_a_failing_split_prefill_kernel_falls_back_to_the_plain_path(caplog) -> None:
+    """The split kernel raises: the chunk is computed by the plain bottom-right causal path, and
+    the kernel is not tried again."""
+    torch.manual_seed(0)
+    cache, q, k, v, expected = _chunk_case(14, 6, [5, 2, 9, 11])
+    calls = []
+
+    def broken(q, k, v, is_causal):
+        calls.append(1)
+        raise RuntimeError("cuDNN: no kernel for this shape")
+
+    cache.lse_attention = broken
+    got = cache.attend(0, q, k, v)
+    assert_close_rel(got, expected, 1e-5)
     assert calls == [1] and cache.lse_attention is None and "using the plain path" in caplog.text
+
+
+def test_split_prefill_kernels_are_chosen_per_shape_class() -> None:
+    """The GPU's choice (here with CPU stand-ins): per (past, chunk) class by powers of two, the
+    first candidate that runs and agrees with the plain path on the class's first chunk; a wrong
+    or failing kernel is passed over, a chosen one failing later hands its class to the next."""
+    calls: list[str] = []
+
+    def broken(q, k, v, is_causal):
+        calls.append("broken")
+        raise RuntimeError("no kernel for this shape")
+
+    def wrong(q, k, v, is_causal):
+        calls.append("wrong")
+        out, lse = cpu_attention_with_lse(q, k, v, is_causal)
+        return out * 1.5, lse
+
+    def right(q, k, v, is_causal):
+        calls.append("right")
+        return cpu_attention_with_lse(q, k, v, is_causal)
+
+    torch.manual_seed(1)
+    table = list(range(40, 0, -2))
+    by_class: dict = {}
+    for ctx, new, tried in (
+        (30, 6, ["broken", "wrong", "right"]),
+        (31, 7, ["right"]),
+        (70, 6, ["broken", "wrong", "right"]),
+    ):
+        cache, q, k, v, expected = _chunk_case(ctx, new, table)
+        cache.lse_by_class = by_class
+        cache.lse_candidates = (broken, wrong, right)
+        calls.clear()
+        assert_close_rel(cache.attend(0, q, k, v), expected, 1e-5)
+        assert list(dict.fromkeys(calls)) == tried  # in order of first call (each runs for past and chunk)
+    assert set(by_class.values()) == {right} and len(by_class) == 2  # pasts 24/24 share a class; 64 another
+
+    flaky_calls = []
+
+    def flaky(q, k, v, is_causal):  # chosen, then failing
+        flaky_calls.append(1)
+        if len(flaky_calls) > 2:
+            raise RuntimeError("out of workspace")
+        return cpu_attention_with_lse(q, k, v, is_causal)
+
+    cache, q, k, v, expected = _chunk_case(30, 6, table)
+    cache.lse_candidates = (flaky, right)
+    assert_close_rel(cache.attend(0, q, k, v), expected, 1e-5)
+    assert cache.lse_by_class[(24).bit_length(), (6).bit_length()] is flaky
+    cache2, q, k, v, expected = _chunk_case(30, 6, table)
+    cache2.lse_candidates, cache2.lse_by_class = (flaky, right), cache.lse_by_class
+    assert_close_rel(cache2.attend(0, q, k, v), expected, 1e-5)
+    assert cache.lse_by_class[(24).bit_length(), (6).bit_length()] is right

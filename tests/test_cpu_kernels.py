@@ -551,8 +551,9 @@ def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(qua
     reference = random_model(config, seed=12)
     with torch.no_grad():
         for module in reference.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(quantize_weight(module.weight, quantize, group).dequantize())
+            if isinstance(module, torch.nn.Linear):  # int4 keeps the head at 8 bits (per channel)
+                fmt, g = ("int8", None) if module is reference.lm_head and quantize == "int4" else (quantize, group)
+                module.weight.copy_(quantize_weight(module.weight, fmt, g).dequantize())
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (25, 40)]
     expected = []
@@ -565,6 +566,8 @@ def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(qua
     settings = EngineConfig(block_size=8, max_num_batched_tokens=32, quantize=quantize, group_size=group)
     engine = LLMEngine(model, None, settings)
     wrapped = [m.inner for m in engine.runner.model.modules() if isinstance(m, RowSplitLinear)]
-    assert wrapped and all(isinstance(m, PanelLinear) and m.weights == quantize for m in wrapped)
+    head = engine.runner.model.lm_head.inner
+    assert head.weights == "int8" and (quantize == "int8" or head.group == config.hidden_size)
+    assert wrapped and all(isinstance(m, PanelLinear) and m.weights == quantize for m in wrapped if m is not head)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert [c.token_ids for c in got] == expected

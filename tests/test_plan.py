@@ -280,3 +280,19 @@ def test_available_memory_on_cpu() -> None:
     assert memory > 0 and source
     with pytest.raises(ValueError, match="cannot measure"):
         available_memory("meta")
+
+
+def test_cuda_kv_budget_counts_what_is_measured_in_use() -> None:
+    """The GPU's KV budget: utilization of the device, less what is in use when it is decided
+    (weights and, captured first, the CUDA graph pools), the measured activation peak, one layer's
+    gathered context, graphs still to capture and the allocator's slack; the graphs' pool counted
+    once, whether measured in use or reserved ahead."""
+    from minicpm.engine.model_runner import ALLOCATOR_SLACK, GRAPH_RESERVE, cuda_kv_budget
+
+    total, weights, pool, act, gather = 80 * GiB, 5 * GiB, 300 * 2**20, 2 * GiB, 100 * 2**20
+    after_capture = cuda_kv_budget(total, total - weights - pool, 0.95, act, gather)
+    ahead = cuda_kv_budget(total, total - weights, 0.95, act, gather, GRAPH_RESERVE)
+    assert after_capture == int(total * 0.95) - weights - pool - act - gather - ALLOCATOR_SLACK
+    assert ahead - after_capture == pool - GRAPH_RESERVE  # measured, not guessed
+    busy = cuda_kv_budget(total, 2 * GiB, 0.95, act, gather)  # another process holds most of the card
+    assert busy < 0

@@ -35,11 +35,13 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_back_bit_for_bit(
     assert "model.layers.0.self_attn.q_proj.qweight" in names and "lm_head.qweight" in names
     assert "model.embed_tokens.weight" in names  # the table stays float; a tied head has its own codes
     qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qconfig["formats"] == [f"{fmt}-g{group}" if group else f"{fmt}-per-channel"]
+    layers = f"{fmt}-g{group}" if group else f"{fmt}-per-channel"
+    assert qconfig["formats"] == sorted({layers, "int8-per-channel" if fmt == "int4" else layers})  # int4: 8-bit head
 
     in_memory = MiniCPMForCausalLM.from_pretrained(tmp_path / "float", quantize=fmt, group_size=group)
     loaded = MiniCPMForCausalLM.from_pretrained(tmp_path / "q")
-    assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.group == (group or config.hidden_size)
+    head_group = config.hidden_size if fmt == "int4" else group or config.hidden_size
+    assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.group == head_group
     with torch.no_grad():
         assert torch.equal(loaded(IDS), in_memory(IDS))
         for name, t in in_memory.named_buffers():

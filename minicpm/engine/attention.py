@@ -159,6 +159,15 @@ def probe_lse_attention(
     return None
 
 
+def agrees_with_plain(out: Tensor, q: Tensor, kp: Tensor, vp: Tensor, k: Tensor, v: Tensor, rows: int = 16) -> bool:
+    """Whether ``out`` (a chunk's attention over past + itself) matches the plain bottom-right causal
+    path on the chunk's first ``rows`` queries (the reference costs those rows only)."""
+    r = min(rows, q.shape[2])
+    keys, values = torch.cat((kp, k[:, :, :r]), dim=2), torch.cat((vp, v[:, :, :r]), dim=2)
+    expected = causal_attention(q[:, :, :r], keys, values, past=kp.shape[2]).float()
+    return torch.allclose(out[:, :, :r].float(), expected, atol=2e-2, rtol=2e-2)
+
+
 @dataclass
 class AttentionMetadata:
     """Where one forward's tokens go in the cache and what each sequence attends to.
@@ -226,14 +235,18 @@ class PagedKVCache:
             use_triton = device.type == "cuda" and triton_available()
         self.use_triton = use_triton
         # a chunk with a cached past as two kernels merged by log-sum-exp (split_causal_attention):
-        # on CPU the flash kernel; on CUDA the first kernel a probe finds agreeing with the plain path
+        # on CPU the flash kernel; on CUDA the first kernel a probe finds agreeing with the plain path,
+        # then per shape class (see _lse_kernels) the first that runs and agrees on its first chunk
         self.lse_attention: LseAttention | None = None
+        self.lse_candidates: tuple[LseAttention, ...] = ()
+        self.lse_by_class: dict[tuple[int, int], LseAttention | None] = {}
         if device.type == "cpu":
             self.lse_attention = cpu_attention_with_lse
         elif device.type == "cuda":
             self.lse_attention = probe_lse_attention(
                 device, dtype, config.num_attention_heads, config.num_key_value_heads, config.head_dim
             )
+            self.lse_candidates = (cudnn_attention_with_lse, flash_attention_with_lse)
         # CPU decode rows: the native paged kernel, where it builds (else the per-run torch path)
         self.native = None
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
@@ -368,17 +381,53 @@ class PagedKVCache:
     def _split(
         self, kc: Tensor, vc: Tensor, q: Tensor, k: Tensor, v: Tensor, md: AttentionMetadata, i: int
     ) -> Tensor | None:
-        """Sequence ``i``'s chunk by :func:`split_causal_attention`; None (and the plain path from
-        now on) if its kernel fails."""
+        """Sequence ``i``'s chunk by :func:`split_causal_attention`; None (the plain path) if no
+        kernel serves its shape class (:meth:`_lse_kernels`) or, without classes, if the kernel fails
+        (the plain path from then on)."""
         past = md.context_lens_host[i] - q.shape[2]
         kp = self._context(kc, md.seq_blocks[i], past)[None]
         vp = self._context(vc, md.seq_blocks[i], past)[None]
+        if self.lse_candidates:
+            return self._lse_kernels(q, kp, vp, k, v)
         try:
             return split_causal_attention(self.lse_attention, q, kp, vp, k, v)
         except Exception as exc:
             log.warning("the split prefill kernel failed (%s: %s); using the plain path", type(exc).__name__, exc)
             self.lse_attention = None
             return None
+
+    def _lse_kernels(self, q: Tensor, kp: Tensor, vp: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+        """The chunk over its past by the kernel chosen for its shape class: (past, chunk) lengths by
+        powers of two. A class's first chunk tries the candidates in order (cuDNN, then flash) and
+        keeps the first that runs and whose first rows agree with the plain path's on this very
+        input; a kernel that fails later drops out of its class. None: the plain path serves it."""
+        past, new = kp.shape[2], q.shape[2]
+        key = (past.bit_length(), new.bit_length())
+        if key in self.lse_by_class and self.lse_by_class[key] is None:
+            return None
+        chosen = self.lse_by_class.get(key)  # verified on its class's first chunk
+        order = (
+            self.lse_candidates if chosen is None else (chosen, *(c for c in self.lse_candidates if c is not chosen))
+        )
+        for attend in order:
+            try:
+                out = split_causal_attention(attend, q, kp, vp, k, v)
+            except Exception as exc:  # this build or card lacks it for this shape: the next one
+                name = getattr(attend, "__name__", repr(attend))
+                log.warning(
+                    "%s failed on a %d-token chunk over %d cached tokens (%s: %s)",
+                    name,
+                    new,
+                    past,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            if attend is chosen or agrees_with_plain(out, q, kp, vp, k, v):
+                self.lse_by_class[key] = attend
+                return out
+        self.lse_by_class[key] = None
+        return None
 
     def _drop_triton(self, exc: Exception, md: AttentionMetadata) -> None:
         """Leave the Triton kernels for good and give this step what the torch paths read."""

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
-from .attention import AttentionMetadata, PagedKVCache, decode_mask
+from .attention import AttentionMetadata, PagedKVCache, decode_mask, triton_available
 from .config import EngineConfig
 from .fused_decode import FusedDecoder
 from .layers import StepRows, prepare_model
@@ -57,6 +57,18 @@ def _runs(blocks: list[int], length: int, block_size: int) -> list[tuple[int, in
     return runs
 
 
+GRAPH_RESERVE = 512 * 2**20  # CUDA graphs' pool, where the budget is decided before their capture
+ALLOCATOR_SLACK = 256 * 2**20  # fragmentation of torch's caching allocator
+
+
+def cuda_kv_budget(total: int, free: int, utilization: float, activations: int, gather: int, graphs: int = 0) -> int:
+    """Bytes the KV cache may take on a device of ``total`` bytes with ``free`` free now: what
+    ``utilization`` of it leaves after everything in use now (weights, CUDA graph pools captured
+    already, other processes), a forward's measured peak ``activations``, one layer's context
+    gathered by a fallback path, the ``graphs`` still to capture and the allocator's slack."""
+    return int(total * utilization - (total - free) - activations - gather - graphs - ALLOCATOR_SLACK)
+
+
 def release_freed_memory() -> None:
     """Hand memory the process has freed back to the system (glibc keeps freed heap pages, so a
     model's load-time copies would stay resident); a no-op where there is no ``malloc_trim``."""
@@ -75,16 +87,20 @@ class ModelRunner:
         self.block_size = config.block_size
         c = self.model_config
         self.bytes_per_block = config.block_size * c.kv_bytes_per_token(self.dtype.itemsize)
-        self.num_blocks = self._num_blocks(max_model_len)
-        self.cache = PagedKVCache(c, self.num_blocks, config.block_size, self.dtype, self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = {}
+        graphs = self.device.type == "cuda" and not config.enforce_eager and triton_available()
+        if graphs and config.kv_cache_memory is None:
+            self._size_cache_after_capture(max_model_len)
+        else:
+            self.num_blocks = self._num_blocks(max_model_len)
+            self.cache = PagedKVCache(c, self.num_blocks, config.block_size, self.dtype, self.device)
         self.inv_freq_cache: dict[float, Tensor] = {}
         self.sampler = Sampler(c.vocab_size, self.device)
         self._scoring: list[tuple[Sequence, int, int, int]] = []
         self.fused = FusedDecoder.build(self.model, self.cache)
         if self.device.type == "cpu":
             release_freed_memory()  # loading and packing freed a model's worth of copies
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = {}
-        if self.device.type == "cuda" and self.cache.use_triton and not config.enforce_eager:
+        if graphs and self.cache.use_triton and not self.graphs:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
 
     # ------------------------------------------------------------------ memory
@@ -113,6 +129,8 @@ class ModelRunner:
         return int(num_blocks)
 
     def _cuda_kv_budget(self, max_model_len: int) -> int:
+        """:func:`cuda_kv_budget` from what this device holds now (weights, and CUDA graph pools
+        when captured first) and a warm-up forward's measured peak."""
         cfg, c = self.config, self.model_config
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -127,8 +145,38 @@ class ModelRunner:
         gather = max_model_len * c.kv_bytes_per_token(self.dtype.itemsize) // c.num_hidden_layers
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        reserve = activations + gather + 512 * 2**20  # + CUDA graphs and allocator slack
-        return int(total * cfg.gpu_memory_utilization - (total - free) - reserve)
+        graphs = 0 if self.graphs else GRAPH_RESERVE  # captured before: their pool is in use already
+        return cuda_kv_budget(total, free, cfg.gpu_memory_utilization, activations, gather, graphs)
+
+    def _size_cache_after_capture(self, max_model_len: int) -> None:
+        """The CUDA graphs first, over a one-block cache, so that the budget is measured with their
+        memory pool in use (its growth logged); then the cache gets the budget and the graphs are
+        captured again over it (they hold the cache's addresses)."""
+        c = self.model_config
+        self.cache = PagedKVCache(c, 1, self.block_size, self.dtype, self.device)
+        if not self.cache.use_triton:
+            self.num_blocks = self._num_blocks(max_model_len)
+            self.cache = PagedKVCache(c, self.num_blocks, self.block_size, self.dtype, self.device)
+            return
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved()
+        self._capture_graphs(max_model_len)
+        torch.cuda.synchronize()
+        pool = torch.cuda.memory_reserved() - before
+        self.num_blocks = self._num_blocks(max_model_len)
+        self.graphs.clear()
+        self.static = None
+        self.cache = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        self.cache = PagedKVCache(c, self.num_blocks, self.block_size, self.dtype, self.device)
+        self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
+        log.info(
+            "CUDA graphs took %s; KV cache %d blocks (%s)",
+            format_bytes(pool),
+            self.num_blocks,
+            format_bytes(self.num_blocks * self.bytes_per_block),
+        )
 
     # ------------------------------------------------------------------ inputs
     def inv_freq(self, seq: Sequence) -> Tensor:
