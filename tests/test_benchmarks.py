@@ -149,3 +149,29 @@ def test_serve_bench_runs_against_minicpm_serve(default_model_dir: Path, capsys,
     figures = report["results"]["minicpm"]["median"]
     assert figures["completed"] == 3 and figures["failed"] == 0
     assert figures["output_throughput"] > 0 and 0 < figures["mean_ttft_ms"] <= figures["mean_e2el_ms"]
+
+
+def test_cpu_formats_tiny_run_measures_every_path(default_model_dir: Path) -> None:
+    """benchmarks/cpu_formats.py --tiny, minicpm's side alone: decode (quiet and with a core taken),
+    memory, perplexity and prefill, each in its own process; the report's last line is the JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MINICPM_CACHE"] = str(default_model_dir.parent)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_formats.py"), "--tiny", "--llama-python", "none"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = last_json(proc)
+    assert report["benchmark"] == "cpu_formats" and report["tiny"] and report["llama.cpp"] is False
+    for fmt in ("float32", "shipped"):
+        row = report["decode"][fmt]
+        assert positive(row["minicpm"]["median"]) and row["fused"] is True
+        assert report["memory"][fmt]["minicpm"]["model_bytes"] > 0
+        assert positive(report["perplexity"][fmt]["minicpm"]["ppl"])
+        assert set(report["prefill"][f"minicpm {fmt}"]) == {"128/quiet", "128/loaded"}
+    assert set(report["loaded"]["minicpm"]) == {"quiet", "loaded", "kept"}
+    assert report["targets"]["decode_loaded_at_least_half_quiet"] in (True, False)
+    assert "target decode_loaded_at_least_half_quiet" in proc.stdout
