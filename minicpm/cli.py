@@ -472,7 +472,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         disk = sum(f.stat().st_size for f in weight_files(model)) if model.is_dir() else None
     except CheckpointError:
         disk = None  # planning needs only config.json
-    plan = plan_memory(config, args.context, memory, dtype, memory_source=source, checkpoint_bytes=disk)
+    # a quantized checkpoint runs as stored on CPU: its weights take what its files take
+    quantized = (model / "config.json").is_file() and "quantization_config" in json.loads(
+        (model / "config.json").read_text(encoding="utf-8")
+    )
+    stored = disk if quantized and disk is not None and not device.startswith("cuda") else None
+    plan = plan_memory(
+        config, args.context, memory, dtype, memory_source=source, checkpoint_bytes=disk, weight_bytes=stored
+    )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 

@@ -282,10 +282,8 @@ def load_model(
     if missing or unexpected:  # check_tensors has seen every name: a mismatch here is a bug
         raise CheckpointError(f"checkpoint {path}: not loaded: {missing or unexpected}")
     model.tie_weights()
-    quantize_model(model, quantize, group_size)
-    if device.type != "cpu":
-        quantize_model(model, "none")
-    return model.eval()
+    quantize_model(model, quantize, group_size)  # (off the CPU, "none": dequantized there, then moved)
+    return model.to(device).eval()
 
 
 def _own_copy(layer: QuantizedLinear) -> QuantizedLinear:
