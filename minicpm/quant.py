@@ -308,8 +308,9 @@ def quantize_model(model: nn.Module, quantize: str, group_size: int | None = Non
     * ``"int8"`` / ``"int4"``: every linear layer in that format and group size (default: int8 per
       channel, int4 groups of 32), the head too except that int4 keeps it at 8 bits
       (:func:`head_format`); a layer already in its format is kept as it is, any other is
-      requantized from its (dequantized) weight. The embedding table stays as it is; a head tied
-      to it becomes a quantized layer of its own (unless the table is in the head's format).
+      requantized from its (dequantized) weight. A tied table is the head: it takes the head's
+      format and embeddings are looked up from its codes (one copy, as llama.cpp's token table);
+      an untied table stays as it is.
     """
     check_quantize(quantize, group_size)
     if quantize == "auto":
@@ -324,6 +325,12 @@ def quantize_model(model: nn.Module, quantize: str, group_size: int | None = Non
     if quantize == "none" and model.config.tie_word_embeddings and isinstance(model.lm_head, QuantizedLinear):
         model.lm_head = to_float_linear(model.lm_head, dtype)  # quantized on its own: tied to the table again
         model.tie_weights()
+    if quantize in FORMATS and model.config.tie_word_embeddings:
+        table = head_format(
+            embed.table if isinstance(embed, QuantizedEmbedding) else embed.weight, quantize, group_size
+        )
+        model.model.embed_tokens = QuantizedEmbedding(table, dtype)
+        model.lm_head = table
     for parent, name, layer in _linear_slots(model):
         if quantize == "none":
             if isinstance(layer, QuantizedLinear):
@@ -354,7 +361,7 @@ def quantize_tensors(
     """A checkpoint's weights (by weight name; float tensors or :class:`QuantizedLinear`) under
     :func:`quantize_model`'s rule, one tensor at a time: "auto" as they are, "none" every quantized
     weight dequantized to ``dtype``, "int8" / "int4" every linear weight in that format (a tied
-    head then stored on its own as ``lm_head.weight`` unless the table already is in it)."""
+    table, which is the head, in the head's)."""
     check_quantize(quantize, group_size)
     if quantize == "auto":
         return tensors
@@ -367,9 +374,7 @@ def quantize_tensors(
             out[name] = t.dequantize(dtype) if quantize == "none" and isinstance(t, QuantizedLinear) else t
             continue
         out[name] = (head_format if name == "lm_head.weight" else to_format)(t, quantize, group_size)
-    table = out.get("model.embed_tokens.weight")
-    if tied and quantize in FORMATS and table is not None and "lm_head.weight" not in out:
-        head = head_format(table, quantize, group_size)
-        if head is not table:  # the table is not in the head's format: the head is stored on its own
-            out["lm_head.weight"] = head
+    if tied and quantize in FORMATS and "model.embed_tokens.weight" in out:
+        out.pop("lm_head.weight", None)  # the table is the head
+        out["model.embed_tokens.weight"] = head_format(out["model.embed_tokens.weight"], quantize, group_size)
     return out

@@ -32,8 +32,11 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_back_bit_for_bit(
 
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
-    assert "model.layers.0.self_attn.q_proj.qweight" in names and "lm_head.qweight" in names
-    assert "model.embed_tokens.weight" in names  # the table stays float; a tied head has its own codes
+    assert "model.layers.0.self_attn.q_proj.qweight" in names
+    if tied:  # the table is the head: quantized once, embeddings looked up from its codes
+        assert "model.embed_tokens.qweight" in names and not any(n.startswith("lm_head") for n in names)
+    else:  # an untied table stays float
+        assert "lm_head.qweight" in names and "model.embed_tokens.weight" in names
     qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     layers = f"{fmt}-g{group}" if group else f"{fmt}-per-channel"
     assert qconfig["formats"] == sorted({layers, "int8-per-channel" if fmt == "int4" else layers})  # int4: 8-bit head
@@ -42,6 +45,7 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_back_bit_for_bit(
     loaded = MiniCPMForCausalLM.from_pretrained(tmp_path / "q")
     head_group = config.hidden_size if fmt == "int4" else group or config.hidden_size
     assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.group == head_group
+    assert isinstance(loaded.model.embed_tokens, QuantizedEmbedding) == tied
     with torch.no_grad():
         assert torch.equal(loaded(IDS), in_memory(IDS))
         for name, t in in_memory.named_buffers():
@@ -52,8 +56,9 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_back_bit_for_bit(
     assert cli_main(["convert", str(tmp_path / "q"), str(tmp_path / "deq"), "--quantize", "none"]) == 0
     deq = MiniCPMForCausalLM.from_pretrained(tmp_path / "deq")
     assert type(deq.lm_head) is torch.nn.Linear
-    if tied:  # a tied head quantized on its own is the table again
+    if tied:  # the table dequantized, the head tied to it
         assert deq.lm_head.weight is deq.model.embed_tokens.weight
+        assert torch.equal(deq.lm_head.weight, loaded.lm_head.dequantize())
     else:
         assert torch.equal(deq.lm_head.weight, loaded.lm_head.dequantize())
     assert torch.equal(deq.model.layers[1].mlp.down_proj.weight, loaded.model.layers[1].mlp.down_proj.dequantize())
