@@ -135,7 +135,7 @@ def main() -> None:
         for dtype in args.dtypes:
             if name == "default":
                 path = default_model_path()
-                model = MiniCPMForCausalLM.from_pretrained(path, dtype=dtype, device="cpu")
+                model = MiniCPMForCausalLM.from_pretrained(path, dtype=dtype, device="cpu", quantize="none")
                 prompt = Tokenizer.from_pretrained(path).encode(PROMPT)
             else:
                 model = tiny_minicpm().to(getattr(torch, dtype))

@@ -378,6 +378,8 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, common: dict, ggufs: dict, llama: bool, vllm: bool) -> dict:
+    from gguf_peer import float_checkpoint
+
     decode: dict[str, dict[str, list]] = {f: {"minicpm": [], "llama.cpp": []} for f in args.formats}
     memory: dict[str, dict[str, list]] = {f: {"minicpm": [], "llama.cpp": []} for f in args.formats}
     loaded_rates: dict[str, dict[str, list]] = {s: {"quiet": [], "loaded": []} for s in ("minicpm", "llama.cpp")}
@@ -421,20 +423,9 @@ def measure(args: argparse.Namespace, common: dict, ggufs: dict, llama: bool, vl
         if vllm and round_ == 0:  # one round: its start-up alone takes a minute
             for dtype in ("bfloat16", "float32"):
                 spec = common | {"system": "vllm", "task": "prefill", "loads": [False, True], "dtype": dtype}
-                spec["model"] = str(_float_checkpoint())
+                spec["model"] = str(float_checkpoint())
                 prefill.setdefault(f"vLLM {dtype}", []).append(run_worker(args.vllm_python, spec)["seconds"])
     return summarize(args, decode, memory, loaded_rates, ppl, prefill, fused)
-
-
-def _float_checkpoint() -> Path:
-    """The default model's weights dequantized to float32, as a checkpoint directory (for vLLM)."""
-    from minicpm.convert import convert_gguf
-    from minicpm.default_model import cache_root, default_gguf
-
-    target = cache_root() / "bench" / "smollm2-float32"
-    if not (target / "config.json").exists():
-        convert_gguf(default_gguf(), target, quantize="none")
-    return target
 
 
 def summarize(args, decode, memory, loaded_rates, ppl, prefill, fused) -> dict:

@@ -48,7 +48,10 @@ def build_engine(dtype: str, contexts: list[int], seqs: int):
     from minicpm.default_model import default_model_path
     from minicpm.engine import EngineConfig, LLMEngine
 
-    model = MiniCPMForCausalLM.from_pretrained(default_model_path(), dtype=dtype)
+    try:  # float weights, like the peer revision's (which may predate quantized loading)
+        model = MiniCPMForCausalLM.from_pretrained(default_model_path(), dtype=dtype, quantize="none")
+    except TypeError:
+        model = MiniCPMForCausalLM.from_pretrained(default_model_path(), dtype=dtype)
     longest = max(contexts) + 1024
     if model.config.context_length < longest:  # timing only: positions past its training are fine here
         model.config = dataclasses.replace(model.config, max_length=longest)

@@ -49,3 +49,15 @@ def write_dequantized(src: str | Path, dst: str | Path, dtype: str = "f32") -> P
     finally:
         tmp.unlink(missing_ok=True)
     return dst
+
+
+def float_checkpoint() -> Path:
+    """The embedded model's weights dequantized to float32, as a checkpoint directory (for peers
+    that load Hugging Face checkpoints, such as vLLM), converted once into the cache."""
+    from minicpm.convert import convert_gguf
+    from minicpm.default_model import cache_root, default_gguf
+
+    target = cache_root() / "bench" / "smollm2-float32"
+    if not (target / "config.json").exists():
+        convert_gguf(default_gguf(), target, quantize="none")
+    return target

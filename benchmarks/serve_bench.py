@@ -262,6 +262,7 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
             cmd += ["--model", args.model]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
+        cmd += ["--quantize", args.quantize]
         targets.append(Target("minicpm", f"http://127.0.0.1:{port}", cmd, dict(os.environ)))
     for i, url in enumerate(args.url or []):
         targets.append(Target(f"url{i}", url.rstrip("/")))
@@ -280,9 +281,9 @@ def build_targets(args: argparse.Namespace) -> list[Target]:
         targets.append(Target("llama-cpp-py", f"http://127.0.0.1:{port}", cmd, dict(os.environ)))
     if args.vllm_python:
         port = _free_port()
-        from minicpm.default_model import default_model_path
+        from gguf_peer import float_checkpoint
 
-        model = args.model or str(default_model_path())
+        model = args.model or str(float_checkpoint())  # vLLM reads float checkpoints
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port)]
         cmd += ["--dtype", args.dtype or "float32", "--enforce-eager", "--max-model-len", "2048"]
         cmd += ["--max-num-seqs", str(args.concurrency)]
@@ -295,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory for the servers started here")
     p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=["auto", "none", "int8", "int4"],
+        help="minicpm's weights (default none: float, as the peers get them; auto: as the model ships)",
+    )
     p.add_argument("--url", action="append", help="an OpenAI-compatible server already running (repeatable)")
     p.add_argument("--no-minicpm", action="store_true", help="do not start minicpm serve")
     p.add_argument("--llama-server", default=None, metavar="BIN", help="llama.cpp's llama-server binary: also start it")
