@@ -173,8 +173,7 @@ def convert_checkpoint(
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
     config, tensors, skip, quantized = read_checkpoint(src)
     out = {n: (t if target is None else t.to(target)) for n, t in tensors.items() if n not in skip}
-    own_head = "lm_head.weight" in quantized and "model.embed_tokens.weight" not in quantized
-    out |= {n: q for n, q in quantized.items() if n not in skip or (n == "lm_head.weight" and own_head)}
+    out |= {n: q for n, q in quantized.items() if n not in skip}
     out = quantize_tensors(out, quantize, target or torch.float32, config.tie_word_embeddings, group_size)
     raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
 

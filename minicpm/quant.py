@@ -85,10 +85,7 @@ class QuantizedLinear(nn.Module):
 
     def codes(self) -> Tensor:
         """The codes, one per weight (out, in): int8, or uint8 0..15."""
-        if self.fmt == "int8":
-            return self.qweight
-        q = self.qweight
-        return torch.stack((q & 15, q >> 4), dim=-1).view(q.shape[0], -1)
+        return self.qweight if self.fmt == "int8" else unpack_nibbles(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight (out, in): ``code * scale (+ min)`` in float32, then ``dtype``."""
@@ -107,6 +104,22 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         group = "per channel" if self.group == self.in_features else f"groups of {self.group}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt} {group}"
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """int4 codes two per byte (rows, in / 2), input 2j in the low nibble -> (rows, in) uint8."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """:func:`unpack_nibbles` undone: codes 0..15 (rows, in) -> (rows, in / 2) uint8."""
+    pairs = codes.view(codes.shape[0], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+
+def default_group(fmt: str, in_features: int) -> int:
+    """The group size a format takes when none is given: int8 one per output channel, int4 32."""
+    return in_features if fmt == "int8" else 32
 
 
 def dequantize_rows(codes: Tensor, scales: Tensor, mins: Tensor | None, group: int) -> Tensor:
@@ -131,7 +144,7 @@ class QuantizedEmbedding(nn.Module):
         flat = ids.reshape(-1)
         codes = t.qweight[flat]
         if t.fmt == "int4":
-            codes = torch.stack((codes & 15, codes >> 4), dim=-1).view(flat.numel(), -1)
+            codes = unpack_nibbles(codes)
         mins = None if t.mins is None else t.mins[flat]
         rows = dequantize_rows(codes, t.scales[flat], mins, t.group)
         return rows.to(self.dtype).view(*ids.shape, t.in_features)
@@ -147,7 +160,7 @@ def quantize(weight: Tensor, fmt: str, group: int | None = None) -> QuantizedLin
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
-    group = group or (k if fmt == "int8" else 32)
+    group = group or default_group(fmt, k)
     if k % group:
         raise ValueError(f"{fmt} groups of {group} need the input size ({k}) to be a multiple of it")
     w = weight.detach().float().view(n, k // group, group)
@@ -158,8 +171,8 @@ def quantize(weight: Tensor, fmt: str, group: int | None = None) -> QuantizedLin
         return QuantizedLinear(q, scales, None, k)
     low, high = w.amin(-1), w.amax(-1)
     scales = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
-    codes = torch.round((w - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k // 2, 2)
-    return QuantizedLinear((codes[..., 0] | (codes[..., 1] << 4)).contiguous(), scales, low, k)
+    codes = torch.round((w - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
+    return QuantizedLinear(pack_nibbles(codes), scales, low, k)
 
 
 def stack(parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:
@@ -250,10 +263,8 @@ def from_gguf(data: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedL
     codes = torch.from_numpy(codes.reshape(n, k))
     scales = torch.from_numpy(np.ascontiguousarray(scales.reshape(n, k // group)))
     mins = None if mins is None else torch.from_numpy(np.ascontiguousarray(mins.reshape(n, k // group)))
-    if codes.dtype == torch.int8:
-        return QuantizedLinear(codes.contiguous(), scales, mins, k)
-    pairs = codes.view(n, k // 2, 2)
-    return QuantizedLinear((pairs[..., 0] | (pairs[..., 1] << 4)).contiguous(), scales, mins, k)
+    qweight = codes.contiguous() if codes.dtype == torch.int8 else pack_nibbles(codes)
+    return QuantizedLinear(qweight, scales, mins, k)
 
 
 # ------------------------------------------------------------------------------- whole models
@@ -261,14 +272,13 @@ def to_format(w: Tensor | QuantizedLinear, fmt: str, group_size: int | None = No
     """``w`` (a float weight or a quantized layer) in ``fmt`` and ``group_size``: itself where it
     already is, else quantized from its (dequantized) weight."""
     if isinstance(w, QuantizedLinear):
-        wanted = group_size or (w.in_features if fmt == "int8" else 32)
-        if (w.fmt, w.group) == (fmt, wanted):
+        if (w.fmt, w.group) == (fmt, group_size or default_group(fmt, w.in_features)):
             return w
         w = w.dequantize()
     return quantize(w, fmt, group_size)
 
 
-def _linear_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+def linear_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, name, layer) of every bias-free linear layer, float or quantized, once each; the
     tables of quantized embeddings are not linear layers here (a tied head is found as the head)."""
     slots = []
@@ -303,8 +313,7 @@ def quantize_model(model: nn.Module, quantize: str, group_size: int | None = Non
     """``model``'s weights in ``quantize``'s format, in place (before projections are fused):
 
     * ``"auto"``: as they are;
-    * ``"none"``: every quantized layer and embedding dequantized into the model's dtype (a tied
-      head quantized on its own is the table again);
+    * ``"none"``: every quantized layer and embedding dequantized into the model's dtype;
     * ``"int8"`` / ``"int4"``: every linear layer in that format and group size (default: int8 per
       channel, int4 groups of 32), the head too except that int4 keeps it at 8 bits
       (:func:`head_format`); a layer already in its format is kept as it is, any other is
@@ -322,16 +331,13 @@ def quantize_model(model: nn.Module, quantize: str, group_size: int | None = Non
         if model.lm_head is embed.table:
             model.lm_head = to_float_linear(embed.table, dtype)
             model.lm_head.weight = model.model.embed_tokens.weight
-    if quantize == "none" and model.config.tie_word_embeddings and isinstance(model.lm_head, QuantizedLinear):
-        model.lm_head = to_float_linear(model.lm_head, dtype)  # quantized on its own: tied to the table again
-        model.tie_weights()
     if quantize in FORMATS and model.config.tie_word_embeddings:
         table = head_format(
             embed.table if isinstance(embed, QuantizedEmbedding) else embed.weight, quantize, group_size
         )
         model.model.embed_tokens = QuantizedEmbedding(table, dtype)
         model.lm_head = table
-    for parent, name, layer in _linear_slots(model):
+    for parent, name, layer in linear_slots(model):
         if quantize == "none":
             if isinstance(layer, QuantizedLinear):
                 setattr(parent, name, to_float_linear(layer, dtype))
@@ -366,8 +372,6 @@ def quantize_tensors(
     if quantize == "auto":
         return tensors
     out: Weights = {}
-    if quantize == "none" and tied and not isinstance(tensors.get("model.embed_tokens.weight"), QuantizedLinear):
-        tensors.pop("lm_head.weight", None)  # a head quantized on its own: tied to the table again
     for name in list(tensors):
         t = tensors.pop(name)
         if quantize == "none" or not is_linear_weight(name):

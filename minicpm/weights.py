@@ -262,9 +262,8 @@ def load_model(
             converted = tensor.to(device=device, dtype=dtype)
             state[name] = converted.clone() if converted.data_ptr() == tensor.data_ptr() else converted
         del tensor
-    own_head = "lm_head.weight" in quantized and "model.embed_tokens.weight" not in quantized
     for name, layer in quantized.items():
-        if name in skip and not (name == "lm_head.weight" and own_head):  # a head quantized on its own
+        if name in skip:
             continue
         layer = _own_copy(layer)
         parent_name, _, attr = name.removesuffix(".weight").rpartition(".")
@@ -273,7 +272,7 @@ def load_model(
             setattr(parent, attr, QuantizedEmbedding(layer, dtype))
         else:
             setattr(parent, attr, layer)
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in state and "lm_head.weight" not in quantized:
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     if isinstance(model.model.embed_tokens, QuantizedEmbedding):
         model.tie_weights()  # a tied head is the table itself, not a float weight to load

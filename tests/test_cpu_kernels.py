@@ -162,7 +162,8 @@ def test_engine_on_the_native_kernel_gives_the_torch_path_tokens(dtype, monkeypa
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     engine_config = EngineConfig(block_size=8, max_num_seqs=4, max_num_batched_tokens=24, kv_cache_memory=2**20)
     plain = LLMEngine(model, None, engine_config)
-    plain.runner.cache.native = None
+    plain.runner.cache.native = None  # the torch paths: no native kernel, so no fused decoder either
+    plain.runner.fused = None
     expected = plain.generate(prompts, params)
     engine = LLMEngine(model, None, engine_config)
     assert engine.runner.cache.native is not None

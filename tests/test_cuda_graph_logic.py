@@ -61,7 +61,8 @@ def test_graph_replays_give_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, kv
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     engine = make_engine(kv_heads)
     runner = engine.runner
-    runner.cache.use_triton = True
+    runner.cache.use_triton = True  # the GPU's path, which has no fused CPU decoder
+    runner.fused = None
     runner._capture_graphs(engine.max_model_len)
     assert set(runner.graphs) == {1, 2, 4}
     for graph, decoder in runner.graphs.values():

@@ -266,7 +266,8 @@ def triton_engine_case(dtype, seed):
     config = EngineConfig(block_size=8, max_num_seqs=3, max_num_batched_tokens=16, kv_cache_memory=1 << 20)
     expected = LLMEngine(model, None, config).generate(prompts, params)
     engine = LLMEngine(model, None, config)
-    engine.runner.cache.use_triton = True
+    engine.runner.cache.use_triton = True  # the GPU's path, which has no fused CPU decoder
+    engine.runner.fused = None
     return engine, prompts, params, expected
 
 

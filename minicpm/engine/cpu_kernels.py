@@ -163,8 +163,7 @@ def _panel_rows(t: Tensor) -> Tensor:
 
 def _panels(t: Tensor) -> Tensor:
     """(out, cols) -> (panels, cols, 32): each panel's 32 output rows side by side, zero-padded."""
-    rows = _panel_rows(t)
-    return rows.view(-1, PANEL, t.shape[1]).transpose(1, 2).contiguous()
+    return _panels_of_rows(_panel_rows(t))
 
 
 def pack_panels(weight: Tensor) -> Tensor:

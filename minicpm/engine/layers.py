@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from ..model import MiniCPMForCausalLM
 from ..quant import FORMATS as QUANTIZED
-from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, quantize_model
-from .cpu_kernels import native_kernels, pack_panels, panel_linear, quantized_panels
+from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, linear_slots, quantize_model
+from .cpu_kernels import PANEL, native_kernels, pack_panels, panel_linear, quantized_panels
 
 log = logging.getLogger("minicpm.engine")
 
@@ -98,10 +98,10 @@ class PanelEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         h = self.head
         flat = ids.reshape(-1)
-        panel, col = flat // 32, flat % 32
-        if h.weights == "int4":
-            codes = h.packed[panel, :, col % 16]  # (n, in): two columns per byte
-            codes = torch.where((col >= 16)[:, None], codes >> 4, codes & 15)
+        panel, col = flat // PANEL, flat % PANEL
+        if h.weights == "int4":  # (n, in): column c and c + 16 share a byte, the low nibble for c < 16
+            codes = h.packed[panel, :, col % (PANEL // 2)]
+            codes = torch.where((col >= PANEL // 2)[:, None], codes >> 4, codes & 15)
         else:
             codes = h.packed[panel, :, col]
         if h.scales is None:
@@ -109,7 +109,7 @@ class PanelEmbedding(nn.Module):
         else:
             scales = h.scales.view(-1)[flat, None] if h.scales.dim() == 1 else h.scales[panel, :, col]
             mins = None if h.mins is None else h.mins[panel, :, col]
-            rows = dequantize_rows(codes, scales, mins, h.in_features // scales.shape[1])
+            rows = dequantize_rows(codes, scales, mins, h.group)
         return rows.to(self.dtype).view(*ids.shape, h.in_features)
 
 
@@ -253,15 +253,12 @@ def prepare_model(
     model.fuse_projections()
     choice = cpu_linear(model)
     shared_table = head_is_table(model)
-    for parent in list(model.modules()):
-        if isinstance(parent, QuantizedEmbedding):  # its table serves lookups; a tied head is found as the head
-            continue
-        for name, child in list(parent.named_children()):
-            if isinstance(child, QuantizedLinear):
-                setattr(parent, name, RowSplitLinear(make_linear(child, "panel"), rows))
-            elif type(child) is nn.Linear and child.bias is None:
-                inner = child if choice is None else make_linear(child, choice)
-                setattr(parent, name, RowSplitLinear(inner, rows))
+    for parent, name, child in linear_slots(model):  # a tied quantized head once, as the head
+        if isinstance(child, QuantizedLinear):
+            inner = make_linear(child, "panel")
+        else:
+            inner = child if choice is None else make_linear(child, choice)
+        setattr(parent, name, RowSplitLinear(inner, rows))
     inner = model.lm_head.inner
     if shared_table and isinstance(inner, PanelLinear):  # one copy of the table: the head's panels
         model.model.embed_tokens = PanelEmbedding(inner, model.dtype)

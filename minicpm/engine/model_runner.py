@@ -69,6 +69,11 @@ def cuda_kv_budget(total: int, free: int, utilization: float, activations: int, 
     return int(total * utilization - (total - free) - activations - gather - graphs - ALLOCATOR_SLACK)
 
 
+def _padded_tables(seqs: list[Sequence], width: int) -> list[list[int]]:
+    """Each sequence's first ``width`` block ids, padded with block 0 (rows of one int32 table)."""
+    return [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in seqs]
+
+
 def release_freed_memory() -> None:
     """Hand memory the process has freed back to the system (glibc keeps freed heap pages, so a
     model's load-time copies would stay resident); a no-op where there is no ``malloc_trim``."""
@@ -233,7 +238,7 @@ class ModelRunner:
                     decode_lens.append(end)
             else:
                 seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
-        tables = [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in batch.seqs]
+        tables = _padded_tables(batch.seqs, width)
         decode_only = batch.decode_only
         md = AttentionMetadata(
             slot_mapping=self._tensor(slots),
@@ -290,7 +295,7 @@ class ModelRunner:
     def _fused_rows(self, batch: ScheduledBatch) -> int:
         """How many leading sequences the fused decoder takes: one new token each, sampling after
         it, no prompt logprobs to score."""
-        if self.fused is None or self.cache.native is None or self.cache.use_triton:  # (tests switch paths)
+        if self.fused is None:
             return 0
         lead = 0
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
@@ -307,13 +312,12 @@ class ModelRunner:
         positions = [seq.num_computed_tokens for seq in seqs]
         lens = [p + 1 for p in positions]
         width = max(-(-n // bs) for n in lens)
-        tables = [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in seqs]
         h = self.fused.hidden_states(
             torch.tensor([seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)]),
             torch.tensor(positions),
             torch.stack([self.inv_freq(s) for s in seqs]),
             torch.tensor([seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions, strict=True)]),
-            torch.tensor(tables, dtype=torch.int32),
+            torch.tensor(_padded_tables(seqs, width), dtype=torch.int32),
             torch.arange(len(seqs), dtype=torch.int32),
             torch.tensor(lens, dtype=torch.int32),
         )
