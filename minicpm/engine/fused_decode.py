@@ -91,8 +91,7 @@ class FusedDecoder:
 
     def __init__(self, model: MiniCPMForCausalLM, cache: PagedKVCache, lib: ctypes.CDLL, layers: ctypes.Array) -> None:
         self.model, self.cache, self.lib, self.layers = model, cache, lib, layers
-        c = model.config
-        self.config = c
+        self.config = model.config
         self.dtype = model.dtype
         self.max_rows = 0
         self.work = self.scratch = torch.empty(0)

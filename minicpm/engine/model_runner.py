@@ -158,11 +158,7 @@ class ModelRunner:
         memory pool in use (its growth logged); then the cache gets the budget and the graphs are
         captured again over it (they hold the cache's addresses)."""
         c = self.model_config
-        self.cache = PagedKVCache(c, 1, self.block_size, self.dtype, self.device)
-        if not self.cache.use_triton:
-            self.num_blocks = self._num_blocks(max_model_len)
-            self.cache = PagedKVCache(c, self.num_blocks, self.block_size, self.dtype, self.device)
-            return
+        self.cache = PagedKVCache(c, 1, self.block_size, self.dtype, self.device)  # Triton: the caller checked
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
         self._capture_graphs(max_model_len)
