@@ -172,6 +172,7 @@ def test_cpu_formats_tiny_run_measures_every_path(default_model_dir: Path) -> No
         assert report["memory"][fmt]["minicpm"]["model_bytes"] > 0
         assert positive(report["perplexity"][fmt]["minicpm"]["ppl"])
         assert set(report["prefill"][f"minicpm {fmt}"]) == {"128/quiet", "128/loaded"}
-    assert set(report["loaded"]["minicpm"]) == {"quiet", "loaded", "kept"}
-    assert report["targets"]["decode_loaded_at_least_half_quiet"] in (True, False)
+    loaded = report["loaded"]["minicpm"]
+    assert loaded["kept"] == loaded["loaded"] / loaded["quiet"]
+    assert report["targets"]["decode_loaded_at_least_half_quiet"] is (loaded["kept"] >= 0.5)
     assert "target decode_loaded_at_least_half_quiet" in proc.stdout
