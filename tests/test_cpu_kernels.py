@@ -200,6 +200,125 @@ def test_a_decode_rows_logits_do_not_depend_on_a_neighbours_prefill(one_thread) 
     assert torch.equal(logits[0], logits[1])
 
 
+# ---------------------------------------------------------------------------- bfloat16 prefill
+
+
+def _prefill_available() -> bool:
+    from minicpm.engine.cpu_kernels import prefill_available
+
+    return prefill_available(native_kernels(), torch.bfloat16, 64)
+
+
+needs_bf16_dot = pytest.mark.skipif(
+    native_kernels() is None or not _prefill_available(),
+    reason="no AVX512-BF16 here: the bfloat16 prefill kernel is off",
+)
+
+
+def prefill_reference(q, kc, vc, table, past, bs):
+    """Row t of the chunk over keys 0..past+t, gathered through ``table``: float64 softmax attention."""
+    m, heads, d = q.shape
+    groups = heads // kc.shape[1]
+    ctx = past + m
+    slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in range(ctx)])
+    k = kc[slots].double().transpose(0, 1).repeat_interleave(groups, 0)  # (heads, ctx, d)
+    v = vc[slots].double().transpose(0, 1).repeat_interleave(groups, 0)
+    scores = torch.einsum("mhd,hkd->hmk", q.double(), k) * d**-0.5
+    hidden = torch.arange(ctx)[None] > (torch.arange(m) + past)[:, None]
+    return torch.einsum("hmk,hkd->mhd", scores.masked_fill(hidden, float("-inf")).softmax(-1), v)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(9, 3, 64), (4, 4, 128), (8, 1, 64), (2, 2, 192)])
+@pytest.mark.parametrize(("past", "m"), [(0, 1), (0, 45), (13, 40), (70, 7), (3, 100)])
+def test_bf16_prefill_kernel_matches_the_reference(heads, kv_heads, d, past, m) -> None:
+    """A chunk at any offset (a block's middle, tiles of 12 rows and their tails, GQA and MHA) over
+    scattered blocks: as close to float64 attention as torch's own bfloat16 attention is."""
+    from minicpm.engine.cpu_kernels import paged_prefill
+
+    bs = 16
+    gen = torch.Generator().manual_seed(past * 7 + m + d)
+    num_blocks = 16
+    kc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).bfloat16()
+    vc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).bfloat16()
+    table = torch.randperm(num_blocks, generator=gen).to(torch.int32)[: -(-(past + m) // bs)].contiguous()
+    q = (2 * torch.randn(m, heads, d, generator=gen)).bfloat16()
+    got = paged_prefill(q, kc, vc, table, past, bs, d**-0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    expected = prefill_reference(q, kc, vc, table, past, bs)
+    ctx = past + m
+    slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in range(ctx)])
+    mask = torch.arange(ctx)[None] <= (torch.arange(m) + past)[:, None]
+    torch_bf16 = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        kc[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, 0),
+        vc[slots].transpose(0, 1).repeat_interleave(heads // kv_heads, 0),
+        attn_mask=mask,
+    ).transpose(0, 1)
+    ours, theirs = ((t.double() - expected).abs().max().item() for t in (got, torch_bf16))
+    assert ours <= max(1.5 * theirs, 8e-3), (ours, theirs)
+
+
+@needs_bf16_dot
+def test_bf16_prefill_kernel_refuses_what_it_cannot_serve() -> None:
+    from minicpm.engine.cpu_kernels import paged_prefill
+
+    bs, d = 8, 64
+    kc = torch.zeros(4 * bs, 2, d, dtype=torch.bfloat16)
+    q = torch.zeros(5, 4, d, dtype=torch.bfloat16)
+    table = torch.tensor([2, 0], dtype=torch.int32)
+    assert paged_prefill(q, kc, kc, table, 3, bs, 0.125).shape == q.shape
+    with pytest.raises(ValueError, match="beyond the table"):
+        paged_prefill(q, kc, kc, table, 12, bs, 0.125)  # 17 keys over 2 blocks of 8
+    with pytest.raises(ValueError, match="block id outside the cache"):
+        paged_prefill(q, kc, kc, torch.tensor([4, 0], dtype=torch.int32), 3, bs, 0.125)
+    with pytest.raises(ValueError, match=r"not available for torch\.float32"):
+        paged_prefill(q.float(), kc.float(), kc.float(), table, 3, bs, 0.125)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        paged_prefill(q[..., :48], kc[..., :48], kc[..., :48], table, 3, bs, 0.125)
+    with pytest.raises(ValueError, match="int32"):
+        paged_prefill(q, kc, kc, table.long(), 3, bs, 0.125)
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_engine_prefill_on_the_kernel_is_as_close_to_float32_as_the_torch_path(fused, one_thread) -> None:
+    """A bfloat16 model (head_dim 64) prefilling chunks beside other sequences' decode rows (in the
+    fused decoder, or in the same forward), over scattered blocks: each sequence's first sampled
+    logits are within torch's own bfloat16 error of the float32 model's, and the same greedy tokens
+    follow as on the torch path."""
+    config = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    model = random_model(config, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 50, 9, 40, 27)]
+    with torch.no_grad():
+        truth = [model(torch.tensor([p]))[0, -1].float() for p in prompts]
+    bf16 = model.to(torch.bfloat16)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    firsts, tokens = [], []
+    for native in (True, False):
+        engine = LLMEngine(bf16, None, EngineConfig(block_size=8, max_num_seqs=4, max_num_batched_tokens=32))
+        assert engine.runner.cache.native_prefill is not None
+        if not native:
+            engine.runner.cache.native_prefill = None
+        if not fused:
+            engine.runner.fused = None
+        first: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def keep(rows, seqs, first=first, sample=engine.runner.sampler.sample):
+            for row, seq in zip(rows, seqs, strict=True):
+                first.setdefault(tuple(seq.prompt_ids), row.float().clone())
+            return sample(rows, seqs)
+
+        engine.runner.sampler.sample = keep
+        tokens.append([c.token_ids for c in engine.generate(prompts, params)])
+        firsts.append([first[tuple(p)] for p in prompts])
+    for ours, theirs, want in zip(*firsts, truth, strict=True):
+        ours, theirs = (ours - want).abs().max().item(), (theirs - want).abs().max().item()
+        assert ours <= max(1.5 * theirs, 0.01), (ours, theirs)
+    assert tokens[0] == tokens[1]
+
+
 # ---------------------------------------------------------------------------- panel linear
 
 
@@ -216,11 +335,12 @@ def test_panel_linear_matches_a_float64_product(dtype, tol, n: int, k: int) -> N
     assert packed.shape == (-(-n // 32), k, 32)
     for m in (1, 5, 12, 13, 40):
         x = torch.randn(m, k, generator=gen).to(dtype)
-        got = panel_linear(x, packed, n, native_kernels())
         expected = x.double() @ weight.double().T
-        assert got.dtype == dtype and got.shape == (m, n)
         scale = x.double().abs() @ weight.double().abs().T  # the size of the terms summed
-        assert ((got.double() - expected).abs() <= tol * scale + 1e-6).all()
+        for prefill in (False, True):  # bfloat16 prefill: on the dot-product instruction where the CPU has it
+            got = panel_linear(x, packed, n, native_kernels(), prefill=prefill)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert ((got.double() - expected).abs() <= tol * scale + 1e-6).all()
 
 
 @needs_native
@@ -243,6 +363,9 @@ def test_panel_linear_rows_do_not_depend_on_their_neighbours(dtype) -> None:
             for i in (0, 11, 12, 36):
                 assert torch.equal(panel_linear(batch[i : i + 1], packed, 200, lib)[0], whole[i])
             assert torch.equal(panel_linear(batch[5:30], packed, 200, lib), whole[5:30])
+            # prefill rows (many): bfloat16 ones take the dot-product instruction, rows still apart
+            tall = panel_linear(batch, packed, 200, lib, prefill=True)
+            assert torch.equal(panel_linear(batch[5:30], packed, 200, lib, prefill=True), tall[5:30])
     finally:
         torch.set_num_threads(threads)
 

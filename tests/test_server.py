@@ -308,8 +308,9 @@ def test_50_clients_that_disconnect_leave_nothing_running(server: LiveServer) ->
             "max_tokens": 200,
             "stream": i % 5 != 0,
         }
-        if not body["stream"]:  # non-streaming: give up while the answer is computed
-            with pytest.raises(httpx.ReadTimeout):
+        if not body["stream"]:  # non-streaming: give up while the answer is computed (or, on a
+            # busy machine, while the connection is still being accepted: a give-up all the same)
+            with pytest.raises((httpx.ReadTimeout, httpx.ConnectTimeout)):
                 await client.post(CHAT, json=body, timeout=rng.uniform(0.2, 1.5))
             return
         async with client.stream("POST", CHAT, json=body) as response:

@@ -10,10 +10,12 @@ queries, causal attention over that sequence's cached tokens plus its new ones.
 * On CPU nothing is gathered or masked, whatever the order of the blocks. Decode rows (one new
   token) go, all of the step's together, to the native paged kernel
   (:mod:`minicpm.engine.cpu_kernels`: one call per layer, blocks read through the block table
-  in place), so a decode row's result does not depend on what else the step holds. Prefill
-  chunks (and decode rows where the kernel cannot be built) attend to their own blocks read in
-  place, one view per run of consecutive block ids (the block manager keeps a sequence's blocks
-  consecutive where it can), runs merged by log-sum-exp.
+  in place), so a decode row's result does not depend on what else the step holds. bfloat16
+  prefill chunks on a CPU with AVX512-BF16 go to the native prefill kernel (one call per chunk
+  per layer, blocks read through the table, on the bfloat16 dot-product instruction: about twice
+  torch's flash kernel). Other prefill chunks (and decode rows where the kernel cannot be built)
+  attend to their own blocks read in place, one view per run of consecutive block ids (the block
+  manager keeps a sequence's blocks consecutive where it can), runs merged by log-sum-exp.
 * On GPU with Triton (:mod:`minicpm.engine.triton_attention`) every step reads the blocks in
   place too: its leading decode rows (the scheduler puts them first) go to the paged decode
   kernel, the rest (prefill chunks, with or without a cached past) to the varlen paged prefill
@@ -40,7 +42,7 @@ from torch import Tensor
 
 from ..config import MiniCPMConfig
 from ..model import causal_attention
-from .cpu_kernels import native_kernels, paged_attention
+from .cpu_kernels import native_kernels, paged_attention, paged_prefill, prefill_available
 
 
 def triton_available() -> bool:
@@ -251,6 +253,8 @@ class PagedKVCache:
         self.native = None
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             self.native = native_kernels()
+        # CPU bfloat16 prefill chunks: the native kernel on the dot-product instruction, where the CPU has it
+        self.native_prefill = self.native if prefill_available(self.native, dtype, config.head_dim) else None
         self.metadata: AttentionMetadata | None = None
 
     @property
@@ -326,7 +330,7 @@ class PagedKVCache:
         for i, n in enumerate(md.query_lens):
             if n > 1:
                 sub = AttentionMetadata(
-                    md.slot_mapping, md.block_tables, md.context_lens, False, [n], [md.context_lens_host[i]]
+                    md.slot_mapping, md.block_tables[i : i + 1], md.context_lens, False, [n], [md.context_lens_host[i]]
                 )
                 sub.seq_runs = [md.seq_runs[i]]
                 part = self._attend_in_place(
@@ -351,7 +355,14 @@ class PagedKVCache:
             qi = q[:, :, start : start + n]
             ctx = md.context_lens_host[i]
             past = ctx - n
-            if n > 1 and past == 0:  # a first chunk: its own keys only
+            if n > 1 and self.native_prefill is not None:  # bfloat16 on AVX512-BF16: one native call
+                rows = qi[0].transpose(0, 1)
+                if rows.stride(2) != 1 or rows.stride(1) != d:
+                    rows = rows.contiguous()
+                table = md.block_tables[i]
+                out = paged_prefill(rows, kc, vc, table, past, self.block_size, self.scale, self.native_prefill)
+                out = out.transpose(0, 1)[None]
+            elif n > 1 and past == 0:  # a first chunk: its own keys only
                 out = causal_attention(qi, k[:, :, start : start + n], v[:, :, start : start + n])
             else:
                 limit = ctx if n == 1 else past  # a decode row's own key is in the cache already

@@ -12,7 +12,10 @@
  * on the rows computed beside it. Weights are float32, bfloat16, int8 with a scale per output
  * column, or int8 / int4 codes in groups with a scale and an optional minimum each (weight-only
  * quantization). GCC vector extensions give whole-vector code on any target (AVX-512, AVX2, NEON);
- * x86 intrinsics appear only in the int8 / int4 loads.
+ * x86 intrinsics appear only in the int8 / int4 loads and in the bfloat16 prefill tiles, which run
+ * (prompt rows, bfloat16 weights and inputs, a CPU with AVX512-BF16) on the dot-product
+ * instruction: exact products summed in float32 two inputs at a time, still one sum per output
+ * independent of the other rows, but not bitwise the decode tiles' sums.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -289,6 +292,83 @@ static inline __attribute__((always_inline)) void run_tile(int kind, const void 
     }
 }
 
+#if defined(__AVX512BF16__)
+#define HAVE_BF16_DOT 1
+/* bfloat16 prefill (bfloat16 weights and inputs, as a bfloat16 model's): the products run on the
+ * CPU's bfloat16 dot-product instruction, two inputs per multiply-add, twice the float32 tiles'
+ * pace. Products of two bfloat16 values are exact in float32, so the sums are float32 sums of exact
+ * products, as torch's bfloat16 matmul computes them (in another order: each lane adds an input
+ * pair at a time). The panel is first regrouped as pairs: [j/2][c][2] = W[c, j], W[c, j + 1]. */
+static void pair_panel(const uint16_t *panel, int k, uint16_t *pairs) {
+    for (int j = 0; j < k; j += 2)
+        for (int c = 0; c < PANEL; c++) {
+            pairs[(int64_t)j * PANEL + 2 * c] = panel[(int64_t)j * PANEL + c];
+            pairs[(int64_t)j * PANEL + 2 * c + 1] = panel[(int64_t)(j + 1) * PANEL + c];
+        }
+}
+
+static inline __attribute__((always_inline)) void tile_bf16_dot(const uint16_t *x, int64_t x_stride,
+                                                                const uint16_t *pairs, int k, const int rows,
+                                                                float *out) {
+    __m512 acc0[ROWS], acc1[ROWS];
+    for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int j = 0; j < k; j += 2) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(pairs + (int64_t)j * PANEL);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(pairs + (int64_t)j * PANEL + PANEL);
+        for (int r = 0; r < rows; r++) {
+            uint32_t pair;
+            memcpy(&pair, x + r * x_stride + j, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc0[r] = _mm512_dpbf16_ps(acc0[r], xv, w0);
+            acc1[r] = _mm512_dpbf16_ps(acc1[r], xv, w1);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm512_storeu_ps(out + r * PANEL, acc0[r]);
+        _mm512_storeu_ps(out + r * PANEL + 16, acc1[r]);
+    }
+}
+
+/* the bfloat16 prefill over all panels (see tile_bf16_dot); 0 when out of memory */
+static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *packed, int m, int n, int k,
+                           uint16_t *y, int64_t y_stride) {
+    const int panels = (n + PANEL - 1) / PANEL, tiles = (m + ROWS - 1) / ROWS;
+    int ok = 1;
+#pragma omp parallel
+    {
+        uint16_t *pairs = malloc(sizeof(uint16_t) * (size_t)k * PANEL);
+        if (!pairs) {
+#pragma omp atomic write
+            ok = 0;
+        }
+#pragma omp barrier
+        if (ok) {
+#pragma omp for schedule(static)
+            for (int p = 0; p < panels; p++) {
+                float out[ROWS * PANEL];
+                pair_panel(packed + (int64_t)p * k * PANEL, k, pairs);
+                const int c0 = p * PANEL, cols = n - c0 < PANEL ? n - c0 : PANEL;
+                for (int t = 0; t < tiles; t++) {
+                    const int r0 = t * ROWS, rows = m - r0 < ROWS ? m - r0 : ROWS;
+                    DISPATCH_ROWS(tile_bf16_dot, x + (int64_t)r0 * x_stride, x_stride, pairs, k, rows, out)
+                    for (int r = 0; r < rows; r++) {
+                        uint16_t *dst = y + (int64_t)(r0 + r) * y_stride + c0;
+                        for (int c = 0; c < cols; c++) dst[c] = f32_to_bf16_rne(out[r * PANEL + c]);
+                    }
+                }
+            }
+        }
+        free(pairs);
+    }
+    return ok;
+}
+#else
+#define HAVE_BF16_DOT 0
+#endif
+
+/* 1 where bfloat16 prefill runs on the bfloat16 dot-product instruction (built for a CPU that has it) */
+int minicpm_linear_bf16_dot(void) { return HAVE_BF16_DOT; }
+
 /* y (m, n), row stride y_stride, = x (m, k), row stride x_stride, times the packed W^T.
  * wtype: the packed weight's type (0 float32, 1 bfloat16, 2 int8 with one float32 scale per output
  * column in ``scales``: the int8 sums, exact in float32 accumulators, are scaled once at the end;
@@ -303,6 +383,13 @@ static inline __attribute__((always_inline)) void run_tile(int kind, const void 
 void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
                     const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch,
                     int prefill) {
+    const int panels = (n + PANEL - 1) / PANEL;
+    const int tiles = (m + ROWS - 1) / ROWS;
+#if HAVE_BF16_DOT
+    if (prefill && tiles > 1 && wtype == 1 && xtype == 1 && k % 2 == 0 &&
+        linear_bf16_dot((const uint16_t *)x, x_stride, (const uint16_t *)packed, m, n, k, (uint16_t *)y, y_stride))
+        return;
+#endif
     const float *xf = (const float *)x;
     if (xtype == 1) {
         for (int r = 0; r < m; r++)
@@ -313,8 +400,6 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
         xf = scratch;
         x_stride = k;
     }
-    const int panels = (n + PANEL - 1) / PANEL;
-    const int tiles = (m + ROWS - 1) / ROWS;
     if (prefill && tiles > 1 && wtype != 0) { /* each panel widened to float32 weights once */
 #pragma omp parallel
         {

@@ -205,3 +205,199 @@ int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const vo
     }
     return failed ? -3 : 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Prefill on the CPU's bfloat16 dot-product instruction (AVX512-BF16): one sequence's chunk of m
+ * new rows at positions past..past+m-1 attends causally to the sequence's cached keys (the chunk's
+ * own already written), read through its block table. Per kv head, the context's keys and values
+ * are first regrouped (once, shared by every query tile) into the instruction's pair layout:
+ *
+ *   Kp [key block of 32][head_dim / 2][32 keys][2]   (two dimensions of one key side by side)
+ *   Vp [key block of 32][16 key pairs][head_dim][2]  (one dimension of two keys side by side)
+ *
+ * A tile is 12 query rows of one kv head (positions x its query heads), its keys visited 32 at a
+ * time up to the last row's length: scores are float32 sums of exact bfloat16 products, scaled,
+ * masked past each row's position, folded into a running max and sum (float32); the probabilities,
+ * rounded to bfloat16 as flash attention's bfloat16 kernels round them, weigh the values in float32
+ * sums. Keys past a row's position cost nothing beyond the tile's last row. */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#define PREFILL_ROWS 12
+#define KEYS 32
+
+static void pair_keys(const uint16_t *kc, const uint16_t *vc, const int32_t *table, int kv_heads, int kvh,
+                      int head_dim, int block_size, int ctx, int kb, uint16_t *kp, uint16_t *vp) {
+    const int hd2 = head_dim / 2;
+    uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
+    for (int c = 0; c < KEYS; c++) {
+        const int key = kb * KEYS + c;
+        const uint16_t *kr = NULL, *vr = NULL;
+        if (key < ctx) {
+            const int64_t at = (((int64_t)table[key / block_size] * block_size + key % block_size) * kv_heads + kvh) * head_dim;
+            kr = kc + at;
+            vr = vc + at;
+        }
+        for (int dp = 0; dp < hd2; dp++) {
+            kt[((int64_t)dp * KEYS + c) * 2] = kr ? kr[2 * dp] : 0;
+            kt[((int64_t)dp * KEYS + c) * 2 + 1] = kr ? kr[2 * dp + 1] : 0;
+        }
+        for (int d = 0; d < head_dim; d++) vt[((int64_t)(c / 2) * head_dim + d) * 2 + (c & 1)] = vr ? vr[d] : 0;
+    }
+}
+
+/* exp_nonpos over 16 lanes (the same steps, so the same values) */
+static inline __m512 exp16_nonpos(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* one tile: rows (<= PREFILL_ROWS) query rows q[r] seeing the first len[r] keys (len ascending) */
+static void prefill_tile(const uint16_t *const *q, const int *len, int rows, const uint16_t *kp, const uint16_t *vp,
+                         int head_dim, float scale, float *acc, uint16_t *const *out) {
+    const int hd2 = head_dim / 2, lim = len[rows - 1];
+    float mx[PREFILL_ROWS], sm[PREFILL_ROWS];
+    uint16_t p16[PREFILL_ROWS][KEYS];
+    for (int r = 0; r < PREFILL_ROWS; r++) {
+        mx[r] = -INFINITY;
+        sm[r] = 0.0f;
+    }
+    const uint16_t *qq[PREFILL_ROWS]; /* rows past ``rows`` repeat row 0, their results unused */
+    for (int r = 0; r < PREFILL_ROWS; r++) qq[r] = q[r < rows ? r : 0];
+    memset(acc, 0, sizeof(float) * PREFILL_ROWS * head_dim);
+    for (int kb = 0; kb * KEYS < lim; kb++) {
+        const uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
+        __m512 s0[PREFILL_ROWS], s1[PREFILL_ROWS];
+        for (int r = 0; r < PREFILL_ROWS; r++) s0[r] = s1[r] = _mm512_setzero_ps();
+        for (int dp = 0; dp < hd2; dp++) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(kt + (int64_t)dp * KEYS * 2);
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(kt + (int64_t)dp * KEYS * 2 + 32);
+            for (int r = 0; r < PREFILL_ROWS; r++) {
+                uint32_t pair;
+                memcpy(&pair, qq[r] + 2 * dp, sizeof pair);
+                const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair);
+                s0[r] = _mm512_dpbf16_ps(s0[r], x, w0);
+                s1[r] = _mm512_dpbf16_ps(s1[r], x, w1);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const int seen = len[r] - kb * KEYS; /* keys of this block the row sees (may be <= 0) */
+            const __mmask16 k0 = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
+            const __mmask16 k1 = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
+            const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
+            const __m512 a0 = _mm512_mask_mul_ps(ninf, k0, s0[r], sc), a1 = _mm512_mask_mul_ps(ninf, k1, s1[r], sc);
+            const float blk = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+            const float m = blk > mx[r] ? blk : mx[r];
+            const __m512 mv = _mm512_set1_ps(m);
+            const __m512 p0 = _mm512_maskz_mov_ps(k0, exp16_nonpos(_mm512_sub_ps(a0, mv)));
+            const __m512 p1 = _mm512_maskz_mov_ps(k1, exp16_nonpos(_mm512_sub_ps(a1, mv)));
+            const float correction = exp_nonpos(mx[r] - m);
+            sm[r] = sm[r] * correction + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+            mx[r] = m;
+            _mm512_storeu_si512(p16[r], (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* p0's 16 first */
+            if (correction != 1.0f)
+                for (int d = 0; d < head_dim; d++) acc[r * head_dim + d] *= correction;
+        }
+        for (int r = rows; r < PREFILL_ROWS; r++) memset(p16[r], 0, sizeof p16[r]);
+        for (int r0 = 0; r0 < rows; r0 += 6)
+            for (int d0 = 0; d0 < head_dim; d0 += 64) {
+                __m512 a[6][4];
+                for (int r = 0; r < 6; r++)
+                    for (int i = 0; i < 4; i++) a[r][i] = _mm512_loadu_ps(acc + (r0 + r) * head_dim + d0 + 16 * i);
+                for (int jp = 0; jp < KEYS / 2; jp++) {
+                    __m512bh w[4];
+                    for (int i = 0; i < 4; i++)
+                        w[i] = (__m512bh)_mm512_loadu_si512(vt + ((int64_t)jp * head_dim + d0 + 16 * i) * 2);
+                    for (int r = 0; r < 6; r++) {
+                        uint32_t pair;
+                        memcpy(&pair, &p16[r0 + r][2 * jp], sizeof pair);
+                        const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair);
+                        for (int i = 0; i < 4; i++) a[r][i] = _mm512_dpbf16_ps(a[r][i], x, w[i]);
+                    }
+                }
+                for (int r = 0; r < 6; r++)
+                    for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc + (r0 + r) * head_dim + d0 + 16 * i, a[r][i]);
+            }
+    }
+    for (int r = 0; r < rows; r++) {
+        const float inv = 1.0f / sm[r];
+        for (int d = 0; d < head_dim; d++) out[r][d] = f32_to_bf16(acc[r * head_dim + d] * inv);
+    }
+}
+#define HAVE_PREFILL_BF16 1
+#else
+#define HAVE_PREFILL_BF16 0
+#endif
+
+/* 1 where minicpm_paged_prefill runs here (bfloat16, a CPU with AVX512-BF16) */
+int minicpm_paged_prefill_available(void) { return HAVE_PREFILL_BF16; }
+
+/* q (m, heads, head_dim) bfloat16, row stride q_stride, heads contiguous; kc, vc one layer's
+ * cache (slots, kv_heads, head_dim); table: the sequence's ``width`` block ids; the chunk's rows are
+ * positions past..past+m-1 and row t sees keys 0..past+t; out (m, heads, head_dim) contiguous.
+ * Returns 0, or -1 (a group of query heads too large), -2 (not built here), -3 (no memory), -5
+ * (past + m beyond the table), -6 (a block id outside the cache), -7 (head_dim not a multiple of 64). */
+int minicpm_paged_prefill(const void *q, int64_t q_stride, const void *kc, const void *vc, int64_t num_blocks,
+                          const int32_t *table, int width, int past, int m, int heads, int kv_heads, int head_dim,
+                          int block_size, float scale, void *out) {
+#if HAVE_PREFILL_BF16
+    if (m <= 0) return 0;
+    if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return -1;
+    if (head_dim <= 0 || head_dim % 64 != 0) return -7;
+    const int ctx = past + m;
+    if (past < 0 || ctx > (int64_t)width * block_size) return -5;
+    for (int b = 0; b * block_size < ctx; b++)
+        if (table[b] < 0 || table[b] >= num_blocks) return -6;
+    const int groups = heads / kv_heads, blocks = (ctx + KEYS - 1) / KEYS;
+    const int tiles = (m * groups + PREFILL_ROWS - 1) / PREFILL_ROWS;
+    const size_t packed = (size_t)blocks * KEYS * head_dim;
+    uint16_t *kp = malloc(sizeof(uint16_t) * packed), *vp = malloc(sizeof(uint16_t) * packed);
+    int failed = kp == NULL || vp == NULL;
+    if (!failed) {
+#pragma omp parallel reduction(| : failed)
+        {
+            float *acc = malloc(sizeof(float) * PREFILL_ROWS * head_dim);
+            if (acc == NULL) failed = 1;
+            for (int kvh = 0; kvh < kv_heads; kvh++) {
+#pragma omp for schedule(static)
+                for (int kb = 0; kb < blocks; kb++)
+                    pair_keys((const uint16_t *)kc, (const uint16_t *)vc, table, kv_heads, kvh, head_dim, block_size,
+                              ctx, kb, kp, vp);
+#pragma omp for schedule(dynamic, 1)
+                for (int t = 0; t < tiles; t++) {
+                    if (acc == NULL) continue;
+                    const uint16_t *qr[PREFILL_ROWS];
+                    uint16_t *orow[PREFILL_ROWS];
+                    int len[PREFILL_ROWS], rows = 0;
+                    for (int i = t * PREFILL_ROWS; i < m * groups && rows < PREFILL_ROWS; i++, rows++) {
+                        const int pos = i / groups, h = kvh * groups + i % groups;
+                        qr[rows] = (const uint16_t *)q + (int64_t)pos * q_stride + (int64_t)h * head_dim;
+                        orow[rows] = (uint16_t *)out + ((int64_t)pos * heads + h) * head_dim;
+                        len[rows] = past + pos + 1;
+                    }
+                    prefill_tile(qr, len, rows, kp, vp, head_dim, scale, acc, orow);
+                }
+            }
+            free(acc);
+        }
+    }
+    free(kp);
+    free(vp);
+    return failed ? -3 : 0;
+#else
+    (void)q, (void)q_stride, (void)kc, (void)vc, (void)num_blocks, (void)table, (void)width, (void)past, (void)m;
+    (void)heads, (void)kv_heads, (void)head_dim, (void)block_size, (void)scale, (void)out;
+    return -2;
+#endif
+}
