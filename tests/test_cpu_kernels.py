@@ -586,6 +586,13 @@ def test_quantized_panels_equal_the_dequantized_product(fmt: str, group, n: int,
     layer = quantize(weight, fmt, group)
     g = group or (k if fmt == "int8" else 32)
     assert layer.group == g and layer.scales.shape == (n, k // g)
+    if fmt == "int4":  # the panels' layout, built plainly: column c in the low nibble of byte c % 16
+        from minicpm.engine.cpu_kernels import quantized_panels
+
+        codes = torch.zeros(-(-n // 32) * 32, k, dtype=torch.uint8)
+        codes[:n] = layer.codes()
+        by_panel = codes.view(-1, 32, k).transpose(1, 2)
+        assert torch.equal(quantized_panels(layer)[0], by_panel[..., :16] | (by_panel[..., 16:] << 4))
     deq = layer.dequantize()
     assert torch.equal(deq[3], weight[3]) and (fmt == "int8" or torch.equal(deq[5], weight[5]))
     step = layer.scales.repeat_interleave(g, 1)

@@ -39,18 +39,32 @@ def test_a_busy_core_takes_a_thread_and_gives_it_back(machine) -> None:
     calls: list[int] = []
     gov = governor_on(machine, calls)
     assert gov.enabled
-    machine.run(1.1, mine_cores=2.0, other_cores=0.0)  # quiet: nothing changes
+    machine.run(0.3, mine_cores=2.0, other_cores=0.0)  # quiet: nothing changes
     gov.tick()
     assert calls == [] and gov.others == pytest.approx(0.0)
-    machine.run(1.1, mine_cores=1.0, other_cores=1.0)  # another process spins on a core
+    machine.run(0.3, mine_cores=1.0, other_cores=1.0)  # another process spins on a core
     gov.tick()
     assert calls == [1] and gov.others == pytest.approx(1.0)
-    machine.run(1.1, mine_cores=1.0, other_cores=0.45)  # between the thresholds: stay
+    machine.run(0.3, mine_cores=1.0, other_cores=0.45)  # between the thresholds: stay
     gov.tick()
     assert calls == [1]
-    machine.run(1.1, mine_cores=1.0, other_cores=0.1)  # it stopped: back to two
+    machine.run(0.3, mine_cores=1.0, other_cores=0.1)  # it stopped: back to two
     gov.tick()
     assert calls == [1, 2] and gov.threads == 2
+
+
+def test_after_an_idle_spell_a_new_load_gets_a_window_of_its_own(machine) -> None:
+    """Idle for 10 s, then a process spins: the first tick's window (10 s quiet, a moment loaded)
+    decides nothing; a quarter second later the load is seen."""
+    calls: list[int] = []
+    gov = governor_on(machine, calls)
+    machine.run(10.0, mine_cores=0.0, other_cores=0.0)
+    machine.run(0.05, mine_cores=1.0, other_cores=1.0)
+    gov.tick()
+    assert calls == []
+    machine.run(0.3, mine_cores=1.0, other_cores=1.0)
+    gov.tick()
+    assert calls == [1]
 
 
 def test_ticks_inside_the_interval_do_nothing(machine) -> None:
@@ -58,7 +72,7 @@ def test_ticks_inside_the_interval_do_nothing(machine) -> None:
     gov = governor_on(machine, calls)
     reads = []
     gov._read = lambda: reads.append(1) or machine.read()
-    machine.run(0.5, mine_cores=1.0, other_cores=1.0)
+    machine.run(0.2, mine_cores=1.0, other_cores=1.0)
     gov.tick()
     assert reads == [] and calls == []
 
@@ -92,7 +106,10 @@ def test_a_cpu_engine_ticks_its_governor_each_step(machine, monkeypatch) -> None
 
     engine = LLMEngine(random_model(tiny_config(num_hidden_layers=1)), None, EngineConfig(kv_cache_memory=1 << 20))
     assert isinstance(engine.governor, ThreadGovernor)
-    ticks = []
+    assert engine.runner.cache.on_layer == engine.governor.tick  # and before each layer's attention
+    ticks, layer_ticks = [], []
     monkeypatch.setattr(engine.governor, "tick", lambda: ticks.append(1))
+    engine.runner.cache.on_layer = lambda: layer_ticks.append(1)
+    engine.runner.fused = None  # every step through the model's layers
     engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, ignore_eos=True))
-    assert len(ticks) == engine.num_steps
+    assert len(ticks) == engine.num_steps and len(layer_ticks) == engine.num_steps

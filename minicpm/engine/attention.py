@@ -256,6 +256,9 @@ class PagedKVCache:
         # CPU bfloat16 prefill chunks: the native kernel on the dot-product instruction, where the CPU has it
         self.native_prefill = self.native if prefill_available(self.native, dtype, config.head_dim) else None
         self.metadata: AttentionMetadata | None = None
+        # called before each layer's attention (the CPU engine's thread governor: a long prefill
+        # step follows the machine's load layer by layer, not only between steps)
+        self.on_layer: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -275,6 +278,8 @@ class PagedKVCache:
         md = self.metadata
         if md is None:
             raise RuntimeError("PagedKVCache.attend called without metadata")
+        if self.on_layer is not None:
+            self.on_layer()
         kc, vc = self.k[layer], self.v[layer]
         kv_heads, d = kc.shape[-2], kc.shape[-1]
         kc.view(-1, kv_heads, d).index_copy_(0, md.slot_mapping, k[0].transpose(0, 1))

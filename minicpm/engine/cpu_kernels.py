@@ -150,6 +150,8 @@ def native_kernels() -> ctypes.CDLL | None:
     lib.minicpm_paged_prefill.restype = ctypes.c_int
     lib.minicpm_paged_prefill_available.argtypes = []
     lib.minicpm_paged_prefill_available.restype = ctypes.c_int
+    lib.minicpm_pack_int4_panels.argtypes = [v, i, i, v]
+    lib.minicpm_pack_int4_panels.restype = None
     lib.minicpm_linear_bf16_dot.argtypes = []
     lib.minicpm_linear_bf16_dot.restype = ctypes.c_int
     f = ctypes.c_float
@@ -189,16 +191,19 @@ def quantized_panels(q: QuantizedLinear) -> tuple[Tensor, Tensor, Tensor | None]
     codes two per byte, (panel, in, 16) (column c in byte c % 16, the low nibble for c < 16);
     float32 scales and mins (panel, in / group, 32), padded with scale 1 and min 0; an int8 weight
     with one scale per output row and no minimums gets its scales flat (panels * 32)."""
-    codes = q.codes()
     scales = _panel_rows(q.scales)
     scales[q.out_features :] = 1
     mins = None if q.mins is None else _panels(q.mins)
     if q.fmt == "int8":
         if q.group == q.in_features and mins is None:
-            return _panels(codes), scales.view(-1), None
-        return _panels(codes), _panels_of_rows(scales), mins
-    by_panel = _panels(codes)  # (panels, in, 32): column c and c + 16 share a byte
-    packed = (by_panel[..., :16] | (by_panel[..., 16:] << 4)).contiguous()  # (panels, in, 16)
+            return _panels(q.qweight), scales.view(-1), None
+        return _panels(q.qweight), _panels_of_rows(scales), mins
+    n, k = q.out_features, q.in_features
+    packed = torch.empty(-(-n // PANEL), k, PANEL // 2, dtype=torch.uint8)
+    lib = native_kernels()
+    if lib is None:
+        raise RuntimeError("native CPU kernels are not available")
+    lib.minicpm_pack_int4_panels(q.qweight.contiguous().data_ptr(), n, k, packed.data_ptr())
     return packed, _panels_of_rows(scales), mins
 
 

@@ -136,6 +136,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.governor = ThreadGovernor() if model.device.type == "cpu" else None
+        if self.governor is not None and self.governor.enabled:
+            self.runner.cache.on_layer = self.governor.tick  # long prefill steps follow the load too
         self.requests: dict[str, Request] = {}
         base = set(self.model_config.eos_token_ids)
         if tokenizer is not None:

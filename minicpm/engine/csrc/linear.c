@@ -423,3 +423,24 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
                      y, y_stride);
 }
 
+
+/* int4 codes as a checkpoint stores them, two per byte along the input (row r: input 2i in the low
+ * nibble of byte i, 2i + 1 in the high one), q (n, k / 2), into the panels' layout (panel, k, 16):
+ * byte c of input j holds column c in its low nibble and column c + 16 in its high one; columns
+ * past n are code 0. One pass, where unpacking and transposing in torch took four. */
+void minicpm_pack_int4_panels(const uint8_t *q, int n, int k, uint8_t *out) {
+    const int panels = (n + PANEL - 1) / PANEL, half = k / 2;
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        uint8_t *dst = out + (int64_t)p * k * (PANEL / 2);
+        for (int c = 0; c < PANEL / 2; c++) {
+            const int r0 = p * PANEL + c, r1 = r0 + PANEL / 2;
+            const uint8_t *a = r0 < n ? q + (int64_t)r0 * half : NULL, *b = r1 < n ? q + (int64_t)r1 * half : NULL;
+            for (int j = 0; j < k; j++) {
+                const int shift = (j & 1) * 4;
+                const uint8_t lo = a ? (a[j >> 1] >> shift) & 15 : 0, hi = b ? (b[j >> 1] >> shift) & 15 : 0;
+                dst[(int64_t)j * (PANEL / 2) + c] = (uint8_t)(lo | hi << 4);
+            }
+        }
+    }
+}
