@@ -10,12 +10,13 @@ queries, causal attention over that sequence's cached tokens plus its new ones.
 * On CPU nothing is gathered or masked, whatever the order of the blocks. Decode rows (one new
   token) go, all of the step's together, to the native paged kernel
   (:mod:`minicpm.engine.cpu_kernels`: one call per layer, blocks read through the block table
-  in place), so a decode row's result does not depend on what else the step holds. bfloat16
-  prefill chunks on a CPU with AVX512-BF16 go to the native prefill kernel (one call per chunk
-  per layer, blocks read through the table, on the bfloat16 dot-product instruction: about twice
-  torch's flash kernel). Other prefill chunks (and decode rows where the kernel cannot be built)
-  attend to their own blocks read in place, one view per run of consecutive block ids (the block
-  manager keeps a sequence's blocks consecutive where it can), runs merged by log-sum-exp.
+  in place), so a decode row's result does not depend on what else the step holds. Prefill
+  chunks on a CPU with AVX-512 (AVX512-BF16 for bfloat16) go to the native prefill kernel (one
+  call per chunk per layer, blocks read through the table: 1.25x torch's flash kernel in float32,
+  2x in bfloat16 on the dot-product instruction). Other prefill chunks (and decode rows where the
+  kernel cannot be built) attend to their own blocks read in place, one view per run of
+  consecutive block ids (the block manager keeps a sequence's blocks consecutive where it can),
+  runs merged by log-sum-exp.
 * On GPU with Triton (:mod:`minicpm.engine.triton_attention`) every step reads the blocks in
   place too: its leading decode rows (the scheduler puts them first) go to the paged decode
   kernel, the rest (prefill chunks, with or without a cached past) to the varlen paged prefill
@@ -253,7 +254,7 @@ class PagedKVCache:
         self.native = None
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             self.native = native_kernels()
-        # CPU bfloat16 prefill chunks: the native kernel on the dot-product instruction, where the CPU has it
+        # CPU prefill chunks: the native kernel, where the CPU has AVX-512 (AVX512-BF16 for bfloat16)
         self.native_prefill = self.native if prefill_available(self.native, dtype, config.head_dim) else None
         self.metadata: AttentionMetadata | None = None
         # called before each layer's attention (the CPU engine's thread governor: a long prefill
@@ -360,7 +361,7 @@ class PagedKVCache:
             qi = q[:, :, start : start + n]
             ctx = md.context_lens_host[i]
             past = ctx - n
-            if n > 1 and self.native_prefill is not None:  # bfloat16 on AVX512-BF16: one native call
+            if n > 1 and self.native_prefill is not None:  # one native call
                 rows = qi[0].transpose(0, 1)
                 if rows.stride(2) != 1 or rows.stride(1) != d:
                     rows = rows.contiguous()

@@ -1,5 +1,5 @@
 """Native CPU kernels, compiled on first use: :func:`paged_attention` (decode rows) and
-:func:`paged_prefill` (bfloat16 prefill chunks) in ``csrc/paged_attention.c``, :func:`panel_linear`
+:func:`paged_prefill` (prefill chunks) in ``csrc/paged_attention.c``, :func:`panel_linear`
 (``csrc/linear.c``) and the fused decoder's layers (``csrc/decode.c``).
 
 Contract:
@@ -146,9 +146,9 @@ def native_kernels() -> ctypes.CDLL | None:
     v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, v, i, i, i, i, v, i64, v, i]
     lib.minicpm_linear.restype = None
-    lib.minicpm_paged_prefill.argtypes = [v, i64, v, v, i64, v, i, i, i, i, i, i, i, ctypes.c_float, v]
+    lib.minicpm_paged_prefill.argtypes = [i, v, i64, v, v, i64, v, i, i, i, i, i, i, i, ctypes.c_float, v]
     lib.minicpm_paged_prefill.restype = ctypes.c_int
-    lib.minicpm_paged_prefill_available.argtypes = []
+    lib.minicpm_paged_prefill_available.argtypes = [i]
     lib.minicpm_paged_prefill_available.restype = ctypes.c_int
     lib.minicpm_pack_int4_panels.argtypes = [v, i, i, v]
     lib.minicpm_pack_int4_panels.restype = None
@@ -362,11 +362,11 @@ def paged_attention(
 
 
 def prefill_available(lib: ctypes.CDLL | None, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether :func:`paged_prefill` serves ``dtype`` queries of ``head_dim`` with ``lib``: bfloat16,
-    a multiple of 64, a CPU with AVX512-BF16."""
-    if lib is None or dtype != torch.bfloat16 or head_dim % 64 != 0:
+    """Whether :func:`paged_prefill` serves ``dtype`` queries of ``head_dim`` with ``lib``: head_dim
+    a multiple of 64; float32 on a CPU with AVX-512, bfloat16 on one with AVX512-BF16."""
+    if lib is None or dtype not in _DTYPES or head_dim % 64 != 0:
         return False
-    return bool(lib.minicpm_paged_prefill_available())
+    return bool(lib.minicpm_paged_prefill_available(_DTYPES[dtype]))
 
 
 def paged_prefill(
@@ -379,15 +379,16 @@ def paged_prefill(
     scale: float,
     lib: ctypes.CDLL | None = None,
 ) -> Tensor:
-    """Causal attention of one sequence's chunk over its paged cache, on the bfloat16 dot-product
-    instruction (see :func:`prefill_available`).
+    """Causal attention of one sequence's chunk over its paged cache, in one native call (see
+    :func:`prefill_available`).
 
-    ``q`` (m, heads, head_dim) bfloat16, heads contiguous: the rows at positions ``past`` ..
-    ``past + m - 1``, row t seeing keys 0 .. ``past + t``, all of them (the chunk's own too) already in
-    ``k_cache``/``v_cache`` (slots, kv_heads, head_dim) at the blocks ``table`` (int32) lists.
-    Scores and sums are float32 sums of exact products; probabilities are rounded to bfloat16
-    before weighing the values, as flash attention's bfloat16 kernels do. Returns (m, heads,
-    head_dim) bfloat16; a block id outside the cache or a chunk beyond its table is a ``ValueError``.
+    ``q`` (m, heads, head_dim) float32 or bfloat16, heads contiguous: the rows at positions
+    ``past`` .. ``past + m - 1``, row t seeing keys 0 .. ``past + t``, all of them (the chunk's own
+    too) already in ``k_cache``/``v_cache`` (slots, kv_heads, head_dim) at the blocks ``table``
+    (int32) lists. Scores, softmax and sums in float32; in bfloat16 the products are exact (the
+    dot-product instruction) and the probabilities are rounded to bfloat16 before weighing the
+    values, as flash attention's bfloat16 kernels do. Returns (m, heads, head_dim) in ``q``'s dtype;
+    a block id outside the cache or a chunk beyond its table is a ``ValueError``.
     """
     lib = lib or native_kernels()
     m, heads, head_dim = q.shape
@@ -398,7 +399,7 @@ def paged_prefill(
         "q must be a CPU tensor with heads and head_dim contiguous": q.device.type == "cpu"
         and q.stride(2) == 1
         and q.stride(1) == head_dim,
-        "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) bfloat16": all(
+        "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) in q's dtype": all(
             c.is_contiguous() and c.dim() == 3 and c.shape[2] == head_dim and c.dtype == q.dtype
             for c in (k_cache, v_cache)
         ),
@@ -411,7 +412,7 @@ def paged_prefill(
     blocks = k_cache.shape[0] // block_size
     where = (k_cache.data_ptr(), v_cache.data_ptr(), blocks, table.data_ptr(), table.numel(), past)
     dims = (m, heads, kv_heads, head_dim, block_size)
-    code = lib.minicpm_paged_prefill(q.data_ptr(), q.stride(0), *where, *dims, scale, out.data_ptr())
+    code = lib.minicpm_paged_prefill(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), *where, *dims, scale, out.data_ptr())
     if code != 0:
         raise ValueError(f"paged_prefill: {refusal(code)}")
     return out

@@ -207,41 +207,42 @@ int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const vo
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Prefill on the CPU's bfloat16 dot-product instruction (AVX512-BF16): one sequence's chunk of m
- * new rows at positions past..past+m-1 attends causally to the sequence's cached keys (the chunk's
- * own already written), read through its block table. Per kv head, the context's keys and values
- * are first regrouped (once, shared by every query tile) into the instruction's pair layout:
+ * Prefill (AVX-512): one sequence's chunk of m new rows at positions past..past+m-1 attends
+ * causally to the sequence's cached keys (the chunk's own already written), read through its
+ * block table. Per kv head, the context's keys and values are first regrouped (once, shared by
+ * every query tile) into the layout the multiply-adds want:
  *
- *   Kp [key block of 32][head_dim / 2][32 keys][2]   (two dimensions of one key side by side)
- *   Vp [key block of 32][16 key pairs][head_dim][2]  (one dimension of two keys side by side)
+ *   float32:  Kt [key block of 32][head_dim][32 keys]        Vt [key][head_dim]
+ *   bfloat16: Kp [key block of 32][head_dim / 2][32 keys][2] Vp [key block][16 key pairs][head_dim][2]
  *
- * A tile is 12 query rows of one kv head (positions x its query heads), its keys visited 32 at a
- * time up to the last row's length: scores are float32 sums of exact bfloat16 products, scaled,
- * masked past each row's position, folded into a running max and sum (float32); the probabilities,
- * rounded to bfloat16 as flash attention's bfloat16 kernels round them, weigh the values in float32
- * sums. Keys past a row's position cost nothing beyond the tile's last row. */
-#if defined(__AVX512BF16__)
+ * (bfloat16 runs on the CPU's dot-product instruction, AVX512-BF16, which multiplies pairs.) A tile
+ * is 12 query rows of one kv head (positions x its query heads), its keys visited 32 at a time up
+ * to the last row's length: scores are float32 sums (of exact products, in bfloat16), scaled,
+ * masked past each row's position, folded into a running max and sum (float32); the
+ * probabilities (rounded to bfloat16 in a bfloat16 model, as flash attention's bfloat16 kernels
+ * round them) weigh the values in float32 sums. Keys past a row's position cost nothing beyond
+ * the tile's last row. */
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #define PREFILL_ROWS 12
 #define KEYS 32
 
-static void pair_keys(const uint16_t *kc, const uint16_t *vc, const int32_t *table, int kv_heads, int kvh,
-                      int head_dim, int block_size, int ctx, int kb, uint16_t *kp, uint16_t *vp) {
-    const int hd2 = head_dim / 2;
-    uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
+/* the address of key ``key``'s kv head ``kvh`` in a layer of the cache (elements) */
+static inline int64_t key_at(const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int key) {
+    return (((int64_t)table[key / block_size] * block_size + key % block_size) * kv_heads + kvh) * head_dim;
+}
+
+/* key block kb of kv head kvh into Kt / Vt (float32; keys past ctx zero) */
+static void gather_keys_f32(const float *kc, const float *vc, const int32_t *table, int kv_heads, int kvh,
+                            int head_dim, int block_size, int ctx, int kb, float *kt, float *vt) {
+    float *kb_t = kt + (int64_t)kb * KEYS * head_dim, *vb_t = vt + (int64_t)kb * KEYS * head_dim;
     for (int c = 0; c < KEYS; c++) {
         const int key = kb * KEYS + c;
-        const uint16_t *kr = NULL, *vr = NULL;
-        if (key < ctx) {
-            const int64_t at = (((int64_t)table[key / block_size] * block_size + key % block_size) * kv_heads + kvh) * head_dim;
-            kr = kc + at;
-            vr = vc + at;
+        const int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
+        for (int d = 0; d < head_dim; d++) {
+            kb_t[(int64_t)d * KEYS + c] = at >= 0 ? kc[at + d] : 0.0f;
+            vb_t[(int64_t)c * head_dim + d] = at >= 0 ? vc[at + d] : 0.0f;
         }
-        for (int dp = 0; dp < hd2; dp++) {
-            kt[((int64_t)dp * KEYS + c) * 2] = kr ? kr[2 * dp] : 0;
-            kt[((int64_t)dp * KEYS + c) * 2 + 1] = kr ? kr[2 * dp + 1] : 0;
-        }
-        for (int d = 0; d < head_dim; d++) vt[((int64_t)(c / 2) * head_dim + d) * 2 + (c & 1)] = vr ? vr[d] : 0;
     }
 }
 
@@ -263,19 +264,134 @@ static inline __m512 exp16_nonpos(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* one tile: rows (<= PREFILL_ROWS) query rows q[r] seeing the first len[r] keys (len ascending) */
-static void prefill_tile(const uint16_t *const *q, const int *len, int rows, const uint16_t *kp, const uint16_t *vp,
-                         int head_dim, float scale, float *acc, uint16_t *const *out) {
-    const int hd2 = head_dim / 2, lim = len[rows - 1];
-    float mx[PREFILL_ROWS], sm[PREFILL_ROWS];
-    uint16_t p16[PREFILL_ROWS][KEYS];
+/* One row's scores for a block of 32 keys (s0: keys 0-15, s1: 16-31, unscaled), of which the row
+ * sees the first ``seen`` (may be <= 0), folded into its running max ``mx`` and sum ``sm``: the
+ * probabilities (0 for unseen keys) into p0, p1; returns the factor the row's accumulated values
+ * must be multiplied by. */
+static inline float softmax_block(__m512 s0, __m512 s1, int seen, float scale, float *mx, float *sm, __m512 *p0,
+                                  __m512 *p1) {
+    const __mmask16 k0 = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
+    const __mmask16 k1 = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
+    const __m512 a0 = _mm512_mask_mul_ps(ninf, k0, s0, sc), a1 = _mm512_mask_mul_ps(ninf, k1, s1, sc);
+    const float blk = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+    const float m = blk > *mx ? blk : *mx;
+    const __m512 mv = _mm512_set1_ps(m);
+    *p0 = _mm512_maskz_mov_ps(k0, exp16_nonpos(_mm512_sub_ps(a0, mv)));
+    *p1 = _mm512_maskz_mov_ps(k1, exp16_nonpos(_mm512_sub_ps(a1, mv)));
+    const float correction = exp_nonpos(*mx - m); /* exp(-inf) ~ 0 on the first block */
+    *sm = *sm * correction + _mm512_reduce_add_ps(_mm512_add_ps(*p0, *p1));
+    *mx = m;
+    return correction;
+}
+
+static inline void scale_row(float *acc, int head_dim, float correction) {
+    if (correction != 1.0f)
+        for (int d = 0; d < head_dim; d++) acc[d] *= correction;
+}
+
+/* a tile's start: its query rows (rows past ``rows`` repeat row 0, their results unused), running
+ * maxima and sums, and its float32 accumulators zeroed */
+static inline void tile_start(const void *const *q, int rows, const void **qq, float *mx, float *sm, float *acc,
+                              int head_dim) {
     for (int r = 0; r < PREFILL_ROWS; r++) {
+        qq[r] = q[r < rows ? r : 0];
         mx[r] = -INFINITY;
         sm[r] = 0.0f;
     }
-    const uint16_t *qq[PREFILL_ROWS]; /* rows past ``rows`` repeat row 0, their results unused */
-    for (int r = 0; r < PREFILL_ROWS; r++) qq[r] = q[r < rows ? r : 0];
     memset(acc, 0, sizeof(float) * PREFILL_ROWS * head_dim);
+}
+
+/* accumulators of 6 rows x 64 dimensions (from r0, d0) in or out of registers */
+static inline __attribute__((always_inline)) void acc_load(__m512 a[6][4], const float *acc, int r0, int d0,
+                                                           int head_dim) {
+    for (int r = 0; r < 6; r++)
+        for (int i = 0; i < 4; i++) a[r][i] = _mm512_loadu_ps(acc + (r0 + r) * head_dim + d0 + 16 * i);
+}
+
+static inline __attribute__((always_inline)) void acc_store(__m512 a[6][4], float *acc, int r0, int d0,
+                                                            int head_dim) {
+    for (int r = 0; r < 6; r++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc + (r0 + r) * head_dim + d0 + 16 * i, a[r][i]);
+}
+
+/* one float32 tile: rows (<= PREFILL_ROWS) query rows q[r] seeing the first len[r] keys (len ascending) */
+static void prefill_tile_f32(const float *const *q, const int *len, int rows, const float *kt, const float *vt,
+                             int head_dim, float scale, float *acc, float *const *out) {
+    const int lim = len[rows - 1];
+    float mx[PREFILL_ROWS], sm[PREFILL_ROWS], pr[PREFILL_ROWS][KEYS];
+    const float *qq[PREFILL_ROWS];
+    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm, acc, head_dim);
+    for (int kb = 0; kb * KEYS < lim; kb++) {
+        const float *kb_t = kt + (int64_t)kb * KEYS * head_dim, *vb_t = vt + (int64_t)kb * KEYS * head_dim;
+        __m512 s0[PREFILL_ROWS], s1[PREFILL_ROWS];
+        for (int r = 0; r < PREFILL_ROWS; r++) s0[r] = s1[r] = _mm512_setzero_ps();
+        for (int d = 0; d < head_dim; d++) {
+            const __m512 w0 = _mm512_loadu_ps(kb_t + (int64_t)d * KEYS), w1 = _mm512_loadu_ps(kb_t + (int64_t)d * KEYS + 16);
+            for (int r = 0; r < PREFILL_ROWS; r++) {
+                const __m512 x = _mm512_set1_ps(qq[r][d]);
+                s0[r] = _mm512_fmadd_ps(x, w0, s0[r]);
+                s1[r] = _mm512_fmadd_ps(x, w1, s1[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 p0, p1;
+            const float correction = softmax_block(s0[r], s1[r], len[r] - kb * KEYS, scale, &mx[r], &sm[r], &p0, &p1);
+            _mm512_storeu_ps(pr[r], p0);
+            _mm512_storeu_ps(pr[r] + 16, p1);
+            scale_row(acc + r * head_dim, head_dim, correction);
+        }
+        for (int r = rows; r < PREFILL_ROWS; r++) memset(pr[r], 0, sizeof pr[r]);
+        for (int r0 = 0; r0 < rows; r0 += 6)
+            for (int d0 = 0; d0 < head_dim; d0 += 64) {
+                __m512 a[6][4];
+                acc_load(a, acc, r0, d0, head_dim);
+                for (int j = 0; j < KEYS; j++) {
+                    __m512 w[4];
+                    for (int i = 0; i < 4; i++) w[i] = _mm512_loadu_ps(vb_t + (int64_t)j * head_dim + d0 + 16 * i);
+                    for (int r = 0; r < 6; r++) {
+                        const __m512 x = _mm512_set1_ps(pr[r0 + r][j]);
+                        for (int i = 0; i < 4; i++) a[r][i] = _mm512_fmadd_ps(x, w[i], a[r][i]);
+                    }
+                }
+                acc_store(a, acc, r0, d0, head_dim);
+            }
+    }
+    for (int r = 0; r < rows; r++) {
+        const float inv = 1.0f / sm[r];
+        for (int d = 0; d < head_dim; d++) out[r][d] = acc[r * head_dim + d] * inv;
+    }
+}
+#define HAVE_PREFILL_F32 1
+#else
+#define HAVE_PREFILL_F32 0
+#endif
+
+#if defined(__AVX512BF16__)
+/* key block kb of kv head kvh into Kp / Vp (bfloat16 pairs; keys past ctx zero) */
+static void pair_keys(const uint16_t *kc, const uint16_t *vc, const int32_t *table, int kv_heads, int kvh,
+                      int head_dim, int block_size, int ctx, int kb, uint16_t *kp, uint16_t *vp) {
+    const int hd2 = head_dim / 2;
+    uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
+    for (int c = 0; c < KEYS; c++) {
+        const int key = kb * KEYS + c;
+        const int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
+        for (int dp = 0; dp < hd2; dp++) {
+            kt[((int64_t)dp * KEYS + c) * 2] = at >= 0 ? kc[at + 2 * dp] : 0;
+            kt[((int64_t)dp * KEYS + c) * 2 + 1] = at >= 0 ? kc[at + 2 * dp + 1] : 0;
+        }
+        for (int d = 0; d < head_dim; d++) vt[((int64_t)(c / 2) * head_dim + d) * 2 + (c & 1)] = at >= 0 ? vc[at + d] : 0;
+    }
+}
+
+/* one bfloat16 tile: as prefill_tile_f32, on the dot-product instruction */
+static void prefill_tile_bf16(const uint16_t *const *q, const int *len, int rows, const uint16_t *kp,
+                              const uint16_t *vp, int head_dim, float scale, float *acc, uint16_t *const *out) {
+    const int hd2 = head_dim / 2, lim = len[rows - 1];
+    float mx[PREFILL_ROWS], sm[PREFILL_ROWS];
+    uint16_t p16[PREFILL_ROWS][KEYS];
+    const uint16_t *qq[PREFILL_ROWS];
+    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm, acc, head_dim);
     for (int kb = 0; kb * KEYS < lim; kb++) {
         const uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
         __m512 s0[PREFILL_ROWS], s1[PREFILL_ROWS];
@@ -292,29 +408,16 @@ static void prefill_tile(const uint16_t *const *q, const int *len, int rows, con
             }
         }
         for (int r = 0; r < rows; r++) {
-            const int seen = len[r] - kb * KEYS; /* keys of this block the row sees (may be <= 0) */
-            const __mmask16 k0 = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
-            const __mmask16 k1 = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
-            const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
-            const __m512 a0 = _mm512_mask_mul_ps(ninf, k0, s0[r], sc), a1 = _mm512_mask_mul_ps(ninf, k1, s1[r], sc);
-            const float blk = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-            const float m = blk > mx[r] ? blk : mx[r];
-            const __m512 mv = _mm512_set1_ps(m);
-            const __m512 p0 = _mm512_maskz_mov_ps(k0, exp16_nonpos(_mm512_sub_ps(a0, mv)));
-            const __m512 p1 = _mm512_maskz_mov_ps(k1, exp16_nonpos(_mm512_sub_ps(a1, mv)));
-            const float correction = exp_nonpos(mx[r] - m);
-            sm[r] = sm[r] * correction + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-            mx[r] = m;
+            __m512 p0, p1;
+            const float correction = softmax_block(s0[r], s1[r], len[r] - kb * KEYS, scale, &mx[r], &sm[r], &p0, &p1);
             _mm512_storeu_si512(p16[r], (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* p0's 16 first */
-            if (correction != 1.0f)
-                for (int d = 0; d < head_dim; d++) acc[r * head_dim + d] *= correction;
+            scale_row(acc + r * head_dim, head_dim, correction);
         }
         for (int r = rows; r < PREFILL_ROWS; r++) memset(p16[r], 0, sizeof p16[r]);
         for (int r0 = 0; r0 < rows; r0 += 6)
             for (int d0 = 0; d0 < head_dim; d0 += 64) {
                 __m512 a[6][4];
-                for (int r = 0; r < 6; r++)
-                    for (int i = 0; i < 4; i++) a[r][i] = _mm512_loadu_ps(acc + (r0 + r) * head_dim + d0 + 16 * i);
+                acc_load(a, acc, r0, d0, head_dim);
                 for (int jp = 0; jp < KEYS / 2; jp++) {
                     __m512bh w[4];
                     for (int i = 0; i < 4; i++)
@@ -326,8 +429,7 @@ static void prefill_tile(const uint16_t *const *q, const int *len, int rows, con
                         for (int i = 0; i < 4; i++) a[r][i] = _mm512_dpbf16_ps(a[r][i], x, w[i]);
                     }
                 }
-                for (int r = 0; r < 6; r++)
-                    for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc + (r0 + r) * head_dim + d0 + 16 * i, a[r][i]);
+                acc_store(a, acc, r0, d0, head_dim);
             }
     }
     for (int r = 0; r < rows; r++) {
@@ -340,18 +442,20 @@ static void prefill_tile(const uint16_t *const *q, const int *len, int rows, con
 #define HAVE_PREFILL_BF16 0
 #endif
 
-/* 1 where minicpm_paged_prefill runs here (bfloat16, a CPU with AVX512-BF16) */
-int minicpm_paged_prefill_available(void) { return HAVE_PREFILL_BF16; }
+/* 1 where minicpm_paged_prefill serves dtype (0 float32: AVX-512; 1 bfloat16: AVX512-BF16) here */
+int minicpm_paged_prefill_available(int dtype) { return dtype == 0 ? HAVE_PREFILL_F32 : dtype == 1 ? HAVE_PREFILL_BF16 : 0; }
 
-/* q (m, heads, head_dim) bfloat16, row stride q_stride, heads contiguous; kc, vc one layer's
- * cache (slots, kv_heads, head_dim); table: the sequence's ``width`` block ids; the chunk's rows are
- * positions past..past+m-1 and row t sees keys 0..past+t; out (m, heads, head_dim) contiguous.
- * Returns 0, or -1 (a group of query heads too large), -2 (not built here), -3 (no memory), -5
- * (past + m beyond the table), -6 (a block id outside the cache), -7 (head_dim not a multiple of 64). */
-int minicpm_paged_prefill(const void *q, int64_t q_stride, const void *kc, const void *vc, int64_t num_blocks,
-                          const int32_t *table, int width, int past, int m, int heads, int kv_heads, int head_dim,
-                          int block_size, float scale, void *out) {
-#if HAVE_PREFILL_BF16
+/* q (m, heads, head_dim) float32 (dtype 0) or bfloat16 (1), row stride q_stride, heads contiguous;
+ * kc, vc one layer's cache (slots, kv_heads, head_dim) in q's dtype; table: the sequence's
+ * ``width`` block ids; the chunk's rows are positions past..past+m-1 and row t sees keys 0..past+t;
+ * out (m, heads, head_dim) contiguous. Returns 0, or -1 (a group of query heads too large), -2 (a
+ * dtype not built here), -3 (no memory), -5 (past + m beyond the table), -6 (a block id outside
+ * the cache), -7 (head_dim not a multiple of 64). */
+int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
+                          int64_t num_blocks, const int32_t *table, int width, int past, int m, int heads,
+                          int kv_heads, int head_dim, int block_size, float scale, void *out) {
+    if (!minicpm_paged_prefill_available(dtype)) return -2;
+#if HAVE_PREFILL_F32
     if (m <= 0) return 0;
     if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return -1;
     if (head_dim <= 0 || head_dim % 64 != 0) return -7;
@@ -359,10 +463,10 @@ int minicpm_paged_prefill(const void *q, int64_t q_stride, const void *kc, const
     if (past < 0 || ctx > (int64_t)width * block_size) return -5;
     for (int b = 0; b * block_size < ctx; b++)
         if (table[b] < 0 || table[b] >= num_blocks) return -6;
-    const int groups = heads / kv_heads, blocks = (ctx + KEYS - 1) / KEYS;
+    const int groups = heads / kv_heads, blocks = (ctx + KEYS - 1) / KEYS, esize = dtype == 0 ? 4 : 2;
     const int tiles = (m * groups + PREFILL_ROWS - 1) / PREFILL_ROWS;
-    const size_t packed = (size_t)blocks * KEYS * head_dim;
-    uint16_t *kp = malloc(sizeof(uint16_t) * packed), *vp = malloc(sizeof(uint16_t) * packed);
+    const size_t packed = (size_t)blocks * KEYS * head_dim * esize;
+    void *kp = malloc(packed), *vp = malloc(packed);
     int failed = kp == NULL || vp == NULL;
     if (!failed) {
 #pragma omp parallel reduction(| : failed)
@@ -371,22 +475,36 @@ int minicpm_paged_prefill(const void *q, int64_t q_stride, const void *kc, const
             if (acc == NULL) failed = 1;
             for (int kvh = 0; kvh < kv_heads; kvh++) {
 #pragma omp for schedule(static)
-                for (int kb = 0; kb < blocks; kb++)
-                    pair_keys((const uint16_t *)kc, (const uint16_t *)vc, table, kv_heads, kvh, head_dim, block_size,
-                              ctx, kb, kp, vp);
+                for (int kb = 0; kb < blocks; kb++) {
+                    if (dtype == 0)
+                        gather_keys_f32((const float *)kc, (const float *)vc, table, kv_heads, kvh, head_dim,
+                                        block_size, ctx, kb, (float *)kp, (float *)vp);
+#if HAVE_PREFILL_BF16
+                    else
+                        pair_keys((const uint16_t *)kc, (const uint16_t *)vc, table, kv_heads, kvh, head_dim,
+                                  block_size, ctx, kb, (uint16_t *)kp, (uint16_t *)vp);
+#endif
+                }
 #pragma omp for schedule(dynamic, 1)
                 for (int t = 0; t < tiles; t++) {
                     if (acc == NULL) continue;
-                    const uint16_t *qr[PREFILL_ROWS];
-                    uint16_t *orow[PREFILL_ROWS];
+                    const void *qr[PREFILL_ROWS];
+                    void *orow[PREFILL_ROWS];
                     int len[PREFILL_ROWS], rows = 0;
                     for (int i = t * PREFILL_ROWS; i < m * groups && rows < PREFILL_ROWS; i++, rows++) {
                         const int pos = i / groups, h = kvh * groups + i % groups;
-                        qr[rows] = (const uint16_t *)q + (int64_t)pos * q_stride + (int64_t)h * head_dim;
-                        orow[rows] = (uint16_t *)out + ((int64_t)pos * heads + h) * head_dim;
+                        qr[rows] = (const char *)q + ((int64_t)pos * q_stride + (int64_t)h * head_dim) * esize;
+                        orow[rows] = (char *)out + (((int64_t)pos * heads + h) * head_dim) * esize;
                         len[rows] = past + pos + 1;
                     }
-                    prefill_tile(qr, len, rows, kp, vp, head_dim, scale, acc, orow);
+                    if (dtype == 0)
+                        prefill_tile_f32((const float *const *)qr, len, rows, (const float *)kp, (const float *)vp,
+                                         head_dim, scale, acc, (float *const *)orow);
+#if HAVE_PREFILL_BF16
+                    else
+                        prefill_tile_bf16((const uint16_t *const *)qr, len, rows, (const uint16_t *)kp,
+                                          (const uint16_t *)vp, head_dim, scale, acc, (uint16_t *const *)orow);
+#endif
                 }
             }
             free(acc);
