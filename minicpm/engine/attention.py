@@ -90,6 +90,15 @@ def flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -
     return out, lse.reshape(q.shape[:-1])
 
 
+def query_rows(q: Tensor) -> Tensor:
+    """``q`` (1, heads, tokens, head_dim) as (tokens, heads, head_dim) with each token's heads
+    contiguous, as the native kernels read it (a view where it already is)."""
+    rows = q[0].transpose(0, 1)
+    if rows.stride(2) != 1 or rows.stride(1) != rows.shape[2]:
+        rows = rows.contiguous()
+    return rows
+
+
 def merge_by_lse(parts: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
     """Softmax attention over the union of disjoint key sets, from each set's (output, lse)."""
     if len(parts) == 1:
@@ -319,9 +328,7 @@ class PagedKVCache:
     def _attend_native(self, kc: Tensor, vc: Tensor, q: Tensor, k: Tensor, v: Tensor, md: AttentionMetadata) -> Tensor:
         """The step's decode rows in one native kernel call; its prefill chunks (if any) by
         :meth:`_attend_in_place`, written around them. Returns (1, heads, tokens, head_dim)."""
-        rows = q[0].transpose(0, 1)  # (tokens, heads, head_dim), heads contiguous
-        if rows.stride(2) != 1 or rows.stride(1) != rows.shape[2]:
-            rows = rows.contiguous()
+        rows = query_rows(q)
         tokens = rows.shape[0]
         every = len(md.decode_rows) == tokens
         queries = rows if every else rows[torch.tensor(md.decode_rows)]
@@ -362,11 +369,10 @@ class PagedKVCache:
             ctx = md.context_lens_host[i]
             past = ctx - n
             if n > 1 and self.native_prefill is not None:  # one native call
-                rows = qi[0].transpose(0, 1)
-                if rows.stride(2) != 1 or rows.stride(1) != d:
-                    rows = rows.contiguous()
                 table = md.block_tables[i]
-                out = paged_prefill(rows, kc, vc, table, past, self.block_size, self.scale, self.native_prefill)
+                out = paged_prefill(
+                    query_rows(qi), kc, vc, table, past, self.block_size, self.scale, self.native_prefill
+                )
                 out = out.transpose(0, 1)[None]
             elif n > 1 and past == 0:  # a first chunk: its own keys only
                 out = causal_attention(qi, k[:, :, start : start + n], v[:, :, start : start + n])

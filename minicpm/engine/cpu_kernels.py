@@ -152,8 +152,6 @@ def native_kernels() -> ctypes.CDLL | None:
     lib.minicpm_paged_prefill_available.restype = ctypes.c_int
     lib.minicpm_pack_int4_panels.argtypes = [v, i, i, v]
     lib.minicpm_pack_int4_panels.restype = None
-    lib.minicpm_linear_bf16_dot.argtypes = []
-    lib.minicpm_linear_bf16_dot.restype = ctypes.c_int
     f = ctypes.c_float
     lib.minicpm_decode_layers.argtypes = [i, i, i, v, v, v, v, v, v, v, i64, i64, v, i, i, v, v, i]
     lib.minicpm_decode_layers.argtypes += [i, i, i, i, i, f, f, f, v, v]
@@ -226,8 +224,8 @@ def panel_linear(
     order, so a row's result does not depend on the other rows. ``prefill`` (rows none of which is
     a decode row): quantized and bfloat16 panels are widened to float32 weights first, faster for
     many rows; a row's result then depends on how many rows there are (whether widening pays).
-    bfloat16 inputs on bfloat16 panels go instead, where the CPU has it (:func:`bf16_dot_product`),
-    through its bfloat16 dot-product instruction: exact products summed in float32 a pair of inputs
+    bfloat16 inputs on bfloat16 panels go instead, where the CPU has it (AVX512-BF16), through
+    its bfloat16 dot-product instruction: exact products summed in float32 a pair of inputs
     at a time, twice as fast, and not bitwise the decode rows' sums."""
     k = packed.shape[1]
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
@@ -266,12 +264,6 @@ def panel_linear(
     return y.view(*x.shape[:-1], out_features)
 
 
-def bf16_dot_product(lib: ctypes.CDLL) -> bool:
-    """Whether ``lib`` runs bfloat16 prefill on the CPU's bfloat16 dot-product instruction
-    (AVX512-BF16)."""
-    return bool(lib.minicpm_linear_bf16_dot())
-
-
 def grouped_layout(scales: Tensor) -> bool:
     return scales.dim() == 3
 
@@ -289,6 +281,13 @@ def panel_format(packed: Tensor, scales: Tensor | None) -> tuple[int, int]:
 def refusal(code: int) -> str:
     """What a nonzero code of the attention kernel (or a call that runs it) means."""
     return _REFUSALS.get(code, f"the kernel refused its arguments (code {code})")
+
+
+def _require(name: str, checks: dict[str, bool]) -> None:
+    """A ``ValueError`` naming ``name`` and the first of ``checks`` (message: holds) that fails."""
+    for message, ok in checks.items():
+        if not ok:
+            raise ValueError(f"{name}: {message}")
 
 
 def _int32_pointer(t: Tensor) -> ctypes._Pointer:
@@ -332,9 +331,7 @@ def paged_attention(
         ),
         "row_seq and row_len need one entry per row": row_seq.numel() == rows and row_len.numel() == rows,
     }
-    for message, ok in checks.items():
-        if not ok:
-            raise ValueError(f"paged_attention: {message}")
+    _require("paged_attention", checks)
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
     code = lib.minicpm_paged_attention(
         _DTYPES[q.dtype],
@@ -405,9 +402,7 @@ def paged_prefill(
         ),
         "table must be contiguous int32": table.dtype == torch.int32 and table.is_contiguous() and table.dim() == 1,
     }
-    for message, ok in checks.items():
-        if not ok:
-            raise ValueError(f"paged_prefill: {message}")
+    _require("paged_prefill", checks)
     out = torch.empty(m, heads, head_dim, dtype=q.dtype)
     blocks = k_cache.shape[0] // block_size
     where = (k_cache.data_ptr(), v_cache.data_ptr(), blocks, table.data_ptr(), table.numel(), past)

@@ -250,6 +250,20 @@ __attribute__((optimize("fp-contract=off"))) static void widen_panel(int wtype, 
     }
 }
 
+/* a tile's ``rows`` rows of 32 float32 outputs (from row r0, panel p) into y, float32 (xtype 0) or
+ * bfloat16 rounded to nearest even (1); columns past n are dropped */
+static inline void store_rows(const float *out, int rows, int r0, int p, int n, int xtype, void *y, int64_t y_stride) {
+    const int c0 = p * PANEL, cols = n - c0 < PANEL ? n - c0 : PANEL;
+    for (int r = 0; r < rows; r++) {
+        if (xtype == 0) {
+            memcpy((float *)y + (int64_t)(r0 + r) * y_stride + c0, out + r * PANEL, cols * sizeof(float));
+        } else {
+            uint16_t *dst = (uint16_t *)y + (int64_t)(r0 + r) * y_stride + c0;
+            for (int c = 0; c < cols; c++) dst[c] = f32_to_bf16_rne(out[r * PANEL + c]);
+        }
+    }
+}
+
 /* row tile t of panel p into y. kind: the panel's weights as 0 float32, 1 bfloat16, 2 int8 with
  * per-column scales, 3 int4 / 4 int8 codes in groups */
 static inline __attribute__((always_inline)) void run_tile(int kind, const void *panel, const float *scales, const float *mins, int p, int k,
@@ -281,15 +295,7 @@ static inline __attribute__((always_inline)) void run_tile(int kind, const void 
     if (kind == 2)
         for (int r = 0; r < rows; r++)
             for (int c = 0; c < PANEL; c++) out[r * PANEL + c] *= scales[p * PANEL + c];
-    const int c0 = p * PANEL, cols = n - c0 < PANEL ? n - c0 : PANEL;
-    for (int r = 0; r < rows; r++) {
-        if (xtype == 0) {
-            memcpy((float *)y + (int64_t)(r0 + r) * y_stride + c0, out + r * PANEL, cols * sizeof(float));
-        } else {
-            uint16_t *dst = (uint16_t *)y + (int64_t)(r0 + r) * y_stride + c0;
-            for (int c = 0; c < cols; c++) dst[c] = f32_to_bf16_rne(out[r * PANEL + c]);
-        }
-    }
+    store_rows(out, rows, r0, p, n, xtype, y, y_stride);
 }
 
 #if defined(__AVX512BF16__)
@@ -347,14 +353,10 @@ static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *
             for (int p = 0; p < panels; p++) {
                 float out[ROWS * PANEL];
                 pair_panel(packed + (int64_t)p * k * PANEL, k, pairs);
-                const int c0 = p * PANEL, cols = n - c0 < PANEL ? n - c0 : PANEL;
                 for (int t = 0; t < tiles; t++) {
                     const int r0 = t * ROWS, rows = m - r0 < ROWS ? m - r0 : ROWS;
                     DISPATCH_ROWS(tile_bf16_dot, x + (int64_t)r0 * x_stride, x_stride, pairs, k, rows, out)
-                    for (int r = 0; r < rows; r++) {
-                        uint16_t *dst = y + (int64_t)(r0 + r) * y_stride + c0;
-                        for (int c = 0; c < cols; c++) dst[c] = f32_to_bf16_rne(out[r * PANEL + c]);
-                    }
+                    store_rows(out, rows, r0, p, n, 1, y, y_stride);
                 }
             }
         }
@@ -365,9 +367,6 @@ static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *
 #else
 #define HAVE_BF16_DOT 0
 #endif
-
-/* 1 where bfloat16 prefill runs on the bfloat16 dot-product instruction (built for a CPU that has it) */
-int minicpm_linear_bf16_dot(void) { return HAVE_BF16_DOT; }
 
 /* y (m, n), row stride y_stride, = x (m, k), row stride x_stride, times the packed W^T.
  * wtype: the packed weight's type (0 float32, 1 bfloat16, 2 int8 with one float32 scale per output
