@@ -60,9 +60,47 @@ def test_kernel_matches_the_reference(dtype, tol, heads, kv_heads, d) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "bs"),
+    [(36, 36, 64, 64), (20, 4, 128, 16), (9, 3, 64, 8), (16, 2, 64, 512)],
+)
+def test_long_rows_match_the_reference_across_partitions(dtype, tol, heads, kv_heads, d, bs) -> None:
+    """Rows longer than a partition (256 keys; a block where blocks are larger), lengths off every
+    edge, heads that are and aren't a multiple of 16, blocks smaller than a window (16 keys)."""
+    lens = [1, 255, 256, 257, 700, 1100, 33]
+    gen = torch.Generator().manual_seed(heads + d + bs)
+    num_blocks = sum(-(-n // bs) for n in lens) + 3
+    kc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
+    vc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
+    width = max(-(-n // bs) for n in lens)
+    order = torch.randperm(num_blocks, generator=gen).to(torch.int32).tolist()
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    for r, n in enumerate(lens):
+        need = -(-n // bs)
+        tables[r, :need] = torch.tensor(order[:need], dtype=torch.int32)
+        order = order[need:]
+    q = torch.randn(len(lens), heads, d, generator=gen).to(dtype)
+    row_seq = torch.arange(len(lens), dtype=torch.int32)
+    row_len = torch.tensor(lens, dtype=torch.int32)
+    got = paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5)
+    expected = reference(q, kc, vc, tables, row_seq, row_len, bs)
+    assert (got.float() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
+    # a row's result is its own: the same bits alone, and with one thread
+    alone = paged_attention(q[4:5], kc, vc, tables, row_seq[4:5], row_len[4:5], bs, d**-0.5)
+    assert torch.equal(alone, got[4:5])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 def test_rows_of_one_sequence_see_their_own_prefixes_and_threads_do_not_change_bits() -> None:
     """Chunk-like rows (one sequence, lengths 5..12) and a long row over many blocks; the result is
-    the same bits with one thread or two (each (row, kv head) is one thread's work)."""
+    the same bits with one thread or two (what a row computes never depends on the threads)."""
     bs, heads, kv_heads, d = 4, 6, 2, 64
     q, kc, vc, tables, _, _ = make_case(heads, kv_heads, d, bs, [60, 12], torch.float32, seed=3)
     row_seq = torch.tensor([1] * 8 + [0], dtype=torch.int32)

@@ -9,10 +9,13 @@
  *   tables (seqs, width) int32 block ids; row r reads sequence row_seq[r]'s first row_len[r] keys
  *   out    (rows, heads, head_dim) contiguous, same dtype as q
  *
- * A work item is a row (or, with few rows, a row's kv head): a kv head's query heads are scored
- * together, so each key and value row is read once; blocks are read in place, in table order, with an online
- * softmax (running max and sum in float32), so nothing is gathered and any block order costs the
- * same. Accumulation is float32 for both float32 and bfloat16 inputs.
+ * Two decode paths, both reading blocks in place in table order with an online softmax (running
+ * max and sum in float32, accumulation in float32 for both dtypes), so nothing is gathered and
+ * any block order costs the same:
+ *   - AVX-512 (head_dim a multiple of 64; bfloat16 on AVX512-BF16), below the prefill kernel: a
+ *     row's keys in fixed partitions, each read in address order (see decode_avx512);
+ *   - portable (any CPU, any head_dim): a work item is a row (or, with few rows, a row's kv head)
+ *     whose kv heads' query heads are scored together, so each key and value row is read once.
  */
 #include <math.h>
 #include <omp.h>
@@ -161,24 +164,10 @@ DEFINE_ITEM(item_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
     default: ITEM(a, row, kv0, kv1, head_dim, scratch); break;           \
     }
 
-/* Returns 0, or a negative code for arguments it refuses: a group too large (-1), a dtype (-2), no
- * memory (-3), a row's sequence (-4) or length (-5) out of range, a block id outside the cache (-6). */
-int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
-                            int64_t num_blocks, const int32_t *tables, int seqs, int width,
-                            const int32_t *row_seq, const int32_t *row_len, int rows, int heads, int kv_heads,
-                            int head_dim, int block_size, float scale, void *out) {
-    if (rows <= 0) return 0;
-    if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return -1;
-    if (dtype != 0 && dtype != 1) return -2;
-    for (int r = 0; r < rows; r++) { /* every block a row reads must be in the cache */
-        if (row_seq[r] < 0 || row_seq[r] >= seqs) return -4;
-        if (row_len[r] < 1 || row_len[r] > (int64_t)width * block_size) return -5;
-        const int32_t *table = tables + (int64_t)row_seq[r] * width;
-        for (int b = 0; b * block_size < row_len[r]; b++)
-            if (table[b] < 0 || table[b] >= num_blocks) return -6;
-    }
-    const int groups = heads / kv_heads;
-    const args_t a = {q, kc, vc, q_stride, tables, row_seq, row_len, width, heads, kv_heads, groups, block_size, scale, out};
+/* The portable decode path (any head_dim, any CPU): 0 or -3 (no memory). */
+static int decode_portable(int dtype, const args_t *ap, int rows, int head_dim) {
+    const args_t a = *ap;
+    const int kv_heads = a.kv_heads, groups = a.groups, block_size = a.block_size;
     /* enough rows to keep every thread busy: a row is one item (its cache read front to back);
      * else one item per (row, kv head) */
     const int split = rows >= 4 * omp_get_max_threads() ? 1 : kv_heads;
@@ -518,4 +507,310 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
     (void)heads, (void)kv_heads, (void)head_dim, (void)block_size, (void)scale, (void)out;
     return -2;
 #endif
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Decode on AVX-512 (head_dim a multiple of 64; bfloat16 needs AVX512-BF16). Each row's keys are
+ * cut into partitions of PART_KEYS keys (of one block where blocks are larger). A work item is one
+ * partition of one row with all its kv heads. Per query head an item keeps a running max, sum
+ * and float32 accumulator; a row of one partition is written out directly, a longer row's
+ * partitions are merged in order afterwards. What a row computes depends only on its own length,
+ * never on the other rows or the thread count.
+ *
+ * Inside a partition, windows of up to 16 slots of one block (every kv head of those slots: one
+ * stretch of memory) are read in address order, which the hardware prefetchers follow (reading a
+ * kv head at a time instead, 36 heads' rows 4.6 KiB apart, halved the bandwidth): see decode_part.
+ * Scores: each (slot, head) pair's products are summed in a vector (float32: q pre-scaled, FMA;
+ * bfloat16: the dot-product instruction on q's pairs, scaled after) and 16 pairs' vectors are
+ * reduced together. Probabilities are float32 (exp16_nonpos); values are widened to float32 and
+ * weighed by FMA. */
+#if defined(__AVX512F__)
+#define PART_KEYS 256
+#if defined(__AVX512BF16__)
+#define HAVE_DECODE_BF16 1
+#else
+#define HAVE_DECODE_BF16 0
+#endif
+
+/* lane j: the sum of z[j]'s 16 lanes */
+static inline __m512 sum16(const __m512 z[16]) {
+    __m512 x[8], y[4];
+    for (int i = 0; i < 8; i++)
+        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(z[2 * i], z[2 * i + 1]), _mm512_unpackhi_ps(z[2 * i], z[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+        y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x44), _mm512_shuffle_f32x4(y[0], y[1], 0xEE));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x44), _mm512_shuffle_f32x4(y[2], y[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* 16 bfloat16 values widened to float32 (exact) */
+static inline __m512 widen16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m512 load16(const void *p, int bf16) {
+    return bf16 ? widen16((const uint16_t *)p) : _mm512_loadu_ps((const float *)p);
+}
+
+/* a vector whose lanes sum to the dot product of q (float32, pre-scaled; or bfloat16) and key row k */
+static inline __attribute__((always_inline)) __m512 key_dot(const void *q, const void *k, const int head_dim,
+                                                            int bf16) {
+    __m512 z = _mm512_setzero_ps();
+#if HAVE_DECODE_BF16
+    if (bf16) {
+        const uint16_t *qh = (const uint16_t *)q, *kh = (const uint16_t *)k;
+        for (int d = 0; d < head_dim; d += 32)
+            z = _mm512_dpbf16_ps(z, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kh + d));
+        return z;
+    }
+#endif
+    const float *qf = (const float *)q, *kf = (const float *)k;
+    for (int d = 0; d < head_dim; d += 16) z = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), _mm512_loadu_ps(kf + d), z);
+    return z;
+}
+
+/* keys k0..k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
+ * sm (both heads rounded up to 16) and accumulators acc (heads x head_dim). A window of up to 16
+ * keys inside one block (every kv head of up to 16 consecutive slots: one stretch of memory) is
+ * read in address order:
+ *   keys:   (slot, head) pairs 16 at a time, their product vectors reduced together into sc
+ *           (slots x heads scores);
+ *   softmax: 16 heads at a time, over the window's slots (probabilities back into sc, each head's
+ *           rescaling factor into cr);
+ *   values: 8 slots at a time, each kv head's rows of those slots weighed into its query heads'
+ *           accumulators (8 streams, each in address order).
+ * qf: room for the row's pre-scaled float32 query. */
+static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, int k0, int k1,
+                                                              const int head_dim, int bf16, float *qf, float *sc,
+                                                              float *cr, float *mx, float *sm, float *acc) {
+    const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
+    const int esize = bf16 ? 2 : 4;
+    const int64_t slot = (int64_t)kv_heads * head_dim * esize; /* bytes from one slot to the next */
+    const int32_t *table = a->tables + (int64_t)a->row_seq[row] * a->width;
+    const char *qrow = (const char *)a->q + (int64_t)row * a->q_stride * esize;
+    if (!bf16)
+        for (int i = 0; i < heads * head_dim; i++) qf[i] = ((const float *)qrow)[i] * a->scale;
+    const char *qb = bf16 ? qrow : (const char *)qf;
+    for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
+        mx[h] = -INFINITY;
+        sm[h] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * heads * head_dim);
+    int n;
+    for (int w0 = k0; w0 < k1; w0 += n) {
+        const int room = bs - w0 % bs;
+        n = k1 - w0 < 16 ? k1 - w0 : 16;
+        n = room < n ? room : n;
+        const int64_t at = ((int64_t)table[w0 / bs] * bs + w0 % bs) * slot;
+        const char *kw = (const char *)a->kc + at, *vw = (const char *)a->vc + at;
+        /* scores of the (slot, head) pairs in order, 16 at a time */
+        const int pairs = n * heads;
+        const char *qh = qb, *kr = kw; /* the pair's query head and key row */
+        int h = 0, g = 0;
+        for (int f0 = 0; f0 < pairs; f0 += 16) {
+            __m512 z[16];
+            for (int i = 0; i < 16; i++) {
+                if (f0 + i < pairs) {
+                    z[i] = key_dot(qh, kr, head_dim, bf16);
+                    qh += head_dim * esize;
+                    if (++g == groups) g = 0, kr += head_dim * esize;
+                    if (++h == heads) h = 0, qh = qb; /* kr has reached the next slot */
+                } else {
+                    z[i] = _mm512_setzero_ps();
+                }
+            }
+            __m512 s = sum16(z);
+            if (bf16) s = _mm512_mul_ps(s, _mm512_set1_ps(a->scale));
+            _mm512_storeu_ps(sc + f0, s);
+        }
+        /* the window's softmax, 16 heads at a time */
+        for (int h0 = 0; h0 < heads; h0 += 16) {
+            const __mmask16 hm = heads - h0 >= 16 ? 0xffff : (__mmask16)((1u << (heads - h0)) - 1);
+            const __m512 old = _mm512_loadu_ps(mx + h0);
+            __m512 m = old;
+            for (int t = 0; t < n; t++) m = _mm512_max_ps(m, _mm512_maskz_loadu_ps(hm, sc + t * heads + h0));
+            const __m512 correction = exp16_nonpos(_mm512_sub_ps(old, m)); /* exp(-inf) ~ 0 at first */
+            __m512 total = _mm512_setzero_ps();
+            for (int t = 0; t < n; t++) {
+                const __m512 p = exp16_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(hm, sc + t * heads + h0), m));
+                _mm512_mask_storeu_ps(sc + t * heads + h0, hm, p);
+                total = _mm512_add_ps(total, p);
+            }
+            _mm512_storeu_ps(mx + h0, m);
+            _mm512_storeu_ps(sm + h0, _mm512_fmadd_ps(_mm512_loadu_ps(sm + h0), correction, total));
+            _mm512_storeu_ps(cr + h0, correction);
+        }
+        /* values, 8 slots at a time */
+        for (int j8 = 0; j8 < n; j8 += 8) {
+            const int m8 = n - j8 < 8 ? n - j8 : 8;
+            for (int kvh = 0; kvh < kv_heads; kvh++)
+                for (int g = 0; g < groups; g++) {
+                    const int hh = kvh * groups + g;
+                    for (int d0 = 0; d0 < head_dim; d0 += 64) {
+                        float *ah = acc + (int64_t)hh * head_dim + d0;
+                        __m512 acc4[4];
+                        for (int i = 0; i < 4; i++) acc4[i] = _mm512_loadu_ps(ah + 16 * i);
+                        if (j8 == 0) {
+                            const __m512 c = _mm512_set1_ps(cr[hh]);
+                            for (int i = 0; i < 4; i++) acc4[i] = _mm512_mul_ps(acc4[i], c);
+                        }
+                        for (int t = j8; t < j8 + m8; t++) {
+                            const __m512 pj = _mm512_set1_ps(sc[t * heads + hh]);
+                            const char *vr = vw + t * slot + ((int64_t)kvh * head_dim + d0) * esize;
+                            for (int i = 0; i < 4; i++) acc4[i] = _mm512_fmadd_ps(pj, load16(vr + 16 * i * esize, bf16), acc4[i]);
+                        }
+                        for (int i = 0; i < 4; i++) _mm512_storeu_ps(ah + 16 * i, acc4[i]);
+                    }
+                }
+        }
+    }
+}
+
+#define DISPATCH_DECODE(BF16, ...)                                   \
+    switch (head_dim) {                                              \
+    case 64: decode_part(&a, row, k0, k1, 64, BF16, __VA_ARGS__); break;   \
+    case 128: decode_part(&a, row, k0, k1, 128, BF16, __VA_ARGS__); break; \
+    default: decode_part(&a, row, k0, k1, head_dim, BF16, __VA_ARGS__); break; \
+    }
+
+/* 1 where decode_avx512 serves dtype and head_dim on this build */
+static int decode_avx512_serves(int dtype, int head_dim) {
+    return head_dim % 64 == 0 && (dtype == 0 || (dtype == 1 && HAVE_DECODE_BF16));
+}
+
+/* The decode path above: 0 or -3 (no memory). */
+static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
+    const args_t a = *ap;
+    const int heads = a.heads, bf16 = dtype == 1;
+    const int part = a.block_size > PART_KEYS ? a.block_size : PART_KEYS;
+    const int64_t state = (int64_t)heads * (head_dim + 2); /* a partition's max, sum, accumulator per head */
+    /* items: every row's partitions in order; a row of several keeps each partition's state */
+    int *first = malloc(sizeof(int) * ((size_t)rows + 1));
+    int64_t *spill = malloc(sizeof(int64_t) * (size_t)rows);
+    if (first == NULL || spill == NULL) {
+        free(first);
+        free(spill);
+        return -3;
+    }
+    int64_t spilled = 0;
+    first[0] = 0;
+    for (int r = 0; r < rows; r++) {
+        const int parts = (a.row_len[r] + part - 1) / part;
+        first[r + 1] = first[r] + parts;
+        spill[r] = parts > 1 ? spilled : -1;
+        spilled += parts > 1 ? parts * state : 0;
+    }
+    const int items = first[rows];
+    float *states = spilled ? malloc(sizeof(float) * (size_t)spilled) : NULL;
+    int failed = spilled && states == NULL;
+    if (!failed) {
+#pragma omp parallel reduction(| : failed)
+        {
+            const size_t hp = (size_t)(heads + 15) / 16 * 16;
+            float *qf = malloc(sizeof(float) * ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16));
+            float *acc = qf + (size_t)heads * head_dim, *mx = acc + (size_t)heads * head_dim, *sm = mx + hp;
+            float *cr = sm + hp, *sc = cr + hp;
+            if (qf == NULL) failed = 1;
+            int row = 0;
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < items; item++) {
+                if (qf == NULL) continue;
+                while (first[row + 1] <= item) row++;
+                while (first[row] > item) row--;
+                const int p = item - first[row], k0 = p * part;
+                const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
+                if (bf16) {
+#if HAVE_DECODE_BF16
+                    DISPATCH_DECODE(1, qf, sc, cr, mx, sm, acc)
+#endif
+                } else {
+                    DISPATCH_DECODE(0, qf, sc, cr, mx, sm, acc)
+                }
+                if (spill[row] < 0) { /* the row's only partition: its output */
+                    char *o = (char *)a.out + (int64_t)row * heads * head_dim * (bf16 ? 2 : 4);
+                    for (int h = 0; h < heads; h++) {
+                        const float inv = 1.0f / sm[h];
+                        for (int d = 0; d < head_dim; d++) {
+                            const float x = acc[(int64_t)h * head_dim + d] * inv;
+                            if (bf16)
+                                ((uint16_t *)o)[(int64_t)h * head_dim + d] = f32_to_bf16(x);
+                            else
+                                ((float *)o)[(int64_t)h * head_dim + d] = x;
+                        }
+                    }
+                } else {
+                    float *st = states + spill[row] + p * state;
+                    for (int h = 0; h < heads; h++) {
+                        st[h * (head_dim + 2)] = mx[h];
+                        st[h * (head_dim + 2) + 1] = sm[h];
+                        memcpy(st + h * (head_dim + 2) + 2, acc + (int64_t)h * head_dim, sizeof(float) * head_dim);
+                    }
+                }
+            }
+            /* the partitions of each long row merged in order, per (row, head) */
+#pragma omp for schedule(static)
+            for (int rh = 0; rh < rows * heads; rh++) {
+                const int r = rh / heads, h = rh % heads, parts = first[r + 1] - first[r];
+                if (spill[r] < 0 || qf == NULL) continue;
+                const float *st = states + spill[r] + h * (head_dim + 2);
+                float m = -INFINITY, total = 0.0f;
+                for (int p = 0; p < parts; p++) m = st[p * state] > m ? st[p * state] : m;
+                float *o = acc; /* this thread's room for one head */
+                memset(o, 0, sizeof(float) * head_dim);
+                for (int p = 0; p < parts; p++) {
+                    const float *sp = st + p * state, w = exp_nonpos(sp[0] - m);
+                    total += sp[1] * w;
+                    for (int d = 0; d < head_dim; d++) o[d] += sp[2 + d] * w;
+                }
+                const float inv = 1.0f / total;
+                char *dst = (char *)a.out + ((int64_t)r * heads + h) * head_dim * (bf16 ? 2 : 4);
+                for (int d = 0; d < head_dim; d++) {
+                    if (bf16)
+                        ((uint16_t *)dst)[d] = f32_to_bf16(o[d] * inv);
+                    else
+                        ((float *)dst)[d] = o[d] * inv;
+                }
+            }
+            free(qf);
+        }
+    }
+    free(states);
+    free(first);
+    free(spill);
+    return failed ? -3 : 0;
+}
+#else
+static int decode_avx512_serves(int dtype, int head_dim) {
+    (void)dtype, (void)head_dim;
+    return 0;
+}
+static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
+    (void)dtype, (void)ap, (void)rows, (void)head_dim;
+    return -2;
+}
+#endif
+
+/* Returns 0, or a negative code for arguments it refuses: a group too large (-1), a dtype (-2), no
+ * memory (-3), a row's sequence (-4) or length (-5) out of range, a block id outside the cache (-6). */
+int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
+                            int64_t num_blocks, const int32_t *tables, int seqs, int width,
+                            const int32_t *row_seq, const int32_t *row_len, int rows, int heads, int kv_heads,
+                            int head_dim, int block_size, float scale, void *out) {
+    if (rows <= 0) return 0;
+    if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return -1;
+    if (dtype != 0 && dtype != 1) return -2;
+    for (int r = 0; r < rows; r++) { /* every block a row reads must be in the cache */
+        if (row_seq[r] < 0 || row_seq[r] >= seqs) return -4;
+        if (row_len[r] < 1 || row_len[r] > (int64_t)width * block_size) return -5;
+        const int32_t *table = tables + (int64_t)row_seq[r] * width;
+        for (int b = 0; b * block_size < row_len[r]; b++)
+            if (table[b] < 0 || table[b] >= num_blocks) return -6;
+    }
+    const args_t a = {q,     kc,       vc,     q_stride,          tables,     row_seq, row_len, width,
+                      heads, kv_heads, heads / kv_heads, block_size, scale, out};
+    return decode_avx512_serves(dtype, head_dim) ? decode_avx512(dtype, &a, rows, head_dim)
+                                                 : decode_portable(dtype, &a, rows, head_dim);
 }
