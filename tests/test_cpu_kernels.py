@@ -5,6 +5,8 @@ bitwise the same whether or not a neighbour is prefilling in the same step."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,6 +160,50 @@ def test_bad_arguments_raise_naming_the_problem() -> None:
         call(k_cache=kc.bfloat16())
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         call(q=torch.randn(2, 3, d), k_cache=kc, v_cache=vc)
+
+
+def thp_eligible(address: int) -> bool:
+    """Whether the mapping holding ``address`` may get transparent huge pages (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("THPeligible:"):
+                return line.split()[1] == "1"
+    return False
+
+
+def thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="transparent huge pages are not in madvise mode here")
+def test_a_large_cpu_cache_asks_for_huge_pages_and_a_small_one_does_not() -> None:
+    """Decode attention streams scattered blocks: a cache of at least 64 MiB a layer is advised onto
+    transparent huge pages (fewer TLB misses); a small one stays on 4 KiB pages, where touching one
+    block of each layer commits 4 KiB, not 2 MiB."""
+    from minicpm.engine.attention import HUGE_PAGE_LAYER_BYTES, PagedKVCache
+
+    t = torch.empty(16 * 2**20, dtype=torch.uint8)
+    middle = t.data_ptr() + 8 * 2**20
+    assert not thp_eligible(middle)
+    assert cpu_kernels.advise_huge_pages(t) and thp_eligible(middle)
+    assert not cpu_kernels.advise_huge_pages(torch.empty(1000))  # no whole 2 MiB page inside
+    config = tiny_config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=32)
+    per_block = 64 * 2 * 16 * 4  # block_size x kv_heads x head_dim x float32
+    large = PagedKVCache(config, HUGE_PAGE_LAYER_BYTES // per_block, 64, torch.float32, "cpu")
+    small = PagedKVCache(config, 64, 64, torch.float32, "cpu")
+    assert large.k[0].nbytes >= HUGE_PAGE_LAYER_BYTES
+    for cache, advised in ((large, True), (small, False)):
+        for t in (cache.k, cache.v):
+            assert thp_eligible(t.data_ptr() + t.nbytes // 2) is advised
 
 
 def test_switched_off_or_unbuildable_means_none_and_a_warning(monkeypatch, tmp_path, caplog) -> None:
