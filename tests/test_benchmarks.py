@@ -151,19 +151,25 @@ def test_serve_bench_runs_against_minicpm_serve(default_model_dir: Path, capsys,
     assert figures["output_throughput"] > 0 and 0 < figures["mean_ttft_ms"] <= figures["mean_e2el_ms"]
 
 
-def test_cpu_formats_tiny_run_measures_every_path(default_model_dir: Path) -> None:
-    """benchmarks/cpu_formats.py --tiny, minicpm's side alone: decode (quiet and with a core taken),
-    memory, perplexity and prefill, each in its own process; the report's last line is the JSON."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MINICPM_CACHE"] = str(default_model_dir.parent)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cpu_formats.py"), "--tiny", "--llama-python", "none"],
+def run_benchmark(script: str, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """benchmarks/``script`` with ``args`` in a child process (``MINICPM_CACHE`` = ``cache`` if given)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # other tests set it in-process
+    if cache is not None:
+        env["MINICPM_CACHE"] = str(cache)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_cpu_formats_tiny_run_measures_every_path(default_model_dir: Path) -> None:
+    """benchmarks/cpu_formats.py --tiny, minicpm's side alone: decode (quiet and with a core taken),
+    memory, perplexity and prefill, each in its own process; the report's last line is the JSON."""
+    proc = run_benchmark("cpu_formats.py", "--tiny", "--llama-python", "none", cache=default_model_dir.parent)
     report = last_json(proc)
     assert report["benchmark"] == "cpu_formats" and report["tiny"] and report["llama.cpp"] is False
     for fmt in ("float32", "shipped"):
@@ -176,3 +182,22 @@ def test_cpu_formats_tiny_run_measures_every_path(default_model_dir: Path) -> No
     assert loaded["kept"] == loaded["loaded"] / loaded["quiet"]
     assert report["targets"]["decode_loaded_at_least_half_quiet"] is (loaded["kept"] >= 0.5)
     assert "target decode_loaded_at_least_half_quiet" in proc.stdout
+
+
+def test_cpu_attention_quick_run_times_ours_and_sdpa_like_for_like() -> None:
+    """benchmarks/cpu_attention.py --quick: both systems run each case in their own process, our
+    output is checked against sdpa's, and the JSON carries every figure the table shows."""
+    report = last_json(run_benchmark("cpu_attention.py", "--quick", "--reps", "2"))
+    assert report["benchmark"] == "cpu_attention" and report["failures"] == []
+    assert [(r["shape"], r["dtype"]) for r in report["results"]] == [
+        ("minicpm-2b-128k", "bfloat16"),
+        ("smollm2-135m", "float32"),
+    ]
+    for row in report["results"]:
+        for system in ("minicpm", "sdpa"):
+            figures = row[system]
+            assert positive(figures["ms"]) and positive(figures["gb_s"])
+            layers = 40 if row["shape"] == "minicpm-2b-128k" else 30
+            assert figures["model_ms_per_token"] == pytest.approx(figures["ms"] * layers)
+        assert row["minicpm"]["error"] <= (2e-2 if row["dtype"] == "bfloat16" else 1e-5)
+        assert row["speedup_vs_sdpa"] == pytest.approx(row["sdpa"]["ms"] / row["minicpm"]["ms"])
