@@ -525,7 +525,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per step, i.e. the prefill chunk (default 512 CPU, 8192 GPU)",
     )
-    g.add_argument("--block-size", type=BLOCK_SIZE, default=None, help="tokens per KV block (default 64)")
+    g.add_argument("--block-size", type=BLOCK_SIZE, default=None, help="tokens per KV block (default 128 CPU, 64 GPU)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     _add_quantize_flags(

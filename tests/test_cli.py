@@ -231,7 +231,8 @@ def test_a_gguf_model_path_is_converted_once_into_the_cache(tmp_path: Path, monk
 
 def test_kv_cache_message_counts_usable_tokens_only(default_model_dir: Path) -> None:
     per_token = 2 * 30 * 3 * 64 * 4
-    llm = LLM.from_pretrained(default_model_dir, engine_config=EngineConfig(kv_cache_memory=64 * per_token))
+    config = EngineConfig(block_size=64, kv_cache_memory=64 * per_token)
+    llm = LLM.from_pretrained(default_model_dir, engine_config=config)
     with pytest.raises(ValueError) as info:
         llm.engine.make_request("word " * 100)
     assert f"the KV cache holds 64 tokens ({64 * per_token / 2**20:.2f} MiB at {per_token / 1024:.2f} KiB" in str(

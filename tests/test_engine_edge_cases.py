@@ -462,13 +462,17 @@ def test_background_close_aborts_waiting_requests_and_unknown_aborts_are_harmles
 
 
 def test_engine_config_means_the_same_on_every_device() -> None:
-    """Batch size and step budget default to "per device" and are resolved by the engine; what a
-    user sets is kept, and bad values name the field."""
+    """Block size, batch size and step budget default to "per device" and are resolved by the
+    engine (CPU blocks are larger: a CPU reads a block placed anywhere slower the smaller it is);
+    what a user sets is kept, and bad values name the field."""
     budget_only = EngineConfig(kv_cache_memory=2**30)
-    assert (budget_only.max_num_seqs, budget_only.max_num_batched_tokens) == (None, None)
+    assert (budget_only.block_size, budget_only.max_num_seqs, budget_only.max_num_batched_tokens) == (None,) * 3
     gpu, cpu = budget_only.resolved("cuda:0"), budget_only.resolved(torch.device("cpu"))
-    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens, gpu.kv_cache_memory) == (64, 8192, 2**30)
-    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (16, 512)
+    assert (gpu.block_size, gpu.max_num_seqs, gpu.max_num_batched_tokens, gpu.kv_cache_memory) == (64, 64, 8192, 2**30)
+    assert (cpu.block_size, cpu.max_num_seqs, cpu.max_num_batched_tokens) == (128, 16, 512)
+    assert EngineConfig(block_size=16).resolved("cpu").block_size == 16
+    with pytest.raises(ValueError, match="'block_size' must be a power of two or None"):
+        EngineConfig(block_size=48)
     assert EngineConfig(max_num_seqs=600).resolved("cpu").max_num_batched_tokens == 600
     assert EngineConfig(max_num_batched_tokens=100).resolved("cuda").max_num_seqs == 64
     assert EngineConfig.for_device("cuda", max_num_seqs=8) == EngineConfig(max_num_seqs=8).resolved("cuda")
