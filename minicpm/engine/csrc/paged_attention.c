@@ -38,6 +38,16 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+/* n float32 values times ``scale`` into dst: float32, or rounded to bfloat16 where bf16 */
+static inline void store_scaled(void *dst, const float *src, float scale, int n, int bf16) {
+    for (int d = 0; d < n; d++) {
+        if (bf16)
+            ((uint16_t *)dst)[d] = f32_to_bf16(src[d] * scale);
+        else
+            ((float *)dst)[d] = src[d] * scale;
+    }
+}
+
 /* exp(x) for x <= 0 to ~2 ulp: 2^n * p(r), r = x - n ln2, |r| <= ln2/2; branch-free so loops vectorize */
 static inline float exp_nonpos(float x) {
     x = x < -87.0f ? -87.0f : x;
@@ -156,12 +166,22 @@ static inline float store_f32(float x) { return x; }
 DEFINE_ITEM(item_f32, float, load_f32, store_f32, 1)
 DEFINE_ITEM(item_bf16, uint16_t, bf16_to_f32, f32_to_bf16, 0)
 
-/* head_dim as a literal at the common sizes, so each specialisation is fully unrolled */
-#define DISPATCH_HEAD_DIM(ITEM, a, row, kv0, kv1, head_dim, scratch) \
-    switch (head_dim) {                                                  \
-    case 64: ITEM(a, row, kv0, kv1, 64, scratch); break;                 \
-    case 128: ITEM(a, row, kv0, kv1, 128, scratch); break;               \
-    default: ITEM(a, row, kv0, kv1, head_dim, scratch); break;           \
+/* CALL with HD bound to head_dim, a literal at the common sizes (64, 128), so that each
+ * specialisation of an always_inline body is fully unrolled */
+#define WITH_HEAD_DIM(head_dim, CALL)       \
+    switch (head_dim) {                     \
+    case 64: {                              \
+        const int HD = 64;                  \
+        CALL;                               \
+    } break;                                \
+    case 128: {                             \
+        const int HD = 128;                 \
+        CALL;                               \
+    } break;                                \
+    default: {                              \
+        const int HD = head_dim;            \
+        CALL;                               \
+    } break;                                \
     }
 
 /* The portable decode path (any head_dim, any CPU): 0 or -3 (no memory). */
@@ -184,9 +204,9 @@ static int decode_portable(int dtype, const args_t *ap, int rows, int head_dim) 
             for (int item = 0; item < items; item++) {
                 const int row = item / split, kv0 = item % split * per_item, kv1 = kv0 + per_item;
                 if (dtype == 0) {
-                    DISPATCH_HEAD_DIM(item_f32, &a, row, kv0, kv1, head_dim, scratch)
+                    WITH_HEAD_DIM(head_dim, item_f32(&a, row, kv0, kv1, HD, scratch))
                 } else {
-                    DISPATCH_HEAD_DIM(item_bf16, &a, row, kv0, kv1, head_dim, scratch)
+                    WITH_HEAD_DIM(head_dim, item_bf16(&a, row, kv0, kv1, HD, scratch))
                 }
             }
             free(scratch);
@@ -346,10 +366,7 @@ static void prefill_tile_f32(const float *const *q, const int *len, int rows, co
                 acc_store(a, acc, r0, d0, head_dim);
             }
     }
-    for (int r = 0; r < rows; r++) {
-        const float inv = 1.0f / sm[r];
-        for (int d = 0; d < head_dim; d++) out[r][d] = acc[r * head_dim + d] * inv;
-    }
+    for (int r = 0; r < rows; r++) store_scaled(out[r], acc + r * head_dim, 1.0f / sm[r], head_dim, 0);
 }
 #define HAVE_PREFILL_F32 1
 #else
@@ -421,10 +438,7 @@ static void prefill_tile_bf16(const uint16_t *const *q, const int *len, int rows
                 acc_store(a, acc, r0, d0, head_dim);
             }
     }
-    for (int r = 0; r < rows; r++) {
-        const float inv = 1.0f / sm[r];
-        for (int d = 0; d < head_dim; d++) out[r][d] = f32_to_bf16(acc[r * head_dim + d] * inv);
-    }
+    for (int r = 0; r < rows; r++) store_scaled(out[r], acc + r * head_dim, 1.0f / sm[r], head_dim, 1);
 }
 #define HAVE_PREFILL_BF16 1
 #else
@@ -669,13 +683,6 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     }
 }
 
-#define DISPATCH_DECODE(BF16, ...)                                   \
-    switch (head_dim) {                                              \
-    case 64: decode_part(&a, row, k0, k1, 64, BF16, __VA_ARGS__); break;   \
-    case 128: decode_part(&a, row, k0, k1, 128, BF16, __VA_ARGS__); break; \
-    default: decode_part(&a, row, k0, k1, head_dim, BF16, __VA_ARGS__); break; \
-    }
-
 /* 1 where decode_avx512 serves dtype and head_dim on this build */
 static int decode_avx512_serves(int dtype, int head_dim) {
     return head_dim % 64 == 0 && (dtype == 0 || (dtype == 1 && HAVE_DECODE_BF16));
@@ -724,23 +731,15 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
                 if (bf16) {
 #if HAVE_DECODE_BF16
-                    DISPATCH_DECODE(1, qf, sc, cr, mx, sm, acc)
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc))
 #endif
                 } else {
-                    DISPATCH_DECODE(0, qf, sc, cr, mx, sm, acc)
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc))
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
-                    char *o = (char *)a.out + (int64_t)row * heads * head_dim * (bf16 ? 2 : 4);
-                    for (int h = 0; h < heads; h++) {
-                        const float inv = 1.0f / sm[h];
-                        for (int d = 0; d < head_dim; d++) {
-                            const float x = acc[(int64_t)h * head_dim + d] * inv;
-                            if (bf16)
-                                ((uint16_t *)o)[(int64_t)h * head_dim + d] = f32_to_bf16(x);
-                            else
-                                ((float *)o)[(int64_t)h * head_dim + d] = x;
-                        }
-                    }
+                    for (int h = 0; h < heads; h++)
+                        store_scaled((char *)a.out + ((int64_t)row * heads + h) * head_dim * (bf16 ? 2 : 4),
+                                     acc + (int64_t)h * head_dim, 1.0f / sm[h], head_dim, bf16);
                 } else {
                     float *st = states + spill[row] + p * state;
                     for (int h = 0; h < heads; h++) {
@@ -765,14 +764,8 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                     total += sp[1] * w;
                     for (int d = 0; d < head_dim; d++) o[d] += sp[2 + d] * w;
                 }
-                const float inv = 1.0f / total;
-                char *dst = (char *)a.out + ((int64_t)r * heads + h) * head_dim * (bf16 ? 2 : 4);
-                for (int d = 0; d < head_dim; d++) {
-                    if (bf16)
-                        ((uint16_t *)dst)[d] = f32_to_bf16(o[d] * inv);
-                    else
-                        ((float *)dst)[d] = o[d] * inv;
-                }
+                store_scaled((char *)a.out + ((int64_t)r * heads + h) * head_dim * (bf16 ? 2 : 4), o, 1.0f / total,
+                             head_dim, bf16);
             }
             free(qf);
         }
