@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cpu_mixed import peer_tree
+from cpu_mixed import median_of, peer_tree, run_child
 
 SHAPES = {  # heads, kv heads, head_dim, layers
     "minicpm-2b-128k": (36, 36, 64, 40),
@@ -102,15 +100,8 @@ def child(system: str, case: list, reps: int, scatter: bool) -> dict:
 
 
 def run(system: str, case: tuple, args: argparse.Namespace, tree: Path | None) -> dict:
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = f"{tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    cmd = [sys.executable, __file__, "--child", system, "--case", json.dumps(case), "--reps", str(args.reps)]
-    cmd += ["--scatter"] if args.scatter else []
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{system} on {case} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    argv = ["--child", system, "--case", json.dumps(case), "--reps", str(args.reps)]
+    return run_child(__file__, argv + (["--scatter"] if args.scatter else []), tree, f"{system} on {case}")
 
 
 def main() -> None:
@@ -149,16 +140,11 @@ def main() -> None:
         entry: dict = {"shape": shape, "dtype": dtype, "rows": rows, "context": context, "kv_bytes": nbytes}
         for name, _ in systems:
             results = runs[(tuple(case), name)]
-            ms = [r["ms"] for r in results]
-            entry[name] = {
-                "ms": statistics.median(ms),
-                "ms_range": [min(ms), max(ms)],
-                "gb_s": nbytes / statistics.median(ms) / 1e6,
-                "model_ms_per_token": statistics.median(ms) * layers,
-            }
-            if "error" in results[0]:
-                err = max(r["error"] for r in results)
-                entry[name]["error"] = err
+            entry[name] = figures = median_of(results)
+            figures["gb_s"] = nbytes / figures["ms"] / 1e6
+            figures["model_ms_per_token"] = figures["ms"] * layers
+            if "error" in figures:
+                figures["error"] = err = figures["error_range"][1]  # the worst round
                 if err > TOLERANCE[dtype]:
                     failures.append(f"{name} on {case}: error {err:.3g} > {TOLERANCE[dtype]}")
         for name, _ in systems[1:]:

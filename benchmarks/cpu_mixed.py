@@ -158,17 +158,22 @@ def case_scatter(args: argparse.Namespace, context: int) -> dict:
 CASES = {"decode": case_decode, "mixed": case_mixed, "scatter": case_scatter}
 
 
-def run_case(case: str, context: int, args: argparse.Namespace, tree: Path | None) -> dict:
-    """One case in a fresh process (with ``tree`` first on the path: a peer revision)."""
+def run_child(script: str, argv: list[str], tree: Path | None, what: str) -> dict:
+    """``script`` with ``argv`` in a fresh process (with ``tree`` first on the path: a peer
+    revision); the JSON object its last line prints. ``what`` names it if it fails."""
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = f"{tree}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    cmd = [sys.executable, __file__, "--case", case, "--context", str(context), "--dtype", args.dtype]
-    cmd += ["--steps", str(args.steps)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
-        raise RuntimeError(f"case {case} at {context} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(case: str, context: int, args: argparse.Namespace, tree: Path | None) -> dict:
+    """One case in a fresh process (with ``tree`` first on the path: a peer revision)."""
+    argv = ["--case", case, "--context", str(context), "--dtype", args.dtype, "--steps", str(args.steps)]
+    return run_child(__file__, argv, tree, f"case {case} at {context}")
 
 
 def peer_tree(rev: str) -> Path:
