@@ -18,12 +18,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_engine.py"
 
 
-def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_benchmark(
+    script: str, *args: str, cache: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """benchmarks/``script`` with ``args`` in a child process (``MINICPM_CACHE`` = ``cache`` if given)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # other tests set it in-process
     env["PYTHONUNBUFFERED"] = "1"
+    if cache is not None:
+        env["MINICPM_CACHE"] = str(cache)
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return run_benchmark(SCRIPT.name, *args, timeout=timeout)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -149,21 +163,6 @@ def test_serve_bench_runs_against_minicpm_serve(default_model_dir: Path, capsys,
     figures = report["results"]["minicpm"]["median"]
     assert figures["completed"] == 3 and figures["failed"] == 0
     assert figures["output_throughput"] > 0 and 0 < figures["mean_ttft_ms"] <= figures["mean_e2el_ms"]
-
-
-def run_benchmark(script: str, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    """benchmarks/``script`` with ``args`` in a child process (``MINICPM_CACHE`` = ``cache`` if given)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # other tests set it in-process
-    if cache is not None:
-        env["MINICPM_CACHE"] = str(cache)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_cpu_formats_tiny_run_measures_every_path(default_model_dir: Path) -> None:

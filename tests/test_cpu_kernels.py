@@ -35,10 +35,10 @@ def reference(q, kc, vc, tables, row_seq, row_len, bs):
 
 def make_case(heads, kv_heads, d, bs, lens, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    num_blocks = 64
+    width = max(-(-n // bs) for n in lens)
+    num_blocks = max(64, len(lens) * width)
     kc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
     vc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
-    width = max(-(-n // bs) for n in lens)
     order = torch.randperm(num_blocks, generator=gen).to(torch.int32)  # scattered blocks
     tables = order[: len(lens) * width].view(len(lens), width).contiguous()
     q = torch.randn(len(lens), heads, d, generator=gen).to(dtype)
@@ -71,20 +71,7 @@ def test_long_rows_match_the_reference_across_partitions(dtype, tol, heads, kv_h
     """Rows longer than a partition (256 keys; a block where blocks are larger), lengths off every
     edge, heads that are and aren't a multiple of 16, blocks smaller than a window (16 keys)."""
     lens = [1, 255, 256, 257, 700, 1100, 33]
-    gen = torch.Generator().manual_seed(heads + d + bs)
-    num_blocks = sum(-(-n // bs) for n in lens) + 3
-    kc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
-    vc = torch.randn(num_blocks * bs, kv_heads, d, generator=gen).to(dtype)
-    width = max(-(-n // bs) for n in lens)
-    order = torch.randperm(num_blocks, generator=gen).to(torch.int32).tolist()
-    tables = torch.zeros(len(lens), width, dtype=torch.int32)
-    for r, n in enumerate(lens):
-        need = -(-n // bs)
-        tables[r, :need] = torch.tensor(order[:need], dtype=torch.int32)
-        order = order[need:]
-    q = torch.randn(len(lens), heads, d, generator=gen).to(dtype)
-    row_seq = torch.arange(len(lens), dtype=torch.int32)
-    row_len = torch.tensor(lens, dtype=torch.int32)
+    q, kc, vc, tables, row_seq, row_len = make_case(heads, kv_heads, d, bs, lens, dtype, seed=heads + d + bs)
     got = paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5)
     expected = reference(q, kc, vc, tables, row_seq, row_len, bs)
     assert (got.float() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
