@@ -399,11 +399,12 @@ def test_stop_token_ids_and_length(model: MiniCPMForCausalLM) -> None:
             SamplingParams(max_new_tokens=k, ignore_eos=True),
         ],
     )
-    assert stopped.finish_reason == "stop" and stopped.token_ids == free[:k] and stop_id not in stopped.token_ids
+    # the stop id was generated: it ends the token ids (vLLM's and transformers' outputs keep it too)
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free[: k + 1] and stopped.token_ids[-1] == stop_id
     assert capped.finish_reason == "length" and capped.token_ids == free[:k]
-    # a stop id as the very first token: nothing is output
+    # a stop id as the very first token: it alone is output
     (first,) = engine.generate([prompt], SamplingParams(max_new_tokens=5, stop_token_ids=(free[0],), ignore_eos=True))
-    assert first.token_ids == [] and first.finish_reason == "stop"
+    assert first.token_ids == [free[0]] and first.finish_reason == "stop" and first.text == ""
     # the model's eos stops unless ignore_eos; ignore_eos keeps explicit stop ids
     assert engine.stop_token_ids(SamplingParams()) >= set(model.config.eos_token_ids)
     assert engine.stop_token_ids(SamplingParams(ignore_eos=True, stop_token_ids=(5,))) == {5}

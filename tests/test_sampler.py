@@ -172,7 +172,7 @@ def test_min_tokens_holds_back_stop_ids_and_stop_strings(model: MiniCPMForCausal
     prompt = [1, 2, 3, 4]
     first = engine.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))[0].token_ids[0]
     stopped = engine.generate([prompt], SamplingParams(max_new_tokens=10, stop_token_ids=(first,)))[0]
-    assert stopped.token_ids == [] and stopped.finish_reason == "stop"
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
     held = engine.generate([prompt], SamplingParams(max_new_tokens=10, stop_token_ids=(first,), min_tokens=4))[0]
     assert len(held.token_ids) >= 4 and first not in held.token_ids[:4]
 

@@ -11,8 +11,10 @@ Contract:
   :class:`~minicpm.engine.model_runner.ModelRunner`) and returns a :class:`RequestOutput` for each
   request that produced text or finished: the new text (detokenized incrementally; held back while
   it could still grow into a stop string), the new token ids, and at the end ``finish_reason``
-  ``"stop"``, ``"length"`` or ``"abort"``. A stop id is not part of the output; a stop string ends
-  the text before it (the token ids keep the token that completed it, as vLLM's do).
+  ``"stop"``, ``"length"`` or ``"abort"``. A generated stop id (end of sequence, ``<|im_end|>``,
+  ``stop_token_ids``) is a generated token, as in vLLM and transformers: it is the last of the token
+  ids (and logprobs) and counts as output, but adds no text; a stop string ends the text before it
+  (the token ids keep the token that completed it, as vLLM's do).
 * On CPU, the thread count follows the machine's load (:class:`~minicpm.engine.threads.ThreadGovernor`):
   fewer threads while other processes keep cores busy, back when they stop.
 * A step is atomic per request: if finishing one request's token fails (detokenizing, a stop
@@ -164,6 +166,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: give the prompt as token ids")
+            at_least = self.tokenizer.min_tokens(len(prompt))
+            if at_least >= self.max_model_len:  # refused before tokenizing it whole
+                raise self._too_long(f"{len(prompt):,} characters, at least {at_least:,} tokens")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(i) for i in prompt]
@@ -174,20 +179,24 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
         if len(ids) >= self.max_model_len:
-            context = self.model_config.context_length
-            if self.max_model_len < context and self.max_model_len == self.kv_capacity:
-                per_token = self.runner.bytes_per_block // self.config.block_size
-                size = format_bytes(self.kv_capacity * per_token)
-                raise ValueError(
-                    f"the prompt is {len(ids)} tokens; the KV cache holds {self.kv_capacity} tokens "
-                    f"({size} at {format_bytes(per_token)} per token; the model's "
-                    f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
-                )
-            raise ValueError(
-                f"the prompt is {len(ids)} tokens; the model's context is {self.max_model_len} tokens, "
-                "which leaves no room for an answer"
-            )
+            raise self._too_long(f"{len(ids)} tokens")
         return ids
+
+    def _too_long(self, size: str) -> ValueError:
+        """The error for a prompt of ``size`` that leaves no room for an answer."""
+        context = self.model_config.context_length
+        if self.max_model_len < context and self.max_model_len == self.kv_capacity:
+            per_token = self.runner.bytes_per_block // self.config.block_size
+            total = format_bytes(self.kv_capacity * per_token)
+            return ValueError(
+                f"the prompt is {size}; the KV cache holds {self.kv_capacity} tokens "
+                f"({total} at {format_bytes(per_token)} per token; the model's "
+                f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
+            )
+        return ValueError(
+            f"the prompt is {size}; the model's context is {self.max_model_len} tokens, "
+            "which leaves no room for an answer"
+        )
 
     def make_request(
         self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -282,13 +291,14 @@ class LLMEngine:
     def _on_token(self, request: Request, sampled: Sampled) -> RequestOutput | None:
         seq, params = request.seq, request.seq.params
         token = sampled.token_id
-        if token in seq.stop_ids and len(seq.output_ids) >= params.min_tokens:
-            self.scheduler.finish(seq, "stop")
-            return self._output(request, finished=True)
-        seq.token_ids.append(token)
+        stopped = token in seq.stop_ids and len(seq.output_ids) >= params.min_tokens
+        seq.token_ids.append(token)  # a stop id too: it was generated (counted, scored), only not shown
         request.new_ids.append(token)
         if params.logprobs is not None:
             request.new_logprobs.append(sampled)
+        if stopped:
+            self.scheduler.finish(seq, "stop")
+            return self._output(request, finished=True)
         searched = len(request.text)
         if request.decoder is not None:
             request.text += request.decoder.push(token)

@@ -181,7 +181,16 @@ class Sampler:
         import llguidance.torch  # slow first import (it loads triton): paid here, not in a step
 
         matcher = llguidance.LLMatcher(self._tokenizer_for_grammars(), grammar)
-        return matcher.get_error() if matcher.is_error() else None
+        if matcher.is_error():
+            return matcher.get_error().split("\n", 1)[0]
+        # A grammar that admits no output at all (e.g. a JSON schema whose $ref only refers to
+        # itself) fails only once the first token mask is asked for.
+        mask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
+        llguidance.torch.fill_next_token_bitmask(matcher, mask, 0)
+        if matcher.is_error():
+            reason = matcher.get_error().split("\n", 1)[0]  # the rest is the parser's state dump
+            return f"no output can satisfy it (a $ref that only refers to itself?); llguidance: {reason}"
+        return None
 
     def _constraint(self, seq: Sequence) -> _Constraint:
         c = self._constraints.get(seq.request_id)
