@@ -442,6 +442,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_keys=keys,
         max_queued_requests=args.max_queued_requests,
         sampling_defaults=llm.sampling_defaults,
+        max_request_bytes=args.max_request_bytes,
     )
     return serve(state, args.host, args.port, args.shutdown_timeout)
 
@@ -627,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=POSITIVE_INT, default=None, help="context limit (default: the model's)")
     p.add_argument(
         "--max-queued-requests", type=NON_NEGATIVE_INT, default=256, help="waiting requests before 503 (default 256)"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=POSITIVE_INT,
+        default=None,
+        help="bigger request bodies get 413, unread (default: a full context at 32 bytes a token, at least 1 MiB)",
     )
     p.add_argument(
         "--shutdown-timeout", type=NON_NEGATIVE, default=30.0, help="seconds to let requests finish on SIGTERM (30)"

@@ -23,6 +23,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -240,6 +241,19 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: the longest vocabulary entry as stored
+        (byte-level and SentencePiece entries are at least as long as the text they encode), times 4
+        where a Unicode normalizer could first shrink the text (composing characters)."""
+        longest = max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1)
+        return max(1, longest) * (1 if self._backend.normalizer is None else 4)
+
+    def min_tokens(self, num_chars: int) -> int:
+        """A lower bound on the tokens of any text of ``num_chars`` characters, known without
+        tokenizing it: enough to refuse a prompt that cannot fit a context before tokenizing it whole."""
+        return -(-num_chars // self.max_token_chars)
 
     def id_to_token(self, idx: int) -> str | None:
         return self._backend.id_to_token(idx)

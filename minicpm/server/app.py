@@ -6,17 +6,24 @@ Contract (``build_app(state)``):
   not), ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize``, ``GET /health``, ``GET
   /version``, ``GET /metrics``. Requests from every client share the engine's batches.
 * Errors always use OpenAI's nested envelope ``{"error": {"message", "type", "param", "code"}}``:
-  400 for malformed JSON, wrong types, out-of-range values and prompts that alone fill the
-  context (``max_tokens`` beyond the room left is clamped, as vLLM does); 401 for a missing or
-  wrong key (compared in constant time) on every route but ``/health``, ``/metrics``,
-  ``/version``; 404 for an unknown model or route; 503 with ``Retry-After`` when the queue is full
-  or the server is draining. A client's mistake is never a 500.
-* Tokenizing happens in a worker thread, never on the event loop. A client that disconnects,
+  400 for malformed JSON, wrong types, out-of-range or non-finite values, a chat ``max_tokens`` of
+  0, a ``json_schema`` no output can satisfy, and prompts that alone fill the context
+  (``max_tokens`` beyond the room left is clamped, as vLLM does); 401 for a missing or wrong key
+  (compared in constant time) on every route but ``/health``, ``/metrics``, ``/version``; 404 for
+  an unknown model or route; 413 for a body over ``max_request_bytes``, unparsed; 503 with
+  ``Retry-After`` when the queue is full or the server is draining. A client's mistake is never a
+  5xx and never a ``server_error``.
+* Nothing a request sends can stall the event loop: an oversized body is refused unread, a text
+  prompt that cannot fit is refused from its length in characters before it is tokenized,
+  tokenizing and building large responses run in worker threads. A client that disconnects,
   streaming or not, aborts its requests at once (their KV blocks are freed).
+* A generated end-of-sequence (or stop) token is a generated token: counted in
+  ``completion_tokens`` and present in ``logprobs``, its text left out of the answer (as vLLM).
 * A stream sends a role chunk per choice, content deltas, a chunk with ``finish_reason``, the
   usage chunk (``choices: []``) when ``stream_options.include_usage``, then ``data: [DONE]``; an
   error before the first token is a plain HTTP error, one after it an error frame before
-  ``[DONE]``.
+  ``[DONE]``. An answer the server cuts (the SIGTERM drain) ends with ``finish_reason: "abort"``
+  and an error frame (503) in a stream, and is a 503 without one.
 * One access-log line per request (``minicpm.server`` logger): id, prompt, completion and cached
   tokens, time to first token, total time, finish reason.
 """
@@ -29,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,7 +44,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -50,11 +58,24 @@ from .metrics import Metrics
 
 log = logging.getLogger("minicpm.server")
 ERROR_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     503: "unavailable_error",
 }
+# The default --max-request-bytes: room for a full context of the served model, as text (about 4
+# characters a token, up to 6 bytes each once JSON escapes them) or as token ids (up to 8 bytes each),
+# and never under 1 MiB.
+REQUEST_BYTES_PER_TOKEN = 32
+MIN_REQUEST_BYTES = 1 << 20
+
+
+def default_max_request_bytes(max_model_len: int) -> int:
+    return max(MIN_REQUEST_BYTES, max_model_len * REQUEST_BYTES_PER_TOKEN)
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error type for an HTTP status: a client's mistake is never a ``server_error``."""
+    return ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
 
 
 class APIError(Exception):
@@ -64,8 +85,7 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
-    kind = ERROR_TYPES.get(status, "server_error")
-    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=kind, param=param, code=status))
+    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=error_type(status), param=param, code=status))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -79,6 +99,7 @@ class ServerState:
     api_keys: Sequence[str] = ()
     max_queued_requests: int = 256
     sampling_defaults: dict[str, float] = dataclasses.field(default_factory=dict)
+    max_request_bytes: int | None = None  # None: default_max_request_bytes(max_model_len)
     draining: bool = False
     in_flight: int = 0
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -87,6 +108,8 @@ class ServerState:
     def __post_init__(self) -> None:
         self._key_digests = [hashlib.sha256(k.encode()).digest() for k in self.api_keys]
         self.metrics.bind(self.engine)
+        if self.max_request_bytes is None:
+            self.max_request_bytes = default_max_request_bytes(self.max_model_len)
 
     @property
     def max_model_len(self) -> int:
@@ -104,9 +127,66 @@ def _json_frame(model: Any) -> str:
     return f"data: {model.model_dump_json()}\n\n"
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over ``state.max_request_bytes`` gets 413 in the error envelope
+    without being parsed. A declared ``Content-Length`` over the limit is refused at once; a body sent
+    without one (chunked) is refused as soon as its running size passes the limit. The rest of a
+    refused body is read and dropped (so the client, still sending, gets the answer rather than a
+    reset connection), never kept."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.state.max_request_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await error_response(400, "the Content-Length header is not a number")(scope, receive, send)
+                return
+            if int(declared) > limit:
+                await self._refuse(scope, receive, send, f"{int(declared):,} bytes")
+                return
+            await self.app(scope, receive, send)  # the server enforces a declared length itself
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            size += len(message.get("body", b""))
+            if size > limit:
+                await self._refuse(scope, receive, send, f"over {limit:,} bytes", more=message.get("more_body", False))
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Any:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _refuse(self, scope: Any, receive: Any, send: Any, size: str, more: bool = True) -> None:
+        limit = self.state.max_request_bytes
+        message = (
+            f"the request body is {size}; this server takes at most {limit:,} bytes (--max-request-bytes, "
+            f"sized for a full context of {self.state.max_model_len} tokens by default)"
+        )
+        await error_response(413, message, headers={"Connection": "close"})(scope, receive, send)
+        while more:  # drop what the client is still sending, a chunk at a time
+            message = await receive()
+            more = message["type"] == "http.request" and message.get("more_body", False)
+
+
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="minicpm", version=__version__, description="OpenAI-compatible API of minicpm")
     app.state.minicpm = state
+    app.add_middleware(_BodyLimit, state=state)
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
@@ -120,8 +200,12 @@ def build_app(state: ServerState) -> FastAPI:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
+        given = first.get("input")
         if first.get("type") == "json_invalid":
             message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
+        elif isinstance(given, float) and not math.isfinite(given):  # JSON's NaN / Infinity literals
+            name = "NaN" if math.isnan(given) else "-Infinity" if given < 0 else "Infinity"
+            message = f"{param}: {name} is not a number this field takes; give a finite number"
         elif param:
             message = f"{param}: {message}"
         return error_response(400, message, param)
@@ -207,8 +291,11 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Any:
         name = _check_model(state, body.model)
         _log_unknown(body)
-        ids = await asyncio.to_thread(_chat_ids, state, body.messages, True)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if limit == 0:  # as vLLM: a chat answer of no tokens is not a request
+            field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            raise APIError(400, f"{field}: 0 asks for no answer; give at least 1", field)
+        ids = await asyncio.to_thread(_chat_ids, state, body.messages, True, True)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         grammar = await asyncio.to_thread(_grammar, state, body.response_format)
         return await _generate(state, request, body, name, [ids], limit, logprobs, chat=True, grammar=grammar)
@@ -273,8 +360,24 @@ def _message_text(i: int, message: P.ChatMessage) -> str:
     return "".join(parts)
 
 
-def _chat_ids(state: ServerState, messages: list[P.ChatMessage], add_generation_prompt: bool) -> list[int]:
+def _check_fits(state: ServerState, num_chars: int) -> None:
+    """Refuse a prompt of ``num_chars`` characters that cannot fit the context, before tokenizing it."""
+    at_least = state.tokenizer.min_tokens(num_chars)
+    if at_least >= state.max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {state.max_model_len} tokens. However, your prompt contains "
+            f"{num_chars:,} characters, at least {at_least:,} input tokens, which leaves no room for an answer.",
+            "input_tokens",
+        )
+
+
+def _chat_ids(
+    state: ServerState, messages: list[P.ChatMessage], add_generation_prompt: bool, must_fit: bool = False
+) -> list[int]:
     msgs = [{"role": m.role, "content": _message_text(i, m)} for i, m in enumerate(messages)]
+    if must_fit:  # the template only adds to the messages' text
+        _check_fits(state, sum(len(m["content"]) for m in msgs))
     try:
         return state.tokenizer.encode_chat(msgs, add_generation_prompt, state.chat_format, state.chat_template)
     except TokenizerError as exc:  # a template that fails on this conversation: the request's problem
@@ -282,14 +385,18 @@ def _chat_ids(state: ServerState, messages: list[P.ChatMessage], add_generation_
 
 
 def _completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    def encode(text: str) -> list[int]:
+        _check_fits(state, len(text))
+        return state.tokenizer.encode(text)
+
     if isinstance(prompt, str):
-        return [state.tokenizer.encode(prompt)]
+        return [encode(prompt)]
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
-        return [state.tokenizer.encode(p) for p in prompt]
+        return [encode(p) for p in prompt]
     if all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
     raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of lists", "prompt")
@@ -470,7 +577,13 @@ class _Choice:
 
 
 def _finish(reason: str | None) -> str | None:
-    return None if reason is None else "length" if reason == "length" else "stop"
+    """OpenAI's finish reason; "abort" (as vLLM's) for an answer the server cut (its drain)."""
+    return None if reason is None else reason if reason in ("length", "abort") else "stop"
+
+
+def _cut_message(choices: list[_Choice]) -> str:
+    tokens = sum(len(c.token_ids) for c in choices if c.finish_reason == "abort")
+    return f"the server is shutting down: the answer was cut after {tokens} tokens, unfinished; send it again"
 
 
 def _usage(choices: list[_Choice], prompt_counted: set[int]) -> P.Usage:
@@ -616,15 +729,7 @@ async def _generate(
             ",".join(str(c.finish_reason) for c in choices),
         )
 
-    if not body.stream:
-        try:
-            finished = await _until_disconnect(request, _collect(streams, take))
-        except EngineError as exc:
-            raise APIError(500, str(exc)) from None
-        finally:
-            done()
-        if not finished:
-            return JSONResponse({}, status_code=499)  # nobody is listening
+    def respond() -> P.ChatCompletion | P.Completion:
         usage = _usage(choices, first_of_prompt)
         if chat:
             return P.ChatCompletion(
@@ -658,6 +763,20 @@ async def _generate(
             usage=usage,
         )
 
+    if not body.stream:
+        try:
+            finished = await _until_disconnect(request, _collect(streams, take))
+        except EngineError as exc:
+            raise APIError(500, str(exc)) from None
+        finally:
+            done()
+        if not finished:
+            return JSONResponse({}, status_code=499)  # nobody is listening
+        if any(c.finish_reason == "abort" for c in choices):  # cut by the drain: not an answer
+            raise APIError(503, _cut_message(choices), headers={"Retry-After": "5"})
+        # built and serialized off the event loop: an echoed prompt's logprobs can be a whole context of entries
+        return await asyncio.to_thread(lambda: Response(respond().model_dump_json(), media_type="application/json"))
+
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     created = int(time.time())
 
@@ -674,6 +793,13 @@ async def _generate(
         choice = P.CompletionChoice(index=index, text=text or "", logprobs=lp, finish_reason=finish)
         return P.Completion(id=request_id, created=created, model=name, choices=[choice])
 
+    def echo_frame(index: int) -> str:
+        scored = _Choice(prompt_logprobs=choices[index].prompt_logprobs)
+        prompt = prompts[index // body.n]
+        lp = _echoed_logprobs(state.tokenizer, prompt, scored, echo_text[index]) if logprobs is not None else None
+        choice = P.CompletionChoice(index=index, text=echo_text[index], logprobs=lp, finish_reason=None)
+        return _json_frame(P.Completion(id=request_id, created=created, model=name, choices=[choice]))
+
     async def events() -> AsyncIterator[str]:
         try:
             if chat:
@@ -684,15 +810,7 @@ async def _generate(
                 out = take(index, raw)
                 if not chat and body.echo and index not in echoed:  # the prompt (and its logprobs) first
                     echoed.add(index)
-                    scored = _Choice(prompt_logprobs=choices[index].prompt_logprobs)
-                    prompt = prompts[index // body.n]
-                    lp = (
-                        _echoed_logprobs(state.tokenizer, prompt, scored, echo_text[index])
-                        if logprobs is not None
-                        else None
-                    )
-                    choice = P.CompletionChoice(index=index, text=echo_text[index], logprobs=lp, finish_reason=None)
-                    yield _json_frame(P.Completion(id=request_id, created=created, model=name, choices=[choice]))
+                    yield await asyncio.to_thread(echo_frame, index)  # a whole context of entries: off the loop
                 if out.text or (out.token_ids and logprobs is not None):
                     yield _json_frame(chunk(index, out.text, out.logprobs or [], None))
                 if out.finished:
@@ -708,6 +826,9 @@ async def _generate(
                     )
                 else:
                     yield _json_frame(P.Completion(id=request_id, created=created, model=name, choices=[], usage=usage))
+            if any(c.finish_reason == "abort" for c in choices):  # cut by the drain: say so, not just "abort"
+                cut = P.ErrorInfo(message=_cut_message(choices), type=error_type(503), code=503)
+                yield _json_frame(P.ErrorResponse(error=cut))
         except EngineError as exc:
             info = P.ErrorResponse(error=P.ErrorInfo(message=str(exc), type="server_error", code=500))
             yield _json_frame(info)

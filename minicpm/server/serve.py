@@ -3,7 +3,9 @@
 Contract: :func:`serve` loads the model, starts one engine thread and serves until SIGTERM or
 SIGINT. On the first signal the server stops admitting (new requests and ``/health`` answer 503),
 lets running requests finish for up to ``shutdown_timeout`` seconds, aborts the rest and exits
-0; a second signal exits at once.
+0; a second signal exits at once. An answer the drain cuts is never passed off as complete: a
+stream ends with ``finish_reason: "abort"`` and an error frame (503) before ``[DONE]``; a
+non-streaming request gets 503.
 """
 
 from __future__ import annotations
