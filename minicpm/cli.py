@@ -320,9 +320,20 @@ def _setup_readline() -> Callable[[], None]:
     readline.set_history_length(1000)
 
     def save() -> None:
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(path)
+        from .fileio import is_disk_full, write_atomic, writing
+
+        try:
+            with writing(path.parent):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            # written here, not by readline.write_history_file: that one takes a short write on a
+            # full disk for success and leaves the history cut
+            lines = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
+            data = "".join(f"{line}\n" for line in lines if line is not None).encode("utf-8", "surrogateescape")
+            write_atomic(path, lambda tmp: tmp.write_bytes(data))  # the bytes typed, as readline read them
+        except OSError as exc:
+            if is_disk_full(exc):  # one error line naming the path (exit 2)
+                raise
+            print(f"minicpm: chat history not saved: {_describe_os_error(exc)}", file=sys.stderr)
 
     return save
 
@@ -726,9 +737,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Terminated as exc:
         return 128 + exc.signum
+    except OSError as exc:
+        print(f"minicpm: error: {_describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except USER_ERRORS as exc:
         print(f"minicpm: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``PATH: what failed``, and for a full disk or quota what to do about it."""
+    if exc.filename is None or exc.strerror is None:
+        return str(exc)
+    text = f"{exc.filename}: {exc.strerror}"
+    from .fileio import is_disk_full
+
+    if is_disk_full(exc):
+        text += " (nothing was left half-written; free some space there, or write elsewhere: $MINICPM_CACHE, --output)"
+    return text
 
 
 if __name__ == "__main__":

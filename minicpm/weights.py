@@ -19,7 +19,6 @@ quantize every linear layer (see :func:`minicpm.quant.quantize_model`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import MiniCPMConfig
+from .fileio import write_atomic, write_text_atomic
 from .quant import QuantizedEmbedding, QuantizedLinear, check_quantize, quantize_model
 
 if TYPE_CHECKING:
@@ -292,15 +292,7 @@ def _own_copy(layer: QuantizedLinear) -> QuantizedLinear:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
-
-
-def _atomic_write_text(text: str, file: Path) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, file)
+    write_atomic(file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: int | None = None) -> list[Path]:
@@ -331,7 +323,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: 
         written.append(path / name)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _atomic_write_text(json.dumps(index, indent=2) + "\n", path / SAFETENSORS_INDEX)
+    write_text_atomic(path / SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n")
     return written
 
 
@@ -373,4 +365,4 @@ def save_checkpoint(
     if formats:  # informative (this loader reads the tensors' names), and a stop sign for other loaders
         config["quantization_config"] = {"quant_method": "minicpm-weight-only", "formats": sorted(formats)}
     save_tensors(tensors, path, max_shard_bytes)
-    _atomic_write_text(json.dumps(config, indent=2) + "\n", path / "config.json")
+    write_text_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")

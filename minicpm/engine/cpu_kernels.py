@@ -9,7 +9,8 @@ Contract:
   keyed by the source, the compiler's version and this CPU's flags, so a second start loads it in
   milliseconds. The build writes to a temporary name and renames, so concurrent processes never
   load half a library. Where there is no compiler, the build fails or ``MINICPM_CPU_KERNELS=off``,
-  it returns None (after one warning for a failure) and callers use their torch path.
+  it returns None (after one warning for a failure) and callers use their torch path; a full disk
+  or quota under the kernel cache is an ``OSError`` naming it (the user's to fix, not a slower run).
 * The library links the OpenMP runtime by soname, so inside a torch process it shares torch's
   (torch's own ``libgomp.so.1`` is already loaded): the kernel's threads are torch's, and
   ``torch.set_num_threads`` governs both.
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..fileio import DISK_FULL, is_disk_full, writing
 from ..quant import QuantizedLinear
 
 log = logging.getLogger("minicpm.engine")
@@ -94,22 +96,26 @@ def _build() -> Path:
     target = _cache_dir() / f"minicpm-cpu-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        objects = []
-        for name, flags in SOURCES.items():
-            obj = str(Path(tmp) / f"{Path(name).stem}.o")
-            _run([cc, *_COMMON_FLAGS, *flags, "-c", str(CSRC / name), "-o", obj], cc, name)
-            objects.append(obj)
-        library = str(Path(tmp) / "lib.so")
-        _run([cc, "-shared", "-fopenmp", *objects, "-o", library, "-lm"], cc, "the link")
-        os.replace(library, target)  # whole or not at all, for a concurrent process
+    with writing(target.parent):  # a full disk names the kernel cache
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            objects = []
+            for name, flags in SOURCES.items():
+                obj = str(Path(tmp) / f"{Path(name).stem}.o")
+                _run([cc, *_COMMON_FLAGS, *flags, "-c", str(CSRC / name), "-o", obj], cc, name, target.parent)
+                objects.append(obj)
+            library = str(Path(tmp) / "lib.so")
+            _run([cc, "-shared", "-fopenmp", *objects, "-o", library, "-lm"], cc, "the link", target.parent)
+            os.replace(library, target)  # whole or not at all, for a concurrent process
     return target
 
 
-def _run(cmd: list[str], cc: str, what: str) -> None:
+def _run(cmd: list[str], cc: str, what: str, out_dir: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
+        for code in DISK_FULL:  # the compiler could not write its output: the user's problem, not a build failure
+            if os.strerror(code) in done.stderr:
+                raise OSError(code, os.strerror(code), str(out_dir))
         raise RuntimeError(f"{cc} failed on {what}:\n{done.stderr.strip()[-2000:]}")
 
 
@@ -120,6 +126,11 @@ def native_kernels() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
+    except OSError as exc:
+        if is_disk_full(exc):  # the user's to fix (and say), not a reason to run slower
+            raise
+        log.warning("native CPU kernels unavailable, using torch's: %s", exc)
+        return None
     except Exception as exc:  # no compiler, a failed build, an unloadable library: the torch path is used
         log.warning("native CPU kernels unavailable, using torch's: %s", exc)
         return None

@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_text_atomic, writing
+
 log = logging.getLogger("minicpm")
 
 # settings that may change between a run and its resumption (they don't change the answers)
@@ -299,15 +301,6 @@ def ray_targets(
 
 
 # ----------------------------------------------------------------------------------- run dirs
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=False)
 
@@ -343,7 +336,7 @@ class RunDir:
                 shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
                 raise ValueError(f"{self.path} holds a run with other settings ({shown}): give another --output")
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(self.settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
     def pred_files(self) -> list[Path]:
         return sorted(self.path.glob("preds_*.jsonl"))
@@ -373,11 +366,11 @@ class RunDir:
         for record in sorted(records, key=lambda r: r["index"]):
             groups.setdefault(record["group"], []).append(record)
         for group, rows in groups.items():
-            _write_atomic(self.path / f"preds_{group}.jsonl", "".join(_dumps(r) + "\n" for r in rows))
+            write_text_atomic(self.path / f"preds_{group}.jsonl", "".join(_dumps(r) + "\n" for r in rows))
 
     def write_report(self, report: dict[str, Any], markdown: str) -> None:
-        _write_atomic(self.path / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(self.path / "report.md", markdown)
+        write_text_atomic(self.path / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(self.path / "report.md", markdown)
 
     def report(self) -> dict[str, Any]:
         try:
@@ -488,11 +481,19 @@ def run(
 
         def done(item: Item, gen: Generation) -> None:
             record = make_record(item, gen, float(score(item, gen.text)))
+            path = run_dir.path / f"preds_{item.group}.jsonl"
             f = files.get(item.group)
-            if f is None:
-                f = files[item.group] = (run_dir.path / f"preds_{item.group}.jsonl").open("a", encoding="utf-8")
-            f.write(_dumps(record) + "\n")  # one write per line: a kill leaves whole lines (or a cut last one)
-            f.flush()
+            with writing(path):
+                if f is None:
+                    f = files[item.group] = path.open("ab", buffering=0)
+                end = f.tell()
+                line = memoryview((_dumps(record) + "\n").encode("utf-8"))
+                try:  # unbuffered, one line at a time: a kill leaves whole lines (or a cut last one, dropped on resume)
+                    while line:
+                        line = line[f.write(line) :]
+                except OSError:  # e.g. a full disk: take the cut line back before the error goes up
+                    f.truncate(end)
+                    raise
             records[item.index] = record
             scores.append(record["score"])
             if bar is not None:

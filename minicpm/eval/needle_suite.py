@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_atomic
 from . import needle
 from .harness import Item
 
@@ -121,10 +122,10 @@ def heatmap(records: Sequence[dict[str, Any]], path: str | Path, title: str) -> 
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="Score (%)")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.partial.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def report(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> tuple[dict[str, Any], str]:

@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_atomic, writing
+
 log = logging.getLogger("minicpm")
 
 SYNTHETIC_TASKS = ("passkey", "number_string", "kv_retrieval", "math_find", "code_run")
@@ -375,15 +377,14 @@ def generate(
 def write_jsonl(examples: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     """``examples`` as JSON lines (the official format), replacing ``path`` atomically."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
+    with writing(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         with open(tmp, "x", encoding="utf-8", newline="\n") as out:
             for example in examples:
                 out.write(json.dumps(example, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_atomic(target, write)
