@@ -3,8 +3,9 @@
 Contract:
 
 * :func:`convert_checkpoint` reads a checkpoint directory (any weight layout :mod:`minicpm.weights`
-  reads), checks every tensor against its config, and writes config.json, safetensors weights
-  and the directory's tokenizer / generation files (remote-code ``.py`` files are left out).
+  reads), checks every tensor against its config, and writes config.json and safetensors weights;
+  every other file of the directory (tokenizer, ``generation_config.json``, chat template, README,
+  license) is carried over as it is, but for remote-code ``.py`` files and other weight formats.
 * Both take ``quantize``: "auto" (default) writes weights as the source stores them, "none"
   dequantizes, "int8" / "int4" (with ``group_size``) quantize every linear layer
   (:func:`minicpm.quant.quantize_tensors`): a quantized checkpoint stores ``.qweight`` /
@@ -15,7 +16,10 @@ Contract:
   llama.cpp's Q/K row permutation, and writes config.json, safetensors weights and the tokenizer:
   ``tokenizer.json`` for GGUF "gpt2" (byte-level BPE) vocabularies, ``tokenizer.model`` for
   "llama" (SentencePiece) vocabularies, plus ``tokenizer_config.json`` (special tokens,
-  ``add_bos_token``, ``chat_template``).
+  ``add_bos_token``, ``chat_template``) and ``generation_config.json`` (the sampling the file
+  carries, else its family's recommendation: :func:`gguf_generation_config`).
+* A full disk or quota (ENOSPC, EDQUOT) while writing is an ``OSError`` / :class:`ConversionError`
+  naming the destination, and leaves nothing behind, like any other failure.
 * Output is built in a temporary sibling directory (``.NAME.partial-PID-*``) and renamed into
   place at the end: a failed or interrupted conversion (an exception, Ctrl-C, or SIGTERM, which
   the CLI turns into the same unwinding) leaves nothing at the destination; partial directories
@@ -50,16 +54,31 @@ from .quant import (
 )
 from .weights import check_tensors, read_checkpoint, resolve_dtype, save_checkpoint
 
-# Files besides the weights that make a checkpoint directory usable.
-CARRIED_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "generation_config.json",
-    "chat_template.jinja",
-)
+# What a conversion does not carry over from a checkpoint directory: the weights (written anew),
+# config.json (rewritten) and remote code. Everything else (tokenizer, generation_config.json, chat
+# template, README, license, ...) is copied as it is.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz")
+NOT_CARRIED = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+# GGUF's sampling metadata and the generation_config.json fields it stands for
+GGUF_SAMPLING = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def carried_files(src: Path) -> list[Path]:
+    """The files of checkpoint directory ``src`` that a conversion copies (see :data:`NOT_CARRIED`)."""
+    return sorted(
+        p
+        for p in src.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in NOT_CARRIED
+        and not p.name.endswith(WEIGHT_SUFFIXES)
+        and p.suffix != ".py"
+    )
 
 
 class ConversionError(ValueError):
@@ -179,9 +198,8 @@ def convert_checkpoint(
 
     def build(tmp: Path) -> None:
         save_checkpoint(out, raw_config, tmp, max_shard_bytes)
-        for name in CARRIED_FILES:
-            if (src / name).exists():
-                shutil.copy2(src / name, tmp / name)
+        for file in carried_files(src):
+            shutil.copy2(file, tmp / file.name)
 
     return _build_into(Path(dst), build)
 
@@ -456,6 +474,26 @@ def gguf_tokenizer_files(reader: Any, out: Path) -> None:
     )
 
 
+def gguf_generation_config(reader: Any) -> dict[str, Any]:
+    """generation_config.json for a GGUF file: its bos / eos ids, and the sampling settings it
+    carries (``general.sampling.*``), else what its family's card recommends
+    (:data:`~minicpm.default_model.CARD_SAMPLING`), else none (the loader then takes the MiniCPM
+    card's)."""
+    from .default_model import CARD_SAMPLING
+
+    config: dict[str, Any] = {}
+    for key, name in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
+        value = _field(reader, key)
+        if value is not None:
+            config[name] = int(value)
+    sampling = {name: _field(reader, key) for key, name in GGUF_SAMPLING.items() if _field(reader, key) is not None}
+    if not sampling:
+        sampling = dict(CARD_SAMPLING.get(str(_field(reader, "general.basename", "")).lower(), {}))
+    if sampling:  # transformers samples only with do_sample
+        config["do_sample"] = True
+    return config | {k: int(v) if k == "top_k" else float(v) for k, v in sampling.items()}
+
+
 def convert_gguf(
     src: str | Path,
     dst: str | Path,
@@ -489,5 +527,6 @@ def convert_gguf(
     def build(tmp: Path) -> None:
         save_checkpoint(tensors, raw_config, tmp)
         gguf_tokenizer_files(reader, tmp)
+        (tmp / "generation_config.json").write_text(json.dumps(gguf_generation_config(reader), indent=2) + "\n")
 
     return _build_into(Path(dst), build)

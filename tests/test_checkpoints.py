@@ -16,7 +16,9 @@ from minicpm import CheckpointError, ConfigError, MiniCPMConfig, MiniCPMForCausa
 from minicpm.cli import main as cli_main
 from minicpm.config import MINICPM_2B_128K
 from minicpm.convert import ConversionError, convert_checkpoint, convert_gguf
+from minicpm.default_model import SMOLLM2_SAMPLING
 from minicpm.quant import QuantizedLinear
+from minicpm.sampling import checkpoint_sampling_defaults
 
 IDS = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(0))
 
@@ -213,12 +215,17 @@ def test_checkpoint_in_the_published_layout(tmp_path: Path) -> None:
 def test_convert_bin_to_safetensors(tmp_path: Path, capsys) -> None:
     model = random_model(tiny_config())
     src = _write_bin(tmp_path / "src", model.config, dict(model.state_dict()))
-    (src / "tokenizer_config.json").write_text("{}")
-    (src / "modeling_minicpm.py").write_text("raise SystemExit")
+    carried = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja", "README.md", "LICENSE")
+    for name in carried:
+        (src / name).write_text(f"{{}} {name}")
+    (src / "modeling_minicpm.py").write_text("raise SystemExit")  # remote code: never carried
+    (src / ".gitattributes").write_text("*.bin filter=lfs")
+    (src / "model.gguf").write_text("another format's weights")
     assert cli_main(["convert", str(src), str(tmp_path / "dst")]) == 0
     assert "wrote" in capsys.readouterr().out
     files = sorted(p.name for p in (tmp_path / "dst").iterdir())
-    assert files == ["config.json", "model.safetensors", "tokenizer_config.json"]
+    assert files == sorted(["config.json", "model.safetensors", *carried])
+    assert all((tmp_path / "dst" / name).read_text() == f"{{}} {name}" for name in carried)
     assert torch.equal(logits_of(tmp_path / "dst"), logits_of(src))
     # an existing destination is refused, a broken source leaves nothing behind
     assert cli_main(["convert", str(src), str(tmp_path / "dst")]) == 2
@@ -281,6 +288,11 @@ def _write_gguf(path: Path, arch: str, config, state, tokens, scores, types, qty
         writer.add_embedding_scale(config.scale_emb)
         writer.add_residual_scale(config.scale_depth / math.sqrt(config.num_hidden_layers))
         writer.add_logit_scale(config.hidden_size / config.dim_model_base)
+        writer.add_float32("general.sampling.temp", 0.6)  # the file's own sampling settings
+        writer.add_float32("general.sampling.top_p", 0.75)
+        writer.add_int32("general.sampling.top_k", 30)
+    else:
+        writer.add_string("general.basename", "SmolLM2")  # none: its family's card recommends some
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -386,6 +398,10 @@ def test_convert_gguf_roundtrip(tmp_path: Path, arch: str) -> None:
     tok_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert tok_config["bos_token"] == "<s>" and tok_config["add_bos_token"] is True
     assert "<|im_start|>" in tok_config["chat_template"]
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    sampling = {"temperature": 0.6, "top_p": 0.75, "top_k": 30} if arch == "minicpm" else SMOLLM2_SAMPLING
+    assert generation == pytest.approx({"bos_token_id": 1, "eos_token_id": 2, "do_sample": True} | sampling)
+    assert checkpoint_sampling_defaults(tmp_path / "out") == pytest.approx(sampling)
 
 
 def _assert_engine_follows(model: MiniCPMForCausalLM, ref: MiniCPMForCausalLM) -> None:
