@@ -73,6 +73,14 @@ def test_engine_server_two_servers_and_merged_shards_agree(tiny: Path, data: Pat
             assert (tmp_path / run / name).read_bytes() == (tmp_path / "engine" / name).read_bytes(), (run, name)
     report = json.loads((tmp_path / "m" / "report.json").read_text())
     assert report["settings"]["num_items"] == 6 and set(report["scores"]) >= {"passkey", "kv_retrieval"}
+    # answers that reached the benchmark's answer limit are counted per task, and the table says so
+    cut = {
+        t: sum(json.loads(x)["finish_reason"] == "length" for x in (tmp_path / "m" / f).read_text().splitlines())
+        for t, f in zip(TASKS.split(","), FILES, strict=True)
+    }
+    assert {t: report["tasks"][t]["cut_by_limit"] for t in cut} == cut and cut["passkey"] > 0  # a random model rambles
+    assert f"| passkey | 3 | {report['tasks']['passkey']['mean_prompt_tokens']:.0f} | 6 | {cut['passkey']} |" in table
+    assert f"passkey {cut['passkey']} of 3" in table and "`--style completion` prompts end where" in table
     capsys.readouterr()
     assert main(["eval", "compare", str(tmp_path / "engine"), str(tmp_path / "two")]) == 0
     compared = capsys.readouterr().out

@@ -250,6 +250,8 @@ def report(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> tuple
             "n": len(by_task[t]),
             "mean_prompt_tokens": sum(r["prompt_tokens"] for r in by_task[t]) / len(by_task[t]),
             "max_new_tokens": (settings.get("max_new_tokens") or {}).get(t),
+            # answers that ran into the benchmark's answer limit (finish "length"): scored as they stand
+            "cut_by_limit": sum(r.get("finish_reason") == "length" for r in by_task[t]),
         }
         for t in tasks
     }
@@ -269,10 +271,28 @@ def report(records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> tuple
         "|---" * (len(head) + 1) + "|",
         f"| {settings.get('model_name', 'model')} | " + " | ".join(row) + " |",
         "",
-        "| task | examples | mean prompt tokens | score |",
-        "|---|---|---|---|",
-        *(f"| {t} | {per_task[t]['n']} | {per_task[t]['mean_prompt_tokens']:.0f} | {scores[t]:.2f} |" for t in tasks),
+        "| task | examples | mean prompt tokens | answer limit (tokens) | answers cut at the limit | score |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {t} | {per_task[t]['n']} | {per_task[t]['mean_prompt_tokens']:.0f} | "
+            f"{per_task[t]['max_new_tokens'] or '-'} | {per_task[t]['cut_by_limit']} | {scores[t]:.2f} |"
+            for t in tasks
+        ),
     ]
+    cut = [t for t in tasks if per_task[t]["cut_by_limit"]]
+    if cut:
+        md += [
+            "",
+            "Answers cut at the benchmark's answer limit (finish `length`), scored as they stand, as the "
+            "benchmark does: "
+            + ", ".join(f"{t} {per_task[t]['cut_by_limit']} of {per_task[t]['n']}" for t in cut)
+            + ".",
+        ]
+        if settings.get("style") == "chat":
+            md[-1] += (
+                ' In chat style a model may spend the limit on a preamble ("The pass key is ...") before the '
+                "answer; `--style completion` prompts end where the answer begins."
+            )
     if len(tasks) < len(INFINITEBENCH_TASKS):
         md += ["", "Averages need all 12 tasks (the first 8 for avg w/o code&math): '-' marks a missing one."]
     return data, "\n".join(md) + "\n"
