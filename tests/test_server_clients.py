@@ -287,3 +287,26 @@ def test_answers_cut_by_the_drain_are_not_passed_off_as_complete(default_model_d
     finally:
         err = _stop(proc)
     assert "Traceback" not in err, err
+
+
+def test_the_readme_openai_example_runs_as_written(default_model_dir: Path) -> None:
+    """The README's `openai` example against `minicpm serve` of the README's first command (the
+    default model): it must not ask for a model name the server does not serve."""
+    import contextlib
+    import io
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    serving = readme[readme.index("## Serving (OpenAI-compatible)") :]
+    code = re.search(r"```python\n(.*?)```", serving, re.S).group(1)
+    assert "from openai import OpenAI" in code and "http://127.0.0.1:8000/v1" in code
+    proc, url = _start_server(default_model_dir, "--api-key", "sk-local")
+    try:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    finally:
+        err = _stop(proc)
+    printed = out.getvalue()
+    assert "completion_tokens=" in printed and len(printed.split("CompletionUsage")[0].strip()) > 2, printed
+    assert "Traceback" not in err, err
