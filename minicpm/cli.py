@@ -122,9 +122,30 @@ def DEVICE(text: str) -> str:  # noqa: N802 - an argparse type, named like the o
     raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N")
 
 
+def _import_torch() -> Any:
+    """``import torch`` with Ctrl-C, SIGTERM and SIGHUP held until it is done, then delivered: a
+    signal's exception raised inside torch's import can unwind through its C++ frames and abort the
+    process (SIGABRT: "terminate called after throwing an instance of 'python_error'")."""
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import torch
+
+        return torch
+    held: list[int] = []
+    signums = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {n: signal.signal(n, lambda signum, frame: held.append(signum)) for n in signums}
+    try:
+        import torch
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in held[:1]:  # now the usual handlers unwind (KeyboardInterrupt, Terminated)
+        signal.raise_signal(signum)
+    return torch
+
+
 def _check_device(device: str | None) -> str:
     """The device to run on; a CUDA device this torch or this machine lacks is a user error."""
-    import torch
+    torch = _import_torch()
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,6 +273,7 @@ def _notice(llm: Any, params: Any, interactive: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------- commands
 def _cmd_convert(args: argparse.Namespace) -> int:
+    _import_torch()
     from .convert import convert_checkpoint, convert_gguf
 
     src = Path(args.src)
@@ -461,6 +483,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    _import_torch()
     from .config import MiniCPMConfig
     from .default_model import default_model_path, resolve_model_path
     from .plan import available_memory, format_plan, plan_memory
