@@ -345,7 +345,8 @@ def minicpm_server(model_dir: str | Path, name: str, source: Path = ROOT, log: P
     cmd += ["--served-model-name", name, "--dtype", "float32", "--quantize", "none"]
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(log, "wb")) if log else stack.enter_context(tempfile.TemporaryFile())
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # run from ``source``: ``python -m`` puts the working directory first on sys.path
+        proc = subprocess.Popen(cmd, cwd=source, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
             try:
