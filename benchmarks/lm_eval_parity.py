@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ class LmEval:
     """``python -m lm_eval`` on the task in the background, its samples logged under ``out``;
     :meth:`result` waits for it."""
 
-    def __init__(self, model: str, model_args: dict, task_dir: Path, out: Path, extra: list[str] = ()) -> None:
+    def __init__(self, model: str, model_args: dict, task_dir: Path, out: Path, extra: Sequence[str] = ()) -> None:
         args = ",".join(f"{k}={v}" for k, v in model_args.items())
         cmd = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, "--tasks", TASK]
         cmd += ["--include_path", str(task_dir), "--log_samples", "--output_path", str(out), *extra]
@@ -301,7 +301,7 @@ class LmEval:
         return {"lls": lls, "acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"], "seconds": seconds}
 
 
-def run_lm_eval(model: str, model_args: dict, task_dir: Path, out: Path, extra: list[str] = ()) -> dict:
+def run_lm_eval(model: str, model_args: dict, task_dir: Path, out: Path, extra: Sequence[str] = ()) -> dict:
     """:class:`LmEval` to the end."""
     return LmEval(model, model_args, task_dir, out, extra).result()
 
