@@ -201,8 +201,10 @@ def test_background_if_the_engine_thread_dies_every_stream_gets_the_error(model)
     engine = make_engine(model)
     steps = {"n": 0}
     step = engine.step
+    all_added = threading.Event()
 
     def dying_step():
+        all_added.wait(10)  # on a busy machine the thread could otherwise die before the third request
         steps["n"] += 1
         if steps["n"] == 3:
             raise SystemExit("a fault no step handler catches")
@@ -212,6 +214,7 @@ def test_background_if_the_engine_thread_dies_every_stream_gets_the_error(model)
     bg = BackgroundEngine(engine)
     try:
         streams = [bg.add_request([i + 1, 2, 3], SamplingParams(max_new_tokens=50, ignore_eos=True)) for i in range(3)]
+        all_added.set()
         for stream in streams:
             ended, got = read_in_thread(stream, timeout=5)
             assert ended and isinstance(got[-1], EngineError) and "died" in str(got[-1])
