@@ -155,6 +155,8 @@ def native_kernels() -> ctypes.CDLL | None:
     lib.minicpm_paged_prefill_available.restype = ctypes.c_int
     lib.minicpm_pack_int4_panels.argtypes = [v, i, i, v]
     lib.minicpm_pack_int4_panels.restype = None
+    lib.minicpm_gguf_decode.argtypes = [i, v, i64, v, v, v]
+    lib.minicpm_gguf_decode.restype = ctypes.c_int
     f = ctypes.c_float
     lib.minicpm_decode_layers.argtypes = [i, i, i, v, v, v, v, v, v, v, i64, i64, v, i, i, v, v, i]
     lib.minicpm_decode_layers.argtypes += [i, i, i, i, i, f, f, f, v, v]
