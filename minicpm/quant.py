@@ -22,8 +22,8 @@ Contract:
   other quantized type raises :class:`UnmappableQuantizationError` naming it. The native CPU
   kernels decode in one pass where they build (``csrc/linear.c``), numpy otherwise: the same bits.
 * Whatever a weight's size, :func:`quantize`, :meth:`QuantizedLinear.dequantize` and the numpy
-  decoding work :data:`CHUNK` weights at a time (rows are independent): temporaries of about a
-  megabyte, never a float32 copy of a whole table.
+  decoding work :data:`CHUNK` weights at a time (rows are independent): temporaries of tens of
+  megabytes at most, never a float32 copy of a whole table.
 * A bad format, group size or shape raises ``ValueError`` naming it.
 """
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FORMATS = ("int8", "int4")
-CHUNK = 1 << 18  # weights quantized, dequantized or decoded at a time: temporaries of about 1 MB (cache-sized)
+CHUNK = 1 << 22  # weights quantized, dequantized or decoded at a time (a few ops each: few thread joins)
 GROUPS = {"int8": (16, 32, 64, 128), "int4": (32, 64, 128)}  # int8 also takes one group per row
 QUANTIZE_CHOICES = ("auto", "none", *FORMATS)  # what a loader or the engine is told to run
 
@@ -179,14 +179,15 @@ def quantize(weight: Tensor | QuantizedLinear, fmt: str, group: int | None = Non
     """``weight`` (out, in) quantized: ``int8`` symmetric (``scale = max|w| / 127`` per row or group,
     1 where all zero), ``int4`` asymmetric (``scale = (max - min) / 15`` per group, 1 where
     constant; ``min`` the group's minimum); codes rounded to nearest. Rows are independent, so they
-    are done :data:`CHUNK` weights at a time (float32 temporaries of a few MB, whatever the size;
-    a quantized ``weight`` is dequantized a chunk at a time)."""
+    are done :data:`CHUNK` weights at a time, in place in a float32 copy of the chunk (temporaries
+    of about 5 bytes a weight of one chunk, whatever the size; a quantized ``weight`` is
+    dequantized a chunk at a time)."""
     check_quantize(fmt, group)
     if fmt not in FORMATS:
         raise ValueError(f"quantize a weight to int8 or int4, not {fmt!r}")
     if isinstance(weight, QuantizedLinear):
         n, k = weight.out_features, weight.in_features
-        rows = weight.rows
+        rows = weight.rows  # a new tensor
     else:
         if weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(f"quantize: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
@@ -194,7 +195,7 @@ def quantize(weight: Tensor | QuantizedLinear, fmt: str, group: int | None = Non
         w = weight.detach()
 
         def rows(a: int, b: int) -> Tensor:
-            return w[a:b].float()
+            return w[a:b].to(torch.float32, copy=True)  # worked on in place
 
     group = group or default_group(fmt, k)
     if k % group:
@@ -205,19 +206,20 @@ def quantize(weight: Tensor | QuantizedLinear, fmt: str, group: int | None = Non
         q = torch.empty(n, k, dtype=torch.int8)
         for a, b in row_chunks(n, k):
             x = rows(a, b).reshape(b - a, groups, group)
-            s = x.abs().amax(-1) / 127
+            low, high = torch.aminmax(x, dim=-1)
+            s = torch.maximum(high, low.neg_()) / 127  # max |w|
             s = torch.where(s > 0, s, torch.ones_like(s))
-            q[a:b] = torch.round(x / s[..., None]).clamp_(-127, 127).to(torch.int8).view(b - a, k)
+            q[a:b] = x.div_(s[..., None]).round_().clamp_(-127, 127).view(b - a, k)
             scales[a:b] = s
         return QuantizedLinear(q, scales, None, k)
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     mins = torch.empty(n, groups)
     for a, b in row_chunks(n, k):
         x = rows(a, b).reshape(b - a, groups, group)
-        low, high = x.amin(-1), x.amax(-1)
+        low, high = torch.aminmax(x, dim=-1)
         s = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
-        codes = torch.round((x - low[..., None]) / s[..., None]).clamp_(0, 15).to(torch.uint8).view(b - a, k)
-        packed[a:b] = pack_nibbles(codes)
+        codes = x.sub_(low[..., None]).div_(s[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        packed[a:b] = pack_nibbles(codes.view(b - a, k))
         scales[a:b], mins[a:b] = s, low
     return QuantizedLinear(packed, scales, mins, k)
 
