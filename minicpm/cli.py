@@ -487,7 +487,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .config import MiniCPMConfig
     from .default_model import default_model_path, resolve_model_path
     from .plan import available_memory, format_plan, plan_memory
-    from .weights import CheckpointError, weight_files
+    from .weights import CheckpointError, open_checkpoint, weight_files
 
     if args.model is None:
         model = default_model_path()
@@ -507,11 +507,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         disk = sum(f.stat().st_size for f in weight_files(model)) if model.is_dir() else None
     except CheckpointError:
         disk = None  # planning needs only config.json
-    # a quantized checkpoint runs as stored on CPU: its weights take what its files take
+    # a quantized checkpoint runs as stored on CPU: its weights take what its files take, GGUF
+    # blocks what they take decoded (minicpm.weights.StoredWeight.loaded_bytes)
     quantized = (model / "config.json").is_file() and "quantization_config" in json.loads(
         (model / "config.json").read_text(encoding="utf-8")
     )
-    stored = disk if quantized and disk is not None and not device.startswith("cuda") else None
+    stored = None
+    if quantized and disk is not None and not device.startswith("cuda"):
+        try:
+            stored = sum(w.loaded_bytes for w in open_checkpoint(model).weights.values())
+        except CheckpointError:
+            stored = disk
     plan = plan_memory(
         config, args.context, memory, dtype, memory_source=source, checkpoint_bytes=disk, weight_bytes=stored
     )

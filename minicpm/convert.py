@@ -6,14 +6,17 @@ Contract:
   reads), checks every tensor against its config, and writes config.json and safetensors weights;
   every other file of the directory (tokenizer, ``generation_config.json``, chat template, README,
   license) is carried over as it is, but for remote-code ``.py`` files and other weight formats.
+* Both go tensor by tensor (read, convert, write, then the next), so a conversion holds about
+  one tensor in memory whatever the model's size.
 * Both take ``quantize``: "auto" (default) writes weights as the source stores them, "none"
   dequantizes, "int8" / "int4" (with ``group_size``) quantize every linear layer
   (:func:`minicpm.quant.quantize_tensors`): a quantized checkpoint stores ``.qweight`` /
   ``.scales`` / ``.mins`` beside the float tensors and loads back bit for bit.
 * :func:`convert_gguf` reads a GGUF file of architecture ``llama`` or ``minicpm`` with the
-  ``gguf`` package; keeps Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K tensors quantized as they are (or
-  dequantizes every tensor type that package dequantizes, with ``quantize="none"``), undoes
-  llama.cpp's Q/K row permutation, and writes config.json, safetensors weights and the tokenizer:
+  ``gguf`` package; keeps Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K tensors as they are, their very blocks
+  (``<name>.gguf_<TYPE>``, so the weights take no more room than in the GGUF; or dequantizes
+  every tensor type that package dequantizes, with ``quantize="none"``), undoes llama.cpp's Q/K
+  row permutation, and writes config.json, safetensors weights and the tokenizer:
   ``tokenizer.json`` for GGUF "gpt2" (byte-level BPE) vocabularies, ``tokenizer.model`` for
   "llama" (SentencePiece) vocabularies, plus ``tokenizer_config.json`` (special tokens,
   ``add_bos_token``, ``chat_template``) and ``generation_config.json`` (the sampling the file
@@ -31,12 +34,13 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +48,16 @@ import numpy as np
 import torch
 
 from .config import MiniCPMConfig
-from .quant import (
-    QuantizedLinear,
-    UnmappableQuantizationError,
-    check_quantize,
-    from_gguf,
-    permute_rows,
-    quantize_tensors,
+from .quant import GGUF_TYPES, QuantizedLinear, check_quantize, from_gguf, quantize_weight
+from .weights import (
+    check_tensors,
+    gguf_name,
+    load_weight,
+    open_checkpoint,
+    resolve_dtype,
+    save_checkpoint,
+    stored_names,
 )
-from .weights import check_tensors, read_checkpoint, resolve_dtype, save_checkpoint
 
 # What a conversion does not carry over from a checkpoint directory: the weights (written anew),
 # config.json (rewritten) and remote code. Everything else (tokenizer, generation_config.json, chat
@@ -185,19 +190,31 @@ def convert_checkpoint(
     group_size: int | None = None,
 ) -> Path:
     """A checkpoint directory (e.g. with pytorch_model.bin) to a safetensors checkpoint directory;
-    ``quantize`` as :func:`minicpm.quant.quantize_tensors` (default: weights as stored)."""
+    ``quantize`` as :func:`minicpm.quant.quantize_tensors` (default: weights as stored). Tensor
+    by tensor: each is read, converted and written before the next is read."""
     src = Path(src)
     check_quantize(quantize, group_size)
     check_destination(Path(dst))
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
-    config, tensors, skip, quantized = read_checkpoint(src)
-    out = {n: (t if target is None else t.to(target)) for n, t in tensors.items() if n not in skip}
-    out |= {n: q for n, q in quantized.items() if n not in skip}
-    out = quantize_tensors(out, quantize, target or torch.float32, config.tie_word_embeddings, group_size)
+    checkpoint = open_checkpoint(src)
+    tied = checkpoint.config.tie_word_embeddings
     raw_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
 
+    def weights() -> Iterator[tuple[str, torch.Tensor | QuantizedLinear]]:
+        for name, w in checkpoint.weights.items():
+            if quantize == "auto" and w.gguf_kind:  # GGUF blocks as stored
+                yield gguf_name(name, w.gguf_kind), next(iter(w.parts.values())).read()
+                continue
+            value = load_weight(w, target, quantize, tied, group_size)
+            if value is not None:
+                yield name, value
+
     def build(tmp: Path) -> None:
-        save_checkpoint(out, raw_config, tmp, max_shard_bytes)
+        names = [
+            *checkpoint.weights,
+            *(gguf_name(n, w.gguf_kind) for n, w in checkpoint.weights.items() if w.gguf_kind),
+        ]
+        save_checkpoint(weights(), raw_config, tmp, max_shard_bytes, names=names)
         for file in carried_files(src):
             shutil.copy2(file, tmp / file.name)
 
@@ -303,13 +320,72 @@ def gguf_config(reader: Any) -> dict[str, Any]:
     return config
 
 
-def gguf_tensors(reader: Any, config: MiniCPMConfig, dtype: torch.dtype, keep_quantized: bool) -> dict[str, Any]:
-    """The GGUF file's tensors by checkpoint name: float ones in ``dtype``; quantized ones kept as
-    :class:`~minicpm.quant.QuantizedLinear` (``keep_quantized``: no float copy; a type with no
-    mapping is a :class:`ConversionError` naming it) or dequantized to ``dtype``."""
-    from gguf.quants import dequantize
+@dataclasses.dataclass
+class GGUFWeight:
+    """One tensor of a GGUF file by checkpoint name, not read yet."""
 
-    out: dict[str, Any] = {}
+    name: str
+    tensor: Any  # the reader's ReaderTensor
+    shape: tuple[int, ...]  # logical, rows first
+    kind: str  # the GGUF type's name
+    heads: int | None  # Q / K: the heads whose rows llama.cpp permuted
+
+    def raw(self, src: Path) -> np.ndarray:
+        """The tensor's bytes, read from ``src`` into memory of their own (no mapped pages kept)."""
+        t = self.tensor
+        buf = np.empty(int(t.n_bytes), np.uint8)
+        view = memoryview(buf)
+        with open(src, "rb", buffering=0) as f:
+            f.seek(int(t.data_offset))
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ConversionError(f"GGUF file {src} ends inside tensor {t.name}: it is truncated")
+                done += n
+        return buf
+
+    def blocks(self, src: Path) -> torch.Tensor:
+        """A quantized tensor's blocks, uint8 (rows, bytes per row), its rows in checkpoint order."""
+        rows = self.raw(src).reshape(self.shape[0], -1)
+        if self.heads is not None:
+            rows = rows[_unpermute(torch.arange(self.shape[0]), self.heads).numpy()]
+        return torch.from_numpy(rows)
+
+    def floats(self, src: Path, dtype: torch.dtype | None) -> torch.Tensor:
+        """The tensor in ``dtype`` (None: a float type as stored, float64 and quantized types in
+        float32), its rows in checkpoint order."""
+        from gguf.quants import dequantize
+
+        raw = self.raw(src)
+        if self.kind in ("F32", "F16", "F64"):
+            w = torch.from_numpy(raw.view({"F32": np.float32, "F16": np.float16, "F64": np.float64}[self.kind]))
+        elif self.kind == "BF16":
+            w = torch.from_numpy(raw).view(torch.bfloat16)
+        elif self.kind in GGUF_TYPES and len(self.shape) == 2:  # decoded by rows: no whole float32 copy
+            layer = from_gguf(raw, self.kind, self.shape)
+            del raw
+            w = layer.dequantize(dtype or torch.float32)
+        else:
+            try:
+                array = dequantize(raw.reshape(self.tensor.data.shape), self.tensor.tensor_type)
+            except NotImplementedError:
+                raise ConversionError(
+                    f"GGUF tensor {self.tensor.name} has type {self.kind}, which the gguf package cannot dequantize"
+                ) from None
+            w = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        w = w.reshape(self.shape)
+        if self.heads is not None:
+            w = _unpermute(w, self.heads)
+        if dtype is None and w.dtype == torch.float64:
+            dtype = torch.float32
+        return w.to(dtype) if dtype is not None else w
+
+
+def gguf_weights(reader: Any, config: MiniCPMConfig) -> dict[str, GGUFWeight]:
+    """The GGUF file's tensors by checkpoint name (nothing read); a tensor this converter does not
+    know is a :class:`ConversionError` naming it."""
+    out: dict[str, GGUFWeight] = {}
     unknown = []
     for t in reader.tensors:
         name = _hf_name(t.name)
@@ -317,8 +393,6 @@ def gguf_tensors(reader: Any, config: MiniCPMConfig, dtype: torch.dtype, keep_qu
             if t.name != "rope_freqs.weight":
                 unknown.append(t.name)
             continue
-        shape = tuple(int(d) for d in reversed(t.shape))
-        kind = t.tensor_type.name
         heads = (
             config.num_attention_heads
             if name.endswith("q_proj.weight")
@@ -326,30 +400,18 @@ def gguf_tensors(reader: Any, config: MiniCPMConfig, dtype: torch.dtype, keep_qu
             if name.endswith("k_proj.weight")
             else None
         )
-        if keep_quantized and kind not in FLOAT_TYPES and len(shape) == 2:
-            try:
-                w = from_gguf(t.data, kind, shape)
-            except UnmappableQuantizationError as exc:
-                raise ConversionError(
-                    f"GGUF tensor {t.name}: {exc}; convert with --quantize none (float), int8 or int4 instead"
-                ) from None
-            if heads is not None:
-                w = permute_rows(w, _unpermute(torch.arange(shape[0]), heads))
-            out[name] = w
-            continue
-        try:
-            array = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ConversionError(
-                f"GGUF tensor {t.name} has type {kind}, which the gguf package cannot dequantize"
-            ) from None
-        w = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)
-        if heads is not None:
-            w = _unpermute(w, heads)
-        out[name] = w.to(dtype)
+        out[name] = GGUFWeight(name, t, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, heads)
     if unknown:
         raise ConversionError(f"GGUF file has tensors this converter does not know: {', '.join(unknown)}")
     return out
+
+
+def _check_mappable(w: GGUFWeight) -> None:
+    if w.kind not in GGUF_TYPES:
+        raise ConversionError(
+            f"GGUF tensor {w.tensor.name}: GGUF type {w.kind} has no quantized format here (mapped: "
+            f"{', '.join(GGUF_TYPES)}); convert with --quantize none (float), int8 or int4 instead"
+        )
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
@@ -502,9 +564,13 @@ def convert_gguf(
     group_size: int | None = None,
 ) -> Path:
     """A GGUF file (llama or minicpm architecture) to a checkpoint directory: quantized tensors as
-    they are stored (``quantize="auto"``, types :data:`~minicpm.quant.GGUF_TYPES`), dequantized
-    ("none") or requantized ("int8" / "int4", see :func:`minicpm.quant.quantize_tensors`); float
-    tensors in ``dtype`` (default float32)."""
+    they are stored (``quantize="auto"``, types :data:`~minicpm.quant.GGUF_TYPES`: their blocks
+    themselves, ``<name>.gguf_<TYPE>``, Q/K rows back in checkpoint order; the loader decodes
+    them), dequantized ("none") or requantized ("int8" / "int4", see
+    :func:`minicpm.quant.quantize_tensors`); float tensors in ``dtype`` (default: float32, F16 /
+    BF16 tensors as stored). Tensor by tensor: each is read from the file (no mapping kept),
+    converted and written before the next, so the weights take no more room than in the GGUF and
+    the conversion about one tensor's worth of memory."""
     from gguf import GGUFReader
 
     src = Path(src)
@@ -518,14 +584,33 @@ def convert_gguf(
         raise ConversionError(f"{src} is not a readable GGUF file: {exc}") from None
     raw_config = gguf_config(reader)
     config = MiniCPMConfig.from_dict(raw_config)
-    target = resolve_dtype(dtype or "float32", torch.device("cpu"))
-    tensors = gguf_tensors(reader, config, target, keep_quantized=quantize == "auto")
-    check_tensors(config, {n: _logical_shape(t) for n, t in tensors.items()}, src)
-    tensors = quantize_tensors(tensors, quantize, target, config.tie_word_embeddings, group_size)
-    raw_config["torch_dtype"] = str(target).removeprefix("torch.")
+    target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
+    weights = gguf_weights(reader, config)
+    check_tensors(config, {n: w.shape for n, w in weights.items()}, src)
+    kept = {n: w for n, w in weights.items() if quantize == "auto" and w.kind not in FLOAT_TYPES}
+    for w in kept.values():
+        _check_mappable(w)
+    raw_config["torch_dtype"] = str(target or torch.float32).removeprefix("torch.")
+    tied = config.tie_word_embeddings
+    floats_as = target if target is not None else None if quantize == "auto" else torch.float32
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor | QuantizedLinear]]:
+        # float tensors first (4-byte elements before 1-byte blocks: every tensor aligned)
+        for name, w in sorted(weights.items(), key=lambda item: item[0] in kept):
+            if name in kept:
+                yield gguf_name(name, w.kind), w.blocks(src)
+                continue
+            value = quantize_weight(name, w.floats(src, floats_as), quantize, target or torch.float32, tied, group_size)
+            if value is not None:
+                yield name, value
 
     def build(tmp: Path) -> None:
-        save_checkpoint(tensors, raw_config, tmp)
+        names = [
+            gguf_name(n, w.kind) if n in kept else s
+            for n, w in weights.items()
+            for s in ([n] if quantize == "auto" else stored_names(n))
+        ]
+        save_checkpoint(tensors(), raw_config, tmp, names=names)
         gguf_tokenizer_files(reader, tmp)
         (tmp / "generation_config.json").write_text(json.dumps(gguf_generation_config(reader), indent=2) + "\n")
 

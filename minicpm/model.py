@@ -395,10 +395,11 @@ class MiniCPMForCausalLM(nn.Module):
         """Load a checkpoint directory (config.json + safetensors or pytorch_model.bin, sharded or not).
 
         Default dtype: bfloat16 on GPU, float32 on CPU (the activations' and float weights'). The
-        module is built on the meta device and the checkpoint's tensors are assigned in place, so
-        peak memory stays near one copy of the weights. ``quantize``: "auto" keeps quantized
-        weights as stored (CPU), "none" dequantizes them, "int8" / "int4" quantize every linear
-        layer (:func:`minicpm.quant.quantize_model`).
+        module is built on the meta device and the checkpoint's tensors are read, converted (and
+        quantized) and assigned one at a time, so the peak stays near what the model keeps
+        (:func:`minicpm.weights.load_model`). ``quantize``: "auto" keeps quantized weights as
+        stored (CPU), "none" dequantizes them, "int8" / "int4" quantize every linear layer
+        (:func:`minicpm.quant.quantize_model`).
         """
         from .weights import load_model
 

@@ -19,7 +19,11 @@ Contract:
 * :func:`from_gguf` maps a GGUF tensor's blocks onto a format without a float copy: Q8_0 -> int8
   groups of 32, Q6_K -> int8 groups of 16, Q4_0 / Q4_1 / Q4_K -> int4 groups of 32; the products
   are exact in float32, so the dequantized weight equals the ``gguf`` package's bit for bit. Any
-  other quantized type raises :class:`UnmappableQuantizationError` naming it.
+  other quantized type raises :class:`UnmappableQuantizationError` naming it. The native CPU
+  kernels decode in one pass where they build (``csrc/linear.c``), numpy otherwise: the same bits.
+* Whatever a weight's size, :func:`quantize`, :meth:`QuantizedLinear.dequantize` and the numpy
+  decoding work :data:`CHUNK` weights at a time (rows are independent): temporaries of tens of
+  megabytes at most, never a float32 copy of a whole table.
 * A bad format, group size or shape raises ``ValueError`` naming it.
 """
 
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FORMATS = ("int8", "int4")
+CHUNK = 1 << 22  # weights quantized, dequantized or decoded at a time (a few ops each: few thread joins)
 GROUPS = {"int8": (16, 32, 64, 128), "int4": (32, 64, 128)}  # int8 also takes one group per row
 QUANTIZE_CHOICES = ("auto", "none", *FORMATS)  # what a loader or the engine is told to run
 
@@ -88,8 +93,22 @@ class QuantizedLinear(nn.Module):
         return self.qweight if self.fmt == "int8" else unpack_nibbles(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight (out, in): ``code * scale (+ min)`` in float32, then ``dtype``."""
-        return dequantize_rows(self.codes(), self.scales, self.mins, self.group).to(dtype)
+        """The weight (out, in): ``code * scale (+ min)`` in float32, then ``dtype``; built
+        :data:`CHUNK` weights at a time (no float32 copy of a whole large table)."""
+        n, k = self.out_features, self.in_features
+        if n * k <= CHUNK:
+            return self.rows(0, n).to(dtype)
+        out = torch.empty(n, k, dtype=dtype, device=self.qweight.device)
+        for a, b in row_chunks(n, k):
+            out[a:b] = self.rows(a, b)
+        return out
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the weight, dequantized (float32)."""
+        q = self.qweight[start:stop]
+        codes = q if self.fmt == "int8" else unpack_nibbles(q)
+        mins = None if self.mins is None else self.mins[start:stop]
+        return dequantize_rows(codes, self.scales[start:stop], mins, self.group)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize(x.dtype))
@@ -115,6 +134,12 @@ def pack_nibbles(codes: Tensor) -> Tensor:
     """:func:`unpack_nibbles` undone: codes 0..15 (rows, in) -> (rows, in / 2) uint8."""
     pairs = codes.view(codes.shape[0], -1, 2)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+
+def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of about :data:`CHUNK` weights each (at least one row)."""
+    step = max(1, CHUNK // max(cols, 1))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
 
 
 def default_group(fmt: str, in_features: int) -> int:
@@ -150,29 +175,53 @@ class QuantizedEmbedding(nn.Module):
         return rows.to(self.dtype).view(*ids.shape, t.in_features)
 
 
-def quantize(weight: Tensor, fmt: str, group: int | None = None) -> QuantizedLinear:
+def quantize(weight: Tensor | QuantizedLinear, fmt: str, group: int | None = None) -> QuantizedLinear:
     """``weight`` (out, in) quantized: ``int8`` symmetric (``scale = max|w| / 127`` per row or group,
     1 where all zero), ``int4`` asymmetric (``scale = (max - min) / 15`` per group, 1 where
-    constant; ``min`` the group's minimum); codes rounded to nearest."""
+    constant; ``min`` the group's minimum); codes rounded to nearest. Rows are independent, so they
+    are done :data:`CHUNK` weights at a time, in place in a float32 copy of the chunk (temporaries
+    of about 5 bytes a weight of one chunk, whatever the size; a quantized ``weight`` is
+    dequantized a chunk at a time)."""
     check_quantize(fmt, group)
     if fmt not in FORMATS:
         raise ValueError(f"quantize a weight to int8 or int4, not {fmt!r}")
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
-    n, k = weight.shape
+    if isinstance(weight, QuantizedLinear):
+        n, k = weight.out_features, weight.in_features
+        rows = weight.rows  # a new tensor
+    else:
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"quantize: a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
+        n, k = weight.shape
+        w = weight.detach()
+
+        def rows(a: int, b: int) -> Tensor:
+            return w[a:b].to(torch.float32, copy=True)  # worked on in place
+
     group = group or default_group(fmt, k)
     if k % group:
         raise ValueError(f"{fmt} groups of {group} need the input size ({k}) to be a multiple of it")
-    w = weight.detach().float().view(n, k // group, group)
+    groups = k // group
+    scales = torch.empty(n, groups)
     if fmt == "int8":
-        scales = w.abs().amax(-1) / 127
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8).view(n, k)
+        q = torch.empty(n, k, dtype=torch.int8)
+        for a, b in row_chunks(n, k):
+            x = rows(a, b).reshape(b - a, groups, group)
+            low, high = torch.aminmax(x, dim=-1)
+            s = torch.maximum(high, low.neg_()) / 127  # max |w|
+            s = torch.where(s > 0, s, torch.ones_like(s))
+            q[a:b] = x.div_(s[..., None]).round_().clamp_(-127, 127).view(b - a, k)
+            scales[a:b] = s
         return QuantizedLinear(q, scales, None, k)
-    low, high = w.amin(-1), w.amax(-1)
-    scales = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
-    codes = torch.round((w - low[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
-    return QuantizedLinear(pack_nibbles(codes), scales, low, k)
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    mins = torch.empty(n, groups)
+    for a, b in row_chunks(n, k):
+        x = rows(a, b).reshape(b - a, groups, group)
+        low, high = torch.aminmax(x, dim=-1)
+        s = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
+        codes = x.sub_(low[..., None]).div_(s[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        packed[a:b] = pack_nibbles(codes.view(b - a, k))
+        scales[a:b], mins[a:b] = s, low
+    return QuantizedLinear(packed, scales, mins, k)
 
 
 def stack(parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:
@@ -202,10 +251,12 @@ def _f16(block: np.ndarray, at: int) -> np.ndarray:
     return block[:, at : at + 2].copy().view(np.float16).astype(np.float32)[:, 0]
 
 
-def _nibbles_32(qs: np.ndarray) -> np.ndarray:
-    """ggml's 32-weight nibble layout (weight j < 16 in byte j's low nibble, j + 16 in its high
-    one) -> codes in weight order, (..., 32)."""
-    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+def _pack_halves(qs: np.ndarray) -> np.ndarray:
+    """ggml's nibble layout over runs of ``L`` bytes (the last axis; weight j < L in byte j's low
+    nibble, weight L + j in its high one) -> the same 2 L codes packed two per byte in weight order
+    (:func:`pack_nibbles`' layout: weight 2m in byte m's low nibble, 2m + 1 in its high one)."""
+    even, odd = qs[..., 0::2], qs[..., 1::2]
+    return np.concatenate([(even & 15) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=-1)
 
 
 def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,23 +269,24 @@ def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _decode(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """A tensor's blocks (count, bytes per block) -> codes (count, weights per block), scales and
-    mins (count, groups per block) and the group size."""
+def _decode(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A tensor's blocks (count, bytes per block) -> codes (count, weights per block: int8 codes,
+    or int4 codes already packed two per byte, count x weights / 2), scales and mins (count,
+    groups per block)."""
     b = blocks
     if kind == "Q8_0":
-        return b[:, 2:].copy().view(np.int8), _f16(b, 0)[:, None], None, 32
+        return b[:, 2:].copy().view(np.int8), _f16(b, 0)[:, None], None
     if kind == "Q4_0":
         d = _f16(b, 0)[:, None]
-        return _nibbles_32(b[:, 2:]), d, -8 * d, 32
+        return _pack_halves(b[:, 2:]), d, -8 * d
     if kind == "Q4_1":
-        return _nibbles_32(b[:, 4:]), _f16(b, 0)[:, None], _f16(b, 2)[:, None], 32
+        return _pack_halves(b[:, 4:]), _f16(b, 0)[:, None], _f16(b, 2)[:, None]
     if kind == "Q4_K":
         d, dmin = _f16(b, 0)[:, None], _f16(b, 2)[:, None]
         sc, mn = _k_scales_mins(b[:, 4:16])
-        qs = b[:, 16:].reshape(-1, 4, 32)  # 4 chunks of 32 bytes: sub-block 2i low nibbles, 2i + 1 high
-        codes = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 256)
-        return codes, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 32
+        # 4 runs of 32 bytes: sub-block 2i in run i's low nibbles, 2i + 1 in its high ones
+        packed = _pack_halves(b[:, 16:].reshape(-1, 4, 32)).reshape(-1, 128)
+        return packed, d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
     if kind == "Q6_K":
         ql, qh = b[:, :128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)
         sc = b[:, 192:208].copy().view(np.int8).astype(np.float32)
@@ -242,40 +294,78 @@ def _decode(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
         low = np.concatenate([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], axis=-1)
         high = np.concatenate([(qh >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
         codes = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(-1, 256)
-        return codes, d * sc, None, 16
+        return codes, d * sc, None
     raise UnmappableQuantizationError(kind)
 
 
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K")  # what :func:`from_gguf` maps
+# weights per block, bytes per block, and the format and group size each maps onto
+GGUF_BLOCKS = {
+    "Q8_0": (32, 34, "int8", 32),
+    "Q6_K": (256, 210, "int8", 16),
+    "Q4_0": (32, 18, "int4", 32),
+    "Q4_1": (32, 20, "int4", 32),
+    "Q4_K": (256, 144, "int4", 32),
+}
+
+
+def gguf_row_bytes(kind: str, in_features: int) -> int:
+    """Bytes of one row of ``in_features`` weights in GGUF type ``kind`` (one of :data:`GGUF_TYPES`)."""
+    per_block, block_bytes, _, _ = GGUF_BLOCKS[kind]
+    if in_features % per_block:
+        raise ValueError(f"GGUF {kind} rows hold whole blocks of {per_block} weights, not {in_features}")
+    return in_features // per_block * block_bytes
 
 
 def from_gguf(data: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedLinear:
     """A GGUF tensor of type ``kind`` (its raw blocks ``data``, uint8 (rows, bytes per row)) of
-    logical ``shape`` (out, in) as a :class:`QuantizedLinear`, without a float copy."""
-    n, k = shape
-    try:
-        blocks = np.ascontiguousarray(data).reshape(n * k // (256 if kind.endswith("_K") else 32), -1)
-        codes, scales, mins, group = _decode(kind, blocks)
-    except UnmappableQuantizationError:
+    logical ``shape`` (out, in) as a :class:`QuantizedLinear`, without a float copy, decoded into
+    the layer's own tensors: in one pass by the native CPU kernels where they build, else by
+    :data:`CHUNK` weights at a time with numpy (the reference; the same bits)."""
+    if kind not in GGUF_BLOCKS:
         raise UnmappableQuantizationError(
             f"GGUF type {kind} has no quantized format here (mapped: {', '.join(GGUF_TYPES)})"
-        ) from None
-    codes = torch.from_numpy(codes.reshape(n, k))
-    scales = torch.from_numpy(np.ascontiguousarray(scales.reshape(n, k // group)))
-    mins = None if mins is None else torch.from_numpy(np.ascontiguousarray(mins.reshape(n, k // group)))
-    qweight = codes.contiguous() if codes.dtype == torch.int8 else pack_nibbles(codes)
+        )
+    n, k = shape
+    _, block_bytes, fmt, group = GGUF_BLOCKS[kind]
+    data = np.ascontiguousarray(data).reshape(n, gguf_row_bytes(kind, k))
+    qweight = torch.empty(n, k if fmt == "int8" else k // 2, dtype=torch.int8 if fmt == "int8" else torch.uint8)
+    scales = torch.empty(n, k // group)
+    mins = None if kind in ("Q8_0", "Q6_K") else torch.empty(n, k // group)
+    lib = _native()
+    if lib is not None and n * k:
+        blocks = data.size // block_bytes
+        codes = GGUF_TYPES_NATIVE.index(kind)
+        mins_at = None if mins is None else mins.data_ptr()
+        if lib.minicpm_gguf_decode(codes, data.ctypes.data, blocks, qweight.data_ptr(), scales.data_ptr(), mins_at):
+            raise RuntimeError(f"the native GGUF decoder refused type {kind}")
+        return QuantizedLinear(qweight, scales, mins, k)
+    for a, b in row_chunks(n, k):
+        codes, sc, mn = _decode(kind, data[a:b].reshape(-1, block_bytes))
+        qweight[a:b] = torch.from_numpy(codes.reshape(b - a, -1))
+        scales[a:b] = torch.from_numpy(sc.reshape(b - a, -1))
+        if mins is not None:
+            mins[a:b] = torch.from_numpy(mn.reshape(b - a, -1))
     return QuantizedLinear(qweight, scales, mins, k)
+
+
+GGUF_TYPES_NATIVE = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # csrc/linear.c's numbering
+
+
+def _native() -> object | None:
+    """The native CPU kernels (None where they are off or don't build: numpy decodes)."""
+    from .engine.cpu_kernels import native_kernels
+
+    return native_kernels()
 
 
 # ------------------------------------------------------------------------------- whole models
 def to_format(w: Tensor | QuantizedLinear, fmt: str, group_size: int | None = None) -> QuantizedLinear:
     """``w`` (a float weight or a quantized layer) in ``fmt`` and ``group_size``: itself where it
     already is, else quantized from its (dequantized) weight."""
-    if isinstance(w, QuantizedLinear):
-        if (w.fmt, w.group) == (fmt, group_size or default_group(fmt, w.in_features)):
-            return w
-        w = w.dequantize()
-    return quantize(w, fmt, group_size)
+    if isinstance(w, QuantizedLinear) and (w.fmt, w.group) == (fmt, group_size or default_group(fmt, w.in_features)):
+        return w
+    return quantize(w, fmt, group_size)  # a quantized w is dequantized a chunk at a time
 
 
 def linear_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -361,24 +451,36 @@ def is_linear_weight(name: str) -> bool:
 Weights = dict[str, "Tensor | QuantizedLinear"]
 
 
+def quantize_weight(
+    name: str, w: Tensor | QuantizedLinear, quantize: str, dtype: torch.dtype, tied: bool, group_size: int | None = None
+) -> Tensor | QuantizedLinear | None:
+    """One checkpoint weight (by its name) under :func:`quantize_model`'s rule: "auto" as it is,
+    "none" dequantized to ``dtype`` if quantized, "int8" / "int4" in that format if it is a linear
+    weight, a tied table in the head's format; None for a tied head, which is then the table."""
+    if quantize == "auto":
+        return w
+    if quantize == "none":
+        return w.dequantize(dtype) if isinstance(w, QuantizedLinear) else w
+    if tied and name == "lm_head.weight":
+        return None  # the table is the head
+    if tied and name == "model.embed_tokens.weight":
+        return head_format(w, quantize, group_size)
+    if not is_linear_weight(name):
+        return w
+    return (head_format if name == "lm_head.weight" else to_format)(w, quantize, group_size)
+
+
 def quantize_tensors(
     tensors: Weights, quantize: str, dtype: torch.dtype, tied: bool, group_size: int | None = None
 ) -> Weights:
     """A checkpoint's weights (by weight name; float tensors or :class:`QuantizedLinear`) under
-    :func:`quantize_model`'s rule, one tensor at a time: "auto" as they are, "none" every quantized
-    weight dequantized to ``dtype``, "int8" / "int4" every linear weight in that format (a tied
-    table, which is the head, in the head's)."""
+    :func:`quantize_model`'s rule, one tensor at a time (:func:`quantize_weight`): "auto" as they
+    are, "none" every quantized weight dequantized to ``dtype``, "int8" / "int4" every linear weight
+    in that format (a tied table, which is the head, in the head's)."""
     check_quantize(quantize, group_size)
-    if quantize == "auto":
-        return tensors
     out: Weights = {}
     for name in list(tensors):
-        t = tensors.pop(name)
-        if quantize == "none" or not is_linear_weight(name):
-            out[name] = t.dequantize(dtype) if quantize == "none" and isinstance(t, QuantizedLinear) else t
-            continue
-        out[name] = (head_format if name == "lm_head.weight" else to_format)(t, quantize, group_size)
-    if tied and quantize in FORMATS and "model.embed_tokens.weight" in out:
-        out.pop("lm_head.weight", None)  # the table is the head
-        out["model.embed_tokens.weight"] = head_format(out["model.embed_tokens.weight"], quantize, group_size)
+        w = quantize_weight(name, tensors.pop(name), quantize, dtype, tied, group_size)
+        if w is not None:
+            out[name] = w
     return out

@@ -438,6 +438,62 @@ def test_gguf_type_without_a_format_is_named_and_converts_dequantized(tmp_path: 
     assert torch.equal(loaded.model.layers[0].mlp.up_proj.weight, expected["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_a_converted_gguf_keeps_its_blocks_and_takes_no_more_room(tmp_path: Path) -> None:
+    """Quantized GGUF tensors are stored as their very blocks (``<name>.gguf_<TYPE>``, Q/K rows in
+    checkpoint order), so the weights take no more room than the GGUF; converting that checkpoint
+    again keeps the blocks byte for byte ("auto") or dequantizes them ("none") to what the loader
+    decodes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(_spm_file().read_bytes())
+    tokens = [p.piece for p in proto.pieces]
+    scores, types = [p.score for p in proto.pieces], [int(p.type) for p in proto.pieces]
+    config = tiny_config(vocab_size=len(tokens), num_key_value_heads=2, rope_scaling=None, max_position_embeddings=256)
+    state = {k: v.numpy() for k, v in random_model(config).state_dict().items()}
+    _write_gguf(tmp_path / "m.gguf", "minicpm", config, state, tokens, scores, types, MIXED_TYPES)
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.gguf_Q8_0")
+    assert {"lm_head.gguf_Q4_0", "model.embed_tokens.gguf_Q8_0", "model.layers.1.mlp.up_proj.gguf_Q4_1"} <= names
+    assert not [n for n in names if n.endswith((".qweight", ".scales", ".mins"))]
+    assert q.dtype == torch.uint8 and q.shape == (config.hidden_size, config.hidden_size // 32 * 34)
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size <= (tmp_path / "m.gguf").stat().st_size
+    config_json = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config_json["quantization_config"]["formats"] == ["gguf-Q4_0", "gguf-Q4_1", "gguf-Q8_0"]
+
+    convert_checkpoint(tmp_path / "out", tmp_path / "again")
+    again, first = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("again", "out"))
+    assert again.keys() == first.keys() and all(torch.equal(again[n], t) for n, t in first.items())
+    convert_checkpoint(tmp_path / "out", tmp_path / "float", quantize="none")
+    decoded = MiniCPMForCausalLM.from_pretrained(tmp_path / "out", quantize="none").state_dict()
+    for name, tensor in MiniCPMForCausalLM.from_pretrained(tmp_path / "float").state_dict().items():
+        assert torch.equal(tensor, decoded[name]), name
+
+
+def test_streamed_writes_shard_and_outgrow_the_room_kept_for_their_header(tmp_path: Path) -> None:
+    """save_tensors takes tensors made one at a time; shards are cut as they come, and a header
+    larger than the room its names promised moves the data behind it."""
+    from safetensors.torch import load_file
+
+    from minicpm.weights import iter_tensors, save_tensors, weight_files
+
+    tensors = {f"t{i}": torch.randn(300 + i, 7, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+    tensors["flag"] = torch.tensor([True, False])
+    tensors["scalar"] = torch.tensor(3.5, dtype=torch.bfloat16)
+    save_tensors(iter(tensors.items()), tmp_path / "small", names=["t0"])  # promised far too little room
+    assert {k: v for k, v in load_file(str(tmp_path / "small" / "model.safetensors")).items()}.keys() == tensors.keys()
+    for name, tensor in load_file(str(tmp_path / "small" / "model.safetensors")).items():
+        assert torch.equal(tensor, tensors[name]) and tensor.dtype == tensors[name].dtype, name
+    save_tensors(iter(tensors.items()), tmp_path / "shards", max_shard_bytes=20_000, names=list(tensors))
+    assert len(weight_files(tmp_path / "shards")) > 2
+    read = dict(iter_tensors(weight_files(tmp_path / "shards")))
+    assert read.keys() == tensors.keys() and all(torch.equal(read[n], t) for n, t in tensors.items())
+
+
 def test_convert_gguf_rejects_bad_input(tmp_path: Path) -> None:
     (tmp_path / "x.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ConversionError, match="not a readable GGUF"):

@@ -319,10 +319,11 @@ def test_failed_conversions_remove_what_they_created(tmp_path: Path, tiny_dir: P
 
 
 def test_plan_counts_a_quantized_checkpoint_as_stored(default_model_dir: Path, capsys) -> None:
-    """The default model runs its Q4_1 / Q8_0 weights as stored on CPU: the plan's weights are its
-    files' size, not its parameters in float32."""
+    """The default model runs its Q4_1 / Q8_0 weights as stored on CPU: the plan's weights are what
+    they take decoded (codes, float32 scales and minimums; the files hold the GGUF's smaller
+    blocks), not its parameters in float32."""
     import json
 
     assert main(["plan", "--model", str(default_model_dir), "--context", "4096", "--memory", "4", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["weight_bytes"] == plan["checkpoint_bytes"] < 135_000_000 * 4 / 3
+    assert plan["checkpoint_bytes"] < plan["weight_bytes"] < 135_000_000 * 4 / 3

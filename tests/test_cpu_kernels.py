@@ -731,6 +731,34 @@ def test_gguf_blocks_load_as_the_gguf_package_dequantizes_them(kind: str) -> Non
     assert ((got - ref).abs() <= 1e-5 * (x.abs().double() @ expected.abs().double().T) + 1e-5).all()
 
 
+@needs_native
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_native_gguf_decoding_is_numpys_bit_for_bit(kind: str, monkeypatch) -> None:
+    """The C decoder (csrc/linear.c) gives numpy's codes, scales and minimums bit for bit on random
+    blocks whose float16 fields take every value: subnormals, infinities and NaNs included."""
+    import numpy as np
+
+    from minicpm import quant
+
+    per_block, size, _, _ = quant.GGUF_BLOCKS[kind]
+    count = 65536  # one block per float16 bit pattern
+    data = np.random.default_rng(7).integers(0, 256, (count, size), dtype=np.uint8)
+    patterns = np.arange(count, dtype=np.uint16).view(np.uint8).reshape(count, 2)
+    for at in {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q6_K": (208,)}[kind]:
+        data[:, at : at + 2] = patterns if at != 2 else patterns[::-1]
+    n = 64
+    shape = (n, count * per_block // n)
+    native = quant.from_gguf(data.reshape(n, -1), kind, shape)
+    monkeypatch.setattr(quant, "_native", lambda: None)
+    with np.errstate(invalid="ignore"):  # inf x 0 scales
+        reference = quant.from_gguf(data.reshape(n, -1), kind, shape)
+    assert torch.equal(native.qweight, reference.qweight)
+    assert torch.equal(native.scales.view(torch.int32), reference.scales.view(torch.int32))
+    assert (native.mins is None) == (reference.mins is None)
+    if native.mins is not None:
+        assert torch.equal(native.mins.view(torch.int32), reference.mins.view(torch.int32))
+
+
 def test_unmappable_gguf_type_and_bad_settings_are_named() -> None:
     import numpy as np
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import DISK_FULL, is_disk_full, writing
-from ..quant import QuantizedLinear
+from ..quant import CHUNK, QuantizedLinear
 
 log = logging.getLogger("minicpm.engine")
 
@@ -166,6 +166,8 @@ def native_kernels() -> ctypes.CDLL | None:
     lib.minicpm_paged_prefill_available.restype = ctypes.c_int
     lib.minicpm_pack_int4_panels.argtypes = [v, i, i, v]
     lib.minicpm_pack_int4_panels.restype = None
+    lib.minicpm_gguf_decode.argtypes = [i, v, i64, v, v, v]
+    lib.minicpm_gguf_decode.restype = ctypes.c_int
     f = ctypes.c_float
     lib.minicpm_decode_layers.argtypes = [i, i, i, v, v, v, v, v, v, v, i64, i64, v, i, i, v, v, i]
     lib.minicpm_decode_layers.argtypes += [i, i, i, i, i, f, f, f, v, v]
@@ -185,8 +187,19 @@ def _panel_rows(t: Tensor) -> Tensor:
 
 
 def _panels(t: Tensor) -> Tensor:
-    """(out, cols) -> (panels, cols, 32): each panel's 32 output rows side by side, zero-padded."""
-    return _panels_of_rows(_panel_rows(t))
+    """(out, cols) -> (panels, cols, 32): each panel's 32 output rows side by side, zero-padded;
+    written a megabyte or so at a time (no padded copy of ``t`` beside the result: for the
+    head that would be a third copy of a large table while the model's own is still there)."""
+    n, cols = t.shape
+    full, panels = n // PANEL, -(-n // PANEL)
+    out = torch.empty(panels, cols, PANEL, dtype=t.dtype)
+    step = max(1, CHUNK // (PANEL * max(cols, 1)))
+    for a in range(0, full, step):
+        b = min(full, a + step)
+        out[a:b] = t[a * PANEL : b * PANEL].reshape(b - a, PANEL, cols).transpose(1, 2)
+    if full < panels:
+        out[full:] = _panels_of_rows(_panel_rows(t[full * PANEL :]))
+    return out
 
 
 def pack_panels(weight: Tensor) -> Tensor:

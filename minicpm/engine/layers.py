@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..model import MiniCPMForCausalLM
 from ..quant import FORMATS as QUANTIZED
 from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, linear_slots, quantize_model
+from ..weights import release_freed_memory
 from .cpu_kernels import PANEL, native_kernels, pack_panels, panel_linear, quantized_panels
 
 log = logging.getLogger("minicpm.engine")
@@ -250,15 +251,24 @@ def prepare_model(
             log.warning("no native CPU kernels here: the quantized weights are dequantized to %s", model.dtype)
             quantize = "none"
     quantize_model(model, quantize, group_size)
-    model.fuse_projections()
+    if not model.fused:  # model.fuse_projections(), handing each layer's parts back as it goes
+        for layer in model.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+            release_freed_memory()
     choice = cpu_linear(model)
     shared_table = head_is_table(model)
-    for parent, name, child in linear_slots(model):  # a tied quantized head once, as the head
+    slots = linear_slots(model)  # a tied quantized head once, as the head
+    slots.reverse()
+    while slots:  # popped one by one: a layer's weight is freed once its packed copy replaces it
+        parent, name, child = slots.pop()
         if isinstance(child, QuantizedLinear):
             inner = make_linear(child, "panel")
         else:
             inner = child if choice is None else make_linear(child, choice)
         setattr(parent, name, RowSplitLinear(inner, rows))
+        del child, inner
+        release_freed_memory()
     inner = model.lm_head.inner
     if shared_table and isinstance(inner, PanelLinear):  # one copy of the table: the head's panels
         model.model.embed_tokens = PanelEmbedding(inner, model.dtype)

@@ -18,8 +18,6 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import itertools
 import logging
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from torch import Tensor
 
 from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
+from ..weights import release_freed_memory
 from .attention import AttentionMetadata, PagedKVCache, decode_mask, triton_available
 from .config import EngineConfig
 from .fused_decode import FusedDecoder
@@ -72,13 +71,6 @@ def cuda_kv_budget(total: int, free: int, utilization: float, activations: int, 
 def _padded_tables(seqs: list[Sequence], width: int) -> list[list[int]]:
     """Each sequence's first ``width`` block ids, padded with block 0 (rows of one int32 table)."""
     return [seq.block_table[:width] + [0] * (width - len(seq.block_table[:width])) for seq in seqs]
-
-
-def release_freed_memory() -> None:
-    """Hand memory the process has freed back to the system (glibc keeps freed heap pages, so a
-    model's load-time copies would stay resident); a no-op where there is no ``malloc_trim``."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 class ModelRunner:

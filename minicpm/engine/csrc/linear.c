@@ -443,3 +443,91 @@ void minicpm_pack_int4_panels(const uint8_t *q, int n, int k, uint8_t *out) {
         }
     }
 }
+
+/* ---------------------------------------------------------------------------- GGUF blocks
+ * A GGUF tensor's blocks decoded into minicpm.quant's layouts (quant.py's _decode is the reference,
+ * bit for bit): codes int8 (Q8_0, Q6_K) or int4 two per byte in input order (Q4_0, Q4_1, Q4_K),
+ * and a float32 scale (and minimum) per group of 32 (Q6_K: 16) inputs; blocks lie along rows, so
+ * block b's codes, scales and minimums follow block b - 1's. kind: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q4_K,
+ * 4 Q6_K. Every product is one float32 multiply, as numpy's. */
+static inline float half_to_float(const uint8_t *p) {
+    const uint32_t h = (uint32_t)p[0] | (uint32_t)p[1] << 8;
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 31, man = h & 0x3FF;
+    uint32_t bits;
+    if (exp == 31) {
+        bits = sign | 0x7F800000u | man << 13; /* inf, nan (payload kept) */
+    } else if (exp) {
+        bits = sign | (exp + 112) << 23 | man << 13;
+    } else if (man) { /* subnormal: man * 2^-24, normalized */
+        uint32_t m = man, e = 113;
+        while (!(m & 0x400)) {
+            m <<= 1;
+            e--;
+        }
+        bits = sign | e << 23 | (m & 0x3FF) << 13;
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* ggml's nibble order over a run of len bytes (weight j < len in byte j's low nibble, weight
+ * len + j in its high one) -> the same 2 len weights in order, two per byte (2m in byte m's low
+ * nibble, 2m + 1 in its high one). */
+static inline void pack_halves(const uint8_t *qs, int len, uint8_t *out) {
+    for (int m = 0; m < len / 2; m++) {
+        out[m] = (uint8_t)((qs[2 * m] & 15) | qs[2 * m + 1] << 4);
+        out[len / 2 + m] = (uint8_t)(qs[2 * m] >> 4 | (qs[2 * m + 1] & 0xF0));
+    }
+}
+
+int minicpm_gguf_decode(int kind, const uint8_t *blocks, int64_t count, void *codes, float *scales, float *mins) {
+    static const int block_bytes[] = {34, 18, 20, 144, 210};
+    if (kind < 0 || kind > 4) {
+        return -1;
+    }
+    const int size = block_bytes[kind];
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; i++) {
+        const uint8_t *b = blocks + i * size;
+        if (kind == 0) { /* Q8_0: d, 32 int8 codes */
+            memcpy((int8_t *)codes + i * 32, b + 2, 32);
+            scales[i] = half_to_float(b);
+        } else if (kind == 1 || kind == 2) { /* Q4_0: d, 16 bytes (w = d (q - 8)); Q4_1: d, m, 16 bytes */
+            const float d = half_to_float(b);
+            pack_halves(b + (kind == 1 ? 2 : 4), 16, (uint8_t *)codes + i * 16);
+            scales[i] = d;
+            mins[i] = kind == 1 ? -8.0f * d : half_to_float(b + 2);
+        } else if (kind == 3) { /* Q4_K: d, dmin, 12 bytes of 6-bit scales and mins, 4 runs of 32 bytes */
+            const float d = half_to_float(b), dmin = half_to_float(b + 2);
+            const uint8_t *s = b + 4;
+            for (int g = 0; g < 8; g++) {
+                const int sc = g < 4 ? s[g] & 63 : (s[g + 4] & 15) | (s[g - 4] >> 6) << 4;
+                const int mn = g < 4 ? s[g + 4] & 63 : s[g + 4] >> 4 | (s[g] >> 6) << 4;
+                scales[i * 8 + g] = d * (float)sc;
+                mins[i * 8 + g] = -(dmin * (float)mn);
+            }
+            for (int r = 0; r < 4; r++) {
+                pack_halves(b + 16 + r * 32, 32, (uint8_t *)codes + i * 128 + r * 32);
+            }
+        } else { /* Q6_K: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, d */
+            const float d = half_to_float(b + 208);
+            int8_t *out = (int8_t *)codes + i * 256;
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = b + h * 64, *qh = b + 128 + h * 32;
+                for (int j = 0; j < 128; j++) {
+                    const int quarter = j / 32, l = j % 32;
+                    const int low = (quarter & 1 ? ql[32 + l] : ql[l]) >> (quarter & 2 ? 4 : 0) & 15;
+                    const int high = qh[l] >> (2 * quarter) & 3;
+                    out[h * 128 + j] = (int8_t)((low | high << 4) - 32);
+                }
+            }
+            for (int g = 0; g < 16; g++) {
+                scales[i * 16 + g] = d * (float)(int8_t)b[192 + g];
+            }
+        }
+    }
+    return 0;
+}
