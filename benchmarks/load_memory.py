@@ -201,29 +201,16 @@ def write_bf16(path: Path, config: dict, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-GGUF_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
 def _gguf_name(name: str) -> str:
-    if name in GGUF_NAMES:
-        return GGUF_NAMES[name]
+    """The GGUF tensor name of our ``name``: the converter's mapping, read backwards."""
+    from minicpm.convert import GGUF_LAYER_NAMES, GGUF_TENSOR_NAMES
+
+    top = {ours: theirs for theirs, ours in GGUF_TENSOR_NAMES.items()}
+    if name in top:
+        return top[name]
     _, _, layer, *rest = name.split(".")
-    return f"blk.{layer}.{GGUF_LAYER_NAMES['.'.join(rest[:-1])]}.weight"
+    short = {ours: theirs for theirs, ours in GGUF_LAYER_NAMES.items()}
+    return f"blk.{layer}.{short['.'.join(rest[:-1])]}.weight"
 
 
 def write_gguf(src: Path, dst: Path, kind: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -125,3 +126,50 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.state.engine.close()
+
+
+def serve_llm(llm, name: str, **fields) -> LiveServer:
+    """A :class:`LiveServer` over ``llm``'s engine, serving it as ``name`` (``fields``: more
+    :class:`~minicpm.server.app.ServerState` settings, e.g. ``api_keys``)."""
+    from minicpm.engine.async_engine import BackgroundEngine
+    from minicpm.server.app import ServerState
+
+    state = ServerState(engine=BackgroundEngine(llm.engine), tokenizer=llm.tokenizer, served_names=[name], **fields)
+    return LiveServer(state)
+
+
+def serve_process(cache: Path, *flags: str):
+    """``minicpm serve FLAGS`` (the default model from ``cache``) as a process of its own, once its
+    ``/health`` answers; returns (process, base URL). Read its stderr with :func:`stop_process`."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(sys.executable).with_name("minicpm")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "minicpm.cli"]
+    env = dict(os.environ, MINICPM_CACHE=str(cache))
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), *flags], env=env, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start: " + proc.stderr.read().decode()[-2000:])
+
+
+def stop_process(proc) -> str:
+    """Kill ``proc`` if it still runs; its stderr."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    return proc.stderr.read().decode()

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +18,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import LiveServer  # noqa: E402
+from helpers import LiveServer, serve_llm, serve_process, stop_process  # noqa: E402
 
 from minicpm import LLM, SamplingParams  # noqa: E402
 from minicpm.engine import EngineConfig  # noqa: E402
@@ -40,13 +36,7 @@ def llm(default_model_dir: Path) -> LLM:
 
 @pytest.fixture(scope="module")
 def server(llm: LLM):
-    state = ServerState(
-        engine=BackgroundEngine(llm.engine),
-        tokenizer=llm.tokenizer,
-        served_names=[NAME],
-        sampling_defaults=llm.sampling_defaults,
-    )
-    live = LiveServer(state)
+    live = serve_llm(llm, NAME, sampling_defaults=llm.sampling_defaults)
     yield live
     live.stop()
 
@@ -338,29 +328,9 @@ def test_50_clients_that_disconnect_leave_nothing_running(server: LiveServer) ->
     assert metric(server, 'minicpm:request_success_total{finished_reason="abort"}') >= 40
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_then_exits_0(default_model_dir: Path) -> None:
-    port = _free_port()
-    env = dict(os.environ, MINICPM_CACHE=str(default_model_dir.parent))
-    script = Path(sys.executable).with_name("minicpm")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "minicpm.cli"]
-    proc = subprocess.Popen(
-        [*cmd, "serve", "--port", str(port), "--shutdown-timeout", "60"], env=env, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(default_model_dir.parent, "--shutdown-timeout", "60")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         body = {
             "messages": [{"role": "user", "content": "Count to fifty."}],
             "max_tokens": 60,
@@ -382,9 +352,7 @@ def test_sigterm_drains_then_exits_0(default_model_dir: Path) -> None:
         assert data[-1]["choices"][0]["finish_reason"] == "length"  # the running answer finished
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        err = proc.stderr.read().decode()
+        err = stop_process(proc)
     assert "Traceback" not in err, err
 
 

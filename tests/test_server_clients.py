@@ -5,11 +5,7 @@ SIGTERM drain, and requests that must be refused with a clear 400."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +17,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import LiveServer  # noqa: E402
+from helpers import LiveServer, serve_llm, serve_process, stop_process  # noqa: E402
 
 from minicpm import LLM, MiniCPMForCausalLM  # noqa: E402
 from minicpm.engine.async_engine import BackgroundEngine  # noqa: E402
@@ -40,10 +36,7 @@ def llm(default_model_dir: Path) -> LLM:
 
 @pytest.fixture(scope="module")
 def server(llm: LLM):
-    state = ServerState(
-        engine=BackgroundEngine(llm.engine), tokenizer=llm.tokenizer, served_names=[NAME], api_keys=["sk-right"]
-    )
-    live = LiveServer(state)
+    live = serve_llm(llm, NAME, api_keys=["sk-right"])
     yield live
     live.stop()
 
@@ -176,30 +169,6 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(api, monkeyp
 
 
 # ------------------------------------------------------------------------ a live server process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(default_model_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = dict(os.environ, MINICPM_CACHE=str(default_model_dir.parent))
-    script = Path(sys.executable).with_name("minicpm")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "minicpm.cli"]
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), *flags], env=env, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the server did not start: " + proc.stderr.read().decode()[-2000:])
-
-
 def _rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -207,15 +176,8 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(30)
-    return proc.stderr.read().decode()
-
-
 def test_a_20_mb_body_gets_413_unparsed_while_health_answers(default_model_dir: Path) -> None:
-    proc, url = _start_server(default_model_dir)
+    proc, url = serve_process(default_model_dir.parent)
     try:
         limit = default_max_request_bytes(8192)  # the default model's context
         gaps, stop = [], threading.Event()
@@ -253,12 +215,12 @@ def test_a_20_mb_body_gets_413_unparsed_while_health_answers(default_model_dir: 
         ok = httpx.post(url + CHAT, json={"messages": QUESTION, "max_tokens": 4, "temperature": 0})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
     finally:
-        err = _stop(proc)
+        err = stop_process(proc)
     assert "Traceback" not in err, err
 
 
 def test_answers_cut_by_the_drain_are_not_passed_off_as_complete(default_model_dir: Path) -> None:
-    proc, url = _start_server(default_model_dir, "--shutdown-timeout", "1")
+    proc, url = serve_process(default_model_dir.parent, "--shutdown-timeout", "1")
     try:
         long = {"messages": [{"role": "user", "content": "Count to ten thousand."}], "max_tokens": 4000}
         long |= {"ignore_eos": True, "temperature": 0}
@@ -285,7 +247,7 @@ def test_answers_cut_by_the_drain_are_not_passed_off_as_complete(default_model_d
         assert "cut after" in _error(cut, 503)["message"] and cut.headers["Retry-After"]
         assert proc.wait(timeout=60) == 0
     finally:
-        err = _stop(proc)
+        err = stop_process(proc)
     assert "Traceback" not in err, err
 
 
@@ -300,13 +262,13 @@ def test_the_readme_openai_example_runs_as_written(default_model_dir: Path) -> N
     serving = readme[readme.index("## Serving (OpenAI-compatible)") :]
     code = re.search(r"```python\n(.*?)```", serving, re.S).group(1)
     assert "from openai import OpenAI" in code and "http://127.0.0.1:8000/v1" in code
-    proc, url = _start_server(default_model_dir, "--api-key", "sk-local")
+    proc, url = serve_process(default_model_dir.parent, "--api-key", "sk-local")
     try:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(compile(code.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
     finally:
-        err = _stop(proc)
+        err = stop_process(proc)
     printed = out.getvalue()
     assert "completion_tokens=" in printed and len(printed.split("CompletionUsage")[0].strip()) > 2, printed
     assert "Traceback" not in err, err
