@@ -54,6 +54,7 @@ from .weights import (
     gguf_name,
     load_weight,
     open_checkpoint,
+    read_exactly,
     resolve_dtype,
     save_checkpoint,
     stored_names,
@@ -334,15 +335,10 @@ class GGUFWeight:
         """The tensor's bytes, read from ``src`` into memory of their own (no mapped pages kept)."""
         t = self.tensor
         buf = np.empty(int(t.n_bytes), np.uint8)
-        view = memoryview(buf)
-        with open(src, "rb", buffering=0) as f:
-            f.seek(int(t.data_offset))
-            done = 0
-            while done < len(view):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise ConversionError(f"GGUF file {src} ends inside tensor {t.name}: it is truncated")
-                done += n
+        try:
+            read_exactly(src, int(t.data_offset), memoryview(buf))
+        except EOFError:
+            raise ConversionError(f"GGUF file {src} ends inside tensor {t.name}: it is truncated") from None
         return buf
 
     def blocks(self, src: Path) -> torch.Tensor:

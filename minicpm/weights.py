@@ -189,14 +189,23 @@ class StoredTensor:
     def _read_into(self, out: torch.Tensor, at: int) -> None:
         """Fill ``out`` (contiguous) from the file's bytes ``at`` bytes into this tensor."""
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        with open(self.file, "rb", buffering=0) as f:
-            f.seek(self.offset + at)
-            done = 0
-            while done < len(view):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise _broken(self.file, EOFError(f"tensor {self.name} ends past the end of the file"))
-                done += n
+        try:
+            read_exactly(self.file, self.offset + at, view)
+        except EOFError:
+            raise _broken(self.file, EOFError(f"tensor {self.name} ends past the end of the file")) from None
+
+
+def read_exactly(file: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with ``file``'s bytes from ``offset`` by plain reads (no mapping whose pages
+    would stay counted); ``EOFError`` where the file ends first."""
+    with open(file, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise EOFError(f"{file} ends {len(view) - done} bytes short")
+            done += n
 
 
 def _release_pages(t: torch.Tensor) -> None:
