@@ -87,6 +87,13 @@ def carried_files(src: Path) -> list[Path]:
     )
 
 
+def _written_names(blocks: dict[str, str | None]) -> list[str]:
+    """Every tensor name a conversion may write, for the safetensors header's room: a weight kept as
+    GGUF blocks (its type in ``blocks``) under its block name, any other under each name it may be
+    stored as (float, or quantized: a weight quantized on the way is three tensors)."""
+    return [s for n, kind in blocks.items() for s in ([gguf_name(n, kind)] if kind else stored_names(n))]
+
+
 class ConversionError(ValueError):
     """The source can't be converted; the message says what is wrong with it."""
 
@@ -211,11 +218,8 @@ def convert_checkpoint(
                 yield name, value
 
     def build(tmp: Path) -> None:
-        names = [
-            *checkpoint.weights,
-            *(gguf_name(n, w.gguf_kind) for n, w in checkpoint.weights.items() if w.gguf_kind),
-        ]
-        save_checkpoint(weights(), raw_config, tmp, max_shard_bytes, names=names)
+        kept = {n: w.gguf_kind if quantize == "auto" else None for n, w in checkpoint.weights.items()}
+        save_checkpoint(weights(), raw_config, tmp, max_shard_bytes, names=_written_names(kept))
         for file in carried_files(src):
             shutil.copy2(file, tmp / file.name)
 
@@ -601,11 +605,7 @@ def convert_gguf(
                 yield name, value
 
     def build(tmp: Path) -> None:
-        names = [
-            gguf_name(n, w.kind) if n in kept else s
-            for n, w in weights.items()
-            for s in ([n] if quantize == "auto" else stored_names(n))
-        ]
+        names = _written_names({n: w.kind if n in kept else None for n, w in weights.items()})
         save_checkpoint(tensors(), raw_config, tmp, names=names)
         gguf_tokenizer_files(reader, tmp)
         (tmp / "generation_config.json").write_text(json.dumps(gguf_generation_config(reader), indent=2) + "\n")
