@@ -10,7 +10,7 @@ Contract:
   one tensor in memory whatever the model's size.
 * Both take ``quantize``: "auto" (default) writes weights as the source stores them, "none"
   dequantizes, "int8" / "int4" (with ``group_size``) quantize every linear layer
-  (:func:`minicpm.quant.quantize_tensors`): a quantized checkpoint stores ``.qweight`` /
+  (:func:`minicpm.quant.quantize_weight`): a quantized checkpoint stores ``.qweight`` /
   ``.scales`` / ``.mins`` beside the float tensors and loads back bit for bit.
 * :func:`convert_gguf` reads a GGUF file of architecture ``llama`` or ``minicpm`` with the
   ``gguf`` package; keeps Q8_0, Q6_K, Q4_0, Q4_1 and Q4_K tensors as they are, their very blocks
@@ -198,7 +198,7 @@ def convert_checkpoint(
     group_size: int | None = None,
 ) -> Path:
     """A checkpoint directory (e.g. with pytorch_model.bin) to a safetensors checkpoint directory;
-    ``quantize`` as :func:`minicpm.quant.quantize_tensors` (default: weights as stored). Tensor
+    ``quantize`` as :func:`minicpm.quant.quantize_weight` (default: weights as stored). Tensor
     by tensor: each is read, converted and written before the next is read."""
     src = Path(src)
     check_quantize(quantize, group_size)
@@ -567,7 +567,7 @@ def convert_gguf(
     they are stored (``quantize="auto"``, types :data:`~minicpm.quant.GGUF_TYPES`: their blocks
     themselves, ``<name>.gguf_<TYPE>``, Q/K rows back in checkpoint order; the loader decodes
     them), dequantized ("none") or requantized ("int8" / "int4", see
-    :func:`minicpm.quant.quantize_tensors`); float tensors in ``dtype`` (default: float32, F16 /
+    :func:`minicpm.quant.quantize_weight`); float tensors in ``dtype`` (default: float32, F16 /
     BF16 tensors as stored). Tensor by tensor: each is read from the file (no mapping kept),
     converted and written before the next, so the weights take no more room than in the GGUF and
     the conversion about one tensor's worth of memory."""

@@ -240,12 +240,6 @@ def stack(parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:
     )
 
 
-def permute_rows(q: QuantizedLinear, order: Tensor) -> QuantizedLinear:
-    """``q`` with its output rows taken in ``order`` (rows are quantized independently)."""
-    mins = None if q.mins is None else q.mins[order]
-    return QuantizedLinear(q.qweight[order], q.scales[order], mins, q.in_features)
-
-
 # ---------------------------------------------------------------------------------------- GGUF
 def _f16(block: np.ndarray, at: int) -> np.ndarray:
     return block[:, at : at + 2].copy().view(np.float16).astype(np.float32)[:, 0]
@@ -448,9 +442,6 @@ def is_linear_weight(name: str) -> bool:
     return name == "lm_head.weight" or (name.startswith("model.layers.") and name.endswith("_proj.weight"))
 
 
-Weights = dict[str, "Tensor | QuantizedLinear"]
-
-
 def quantize_weight(
     name: str, w: Tensor | QuantizedLinear, quantize: str, dtype: torch.dtype, tied: bool, group_size: int | None = None
 ) -> Tensor | QuantizedLinear | None:
@@ -468,19 +459,3 @@ def quantize_weight(
     if not is_linear_weight(name):
         return w
     return (head_format if name == "lm_head.weight" else to_format)(w, quantize, group_size)
-
-
-def quantize_tensors(
-    tensors: Weights, quantize: str, dtype: torch.dtype, tied: bool, group_size: int | None = None
-) -> Weights:
-    """A checkpoint's weights (by weight name; float tensors or :class:`QuantizedLinear`) under
-    :func:`quantize_model`'s rule, one tensor at a time (:func:`quantize_weight`): "auto" as they
-    are, "none" every quantized weight dequantized to ``dtype``, "int8" / "int4" every linear weight
-    in that format (a tied table, which is the head, in the head's)."""
-    check_quantize(quantize, group_size)
-    out: Weights = {}
-    for name in list(tensors):
-        w = quantize_weight(name, tensors.pop(name), quantize, dtype, tied, group_size)
-        if w is not None:
-            out[name] = w
-    return out
