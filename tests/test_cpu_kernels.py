@@ -178,10 +178,14 @@ def test_a_large_cpu_cache_asks_for_huge_pages_and_a_small_one_does_not() -> Non
     block of each layer commits 4 KiB, not 2 MiB."""
     from minicpm.engine.attention import HUGE_PAGE_LAYER_BYTES, PagedKVCache
 
-    t = torch.empty(16 * 2**20, dtype=torch.uint8)
-    middle = t.data_ptr() + 8 * 2**20
+    # 64 MiB: above glibc's largest mmap threshold (32 MiB), so the probe is a mapping of its own and
+    # goes with it when freed. A smaller one can come from the heap, and the heap's end, once
+    # advised, lends its huge-page flag to what the heap grows into next (the small cache below).
+    t = torch.empty(64 * 2**20, dtype=torch.uint8)
+    middle = t.data_ptr() + 32 * 2**20
     assert not thp_eligible(middle)
     assert cpu_kernels.advise_huge_pages(t) and thp_eligible(middle)
+    del t
     assert not cpu_kernels.advise_huge_pages(torch.empty(1000))  # no whole 2 MiB page inside
     config = tiny_config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=32)
     per_block = 64 * 2 * 16 * 4  # block_size x kv_heads x head_dim x float32
