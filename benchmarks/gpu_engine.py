@@ -482,8 +482,7 @@ def run_ours(
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "block_size": config.block_size,
             "cuda_graphs": len(engine.runner.graphs),
-            "triton_decode": bool(engine.runner.cache.use_triton),
-            "prefill_split_kernel": getattr(engine.runner.cache.lse_attention, "__name__", None),
+            "attention": engine.runner.cache.backend.describe(),
         }
         return engine
 
@@ -600,7 +599,7 @@ def print_tables(summary: dict) -> None:
         f"weights {fmt(summary['weights_gib'], '.2f')} GiB | KV pool {fmt(e.get('kv_pool_gib'), '.2f')} GiB "
         f"({e.get('kv_capacity_tokens')} tokens, {summary['kv_bytes_per_token']} B/token) | engine build "
         f"{fmt(e.get('build_s'), '.1f')} s, {e.get('cuda_graphs')} CUDA graphs, "
-        f"triton decode {e.get('triton_decode')}, chunked-prefill split kernel {e.get('prefill_split_kernel')}"
+        f"attention {e.get('attention')}"
     )
     print(
         f"device-to-device copy {fmt(summary['copy_bandwidth_tb_s'], '.2f')} TB/s (read + written; the H200 anchors: "

@@ -1,6 +1,7 @@
-"""Attention pieces of the engine on CPU: the log-sum-exp split of a chunk's attention (what CUDA
-uses to reach the cuDNN kernel) against the plain bottom-right causal path, its start-up probe, and
-an engine forced onto it."""
+"""Attention backends on CPU: the log-sum-exp split of a chunk's attention (what CUDA uses to reach
+the cuDNN kernel) against the plain bottom-right causal path, its start-up probe, the choice of a
+backend (:func:`select_backend`), each backend's engine against the ``torch`` reference, and what a
+kernel failing mid-serving does."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from helpers import assert_close_rel, random_model, tiny_config
 
 from minicpm import SamplingParams
 from minicpm.engine import EngineConfig, LLMEngine
-from minicpm.engine.attention import cpu_attention_with_lse, probe_lse_attention, split_causal_attention
+from minicpm.engine.attention import (
+    AttentionMetadata,
+    CpuTorchBackend,
+    PagedKVCache,
+    TorchBackend,
+    block_runs,
+    cpu_attention_with_lse,
+    probe_lse_attention,
+    select_backend,
+    split_causal_attention,
+)
 from minicpm.model import causal_attention
 
 
@@ -50,40 +61,67 @@ def test_probe_takes_the_first_kernel_that_agrees_and_skips_broken_ones() -> Non
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_engine_on_the_split_path_gives_the_same_greedy_tokens(kv_heads: int) -> None:
+def test_every_cpu_backend_gives_the_reference_greedy_tokens(kv_heads: int, monkeypatch) -> None:
+    """The same prompts, chunked and batched, through each backend chosen by its EngineConfig name:
+    ``cpu-torch`` (chunks with a past by the split path) and ``cpu-native`` (where it builds) give
+    the ``torch`` reference's greedy tokens."""
+    from minicpm.engine.attention import cpu
+
     model = random_model(tiny_config(num_hidden_layers=2, num_key_value_heads=kv_heads, max_length=256), seed=7)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (40, 90, 7)]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    config = EngineConfig(block_size=8, max_num_seqs=2, max_num_batched_tokens=16)
-    plain = LLMEngine(model, None, config)
-    plain.runner.cache.lse_attention = None  # the bottom-right masked path
-    expected = plain.generate(prompts, params)
-    engine = LLMEngine(model, None, config)
-    assert engine.runner.cache.lse_attention is cpu_attention_with_lse  # the CPU default
+
+    def engine(backend: str) -> LLMEngine:
+        config = EngineConfig(block_size=8, max_num_seqs=2, max_num_batched_tokens=16, attention_backend=backend)
+        made = LLMEngine(model, None, config)
+        assert made.runner.attention_backend == made.stats()["attention_backend"] == backend
+        return made
+
+    expected = [c.token_ids for c in engine("torch").generate(prompts, params)]
     calls = []
 
     def counted(q, k, v, is_causal):
         calls.append(q.shape[2])
         return cpu_attention_with_lse(q, k, v, is_causal)
 
-    engine.runner.cache.lse_attention = counted
-    got = engine.generate(prompts, params)
-    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    monkeypatch.setattr(cpu, "cpu_attention_with_lse", counted)
+    assert [c.token_ids for c in engine("cpu-torch").generate(prompts, params)] == expected
     assert calls, "no chunk went through the split path"
+    if select_backend("cpu", torch.float32, model.config).name == "cpu-native":
+        assert [c.token_ids for c in engine("cpu-native").generate(prompts, params)] == expected
+
+
+def test_a_backend_is_chosen_once_and_a_named_one_that_cannot_run_says_why() -> None:
+    config = tiny_config()
+    assert select_backend("cpu", torch.float32, config, "cpu-torch").name == "cpu-torch"
+    assert select_backend("cpu", torch.float32, config, "torch").name == "torch"
+    with pytest.raises(ValueError, match="runs on CPU, not cuda"):
+        select_backend("cuda", torch.float32, config, "cpu-native")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        select_backend("cpu", torch.float16, config, "cpu-native")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        select_backend("cpu", torch.float32, config, "flash")
+    with pytest.raises(ValueError, match="engine setting 'attention_backend'"):
+        EngineConfig(attention_backend="flash")
+    with pytest.raises(ValueError, match="engine setting 'on_kernel_failure'"):
+        EngineConfig(on_kernel_failure="ignore")
+    model = random_model(tiny_config(num_hidden_layers=1), seed=0)
+    with pytest.raises(ValueError, match="the fused decoder runs on the cpu-native attention backend, not cpu-torch"):
+        LLMEngine(model, None, EngineConfig(attention_backend="cpu-torch", fused_decode=True))
+    assert LLMEngine(model, None, EngineConfig(fused_decode=False)).runner.fused is None
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cpu_steps_read_scattered_blocks_in_place(kv_heads: int, monkeypatch) -> None:
     """A mixed step (a decode row, a chunk with a past, a first chunk) whose sequences own blocks
     in scattered order equals the plain causal path on contiguous keys, and nothing is gathered."""
-    from minicpm.engine.attention import AttentionMetadata, PagedKVCache
-    from minicpm.engine.model_runner import _runs
-
     torch.manual_seed(kv_heads)
     bs, heads, d = 4, 4, 16
     config = tiny_config(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * d)
-    cache = PagedKVCache(config, num_blocks=32, block_size=bs, dtype=torch.float32, device="cpu")
+    cache = PagedKVCache(
+        config, num_blocks=32, block_size=bs, dtype=torch.float32, device="cpu", backend=CpuTorchBackend()
+    )
     tables = [[7, 3, 4, 5, 20], [9, 10, 2, 11], [30, 31]]  # runs: 3, 3 and 1
     ctx = [19, 15, 6]  # context after this step
     new = [1, 5, 6]  # a decode row, a chunk with a past of 10, a first chunk
@@ -98,15 +136,19 @@ def test_cpu_steps_read_scattered_blocks_in_place(kv_heads: int, monkeypatch) ->
     q = torch.cat([cached(n, heads) for n in new], dim=2)
     k_new = torch.cat([k[:, :, k.shape[2] - n :] for k, n in zip(full_k, new, strict=True)], dim=2)
     v_new = torch.cat([v[:, :, v.shape[2] - n :] for v, n in zip(full_v, new, strict=True)], dim=2)
-    cache.metadata = AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        block_tables=torch.zeros(3, 5, dtype=torch.int32),
-        context_lens=torch.tensor(ctx, dtype=torch.int32),
-        decode_only=False,
-        query_lens=new,
-        context_lens_host=ctx,
-        seq_runs=[_runs(t, c, bs) for t, c in zip(tables, ctx, strict=True)],
+    cache.metadata = cache.prepare(
+        AttentionMetadata(
+            slot_mapping=torch.tensor(slots),
+            block_tables=torch.zeros(3, 5, dtype=torch.int32),
+            context_lens=torch.tensor(ctx, dtype=torch.int32),
+            decode_only=False,
+            query_lens=new,
+            context_lens_host=ctx,
+            tables=tables,
+            leading_decodes=1,
+        )
     )
+    assert cache.metadata.seq_runs == [block_runs(t, c, bs) for t, c in zip(tables, ctx, strict=True)]
     assert [len(r) for r in cache.metadata.seq_runs] == [3, 3, 1]
     monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("a gather"))
     got = cache.attend(0, q, k_new, v_new)
@@ -117,47 +159,57 @@ def test_cpu_steps_read_scattered_blocks_in_place(kv_heads: int, monkeypatch) ->
     assert_close_rel(got, torch.cat(expected, dim=2), 1e-5)
 
 
-def _chunk_case(ctx: int, new: int, table: list[int], bs: int = 4, heads: int = 4, kv_heads: int = 2, d: int = 16):
+def _chunk_case(
+    ctx: int,
+    new: int,
+    table: list[int],
+    backend: TorchBackend,
+    bs: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    d: int = 16,
+):
     """A CPU cache holding ``ctx - new`` tokens of one sequence in ``table``'s blocks and the
-    metadata of a ``new``-token chunk after them (the GPU's per-sequence path, block lists):
+    ``torch`` backend's metadata of a ``new``-token chunk after them (the GPU's per-sequence path):
     (cache, q, k_new, v_new, the plain path's answer)."""
-    from minicpm.engine.attention import AttentionMetadata, PagedKVCache
-
     config = tiny_config(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * d)
-    cache = PagedKVCache(config, num_blocks=64, block_size=bs, dtype=torch.float32, device="cpu")
+    cache = PagedKVCache(config, num_blocks=64, block_size=bs, dtype=torch.float32, device="cpu", backend=backend)
     k_full, v_full = cached(ctx, kv_heads), cached(ctx, kv_heads)
     for p in range(ctx - new):
         cache.k[0, table[p // bs], p % bs] = k_full[0, :, p]
         cache.v[0, table[p // bs], p % bs] = v_full[0, :, p]
     q = cached(new, heads)
-    cache.metadata = AttentionMetadata(
-        slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx - new, ctx)]),
-        block_tables=torch.tensor([table], dtype=torch.int32),
-        context_lens=torch.tensor([ctx], dtype=torch.int32),
-        decode_only=False,
-        query_lens=[new],
-        context_lens_host=[ctx],
-        seq_blocks=[torch.tensor(table)],
+    cache.metadata = cache.prepare(
+        AttentionMetadata(
+            slot_mapping=torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx - new, ctx)]),
+            block_tables=torch.tensor([table[: -(-ctx // bs)]], dtype=torch.int32),
+            context_lens=torch.tensor([ctx], dtype=torch.int32),
+            decode_only=False,
+            query_lens=[new],
+            context_lens_host=[ctx],
+            tables=[table[: -(-ctx // bs)]],
+        )
     )
     expected = causal_attention(q, k_full, v_full, past=ctx - new)
     return cache, q, k_full[:, :, ctx - new :], v_full[:, :, ctx - new :], expected
 
 
 def test_a_failing_split_prefill_kernel_falls_back_to_the_plain_path(caplog) -> None:
-    """The split kernel raises: the chunk is computed by the plain bottom-right causal path, and
-    the kernel is not tried again."""
+    """The split kernel raises: the chunk is computed by the plain bottom-right causal path, the
+    failure is counted, and the kernel is not tried again for that shape class."""
     torch.manual_seed(0)
-    cache, q, k, v, expected = _chunk_case(14, 6, [5, 2, 9, 11])
     calls = []
 
     def broken(q, k, v, is_causal):
         calls.append(1)
         raise RuntimeError("cuDNN: no kernel for this shape")
 
-    cache.lse_attention = broken
-    got = cache.attend(0, q, k, v)
-    assert_close_rel(got, expected, 1e-5)
-    assert calls == [1] and cache.lse_attention is None and "using the plain path" in caplog.text
+    backend = TorchBackend((broken,))
+    cache, q, k, v, expected = _chunk_case(14, 6, [5, 2, 9, 11], backend)
+    assert_close_rel(cache.attend(0, q, k, v), expected, 1e-5)
+    assert calls == [1] and backend.failures == {"broken": 1} and "broken failed" in caplog.text
+    cache.attend(0, q, k, v)
+    assert calls == [1]
 
 
 def test_split_prefill_kernels_are_chosen_per_shape_class() -> None:
@@ -187,9 +239,9 @@ def test_split_prefill_kernels_are_chosen_per_shape_class() -> None:
         (31, 7, ["right"]),
         (70, 6, ["broken", "wrong", "right"]),
     ):
-        cache, q, k, v, expected = _chunk_case(ctx, new, table)
-        cache.lse_by_class = by_class
-        cache.lse_candidates = (broken, wrong, right)
+        backend = TorchBackend((broken, wrong, right))
+        backend.lse_by_class = by_class
+        cache, q, k, v, expected = _chunk_case(ctx, new, table, backend)
         calls.clear()
         assert_close_rel(cache.attend(0, q, k, v), expected, 1e-5)
         assert list(dict.fromkeys(calls)) == tried  # in order of first call (each runs for past and chunk)
@@ -203,11 +255,10 @@ def test_split_prefill_kernels_are_chosen_per_shape_class() -> None:
             raise RuntimeError("out of workspace")
         return cpu_attention_with_lse(q, k, v, is_causal)
 
-    cache, q, k, v, expected = _chunk_case(30, 6, table)
-    cache.lse_candidates = (flaky, right)
+    backend = TorchBackend((flaky, right))
+    cache, q, k, v, expected = _chunk_case(30, 6, table, backend)
     assert_close_rel(cache.attend(0, q, k, v), expected, 1e-5)
-    assert cache.lse_by_class[(24).bit_length(), (6).bit_length()] is flaky
-    cache2, q, k, v, expected = _chunk_case(30, 6, table)
-    cache2.lse_candidates, cache2.lse_by_class = (flaky, right), cache.lse_by_class
-    assert_close_rel(cache2.attend(0, q, k, v), expected, 1e-5)
-    assert cache.lse_by_class[(24).bit_length(), (6).bit_length()] is right
+    assert backend.lse_by_class[(24).bit_length(), (6).bit_length()] is flaky
+    cache, q, k, v, expected = _chunk_case(30, 6, table, backend)
+    assert_close_rel(cache.attend(0, q, k, v), expected, 1e-5)
+    assert backend.lse_by_class[(24).bit_length(), (6).bit_length()] is right and backend.failures == {"flaky": 1}

@@ -37,12 +37,16 @@ def fake_capture(graph: FakeGraph, pool: object = None):
     yield
 
 
-def make_engine(kv_heads: int) -> LLMEngine:
+def make_engine(kv_heads: int, backend: str = "auto") -> LLMEngine:
     config = tiny_config(num_hidden_layers=2, num_key_value_heads=kv_heads, max_position_embeddings=64, max_length=256)
     model = random_model(config, seed=5)
     kv = config.kv_bytes_per_token(4) * 8 * 200
     return LLMEngine(
-        model, None, EngineConfig(block_size=8, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_memory=kv)
+        model,
+        None,
+        EngineConfig(
+            block_size=8, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_memory=kv, attention_backend=backend
+        ),
     )
 
 
@@ -59,10 +63,9 @@ def test_graph_replays_give_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, kv
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    engine = make_engine(kv_heads)
+    engine = make_engine(kv_heads, "triton")  # the GPU's path (here in Triton's interpreter)
     runner = engine.runner
-    runner.cache.use_triton = True  # the GPU's path, which has no fused CPU decoder
-    runner.fused = None
+    assert runner.fused is None
     runner._capture_graphs(engine.max_model_len)
     assert set(runner.graphs) == {1, 2, 4}
     for graph, decoder in runner.graphs.values():

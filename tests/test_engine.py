@@ -760,8 +760,8 @@ def test_engine_respects_max_num_seqs(model: MiniCPMForCausalLM) -> None:
 def test_contiguous_allocation_keeps_growing_sequences_in_one_run() -> None:
     """On CPU the block manager places prompts where their answers have room and extends a sequence
     with the block after its last one, so interleaved growth does not scatter a sequence's blocks."""
+    from minicpm.engine.attention import block_runs as _runs
     from minicpm.engine.block_manager import BlockManager
-    from minicpm.engine.model_runner import _runs
 
     for contiguous, expect_one_run in ((True, True), (False, False)):
         bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False, contiguous=contiguous)

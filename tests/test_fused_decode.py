@@ -3,6 +3,8 @@ against the eager model's layers, on tiny models of every weight format and on t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import random_model, tiny_config
@@ -24,8 +26,8 @@ def panels(monkeypatch):
 def _engines(model, settings: EngineConfig) -> tuple[LLMEngine, LLMEngine]:
     fused = LLMEngine(model, None, settings)
     assert fused.runner.fused is not None
-    eager = LLMEngine(model, None, settings)
-    eager.runner.fused = None
+    eager = LLMEngine(model, None, dataclasses.replace(settings, fused_decode=False))
+    assert eager.runner.fused is None
     return fused, eager
 
 
@@ -115,8 +117,9 @@ def test_mixed_fused_concat_weights_and_no_gathers(panels, one_thread, monkeypat
     got = fused.generate(prompts, params)
     assert calls and max(calls) > 1  # several decode rows in one call, beside prefill chunks too
     monkeypatch.undo()
-    plain = LLMEngine(reference, None, EngineConfig(block_size=8, max_num_seqs=3, max_num_batched_tokens=24))
-    plain.runner.fused = None
+    plain = LLMEngine(
+        reference, None, EngineConfig(block_size=8, max_num_seqs=3, max_num_batched_tokens=24, fused_decode=False)
+    )
     assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(prompts, params)]
 
 
@@ -164,5 +167,8 @@ def test_default_model_decodes_fused_with_the_eager_tokens(default_model_dir, on
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     got = [c.token_ids for c in llm.generate(prompts, params)]
-    llm.engine.runner.fused = None
-    assert got == [c.token_ids for c in llm.generate(prompts, params)]
+    del llm
+    config = EngineConfig(quantize="none", fused_decode=False)
+    eager = LLM.from_pretrained(default_model_dir, device="cpu", engine_config=config)
+    assert eager.engine.runner.fused is None
+    assert got == [c.token_ids for c in eager.generate(prompts, params)]

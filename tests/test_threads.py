@@ -104,12 +104,12 @@ def test_a_cpu_engine_ticks_its_governor_each_step(machine, monkeypatch) -> None
     from minicpm import SamplingParams
     from minicpm.engine import EngineConfig, LLMEngine
 
-    engine = LLMEngine(random_model(tiny_config(num_hidden_layers=1)), None, EngineConfig(kv_cache_memory=1 << 20))
+    config = EngineConfig(kv_cache_memory=1 << 20, fused_decode=False)  # every step through the model's layers
+    engine = LLMEngine(random_model(tiny_config(num_hidden_layers=1)), None, config)
     assert isinstance(engine.governor, ThreadGovernor)
     assert engine.runner.cache.on_layer == engine.governor.tick  # and before each layer's attention
     ticks, layer_ticks = [], []
     monkeypatch.setattr(engine.governor, "tick", lambda: ticks.append(1))
     engine.runner.cache.on_layer = lambda: layer_ticks.append(1)
-    engine.runner.fused = None  # every step through the model's layers
     engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert len(ticks) == engine.num_steps and len(layer_ticks) == engine.num_steps

@@ -9,6 +9,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import dataclasses
 import importlib
 
 import pytest
@@ -247,7 +248,7 @@ def test_prefill_validation_names_the_problem():
         paged_prefill_attention(q.double(), k, v, tables, cu, ctx, 0.25, 4)
 
 
-def triton_engine_case(dtype, seed):
+def triton_engine_case(dtype, seed, **settings):
     """A tiny engine whose cache takes the Triton path (in the interpreter), three prompts that make
     mixed steps (decode rows beside chunks with a cached past), and the plain CPU engine's answers."""
     import sys
@@ -265,9 +266,8 @@ def triton_engine_case(dtype, seed):
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     config = EngineConfig(block_size=8, max_num_seqs=3, max_num_batched_tokens=16, kv_cache_memory=1 << 20)
     expected = LLMEngine(model, None, config).generate(prompts, params)
-    engine = LLMEngine(model, None, config)
-    engine.runner.cache.use_triton = True  # the GPU's path, which has no fused CPU decoder
-    engine.runner.fused = None
+    engine = LLMEngine(model, None, dataclasses.replace(config, attention_backend="triton", **settings))
+    assert engine.runner.fused is None  # the GPU's path, which has no fused CPU decoder
     return engine, prompts, params, expected
 
 
@@ -276,18 +276,17 @@ def test_engine_steps_on_the_triton_kernels_give_the_cpu_paths_tokens(dtype, mon
     """An engine whose cache takes the Triton path (the GPU's; here in the interpreter): mixed
     steps of decode rows and chunks with a cached past go to the decode and varlen prefill
     kernels, and the greedy tokens are the CPU paths'."""
-    from minicpm.engine import attention as attention_module
-
     engine, prompts, params, expected = triton_engine_case(dtype, seed=4)
+    backend = engine.runner.cache.backend
     calls = {"decode": 0, "prefill": 0}
     for name in calls:
-        real = getattr(attention_module, f"paged_{name}_attention")
+        real = getattr(backend, f"{name}_kernel")
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(attention_module, f"paged_{name}_attention", counted)
+        monkeypatch.setattr(backend, f"{name}_kernel", counted)
     monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("a gather"))
     got = engine.generate(prompts, params)
     assert calls["decode"] and calls["prefill"]
@@ -312,23 +311,40 @@ def test_decode_splits_walk_256_partitions_and_follow_real_lengths(max_splits):
         paged_decode_attention(q, k, v, bt, ctx, 0.25, partition_size=16, max_splits=0)
 
 
-def test_a_triton_kernel_failing_mid_serving_falls_back_to_the_torch_path(monkeypatch, caplog):
-    """The varlen kernel raises on its third call: that step and the later ones go through the
-    torch path (a warning, Triton left for good) and the greedy tokens are the plain engine's."""
-    from minicpm.engine import attention as attention_module
-
-    engine, prompts, params, expected = triton_engine_case(torch.float32, seed=6)
+def flaky_prefill(engine, fail_on: int) -> dict:
+    """The engine's varlen prefill kernel, raising on its ``fail_on``-th call; the count of calls."""
+    backend = engine.runner.cache.backend
     calls = {"n": 0}
-    real = attention_module.paged_prefill_attention
+    real = backend.prefill_kernel
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == fail_on:
             raise RuntimeError("an illegal memory access was encountered")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention_module, "paged_prefill_attention", flaky)
+    backend.prefill_kernel = flaky
+    return calls
+
+
+def test_a_triton_kernel_failing_mid_serving_falls_back_to_the_torch_path_when_configured(caplog):
+    """``on_kernel_failure="fallback"``: the varlen kernel raises on its third call; that step and
+    the later ones go through the torch backend (a warning, counted in stats, Triton left for good)
+    and the greedy tokens are the plain engine's."""
+    engine, prompts, params, expected = triton_engine_case(torch.float32, seed=6, on_kernel_failure="fallback")
+    calls = flaky_prefill(engine, 3)
+    assert engine.stats()["attention_backend"] == "triton" and engine.stats()["kernel_failures"] == 0
     got = engine.generate(prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
-    assert engine.runner.cache.use_triton is False and calls["n"] == 3
-    assert "using the torch path" in caplog.text
+    assert calls["n"] == 3 and engine.stats()["attention_backend"] == "torch"
+    assert engine.stats()["kernel_failures"] == 1
+    assert "the triton attention backend failed (RuntimeError: an illegal memory access" in caplog.text
+
+
+def test_a_triton_kernel_failing_mid_serving_raises_when_configured():
+    """``on_kernel_failure="raise"`` (what the tests run with): the failure reaches the caller."""
+    engine, prompts, params, _ = triton_engine_case(torch.float32, seed=6, on_kernel_failure="raise")
+    flaky_prefill(engine, 3)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.generate(prompts, params)
+    assert engine.stats()["attention_backend"] == "triton" and engine.stats()["kernel_failures"] == 0

@@ -10,13 +10,29 @@ the KV budget gets GPU-sized batches and chunks.
 The KV budget is per device too: on CUDA from ``gpu_memory_utilization``, on CPU a byte budget
 (``kv_cache_memory``; default a quarter of the available memory, at most 4 GiB); CUDA graphs on
 CUDA, eager steps on CPU.
+
+The attention path is chosen once, at engine construction, from ``attention_backend`` ("auto":
+the fastest that runs on the device; see :func:`minicpm.engine.attention.select_backend`);
+``fused_decode`` decides the CPU fused decoder (None: wherever the ``cpu-native`` backend runs it;
+True: required, an error where it cannot run; False: off). ``on_kernel_failure`` decides what a
+kernel failing mid-serving does: "fallback" (the default; counted in ``stats()`` and /metrics,
+logged, and the backend's fallback serves from then on) or "raise" (what the tests and CI use;
+``MINICPM_ON_KERNEL_FAILURE`` sets the default, for processes started by a test).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ..quant import QUANTIZE_CHOICES, check_quantize
+
+ATTENTION_BACKENDS = ("auto", "cpu-native", "cpu-torch", "triton", "torch")
+KERNEL_FAILURE_CHOICES = ("fallback", "raise")
+
+
+def _default_on_kernel_failure() -> str:
+    return os.environ.get("MINICPM_ON_KERNEL_FAILURE", "fallback")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +50,9 @@ class EngineConfig:
     # or "int4" (groups of group_size, default 32, with a scale and a minimum each: llama.cpp's Q4_1)
     quantize: str = "auto"
     group_size: int | None = None
+    attention_backend: str = "auto"
+    fused_decode: bool | None = None
+    on_kernel_failure: str = dataclasses.field(default_factory=_default_on_kernel_failure)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ValueError:
@@ -63,6 +82,12 @@ class EngineConfig:
             raise bad("max_model_len", "a positive integer or None")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
             raise bad("gpu_memory_utilization", "in (0, 1]")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise bad("attention_backend", " or ".join(repr(c) for c in ATTENTION_BACKENDS))
+        if self.fused_decode not in (None, True, False):
+            raise bad("fused_decode", "True, False or None (wherever it runs)")
+        if self.on_kernel_failure not in KERNEL_FAILURE_CHOICES:
+            raise bad("on_kernel_failure", " or ".join(repr(c) for c in KERNEL_FAILURE_CHOICES))
         if self.quantize not in QUANTIZE_CHOICES:
             raise bad("quantize", " or ".join(repr(c) for c in QUANTIZE_CHOICES))
         try:

@@ -5,7 +5,7 @@ Contract:
 * :meth:`FusedDecoder.build` returns a decoder for a model :func:`~minicpm.engine.layers.prepare_model`
   has prepared, on CPU, when every linear layer of its decoder is the native kernel's panels (float32,
   bfloat16, int8 or int4; parts of a :class:`~minicpm.model.ConcatLinear` too) and the native kernels
-  built; else None (and the engine's eager path runs every row). ``MINICPM_CPU_FUSED=0`` turns it off.
+  built; else None (and the engine's eager path runs every row). ``EngineConfig.fused_decode=False`` turns it off.
 * :meth:`FusedDecoder.hidden_states` takes rows of one token each (their ids, positions, rotary
   frequencies, cache slots and block tables) and returns the last layer's hidden states (rows,
   hidden) in the activation dtype, having written each row's keys and values into the cache, as the
@@ -19,7 +19,6 @@ Contract:
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 from torch import Tensor, nn
@@ -98,8 +97,6 @@ class FusedDecoder:
 
     @classmethod
     def build(cls, model: MiniCPMForCausalLM, cache: PagedKVCache) -> FusedDecoder | None:
-        if os.environ.get("MINICPM_CPU_FUSED", "1").lower() in ("0", "off", "false", "no"):
-            return None
         lib = native_kernels()
         c = model.config
         if lib is None or model.device.type != "cpu" or model.dtype not in _DTYPES:

@@ -385,9 +385,11 @@ class LLMEngine:
                     self.abort_request(r.request_id)
         return [results[r.request_id] for r in requests]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         bm = self.block_manager
         return {
+            "attention_backend": self.runner.attention_backend,
+            "kernel_failures": sum(self.runner.cache.kernel_failures.values()),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "num_blocks": bm.num_blocks,

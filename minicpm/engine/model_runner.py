@@ -2,7 +2,9 @@
 
 Contract:
 
-* At construction it prepares the model (:func:`~minicpm.engine.layers.prepare_model`: fused
+* At construction it chooses the attention backend, once
+  (:func:`~minicpm.engine.attention.select_backend` from ``EngineConfig.attention_backend``, logged
+  in one line), prepares the model (:func:`~minicpm.engine.layers.prepare_model`: fused
   projections, packed CPU bf16 weights), then sizes the paged KV cache from the memory at hand
   (``kv_cache_memory`` bytes, or on CUDA ``gpu_memory_utilization`` of the card minus the weights,
   what is already in use and a measured activation reserve) and, on CUDA unless ``enforce_eager``,
@@ -18,7 +20,6 @@ Contract:
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from torch import Tensor
 from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
 from ..weights import release_freed_memory
-from .attention import AttentionMetadata, PagedKVCache, decode_mask, triton_available
+from .attention import AttentionMetadata, CpuNativeBackend, PagedKVCache, select_backend
 from .config import EngineConfig
 from .fused_decode import FusedDecoder
 from .layers import StepRows, prepare_model
@@ -37,23 +38,6 @@ from .scheduler import ScheduledBatch
 from .sequence import Sequence
 
 log = logging.getLogger("minicpm.engine")
-
-
-def _is_run(blocks: list[int]) -> bool:
-    """Whether ``blocks`` are consecutive ids (then the cache can be read as a view)."""
-    return blocks[-1] - blocks[0] == len(blocks) - 1 and all(b - a == 1 for a, b in itertools.pairwise(blocks))
-
-
-def _runs(blocks: list[int], length: int, block_size: int) -> list[tuple[int, int]]:
-    """(first slot, tokens) of each maximal run of consecutive block ids holding ``length`` tokens."""
-    runs, i = [], 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        runs.append((blocks[i] * block_size, min((j + 1) * block_size, length) - i * block_size))
-        i = j + 1
-    return runs
 
 
 GRAPH_RESERVE = 512 * 2**20  # CUDA graphs' pool, where the budget is decided before their capture
@@ -85,20 +69,48 @@ class ModelRunner:
         c = self.model_config
         self.bytes_per_block = config.block_size * c.kv_bytes_per_token(self.dtype.itemsize)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = {}
-        graphs = self.device.type == "cuda" and not config.enforce_eager and triton_available()
+        self.backend = select_backend(self.device, self.dtype, c, config.attention_backend)
+        graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.graphs
         if graphs and config.kv_cache_memory is None:
             self._size_cache_after_capture(max_model_len)
         else:
             self.num_blocks = self._num_blocks(max_model_len)
-            self.cache = PagedKVCache(c, self.num_blocks, config.block_size, self.dtype, self.device)
+            self.cache = self._new_cache(self.num_blocks)
         self.inv_freq_cache: dict[float, Tensor] = {}
         self.sampler = Sampler(c.vocab_size, self.device)
         self._scoring: list[tuple[Sequence, int, int, int]] = []
-        self.fused = FusedDecoder.build(self.model, self.cache)
+        self.fused = self._fused_decoder()
+        log.info("attention: %s%s", self.backend.describe(), "; fused CPU decoder" if self.fused else "")
         if self.device.type == "cpu":
             release_freed_memory()  # loading and packing freed a model's worth of copies
-        if graphs and self.cache.use_triton and not self.graphs:
+        if graphs and not self.graphs:
             self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
+
+    def _new_cache(self, num_blocks: int) -> PagedKVCache:
+        c, cfg = self.model_config, self.config
+        return PagedKVCache(
+            c, num_blocks, self.block_size, self.dtype, self.device, self.backend, cfg.on_kernel_failure
+        )
+
+    def _fused_decoder(self) -> FusedDecoder | None:
+        """The fused CPU decoder where ``EngineConfig.fused_decode`` allows it and the backend is
+        ``cpu-native``; ``fused_decode=True`` where it cannot run is an error that says why."""
+        wanted = self.config.fused_decode
+        if wanted is False:
+            return None
+        if not isinstance(self.backend, CpuNativeBackend):
+            if wanted:
+                raise ValueError(f"the fused decoder runs on the cpu-native attention backend, not {self.backend.name}")
+            return None
+        fused = FusedDecoder.build(self.model, self.cache)
+        if fused is None and wanted:
+            raise ValueError("the fused decoder cannot run this model (its layers are not all on native panels)")
+        return fused
+
+    @property
+    def attention_backend(self) -> str:
+        """The backend serving now (a fallback's name after a kernel failure)."""
+        return self.cache.backend.name
 
     # ------------------------------------------------------------------ memory
     def _num_blocks(self, max_model_len: int) -> int:
@@ -149,8 +161,7 @@ class ModelRunner:
         """The CUDA graphs first, over a one-block cache, so that the budget is measured with their
         memory pool in use (its growth logged); then the cache gets the budget and the graphs are
         captured again over it (they hold the cache's addresses)."""
-        c = self.model_config
-        self.cache = PagedKVCache(c, 1, self.block_size, self.dtype, self.device)  # Triton: the caller checked
+        self.cache = self._new_cache(1)
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
         self._capture_graphs(max_model_len)
@@ -162,7 +173,7 @@ class ModelRunner:
         self.cache = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        self.cache = PagedKVCache(c, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.cache = self._new_cache(self.num_blocks)
         self._capture_graphs(min(max_model_len, self.num_blocks * self.block_size))
         log.info(
             "CUDA graphs took %s; KV cache %d blocks (%s)",
@@ -188,7 +199,8 @@ class ModelRunner:
     def _prepare(
         self, batch: ScheduledBatch
     ) -> tuple[Tensor, Tensor, Tensor, AttentionMetadata, list[int], list[Sequence]]:
-        """Inputs of one forward, the rows whose logits are needed and the sequences they sample for."""
+        """Inputs of one forward, the rows whose logits are needed and the sequences they sample
+        for; the attention metadata is the backend's (:meth:`PagedKVCache.prepare`)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -197,12 +209,7 @@ class ModelRunner:
         samplers: list[Sequence] = []
         scoring: list[tuple[Sequence, int, int, int]] = []  # (seq, first position, end, first row)
         context_lens: list[int] = []
-        seq_blocks: list[Tensor | slice] = []
-        seq_runs: list[list[tuple[int, int]]] = []
-        decode_rows: list[int] = []
-        decode_seqs: list[int] = []
-        decode_lens: list[int] = []
-        cpu, width = self.device.type == "cpu", 1
+        tables: list[list[int]] = []
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
@@ -216,46 +223,20 @@ class ModelRunner:
             if seq.params.prompt_logprobs is not None and start < last_scored:
                 scoring.append((seq, start, last_scored, len(ids) - (end - start)))
             context_lens.append(end)
-            used = table[: -(-end // bs)]
-            width = max(width, len(used))
-            if cpu:
-                seq_runs.append(_runs(used, end, bs))
-                if n == 1:
-                    decode_rows.append(len(ids) - 1)
-                    decode_seqs.append(len(context_lens) - 1)
-                    decode_lens.append(end)
-            else:
-                seq_blocks.append(slice(used[0], used[-1] + 1) if _is_run(used) else used)
-        tables = _padded_tables(batch.seqs, width)
-        decode_only = batch.decode_only
-        md = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(tables, torch.int32),
-            context_lens=self._tensor(context_lens, torch.int32),
-            decode_only=decode_only,
-            query_lens=list(batch.num_tokens),
-            context_lens_host=context_lens,
+            tables.append(table[: -(-end // bs)])
+        width = max(len(t) for t in tables)
+        md = self.cache.prepare(
+            AttentionMetadata(
+                slot_mapping=self._tensor(slots),
+                block_tables=self._tensor(_padded_tables(batch.seqs, width), torch.int32),
+                context_lens=self._tensor(context_lens, torch.int32),
+                decode_only=batch.decode_only,
+                query_lens=list(batch.num_tokens),
+                context_lens_host=context_lens,
+                tables=tables,
+                leading_decodes=batch.leading_decodes,
+            )
         )
-        if self.cache.use_triton:  # in place: paged decode and varlen prefill kernels
-            if not decode_only:
-                md.leading_decodes = lead = batch.leading_decodes
-                rest = batch.num_tokens[lead:]
-                md.cu_q = self._tensor([0, *itertools.accumulate(rest)], torch.int32)
-                md.max_query_len = max(rest)
-        elif cpu:  # in place for every step, whatever its mix: decode rows to the native kernel
-            md.seq_runs = seq_runs
-            if decode_rows and self.cache.native is not None:
-                md.decode_rows = decode_rows
-                md.decode_seqs = self._tensor(decode_seqs, torch.int32)
-                md.decode_lens = self._tensor(decode_lens, torch.int32)
-        elif decode_only:
-            if len(seq_blocks) == 1 and isinstance(seq_blocks[0], slice):
-                md.decode_blocks = seq_blocks[0]
-            else:
-                md.decode_blocks = md.block_tables.long()
-            md.decode_mask = decode_mask(md, bs)
-        else:
-            md.seq_blocks = [b if isinstance(b, slice) else self._tensor(b) for b in seq_blocks]
         freqs = torch.stack([self.inv_freq(s) for s in batch.seqs])
         counts = self._tensor(batch.num_tokens)
         inv_freq = torch.repeat_interleave(freqs, counts, dim=0, output_size=len(ids))
@@ -357,7 +338,7 @@ class ModelRunner:
         graphs' block tables are as wide as the longest sequence, and the decode kernel's work
         follows each row's real length)."""
         n = len(batch.seqs)
-        if not self.cache.use_triton:  # its kernels failed and were left: the graphs hold them
+        if not self.cache.backend.graphs:  # its kernels failed and were left: the graphs hold them
             return None
         fitting = [b for b in self.graphs if b >= n]
         if not fitting or md.block_tables.shape[1] > self.static["tables"].shape[1]:

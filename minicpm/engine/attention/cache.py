@@ -1,0 +1,127 @@
+"""The paged KV cache: :class:`PagedKVCache`, the storage every attention backend reads.
+
+Contract: the cache holds, per layer, keys and values of shape (num_blocks + 1, block_size,
+kv_heads, head_dim); the extra last block is a scratch block that padded rows of a CUDA-graph
+batch write into. A forward over a flattened batch (input ids of shape (1, total tokens)) sets
+``cache.metadata`` (prepared by ``cache.backend``) and passes the cache to the model; for every
+layer :meth:`PagedKVCache.attend` writes the new keys and values at ``metadata.slot_mapping``
+(``index_copy_``: an out-of-range slot raises) and returns the backend's attention.
+
+The backend is fixed at construction. When one of its kernels raises mid-serving (anything but
+running out of memory), the cache either raises (``on_kernel_failure="raise"``) or, where the
+backend names a fallback, counts the failure in ``kernel_failures``, logs it once, and serves this
+step and every later one with the fallback (``"fallback"``). Inside a captured CUDA graph there is
+nothing to fall back to: it raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ...config import MiniCPMConfig
+from ..config import KERNEL_FAILURE_CHOICES
+from ..cpu_kernels import advise_huge_pages
+from .base import AttentionBackend, AttentionMetadata
+
+log = logging.getLogger("minicpm.engine")
+
+HUGE_PAGE_LAYER_BYTES = 64 * 1024**2
+
+
+class PagedKVCache:
+    """See the module docstring. ``backend``: None selects the default for the device and dtype
+    (:func:`~minicpm.engine.attention.select_backend`)."""
+
+    def __init__(
+        self,
+        config: MiniCPMConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        backend: AttentionBackend | None = None,
+        on_kernel_failure: str = "raise",
+    ) -> None:
+        if on_kernel_failure not in KERNEL_FAILURE_CHOICES:
+            raise ValueError(f"on_kernel_failure must be 'raise' or 'fallback', got {on_kernel_failure!r}")
+        shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
+        # uninitialized: no path reads a slot before it is written, except the padded gather of
+        # batched decode, which zeroes what it masks (so a large CPU budget costs no memory until used)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # on CPU, a cache of at least 64 MiB a layer on huge pages (decode attention reads scattered
+        # blocks: fewer TLB misses); a smaller one stays on 4 KiB pages, where touching one block
+        # of each layer would commit 2 MiB a layer
+        if self.k[0].nbytes >= HUGE_PAGE_LAYER_BYTES:
+            for cache in (self.k, self.v):
+                advise_huge_pages(cache)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.scratch_slot = num_blocks * block_size
+        self.scale = config.head_dim**-0.5
+        if backend is None:
+            from .select import select_backend
+
+            backend = select_backend(torch.device(device), dtype, config)
+        self.backend = backend
+        self.on_kernel_failure = on_kernel_failure
+        self.kernel_failures: Counter[str] = Counter()
+        self.metadata: AttentionMetadata | None = None
+        # called before each layer's attention (the CPU engine's thread governor: a long prefill
+        # step follows the machine's load layer by layer, not only between steps)
+        self.on_layer: Callable[[], None] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def prepare(self, md: AttentionMetadata) -> AttentionMetadata:
+        """The backend's metadata for the step ``md`` describes."""
+        return self.backend.prepare(self, md)
+
+    def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
+        """Layer ``layer``'s new keys and values (1, kv_heads, tokens, head_dim) at ``slots``."""
+        kc = self.k[layer].view(-1, self.kv_heads, self.head_dim)
+        vc = self.v[layer].view(-1, self.kv_heads, self.head_dim)
+        kc.index_copy_(0, slots, k[0].transpose(0, 1))
+        vc.index_copy_(0, slots, v[0].transpose(0, 1))
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        md = self.metadata
+        if md is None:
+            raise RuntimeError("PagedKVCache.attend called without metadata")
+        if self.on_layer is not None:
+            self.on_layer()
+        self.write(layer, k, v, md.slot_mapping)
+        try:
+            return self.backend.attend(self, layer, q, k, v, md)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # counted and served by the fallback, or raised (see the module docstring)
+            if not self._fall_back(exc, md):
+                raise
+        return self.backend.attend(self, layer, q, k, v, self.metadata)
+
+    def _fall_back(self, exc: Exception, md: AttentionMetadata) -> bool:
+        """Move to the backend's fallback for good (this step re-prepared for it); False where
+        the failure must raise instead."""
+        failed, fallback = self.backend, self.backend.fallback
+        if fallback is None or self.on_kernel_failure == "raise" or md.context_lens_host is None:
+            return False
+        self.kernel_failures[failed.name] += 1
+        log.warning(
+            "the %s attention backend failed (%s: %s); %s serves from now on",
+            failed.name,
+            type(exc).__name__,
+            exc,
+            fallback.name,
+        )
+        self.backend = fallback
+        self.metadata = fallback.prepare(self, md)
+        return True
