@@ -21,7 +21,9 @@ On CPU, each linear layer's product is one of these for the model's dtype (:func
 
 ``MINICPM_CPU_LINEAR=panel|onednn|blas`` chooses (``onednn`` / ``blas``: the faster of their
 variants, by a start-up probe at 1 and 16 rows). Float32 results differ between the choices in the
-last bits (other summation orders). Quantized layers are always panels; the model file is
+last bits (other summation orders). Quantized layers are panels where the native kernels build,
+else they stay :class:`~minicpm.quant.QuantizedLinear` (each weight dequantized at every use, never
+held in float: a warning says so); the model file is
 untouched, and the embeddings, norms, KV cache and residual stream stay in the activation dtype.
 """
 
@@ -173,7 +175,10 @@ def linear_candidates(dtype: torch.dtype) -> list[str]:
     if wanted != "auto":
         if wanted not in ("panel", "onednn", "blas"):
             raise ValueError(f"MINICPM_CPU_LINEAR must be panel, onednn, blas or auto, got {wanted!r}")
-        found = [c for c in found if c.split("-")[0] == wanted] or found
+        kept = [c for c in found if c.split("-")[0] == wanted]
+        if not kept:
+            raise ValueError(f"MINICPM_CPU_LINEAR={wanted} cannot run {dtype} here (available: {', '.join(found)})")
+        found = kept
     return found
 
 
@@ -245,11 +250,14 @@ def prepare_model(
         where = f"quantize={quantize!r}" if quantize != "auto" else "this model's quantized weights"
         if model.device.type != "cpu":
             raise ValueError(f"{where} run on the CPU; the model is on {model.device}")
-        if native_kernels() is None:
-            if quantize != "auto":
-                raise ValueError(f"{where} need the native CPU kernels, which could not be built here")
-            log.warning("no native CPU kernels here: the quantized weights are dequantized to %s", model.dtype)
-            quantize = "none"
+        if native_kernels() is None:  # kept quantized: never a float copy the user did not ask for
+            log.warning(
+                "no native CPU kernels here (%s): the quantized layers run through torch, each weight "
+                "dequantized at every use (slower; install a C compiler for the native kernels, or "
+                "pass --quantize none to hold them in %s)",
+                where,
+                model.dtype,
+            )
     quantize_model(model, quantize, group_size)
     if not model.fused:  # model.fuse_projections(), handing each layer's parts back as it goes
         for layer in model.model.layers:
@@ -263,7 +271,7 @@ def prepare_model(
     while slots:  # popped one by one: a layer's weight is freed once its packed copy replaces it
         parent, name, child = slots.pop()
         if isinstance(child, QuantizedLinear):
-            inner = make_linear(child, "panel")
+            inner = child if native_kernels() is None else make_linear(child, "panel")
         else:
             inner = child if choice is None else make_linear(child, choice)
         setattr(parent, name, RowSplitLinear(inner, rows))
