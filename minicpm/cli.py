@@ -50,6 +50,7 @@ FLAG_FOR = {
     "gpu_memory_utilization": "--gpu-memory-utilization",
     "quantize": "--quantize",
     "group_size": "--group-size",
+    "attention_backend": "--attention-backend",
 }
 HELP = """commands:
   /reset, /clear    forget the conversation
@@ -192,6 +193,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> Any:
             max_model_len=getattr(args, "max_model_len", None),  # serve's flag
             quantize=args.quantize,
             group_size=args.group_size,
+            attention_backend=args.attention_backend,
         )
 
 
@@ -569,6 +571,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=BLOCK_SIZE, default=None, help="tokens per KV block (default 128 CPU, 64 GPU)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument(
+        "--attention-backend",
+        default=None,
+        metavar="NAME",
+        help="attention path: auto, cpu-native, cpu-torch, triton or torch (default auto: cpu-native where the "
+        "C kernels build, else cpu-torch; triton on CUDA, else torch; torch is the plain reference)",
+    )
     _add_quantize_flags(
         g,
         "weight-only quantization of the linear layers, CPU (default auto: the weights as the "
