@@ -3,8 +3,8 @@
 For each model (the embedded default, SmolLM2-135M-Instruct; and a tiny MiniCPM with random
 weights and the real 122,760-token vocabulary) and dtype (float32, bfloat16):
 
-* batch-1 greedy decode tokens/s: rate = (N - 1) / (time for N tokens - time for 1 token), the
-  definition of shared/facts/performance-anchors.md; HF is ``generate``;
+* batch-1 greedy decode tokens/s: rate = (N - 1) / (time for N tokens - time for 1 token), so
+  prefill is left out; HF is ``generate``;
 * batch-16 decode throughput: 16 requests together, 16 (N - 1) / (time for N - time for 1), against
   HF's batch-1 rate (the target is >= 8x);
 * prefill tokens/s at 512 / 2k / 8k prompt tokens (time to the first token; HF: one forward with

@@ -15,8 +15,8 @@ on the values), built on the meta device and initialised on the GPU. Measured, f
   chunks of ``max_num_batched_tokens`` (8192 on GPU) in the same steps: the decoders'
   inter-token latency during the prefill (median and max over those steps) beside their
   decode-only inter-token latency, and the long prompt's time to first token;
-* device-to-device copy bandwidth (bytes read + written), which scales the decode targets of
-  shared/facts/performance-anchors.md (set on an H200) to other cards.
+* device-to-device copy bandwidth (bytes read + written), which scales the decode targets
+  (:func:`targets`, set on an H200) to other cards.
 
 Where a context is both prefilled and decoded, the prefill figure is the time to first token of the
 decode request (the same computation). Prompts of the longest context are shortened so that
@@ -61,7 +61,7 @@ from minicpm.config import MINICPM_2B_128K
 from minicpm.engine import EngineConfig, LLMEngine
 
 GIB = 2**30
-H200_COPY_TB_S = 4.21  # performance-anchors.md: device-to-device copy on the H200 the targets were set on
+H200_COPY_TB_S = 4.21  # device-to-device copy on the H200 the targets were set on
 OOM = "OOM"
 HF_NOTE = (
     "HF LlamaForCausalLM runs the same weight tensors without MiniCPM's three scales (embedding x12, "
@@ -72,7 +72,7 @@ HF_NOTE = (
 
 # --------------------------------------------------------------------------- shapes
 def full_config() -> MiniCPMConfig:
-    """MiniCPM-2B-128k exactly (shared/facts/minicpm-2b-128k.md)."""
+    """MiniCPM-2B-128k exactly (:data:`minicpm.config.MINICPM_2B_128K`)."""
     return MiniCPMConfig.from_dict(MINICPM_2B_128K)
 
 
@@ -560,7 +560,7 @@ def fmt(x: Any, spec: str = ".3f") -> str:
 def targets(
     prefill: list[dict], decode: list[dict], batch: dict, bandwidth: float | None, device_name: str, judged: bool
 ) -> tuple[list[dict], float]:
-    """The anchors' H200 targets; the decode ones scale with the copy bandwidth on other cards.
+    """The targets, set on an H200; the decode ones scale with the copy bandwidth on other cards.
 
     ``judged`` False (a tiny or CPU run): the values are listed, pass/fail is null.
     """

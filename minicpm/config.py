@@ -20,7 +20,7 @@ from typing import Any
 
 ROPE_TYPES = ("none", "linear", "dynamic")
 
-# MiniCPM-2B-128k's config.json as OpenBMB publishes it (shared/facts/minicpm-2b-128k.md): the exact
+# MiniCPM-2B-128k's config.json as OpenBMB publishes it (openbmb/MiniCPM-2B-128k on Hugging Face): the exact
 # shape that plans, benchmarks and tests use (``MiniCPMConfig.from_dict(MINICPM_2B_128K)``); copy
 # it (``MINICPM_2B_128K | {...}``) to change fields.
 MINICPM_2B_128K: dict[str, Any] = {

@@ -273,7 +273,7 @@ class MiniCPMModel(nn.Module):
         super().__init__()
         weight = torch.empty(config.vocab_size, config.hidden_size)
         if not weight.is_meta:  # nn.Embedding's own initialisation; on the meta device (every
-            nn.init.normal_(weight)  # checkpoint load) it would import torch._dynamo: 1.2 s of start-up
+            nn.init.normal_(weight)  # checkpoint load) it would import torch._dynamo, a large share of start-up
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -11,8 +11,9 @@ Loading goes tensor by tensor (:func:`load_model`): each weight is read into mem
 (safetensors with plain file reads, a ``.bin`` through ``torch.load(weights_only=True, mmap=True)``
 with the pages it read handed back), converted to the model's dtype, quantized and packed with
 ``quantize`` int8 / int4, and put in the model before the next is read, largest first, with the
-memory freed on the way handed back to the system. So the peak stays within about a tenth of what
-the model keeps (``benchmarks/load_memory.py``), and the running model never lies on file pages.
+memory freed on the way handed back to the system. So the peak exceeds what the model keeps by
+about one tensor and bounded temporaries, not by a copy of the model (``benchmarks/load_memory.py``
+measures it; a test bounds it), and the running model never lies on file pages.
 Writing goes tensor by tensor too, to temporary names that are renamed into place once complete,
 so an interrupted save leaves no half-written file under a final name.
 

@@ -1,7 +1,7 @@
 """Scoring rules of minicpm.eval.scoring: InfiniteBench per task, its averages, RULER and the needle score.
 
-Hand-made cases, one or more per clause of each rule (see shared/facts/infinitebench.md and
-long-context-suites.md), including the places where the benchmark's code is followed over a plain reading.
+Hand-made cases, one or more per clause of each rule (InfiniteBench's ``src/compute_scores.py``,
+RULER's ``scripts/eval/evaluate.py``), including the places where the benchmark's code is followed over a plain reading.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ On CPU, each linear layer's product is one of these for the model's dtype (:func
   (:mod:`minicpm.quant`: int8 per channel or in groups, int4 in groups). Each output is one
   in-order sum, so a row's result does not depend on the rows beside it; rows of prompts (none a
   decode row) may first widen the panel to float32 weights, faster for many rows. The fused decoder
-  (:mod:`~minicpm.engine.fused_decode`) needs every layer on panels: batch-1 decode of the default
-  model 2.4x oneDNN's in bfloat16 here, at ~1.3x oneDNN's time for a 2k-token bfloat16 prefill.
+  (:mod:`~minicpm.engine.fused_decode`) needs every layer on panels, which is why they are the
+  default (docs/kernels.md, "Linear layers on CPU").
 * ``onednn-1`` / ``onednn-16``: oneDNN with the weight pre-packed for that many rows. In bfloat16
   it uses the CPU's bfloat16 dot products, faster from 4 rows up (no fused decoder then).
 * ``blas``: plain ``F.linear`` (float32 only; MKL's sgemm takes a slow path on AMD CPUs).
@@ -184,8 +184,8 @@ def linear_candidates(dtype: torch.dtype) -> list[str]:
 
 @functools.cache  # once per shape, dtype and process: every engine of a process gets the same answer
 def linear_choice(in_features: int, out_features: int, dtype: torch.dtype) -> str:
-    """The native panels where they build (the fused decoder runs on them: batch-1 decode of the
-    default model 2.4x oneDNN's in bfloat16), unless ``MINICPM_CPU_LINEAR`` names another; then
+    """The native panels where they build (the fused decoder runs on them), unless
+    ``MINICPM_CPU_LINEAR`` names another; then
     the fastest of :func:`linear_candidates` on a layer-sized weight, timed at 1 and 16 rows."""
     candidates = linear_candidates(dtype)
     if len(candidates) == 1 or candidates[0] == "panel":

@@ -25,7 +25,7 @@ Contract:
 * Greedy results do not depend on what else is in the batch, to rounding: each sequence attends
   only to its own keys, with its own NTK base (from its prompt length), and its token is an argmax
   of its row. Bitwise, a decode row's logits do not depend on a neighbour's prefill in the same
-  step (the README's "Determinism" says exactly what holds).
+  step (docs/engine.md, "Determinism", says exactly what holds).
 
 The engine takes the model over: it fuses its projections and gives its linear layers this
 machine's product, in place (:mod:`minicpm.engine.layers`). Nothing here is thread-safe:

@@ -9,9 +9,7 @@ it started. A reading older than a second (the engine sat idle) only starts a ne
 that began a moment ago would drown in it, so the decision waits a quarter second for a window of
 its own. A long prefill thus follows a load that starts under it within about half a second, not
 at its next step. A laptop running something else then decodes on the free core instead of
-stalling on a thread that waits for a busy one: on these 2-core machines, with one core spinning
-in another process, batch-1 decode of the default model went from 12.9 tok/s (2 threads) to 35.7
-(1 thread) against 44.6 quiet.
+stalling on a thread that waits for a busy one (measured: docs/engine.md, "A busy machine").
 
 It does nothing where ``/proc`` is missing, when the user fixed the count (``OMP_NUM_THREADS``) or
 set ``MINICPM_ADAPTIVE_THREADS=0``, or with a single thread to begin with.
