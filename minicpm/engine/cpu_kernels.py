@@ -7,10 +7,17 @@ Contract:
 * :func:`native_kernels` builds the C source with the system's C compiler (``$CC``, else ``cc``)
   at ``-O3 -march=native -fopenmp`` into ``$MINICPM_CACHE/kernels/`` (default ``~/.cache/minicpm``),
   keyed by the source, the compiler's version and this CPU's flags, so a second start loads it in
-  milliseconds. The build writes to a temporary name and renames, so concurrent processes never
-  load half a library. Where there is no compiler, the build fails or ``MINICPM_CPU_KERNELS=off``,
-  it returns None (after one warning for a failure) and callers use their torch path; a full disk
-  or quota under the kernel cache is an ``OSError`` naming it (the user's to fix, not a slower run).
+  milliseconds. One process builds at a time (``fcntl.flock`` on ``kernels/.build.lock``; the others
+  wait, then load its library), in a directory of its own that the next build removes should this
+  one be killed, and renames the library into place, so no process loads half a library. Where there
+  is no compiler, the build fails, the library speaks another interface, or ``MINICPM_CPU_KERNELS=off``,
+  it returns None (after one warning for a failure, its reason in :data:`build_failure`) and callers
+  use their torch path; a full disk or quota under the kernel cache is an ``OSError`` naming it (the
+  user's to fix, not a slower run).
+* The interface is ``csrc/minicpm.h``: at load the library's ABI version, struct sizes and shared
+  constants must match this module's (:data:`ABI_VERSION`, :func:`_structs`, :data:`PANEL`), and
+  every function is declared from one table (:data:`_SIGNATURES`). The kernels check every index
+  (slots, rows, block ids) and buffer size before any write; a refusal is a ``ValueError`` naming it.
 * The library links the OpenMP runtime by soname, so inside a torch process it shares torch's
   (torch's own ``libgomp.so.1`` is already loaded): the kernel's threads are torch's, and
   ``torch.set_num_threads`` governs both.
