@@ -72,7 +72,7 @@ _REFUSALS = {  # csrc/minicpm.h's refusal codes
     -4: "a row_seq entry is not a row of block_tables",
     -5: "a row_len entry is below 1 or beyond the table width times block_size",
     -6: "a block id outside the cache",
-    -7: "head_dim not a multiple of 64",
+    -7: "a head_dim the kernel does not serve (prefill: a multiple of 64; fused decode: even, at most 512)",
     -8: "a slot outside the cache",
     -9: "a work or scratch buffer smaller than the kernel needs",
     -10: "a layer's linear with no parts, too many, or columns outside its output",
