@@ -5,6 +5,13 @@ bitwise the same whether or not a neighbour is prefilling in the same step."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -831,3 +838,164 @@ def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(qua
     assert wrapped and all(isinstance(m, PanelLinear) and m.weights == quantize for m in wrapped if m is not head)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
     assert [c.token_ids for c in got] == expected
+
+
+# ---------------------------------------------------------------------------- the native interface
+
+
+def _fused_decoder(monkeypatch):
+    from minicpm.engine import layers
+
+    monkeypatch.setattr(layers, "cpu_linear", lambda model: "panel")
+    engine = LLMEngine(random_model(tiny_config(), seed=1), None, EngineConfig(block_size=8))
+    fused = engine.runner.fused
+    assert fused is not None
+    fused.cache.k.zero_()  # uninitialized memory may hold NaNs, which would not compare equal
+    fused.cache.v.zero_()
+    return fused
+
+
+def _decode(fused, slot: int, block: int, length: int = 4):
+    ids, positions, inv_freq = torch.tensor([1]), torch.tensor([length - 1]), torch.ones(1, fused.config.head_dim // 2)
+    table = torch.tensor([[block]], dtype=torch.int32)
+    rows = torch.tensor([0], dtype=torch.int32), torch.tensor([length], dtype=torch.int32)
+    return fused.hidden_states(ids, positions, inv_freq, torch.tensor([slot]), table, *rows)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("slot", "block", "named"),
+    [
+        (-1, 0, "a slot outside the cache"),
+        (10**6, 0, "a slot outside the cache"),
+        (3, 10**6, "a block id outside the cache"),  # a good slot: once written before the table was checked
+        (3, -1, "a block id outside the cache"),
+    ],
+)
+def test_fused_decode_refuses_an_index_outside_the_cache_before_writing(slot, block, named, monkeypatch) -> None:
+    fused = _fused_decoder(monkeypatch)
+    slots_in_cache = fused.cache.k.shape[1] * fused.cache.block_size
+    assert slot >= slots_in_cache or slot < 0 or block != 0
+    with pytest.raises(ValueError, match=f"fused decode: {named}"):
+        _decode(fused, slot, block)
+    assert not fused.cache.k.any() and not fused.cache.v.any()  # nothing written, in any layer
+    _decode(fused, 3, 0)  # and a good index is written
+    assert fused.cache.k.flatten(1, 2)[:, 3].any() and fused.cache.v.flatten(1, 2)[:, 3].any()
+
+
+@needs_native
+def test_fused_decode_refuses_small_buffers_and_malformed_layers(monkeypatch) -> None:
+    fused = _fused_decoder(monkeypatch)
+    fused._buffers(1)
+    fused.work = fused.work[:-1]  # a byte short of what the library asked for
+    with pytest.raises(ValueError, match="fused decode: a work or scratch buffer smaller than the kernel needs"):
+        _decode(fused, 3, 0)
+    fused.max_rows = 0
+    fused._buffers(1)
+    fused.layers[1].down.parts = fused.lib.max_parts + 1
+    with pytest.raises(ValueError, match="fused decode: a layer's linear with no parts, too many"):
+        _decode(fused, 3, 0)
+    assert not fused.cache.k.any() and not fused.cache.v.any()
+
+
+def _prototypes() -> dict[str, int]:
+    """csrc/minicpm.h's functions: name -> number of parameters."""
+    header = (cpu_kernels.CSRC / "minicpm.h").read_text()
+    header = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
+    found = {}
+    for name, params in re.findall(r"^\w[\w\s\*]*?\b(minicpm_\w+)\(([^)]*)\);", header, flags=re.M):
+        params = params.strip()
+        found[name] = 0 if params in ("", "void") else params.count(",") + 1
+    return found
+
+
+def test_the_signature_table_declares_every_header_function_with_its_arity() -> None:
+    declared = {name: len(args) for name, (_, args) in cpu_kernels._SIGNATURES.items()}
+    assert declared == _prototypes()
+    assert len(declared) >= 12
+    sources = [(cpu_kernels.CSRC / name).read_text() for name in cpu_kernels.SOURCES]
+    assert all('#include "minicpm.h"' in text for text in sources)
+    for name in declared:  # declared in the header only: a .c file defines it, never re-declares it
+        assert not any(re.search(rf"^\w[^\n;{{]*\b{name}\([^;{{]*\);", t, flags=re.M) for t in sources), name
+
+
+@needs_native
+def test_a_library_of_another_interface_is_refused_with_one_warning(monkeypatch, caplog) -> None:
+    path = cpu_kernels._build()
+    monkeypatch.setattr(cpu_kernels, "ABI_VERSION", cpu_kernels.ABI_VERSION + 1)
+    with pytest.raises(cpu_kernels.ABIMismatchError, match="ABI version"):
+        cpu_kernels._load(path)
+    monkeypatch.undo()
+    real = cpu_kernels._structs
+    monkeypatch.setattr(cpu_kernels, "_structs", lambda max_parts: real(max_parts + 1))  # a struct of another size
+    with pytest.raises(cpu_kernels.ABIMismatchError, match=r"Linear is .* bytes, here"):
+        cpu_kernels._load(path)
+    native_kernels.cache_clear()
+    try:
+        assert native_kernels() is None
+        assert "Linear is" in caplog.text and "Linear is" in cpu_kernels.build_failure
+    finally:
+        monkeypatch.undo()
+        native_kernels.cache_clear()
+    assert native_kernels() is not None
+
+
+_LOAD = "from minicpm.engine.cpu_kernels import native_kernels; assert native_kernels() is not None"
+
+
+def _logging_compiler(tmp_path: Path) -> tuple[Path, Path]:
+    """A compiler that logs each call's arguments, then runs gcc at -O0 (fast to build, loads the
+    same); with ``SLOW_CC`` set, a compile touches ``started`` and sleeps instead of finishing."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    log, cc = tmp_path / "cc.log", tmp_path / "cc"
+    cc.write_text(
+        f'#!/bin/bash\necho "$*" >> {log}\n'
+        f'if [[ -n "$SLOW_CC" && " $* " == *" -c "* ]]; then touch {tmp_path}/started; sleep 60; fi\n'
+        f'[[ " $* " == *" -c "* ]] && sleep 1\nexec {gcc} "${{@/-O3/-O0}}"\n'
+    )
+    cc.chmod(0o755)
+    return cc, log
+
+
+def _env(tmp_path: Path, cc: Path, **extra: str) -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, MINICPM_CACHE=str(tmp_path / "cache"), CC=str(cc), PYTHONPATH=path, **extra)
+
+
+@needs_native
+def test_concurrent_first_builds_compile_once_and_both_load(tmp_path) -> None:
+    cc, log = _logging_compiler(tmp_path)
+    env = _env(tmp_path, cc)
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD], env=env, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    calls = log.read_text().splitlines()
+    assert sum(" -c " in f" {c} " for c in calls) == len(cpu_kernels.SOURCES)  # each source compiled once
+    assert sum("-shared" in c for c in calls) == 1
+    assert len(list((tmp_path / "cache" / "kernels").glob("*.so"))) == 1
+
+
+@needs_native
+def test_a_build_killed_mid_compile_leaves_nothing_after_the_next(tmp_path) -> None:
+    cc, _ = _logging_compiler(tmp_path)
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _LOAD], env=_env(tmp_path, cc, SLOW_CC="1"), start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists():
+            assert killed.poll() is None and time.monotonic() < deadline, "the build never reached the compiler"
+            time.sleep(0.1)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    kernels = tmp_path / "cache" / "kernels"
+    assert any(p.is_dir() for p in kernels.iterdir())  # the killed build's directory, left for the next
+    done = subprocess.run([sys.executable, "-c", _LOAD], env=_env(tmp_path, cc), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    left = sorted(p.name for p in kernels.iterdir())
+    assert len(left) == 2 and left[0] == ".build.lock" and left[1].endswith(".so"), left

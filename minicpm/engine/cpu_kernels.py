@@ -7,10 +7,17 @@ Contract:
 * :func:`native_kernels` builds the C source with the system's C compiler (``$CC``, else ``cc``)
   at ``-O3 -march=native -fopenmp`` into ``$MINICPM_CACHE/kernels/`` (default ``~/.cache/minicpm``),
   keyed by the source, the compiler's version and this CPU's flags, so a second start loads it in
-  milliseconds. The build writes to a temporary name and renames, so concurrent processes never
-  load half a library. Where there is no compiler, the build fails or ``MINICPM_CPU_KERNELS=off``,
-  it returns None (after one warning for a failure) and callers use their torch path; a full disk
-  or quota under the kernel cache is an ``OSError`` naming it (the user's to fix, not a slower run).
+  milliseconds. One process builds at a time (``fcntl.flock`` on ``kernels/.build.lock``; the others
+  wait, then load its library), in a directory of its own that the next build removes should this
+  one be killed, and renames the library into place, so no process loads half a library. Where there
+  is no compiler, the build fails, the library speaks another interface, or ``MINICPM_CPU_KERNELS=off``,
+  it returns None (after one warning for a failure, its reason in :data:`build_failure`) and callers
+  use their torch path; a full disk or quota under the kernel cache is an ``OSError`` naming it (the
+  user's to fix, not a slower run).
+* The interface is ``csrc/minicpm.h``: at load the library's ABI version, struct sizes and shared
+  constants must match this module's (:data:`ABI_VERSION`, :func:`_structs`, :data:`PANEL`), and
+  every function is declared from one table (:data:`_SIGNATURES`). The kernels check every index
+  (slots, rows, block ids) and buffer size before any write; a refusal is a ``ValueError`` naming it.
 * The library links the OpenMP runtime by soname, so inside a torch process it shares torch's
   (torch's own ``libgomp.so.1`` is already loaded): the kernel's threads are torch's, and
   ``torch.set_num_threads`` governs both.
@@ -23,6 +30,7 @@ Contract:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -52,17 +60,93 @@ SOURCES = {
     "linear.c": [],
     # the fused decode layers: no contraction either, so products and sums round as torch's operators
     "decode.c": ["-ffp-contract=off"],
+    # the interface's identity: version, struct sizes, shared constants
+    "abi.c": [],
 }
 _COMMON_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-Wall", "-Wno-psabi", "-ffp-contract=fast"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_REFUSALS = {
+_REFUSALS = {  # csrc/minicpm.h's refusal codes
     -1: "more than 64 query heads per kv head",
+    -2: "a dtype the kernel was not built for",
     -3: "out of memory for the kernel's scratch",
     -4: "a row_seq entry is not a row of block_tables",
     -5: "a row_len entry is below 1 or beyond the table width times block_size",
     -6: "a block id outside the cache",
-    -7: "head_dim not a multiple of 64",
+    -7: "a head_dim the kernel does not serve (prefill: a multiple of 64; fused decode: even, at most 512)",
+    -8: "a slot outside the cache",
+    -9: "a work or scratch buffer smaller than the kernel needs",
+    -10: "a layer's linear with no parts, too many, or columns outside its output",
+    -11: "a size below 1, or a cache layer smaller than its blocks",
 }
+
+ABI_VERSION = 2  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
+
+_V, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+# Every exported function of csrc/minicpm.h: name -> (result type, ((argument, type), ...)), applied
+# once at load. Pointers are c_void_p (callers pass data_ptr()); the names say what each points to.
+# fmt: off
+_SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
+    "minicpm_abi_version": (_I, ()),
+    "minicpm_struct_size": (_I64, (("which", _I),)),
+    "minicpm_constant": (_I, (("which", _I),)),
+    "minicpm_linear": (
+        None,
+        (
+            ("wtype", _I), ("xtype", _I), ("x", _V), ("x_stride", _I64), ("packed", _V), ("scales_f32", _V),
+            ("mins_f32", _V), ("group", _I), ("m", _I), ("n", _I), ("k", _I), ("y", _V), ("y_stride", _I64),
+            ("scratch_f32", _V), ("prefill", _I),
+        ),
+    ),
+    "minicpm_pack_int4_panels": (None, (("q_u8", _V), ("n", _I), ("k", _I), ("out_u8", _V))),
+    "minicpm_gguf_decode": (
+        _I,
+        (("kind", _I), ("blocks_u8", _V), ("count", _I64), ("codes", _V), ("scales_f32", _V), ("mins_f32", _V)),
+    ),
+    "minicpm_paged_attention": (
+        _I,
+        (
+            ("dtype", _I), ("q", _V), ("q_stride", _I64), ("k_cache", _V), ("v_cache", _V), ("num_blocks", _I64),
+            ("tables_i32", _V), ("seqs", _I), ("width", _I), ("row_seq_i32", _V), ("row_len_i32", _V),
+            ("rows", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("block_size", _I), ("scale", _F),
+            ("out", _V),
+        ),
+    ),
+    "minicpm_paged_prefill_available": (_I, (("dtype", _I),)),
+    "minicpm_paged_prefill": (
+        _I,
+        (
+            ("dtype", _I), ("q", _V), ("q_stride", _I64), ("k_cache", _V), ("v_cache", _V), ("num_blocks", _I64),
+            ("table_i32", _V), ("width", _I), ("past", _I), ("m", _I), ("heads", _I), ("kv_heads", _I),
+            ("head_dim", _I), ("block_size", _I), ("scale", _F), ("out", _V),
+        ),
+    ),
+    "minicpm_check_rows": (
+        _I,
+        (
+            ("num_blocks", _I64), ("tables_i32", _V), ("seqs", _I), ("width", _I), ("row_seq_i32", _V),
+            ("row_len_i32", _V), ("rows", _I), ("block_size", _I),
+        ),
+    ),
+    "minicpm_decode_buffer_bytes": (
+        None,
+        (
+            ("xtype", _I), ("m", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I),
+            ("inter", _I), ("sizes_i64x2", _V),
+        ),
+    ),
+    "minicpm_decode_layers": (
+        _I,
+        (
+            ("xtype", _I), ("m", _I), ("n_layers", _I), ("layers", _V), ("h", _V), ("cos_f32", _V),
+            ("sin_signed_f32", _V), ("slots_i64", _V), ("k_cache", _V), ("v_cache", _V), ("layer_stride", _I64),
+            ("num_blocks", _I64), ("tables_i32", _V), ("seqs", _I), ("width", _I), ("row_seq_i32", _V),
+            ("row_len_i32", _V), ("block_size", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I),
+            ("head_dim", _I), ("inter", _I), ("eps", _F), ("residual_scale", _F), ("attn_scale", _F),
+            ("work", _V), ("work_bytes", _I64), ("scratch_f32", _V), ("scratch_bytes", _I64),
+        ),
+    ),
+}
+# fmt: on
 
 
 def _cache_dir() -> Path:
@@ -82,14 +166,20 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
 
 
+_HEADER = "minicpm.h"
+_BUILD_PREFIX = ".build-"  # a build's own directory in the kernel cache, removed when it ends
+
+
 def _build() -> Path:
     """Compile :data:`SOURCES` into one library in the kernel cache (or find it there); raises on
-    any failure."""
+    any failure. One process compiles at a time (a lock file in the cache): a second one waits,
+    then loads what the first built; a build directory left by a killed build is removed by the
+    next one."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [cc, version, " ".join(_COMMON_FLAGS), _cpu_signature()]
+    parts = [cc, version, " ".join(_COMMON_FLAGS), _cpu_signature(), (CSRC / _HEADER).read_text()]
     for name, flags in SOURCES.items():
         parts += [name, " ".join(flags), (CSRC / name).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
@@ -98,15 +188,24 @@ def _build() -> Path:
         return target
     with writing(target.parent):  # a full disk names the kernel cache
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            objects = []
-            for name, flags in SOURCES.items():
-                obj = str(Path(tmp) / f"{Path(name).stem}.o")
-                _run([cc, *_COMMON_FLAGS, *flags, "-c", str(CSRC / name), "-o", obj], cc, name, target.parent)
-                objects.append(obj)
-            library = str(Path(tmp) / "lib.so")
-            _run([cc, "-shared", "-fopenmp", *objects, "-o", library, "-lm"], cc, "the link", target.parent)
-            os.replace(library, target)  # whole or not at all, for a concurrent process
+        with open(target.parent / ".build.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+            if target.exists():  # built by the process we waited for
+                return target
+            for stale in target.parent.glob(f"{_BUILD_PREFIX}*"):  # its builder died holding the lock
+                shutil.rmtree(stale)
+            tmp = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=target.parent))
+            try:
+                objects = []
+                for name, flags in SOURCES.items():
+                    obj = str(tmp / f"{Path(name).stem}.o")
+                    _run([cc, *_COMMON_FLAGS, *flags, "-c", str(CSRC / name), "-o", obj], cc, name, target.parent)
+                    objects.append(obj)
+                library = str(tmp / "lib.so")
+                _run([cc, "-shared", "-fopenmp", *objects, "-o", library, "-lm"], cc, "the link", target.parent)
+                os.replace(library, target)  # whole or not at all, for a process loading without the lock
+            finally:  # (what this leaves, the next build removes)
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -119,63 +218,100 @@ def _run(cmd: list[str], cc: str, what: str, out_dir: Path) -> None:
         raise RuntimeError(f"{cc} failed on {what}:\n{done.stderr.strip()[-2000:]}")
 
 
-@functools.cache
-def native_kernels() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it is switched off or cannot be built here."""
-    if os.environ.get("MINICPM_CPU_KERNELS", "on").lower() in ("off", "0", "false", "no"):
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except OSError as exc:
-        if is_disk_full(exc):  # the user's to fix (and say), not a reason to run slower
-            raise
-        log.warning("native CPU kernels unavailable, using torch's: %s", exc)
-        return None
-    except Exception as exc:  # no compiler, a failed build, an unloadable library: the torch path is used
-        log.warning("native CPU kernels unavailable, using torch's: %s", exc)
-        return None
-    fn = lib.minicpm_paged_attention
-    i32p = ctypes.POINTER(ctypes.c_int32)
-    fn.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        i32p,
-        ctypes.c_int,
-        ctypes.c_int,
-        i32p,
-        i32p,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_float,
-        ctypes.c_void_p,
-    ]
-    fn.restype = ctypes.c_int
-    v, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.minicpm_linear.argtypes = [i, i, v, i64, v, v, v, i, i, i, i, v, i64, v, i]
-    lib.minicpm_linear.restype = None
-    lib.minicpm_paged_prefill.argtypes = [i, v, i64, v, v, i64, v, i, i, i, i, i, i, i, ctypes.c_float, v]
-    lib.minicpm_paged_prefill.restype = ctypes.c_int
-    lib.minicpm_paged_prefill_available.argtypes = [i]
-    lib.minicpm_paged_prefill_available.restype = ctypes.c_int
-    lib.minicpm_pack_int4_panels.argtypes = [v, i, i, v]
-    lib.minicpm_pack_int4_panels.restype = None
-    lib.minicpm_gguf_decode.argtypes = [i, v, i64, v, v, v]
-    lib.minicpm_gguf_decode.restype = ctypes.c_int
-    f = ctypes.c_float
-    lib.minicpm_decode_layers.argtypes = [i, i, i, v, v, v, v, v, v, v, i64, i64, v, i, i, v, v, i]
-    lib.minicpm_decode_layers.argtypes += [i, i, i, i, i, f, f, f, v, v]
-    lib.minicpm_decode_layers.restype = ctypes.c_int
+class NativeKernels(ctypes.CDLL):
+    """The loaded library, its functions declared from :data:`_SIGNATURES`, with what it said at
+    load: ``max_parts`` (weights stacked in one fused linear), ``max_head_dim`` (the fused
+    decoder's), and the ctypes structs ``Linear`` and ``Layer`` of csrc/minicpm.h, of the sizes
+    the library measured."""
+
+    max_parts: int
+    max_head_dim: int
+    Linear: type[ctypes.Structure]
+    Layer: type[ctypes.Structure]
+
+
+def _structs(max_parts: int) -> tuple[type[ctypes.Structure], type[ctypes.Structure]]:
+    """csrc/minicpm.h's ``minicpm_linear_t`` and ``minicpm_layer_t`` for ``max_parts`` parts."""
+    ints, pointers = ctypes.c_int * max_parts, ctypes.c_void_p * max_parts
+
+    class Linear(ctypes.Structure):
+        _fields_ = [
+            ("parts", ctypes.c_int),
+            ("wtype", ints),
+            ("group", ints),
+            ("n", ints),
+            ("offset", ints),
+            ("packed", pointers),
+            ("scales", pointers),
+            ("mins", pointers),
+        ]
+
+    class Layer(ctypes.Structure):
+        _fields_ = [
+            ("norm1", ctypes.c_void_p),
+            ("norm2", ctypes.c_void_p),
+            ("qkv", Linear),
+            ("o", Linear),
+            ("gate_up", Linear),
+            ("down", Linear),
+        ]
+
+    return Linear, Layer
+
+
+class ABIMismatchError(RuntimeError):
+    """A kernel library that does not speak this module's interface (csrc/minicpm.h)."""
+
+
+def _load(path: Path) -> NativeKernels:
+    """``path`` loaded, its functions declared and its interface checked; :class:`ABIMismatchError`
+    naming what differs."""
+    lib = NativeKernels(str(path))
+    for name, (restype, args) in _SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise ABIMismatchError(f"{path} has no {name}") from None
+        fn.restype = restype
+        fn.argtypes = [kind for _, kind in args]
+    version = lib.minicpm_abi_version()
+    if version != ABI_VERSION:
+        raise ABIMismatchError(f"{path} has ABI version {version}, this module speaks {ABI_VERSION}")
+    panel, lib.max_parts, lib.max_head_dim = (lib.minicpm_constant(i) for i in range(3))
+    if panel != PANEL or lib.max_parts < 1 or lib.max_head_dim < 2:
+        raise ABIMismatchError(f"{path} has panels of {panel} columns (here {PANEL}), {lib.max_parts} parts at most")
+    lib.Linear, lib.Layer = _structs(lib.max_parts)
+    for which, struct in enumerate((lib.Linear, lib.Layer)):
+        size = lib.minicpm_struct_size(which)
+        if size != ctypes.sizeof(struct):
+            raise ABIMismatchError(f"{path}'s {struct.__name__} is {size} bytes, here {ctypes.sizeof(struct)}")
     return lib
 
 
-PANEL = 32  # output columns per packed panel (csrc/linear.c)
+@functools.cache
+def native_kernels() -> NativeKernels | None:
+    """The compiled kernel library, or None where it is switched off or cannot be built here (no
+    compiler, a failed build, an unloadable library or one of another interface: one warning, and
+    :data:`build_failure` says why)."""
+    global build_failure
+    if os.environ.get("MINICPM_CPU_KERNELS", "on").lower() in ("off", "0", "false", "no"):
+        return None
+    try:
+        return _load(_build())
+    except OSError as exc:
+        if is_disk_full(exc):  # the user's to fix (and say), not a reason to run slower
+            raise
+        build_failure = str(exc)
+    except (RuntimeError, subprocess.SubprocessError) as exc:  # no compiler, a failed build, another ABI
+        build_failure = str(exc)
+    log.warning("native CPU kernels unavailable, using torch's: %s", build_failure)
+    return None
+
+
+build_failure: str | None = None  # why the last native_kernels() returned None though switched on
+
+
+PANEL = 32  # output columns per packed panel: csrc/minicpm.h's MINICPM_PANEL, checked at load
 
 
 def _panel_rows(t: Tensor) -> Tensor:
@@ -343,10 +479,6 @@ def _require(name: str, checks: dict[str, bool]) -> None:
             raise ValueError(f"{name}: {message}")
 
 
-def _int32_pointer(t: Tensor) -> ctypes._Pointer:
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_int32))
-
-
 def paged_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -393,11 +525,11 @@ def paged_attention(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         k_cache.shape[0] // block_size,
-        _int32_pointer(block_tables),
+        block_tables.data_ptr(),
         block_tables.shape[0],
         block_tables.shape[1],
-        _int32_pointer(row_seq),
-        _int32_pointer(row_len),
+        row_seq.data_ptr(),
+        row_len.data_ptr(),
         rows,
         heads,
         kv_heads,

@@ -25,35 +25,8 @@ from torch import Tensor, nn
 
 from ..model import ConcatLinear, MiniCPMForCausalLM, rope_cos_sin, signed_sin
 from .attention import PagedKVCache
-from .cpu_kernels import _DTYPES, native_kernels, panel_format, refusal
+from .cpu_kernels import _DTYPES, NativeKernels, native_kernels, panel_format, refusal
 from .layers import PanelLinear, RowSplitLinear
-
-MAX_PARTS = 3
-_I3, _P3 = ctypes.c_int * MAX_PARTS, ctypes.c_void_p * MAX_PARTS
-
-
-class _Linear(ctypes.Structure):
-    _fields_ = [
-        ("parts", ctypes.c_int),
-        ("wtype", _I3),
-        ("group", _I3),
-        ("n", _I3),
-        ("offset", _I3),
-        ("packed", _P3),
-        ("scales", _P3),
-        ("mins", _P3),
-    ]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        ("norm1", ctypes.c_void_p),
-        ("norm2", ctypes.c_void_p),
-        ("qkv", _Linear),
-        ("o", _Linear),
-        ("gate_up", _Linear),
-        ("down", _Linear),
-    ]
 
 
 def _panels(module: nn.Module) -> list[PanelLinear] | None:
@@ -69,11 +42,13 @@ def _panels(module: nn.Module) -> list[PanelLinear] | None:
     return None
 
 
-def _linear(module: nn.Module) -> _Linear | None:
+def _linear(module: nn.Module, lib: NativeKernels) -> ctypes.Structure | None:
+    """``module`` as the library's ``Linear`` struct, or None where it is not panels the fused
+    decoder takes (or has more parts than the library's ``max_parts``)."""
     panels = _panels(module)
-    if panels is None or len(panels) > MAX_PARTS:
+    if panels is None or len(panels) > lib.max_parts:
         return None
-    out = _Linear(parts=len(panels))
+    out = lib.Linear(parts=len(panels))
     offset = 0
     for i, p in enumerate(panels):
         out.wtype[i], out.group[i] = panel_format(p.packed, p.scales)
@@ -88,12 +63,14 @@ def _linear(module: nn.Module) -> _Linear | None:
 class FusedDecoder:
     """See the module docstring."""
 
-    def __init__(self, model: MiniCPMForCausalLM, cache: PagedKVCache, lib: ctypes.CDLL, layers: ctypes.Array) -> None:
+    def __init__(
+        self, model: MiniCPMForCausalLM, cache: PagedKVCache, lib: NativeKernels, layers: ctypes.Array
+    ) -> None:
         self.model, self.cache, self.lib, self.layers = model, cache, lib, layers
         self.config = model.config
         self.dtype = model.dtype
         self.max_rows = 0
-        self.work = self.scratch = torch.empty(0)
+        self.work = self.scratch = torch.empty(0, dtype=torch.uint8)
 
     @classmethod
     def build(cls, model: MiniCPMForCausalLM, cache: PagedKVCache) -> FusedDecoder | None:
@@ -101,7 +78,7 @@ class FusedDecoder:
         c = model.config
         if lib is None or model.device.type != "cpu" or model.dtype not in _DTYPES:
             return None
-        if c.head_dim % 2 or c.head_dim > 512 or cache.k.dtype != model.dtype:
+        if c.head_dim % 2 or c.head_dim > lib.max_head_dim or cache.k.dtype != model.dtype:
             return None
         specs = []
         for layer in model.model.layers:
@@ -109,26 +86,22 @@ class FusedDecoder:
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
             if any(w.dtype != model.dtype or not w.is_contiguous() for w in norms):
                 return None
-            linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            linears = [_linear(m, lib) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if attn.qkv_proj is None or any(x is None for x in linears):
                 return None
-            specs.append(_Layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears))
-        return cls(model, cache, lib, (_Layer * len(specs))(*specs))
+            specs.append(lib.Layer(norms[0].data_ptr(), norms[1].data_ptr(), *linears))
+        return cls(model, cache, lib, (lib.Layer * len(specs))(*specs))
 
     def _buffers(self, rows: int) -> None:
+        """Work and scratch buffers for ``rows`` rows, of the sizes the library asks for."""
         if rows <= self.max_rows:
             return
         c = self.config
-        heads, kv, d, hidden, inter = (
-            c.num_attention_heads,
-            c.num_key_value_heads,
-            c.head_dim,
-            c.hidden_size,
-            c.intermediate_size,
-        )
-        per_row = 2 * hidden + (heads + 2 * kv) * d + heads * d + 3 * inter
-        self.work = torch.empty(rows * per_row, dtype=self.dtype)
-        self.scratch = torch.empty(rows * max(hidden, inter, heads * d), dtype=torch.float32)
+        sizes = (ctypes.c_int64 * 2)()
+        dims = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size)
+        self.lib.minicpm_decode_buffer_bytes(_DTYPES[self.dtype], rows, *dims, ctypes.addressof(sizes))
+        self.work = torch.empty(sizes[0], dtype=torch.uint8)
+        self.scratch = torch.empty(sizes[1], dtype=torch.uint8)
         self.max_rows = rows
 
     @torch.inference_mode()
@@ -185,7 +158,9 @@ class FusedDecoder:
             c.residual_scale,
             cache.scale,
             self.work.data_ptr(),
+            self.work.numel(),
             self.scratch.data_ptr(),
+            self.scratch.numel(),
         )
         if code != 0:
             raise ValueError(f"fused decode: {refusal(code)}")

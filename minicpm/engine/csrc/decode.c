@@ -24,29 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_PARTS 3
+#include "minicpm.h"
 
-void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
-                    const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch,
-                    int prefill);
-int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
-                            int64_t num_blocks, const int32_t *tables, int seqs, int width,
-                            const int32_t *row_seq, const int32_t *row_len, int rows, int heads, int kv_heads,
-                            int head_dim, int block_size, float scale, void *out);
-
-/* one linear layer: up to MAX_PARTS weights stacked by output, part p writing columns
- * [offset[p], offset[p] + n[p]) */
-typedef struct {
-    int parts;
-    int wtype[MAX_PARTS], group[MAX_PARTS], n[MAX_PARTS], offset[MAX_PARTS];
-    const void *packed[MAX_PARTS];
-    const float *scales[MAX_PARTS], *mins[MAX_PARTS];
-} Linear;
-
-typedef struct {
-    const void *norm1, *norm2; /* activation dtype, hidden */
-    Linear qkv, o, gate_up, down;
-} Layer;
+typedef minicpm_linear_t Linear;
+typedef minicpm_layer_t Layer;
 
 static inline float bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -111,22 +92,69 @@ static void residual(int xtype, void *h, const void *y, int64_t count, float sca
     }
 }
 
+void minicpm_decode_buffer_bytes(int xtype, int m, int hidden, int heads, int kv_heads, int head_dim, int inter,
+                                 int64_t sizes[2]) {
+    const int64_t es = xtype ? 2 : 4, rows = m > 0 ? m : 0;
+    const int64_t per_row = 2 * (int64_t)hidden + (int64_t)(heads + 2 * kv_heads) * head_dim +
+                            (int64_t)heads * head_dim + 3 * (int64_t)inter;
+    int64_t widest = hidden > inter ? hidden : inter;
+    widest = widest > (int64_t)heads * head_dim ? widest : (int64_t)heads * head_dim;
+    sizes[0] = rows * per_row * es;
+    sizes[1] = rows * widest * (int64_t)sizeof(float);
+}
+
+/* 0 where every part of ``l`` (k inputs) is a known weight type, grouped ones in groups dividing
+ * k, writing inside its n_total outputs */
+static int check_linear(const Linear *l, int k, int n_total) {
+    if (l->parts < 1 || l->parts > MINICPM_MAX_PARTS) return MINICPM_BAD_LAYER;
+    for (int p = 0; p < l->parts; p++) {
+        const int grouped = l->wtype[p] == 3 || l->wtype[p] == 4;
+        if (l->wtype[p] < 0 || l->wtype[p] > 4 || l->n[p] < 1 || l->offset[p] < 0 ||
+            (int64_t)l->offset[p] + l->n[p] > n_total || l->packed[p] == NULL)
+            return MINICPM_BAD_LAYER;
+        if ((l->wtype[p] >= 2 && l->scales[p] == NULL) || (grouped && (l->group[p] < 1 || k % l->group[p])))
+            return MINICPM_BAD_LAYER;
+    }
+    return 0;
+}
+
 /* The decoder layers over ``m`` decode rows. h (m, hidden) in and out; cos / sin_signed (m,
  * head_dim) float32 (already rounded to the activation dtype); slots (m) cache slots of the new
  * tokens; k_cache / v_cache the whole cache, ``layer_stride`` elements per layer, each layer
- * (slots, kv_heads, head_dim); tables / row_seq / row_len as paged_attention.c takes them.
- * ``work`` holds m * (2 * hidden + (heads + 2 * kv_heads) * head_dim + heads * head_dim + 3 * inter)
- * activation elements and ``scratch`` m * max(hidden, inter, heads * head_dim) floats.
- * Returns 0, or paged_attention.c's refusal code (before any layer's cache is written for a
- * refused block table, since every layer reads the same one). */
+ * (num_blocks * block_size slots, kv_heads, head_dim); tables / row_seq / row_len as
+ * paged_attention.c takes them. ``work`` (``work_bytes``) and ``scratch`` (``scratch_bytes``) at
+ * least what minicpm_decode_buffer_bytes asks for m rows. Every size, slot, row and block id is
+ * checked before anything is written: returns 0, or the refusal code (minicpm.h) with the cache
+ * and h untouched. */
 int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
                           int64_t layer_stride, int64_t num_blocks, const int32_t *tables, int seqs, int width,
                           const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden, int heads,
                           int kv_heads, int head_dim, int inter, float eps, float residual_scale, float attn_scale,
-                          void *work, float *scratch) {
-    const int es = xtype ? 2 : 4;
+                          void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes) {
+    if (xtype != 0 && xtype != 1) return MINICPM_BAD_DTYPE;
+    if (m <= 0) return 0;
+    if (n_layers < 0 || hidden < 1 || heads < 1 || kv_heads < 1 || inter < 1 || block_size < 1 || num_blocks < 0)
+        return MINICPM_BAD_SHAPE;
+    if (heads % kv_heads != 0 || heads / kv_heads > 64) return MINICPM_BAD_GROUP;
+    if (head_dim < 2 || head_dim % 2 || head_dim > MINICPM_MAX_HEAD_DIM) return MINICPM_BAD_HEAD_DIM;
+    const int64_t slots_in_cache = num_blocks * block_size;
+    if (layer_stride < slots_in_cache * kv_heads * head_dim) return MINICPM_BAD_SHAPE;
+    int64_t need[2];
+    minicpm_decode_buffer_bytes(xtype, m, hidden, heads, kv_heads, head_dim, inter, need);
+    if (work_bytes < need[0] || scratch_bytes < need[1]) return MINICPM_SMALL_BUFFER;
+    for (int r = 0; r < m; r++)
+        if (slots[r] < 0 || slots[r] >= slots_in_cache) return MINICPM_BAD_SLOT;
+    const int rows_ok = minicpm_check_rows(num_blocks, tables, seqs, width, row_seq, row_len, m, block_size);
+    if (rows_ok != 0) return rows_ok;
     const int qkv_n = (heads + 2 * kv_heads) * head_dim, att_n = heads * head_dim, half = head_dim / 2;
+    for (int L = 0; L < n_layers; L++) {
+        const Layer *ly = &layers[L];
+        const int bad = check_linear(&ly->qkv, hidden, qkv_n) | check_linear(&ly->o, att_n, hidden) |
+                        check_linear(&ly->gate_up, hidden, 2 * inter) | check_linear(&ly->down, inter, hidden);
+        if (bad || ly->norm1 == NULL || ly->norm2 == NULL) return MINICPM_BAD_LAYER;
+    }
+    const int es = xtype ? 2 : 4;
     char *x = work, *qkv = x + (int64_t)m * hidden * es, *att = qkv + (int64_t)m * qkv_n * es;
     char *out = att + (int64_t)m * att_n * es, *gu = out + (int64_t)m * hidden * es;
     char *act = gu + (int64_t)m * 2 * inter * es;
@@ -139,7 +167,7 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
             char *row = qkv + (int64_t)r * qkv_n * es;
             const float *c = cos + (int64_t)r * head_dim, *s = sin_signed + (int64_t)r * head_dim;
             for (int hh = 0; hh < heads + kv_heads; hh++) { /* q and k heads: rotate-half */
-                float t[512];
+                float t[MINICPM_MAX_HEAD_DIM];
                 for (int i = 0; i < head_dim; i++) t[i] = get(xtype, row, (int64_t)hh * head_dim + i);
                 for (int i = 0; i < head_dim; i++) {
                     const float a = t[i] * c[i], b = t[i < half ? i + half : i - half] * s[i];

@@ -21,7 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PANEL 32
+#include "minicpm.h"
+
+#define PANEL MINICPM_PANEL
 #define ROWS 12 /* rows per micro-tile: 2 * ROWS accumulators of 16 lanes (24 of 32 AVX-512 registers) */
 
 typedef float v16f __attribute__((vector_size(64)));

@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "minicpm.h"
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -786,6 +788,19 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
 }
 #endif
 
+int minicpm_check_rows(int64_t num_blocks, const int32_t *tables, int seqs, int width, const int32_t *row_seq,
+                       const int32_t *row_len, int rows, int block_size) {
+    if (block_size < 1) return MINICPM_BAD_SHAPE;
+    for (int r = 0; r < rows; r++) { /* every block a row reads must be in the cache */
+        if (row_seq[r] < 0 || row_seq[r] >= seqs) return MINICPM_BAD_ROW_SEQ;
+        if (row_len[r] < 1 || row_len[r] > (int64_t)width * block_size) return MINICPM_BAD_ROW_LEN;
+        const int32_t *table = tables + (int64_t)row_seq[r] * width;
+        for (int b = 0; b * block_size < row_len[r]; b++)
+            if (table[b] < 0 || table[b] >= num_blocks) return MINICPM_BAD_BLOCK;
+    }
+    return 0;
+}
+
 /* Returns 0, or a negative code for arguments it refuses: a group too large (-1), a dtype (-2), no
  * memory (-3), a row's sequence (-4) or length (-5) out of range, a block id outside the cache (-6). */
 int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
@@ -795,13 +810,8 @@ int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const vo
     if (rows <= 0) return 0;
     if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return -1;
     if (dtype != 0 && dtype != 1) return -2;
-    for (int r = 0; r < rows; r++) { /* every block a row reads must be in the cache */
-        if (row_seq[r] < 0 || row_seq[r] >= seqs) return -4;
-        if (row_len[r] < 1 || row_len[r] > (int64_t)width * block_size) return -5;
-        const int32_t *table = tables + (int64_t)row_seq[r] * width;
-        for (int b = 0; b * block_size < row_len[r]; b++)
-            if (table[b] < 0 || table[b] >= num_blocks) return -6;
-    }
+    const int checked = minicpm_check_rows(num_blocks, tables, seqs, width, row_seq, row_len, rows, block_size);
+    if (checked != 0) return checked;
     const args_t a = {q,     kc,       vc,     q_stride,          tables,     row_seq, row_len, width,
                       heads, kv_heads, heads / kv_heads, block_size, scale, out};
     return decode_avx512_serves(dtype, head_dim) ? decode_avx512(dtype, &a, rows, head_dim)
