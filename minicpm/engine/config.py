@@ -4,9 +4,8 @@
 device (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``) default to None, "per
 device", and the engine resolves them (:meth:`EngineConfig.resolved`): on CUDA blocks of 64
 tokens, 64 sequences and 8192-token steps; on CPU blocks of 128, 16 and 512 (a CPU reads a block
-placed anywhere slower the smaller it is: the default model's 64-token bfloat16 blocks, 24 KiB of
-keys, cost decode 17% more shuffled than in order, 128-token ones 9%). So a GPU user who sets only
-the KV budget gets GPU-sized batches and chunks.
+placed anywhere slower the smaller it is; docs/engine.md has the measurements). So a GPU user who
+sets only the KV budget gets GPU-sized batches and chunks.
 The KV budget is per device too: on CUDA from ``gpu_memory_utilization``, on CPU a byte budget
 (``kv_cache_memory``; default a quarter of the available memory, at most 4 GiB); CUDA graphs on
 CUDA, eager steps on CPU.

@@ -13,7 +13,7 @@ Contract:
   attention kernels. The two reductions it computes itself (RMSNorm's mean of squares, silu's exp)
   may differ from torch's in the last bit of float32.
 * A row's result does not depend on the other rows (each kernel computes rows independently), and
-  the per-operator cost of ~30 layers x 15 torch calls becomes one call.
+  the per-operator cost of every layer's torch calls becomes one call.
 """
 
 from __future__ import annotations

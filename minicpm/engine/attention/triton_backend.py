@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def triton_available() -> bool:
-    """Whether the Triton kernels can run (imported on first need: 0.2 s of start-up otherwise)."""
+    """Whether the Triton kernels can run (triton is imported on first need, not at start-up)."""
     try:
         from ..triton_attention import TRITON_AVAILABLE
     except ImportError:  # pragma: no cover - the module guards its own import of triton
