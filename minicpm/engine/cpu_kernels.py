@@ -449,7 +449,7 @@ def advise_huge_pages(t: Tensor) -> bool:
     """Ask Linux to back the 2 MiB-aligned interior of CPU tensor ``t`` with transparent huge pages
     (``madvise(MADV_HUGEPAGE)``); call it before the memory is first touched. Decode attention
     streams a sequence's scattered blocks, and 4 KiB pages cost it a TLB miss every page (see
-    docs/kernels.md). Returns False
+    docs/engine.md). Returns False
     where nothing was advised (not Linux, too small, refused); memory use then follows 4 KiB pages
     as before."""
     if not sys.platform.startswith("linux") or t.device.type != "cpu":
