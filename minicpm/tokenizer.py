@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 # ChatML exactly as the MiniCPM-2B-128k card gives it: <|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -72,7 +74,7 @@ def clean_text(text: str) -> str:
     return "".join(out)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """Tokenizer files are missing or malformed, or a chat cannot be rendered."""
 
 

@@ -48,6 +48,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import MiniCPMConfig
+from .errors import UserError
 from .fileio import write_text_atomic, writing
 from .quant import (
     FORMATS,
@@ -74,7 +75,7 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """The checkpoint's files or tensors don't match what the config describes."""
 
 
@@ -381,7 +382,7 @@ DTYPE_NAMES = {
 
 def dtype_by_name(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[name]
 
 
@@ -616,7 +617,7 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     check_quantize(quantize, group_size)
     if quantize in ("int8", "int4") and device.type != "cpu":
-        raise ValueError(f"quantize={quantize!r} runs on the CPU; the model is to load on {device}")
+        raise UserError(f"quantize={quantize!r} runs on the CPU; the model is to load on {device}")
     checkpoint = open_checkpoint(path)
     config = checkpoint.config
     if device.type != "cpu":

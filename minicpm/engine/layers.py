@@ -35,6 +35,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..model import MiniCPMForCausalLM
 from ..quant import FORMATS as QUANTIZED
 from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, linear_slots, quantize_model
@@ -172,7 +173,7 @@ def linear_candidates(dtype: torch.dtype) -> list[str]:
     wanted = os.environ.get("MINICPM_CPU_LINEAR", "auto").lower()
     if wanted != "auto":
         if wanted not in ("panel", "onednn", "blas"):
-            raise ValueError(f"MINICPM_CPU_LINEAR must be panel, onednn, blas or auto, got {wanted!r}")
+            raise UserError(f"MINICPM_CPU_LINEAR must be panel, onednn, blas or auto, got {wanted!r}")
         found = [c for c in found if c.split("-")[0] == wanted] or found
     return found
 
@@ -244,10 +245,10 @@ def prepare_model(
     if quantize in QUANTIZED or (quantize == "auto" and quantized):
         where = f"quantize={quantize!r}" if quantize != "auto" else "this model's quantized weights"
         if model.device.type != "cpu":
-            raise ValueError(f"{where} run on the CPU; the model is on {model.device}")
+            raise UserError(f"{where} run on the CPU; the model is on {model.device}")
         if native_kernels() is None:
             if quantize != "auto":
-                raise ValueError(f"{where} need the native CPU kernels, which could not be built here")
+                raise UserError(f"{where} need the native CPU kernels, which could not be built here")
             log.warning("no native CPU kernels here: the quantized weights are dequantized to %s", model.dtype)
             quantize = "none"
     quantize_model(model, quantize, group_size)

@@ -41,6 +41,7 @@ import logging
 import uuid
 from collections.abc import Sequence as Seq
 
+from ..errors import UserError
 from ..model import MiniCPMForCausalLM
 from ..plan import format_bytes
 from ..sampling import SamplingParams
@@ -165,7 +166,7 @@ class LLMEngine:
     def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: give the prompt as token ids")
+                raise UserError("this engine has no tokenizer: give the prompt as token ids")
             at_least = self.tokenizer.min_tokens(len(prompt))
             if at_least >= self.max_model_len:  # refused before tokenizing it whole
                 raise self._too_long(f"{len(prompt):,} characters, at least {at_least:,} tokens")
@@ -173,27 +174,27 @@ class LLMEngine:
         else:
             ids = [int(i) for i in prompt]
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise UserError("the prompt is empty")
         vocab = self.model_config.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+            raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
         if len(ids) >= self.max_model_len:
             raise self._too_long(f"{len(ids)} tokens")
         return ids
 
-    def _too_long(self, size: str) -> ValueError:
+    def _too_long(self, size: str) -> UserError:
         """The error for a prompt of ``size`` that leaves no room for an answer."""
         context = self.model_config.context_length
         if self.max_model_len < context and self.max_model_len == self.kv_capacity:
             per_token = self.runner.bytes_per_block // self.config.block_size
             total = format_bytes(self.kv_capacity * per_token)
-            return ValueError(
+            return UserError(
                 f"the prompt is {size}; the KV cache holds {self.kv_capacity} tokens "
                 f"({total} at {format_bytes(per_token)} per token; the model's "
                 f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
             )
-        return ValueError(
+        return UserError(
             f"the prompt is {size}; the model's context is {self.max_model_len} tokens, "
             "which leaves no room for an answer"
         )
@@ -204,7 +205,7 @@ class LLMEngine:
         """Validate and tokenize; touches no engine state (safe from any thread)."""
         params = params or SamplingParams()
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+            raise UserError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         ids = self.encode_prompt(prompt)
         config = self.model_config
         seq = Sequence(
@@ -221,7 +222,7 @@ class LLMEngine:
 
     def add(self, request: Request) -> str:
         if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in flight")
+            raise UserError(f"request id {request.request_id!r} is already in flight")
         self.requests[request.request_id] = request
         self.scheduler.add(request.seq)
         self.num_prompt_tokens += request.seq.num_prompt_tokens
