@@ -581,7 +581,7 @@ def convert_gguf(
     check_destination(Path(dst))
     try:
         reader = GGUFReader(str(src))
-    except Exception as exc:
+    except (ValueError, LookupError) as exc:  # bad magic or fields, a file cut short (an OSError propagates)
         raise ConversionError(f"{src} is not a readable GGUF file: {exc}") from None
     raw_config = gguf_config(reader)
     config = MiniCPMConfig.from_dict(raw_config)

@@ -37,6 +37,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import struct
 import sys
 from collections.abc import Iterable, Iterator
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import MiniCPMConfig
@@ -289,7 +290,7 @@ def _safetensors_entries(file: Path) -> list[StoredTensor]:
     try:  # safetensors' own checks of the header against the file's size
         with safe_open(str(file), framework="pt"):
             pass
-    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
+    except SafetensorError as exc:  # its own error for a bad header or size (not an OSError)
         raise _broken(file, exc) from None
     try:
         with open(file, "rb") as f:
@@ -322,6 +323,12 @@ def _unreadable(file: Path, exc: Exception) -> CheckpointError:
     )
 
 
+# What torch.load raises on a file that is not a (weights-only) checkpoint, besides its RuntimeError
+# for a broken zip archive: a bad pickle, one cut short, a refused global. An OSError (a file that
+# cannot be read) propagates as it is.
+TORCH_LOAD_FAILURES: tuple[type[Exception], ...] = (pickle.UnpicklingError, EOFError, ValueError, struct.error)
+
+
 def _torch_load(file: Path) -> tuple[object, bool]:
     """A torch pickle's contents, mapped from the file where it allows (the bool says so)."""
     try:
@@ -329,11 +336,11 @@ def _torch_load(file: Path) -> tuple[object, bool]:
     except RuntimeError as exc:
         if "mmap" not in str(exc):  # legacy (non-zip) files can't be mapped; read them whole
             raise _unreadable(file, exc) from None
-    except Exception as exc:
+    except TORCH_LOAD_FAILURES as exc:
         raise _unreadable(file, exc) from None
     try:
         return torch.load(file, map_location="cpu", weights_only=True), False
-    except Exception as exc:
+    except (RuntimeError, *TORCH_LOAD_FAILURES) as exc:
         raise _unreadable(file, exc) from None
 
 

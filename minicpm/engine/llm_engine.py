@@ -151,6 +151,7 @@ class LLMEngine:
         self.runner.sampler.set_tokenizer(tokenizer, sorted(base))
         self.num_steps = 0
         self.num_prompt_tokens = 0
+        self.num_request_errors = 0  # requests ended by an error while finishing a token (logged each)
 
     @property
     def device(self):
@@ -269,8 +270,10 @@ class LLMEngine:
         return outputs
 
     def _fail(self, request: Request, exc: Exception) -> RequestOutput:
-        """End ``request`` with finish_reason "error" (its blocks freed, its state dropped)."""
+        """End ``request`` with finish_reason "error" (its blocks freed, its state dropped); logged
+        with its traceback and counted in :meth:`stats` (``request_errors``)."""
         log.exception("request %s failed while finishing its token", request.request_id)
+        self.num_request_errors += 1
         seq = request.seq
         if not seq.is_finished:
             self.scheduler.finish(seq, "error")
@@ -398,6 +401,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.num_steps,
             "prompt_tokens": self.num_prompt_tokens,
+            "request_errors": self.num_request_errors,
             "cached_prompt_tokens": self.scheduler.num_cached_tokens,
         }
 
