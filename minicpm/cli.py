@@ -4,8 +4,10 @@ Contract:
 
 * Each subcommand parses and validates all its flags before it loads anything (a typo never
   costs a model load), calls the library, prints its result to stdout and exits 0.
-* Every user mistake or bad file (a flag, a config field, a checkpoint, a prompt) is one
-  ``minicpm: error: ...`` line on stderr naming it, with exit status 2 and no traceback.
+* Every user mistake or bad file (a flag, a config field, a checkpoint, a prompt: a
+  :class:`~minicpm.errors.UserError`, or an ``OSError`` on a file) is one ``minicpm: error: ...``
+  line on stderr naming it, with exit status 2 and no traceback. Any other exception is a bug:
+  it propagates, with its traceback (exit 1).
 * Ctrl-C and SIGTERM (and SIGHUP) unwind cleanly: a conversion in progress leaves nothing
   behind, and the process exits 130 (SIGINT) or 128 + the signal number, without a traceback.
 * ``minicpm --help`` answers at once: torch and the model code are imported only by the
@@ -31,9 +33,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .errors import UserError
 from .sampling import CARD_DEFAULTS, CHAT_DEFAULTS, GENERATION_FIELDS, SEED_LIMIT, with_defaults
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OSError)
 # Library settings -> the flag that sets them, so a library error names what the user typed.
 FLAG_FOR = {
     "max_new_tokens": "--max-new-tokens",
@@ -153,28 +155,29 @@ def _check_device(device: str | None) -> str:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-            raise ValueError(
+            raise UserError(
                 f"--device {device}: no CUDA device is available (torch {torch.__version__}, {build}); use --device cpu"
             )
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 @contextlib.contextmanager
 def _naming_flags() -> Iterator[None]:
-    """Re-raise a library ValueError about a setting with the flag's name in it."""
+    """Re-raise a library :class:`UserError` about a setting with the flag's name in it; any other
+    error propagates as it is."""
     try:
         yield
-    except ValueError as exc:
+    except UserError as exc:
         message = str(exc)
         for field, flag in FLAG_FOR.items():
             message = re.sub(rf"((sampling parameter|engine setting) )?'{field}'", flag, message)
         message = message.replace("kv_cache_memory=", "--kv-cache-gib ").replace(
             "give the engine more KV memory", "give the engine more KV memory (--kv-cache-gib)"
         )
-        raise ValueError(message) from None
+        raise UserError(message) from None
 
 
 def _engine_config(args: argparse.Namespace, device: str) -> Any:
@@ -289,9 +292,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             src, args.dst, args.dtype, shard, quantize=args.quantize or "auto", group_size=args.group_size
         )
     elif not src.exists():
-        raise ValueError(f"{src} does not exist (expected a .gguf file or a checkpoint directory)")
+        raise UserError(f"{src} does not exist (expected a .gguf file or a checkpoint directory)")
     else:
-        raise ValueError(f"{src} is a file but not a .gguf file; give a .gguf file or a checkpoint directory")
+        raise UserError(f"{src} is a file but not a .gguf file; give a .gguf file or a checkpoint directory")
     print(f"wrote {out}")
     return 0
 
@@ -306,7 +309,7 @@ def _prepare(args: argparse.Namespace, **extra: object) -> tuple[Any, Any]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
-        raise ValueError("--prompt is empty")
+        raise UserError("--prompt is empty")
     llm, params = _prepare(args, ignore_eos=args.ignore_eos)
     with _ctrl_c_cancels() as cancel:
         _write_stream(llm.stream(args.prompt, params, cancel=cancel))
@@ -316,7 +319,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
-        raise ValueError("--prompt is empty")
+        raise UserError("--prompt is empty")
     llm, params = _prepare(args)
     import dataclasses
 
@@ -409,7 +412,7 @@ def _interactive(llm: Any, params: Any, system: str | None) -> int:
             try:
                 with _ctrl_c_cancels() as cancel:
                     _write_stream(llm.chat_stream(query, history, system, params, cancel=cancel))
-            except ValueError as exc:  # e.g. the conversation outgrew the context: keep the session
+            except UserError as exc:  # e.g. the conversation outgrew the context: keep the session
                 print(f"minicpm: error: {exc}", file=sys.stderr)
                 continue
             except KeyboardInterrupt:  # a second Ctrl-C inside a step: the turn is dropped, the session stays
@@ -454,7 +457,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             template = Path(args.chat_template).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ValueError(f"--chat-template {args.chat_template}: {exc.strerror}") from None
+            raise UserError(f"--chat-template {args.chat_template}: {exc.strerror}") from None
         from .tokenizer import compile_template
 
         compile_template(template)  # a template that does not compile fails now
@@ -778,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"minicpm: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"minicpm: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 ROPE_TYPES = ("none", "linear", "dynamic")
 
 # MiniCPM-2B-128k's config.json as OpenBMB publishes it (openbmb/MiniCPM-2B-128k on Hugging Face): the exact
@@ -58,7 +60,7 @@ MINICPM_2B_128K: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json field is missing, malformed or unsupported; the message names it."""
 
 

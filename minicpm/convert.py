@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from .config import MiniCPMConfig
+from .errors import UserError
 from .quant import GGUF_TYPES, QuantizedLinear, check_quantize, from_gguf, quantize_weight
 from .weights import (
     check_tensors,
@@ -94,7 +95,7 @@ def _written_names(blocks: dict[str, str | None]) -> list[str]:
     return [s for n, kind in blocks.items() for s in ([gguf_name(n, kind)] if kind else stored_names(n))]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The source can't be converted; the message says what is wrong with it."""
 
 
@@ -580,7 +581,7 @@ def convert_gguf(
     check_destination(Path(dst))
     try:
         reader = GGUFReader(str(src))
-    except Exception as exc:
+    except (ValueError, LookupError) as exc:  # bad magic or fields, a file cut short (an OSError propagates)
         raise ConversionError(f"{src} is not a readable GGUF file: {exc}") from None
     raw_config = gguf_config(reader)
     config = MiniCPMConfig.from_dict(raw_config)

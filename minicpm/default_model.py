@@ -24,6 +24,8 @@ import os
 import time
 from pathlib import Path
 
+from .errors import UserError
+
 log = logging.getLogger("minicpm")
 # SmolLM2-Instruct's model card recommends these (the GGUF carries no generation config)
 SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
@@ -103,7 +105,7 @@ def resolve_model_path(path: str | Path | None) -> Path:
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and ggufs:
-            raise ValueError(f"{path} has no config.json but holds a GGUF file: give the file, e.g. --model {ggufs[0]}")
+            raise UserError(f"{path} has no config.json but holds a GGUF file: give the file, e.g. --model {ggufs[0]}")
         return path
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -112,10 +114,10 @@ def resolve_model_path(path: str | Path | None) -> Path:
             key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|quantized"
             key = hashlib.sha256(key.encode()).hexdigest()[:12]
             return _converted_once(path, cache_root() / "gguf" / f"{path.stem}-{key}", str(path))
-        raise ValueError(
+        raise UserError(
             f"{path} is a file; give the checkpoint directory that holds config.json and the weights"
             + (f" ({path.parent})" if path.name in ("config.json", "model.safetensors", "pytorch_model.bin") else "")
         )
     if path.suffix.lower() == ".gguf":
-        raise ValueError(f"GGUF file {path} does not exist")
-    raise ValueError(f"checkpoint directory {path} does not exist")
+        raise UserError(f"GGUF file {path} does not exist")
+    raise UserError(f"checkpoint directory {path} does not exist")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .config import MiniCPMConfig
+from .errors import UserError
 from .weights import dtype_by_name, expected_shapes
 
 FULL_CONTEXT = 131072  # "128k": MiniCPM-2B-128k's max_length
@@ -77,7 +78,7 @@ class MemoryPlan:
 def resolve_plan_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
-            raise ValueError(f"dtype {dtype} is not a floating-point dtype")
+            raise UserError(f"dtype {dtype} is not a floating-point dtype")
         return dtype
     return dtype_by_name(dtype)
 
@@ -118,7 +119,7 @@ def estimate_activation_reserve(
     * a fixed :data:`WORKSPACE_BYTES` for GEMM workspaces and allocator slack.
     """
     if context <= 0:
-        raise ValueError(f"context must be a positive number of tokens, got {context}")
+        raise UserError(f"context must be a positive number of tokens, got {context}")
     b = resolve_plan_dtype(dtype).itemsize
     c = min(prefill_chunk, context)
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
@@ -140,14 +141,14 @@ def available_memory(device: str | torch.device) -> tuple[int, str]:
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("CUDA is not available here; pass --memory GiB or --device cpu")
+            raise UserError("CUDA is not available here; pass --memory GiB or --device cpu")
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * CUDA_UTILIZATION), f"cuda free memory x {CUDA_UTILIZATION}"
     if device.type != "cpu":
-        raise ValueError(f"cannot measure the memory of device {device}; pass --memory GiB")
+        raise UserError(f"cannot measure the memory of device {device}; pass --memory GiB")
     found = available_cpu_memory()
     if found is None:
-        raise ValueError("cannot measure the available memory here; pass --memory GiB")
+        raise UserError("cannot measure the available memory here; pass --memory GiB")
     return found
 
 
@@ -185,12 +186,12 @@ def plan_memory(
     ``activation_reserve_bytes`` overrides :func:`estimate_activation_reserve`.
     """
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
-        raise ValueError(f"context must be a positive number of tokens, got {context!r}")
+        raise UserError(f"context must be a positive number of tokens, got {context!r}")
     if memory_bytes is not None and (isinstance(memory_bytes, bool) or memory_bytes <= 0):
-        raise ValueError(f"memory must be a positive number of bytes, got {memory_bytes!r}")
+        raise UserError(f"memory must be a positive number of bytes, got {memory_bytes!r}")
     for name, value in (("weight_bytes", weight_bytes), ("activation_reserve_bytes", activation_reserve_bytes)):
         if value is not None and value < 0:
-            raise ValueError(f"{name} must not be negative, got {value!r}")
+            raise UserError(f"{name} must not be negative, got {value!r}")
     torch_dtype = resolve_plan_dtype(dtype)
     b = torch_dtype.itemsize
     parameters = parameter_count(config)

@@ -36,25 +36,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UserError
+
 FORMATS = ("int8", "int4")
 CHUNK = 1 << 22  # weights quantized, dequantized or decoded at a time (a few ops each: few thread joins)
 GROUPS = {"int8": (16, 32, 64, 128), "int4": (32, 64, 128)}  # int8 also takes one group per row
 QUANTIZE_CHOICES = ("auto", "none", *FORMATS)  # what a loader or the engine is told to run
 
 
-class UnmappableQuantizationError(ValueError):
+class UnmappableQuantizationError(UserError):
     """A stored quantized type this project cannot hold as it is."""
 
 
 def check_quantize(quantize: str, group_size: int | None = None) -> None:
-    """Raise ``ValueError`` naming a bad ``quantize`` / ``group_size`` pair."""
+    """Raise ``UserError`` naming a bad ``quantize`` / ``group_size`` pair."""
     if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+        raise UserError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     if group_size is not None:
         if quantize not in FORMATS:
-            raise ValueError(f"a group size applies to quantize int8 or int4, not {quantize!r}")
+            raise UserError(f"a group size applies to quantize int8 or int4, not {quantize!r}")
         if group_size not in GROUPS[quantize]:
-            raise ValueError(
+            raise UserError(
                 f"{quantize} group size must be one of {', '.join(map(str, GROUPS[quantize]))}, got {group_size!r}"
             )
 

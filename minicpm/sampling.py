@@ -24,6 +24,8 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+from .errors import UserError
+
 if TYPE_CHECKING:  # torch is imported where sampling happens: the CLI validates flags without it
     import torch
     from torch import Tensor
@@ -61,8 +63,8 @@ class SamplingParams:
     grammar: str | None = None  # an llguidance grammar (e.g. from a JSON schema) every output must follow
 
     def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"sampling parameter {name!r} must be {rule}, got {getattr(self, name)!r}")
+        def bad(name: str, rule: str) -> UserError:
+            return UserError(f"sampling parameter {name!r} must be {rule}, got {getattr(self, name)!r}")
 
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "a positive integer")
@@ -92,7 +94,7 @@ class SamplingParams:
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
         if self.min_tokens > self.max_new_tokens:
-            raise ValueError(
+            raise UserError(
                 f"sampling parameter 'min_tokens' ({self.min_tokens}) must be at most "
                 f"'max_new_tokens' ({self.max_new_tokens})"
             )

@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 # ChatML exactly as the MiniCPM-2B-128k card gives it: <|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -72,7 +74,7 @@ def clean_text(text: str) -> str:
     return "".join(out)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """Tokenizer files are missing or malformed, or a chat cannot be rendered."""
 
 
@@ -104,6 +106,7 @@ def _sentencepiece_backend(model_file: Path, config: dict[str, Any]) -> Any:
     prefixed with "▁" per segment (``legacy``) or once (``legacy: false``); unknown characters
     fall back to byte pieces.
     """
+    from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2 as spm_pb
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -111,7 +114,7 @@ def _sentencepiece_backend(model_file: Path, config: dict[str, Any]) -> Any:
     proto = spm_pb.ModelProto()
     try:
         proto.ParseFromString(model_file.read_bytes())
-    except Exception as exc:
+    except DecodeError as exc:
         raise TokenizerError(f"cannot read {model_file} as a SentencePiece model: {exc}") from None
     if proto.trainer_spec.model_type != spm_pb.TrainerSpec.BPE:
         raise TokenizerError(f"{model_file} is not a BPE SentencePiece model; only BPE is supported")
@@ -183,6 +186,8 @@ class Tokenizer:
             try:
                 backend = HFTokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as exc:
+                if type(exc) is not Exception:  # tokenizers reports a bad file as a bare Exception; not a bug
+                    raise
                 raise TokenizerError(f"cannot read {path / 'tokenizer.json'}: {exc}") from None
             rebuild_post = "Llama" in str(config.get("tokenizer_class", "")) and (
                 "add_bos_token" in config or "add_eos_token" in config
@@ -306,13 +311,15 @@ class Tokenizer:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise TokenizerError(f"message {i} must be an object with a string 'role', got {message!r}")
         compiled = compile_template(template if template is not None else self.resolve_chat_template(chat_format))
+        from jinja2 import TemplateError  # imported by compile_template already
+
         try:
             return compiled.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs
             )
         except TemplateRaisedError as exc:
             raise TokenizerError(f"chat template refused the messages: {exc}") from None
-        except Exception as exc:  # a template that fails on these messages (a type error, an undefined name)
+        except (TemplateError, *TEMPLATE_FAILURES) as exc:  # fails on these messages (a type error, an undefined name)
             raise TokenizerError(f"chat template failed on these messages: {type(exc).__name__}: {exc}") from None
 
     def encode_chat(
@@ -336,6 +343,11 @@ class TemplateRaisedError(Exception):
 
 
 _TEMPLATES: dict[str, Any] = {}
+
+
+# What the expressions of a template can raise on messages it cannot handle (besides jinja2's own
+# TemplateError: an undefined name, the sandbox refusing an operation); anything else is a bug.
+TEMPLATE_FAILURES: tuple[type[Exception], ...] = (ArithmeticError, AttributeError, LookupError, TypeError, ValueError)
 
 
 def compile_template(source: str) -> Any:

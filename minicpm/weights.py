@@ -38,6 +38,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import struct
 import sys
 from collections.abc import Iterable, Iterator
@@ -45,10 +46,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import MiniCPMConfig
+from .errors import UserError
 from .fileio import write_text_atomic, writing
 from .quant import (
     FORMATS,
@@ -75,7 +77,7 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """The checkpoint's files or tensors don't match what the config describes."""
 
 
@@ -289,7 +291,7 @@ def _safetensors_entries(file: Path) -> list[StoredTensor]:
     try:  # safetensors' own checks of the header against the file's size
         with safe_open(str(file), framework="pt"):
             pass
-    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
+    except SafetensorError as exc:  # its own error for a bad header or size (not an OSError)
         raise _broken(file, exc) from None
     try:
         with open(file, "rb") as f:
@@ -322,6 +324,12 @@ def _unreadable(file: Path, exc: Exception) -> CheckpointError:
     )
 
 
+# What torch.load raises on a file that is not a (weights-only) checkpoint, besides its RuntimeError
+# for a broken zip archive: a bad pickle, one cut short, a refused global. An OSError (a file that
+# cannot be read) propagates as it is.
+TORCH_LOAD_FAILURES: tuple[type[Exception], ...] = (pickle.UnpicklingError, EOFError, ValueError, struct.error)
+
+
 def _torch_load(file: Path) -> tuple[object, bool]:
     """A torch pickle's contents, mapped from the file where it allows (the bool says so)."""
     try:
@@ -329,11 +337,11 @@ def _torch_load(file: Path) -> tuple[object, bool]:
     except RuntimeError as exc:
         if "mmap" not in str(exc):  # legacy (non-zip) files can't be mapped; read them whole
             raise _unreadable(file, exc) from None
-    except Exception as exc:
+    except TORCH_LOAD_FAILURES as exc:
         raise _unreadable(file, exc) from None
     try:
         return torch.load(file, map_location="cpu", weights_only=True), False
-    except Exception as exc:
+    except (RuntimeError, *TORCH_LOAD_FAILURES) as exc:
         raise _unreadable(file, exc) from None
 
 
@@ -382,7 +390,7 @@ DTYPE_NAMES = {
 
 def dtype_by_name(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[name]
 
 
@@ -617,7 +625,7 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     check_quantize(quantize, group_size)
     if quantize in ("int8", "int4") and device.type != "cpu":
-        raise ValueError(f"quantize={quantize!r} runs on the CPU; the model is to load on {device}")
+        raise UserError(f"quantize={quantize!r} runs on the CPU; the model is to load on {device}")
     checkpoint = open_checkpoint(path)
     config = checkpoint.config
     if device.type != "cpu":

@@ -1,4 +1,7 @@
-"""Shared fixtures: tokenizer directories and the embedded default model, made once per run."""
+"""Shared fixtures (tokenizer directories and the embedded default model, made once per run), the
+``gpu`` tier (tests marked ``gpu`` skip without a CUDA device, and run Triton's compiled kernels
+with one) and the skip policy (tests/skip_policy.py: under CI every skip must be on tests/skips.txt).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,30 @@ import os
 import shutil
 from pathlib import Path
 
-# No GPU in these tests: Triton kernels (if triton is installed) run in its CPU interpreter. This
-# must be set before anything imports triton, which minicpm.engine does.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 # Thread counts stay as each test sets them (the load-following governor has its own tests).
 os.environ.setdefault("MINICPM_ADAPTIVE_THREADS", "0")
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (if triton is installed) run in its CPU interpreter; with one, they
+# are compiled (the gpu tier). This must be set before anything imports triton, which
+# minicpm.engine does; importing torch and asking for CUDA does not.
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest_plugins = ("pytester", "skip_policy")
+GPU_SKIP = pytest.mark.skip(reason="gpu tier: no CUDA device here")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip (an allowed skip, tests/skips.txt) where no CUDA device is."""
+    if CUDA:
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(GPU_SKIP)
 
 
 @pytest.fixture(scope="module")

@@ -327,3 +327,44 @@ def test_plan_counts_a_quantized_checkpoint_as_stored(default_model_dir: Path, c
     assert main(["plan", "--model", str(default_model_dir), "--context", "4096", "--memory", "4", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["checkpoint_bytes"] < plan["weight_bytes"] < 135_000_000 * 4 / 3
+
+
+def test_an_internal_value_error_at_load_is_a_bug_not_a_user_error(monkeypatch, capsys) -> None:
+    """Only a UserError (a flag, a file, a setting) is one line and exit 2: any other ValueError
+    raised while loading propagates, to be printed with its traceback (exit 1)."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(LLM, "from_pretrained", broken)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(["generate", "--prompt", "x"])
+    assert "minicpm: error:" not in capsys.readouterr().err
+
+
+def test_an_internal_error_prints_a_traceback_and_exits_1(tmp_path: Path) -> None:
+    """The program itself: a traceback on stderr and exit status 1, not a one-line user error."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from minicpm import LLM\n"
+        "from minicpm.cli import main\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ValueError('an internal invariant broke')\n"
+        "LLM.from_pretrained = staticmethod(broken)\n"
+        "sys.exit(main(['generate', '--prompt', 'x', '--model', sys.argv[1]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "ValueError: an internal invariant broke" in done.stderr
+    assert "minicpm: error:" not in done.stderr
+
+
+def test_a_bad_config_field_is_still_one_line(tiny_dir: Path, capsys) -> None:
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps(config | {"num_attention_heads": "four"}))
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x"]) == 2
+    assert "num_attention_heads" in _one_error_line(capsys.readouterr().err)

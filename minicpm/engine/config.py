@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ..errors import UserError
 from ..quant import QUANTIZE_CHOICES, check_quantize
 
 ATTENTION_BACKENDS = ("auto", "cpu-native", "cpu-torch", "triton", "torch")
@@ -54,8 +55,8 @@ class EngineConfig:
     on_kernel_failure: str = dataclasses.field(default_factory=_default_on_kernel_failure)
 
     def __post_init__(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"engine setting {name!r} must be {rule}, got {getattr(self, name)!r}")
+        def bad(name: str, rule: str) -> UserError:
+            return UserError(f"engine setting {name!r} must be {rule}, got {getattr(self, name)!r}")
 
         def positive_int(name: str) -> bool:
             value = getattr(self, name)
@@ -71,7 +72,7 @@ class EngineConfig:
             and self.max_num_batched_tokens is not None
             and (self.max_num_batched_tokens < self.max_num_seqs)
         ):
-            raise ValueError(
+            raise UserError(
                 f"engine setting 'max_num_batched_tokens' ({self.max_num_batched_tokens}) must be at least "
                 f"'max_num_seqs' ({self.max_num_seqs}), or some decoding requests would never get a step"
             )
@@ -92,7 +93,7 @@ class EngineConfig:
         try:
             check_quantize(self.quantize, self.group_size)
         except ValueError as exc:
-            raise ValueError(f"engine setting 'group_size': {exc}") from None
+            raise UserError(f"engine setting 'group_size': {exc}") from None
 
     def resolved(self, device: object) -> EngineConfig:
         """This config with its per-device fields filled in for ``device`` ("cpu", "cuda:0", a

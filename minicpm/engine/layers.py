@@ -37,6 +37,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..model import MiniCPMForCausalLM
 from ..quant import FORMATS as QUANTIZED
 from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, linear_slots, quantize_model
@@ -174,10 +175,10 @@ def linear_candidates(dtype: torch.dtype) -> list[str]:
     wanted = os.environ.get("MINICPM_CPU_LINEAR", "auto").lower()
     if wanted != "auto":
         if wanted not in ("panel", "onednn", "blas"):
-            raise ValueError(f"MINICPM_CPU_LINEAR must be panel, onednn, blas or auto, got {wanted!r}")
+            raise UserError(f"MINICPM_CPU_LINEAR must be panel, onednn, blas or auto, got {wanted!r}")
         kept = [c for c in found if c.split("-")[0] == wanted]
         if not kept:
-            raise ValueError(f"MINICPM_CPU_LINEAR={wanted} cannot run {dtype} here (available: {', '.join(found)})")
+            raise UserError(f"MINICPM_CPU_LINEAR={wanted} cannot run {dtype} here (available: {', '.join(found)})")
         found = kept
     return found
 
@@ -249,7 +250,7 @@ def prepare_model(
     if quantize in QUANTIZED or (quantize == "auto" and quantized):
         where = f"quantize={quantize!r}" if quantize != "auto" else "this model's quantized weights"
         if model.device.type != "cpu":
-            raise ValueError(f"{where} run on the CPU; the model is on {model.device}")
+            raise UserError(f"{where} run on the CPU; the model is on {model.device}")
         if native_kernels() is None:  # kept quantized: never a float copy the user did not ask for
             log.warning(
                 "no native CPU kernels here (%s): the quantized layers run through torch, each weight "

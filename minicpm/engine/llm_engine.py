@@ -41,6 +41,7 @@ import logging
 import uuid
 from collections.abc import Sequence as Seq
 
+from ..errors import UserError
 from ..model import MiniCPMForCausalLM
 from ..plan import format_bytes
 from ..sampling import SamplingParams
@@ -150,6 +151,7 @@ class LLMEngine:
         self.runner.sampler.set_tokenizer(tokenizer, sorted(base))
         self.num_steps = 0
         self.num_prompt_tokens = 0
+        self.num_request_errors = 0  # requests ended by an error while finishing a token (logged each)
 
     @property
     def device(self):
@@ -165,7 +167,7 @@ class LLMEngine:
     def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: give the prompt as token ids")
+                raise UserError("this engine has no tokenizer: give the prompt as token ids")
             at_least = self.tokenizer.min_tokens(len(prompt))
             if at_least >= self.max_model_len:  # refused before tokenizing it whole
                 raise self._too_long(f"{len(prompt):,} characters, at least {at_least:,} tokens")
@@ -173,27 +175,27 @@ class LLMEngine:
         else:
             ids = [int(i) for i in prompt]
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise UserError("the prompt is empty")
         vocab = self.model_config.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+            raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
         if len(ids) >= self.max_model_len:
             raise self._too_long(f"{len(ids)} tokens")
         return ids
 
-    def _too_long(self, size: str) -> ValueError:
+    def _too_long(self, size: str) -> UserError:
         """The error for a prompt of ``size`` that leaves no room for an answer."""
         context = self.model_config.context_length
         if self.max_model_len < context and self.max_model_len == self.kv_capacity:
             per_token = self.runner.bytes_per_block // self.config.block_size
             total = format_bytes(self.kv_capacity * per_token)
-            return ValueError(
+            return UserError(
                 f"the prompt is {size}; the KV cache holds {self.kv_capacity} tokens "
                 f"({total} at {format_bytes(per_token)} per token; the model's "
                 f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
             )
-        return ValueError(
+        return UserError(
             f"the prompt is {size}; the model's context is {self.max_model_len} tokens, "
             "which leaves no room for an answer"
         )
@@ -204,7 +206,7 @@ class LLMEngine:
         """Validate and tokenize; touches no engine state (safe from any thread)."""
         params = params or SamplingParams()
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+            raise UserError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         ids = self.encode_prompt(prompt)
         config = self.model_config
         seq = Sequence(
@@ -221,7 +223,7 @@ class LLMEngine:
 
     def add(self, request: Request) -> str:
         if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in flight")
+            raise UserError(f"request id {request.request_id!r} is already in flight")
         self.requests[request.request_id] = request
         self.scheduler.add(request.seq)
         self.num_prompt_tokens += request.seq.num_prompt_tokens
@@ -268,8 +270,10 @@ class LLMEngine:
         return outputs
 
     def _fail(self, request: Request, exc: Exception) -> RequestOutput:
-        """End ``request`` with finish_reason "error" (its blocks freed, its state dropped)."""
+        """End ``request`` with finish_reason "error" (its blocks freed, its state dropped); logged
+        with its traceback and counted in :meth:`stats` (``request_errors``)."""
         log.exception("request %s failed while finishing its token", request.request_id)
+        self.num_request_errors += 1
         seq = request.seq
         if not seq.is_finished:
             self.scheduler.finish(seq, "error")
@@ -399,6 +403,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.num_steps,
             "prompt_tokens": self.num_prompt_tokens,
+            "request_errors": self.num_request_errors,
             "cached_prompt_tokens": self.scheduler.num_cached_tokens,
         }
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
 from ..weights import release_freed_memory
@@ -100,11 +101,11 @@ class ModelRunner:
             return None
         if not isinstance(self.backend, CpuNativeBackend):
             if wanted:
-                raise ValueError(f"the fused decoder runs on the cpu-native attention backend, not {self.backend.name}")
+                raise UserError(f"the fused decoder runs on the cpu-native attention backend, not {self.backend.name}")
             return None
         fused = FusedDecoder.build(self.model, self.cache)
         if fused is None and wanted:
-            raise ValueError("the fused decoder cannot run this model (its layers are not all on native panels)")
+            raise UserError("the fused decoder cannot run this model (its layers are not all on native panels)")
         return fused
 
     @property
@@ -125,13 +126,13 @@ class ModelRunner:
         else:
             found = available_cpu_memory()
             if found is None:
-                raise ValueError("cannot measure the available memory here: set kv_cache_memory (--kv-cache-gib)")
+                raise UserError("cannot measure the available memory here: set kv_cache_memory (--kv-cache-gib)")
             available, where = found
             budget = min(4 * 2**30, available // 4)
             source = f"a quarter of available memory ({format_bytes(available)}, {where}), at most 4 GiB"
         num_blocks = min(budget // self.bytes_per_block, useful)
         if num_blocks < 1:
-            raise ValueError(
+            raise UserError(
                 f"no room for a KV cache: one block of {self.block_size} tokens takes "
                 f"{format_bytes(self.bytes_per_block)} and the budget ({source}) is {format_bytes(max(budget, 0))}"
             )

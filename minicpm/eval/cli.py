@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import cli as base
+from ..errors import UserError
 
 log = logging.getLogger("minicpm")
 
@@ -172,21 +173,21 @@ def _per_endpoint(values: list | None, n: int, flag: str, default: Any) -> list:
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise ValueError(f"{flag}: give one value for all endpoints or one per --endpoint ({n}), not {len(values)}")
+        raise UserError(f"{flag}: give one value for all endpoints or one per --endpoint ({n}), not {len(values)}")
     return values
 
 
 def _check_targets(args: argparse.Namespace) -> None:
     endpoints = args.endpoint or []
     if args.ray and endpoints:
-        raise ValueError("--ray and --endpoint: choose one kind of target")
+        raise UserError("--ray and --endpoint: choose one kind of target")
     if not endpoints:
         for flag in ("served_model", "api_key"):
             if getattr(args, flag):
-                raise ValueError(f"--{flag.replace('_', '-')} needs --endpoint")
+                raise UserError(f"--{flag.replace('_', '-')} needs --endpoint")
     for url in endpoints:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--endpoint {url}: expected an http:// or https:// URL")
+            raise UserError(f"--endpoint {url}: expected an http:// or https:// URL")
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -353,7 +354,7 @@ def _suite_module(suite: str) -> Any:
     import importlib
 
     if suite not in _SUITE_MODULES:
-        raise ValueError(f"unknown suite {suite!r} in run.json")
+        raise UserError(f"unknown suite {suite!r} in run.json")
     return importlib.import_module(f".{_SUITE_MODULES[suite]}", __package__)
 
 
@@ -363,7 +364,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from . import synthetic
 
     if args.task not in synthetic.SYNTHETIC_TASKS:
-        raise ValueError(f"no generator for {args.task!r}; these are synthetic: {', '.join(synthetic.SYNTHETIC_TASKS)}")
+        raise UserError(f"no generator for {args.task!r}; these are synthetic: {', '.join(synthetic.SYNTHETIC_TASKS)}")
     tokenizer, _ = _load_tokenizer(args)
 
     def count_tokens(task: str, example: dict[str, Any]) -> int:
@@ -383,14 +384,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .scoring import INFINITEBENCH_TASKS, score_infinitebench
 
     if args.task not in INFINITEBENCH_TASKS:
-        raise ValueError(f"--task {args.task}: unknown; known: {', '.join(INFINITEBENCH_TASKS)}")
+        raise UserError(f"--task {args.task}: unknown; known: {', '.join(INFINITEBENCH_TASKS)}")
     path = Path(args.file)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
+        raise UserError(f"{path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+        raise UserError(f"{path}: not UTF-8 text") from None
     scores = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -398,14 +399,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
         pred = row.get("prediction", row.get("pred"))
         label = row.get("ground_truth", row.get("label"))
         if pred is None or label is None:
-            raise ValueError(f"{path}:{number}: needs prediction (or pred) and ground_truth (or label)")
+            raise UserError(f"{path}:{number}: needs prediction (or pred) and ground_truth (or label)")
         scores.append(score_infinitebench(args.task, str(pred), label, args.model))
     if not scores:
-        raise ValueError(f"{path}: no predictions")
+        raise UserError(f"{path}: no predictions")
     score = 100 * sum(scores) / len(scores)
     print(f"{args.task}: {score:.2f} ({len(scores)} predictions)")
     if args.json:
@@ -428,7 +429,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
 
     text = Path(args.file).read_text(encoding="utf-8")
     if not text.strip():
-        raise ValueError(f"{args.file} is empty")
+        raise UserError(f"{args.file} is empty")
     device = base._check_device(args.device)
     llm = base._load(args, device, base._engine_config(args, device))
     ids = llm.tokenizer.encode(text)

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..fileio import write_text_atomic, writing
 
 log = logging.getLogger("minicpm")
@@ -289,11 +290,11 @@ def ray_targets(
     try:
         import ray
     except ImportError:
-        raise ValueError("--ray needs Ray: pip install 'minicpm[ray]'") from None
+        raise UserError("--ray needs Ray: pip install 'minicpm[ray]'") from None
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True, log_to_driver=False)
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus and n > gpus:
-        raise ValueError(f"--ray {n}: the Ray cluster has {gpus:.0f} GPU(s)")
+        raise UserError(f"--ray {n}: the Ray cluster has {gpus:.0f} GPU(s)")
     actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(_Replica)
     replicas = [actor.remote(model, dtype, device, engine) for _ in range(n)]
     sizes = ray.get([r.concurrency.remote() for r in replicas])
@@ -319,9 +320,9 @@ class RunDir:
         try:
             return json.loads(self.settings_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(f"{self.path}: not a run directory (no run.json)") from None
+            raise UserError(f"{self.path}: not a run directory (no run.json)") from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{self.settings_file}: not valid JSON ({exc})") from None
+            raise UserError(f"{self.settings_file}: not valid JSON ({exc})") from None
 
     def begin(self, settings: dict[str, Any]) -> None:
         """Start or resume: a directory holding a run of other settings is refused."""
@@ -334,7 +335,7 @@ class RunDir:
             ]
             if diff:
                 shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
-                raise ValueError(f"{self.path} holds a run with other settings ({shown}): give another --output")
+                raise UserError(f"{self.path} holds a run with other settings ({shown}): give another --output")
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.settings_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
@@ -357,7 +358,7 @@ class RunDir:
                     record = json.loads(line)
                     done[int(record["index"])] = record
                 except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{number}: not a prediction line of this harness") from None
+                    raise UserError(f"{path}:{number}: not a prediction line of this harness") from None
         return done
 
     def finalize(self, records: Iterable[dict[str, Any]]) -> None:
@@ -376,16 +377,16 @@ class RunDir:
         try:
             return json.loads((self.path / "report.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(f"{self.path}: no report.json (the run is not finished, or not merged)") from None
+            raise UserError(f"{self.path}: no report.json (the run is not finished, or not merged)") from None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {text}: expected I/N, e.g. 0/4") from None
+        raise UserError(f"--shard {text}: expected I/N, e.g. 0/4") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {text}: I must be in [0, N)")
+        raise UserError(f"--shard {text}: I must be in [0, N)")
     return i, n
 
 
@@ -527,7 +528,7 @@ def run(
 def merge(dirs: Sequence[str | Path], out: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Combine shard run directories; returns the merged settings and records (in index order)."""
     if not dirs:
-        raise ValueError("give the run directories to merge")
+        raise UserError("give the run directories to merge")
     runs = [RunDir(d) for d in dirs]
     settings = [r.settings() for r in runs]
     base = {k: v for k, v in settings[0].items() if k not in VOLATILE_SETTINGS}
@@ -535,28 +536,28 @@ def merge(dirs: Sequence[str | Path], out: str | Path) -> tuple[dict[str, Any], 
         other = {k: v for k, v in s.items() if k not in VOLATILE_SETTINGS}
         if other != base:
             diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
-            raise ValueError(f"{r.path} was run with other settings than {runs[0].path}: {', '.join(diff)}")
+            raise UserError(f"{r.path} was run with other settings than {runs[0].path}: {', '.join(diff)}")
     shards = [tuple(s["shard"]) if s.get("shard") else (0, 1) for s in settings]
     n = shards[0][1]
     if any(s[1] != n for s in shards):
-        raise ValueError(
+        raise UserError(
             "the runs were split into different numbers of shards: " + ", ".join(f"{i}/{k}" for i, k in shards)
         )
     missing = sorted(set(range(n)) - {i for i, _ in shards})
     if missing:
-        raise ValueError(f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing")
+        raise UserError(f"shard(s) {', '.join(f'{i}/{n}' for i in missing)} missing")
     records: dict[int, dict[str, Any]] = {}
     for r in runs:
         for index, record in r.records().items():
             if index in records and records[index]["prediction"] != record["prediction"]:
-                raise ValueError(f"item {index} has different predictions in two of the runs")
+                raise UserError(f"item {index} has different predictions in two of the runs")
             records[index] = record
     total = base.get("num_items")
     if total is not None and len(records) < total:
-        raise ValueError(f"the shards hold {len(records)} of {total} items: finish (rerun) the unfinished shards")
+        raise UserError(f"the shards hold {len(records)} of {total} items: finish (rerun) the unfinished shards")
     merged = RunDir(out)
     if merged.path.resolve() in {r.path.resolve() for r in runs}:
-        raise ValueError("--output must be a new directory, not one of the shards")
+        raise UserError("--output must be a new directory, not one of the shards")
     settings_out = dict(base, shard=None, merged_from=[str(r.path) for r in runs])
     settings_out["wall_time_s"] = sum(s.get("wall_time_s") or 0 for s in settings)
     merged.begin(settings_out)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .harness import Item
 from .scoring import INFINITEBENCH_TASKS, MAX_NEW_TOKENS, ground_truth, infinitebench_averages, score_infinitebench
 
@@ -90,7 +91,7 @@ COMPLETION_TEMPLATES = {
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     unknown = [t for t in tasks if t not in INFINITEBENCH_TASKS]
     if unknown:
-        raise ValueError(f"unknown InfiniteBench task(s) {', '.join(unknown)}; known: {', '.join(INFINITEBENCH_TASKS)}")
+        raise UserError(f"unknown InfiniteBench task(s) {', '.join(unknown)}; known: {', '.join(INFINITEBENCH_TASKS)}")
     return list(dict.fromkeys(tasks))
 
 
@@ -98,7 +99,7 @@ def load_task(data_dir: str | Path, task: str, limit: int | None = None) -> list
     """The examples of ``<data_dir>/<task>.jsonl`` in file order (at most ``limit``)."""
     path = Path(data_dir) / f"{task}.jsonl"
     if not path.is_file():
-        raise ValueError(f"{path}: no such file (InfiniteBench data: one <task>.jsonl per task)")
+        raise UserError(f"{path}: no such file (InfiniteBench data: one <task>.jsonl per task)")
     examples = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -109,12 +110,12 @@ def load_task(data_dir: str | Path, task: str, limit: int | None = None) -> list
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+                raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
             if not isinstance(example, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
+                raise UserError(f"{path}:{number}: expected a JSON object")
             missing = [k for k in ("context", "input", "answer") if k not in example]
             if missing:
-                raise ValueError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+                raise UserError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
             example.setdefault("id", len(examples))
             example.setdefault("options", [])
             examples.append(example)
@@ -124,23 +125,23 @@ def load_task(data_dir: str | Path, task: str, limit: int | None = None) -> list
 def fill(task: str, example: dict[str, Any], style: str = "chat") -> str:
     """The benchmark's prompt for ``example`` (the whole context, before truncation)."""
     if style not in STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; use chat or completion")
+        raise UserError(f"unknown prompt style {style!r}; use chat or completion")
     template = (CHAT_TEMPLATES if style == "chat" else COMPLETION_TEMPLATES)[task]
     fields: dict[str, Any] = {"context": example["context"], "input": example["input"], "question": example["input"]}
     if task in ("longbook_choice_eng", "code_debug"):
         options = list(example.get("options") or [])
         if len(options) < 4:
-            raise ValueError(f"{task} example {example.get('id')!r}: needs 4 options, has {len(options)}")
+            raise UserError(f"{task} example {example.get('id')!r}: needs 4 options, has {len(options)}")
         fields.update({f"OPTION_{letter}": options[i] for i, letter in enumerate("ABCD")})
     elif task == "math_find":
         found = re.search(r"The .+ of", example["input"])
         if found is None:
-            raise ValueError(f"math_find example {example.get('id')!r}: its input has no 'The ... of' question")
+            raise UserError(f"math_find example {example.get('id')!r}: its input has no 'The ... of' question")
         fields["prefix"] = f"What is {found.group(0).lower()[:-3]} in the following list?"
     elif task == "code_run":
         found = re.search(r"func_[0-9]+\(\-?[0-9]+\)", example["input"])
         if found is None:
-            raise ValueError(f"code_run example {example.get('id')!r}: its input has no func_N(x) call")
+            raise UserError(f"code_run example {example.get('id')!r}: its input has no func_N(x) call")
         fields["func_call"] = found.group(0)
         fields["func"] = found.group(0).split("(")[0]
     return template.format(**fields)
@@ -150,7 +151,7 @@ def truncate_middle(tokenizer: Any, text: str, budget: int) -> tuple[str, int]:
     """``text`` cut to at most ``budget`` tokens by removing its middle; returns the text and its
     token count (without special tokens)."""
     if budget < 2:
-        raise ValueError(f"the truncation budget is {budget} tokens: raise --max-length")
+        raise UserError(f"the truncation budget is {budget} tokens: raise --max-length")
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) <= budget:
         return text, len(ids)

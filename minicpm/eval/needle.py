@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from .scoring import needle_score
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -62,7 +63,7 @@ def haystack_text() -> str:
 def linspace_lengths(min_len: int, max_len: int, n: int) -> list[int]:
     """``n`` context lengths from ``min_len`` to ``max_len``, rounded as the package rounds them."""
     if n < 1 or min_len < 1 or max_len < min_len:
-        raise ValueError(f"need 1 <= min_len <= max_len and n >= 1, got {min_len}, {max_len}, {n}")
+        raise UserError(f"need 1 <= min_len <= max_len and n >= 1, got {min_len}, {max_len}, {n}")
     return [int(x) for x in np.round(np.linspace(min_len, max_len, num=n, endpoint=True))]
 
 
@@ -82,13 +83,13 @@ def depth_grid(n: int, spacing: str = "linear") -> list[float]:
     lists the sigmoid depths as 0, then descending, then 100; the values are the same here, sorted.
     """
     if n < 1:
-        raise ValueError(f"need at least one depth, got {n}")
+        raise UserError(f"need at least one depth, got {n}")
     xs = np.linspace(0, 100, num=n, endpoint=True)
     if spacing == "linear":
         return [float(x) for x in np.round(xs).astype(int)]
     if spacing == "sigmoid":
         return sorted(_logistic(float(x)) for x in xs)
-    raise ValueError(f"depth spacing must be 'linear' or 'sigmoid', got {spacing!r}")
+    raise UserError(f"depth spacing must be 'linear' or 'sigmoid', got {spacing!r}")
 
 
 def sweep(lengths: Sequence[int], depths: Sequence[float]) -> list[tuple[int, float]]:
@@ -118,11 +119,11 @@ def build(
     (with its leading newline) starts.
     """
     if not 0 <= depth <= 100:
-        raise ValueError(f"depth must be a percent in [0, 100], got {depth}")
+        raise UserError(f"depth must be a percent in [0, 100], got {depth}")
     needle = encode(NEEDLE)
     budget = length - FINAL_CONTEXT_LENGTH_BUFFER
     if budget - len(needle) < 1:
-        raise ValueError(
+        raise UserError(
             f"length {length} is too small: the context keeps length - {FINAL_CONTEXT_LENGTH_BUFFER} tokens, "
             f"and the needle alone takes {len(needle)}"
         )

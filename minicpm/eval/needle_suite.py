@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..fileio import write_atomic
 from . import needle
 from .harness import Item
@@ -27,14 +28,14 @@ def _lengths(args: Any, context: int) -> list[int]:
     else:
         top = args.max_length or context
         if args.min_length > top:
-            raise ValueError(f"--min-length {args.min_length} is above --max-length {top}")
+            raise UserError(f"--min-length {args.min_length} is above --max-length {top}")
         lengths = needle.linspace_lengths(args.min_length, top, args.num_lengths)
     over = [n for n in lengths if n > context]
     if over:
-        raise ValueError(f"context length(s) {over} exceed the model's context ({context} tokens)")
+        raise UserError(f"context length(s) {over} exceed the model's context ({context} tokens)")
     short = [n for n in lengths if n <= 400]
     if short:
-        raise ValueError(f"context length(s) {short} are too short: the haystack keeps length - 200 tokens")
+        raise UserError(f"context length(s) {short} are too short: the haystack keeps length - 200 tokens")
     return lengths
 
 

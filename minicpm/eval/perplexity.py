@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 
 @dataclass
 class Perplexity:
@@ -44,11 +46,11 @@ class Perplexity:
 def window_plan(num_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
     """(start, first scored offset) of each window; the scored offsets run to the window's end."""
     if context < 2:
-        raise ValueError(f"--context must be at least 2, got {context}")
+        raise UserError(f"--context must be at least 2, got {context}")
     if not 1 <= stride <= context:
-        raise ValueError(f"--stride must be from 1 to --context ({context}), got {stride}")
+        raise UserError(f"--stride must be from 1 to --context ({context}), got {stride}")
     if num_tokens < context:
-        raise ValueError(f"the text is {num_tokens} tokens, shorter than one window of --context {context}")
+        raise UserError(f"the text is {num_tokens} tokens, shorter than one window of --context {context}")
     scored = min(stride, context // 2)
     return [(start, context - scored) for start in range(0, num_tokens - context + 1, stride)]
 
@@ -59,7 +61,7 @@ def perplexity(model: Any, ids: list[int], context: int, stride: int | None = No
     stride = stride or context
     limit = model.config.context_length
     if context > limit:
-        raise ValueError(f"--context {context} is longer than the model's context ({limit} tokens)")
+        raise UserError(f"--context {context} is longer than the model's context ({limit} tokens)")
     plan = window_plan(len(ids), context, stride)
     nll: list[Tensor] = []
     for start, first in plan:

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from . import needle
 from .scoring import match_all, match_part, ruler_postprocess
 
@@ -172,7 +173,7 @@ QA_FILES = {
 
 def spec(task: str) -> TaskSpec:
     if task not in TASK_SPECS:
-        raise ValueError(f"unknown RULER task {task!r}; known: {', '.join(ALL_TASKS)}")
+        raise UserError(f"unknown RULER task {task!r}; known: {', '.join(ALL_TASKS)}")
     return TASK_SPECS[task]
 
 
@@ -221,7 +222,7 @@ def _cwe_pool(num_words: int) -> list[str]:
                 extra.append(f"{a}-{n}")
                 if len(pool) + len(extra) >= num_words:
                     return pool + extra
-    raise ValueError(f"cwe needs {num_words} distinct words, more than this module can make")
+    raise UserError(f"cwe needs {num_words} distinct words, more than this module can make")
 
 
 def _read_qa(path: str, dataset: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -229,7 +230,7 @@ def _read_qa(path: str, dataset: str) -> tuple[list[dict[str, Any]], list[str]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"cannot read {path} ({QA_FILES[dataset]} is needed): {exc}") from None
+        raise UserError(f"cannot read {path} ({QA_FILES[dataset]} is needed): {exc}") from None
     try:
         data = json.loads(text)
         if dataset == "squad":
@@ -263,9 +264,9 @@ def _read_qa(path: str, dataset: str) -> tuple[list[dict[str, Any]], list[str]]:
                 for d in data
             ]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not {QA_FILES[dataset]}: {type(exc).__name__}: {exc}") from None
+        raise UserError(f"{path} is not {QA_FILES[dataset]}: {type(exc).__name__}: {exc}") from None
     if not qas:
-        raise ValueError(f"{path} holds no answerable questions")
+        raise UserError(f"{path} holds no answerable questions")
     return qas, docs
 
 
@@ -339,7 +340,7 @@ class _Niah(_Task):
             return f"{rng.choice(adjs)}-{rng.choice(nouns)}"
         if kind == "uuids":
             return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        raise ValueError(f"unknown needle type {kind!r}")
+        raise UserError(f"unknown needle type {kind!r}")
 
     def make(self, rng: random.Random, n: int, index: int) -> _Draft:
         s = self.spec
@@ -504,7 +505,7 @@ class _FreqWords(_Task):
         super().__init__(name, length, seed)
         self.vocab_size = (length - self.spec.tokens_to_generate) // 50
         if self.vocab_size < 5:
-            raise ValueError(f"length {length} is too small for fwe (its vocabulary is (length - 50) // 50 words)")
+            raise UserError(f"length {length} is too small for fwe (its vocabulary is (length - 50) // 50 words)")
         self.zeta = _zeta(self.spec.alpha)
 
     def make(self, rng: random.Random, n: int, index: int) -> _Draft:
@@ -528,7 +529,7 @@ class _QA(_Task):
         super().__init__(name, length, seed)
         dataset = self.spec.dataset or ""
         if qa_file is None:
-            raise ValueError(f"{name} needs {QA_FILES[dataset]}: pass qa_file=")
+            raise UserError(f"{name} needs {QA_FILES[dataset]}: pass qa_file=")
         self.qas, self.docs = _read_qa(qa_file, dataset)
 
     def make(self, rng: random.Random, n: int, index: int) -> _Draft:
@@ -559,7 +560,7 @@ def _fit(measure: Callable[[int], int], lo: int, budget: int, what: str, unit: s
     first, t_first = lo, measure(lo)
     t_lo = t_first
     if t_lo > budget:
-        raise ValueError(
+        raise UserError(
             f"length {budget} is too small for {what}: with the smallest haystack ({lo} {unit}) "
             f"it already takes {t_lo} tokens"
         )
@@ -615,9 +616,9 @@ def generate(
     """``count`` samples of ``task`` whose prompts plus ``max_new_tokens`` fit ``length`` tokens."""
     s = spec(task)
     if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
+        raise UserError(f"count must be >= 0, got {count}")
     if length <= s.tokens_to_generate:
-        raise ValueError(
+        raise UserError(
             f"length {length} is too small for {task}: it must exceed the {s.tokens_to_generate} tokens to generate"
         )
     maker = _task(task, length, seed, qa_file)
@@ -643,7 +644,7 @@ def generate(
         while used > length:
             n -= max(1, math.ceil((used - length) / rate))
             if n < maker.min_units:
-                raise ValueError(f"length {length} is too small for {task} sample {index}: {used} tokens")
+                raise UserError(f"length {length} is too small for {task} sample {index}: {used} tokens")
             draft = draw(n)
             used = total(draft)
         local = rate
@@ -680,7 +681,7 @@ def score(task: str, prediction: str, outputs: Sequence[str]) -> float:
     """RULER's metric for one sample, in [0, 1] (RULER reports the mean x 100, rounded to 2 decimals)."""
     metric = spec(task).metric
     if not outputs:
-        raise ValueError(f"{task}: no references to score against")
+        raise UserError(f"{task}: no references to score against")
     return match_all(prediction, outputs) if metric == "all" else match_part(prediction, outputs)
 
 

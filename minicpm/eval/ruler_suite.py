@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import UserError
 from . import ruler
 from .harness import Item
 
@@ -20,13 +21,13 @@ def build(args: Any, tokenizer: Any, context: int) -> tuple[list[Item], dict[str
     known = (*ruler.RULER_TASKS, *ruler.QA_TASKS)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise UserError(f"unknown RULER task(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if any(t in ruler.QA_TASKS for t in tasks) and not args.qa_file:
-        raise ValueError("qa_1 needs --qa-file with SQuAD v2's dev JSON, qa_2 HotpotQA's")
+        raise UserError("qa_1 needs --qa-file with SQuAD v2's dev JSON, qa_2 HotpotQA's")
     lengths = sorted(set(args.lengths))
     over = [n for n in lengths if n > context]
     if over:
-        raise ValueError(f"length(s) {over} exceed the model's context ({context} tokens)")
+        raise UserError(f"length(s) {over} exceed the model's context ({context} tokens)")
 
     def prompt(user: str, prefix: str) -> list[int]:
         return tokenizer.encode_chat(

@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = [
     "INFINITEBENCH_TASKS",
     "MAX_NEW_TOKENS",
@@ -90,7 +92,7 @@ _LETTERS = "ABCD"
 
 def _check_task(task: str) -> None:
     if task not in INFINITEBENCH_TASKS:
-        raise ValueError(f"unknown InfiniteBench task {task!r}; known tasks: {', '.join(INFINITEBENCH_TASKS)}")
+        raise UserError(f"unknown InfiniteBench task {task!r}; known tasks: {', '.join(INFINITEBENCH_TASKS)}")
 
 
 def ground_truth(task: str, example: dict) -> Any:
@@ -103,7 +105,7 @@ def ground_truth(task: str, example: dict) -> Any:
     """
     _check_task(task)
     if not isinstance(example, dict) or "answer" not in example:
-        raise ValueError(f"{task}: example has no 'answer' field")
+        raise UserError(f"{task}: example has no 'answer' field")
     answer = example["answer"]
     if task not in _CHOICE_TASKS:
         _check_label(task, answer)
@@ -118,17 +120,17 @@ def ground_truth(task: str, example: dict) -> Any:
     elif isinstance(answer, str):
         text = answer
     else:
-        raise ValueError(
+        raise UserError(
             f"{task}: answer must be an option string, a one-element list or a [text, letter] pair, got {answer!r}"
         )
     options = example.get("options")
     if not isinstance(options, list):
-        raise ValueError(f"{task}: example has no 'options' list")
+        raise UserError(f"{task}: example has no 'options' list")
     if text not in options:
-        raise ValueError(f"{task}: answer {text!r} is not among the options {options!r}")
+        raise UserError(f"{task}: answer {text!r} is not among the options {options!r}")
     index = options.index(text)
     if index >= len(_LETTERS):
-        raise ValueError(f"{task}: answer {text!r} is option {index + 1}, but only A-D exist")
+        raise UserError(f"{task}: answer {text!r} is option {index + 1}, but only A-D exist")
     return [text, _LETTERS[index]]
 
 
@@ -136,7 +138,7 @@ def _first(label: Any) -> Any:
     """The benchmark's ``if isinstance(label, list): label = label[0]``."""
     if isinstance(label, (list, tuple)):
         if not label:
-            raise ValueError("empty label list")
+            raise UserError("empty label list")
         return label[0]
     return label
 
@@ -144,8 +146,8 @@ def _first(label: Any) -> Any:
 def _check_label(task: str, label: Any) -> None:
     """Reject labels of a type the task's rule cannot score (the benchmark would crash or always miss)."""
 
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{task}: malformed label {label!r}: {why}")
+    def bad(why: str) -> UserError:
+        return UserError(f"{task}: malformed label {label!r}: {why}")
 
     if task in ("passkey", "number_string"):
         if isinstance(label, (list, tuple)) and not label:
@@ -283,10 +285,10 @@ def _score_math_find(prediction: str, label: Any) -> bool:
 
 def _score_math_calc(prediction: str, label: Any, model: str) -> float:
     if not isinstance(label, (list, tuple)) or not label:
-        raise ValueError(f"math_calc: expected a non-empty list label, got {label!r}")
+        raise UserError(f"math_calc: expected a non-empty list label, got {label!r}")
     values = label[0] if isinstance(label[0], (list, tuple)) else label
     if not values:
-        raise ValueError("math_calc: empty list of values")
+        raise UserError("math_calc: empty list of values")
     # Digit runs only: a minus sign is dropped, so a negative intermediate value can never match.
     numbers = [int(run) for run in _ASCII_DIGIT_RUN.findall(prediction)]
     # The benchmark's prompt makes GPT-4 repeat the first operand first; it drops that number only when the
@@ -402,7 +404,7 @@ def _rouge_lsum(prediction: str, label: Any) -> float:
         _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=False)
     if isinstance(label, (list, tuple)):
         if not label:
-            raise ValueError("longbook_sum_eng: empty list of reference summaries")
+            raise UserError("longbook_sum_eng: empty list of reference summaries")
         score = _ROUGE_SCORER.score_multi(list(label), prediction)
     else:
         score = _ROUGE_SCORER.score(label, prediction)
@@ -475,7 +477,7 @@ def _check_refs(refs: Sequence[str]) -> None:
     if isinstance(refs, str):
         raise TypeError("references of one sample must be a list of strings, not a string")
     if not refs:
-        raise ValueError("a sample needs at least one reference")
+        raise UserError("a sample needs at least one reference")
 
 
 def match_all(pred: str, refs: Sequence[str]) -> float:
@@ -495,9 +497,9 @@ def match_part(pred: str, refs: Sequence[str]) -> float:
 
 def _ruler_mean(predictions: Sequence[str], references: Sequence[Sequence[str]], one: Any) -> float:
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
+        raise UserError(f"{len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
-        raise ValueError("no samples to score")
+        raise UserError("no samples to score")
     total = sum(one(p, r) for p, r in zip(predictions, references, strict=True))
     return round(total / len(predictions) * 100, 2)
 
@@ -523,6 +525,6 @@ def needle_score(prediction: str, facts: Sequence[str]) -> float:
     if isinstance(facts, str):
         raise TypeError("facts must be a list of strings, not a string")
     if not facts:
-        raise ValueError("needle_score needs at least one key fact")
+        raise UserError("needle_score needs at least one key fact")
     text = prediction.lower()
     return sum(1 for fact in facts if fact.lower() in text) / len(facts)

@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..fileio import write_atomic, writing
 
 log = logging.getLogger("minicpm")
@@ -302,13 +303,13 @@ def generate(
 ) -> list[dict[str, Any]]:
     """``count`` examples of ``task`` whose prompts count about ``length`` tokens (see the module doc)."""
     if task not in SYNTHETIC_TASKS:
-        raise ValueError(f"unknown synthetic task {task!r}; choose one of {', '.join(SYNTHETIC_TASKS)}")
+        raise UserError(f"unknown synthetic task {task!r}; choose one of {', '.join(SYNTHETIC_TASKS)}")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive integer (at least 1 example), got {count!r}")
+        raise UserError(f"count must be a positive integer (at least 1 example), got {count!r}")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be a positive number of tokens, got {length!r}")
+        raise UserError(f"length must be a positive number of tokens, got {length!r}")
     if not callable(count_tokens):
-        raise ValueError("count_tokens must be a function (task, example) -> number of prompt tokens")
+        raise UserError("count_tokens must be a function (task, example) -> number of prompt tokens")
     master = random.Random(seed)
     seeds = [master.getrandbits(64) for _ in range(count)]
     build = _BUILDERS[task]
@@ -334,7 +335,7 @@ def generate(
     seen: dict[int, int] = {lowest: measure0(lowest)}
     floor = seen[lowest]
     if floor > length + tol:
-        raise ValueError(
+        raise UserError(
             f"length {length} is too small for {task}: the needle and the question with the smallest haystack "
             f"already take {floor} tokens"
         )
@@ -360,7 +361,7 @@ def generate(
         calls += 1
         if abs(tokens - length) > tol:
             if tokens > length + tol and size <= lowest_i:
-                raise ValueError(
+                raise UserError(
                     f"length {length} is too small for {task} example {i}: the needle and the question with the "
                     f"smallest haystack already take {tokens} tokens"
                 )

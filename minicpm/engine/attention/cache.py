@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ...config import MiniCPMConfig
+from ...errors import UserError
 from ..config import KERNEL_FAILURE_CHOICES
 from ..cpu_kernels import advise_huge_pages
 from .base import AttentionBackend, AttentionMetadata
@@ -48,7 +49,7 @@ class PagedKVCache:
         on_kernel_failure: str = "raise",
     ) -> None:
         if on_kernel_failure not in KERNEL_FAILURE_CHOICES:
-            raise ValueError(f"on_kernel_failure must be 'raise' or 'fallback', got {on_kernel_failure!r}")
+            raise UserError(f"on_kernel_failure must be 'raise' or 'fallback', got {on_kernel_failure!r}")
         shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
         # uninitialized: no path reads a slot before it is written, except the padded gather of
         # batched decode, which zeroes what it masks (so a large CPU budget costs no memory until used)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from ...config import MiniCPMConfig
+from ...errors import UserError
+from .. import cpu_kernels
 from ..config import ATTENTION_BACKENDS
 from ..cpu_kernels import native_kernels, prefill_available
 from .base import AttentionBackend
@@ -29,7 +31,7 @@ def select_backend(
 ) -> AttentionBackend:
     """See the module docstring."""
     if name not in BACKEND_CHOICES:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKEND_CHOICES)}, got {name!r}")
+        raise UserError(f"attention backend must be one of {', '.join(BACKEND_CHOICES)}, got {name!r}")
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
@@ -40,13 +42,16 @@ def select_backend(
         else:
             name = "torch"
     if name in ("cpu-native", "cpu-torch") and device.type != "cpu":
-        raise ValueError(f"the {name} attention backend runs on CPU, not {device.type}")
+        raise UserError(f"the {name} attention backend runs on CPU, not {device.type}")
     if name == "cpu-native":
         if dtype not in NATIVE_DTYPES:
-            raise ValueError(f"the cpu-native attention backend takes float32 or bfloat16, not {dtype}")
+            raise UserError(f"the cpu-native attention backend takes float32 or bfloat16, not {dtype}")
         lib = native_kernels()
         if lib is None:
-            raise ValueError("the cpu-native attention backend needs the native CPU kernels, which do not build here")
+            why = cpu_kernels.build_failure or "switched off by MINICPM_CPU_KERNELS"
+            raise UserError(
+                f"the cpu-native attention backend needs the native CPU kernels, which are not here ({why})"
+            )
         return CpuNativeBackend(lib, lib if prefill_available(lib, dtype, config.head_dim) else None)
     if name == "cpu-torch":
         return CpuTorchBackend()
@@ -56,12 +61,12 @@ def select_backend(
     if name == "torch":
         return torch_backend
     if not triton_available():
-        raise ValueError("the triton attention backend needs the triton package (pip install 'minicpm[gpu]')")
+        raise UserError("the triton attention backend needs the triton package (pip install 'minicpm[gpu]')")
     if device.type != "cuda":
         from ..triton_attention import _kernels_interpreted
 
         if not _kernels_interpreted():
-            raise ValueError(
+            raise UserError(
                 f"the triton attention backend runs on CUDA, not {device.type} (or in Triton's interpreter: "
                 "TRITON_INTERPRET=1 before start)"
             )
