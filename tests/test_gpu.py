@@ -59,13 +59,19 @@ PROMPTS = [prompt_of(n, seed=300 + n) for n, _ in CASES]
 PARAMS = [SamplingParams(max_new_tokens=k, ignore_eos=True) for _, k in CASES]
 
 
-def cuda_engine(dtype: torch.dtype, *, eager: bool, seed: int = 3) -> LLMEngine:
+def cuda_engine(dtype: torch.dtype, *, eager: bool, seed: int = 3, backend: str = "auto") -> LLMEngine:
     """A fresh tiny random model (the same weights for the same seed) and its engine on CUDA."""
     model = random_model(config(), seed=seed).to(device="cuda", dtype=dtype)
     blocks = 4 * -(-CONTEXT // BLOCK)
     kv = blocks * BLOCK * model.config.kv_bytes_per_token(dtype.itemsize)
     settings = EngineConfig(
-        block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_memory=kv, enforce_eager=eager
+        block_size=BLOCK,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        kv_cache_memory=kv,
+        enforce_eager=eager,
+        attention_backend=backend,
+        on_kernel_failure="raise",
     )
     return LLMEngine(model, None, settings)
 
@@ -156,18 +162,23 @@ def test_compiled_prefill_kernel_matches_its_reference(dtype: torch.dtype, kv: i
 
 
 # ------------------------------------------------------------------------------------ the engine
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
-def test_greedy_on_cuda_matches_full_recompute_on_cpu(eager: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("eager", "backend"), [(True, "auto"), (False, "auto"), (True, "torch")], ids=["eager", "graphs", "torch"]
+)
+def test_greedy_on_cuda_matches_full_recompute_on_cpu(eager: bool, backend: str, monkeypatch) -> None:
+    """``auto`` is the Triton backend on CUDA (eager and with graphs); ``torch`` gathers, with the
+    split past/chunk kernels where its start-up probe finds one agreeing."""
     replays = ReplayCounter(monkeypatch)
-    engine = cuda_engine(torch.float32, eager=eager)
+    engine = cuda_engine(torch.float32, eager=eager, backend=backend)
     assert engine.device.type == "cuda"
+    assert engine.stats()["attention_backend"] == ("triton" if backend == "auto" else "torch")
     got = [c.token_ids for c in engine.generate(PROMPTS, PARAMS)]
     for prompt, params, tokens in zip(PROMPTS, PARAMS, got, strict=True):
         expected = reference_greedy(prompt, params.max_new_tokens)
         assert tokens == expected, f"prompt of {len(prompt)}: {tokens} != reference {expected}"
     assert (replays.count > 0) == (not eager), f"{replays.count} graph replays with enforce_eager={eager}"
     stats = engine.stats()
-    assert stats["free_blocks"] == stats["num_blocks"]
+    assert stats["free_blocks"] == stats["num_blocks"] and stats["kernel_failures"] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
