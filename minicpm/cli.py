@@ -300,11 +300,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace, **extra: object) -> tuple[Any, Any]:
-    """Validate every flag, then load: (llm, sampling params)."""
+    """Validate every flag, then load: (llm, sampling params). The engine's start-up lines (its
+    attention backend) are for servers' logs, not a terminal's answer: warnings only here."""
     device = _check_device(args.device)
     params = _sampling(args, **extra)
     engine_config = _engine_config(args, device)
-    return _load(args, device, engine_config), params
+    engine_log = logging.getLogger("minicpm.engine")
+    level = engine_log.level
+    engine_log.setLevel(logging.WARNING)
+    try:
+        return _load(args, device, engine_config), params
+    finally:
+        engine_log.setLevel(level)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
