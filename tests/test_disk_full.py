@@ -61,7 +61,9 @@ def assert_one_error_line(rc: int, err: str, path: Path, left: list[str]) -> Non
     assert rc == 2 and len(lines) == 1, err
     assert "No space left on device" in lines[0] and str(path) in lines[0], lines[0]
     assert "Traceback" not in err, err
-    assert left == [], f"half-written files left: {left}"
+    # the kernel cache's lock file is empty by design (it only takes a lock): nothing half-written
+    written = [f for f in left if Path(f).name != ".build.lock"]
+    assert written == [], f"half-written files left: {written}"
 
 
 @pytest.fixture(scope="module")
