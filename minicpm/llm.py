@@ -18,11 +18,13 @@ Contract:
 * ``chat(query, history=None, system=None, ...)`` returns ``(response, history)`` like the card's
   ``model.chat``, without its defects: it stops at ``<|im_end|>``, keeps every generated token,
   never returns template markers, and ``max_new_tokens`` counts only the answer.
-* One ``LLM`` may be shared by any number of threads: calls from several threads are batched
-  together on the one engine (each step runs under a lock and hands every request its own
-  outputs), and each thread gets exactly what its call alone would produce, or an
-  :class:`~minicpm.engine.async_engine.EngineError` if the engine fails; never another's tokens.
-  ``last_completion`` and ``last_history`` are per thread.
+* Requests go to the engine's one request router
+  (:class:`~minicpm.engine.async_engine.BackgroundEngine`), the same one a server over this LLM
+  uses (:meth:`LLM.client`): one engine, one KV cache. One ``LLM`` may be shared by any number of
+  threads: their calls are batched together, and each thread gets exactly what its call alone
+  would produce, or an :class:`~minicpm.engine.client.EngineError` if the engine fails; never
+  another's tokens. Leaving a stream early aborts its request (its blocks are free when the
+  stream's ``close()`` returns). ``last_completion`` and ``last_history`` are per thread.
 * ``stream`` and ``chat_stream`` take ``cancel`` (e.g. a ``threading.Event``): once it is set the
   request is aborted at the next step boundary and the completion ends with ``finish_reason``
   "abort", keeping what was generated (the CLI's Ctrl-C). The engine is never interrupted
@@ -32,24 +34,19 @@ Contract:
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from .engine import Completion, EngineConfig, LLMEngine, RequestOutput
-from .engine.async_engine import EngineError
+from .engine import Completion, EngineConfig, LLMEngine
+from .engine.async_engine import BackgroundEngine, Cancel
 from .model import MiniCPMForCausalLM
 from .sampling import CARD_DEFAULTS, CHAT_DEFAULTS, SamplingParams, checkpoint_sampling_defaults
 from .tokenizer import Tokenizer
 
 __all__ = ["CHAT_DEFAULTS", "LLM", "Completion"]
-
-
-class Cancel(Protocol):
-    def is_set(self) -> bool: ...
 
 
 class LLM:
@@ -67,10 +64,7 @@ class LLM:
         self.chat_format = chat_format
         tokenizer.resolve_chat_template(chat_format)  # fail now on an unknown format
         self.engine = LLMEngine(self.model, tokenizer, engine_config)
-        self._lock = threading.Lock()  # the engine and _pending are touched only under it
-        self._stepping: int | None = None  # the thread inside a step
-        self._abandoned: deque[str] = deque()  # streams dropped inside a step (by the GC): aborted next
-        self._pending: dict[str, deque[RequestOutput | BaseException]] = {}
+        self._client = BackgroundEngine(self.engine)  # the engine's request router, shared with any server
         self._local = threading.local()
         # what a request that leaves temperature / top-p / top-k / repetition penalty unset gets
         self.sampling_defaults: dict[str, float] = dict(CARD_DEFAULTS)
@@ -109,87 +103,18 @@ class LLM:
         return self.engine.stop_token_ids(params)
 
     # ------------------------------------------------------------------ generation
-    def _step(self) -> None:
-        """One engine step (under the lock); each output goes to its request's queue. If the step
-        fails, every request in flight is aborted and every waiting caller gets the error."""
-        engine, pending = self.engine, self._pending
-        while self._abandoned:
-            request_id = self._abandoned.popleft()
-            pending.pop(request_id, None)
-            if request_id in engine.requests:
-                engine.abort_request(request_id)
-        self._stepping = threading.get_ident()
-        try:
-            outputs = engine.step()
-        except BaseException as exc:  # KeyboardInterrupt too: a step cut short leaves no request behind
-            what = "was interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            error = EngineError(f"the engine {what}: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            for request_id in list(engine.requests):
-                engine.abort_request(request_id)
-            for queue in pending.values():
-                queue.append(error)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        finally:
-            self._stepping = None
-        for out in outputs:
-            queue = pending.get(out.request_id)
-            if queue is not None:
-                queue.append(out)
-
-    def _submit(self, requests: Sequence[Any]) -> None:
-        with self._lock:
-            for request in requests:
-                if request.request_id in self._pending:
-                    raise ValueError(f"request id {request.request_id!r} is already in flight")
-            for request in requests:
-                self.engine.add(request)
-                self._pending[request.request_id] = deque()
-
-    def _outputs(self, request_id: str, cancel: Cancel | None = None) -> Iterator[RequestOutput]:
-        """Step the engine until ``request_id`` finishes, yielding its outputs (others' are queued
-        for their own callers, in this thread or another)."""
-        engine, pending, lock = self.engine, self._pending, self._lock
-        try:
-            while True:
-                with lock:
-                    queue = pending.get(request_id)
-                    if queue is None:
-                        return
-                    if not queue:
-                        if request_id not in engine.requests:
-                            return
-                        if cancel is not None and cancel.is_set():
-                            queue.append(engine.abort_request(request_id))
-                        else:
-                            self._step()
-                        continue
-                    item = queue.popleft()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
-        finally:
-            if self._stepping == threading.get_ident():
-                # closed by the garbage collector inside this thread's own step: the lock is ours
-                # already and the step is half done, so the next step aborts it
-                self._abandoned.append(request_id)
-            else:
-                with lock:
-                    pending.pop(request_id, None)
-                    if request_id in engine.requests:  # the caller stopped early
-                        engine.abort_request(request_id)
+    def client(self) -> BackgroundEngine:
+        """A new client of this LLM's engine router, e.g. for a server
+        (``ServerState(engine=llm.client(), ...)``): its requests share the LLM's batches and KV
+        cache, with no second engine. Closing it ends its own requests; the LLM keeps working."""
+        return BackgroundEngine(self.engine)
 
     def _run(
         self, prompt: str | Sequence[int], params: SamplingParams, state: Completion, cancel: Cancel | None = None
     ) -> Iterator[str]:
-        request = self.engine.make_request(prompt, params)
+        request = self._client.make_request(prompt, params)
         state.prompt_tokens = request.seq.num_prompt_tokens
-        self._submit([request])
-        for out in self._outputs(request.request_id, cancel):
+        for out in self._client.submit(request).until(cancel):
             state.add(out)
             if out.text:
                 yield out.text
@@ -225,22 +150,16 @@ class LLM:
             for _ in self._run(prompt, params, state):
                 pass
             return state
-        requests = [self.engine.make_request(p, params) for p in prompt]  # all validated before any runs
+        requests = [self._client.make_request(p, params) for p in prompt]  # all validated before any runs
         states = [Completion("", [], r.seq.num_prompt_tokens, "length") for r in requests]
-        self._submit(requests)
-        outputs = [self._outputs(r.request_id) for r in requests]
+        streams = [self._client.submit(r) for r in requests]
         try:
-            for stream, state in zip(outputs, states, strict=True):
-                for out in stream:
+            for stream, state in zip(streams, states, strict=True):
+                for out in stream.until(None):
                     state.add(out)
-        finally:
-            for stream in outputs:
-                stream.close()
-            with self._lock:
-                for r in requests:
-                    self._pending.pop(r.request_id, None)
-                    if r.request_id in self.engine.requests:
-                        self.engine.abort_request(r.request_id)
+        finally:  # a caller that leaves (an error, an interrupt) aborts what is left
+            for stream in streams:
+                stream.cancel()
         return states
 
     @property

@@ -158,3 +158,9 @@ def test_close_aborts_what_is_in_flight() -> None:
         bg.add_request(PROMPTS[0], PARAMS)
     bm = bg.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not bg.engine.requests
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused_in_the_caller() -> None:
+    bad = r"stop_token_ids \[97\] are outside the vocabulary \(size 97\)"
+    with BackgroundEngine(make_engine()) as bg, pytest.raises(ValueError, match=bad):
+        bg.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4, stop_token_ids=(3, 97)))

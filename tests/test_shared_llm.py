@@ -117,9 +117,30 @@ def test_text_that_is_not_unicode_is_read_as_replacement_characters(llm: LLM) ->
     assert llm.generate(escaped, GREEDY).token_ids == llm.generate(replaced, GREEDY).token_ids
     reply, history = llm.chat("lone \ud83d surrogate", temperature=0, max_new_tokens=8)
     assert reply and history[0]["content"] == "lone \ud83d surrogate"
-    with BackgroundEngine(llm.engine.__class__(llm.model, tok)) as engine:
+    with llm.client() as engine:
         outputs = list(engine.add_request(escaped, GREEDY))
     assert outputs[-1].finished and outputs[-1].finish_reason in ("stop", "length")
+
+
+def test_a_client_of_the_llm_shares_its_engine_router_and_closing_it_leaves_the_llm_working(llm: LLM) -> None:
+    """A server over an LLM (llm.client(), or BackgroundEngine(llm.engine)) is one more client of
+    the LLM's router: one engine thread, one KV cache; its close() ends only its own requests."""
+    before = [t.name for t in threading.enumerate()].count("minicpm-engine")
+    client = llm.client()
+    other = BackgroundEngine(llm.engine)
+    assert client._router is other._router is llm._client._router
+    assert [t.name for t in threading.enumerate()].count("minicpm-engine") == before >= 1
+    long = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    outputs = iter(other.add_request(QUESTIONS[0], long))
+    next(outputs)  # running
+    assert client.limits().max_model_len == llm.engine.max_model_len
+    other.close()  # aborts its own request, waiting until it is
+    assert list(outputs)[-1].finish_reason == "abort"
+    assert not other.alive and client.alive
+    assert llm.generate(QUESTIONS[3], GREEDY).token_ids  # the LLM and its router go on
+    client.close()
+    assert llm.chat(QUESTIONS[0], temperature=0, max_new_tokens=24)[0].startswith("The capital of France is Paris")
+    assert _all_blocks_free(llm)
 
 
 def test_a_stream_closed_inside_a_step_does_not_deadlock(llm: LLM, monkeypatch) -> None:

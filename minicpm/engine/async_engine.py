@@ -1,45 +1,56 @@
-"""An :class:`~minicpm.engine.LLMEngine` in its own thread: :class:`BackgroundEngine`.
+"""An :class:`~minicpm.engine.LLMEngine` in its own thread, behind :class:`BackgroundEngine` clients.
 
-Contract: one daemon thread owns the engine and runs ``step()`` while any request is in flight
-(it sleeps otherwise). From any thread:
+Contract: an engine has at most one request router at a time: one daemon thread that owns the
+engine and runs ``step()`` while any request is in flight (it sleeps otherwise).
+``BackgroundEngine(engine)`` is a client of that router (it starts one if the engine has none),
+implementing :class:`~minicpm.engine.client.EngineClient`; any number of clients (an
+:class:`~minicpm.LLM`, a server over the same engine) share the router, its batches and its KV
+cache. Abort, a dropped stream and failure fan-out are handled here once, for all of them. From
+any thread:
 
 * ``add_request(prompt, params, request_id=None)`` validates and tokenizes in the caller's thread
   (bad input raises ``ValueError`` there, and nothing is queued) and returns a
   :class:`RequestStream`: iterate it for the request's :class:`~minicpm.engine.RequestOutput`\\ s
   until the one with ``finished`` set; a reader that stops early (``break``, ``close()``, the
-  stream garbage-collected, even before it was first read) aborts the request: the engine holds
+  stream garbage-collected, even before it was first read) aborts the request: the router holds
   streams by weak reference only.
 * ``abort(request_id)`` ends a request; its stream ends with ``finish_reason == "abort"``.
-* ``async for out in engine.generate(prompt, params)`` does the same from an asyncio loop; leaving
-  the loop early (a client that disconnects, a cancelled task) aborts the request.
-* ``close()`` aborts everything and stops the thread.
+* ``async for out in client.generate(prompt, params)`` does the same from an asyncio loop;
+  leaving the loop early (a client that disconnects, a cancelled task) aborts the request.
+* ``close()`` aborts this client's requests and refuses new ones; the router stops (and its
+  thread ends) once its last client is closed or garbage-collected.
 
-If a step raises (a bug, a device error), every request then in flight gets the exception from
-its stream, is aborted (its blocks are freed), and the engine keeps serving new requests. A
-request that alone fails while its token is finished (``finish_reason`` "error") gets an
-:class:`EngineError` from its stream; the others go on. If the engine thread itself dies, every
-open stream gets the error (none waits forever) and new requests are refused.
+If a step raises (a bug, a device error), every request then in flight, whichever client sent it,
+gets the exception from its stream, is aborted (its blocks are freed), and the router keeps
+serving new requests. A request that alone fails while its token is finished (``finish_reason``
+"error") gets an :class:`EngineError` from its stream; the others go on. If the router thread
+itself dies, every open stream gets the error (none waits forever) and new requests are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from collections.abc import Sequence as Seq
+from typing import ClassVar, Protocol
 
 from ..sampling import SamplingParams
+from .client import EngineError, EngineLimits
 from .llm_engine import LLMEngine, Request, RequestOutput
+
+__all__ = ["BackgroundEngine", "EngineError", "RequestStream"]
 
 log = logging.getLogger("minicpm.engine")
 
 
-class EngineError(RuntimeError):
-    """The engine failed while running this request."""
+class Cancel(Protocol):
+    def is_set(self) -> bool: ...
 
 
 class RequestStream:
@@ -59,7 +70,7 @@ class RequestStream:
         self._queue: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
 
     def put(self, item: RequestOutput | BaseException) -> bool:
-        """Called by the engine thread; False when the reader's loop is gone."""
+        """Called by the router thread; False when the reader's loop is gone."""
         if self._loop is None:
             self._queue.put(item)
             return True
@@ -94,6 +105,30 @@ class RequestStream:
         finally:  # the reader stopped (break, close, garbage collection): the request is aborted
             self.cancel()
 
+    def until(self, cancel: Cancel | None, poll: float = 0.02) -> Iterator[RequestOutput]:
+        """The outputs, read from a thread; once ``cancel`` is set the request is aborted (its last
+        output says "abort"). A reader that stops early aborts the request and, unless it is the
+        router's own thread (a garbage-collected stream), waits until the abort has freed its blocks."""
+        try:
+            while not self.finished:
+                if cancel is None:
+                    item = self._queue.get()
+                else:
+                    try:
+                        item = self._queue.get(timeout=poll)
+                    except queue.Empty:
+                        if cancel.is_set():
+                            self.cancel()
+                        continue
+                yield self._take(item)
+        finally:
+            if not self.finished:
+                self.cancel()
+                if threading.current_thread().name != _Router.THREAD_NAME:
+                    with contextlib.suppress(EngineError):
+                        while not self.finished:
+                            self._take(self._queue.get())
+
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
@@ -102,103 +137,112 @@ class RequestStream:
             self.cancel()
 
 
-class BackgroundEngine:
+class _Router:
+    """The one thread that owns an engine: it takes the clients' commands and steps the engine."""
+
+    THREAD_NAME = "minicpm-engine"
+    _registry: ClassVar[dict[int, _Router]] = {}  # id(engine) -> its live router (a router holds its engine)
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def attach(cls, engine: LLMEngine) -> _Router:
+        """The engine's router, started if it has none; one more client counted on it."""
+        with cls._registry_lock:
+            router = cls._registry.get(id(engine))
+            if router is None or router.engine is not engine or not router._accepting:
+                router = cls(engine)
+                cls._registry[id(engine)] = router
+            router._clients += 1
+            return router
+
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, weakref.ref[RequestStream]] = {}  # weak: a dropped stream aborts
-        self._closed = False
-        self._died: str | None = None  # why the engine thread ended, if it did not close
-        self._lock = threading.Lock()  # submit vs close: an accepted request is always read
-        self._stats: dict[str, int] = engine.stats()
-        self._thread = threading.Thread(target=self._loop, name="minicpm-engine", daemon=True)
+        self._owners: dict[str, int] = {}  # request id -> the client that sent it
+        self._clients = 0
+        self._accepting = True
+        self._died: str | None = None  # why the thread ended, if it did not stop
+        self._lock = threading.Lock()  # submit vs stop: an accepted request is always read
+        self.stats: dict[str, int] = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
-
-    # ------------------------------------------------------------------ client side
-    def _submit(self, request: Request, loop: asyncio.AbstractEventLoop | None) -> RequestStream:
-        with self._lock:
-            if self._died is not None:
-                raise EngineError(f"the engine thread died: {self._died}")
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            stream = RequestStream(request.request_id, loop, self.abort)
-            self._commands.put(("add", request, stream))
-        return stream
-
-    def add_request(
-        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> RequestStream:
-        return self._submit(self.engine.make_request(prompt, params, request_id), None)
-
-    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
-        """Queue a request made (validated, tokenized) with ``engine.make_request``, e.g. in a worker
-        thread; read its stream from ``loop`` (asyncio) or, without one, from any thread."""
-        return self._submit(request, loop)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+        return self._thread.is_alive() and self._died is None
 
-    async def generate(
-        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        stream = self._submit(self.engine.make_request(prompt, params, request_id), asyncio.get_running_loop())
-        async for out in stream:
-            yield out
+    def submit(self, client: int, request: Request, loop: asyncio.AbstractEventLoop | None) -> RequestStream:
+        with self._lock:
+            if self._died is not None:
+                raise EngineError(f"the engine thread died: {self._died}")
+            stream = RequestStream(request.request_id, loop, self.abort)
+            self._commands.put(("add", (client, request), stream))
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
 
-    def stats(self) -> dict[str, int]:
-        """The engine's counters as of its last step."""
-        return dict(self._stats)
+    def detach(self, client: int, done: threading.Event | None) -> None:
+        """Abort ``client``'s requests; the router stops once no client is left."""
+        with type(self)._registry_lock:
+            self._clients -= 1
+            last = self._clients == 0
+            if last:
+                self._accepting = False
+                if type(self)._registry.get(id(self.engine)) is self:
+                    del type(self)._registry[id(self.engine)]
+        self._commands.put(("detach", (client, last), done))
 
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._commands.put(("close", None, None))
-        self._thread.join()
+    def join(self) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
-    def __enter__(self) -> BackgroundEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------ engine thread
+    # ------------------------------------------------------------------ the router's thread
     def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
         ref = self._streams.get(request_id)
         if ref is None:
             return
         if isinstance(out, BaseException) or out.finished:
             del self._streams[request_id]
+            self._owners.pop(request_id, None)
         if isinstance(out, RequestOutput) and out.finish_reason == "error":
             out = EngineError(f"the request failed: {out.error}")
         stream = ref()
         if stream is None or not stream.put(out):  # dropped unread, or its event loop is gone
             self._streams.pop(request_id, None)
+            self._owners.pop(request_id, None)
             if request_id in self.engine.requests:
                 self.engine.abort_request(request_id)
 
-    def _handle(self, command: str, arg: object, stream: RequestStream | None) -> bool:
-        engine = self.engine
+    def _abort(self, request_id: str) -> None:
+        out = self.engine.abort_request(request_id)
+        if out is not None:
+            self._deliver(out, request_id)
+
+    def _handle(self, command: str, arg: object, extra: object) -> bool:
         if command == "add":
+            client, request = arg
             try:
-                engine.add(arg)
+                self.engine.add(request)
             except ValueError as e:  # a duplicate request id
-                stream.put(e)
+                extra.put(e)
                 return True
-            self._streams[arg.request_id] = weakref.ref(stream)
+            self._streams[request.request_id] = weakref.ref(extra)
+            self._owners[request.request_id] = client
         elif command == "abort":
-            out = engine.abort_request(arg)
-            if out is not None:
-                self._deliver(out, arg)
-        elif command == "close":
-            for request_id in list(engine.requests):
-                self._deliver(engine.abort_request(request_id), request_id)
-            return False
+            self._abort(arg)
+        elif command == "detach":
+            client, last = arg
+            for request_id in [r for r, c in self._owners.items() if c == client or last]:
+                self._abort(request_id)
+            if last:
+                for request_id in list(self.engine.requests):  # e.g. streams already dropped
+                    self._abort(request_id)
+            self.stats = self.engine.stats()
+            if extra is not None:
+                extra.set()
+            return not last
         return True
 
     def _loop(self) -> None:
@@ -214,13 +258,15 @@ class BackgroundEngine:
                 if stream is not None:
                     stream.put(error)
             self._streams.clear()
-            while True:  # commands sent before _died was set: refuse their streams too
+            while True:  # commands sent before _died was set: refuse their streams, release closers
                 try:
-                    command, _, stream = self._commands.get_nowait()
+                    command, _, extra = self._commands.get_nowait()
                 except queue.Empty:
                     break
-                if command == "add" and stream is not None:
-                    stream.put(error)
+                if command == "add":
+                    extra.put(error)
+                elif command == "detach" and extra is not None:
+                    extra.set()
 
     def _serve(self) -> None:
         engine = self.engine
@@ -237,7 +283,7 @@ class BackgroundEngine:
                 except queue.Empty:
                     command = None
             if not engine.has_unfinished_requests():
-                self._stats = engine.stats()  # e.g. the last request was just aborted
+                self.stats = engine.stats()  # e.g. the last request was just aborted
                 continue
             try:
                 outputs = engine.step()
@@ -251,6 +297,88 @@ class BackgroundEngine:
                 for request_id in list(self._streams):
                     self._deliver(error, request_id)
                 continue
-            self._stats = engine.stats()
+            self.stats = engine.stats()
             for out in outputs:
                 self._deliver(out, out.request_id)
+
+
+_client_ids = itertools.count(1)
+
+
+class BackgroundEngine:
+    """A client of ``engine``'s request router (:class:`~minicpm.engine.client.EngineClient`)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._id = next(_client_ids)
+        self._closed = False
+        self._router = _Router.attach(engine)
+
+    # ------------------------------------------------------------------ EngineClient
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._router.alive
+
+    def limits(self) -> EngineLimits:
+        engine = self.engine
+        return EngineLimits(engine.max_model_len, engine.model_config.vocab_size, engine.config.max_num_seqs)
+
+    def make_request(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Validate and tokenize (in the caller's thread): ``ValueError`` names what is wrong."""
+        return self.engine.make_request(prompt, params, request_id)
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        """Queue a request made (validated, tokenized) with :meth:`make_request`, e.g. in a worker
+        thread; read its stream from ``loop`` (asyncio) or, without one, from any thread."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        return self._router.submit(self._id, request, loop)
+
+    def abort(self, request_id: str) -> None:
+        self._router.abort(request_id)
+
+    def check_grammar(self, grammar: str) -> str | None:
+        """Why the engine cannot run ``grammar`` (structured output), or None; any thread."""
+        return self.engine.runner.sampler.check_grammar(grammar)
+
+    def stats(self) -> dict[str, int]:
+        """The engine's counters as of its last step."""
+        return dict(self._router.stats)
+
+    def close(self) -> None:
+        """Abort this client's requests (waiting until they are) and refuse new ones."""
+        if self._closed:
+            return
+        self._closed = True
+        done = threading.Event()
+        self._router.detach(self._id, done)
+        if threading.current_thread().name != _Router.THREAD_NAME:
+            while not done.wait(0.1) and self._router.alive:  # a dead router reads no command
+                pass
+
+    # ------------------------------------------------------------------ conveniences
+    def add_request(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestStream:
+        return self.submit(self.make_request(prompt, params, request_id))
+
+    async def generate(
+        self, prompt: str | Seq[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        stream = self.submit(self.make_request(prompt, params, request_id), asyncio.get_running_loop())
+        async for out in stream:
+            yield out
+
+    def __del__(self) -> None:  # a client dropped unclosed: its requests end, the router may stop
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
+                self._router.detach(self._id, None)
+
+    def __enter__(self) -> BackgroundEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

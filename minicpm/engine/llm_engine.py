@@ -209,6 +209,9 @@ class LLMEngine:
             raise UserError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         ids = self.encode_prompt(prompt)
         config = self.model_config
+        bad = [i for i in params.stop_token_ids if not 0 <= i < config.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary (size {config.vocab_size})")
         seq = Sequence(
             request_id=request_id if request_id is not None else uuid.uuid4().hex,
             prompt_ids=ids,

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from ..engine.async_engine import BackgroundEngine
+    from ..engine.client import EngineClient
 
 LATENCY_BUCKETS = (
     0.005,
@@ -41,7 +41,7 @@ LATENCY_BUCKETS = (
 
 
 class _EngineCollector:
-    def __init__(self, engine: BackgroundEngine) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
 
     def collect(self) -> Any:
@@ -87,7 +87,7 @@ class Metrics:
             "minicpm:request_queue_time_seconds", "Time waiting to be scheduled.", buckets=LATENCY_BUCKETS, registry=r
         )
 
-    def bind(self, engine: BackgroundEngine) -> None:
+    def bind(self, engine: EngineClient) -> None:
         self.registry.register(_EngineCollector(engine))
 
     def finished(self, choice: Any, seconds: float, counted_prompt: bool) -> None:

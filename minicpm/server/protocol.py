@@ -2,7 +2,8 @@
 
 Contract: request models accept and ignore fields they do not know (clients send many; vLLM
 does the same) and validate every field they do know, so a wrong type or an out-of-range value
-is a 400 that names the field. Response models are exactly OpenAI's shapes; ``/openapi.json``
+is a 400 that names the field. ``to_sampling_params`` turns a generation request into the
+engine's :class:`~minicpm.sampling.SamplingParams`. Response models are exactly OpenAI's shapes; ``/openapi.json``
 is generated from these classes, so it describes the real API.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from ..sampling import MAX_LOGPROBS
+from ..sampling import GENERATION_FIELDS, MAX_LOGPROBS, SamplingParams, with_defaults
 
 
 def new_id(prefix: str) -> str:
@@ -42,6 +43,50 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    def answer_limit(self) -> int | None:
+        """The most tokens the answer may have (None: as many as the context leaves)."""
+        return self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's logprobs list (None: no logprobs)."""
+        return None
+
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's own tokens are scored (echo with logprobs)."""
+        return False
+
+    def to_sampling_params(
+        self, defaults: dict[str, float], seed: int | None = None, grammar: str | None = None
+    ) -> SamplingParams:
+        """The engine's settings for one choice: ``defaults`` fill the unset temperature, top-p,
+        top-k and repetition penalty; ``seed`` is this choice's. An answer limit of 0 (echo,
+        scoring the prompt) generates one token, which is then dropped."""
+        limit, logprobs = self.answer_limit(), self.logprob_count()
+        stop = self.stop if isinstance(self.stop, list) else [self.stop] if self.stop else []
+        chosen = with_defaults({k: getattr(self, k) for k in GENERATION_FIELDS}, defaults)
+        return SamplingParams(
+            max_new_tokens=max(1, limit) if limit is not None else 1 << 30,
+            temperature=chosen["temperature"],
+            top_p=chosen["top_p"],
+            top_k=max(0, int(chosen["top_k"])),  # vLLM's -1 is off, like 0
+            min_p=self.min_p if self.min_p is not None else 0.0,
+            repetition_penalty=chosen["repetition_penalty"],
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=seed,
+            stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            min_tokens=min(self.min_tokens, limit) if limit else 0 if limit == 0 else self.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if self.scores_prompt() else None,
+            grammar=grammar,
+        )
+
+    def choice_seed(self, i: int) -> int | None:
+        """The seed of choice ``i`` of ``n`` (each choice its own, from the request's)."""
+        return None if self.seed is None else (self.seed + i) % 2**64
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> _Request:
@@ -77,6 +122,12 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
 
+    def answer_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
@@ -89,6 +140,15 @@ class CompletionRequest(_Request):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
+
+    def answer_limit(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def scores_prompt(self) -> bool:
+        return self.echo and self.logprobs is not None
 
 
 class TokenizeRequest(BaseModel):
