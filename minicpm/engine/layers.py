@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 
 import torch
@@ -132,10 +133,11 @@ def make_linear(linear: nn.Linear | QuantizedLinear, choice: str) -> nn.Module:
     raise ValueError(f"unknown linear choice {choice!r}: panel, onednn-<rows> or blas")
 
 
-class StepRows:
+class StepRows(threading.local):
     """Where a step's rows split for the linear layers: rows ``[0, split)`` (the step's decode
     rows, which the scheduler puts first) and the rest are multiplied apart; 0 means no decode
-    row, a split at or past the last row only decode rows."""
+    row, a split at or past the last row only decode rows. One per model, and per thread: engines
+    sharing a model, each stepping on its own thread, never see each other's split."""
 
     def __init__(self) -> None:
         self.split = 0
@@ -232,20 +234,19 @@ def head_is_table(model: MiniCPMForCausalLM) -> bool:
 
 
 def prepare_model(
-    model: MiniCPMForCausalLM, rows: StepRows, quantize: str = "auto", group_size: int | None = None
+    model: MiniCPMForCausalLM, quantize: str = "auto", group_size: int | None = None
 ) -> MiniCPMForCausalLM:
     """Bring the weights to ``quantize``'s format (:func:`~minicpm.quant.quantize_model`), fuse
     projections, give each linear layer this machine's product (:func:`cpu_linear`; quantized
     layers the native kernel's panels: CPU only) and wrap it in a :class:`RowSplitLinear` reading
-    ``rows``; in place, once per model (a second engine over it must ask for the same format)."""
+    the model's one :class:`StepRows` (``model.step_rows``); in place, once per model. A second
+    engine over a prepared model changes nothing in it (it must ask for the same format)."""
     prepared = getattr(model, "prepared_quantize", None)
     if prepared is not None:
         if quantize not in ("auto", prepared):
-            raise ValueError(f"this model was prepared with quantize={prepared!r}, not {quantize!r}; load it again")
-        for module in model.modules():
-            if isinstance(module, RowSplitLinear):  # follow the new engine's rows
-                module.rows = rows
+            raise UserError(f"this model was prepared with quantize={prepared!r}, not {quantize!r}; load it again")
         return model
+    rows = StepRows()
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if quantize in QUANTIZED or (quantize == "auto" and quantized):
         where = f"quantize={quantize!r}" if quantize != "auto" else "this model's quantized weights"
@@ -281,5 +282,6 @@ def prepare_model(
     inner = model.lm_head.inner
     if shared_table and isinstance(inner, PanelLinear):  # one copy of the table: the head's panels
         model.model.embed_tokens = PanelEmbedding(inner, model.dtype)
+    model.step_rows = rows
     model.prepared_quantize = quantize if quantize != "auto" else ("quantized" if quantized else "none")
     return model

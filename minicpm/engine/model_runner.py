@@ -60,8 +60,8 @@ def _padded_tables(seqs: list[Sequence], width: int) -> list[list[int]]:
 
 class ModelRunner:
     def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
-        self.rows = StepRows()
-        self.model = prepare_model(model.eval(), self.rows, config.quantize, config.group_size)
+        self.model = prepare_model(model.eval(), config.quantize, config.group_size)
+        self.rows: StepRows = self.model.step_rows  # the model's, shared by every engine over it
         self.config = config
         self.model_config = model.config
         self.device = model.device
