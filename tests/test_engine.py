@@ -807,3 +807,45 @@ def test_bfloat16_greedy_follows_the_full_recompute_token_by_token(model: MiniCP
                 total += 1
     assert exact >= 0.9 * total
     check_idle(engine)
+
+
+def test_a_second_engine_over_a_model_changes_nothing_in_it_and_both_step_at_once() -> None:
+    """The first engine prepares the model; a second one over it re-points nothing (the layers keep
+    the model's one StepRows) and, each stepping on its own thread, both give the tokens of one
+    engine alone (the row split is per thread)."""
+    import threading
+
+    from minicpm.engine.layers import RowSplitLinear
+
+    model = random_model(tiny_config(num_hidden_layers=2, max_length=256), seed=21)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (30, 70, 9)]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    config = EngineConfig(block_size=8, max_num_seqs=2, max_num_batched_tokens=16)
+    first = LLMEngine(model, None, config)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, RowSplitLinear)}
+    assert layers and all(m.rows is model.step_rows for m in layers.values())
+    expected = [c.token_ids for c in first.generate(prompts, params)]
+    second = LLMEngine(model, None, config)
+    after = {name: m for name, m in model.named_modules() if isinstance(m, RowSplitLinear)}
+    assert after.keys() == layers.keys() and all(
+        after[n] is layers[n] and m.rows is model.step_rows for n, m in after.items()
+    )
+    model.step_rows.split = 3  # a split set on this thread is not another thread's
+    seen = []
+    other = threading.Thread(target=lambda: seen.append(model.step_rows.split))
+    other.start()
+    other.join()
+    model.step_rows.split = 0
+    assert seen == [0]
+    results: dict[int, list] = {}
+
+    def run(i: int, engine: LLMEngine) -> None:
+        results[i] = [[c.token_ids for c in engine.generate(prompts, params)] for _ in range(3)]
+
+    threads = [threading.Thread(target=run, args=(i, e)) for i, e in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] == [expected] * 3
