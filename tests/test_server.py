@@ -326,6 +326,10 @@ def test_50_clients_that_disconnect_leave_nothing_running(server: LiveServer) ->
     assert metric(server, "minicpm:kv_cache_blocks_used") == 0
     assert server.state.in_flight == 0
     assert metric(server, 'minicpm:request_success_total{finished_reason="abort"}') >= 40
+    # the engine's health beside its load: its attention backend, nothing failed
+    backend = server.state.engine.stats()["attention_backend"]
+    assert metric(server, f'minicpm:attention_backend_info{{backend="{backend}"}}') == 1
+    assert metric(server, "minicpm:kernel_failures_total") == 0 and metric(server, "minicpm:request_errors_total") == 0
 
 
 def test_sigterm_drains_then_exits_0(default_model_dir: Path) -> None:

@@ -2,9 +2,10 @@
 
 Contract: one private registry per server. Gauges and the engine's own counters (requests
 running and waiting, KV cache usage, KV blocks used and total, preemptions, prefix-cache queries
-and hits) are read from the engine's statistics when ``/metrics`` is scraped; per-request
-counters and histograms (prompt and generation tokens, finished requests by reason, time to first
-token, inter-token latency, end-to-end latency, queue time) are recorded as requests finish.
+and hits, the attention backend serving, kernel failures, requests ended by an error) are read
+from the engine's statistics when ``/metrics`` is scraped; per-request counters and histograms
+(prompt and generation tokens, finished requests by reason, time to first token, inter-token
+latency, end-to-end latency, queue time) are recorded as requests finish.
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ class _EngineCollector:
         )
         yield CounterMetricFamily(
             "minicpm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["cached_prompt_tokens"]
+        )
+        backend = GaugeMetricFamily(
+            "minicpm:attention_backend_info", "The attention backend serving now (1).", labels=["backend"]
+        )
+        backend.add_metric([s["attention_backend"]], 1)
+        yield backend
+        yield CounterMetricFamily(
+            "minicpm:kernel_failures",
+            "Attention kernels that failed mid-serving (each moved the engine to its backend's fallback).",
+            s["kernel_failures"],
+        )
+        yield CounterMetricFamily(
+            "minicpm:request_errors", "Requests ended by an error inside an engine step.", s["request_errors"]
         )
 
 
