@@ -13,6 +13,9 @@ from pathlib import Path
 
 # Thread counts stay as each test sets them (the load-following governor has its own tests).
 os.environ.setdefault("MINICPM_ADAPTIVE_THREADS", "0")
+# A kernel failing mid-serving fails the test (EngineConfig.on_kernel_failure's default here, and in
+# every process a test starts); the tests of the fallback ask for it by name.
+os.environ.setdefault("MINICPM_ON_KERNEL_FAILURE", "raise")
 
 import pytest
 import torch
