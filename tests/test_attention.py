@@ -262,3 +262,16 @@ def test_split_prefill_kernels_are_chosen_per_shape_class() -> None:
     cache, q, k, v, expected = _chunk_case(30, 6, table, backend)
     assert_close_rel(cache.attend(0, q, k, v), expected, 1e-5)
     assert backend.lse_by_class[(24).bit_length(), (6).bit_length()] is right and backend.failures == {"flaky": 1}
+
+
+def test_a_kernel_failure_falls_back_by_default_and_the_environment_can_make_it_raise(monkeypatch) -> None:
+    """Users get the fallback (counted in stats and /metrics); MINICPM_ON_KERNEL_FAILURE sets another
+    default (the test suite's "raise"); a setting given wins over it."""
+    monkeypatch.delenv("MINICPM_ON_KERNEL_FAILURE", raising=False)
+    assert EngineConfig().on_kernel_failure == "fallback"
+    monkeypatch.setenv("MINICPM_ON_KERNEL_FAILURE", "raise")
+    assert EngineConfig().on_kernel_failure == "raise"
+    assert EngineConfig(on_kernel_failure="fallback").on_kernel_failure == "fallback"
+    monkeypatch.setenv("MINICPM_ON_KERNEL_FAILURE", "ignore")
+    with pytest.raises(ValueError, match="engine setting 'on_kernel_failure' must be 'fallback' or 'raise'"):
+        EngineConfig()

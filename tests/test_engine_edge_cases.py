@@ -178,7 +178,7 @@ def test_background_a_failed_request_gets_the_error_and_the_others_finish(model)
         assert y_ended and isinstance(y_got[-1], EngineError) and "detokenizer failed" in str(y_got[-1])
         x_ended, x_got = read_in_thread(x, timeout=5)
         assert x_ended and x_got[-1].finish_reason == "length" and sum(len(o.token_ids) for o in x_got) == 4
-        assert not bg._streams
+        assert not bg._router._streams
 
 
 def test_background_a_stream_dropped_before_it_is_read_aborts_its_request(model) -> None:
@@ -193,7 +193,7 @@ def test_background_a_stream_dropped_before_it_is_read_aborts_its_request(model)
         deadline = time.monotonic() + 5
         while (engine.requests or bg.stats()["running"]) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not engine.requests and not bg._streams
+        assert not engine.requests and not bg._router._streams
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 

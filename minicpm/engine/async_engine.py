@@ -30,6 +30,7 @@ itself dies, every open stream gets the error (none waits forever) and new reque
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import logging
@@ -162,10 +163,11 @@ class _Router:
         self._owners: dict[str, int] = {}  # request id -> the client that sent it
         self._clients = 0
         self._accepting = True
-        self._died: str | None = None  # why the thread ended, if it did not stop
+        self._died: str | None = None  # why the thread ended ("died: ...", "was closed"), once it has
         self._lock = threading.Lock()  # submit vs stop: an accepted request is always read
         self.stats: dict[str, int] = engine.stats()
         self._thread = threading.Thread(target=self._loop, name=self.THREAD_NAME, daemon=True)
+        _LIVE.add(self)
         self._thread.start()
 
     @property
@@ -173,9 +175,9 @@ class _Router:
         return self._thread.is_alive() and self._died is None
 
     def submit(self, client: int, request: Request, loop: asyncio.AbstractEventLoop | None) -> RequestStream:
-        with self._lock:
+        with self._lock:  # a command put here is read by the thread, or by its drain when it ends
             if self._died is not None:
-                raise EngineError(f"the engine thread died: {self._died}")
+                raise EngineError(f"the engine thread {self._died}")
             stream = RequestStream(request.request_id, loop, self.abort)
             self._commands.put(("add", (client, request), stream))
         return stream
@@ -194,9 +196,9 @@ class _Router:
                     del type(self)._registry[id(self.engine)]
         self._commands.put(("detach", (client, last), done))
 
-    def join(self) -> None:
+    def join(self, timeout: float | None = None) -> None:
         if threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------------ the router's thread
     def _deliver(self, out: RequestOutput | BaseException, request_id: str) -> None:
@@ -251,22 +253,26 @@ class _Router:
         except BaseException as exc:  # the thread is ending on an error: no open stream may wait forever
             log.exception("the engine thread died")
             with self._lock:
-                self._died = f"{type(exc).__name__}: {exc}"
-            error = EngineError(f"the engine thread died: {self._died}")
+                self._died = f"died: {type(exc).__name__}: {exc}"
+            error = EngineError(f"the engine thread {self._died}")
             for ref in list(self._streams.values()):
                 stream = ref()
                 if stream is not None:
                     stream.put(error)
             self._streams.clear()
-            while True:  # commands sent before _died was set: refuse their streams, release closers
-                try:
-                    command, _, extra = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if command == "add":
-                    extra.put(error)
-                elif command == "detach" and extra is not None:
-                    extra.set()
+        else:  # its last client left
+            with self._lock:
+                self._died = "was closed"
+            error = EngineError("the engine was closed before this request ran")
+        while True:  # commands sent before _died was set: refuse their streams, release closers
+            try:
+                command, _, extra = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command == "add":
+                extra.put(error)
+            elif command == "detach" and extra is not None:
+                extra.set()
 
     def _serve(self) -> None:
         engine = self.engine
@@ -303,6 +309,19 @@ class _Router:
 
 
 _client_ids = itertools.count(1)
+_LIVE: weakref.WeakSet[_Router] = weakref.WeakSet()  # routers whose thread may still run
+
+
+@atexit.register
+def _stop_routers(timeout: float = 30.0) -> None:
+    """At interpreter exit, every router still running ends its requests and its thread is joined.
+    Its thread is a daemon (a forgotten LLM must not keep a process alive), but one still stepping,
+    or ending, while the interpreter finalizes would race torch's own teardown (an abort)."""
+    for router in list(_LIVE):
+        if router._thread.is_alive():
+            router._commands.put(("detach", (0, True), None))
+    for router in list(_LIVE):
+        router.join(timeout)
 
 
 class BackgroundEngine:
