@@ -168,6 +168,8 @@ class _Router:
         self.stats: dict[str, int] = engine.stats()
         self._thread = threading.Thread(target=self._loop, name=self.THREAD_NAME, daemon=True)
         _LIVE.add(self)
+        _THREADS.difference_update([t for t in _THREADS if not t.is_alive()])  # those wholly ended
+        _THREADS.add(self._thread)
         self._thread.start()
 
     @property
@@ -309,19 +311,24 @@ class _Router:
 
 
 _client_ids = itertools.count(1)
-_LIVE: weakref.WeakSet[_Router] = weakref.WeakSet()  # routers whose thread may still run
+_LIVE: weakref.WeakSet[_Router] = weakref.WeakSet()  # routers that may still take commands
+# every router thread until it has wholly ended (a router may be collected while its thread, done
+# with it, is still tearing down)
+_THREADS: set[threading.Thread] = set()
 
 
 @atexit.register
 def _stop_routers(timeout: float = 30.0) -> None:
-    """At interpreter exit, every router still running ends its requests and its thread is joined.
-    Its thread is a daemon (a forgotten LLM must not keep a process alive), but one still stepping,
-    or ending, while the interpreter finalizes would race torch's own teardown (an abort)."""
+    """At interpreter exit, every router still running ends its requests and every router thread is
+    joined. The threads are daemons (a forgotten LLM must not keep a process alive), but one still
+    stepping, or ending, while the interpreter finalizes races torch's own teardown (an abort:
+    "terminate called without an active exception")."""
     for router in list(_LIVE):
         if router._thread.is_alive():
             router._commands.put(("detach", (0, True), None))
-    for router in list(_LIVE):
-        router.join(timeout)
+    for thread in list(_THREADS):
+        if thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 class BackgroundEngine:
