@@ -43,6 +43,7 @@ from typing import ClassVar, Protocol
 
 from ..sampling import SamplingParams
 from .client import EngineError, EngineLimits
+from .cpu_kernels import release_openmp_threads
 from .llm_engine import LLMEngine, Request, RequestOutput
 
 __all__ = ["BackgroundEngine", "EngineError", "RequestStream"]
@@ -167,6 +168,10 @@ class _Router:
         self._lock = threading.Lock()  # submit vs stop: an accepted request is always read
         self.stats: dict[str, int] = engine.stats()
         self._thread = threading.Thread(target=self._loop, name=self.THREAD_NAME, daemon=True)
+        if threading.current_thread().name != self.THREAD_NAME:
+            # the engine's kernels run on the router's thread from now on: this thread (which loaded
+            # the model) gives back its OpenMP workers, or both pools would sleep between regions
+            release_openmp_threads()
         _LIVE.add(self)
         _THREADS.difference_update([t for t in _THREADS if not t.is_alive()])  # those wholly ended
         _THREADS.add(self._thread)

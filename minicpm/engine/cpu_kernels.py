@@ -442,6 +442,38 @@ def panel_format(packed: Tensor, scales: Tensor | None) -> tuple[int, int]:
 
 
 _MADV_HUGEPAGE = 14  # Linux
+
+
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The GNU OpenMP runtime this process has loaded (torch's, which the kernels share), or None
+    (another runtime, or none: nothing to release)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libgomp" in line and "/" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)  # loaded already: the same handle
+        if hasattr(lib, "omp_pause_resource_all"):
+            lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            lib.omp_pause_resource_all.restype = ctypes.c_int
+            return lib
+    return None
+
+
+def release_openmp_threads() -> bool:
+    """Free the calling thread's OpenMP worker threads (``omp_pause_resource_all``; the next
+    parallel region of this thread makes new ones). libgomp keeps a pool of workers per thread that
+    starts parallel regions, and once more workers exist than CPUs, every pool's workers stop
+    spinning between regions and sleep: each region of the engine's thread then pays a wake-up,
+    which halves the speed of small decode kernels. A thread that loaded a model and hands the
+    engine to another thread calls this, so that the engine's thread is the one with workers.
+    False where there is nothing to release (not libgomp, or inside a parallel region)."""
+    lib = _openmp_runtime()
+    return lib is not None and lib.omp_pause_resource_all(1) == 0  # omp_pause_soft
+
+
 _HUGE_PAGE = 2 * 1024 * 1024
 
 
