@@ -112,7 +112,8 @@ def main() -> None:
         def cell(s: dict) -> str:
             return f"{s['median']:.4g} [{s['min']:.4g}, {s['max']:.4g}]"
 
-        print(f"{key[:60]:60} {cell(a):>28} {cell(b):>28} {ratio if ratio is None else f'{ratio:.3f}':>9}")
+        shown = "n/a" if ratio is None else f"{ratio:.3f}"
+        print(f"{key[:60]:60} {cell(a):>28} {cell(b):>28} {shown:>9}")
     print(
         json.dumps({"benchmark": "ab", "peer": args.peer, "command": command, "rounds": args.rounds, "figures": report})
     )

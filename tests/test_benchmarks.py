@@ -233,3 +233,26 @@ def test_load_memory_tiny_run_converts_a_gguf_into_no_more_room_than_the_file(tm
         assert positive(r["convert_seconds"]) and positive(r["seconds"])
     assert "cache_bytes" not in results["q4_0-cached"]
     assert ("hf" in results) == (importlib.util.find_spec("transformers") is not None)
+
+
+def test_ab_compares_every_figure_of_two_trees(monkeypatch, capsys) -> None:
+    """benchmarks/ab.py: the figures of each tree's runs by JSON path, medians and ranges, this
+    tree over the peer (a zero peer median has no ratio), one JSON object last."""
+    import ab
+
+    runs = {
+        "this": [{"a": {"x": 2.0, "ok": True}, "z": 0}, {"a": {"x": 4.0}, "z": 0}],
+        "peer": [{"a": {"x": 1.0}, "z": 0}] * 2,
+    }
+    monkeypatch.setattr(ab, "peer_tree", lambda rev: Path("/peer"))
+    monkeypatch.setattr(
+        ab, "run", lambda tree, script, argv, timeout: runs["peer" if tree == Path("/peer") else "this"].pop()
+    )
+    monkeypatch.setattr(Path, "exists", lambda self: True)
+    monkeypatch.setattr("sys.argv", ["ab.py", "--peer", "HEAD", "--rounds", "2", "--", "benchmarks/x.py", "--quick"])
+    ab.main()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    x = report["figures"]["a.x"]
+    assert x["this"] == {"median": 3.0, "min": 2.0, "max": 4.0} and x["ratio"] == 3.0
+    assert report["figures"]["z"]["ratio"] is None and "a.ok" not in report["figures"]
+    assert report["command"] == ["benchmarks/x.py", "--quick"]
