@@ -164,3 +164,38 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_in_the_caller() -> No
     bad = r"stop_token_ids \[97\] are outside the vocabulary \(size 97\)"
     with BackgroundEngine(make_engine()) as bg, pytest.raises(ValueError, match=bad):
         bg.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4, stop_token_ids=(3, 97)))
+
+
+def test_a_cancel_is_seen_even_when_outputs_never_pause() -> None:
+    """``RequestStream.until``: outputs every few ms (faster than its poll) still let a set cancel
+    abort the request at the next read, not when a read first times out."""
+    from minicpm.engine.async_engine import RequestStream
+    from minicpm.engine.llm_engine import RequestOutput
+
+    aborted = threading.Event()
+    stream = RequestStream("r", None, lambda request_id: aborted.set())
+    stop = threading.Event()
+
+    def produce() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            done = aborted.is_set()
+            stream.put(RequestOutput("r", "x", [n], done, "abort" if done else None, 1, n, 0))
+            if done:
+                return
+            time.sleep(0.005)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    cancel = threading.Event()
+    seen = 0
+    try:
+        for _ in stream.until(cancel, poll=0.02):
+            seen += 1
+            cancel.set()
+            assert seen < 10, "the cancel was not seen while outputs kept coming"
+    finally:
+        stop.set()
+        producer.join()
+    assert aborted.is_set() and stream.finished

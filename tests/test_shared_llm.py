@@ -95,14 +95,17 @@ def test_a_failing_step_fails_every_caller_and_the_llm_recovers(llm: LLM, monkey
 
 
 def test_cancel_ends_a_stream_at_a_step_boundary_keeping_its_text(llm: LLM) -> None:
+    """Cancelled after its third delta, the answer ends within a few steps, even though its outputs
+    never pause long enough for a read to time out (steps of a few ms)."""
     cancel = threading.Event()
     deltas = []
-    for delta in llm.chat_stream("Write a long story about a dragon.", params=GREEDY, cancel=cancel):
+    params = SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True)
+    for delta in llm.chat_stream("Write a long story about a dragon.", params=params, cancel=cancel):
         deltas.append(delta)
         if len(deltas) == 3:
             cancel.set()
     done = llm.last_completion
-    assert done.finish_reason == "abort" and done.text == "".join(deltas) and 3 <= len(done.token_ids) < 24
+    assert done.finish_reason == "abort" and done.text == "".join(deltas) and 3 <= len(done.token_ids) < 12
     assert llm.last_history[-1] == {"role": "assistant", "content": done.text}
     assert _all_blocks_free(llm)
 

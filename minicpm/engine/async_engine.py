@@ -116,11 +116,11 @@ class RequestStream:
                 if cancel is None:
                     item = self._queue.get()
                 else:
+                    if cancel.is_set():  # checked before every read: outputs may never pause for poll
+                        self.cancel()
                     try:
                         item = self._queue.get(timeout=poll)
                     except queue.Empty:
-                        if cancel.is_set():
-                            self.cancel()
                         continue
                 yield self._take(item)
         finally:
