@@ -172,7 +172,6 @@ class _Router:
             # the engine's kernels run on the router's thread from now on: this thread (which loaded
             # the model) gives back its OpenMP workers, or both pools would sleep between regions
             release_openmp_threads()
-        _LIVE.add(self)
         _THREADS.difference_update([t for t in _THREADS if not t.is_alive()])  # those wholly ended
         _THREADS.add(self._thread)
         self._thread.start()
@@ -316,7 +315,6 @@ class _Router:
 
 
 _client_ids = itertools.count(1)
-_LIVE: weakref.WeakSet[_Router] = weakref.WeakSet()  # routers that may still take commands
 # every router thread until it has wholly ended (a router may be collected while its thread, done
 # with it, is still tearing down)
 _THREADS: set[threading.Thread] = set()
@@ -324,13 +322,14 @@ _THREADS: set[threading.Thread] = set()
 
 @atexit.register
 def _stop_routers(timeout: float = 30.0) -> None:
-    """At interpreter exit, every router still running ends its requests and every router thread is
+    """At interpreter exit, every router still serving clients ends its requests and every router thread is
     joined. The threads are daemons (a forgotten LLM must not keep a process alive), but one still
     stepping, or ending, while the interpreter finalizes races torch's own teardown (an abort:
     "terminate called without an active exception")."""
-    for router in list(_LIVE):
-        if router._thread.is_alive():
-            router._commands.put(("detach", (0, True), None))
+    with _Router._registry_lock:  # a router out of the registry has its last detach queued already
+        running = list(_Router._registry.values())
+    for router in running:
+        router._commands.put(("detach", (0, True), None))
     for thread in list(_THREADS):
         if thread is not threading.current_thread():
             thread.join(timeout)

@@ -86,10 +86,17 @@ class PagedKVCache:
         """The backend's metadata for the step ``md`` describes."""
         return self.backend.prepare(self, md)
 
+    def slots(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s keys and values as (slots, kv_heads, head_dim) views, slot = block *
+        block_size + offset."""
+        return (
+            self.k[layer].view(-1, self.kv_heads, self.head_dim),
+            self.v[layer].view(-1, self.kv_heads, self.head_dim),
+        )
+
     def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
         """Layer ``layer``'s new keys and values (1, kv_heads, tokens, head_dim) at ``slots``."""
-        kc = self.k[layer].view(-1, self.kv_heads, self.head_dim)
-        vc = self.v[layer].view(-1, self.kv_heads, self.head_dim)
+        kc, vc = self.slots(layer)
         kc.index_copy_(0, slots, k[0].transpose(0, 1))
         vc.index_copy_(0, slots, v[0].transpose(0, 1))
 

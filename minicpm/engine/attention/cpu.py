@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import ctypes
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,10 +38,12 @@ if TYPE_CHECKING:
 @dataclass
 class CpuMetadata(AttentionMetadata):
     """``seq_runs``: per sequence, (first slot, tokens) of each run of consecutive blocks holding
-    its context. ``cpu-native`` decode rows: their token indices (host), the row of
-    ``block_tables`` each reads and its context length (int32); None when the step has none."""
+    its context; ``starts``: each sequence's first row in the step. ``cpu-native`` decode rows:
+    their token indices (host), the row of ``block_tables`` each reads and its context length
+    (int32); None when the step has none."""
 
     seq_runs: list[list[tuple[int, int]]] | None = None
+    starts: list[int] | None = None
     decode_rows: list[int] | None = None
     decode_seqs: Tensor | None = None
     decode_lens: Tensor | None = None
@@ -70,6 +73,7 @@ class CpuTorchBackend(AttentionBackend):
         out = CpuMetadata(**md.common())
         bs = cache.block_size
         out.seq_runs = [block_runs(t, n, bs) for t, n in zip(md.tables, md.context_lens_host, strict=True)]
+        out.starts = [0, *itertools.accumulate(md.query_lens)][:-1]
         return out
 
     def attend(self, cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, md: CpuMetadata) -> Tensor:
@@ -84,16 +88,12 @@ class CpuTorchBackend(AttentionBackend):
     ) -> Tensor:
         """Sequences ``seqs`` of the step (all of them, in order, or a subset whose rows the caller
         places), each over its own blocks read in place. Returns their rows, concatenated."""
-        kc = cache.k[layer].view(-1, cache.kv_heads, cache.head_dim)
-        vc = cache.v[layer].view(-1, cache.kv_heads, cache.head_dim)
+        kc, vc = cache.slots(layer)
         heads, d = q.shape[1], q.shape[3]
         groups = heads // cache.kv_heads
-        starts = [0]
-        for n in md.query_lens:
-            starts.append(starts[-1] + n)
         outs = []
         for i in seqs:
-            n, start = md.query_lens[i], starts[i]
+            n, start = md.query_lens[i], md.starts[i]
             qi = q[:, :, start : start + n]
             ctx = md.context_lens_host[i]
             past = ctx - n
@@ -140,11 +140,10 @@ class CpuNativeBackend(CpuTorchBackend):
 
     def prepare(self, cache: PagedKVCache, md: AttentionMetadata) -> CpuMetadata:
         out = super().prepare(cache, md)
-        rows, seqs, lens, row = [], [], [], 0
+        rows, seqs, lens = [], [], []
         for i, (n, ctx) in enumerate(zip(md.query_lens, md.context_lens_host, strict=True)):
-            row += n
             if n == 1:
-                rows.append(row - 1)
+                rows.append(out.starts[i])
                 seqs.append(i)
                 lens.append(ctx)
         if rows:
@@ -156,8 +155,7 @@ class CpuNativeBackend(CpuTorchBackend):
     def _chunk(self, cache: PagedKVCache, layer: int, q: Tensor, table: Tensor, past: int) -> Tensor | None:
         if self.prefill is None:
             return None
-        kc = cache.k[layer].view(-1, cache.kv_heads, cache.head_dim)
-        vc = cache.v[layer].view(-1, cache.kv_heads, cache.head_dim)
+        kc, vc = cache.slots(layer)
         out = paged_prefill(query_rows(q), kc, vc, table, past, cache.block_size, cache.scale, self.prefill)
         return out.transpose(0, 1)[None]
 
@@ -166,8 +164,7 @@ class CpuNativeBackend(CpuTorchBackend):
         around them. Returns (1, heads, tokens, head_dim)."""
         if not md.decode_rows:
             return super().attend(cache, layer, q, k, v, md)
-        kc = cache.k[layer].view(-1, cache.kv_heads, cache.head_dim)
-        vc = cache.v[layer].view(-1, cache.kv_heads, cache.head_dim)
+        kc, vc = cache.slots(layer)
         rows = query_rows(q)
         tokens = rows.shape[0]
         every = len(md.decode_rows) == tokens
@@ -179,10 +176,8 @@ class CpuNativeBackend(CpuTorchBackend):
             return decoded.transpose(0, 1)[None]
         out = torch.empty_like(rows, memory_format=torch.contiguous_format)
         out[md.decode_rows] = decoded
-        start = 0
-        for i, n in enumerate(md.query_lens):
+        for i, (n, start) in enumerate(zip(md.query_lens, md.starts, strict=True)):
             if n > 1:
                 part = self._in_place(cache, layer, q, k, v, md, [i])
                 out[start : start + n] = part[0].transpose(0, 1)
-            start += n
         return out.transpose(0, 1)[None]
