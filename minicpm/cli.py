@@ -53,6 +53,7 @@ FLAG_FOR = {
     "quantize": "--quantize",
     "group_size": "--group-size",
     "attention_backend": "--attention-backend",
+    "kv_cache_dtype": "--kv-cache-dtype",
 }
 HELP = """commands:
   /reset, /clear    forget the conversation
@@ -197,6 +198,7 @@ def _engine_config(args: argparse.Namespace, device: str) -> Any:
             quantize=args.quantize,
             group_size=args.group_size,
             attention_backend=args.attention_backend,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
 
 
@@ -587,6 +589,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="attention path: auto, cpu-native, cpu-torch, triton or torch (default auto: cpu-native where the "
         "C kernels build, else cpu-torch; triton on CUDA, else torch; torch is the plain reference)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "bfloat16", "float32", "int8", "int4", "fp8"],
+        default=None,
+        help="how the KV cache stores keys and values (default auto: the compute dtype; int8: groups of 32 with a "
+        "scale, as llama.cpp's q8_0, 1.9x the tokens of bfloat16; int4: groups of 32 with a scale and a minimum, as "
+        "q4_1, 3.2x; fp8: CUDA only)",
     )
     _add_quantize_flags(
         g,

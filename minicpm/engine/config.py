@@ -10,6 +10,8 @@ The KV budget is per device too: on CUDA from ``gpu_memory_utilization``, on CPU
 (``kv_cache_memory``; default a quarter of the available memory, at most 4 GiB); CUDA graphs on
 CUDA, eager steps on CPU.
 
+``kv_cache_dtype`` decides how the cache stores keys and values ("auto": the activations' dtype;
+"int8" / "int4" quantized on every device, "fp8" on CUDA; every backend reads its format in place).
 The attention path is chosen once, at engine construction, from ``attention_backend`` ("auto":
 the fastest that runs on the device; see :func:`minicpm.engine.attention.select_backend`);
 ``fused_decode`` decides the CPU fused decoder (None: wherever the ``cpu-native`` backend runs it;
@@ -27,6 +29,7 @@ import os
 from ..errors import UserError
 from ..quant import QUANTIZE_CHOICES, check_quantize
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "int8", "int4", "fp8")
 ATTENTION_BACKENDS = ("auto", "cpu-native", "cpu-torch", "triton", "torch")
 KERNEL_FAILURE_CHOICES = ("fallback", "raise")
 
@@ -51,6 +54,9 @@ class EngineConfig:
     quantize: str = "auto"
     group_size: int | None = None
     attention_backend: str = "auto"
+    # how the KV cache stores keys and values: "auto" (the activations' dtype), "bfloat16",
+    # "float32", "int8", "int4" or "fp8" (CUDA) (minicpm.engine.attention.kv_format)
+    kv_cache_dtype: str = "auto"
     fused_decode: bool | None = None
     on_kernel_failure: str = dataclasses.field(default_factory=_default_on_kernel_failure)
 
@@ -84,6 +90,8 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", "in (0, 1]")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise bad("attention_backend", " or ".join(repr(c) for c in ATTENTION_BACKENDS))
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", " or ".join(repr(c) for c in KV_CACHE_DTYPES))
         if self.fused_decode not in (None, True, False):
             raise bad("fused_decode", "True, False or None (wherever it runs)")
         if self.on_kernel_failure not in KERNEL_FAILURE_CHOICES:

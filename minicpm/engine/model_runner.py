@@ -31,6 +31,7 @@ from ..model import MiniCPMForCausalLM, rope_inv_freq
 from ..plan import available_cpu_memory, format_bytes
 from ..weights import release_freed_memory
 from .attention import AttentionMetadata, CpuNativeBackend, PagedKVCache, select_backend
+from .attention.kv_format import resolve_kv_format
 from .config import EngineConfig
 from .fused_decode import FusedDecoder
 from .layers import StepRows, prepare_model
@@ -68,7 +69,9 @@ class ModelRunner:
         self.dtype = model.dtype
         self.block_size = config.block_size
         c = self.model_config
-        self.bytes_per_block = config.block_size * c.kv_bytes_per_token(self.dtype.itemsize)
+        self.kv_format = resolve_kv_format(config.kv_cache_dtype, self.dtype, self.device, c.head_dim)
+        self.kv_bytes_per_token = self.kv_format.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        self.bytes_per_block = config.block_size * self.kv_bytes_per_token
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Callable[[], None]]] = {}
         self.backend = select_backend(self.device, self.dtype, c, config.attention_backend)
         graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.graphs
@@ -90,7 +93,7 @@ class ModelRunner:
     def _new_cache(self, num_blocks: int) -> PagedKVCache:
         c, cfg = self.model_config, self.config
         return PagedKVCache(
-            c, num_blocks, self.block_size, self.dtype, self.device, self.backend, cfg.on_kernel_failure
+            c, num_blocks, self.block_size, self.dtype, self.device, self.backend, cfg.on_kernel_failure, self.kv_format
         )
 
     def _fused_decoder(self) -> FusedDecoder | None:
@@ -152,6 +155,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - before
         # a chunk attending to the longest context gathers its keys and values for one layer
+        # (dequantized, for a quantized cache: in the activation dtype)
         gather = max_model_len * c.kv_bytes_per_token(self.dtype.itemsize) // c.num_hidden_layers
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()

@@ -237,6 +237,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "kv_cache_memory": int(args.kv_cache_gib * 2**30) if args.kv_cache_gib is not None else None,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "enforce_eager": args.enforce_eager or None,
+            "kv_cache_dtype": args.kv_cache_dtype,
         }.items()
         if v is not None
     }
@@ -433,7 +434,8 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     device = base._check_device(args.device)
     llm = base._load(args, device, base._engine_config(args, device))
     ids = llm.tokenizer.encode(text)
-    result = perplexity(llm.engine.runner.model, ids, args.context, args.stride)
+    runner = llm.engine.runner
+    result = perplexity(runner.model, ids, args.context, args.stride, runner.kv_format)
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.line())
     return 0
 

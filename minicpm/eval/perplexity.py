@@ -9,7 +9,11 @@ is ``exp(mean NLL)`` over the scored tokens with its standard error by the delta
 (``ppl * sd(NLL) / sqrt(n)``), what llama.cpp prints as ``PPL = x +/- e``.
 
 The forward is the engine's own prepared model (``llm.engine.runner.model``), so the figure is of
-the weights as they run, ``--quantize int8`` included. A text shorter than one window, or a window
+the weights as they run, ``--quantize int8`` included. With a quantized KV format
+(``--kv-cache-dtype int8``/``int4``: the engine's ``runner.kv_format``), every layer's keys and
+values are stored and read back as the paged cache stores them, and each token attends to that
+round trip of every token up to itself, its own included: what a decode step reads from the cache
+(llama.cpp's ``-ctk``/``-ctv`` in ``llama-perplexity`` measure the same). A text shorter than one window, or a window
 that does not fit the model's context, is a ``ValueError`` naming the numbers.
 """
 
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..model import causal_attention
 
 
 @dataclass
@@ -55,9 +60,27 @@ def window_plan(num_tokens: int, context: int, stride: int) -> list[tuple[int, i
     return [(start, context - scored) for start in range(0, num_tokens - context + 1, stride)]
 
 
+class RoundTripCache:
+    """One window's attention over keys and values as a KV format stores them (see the module
+    docstring): an :class:`~minicpm.model.AttentionCache` that keeps nothing across forwards."""
+
+    length = 0
+
+    def __init__(self, kv_format: Any) -> None:
+        self.format = kv_format
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return causal_attention(q, self.format.round_trip(k), self.format.round_trip(v))
+
+
 @torch.inference_mode()
-def perplexity(model: Any, ids: list[int], context: int, stride: int | None = None) -> Perplexity:
-    """Perplexity of ``ids`` under ``model`` (a :class:`~minicpm.MiniCPMForCausalLM`, as prepared)."""
+def perplexity(
+    model: Any, ids: list[int], context: int, stride: int | None = None, kv_format: Any = None
+) -> Perplexity:
+    """Perplexity of ``ids`` under ``model`` (a :class:`~minicpm.MiniCPMForCausalLM`, as prepared);
+    ``kv_format``: a quantized :class:`~minicpm.engine.attention.kv_format.KVFormat` to score
+    through (None or a float format: attention in the activations' own dtype)."""
+    cache = RoundTripCache(kv_format) if kv_format is not None and kv_format.quantized else None
     stride = stride or context
     limit = model.config.context_length
     if context > limit:
@@ -66,7 +89,8 @@ def perplexity(model: Any, ids: list[int], context: int, stride: int | None = No
     nll: list[Tensor] = []
     for start, first in plan:
         window = torch.tensor([ids[start : start + context]], device=model.device)
-        logits = model(window, logits_to_keep=torch.arange(first - 1, context - 1, device=model.device))[0]
+        keep = torch.arange(first - 1, context - 1, device=model.device)
+        logits = model(window, cache=cache, logits_to_keep=keep)[0]
         targets = window[0, first:]
         nll.append(-torch.log_softmax(logits.double(), dim=-1).gather(-1, targets[:, None])[:, 0].cpu())
     values = torch.cat(nll)

@@ -1,11 +1,19 @@
 """The paged KV cache: :class:`PagedKVCache`, the storage every attention backend reads.
 
 Contract: the cache holds, per layer, keys and values of shape (num_blocks + 1, block_size,
-kv_heads, head_dim); the extra last block is a scratch block that padded rows of a CUDA-graph
-batch write into. A forward over a flattened batch (input ids of shape (1, total tokens)) sets
+kv_heads, head_dim) in its :class:`~.kv_format.KVFormat` (``cache.format``): the activations' own
+dtype, or quantized codes (``k``/``v``, (.., kv_heads, code width)) with float16 scales beside them
+(``k_scale``/``v_scale``, (.., kv_heads, scale width)) indexed by the same block and slot. The extra
+last block is a scratch block that padded rows of a CUDA-graph batch write into. ``storage`` names
+every tensor of the cache, each indexed [layer, block]: what a block is, for whoever copies one.
+
+A forward over a flattened batch (input ids of shape (1, total tokens)) sets
 ``cache.metadata`` (prepared by ``cache.backend``) and passes the cache to the model; for every
 layer :meth:`PagedKVCache.attend` writes the new keys and values at ``metadata.slot_mapping``
-(``index_copy_``: an out-of-range slot raises) and returns the backend's attention.
+(``index_copy_``: an out-of-range slot raises; quantized first) and returns the backend's
+attention. With a quantized format the backend is handed the new keys and values as the cache
+gives them back (dequantized), so a chunk attending to its own keys sees what a later decode step
+reads: every token attends to the quantized cache, its own entry included.
 
 The backend is fixed at construction. When one of its kernels raises mid-serving (anything but
 running out of memory), the cache either raises (``on_kernel_failure="raise"``) or, where the
@@ -28,6 +36,7 @@ from ...errors import UserError
 from ..config import KERNEL_FAILURE_CHOICES
 from ..cpu_kernels import advise_huge_pages
 from .base import AttentionBackend, AttentionMetadata
+from .kv_format import FORMATS, KVFormat
 
 log = logging.getLogger("minicpm.engine")
 
@@ -47,19 +56,28 @@ class PagedKVCache:
         device: torch.device | str,
         backend: AttentionBackend | None = None,
         on_kernel_failure: str = "raise",
+        kv_format: KVFormat | None = None,
     ) -> None:
         if on_kernel_failure not in KERNEL_FAILURE_CHOICES:
             raise UserError(f"on_kernel_failure must be 'raise' or 'fallback', got {on_kernel_failure!r}")
-        shape = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads, config.head_dim)
+        fmt = kv_format or next(f for f in FORMATS.values() if not f.quantized and f.dtype == dtype)
+        self.format, self.dtype = fmt, dtype
+        lead = (config.num_hidden_layers, num_blocks + 1, block_size, config.num_key_value_heads)
         # uninitialized: no path reads a slot before it is written, except the padded gather of
         # batched decode, which zeroes what it masks (so a large CPU budget costs no memory until used)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = torch.empty((*lead, fmt.code_width(config.head_dim)), dtype=fmt.dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.storage = {"k": self.k, "v": self.v}
+        self.k_scale = self.v_scale = None
+        if fmt.quantized:
+            self.k_scale = torch.empty((*lead, fmt.scale_width(config.head_dim)), dtype=torch.float16, device=device)
+            self.v_scale = torch.empty_like(self.k_scale)
+            self.storage.update(k_scale=self.k_scale, v_scale=self.v_scale)
         # on CPU, a cache of at least 64 MiB a layer on huge pages (decode attention reads scattered
         # blocks: fewer TLB misses); a smaller one stays on 4 KiB pages, where touching one block
         # of each layer would commit 2 MiB a layer
         if self.k[0].nbytes >= HUGE_PAGE_LAYER_BYTES:
-            for cache in (self.k, self.v):
+            for cache in self.storage.values():
                 advise_huge_pages(cache)
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -80,25 +98,64 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.storage.values())
 
     def prepare(self, md: AttentionMetadata) -> AttentionMetadata:
         """The backend's metadata for the step ``md`` describes."""
         return self.backend.prepare(self, md)
 
     def slots(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Layer ``layer``'s keys and values as (slots, kv_heads, head_dim) views, slot = block *
-        block_size + offset."""
-        return (
-            self.k[layer].view(-1, self.kv_heads, self.head_dim),
-            self.v[layer].view(-1, self.kv_heads, self.head_dim),
-        )
+        """Layer ``layer``'s keys and values (codes, for a quantized format) as (slots, kv_heads,
+        code width) views, slot = block * block_size + offset."""
+        return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
 
-    def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        """Layer ``layer``'s new keys and values (1, kv_heads, tokens, head_dim) at ``slots``."""
+    def scale_slots(self, layer: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """Layer ``layer``'s key and value scales as (slots, kv_heads, scale width) views; (None,
+        None) for a float format."""
+        if self.k_scale is None:
+            return None, None
+        return self.k_scale[layer].flatten(0, 1), self.v_scale[layer].flatten(0, 1)
+
+    def read(self, layer: int, slots: slice | Tensor) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s keys and values at ``slots`` (a slice, or an index tensor) as (tokens,
+        kv_heads, head_dim) in the activation dtype: a view for a float format and a slice, else
+        dequantized (or gathered)."""
+        return self._take(layer, slots, by_block=False)
+
+    def read_blocks(self, layer: int, blocks: slice | Tensor) -> tuple[Tensor, Tensor]:
+        """As :meth:`read`, for whole blocks: ``blocks`` a slice of block ids or a tensor of them
+        (any shape; its blocks in row-major order)."""
+        return self._take(layer, blocks, by_block=True)
+
+    def _take(self, layer: int, index: slice | Tensor, by_block: bool) -> tuple[Tensor, Tensor]:
+        def take(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            t = t[layer] if by_block else t[layer].flatten(0, 1)
+            t = t[index] if isinstance(index, slice) else t.index_select(0, index.reshape(-1))
+            return t.flatten(0, 1) if by_block else t
+
+        k, v = take(self.k), take(self.v)
+        if not self.format.quantized:
+            return k, v
+        fmt = self.format
+        return fmt.dequantize(k, take(self.k_scale), self.dtype), fmt.dequantize(v, take(self.v_scale), self.dtype)
+
+    def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s new keys and values (1, kv_heads, tokens, head_dim) at ``slots``;
+        returns them as the cache gives them back (``k`` and ``v`` themselves for a float format)."""
         kc, vc = self.slots(layer)
-        kc.index_copy_(0, slots, k[0].transpose(0, 1))
-        vc.index_copy_(0, slots, v[0].transpose(0, 1))
+        if not self.format.quantized:
+            kc.index_copy_(0, slots, k[0].transpose(0, 1))
+            vc.index_copy_(0, slots, v[0].transpose(0, 1))
+            return k, v
+        fmt, back = self.format, []
+        for new, codes, scales in ((k, kc, self.scale_slots(layer)[0]), (v, vc, self.scale_slots(layer)[1])):
+            q, s = fmt.quantize(new[0].transpose(0, 1))
+            codes.index_copy_(0, slots, q)
+            scales.index_copy_(0, slots, s)
+            back.append(fmt.dequantize(q, s, new.dtype).transpose(0, 1)[None])
+        return back[0], back[1]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         md = self.metadata
@@ -106,7 +163,7 @@ class PagedKVCache:
             raise RuntimeError("PagedKVCache.attend called without metadata")
         if self.on_layer is not None:
             self.on_layer()
-        self.write(layer, k, v, md.slot_mapping)
+        k, v = self.write(layer, k, v, md.slot_mapping)
         try:
             return self.backend.attend(self, layer, q, k, v, md)
         except torch.OutOfMemoryError:

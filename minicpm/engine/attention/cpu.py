@@ -61,6 +61,9 @@ def block_runs(blocks: list[int], length: int, block_size: int) -> list[tuple[in
     return runs
 
 
+QUANTIZED_PIECE = 4096  # tokens of a quantized cache dequantized at once by cpu-torch
+
+
 class CpuTorchBackend(AttentionBackend):
     """See the module docstring."""
 
@@ -88,9 +91,10 @@ class CpuTorchBackend(AttentionBackend):
     ) -> Tensor:
         """Sequences ``seqs`` of the step (all of them, in order, or a subset whose rows the caller
         places), each over its own blocks read in place. Returns their rows, concatenated."""
-        kc, vc = cache.slots(layer)
         heads, d = q.shape[1], q.shape[3]
         groups = heads // cache.kv_heads
+        # a quantized run is dequantized a piece at a time (bounded memory), the pieces merged as runs are
+        piece = QUANTIZED_PIECE if cache.format.quantized else None
         outs = []
         for i in seqs:
             n, start = md.query_lens[i], md.starts[i]
@@ -107,8 +111,10 @@ class CpuTorchBackend(AttentionBackend):
                     tokens = min(tokens, limit - seen)
                     if tokens <= 0:
                         break
-                    end = slot + tokens  # (1, kv_heads, tokens, head_dim) views of the cache
-                    segments.append((kc[slot:end].transpose(0, 1)[None], vc[slot:end].transpose(0, 1)[None]))
+                    for first in range(slot, slot + tokens, piece or tokens):
+                        end = min(slot + tokens, first + (piece or tokens))
+                        kk, vv = cache.read(layer, slice(first, end))  # views for a float format
+                        segments.append((kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]))
                     seen += tokens
                 if n == 1 and len(segments) == 1:  # the common decode case: one plain kernel call
                     kk, vv = segments[0]

@@ -55,15 +55,11 @@ def _is_run(blocks: list[int]) -> bool:
     return blocks[-1] - blocks[0] == len(blocks) - 1 and all(b + 1 == c for b, c in itertools.pairwise(blocks))
 
 
-def _blocks(cache: Tensor, blocks: Tensor | slice) -> Tensor:
-    """(tokens, kv_heads, head_dim) of the given blocks: a view for a slice, else one gather."""
-    kv = cache[blocks] if isinstance(blocks, slice) else cache.index_select(0, blocks.view(-1))
-    return kv.view(-1, kv.shape[-2], kv.shape[-1])
-
-
-def _context(cache: Tensor, blocks: Tensor | slice, length: int) -> Tensor:
-    """(kv_heads, length, head_dim) view or gather of one sequence's cached keys or values."""
-    return _blocks(cache, blocks)[:length].transpose(0, 1)
+def _context(cache: PagedKVCache, layer: int, blocks: Tensor | slice, length: int) -> tuple[Tensor, Tensor]:
+    """(1, kv_heads, length, head_dim) keys and values of one sequence: views of its blocks when
+    consecutive, else gathered (dequantized for a quantized cache)."""
+    k, v = cache.read_blocks(layer, blocks)
+    return k[:length].transpose(0, 1)[None], v[:length].transpose(0, 1)[None]
 
 
 def probe_lse_attention(
@@ -137,9 +133,8 @@ class TorchBackend(AttentionBackend):
         return out
 
     def attend(self, cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, md: TorchMetadata) -> Tensor:
-        kc, vc = cache.k[layer], cache.v[layer]
         if md.decode_only:
-            return self._decode(kc, vc, q, md)
+            return self._decode(cache, layer, q, md)
         outs, start = [], 0
         for i, n in enumerate(md.query_lens):
             qi = q[:, :, start : start + n]
@@ -150,12 +145,10 @@ class TorchBackend(AttentionBackend):
             else:
                 out = None
                 if self.lse_candidates and n > 1:
-                    kp = _context(kc, md.seq_blocks[i], ctx - n)[None]
-                    vp = _context(vc, md.seq_blocks[i], ctx - n)[None]
+                    kp, vp = _context(cache, layer, md.seq_blocks[i], ctx - n)
                     out = self._split(qi, kp, vp, ki, vi)
                 if out is None:  # the plain bottom-right causal path over the cached context
-                    keys = _context(kc, md.seq_blocks[i], ctx)[None]
-                    values = _context(vc, md.seq_blocks[i], ctx)[None]
+                    keys, values = _context(cache, layer, md.seq_blocks[i], ctx)
                     out = causal_attention(qi, keys, values, past=ctx - n)
             outs.append(out)
             start += n
@@ -195,11 +188,12 @@ class TorchBackend(AttentionBackend):
         self.lse_by_class[key] = None
         return None
 
-    def _decode(self, kc: Tensor, vc: Tensor, q: Tensor, md: TorchMetadata) -> Tensor:
+    def _decode(self, cache: PagedKVCache, layer: int, q: Tensor, md: TorchMetadata) -> Tensor:
         qb = q[0].transpose(0, 1)  # (seqs, heads, head_dim)
-        b, kv_heads, d = qb.shape[0], kc.shape[-2], kc.shape[-1]
-        keys = _blocks(kc, md.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
-        values = _blocks(vc, md.decode_blocks).view(b, -1, kv_heads, d).transpose(1, 2)
+        b, kv_heads, d = qb.shape[0], cache.kv_heads, cache.head_dim
+        keys, values = cache.read_blocks(layer, md.decode_blocks)
+        keys = keys.view(b, -1, kv_heads, d).transpose(1, 2)
+        values = values.view(b, -1, kv_heads, d).transpose(1, 2)
         if md.decode_mask is None:
             length = md.context_lens_host[0]
             keys, values = keys[:, :, :length], values[:, :, :length]

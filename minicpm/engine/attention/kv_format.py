@@ -1,0 +1,150 @@
+"""How the paged KV cache stores keys and values: :class:`KVFormat`, and the one reference
+quantizer and dequantizer every backend is tested against.
+
+Contract:
+
+* A format is ``float32``, ``bfloat16`` (the activations' own dtype: stored as computed),
+  ``int8``, ``int4`` or ``fp8``. The quantized ones cut each (token, kv head) row of ``head_dim``
+  values into groups of :data:`GROUP` (32) consecutive values along ``head_dim``, each with its
+  own float16 scale stored beside it, indexed by the same slot as the codes (so a block's scales
+  move with its block: paging, prefix sharing, preemption and ``n`` choices need nothing new):
+
+  - ``int8``: symmetric, ``x = code * scale``, codes in [-127, 127], ``scale = max|x| / 127``
+    (llama.cpp's q8_0: 8.5 bits a value).
+  - ``int4``: asymmetric, ``x = code * scale + min``, codes in [0, 15] packed two to a byte
+    (value ``2i`` in the low nibble, ``2i + 1`` in the high one), ``scale = (max - min) / 15``
+    (llama.cpp's q4_1: 5 bits a value).
+  - ``fp8`` (CUDA): float8 e4m3 codes, ``x = code * scale``, ``scale = max|x| / 448``.
+
+  Scales are rounded to float16 before the codes are computed, so ``dequantize(quantize(x))`` is
+  what every kernel reads.
+* :func:`resolve_kv_format` maps a user's ``kv_cache_dtype`` ("auto" or a name) to a format for
+  an activation dtype and device, or raises a :class:`~minicpm.errors.UserError` naming what is
+  wrong (a float cache in another dtype than the activations, fp8 off CUDA, an odd head size).
+* Bytes per token (:meth:`KVFormat.bytes_per_token`) count codes and scales exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...errors import UserError
+from ..config import KV_CACHE_DTYPES
+
+GROUP = 32  # values along head_dim per scale
+_FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """One way of storing the cache (see the module docstring). ``dtype``: the codes' dtype;
+    ``scales``: float16 numbers per group (0: a float format, 1: a scale, 2: a scale and a minimum)."""
+
+    name: str
+    dtype: torch.dtype
+    scales: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales > 0
+
+    def code_width(self, head_dim: int) -> int:
+        """Codes per (token, kv head) row, in elements of ``dtype``."""
+        return head_dim // 2 if self.name == "int4" else head_dim
+
+    def scale_width(self, head_dim: int) -> int:
+        """float16 numbers per (token, kv head) row."""
+        return head_dim // GROUP * self.scales
+
+    def bytes_per_row(self, head_dim: int) -> int:
+        return self.code_width(head_dim) * self.dtype.itemsize + 2 * self.scale_width(head_dim)
+
+    def bytes_per_token(self, layers: int, kv_heads: int, head_dim: int) -> int:
+        """Bytes one token takes in the cache: keys and values of every layer and kv head."""
+        return 2 * layers * kv_heads * self.bytes_per_row(head_dim)
+
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(codes, float16 scales) of ``x`` (..., head_dim); a float format returns (x in its
+        dtype, None)."""
+        if not self.quantized:
+            return x.to(self.dtype), None
+        shape = x.shape
+        g = x.float().reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
+        if self.name == "int4":
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).half()
+            lo = lo.half()
+            div = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+            codes = torch.clamp(torch.round((g - lo.float()) / div), 0, 15).to(torch.uint8).reshape(shape)
+            packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+            scales = torch.cat((scale, lo), dim=-1).reshape(*shape[:-1], -1)
+            return packed, scales
+        top = 127.0 if self.name == "int8" else FP8_MAX
+        scale = (g.abs().amax(-1, keepdim=True) / top).half()
+        div = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+        if self.name == "int8":
+            codes = torch.clamp(torch.round(g / div), -127, 127).to(torch.int8)
+        else:
+            codes = torch.clamp(g / div, -FP8_MAX, FP8_MAX).to(self.dtype)
+        return codes.reshape(shape), scale.reshape(*shape[:-1], -1)
+
+    def dequantize(self, codes: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Values (..., head_dim) in ``dtype`` from what :meth:`quantize` stored."""
+        if not self.quantized:
+            return codes.to(dtype)
+        if self.name == "int4":
+            low, high = codes & 0xF, codes >> 4
+            vals = torch.stack((low, high), dim=-1).reshape(*codes.shape[:-1], -1).float()
+        else:
+            vals = codes.float()
+        shape = vals.shape
+        g = vals.reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
+        s = scales.float().reshape(*shape[:-1], shape[-1] // GROUP, self.scales)
+        out = g * s[..., :1]
+        if self.scales == 2:
+            out = out + s[..., 1:]
+        return out.reshape(shape).to(dtype)
+
+    def round_trip(self, x: Tensor) -> Tensor:
+        """``x`` as the cache gives it back (itself, for a float format of its dtype)."""
+        if not self.quantized and x.dtype == self.dtype:
+            return x
+        return self.dequantize(*self.quantize(x), x.dtype)
+
+
+FORMATS = {
+    "float32": KVFormat("float32", torch.float32),
+    "bfloat16": KVFormat("bfloat16", torch.bfloat16),
+    "float16": KVFormat("float16", torch.float16),
+    "int8": KVFormat("int8", torch.int8, 1),
+    "int4": KVFormat("int4", torch.uint8, 2),
+    "fp8": KVFormat("fp8", torch.float8_e4m3fn, 1),
+}
+
+
+def resolve_kv_format(name: str, dtype: torch.dtype, device: torch.device | str, head_dim: int) -> KVFormat:
+    """The format ``name`` ("auto": the activations' own dtype) for a model in ``dtype`` on
+    ``device`` with heads of ``head_dim`` (see the module docstring)."""
+    if name not in KV_CACHE_DTYPES:
+        raise UserError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    act = next((n for n, d in _FLOATS.items() if d == dtype), None)
+    if name == "auto":
+        if act is None:
+            raise UserError(f"no KV cache format for activations in {dtype}")
+        return FORMATS[act]
+    if name in _FLOATS:
+        if _FLOATS[name] != dtype:
+            raise UserError(
+                f"a {name} KV cache needs a {name} model; this one runs in {act or dtype} "
+                f"(pass --dtype {name}, or --kv-cache-dtype auto, int8 or int4)"
+            )
+        return FORMATS[name]
+    if name == "fp8" and torch.device(device).type != "cuda":
+        raise UserError("--kv-cache-dtype fp8 runs on CUDA only; on CPU use int8 (the same bytes, more accurate)")
+    if head_dim % GROUP:
+        raise UserError(f"a quantized KV cache needs head_dim a multiple of {GROUP}, and this model's is {head_dim}")
+    return FORMATS[name]
