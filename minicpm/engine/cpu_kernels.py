@@ -77,9 +77,10 @@ _REFUSALS = {  # csrc/minicpm.h's refusal codes
     -9: "a work or scratch buffer smaller than the kernel needs",
     -10: "a layer's linear with no parts, too many, or columns outside its output",
     -11: "a size below 1, or a cache layer smaller than its blocks",
+    -12: "a KV cache kind not known, its scales missing, or a head_dim not a multiple of 32",
 }
 
-ABI_VERSION = 2  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
+ABI_VERSION = 3  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
 
 _V, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # Every exported function of csrc/minicpm.h: name -> (result type, ((argument, type), ...)), applied
@@ -105,7 +106,8 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
     "minicpm_paged_attention": (
         _I,
         (
-            ("dtype", _I), ("q", _V), ("q_stride", _I64), ("k_cache", _V), ("v_cache", _V), ("num_blocks", _I64),
+            ("dtype", _I), ("q", _V), ("q_stride", _I64), ("k_cache", _V), ("v_cache", _V), ("kvkind", _I),
+            ("k_scale_f16", _V), ("v_scale_f16", _V), ("num_blocks", _I64),
             ("tables_i32", _V), ("seqs", _I), ("width", _I), ("row_seq_i32", _V), ("row_len_i32", _V),
             ("rows", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("block_size", _I), ("scale", _F),
             ("out", _V),
@@ -115,9 +117,16 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
     "minicpm_paged_prefill": (
         _I,
         (
-            ("dtype", _I), ("q", _V), ("q_stride", _I64), ("k_cache", _V), ("v_cache", _V), ("num_blocks", _I64),
-            ("table_i32", _V), ("width", _I), ("past", _I), ("m", _I), ("heads", _I), ("kv_heads", _I),
-            ("head_dim", _I), ("block_size", _I), ("scale", _F), ("out", _V),
+            ("dtype", _I), ("q", _V), ("q_stride", _I64), ("k_cache", _V), ("v_cache", _V), ("kvkind", _I),
+            ("k_scale_f16", _V), ("v_scale_f16", _V), ("num_blocks", _I64), ("table_i32", _V), ("width", _I),
+            ("past", _I), ("m", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("block_size", _I), ("scale", _F), ("out", _V),
+        ),
+    ),
+    "minicpm_kv_quantize": (
+        None,
+        (
+            ("xtype", _I), ("kvkind", _I), ("x", _V), ("x_stride", _I64), ("rows", _I), ("kv_heads", _I),
+            ("head_dim", _I), ("slots_i64", _V), ("codes", _V), ("scales_f16", _V),
         ),
     ),
     "minicpm_check_rows": (
@@ -138,7 +147,8 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
         _I,
         (
             ("xtype", _I), ("m", _I), ("n_layers", _I), ("layers", _V), ("h", _V), ("cos_f32", _V),
-            ("sin_signed_f32", _V), ("slots_i64", _V), ("k_cache", _V), ("v_cache", _V), ("layer_stride", _I64),
+            ("sin_signed_f32", _V), ("slots_i64", _V), ("k_cache", _V), ("v_cache", _V), ("layer_bytes", _I64),
+            ("kvkind", _I), ("k_scale_f16", _V), ("v_scale_f16", _V), ("scale_layer_stride", _I64),
             ("num_blocks", _I64), ("tables_i32", _V), ("seqs", _I), ("width", _I), ("row_seq_i32", _V),
             ("row_len_i32", _V), ("block_size", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I),
             ("head_dim", _I), ("inter", _I), ("eps", _F), ("residual_scale", _F), ("attn_scale", _F),
@@ -511,6 +521,40 @@ def _require(name: str, checks: dict[str, bool]) -> None:
             raise ValueError(f"{name}: {message}")
 
 
+KV_KINDS = {torch.int8: 1, torch.uint8: 2}  # csrc/minicpm.h's MINICPM_KV_INT8 / INT4, by the codes' dtype
+
+
+def _kv_args(
+    name: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None
+) -> tuple:
+    """(kvkind, k_scale pointer, v_scale pointer) for a layer of the cache, every layout checked: the
+    activation dtype's values, or codes (int8: int8; int4: uint8, two to a byte) with float16 scales."""
+    head_dim, kv_heads = q.shape[2], k_cache.shape[1]
+    kind = KV_KINDS.get(k_cache.dtype, 0)
+    width = head_dim // 2 if kind == 2 else head_dim
+    checks = {
+        "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) in q's dtype, or int8 / int4 codes": all(
+            c.is_contiguous() and c.dim() == 3 and c.shape[2] == width and c.dtype == k_cache.dtype
+            for c in (k_cache, v_cache)
+        )
+        and (kind != 0 or k_cache.dtype == q.dtype),
+    }
+    if kind:
+        scales = head_dim // 32 * (2 if kind == 2 else 1)
+        checks["a quantized cache needs float16 scales (slots, kv_heads, head_dim / 32 [x 2]) beside it"] = (
+            all(
+                s is not None
+                and s.dtype == torch.float16
+                and s.is_contiguous()
+                and s.shape == (k_cache.shape[0], kv_heads, scales)
+                for s in (k_scale, v_scale)
+            )
+            and head_dim % 32 == 0
+        )
+    _require(name, checks)
+    return (kind, k_scale.data_ptr(), v_scale.data_ptr()) if kind else (0, None, None)
+
+
 def paged_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -521,14 +565,18 @@ def paged_attention(
     block_size: int,
     scale: float,
     lib: ctypes.CDLL | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention of each query row over a prefix of its sequence's paged keys, in place.
 
     ``q`` (rows, heads, head_dim), head-contiguous; ``k_cache``/``v_cache`` (slots, kv_heads,
-    head_dim) contiguous, one layer; ``block_tables`` (seqs, width) int32; row ``r`` attends to
-    the first ``row_len[r]`` (>= 1) keys of sequence ``row_seq[r]`` (int32 both). Returns
-    (rows, heads, head_dim) in ``q``'s dtype. Indices are checked in C before any read: a row
-    length beyond its table or a block id outside the cache is a ``ValueError``.
+    head_dim) contiguous, one layer, in ``q``'s dtype, or quantized codes (int8, or uint8 for int4)
+    with ``k_scale``/``v_scale`` float16 beside them (:mod:`~minicpm.engine.attention.kv_format`),
+    dequantized in registers; ``block_tables`` (seqs, width) int32; row ``r`` attends to the first
+    ``row_len[r]`` (>= 1) keys of sequence ``row_seq[r]`` (int32 both). Returns (rows, heads,
+    head_dim) in ``q``'s dtype. Indices are checked in C before any read: a row length beyond its
+    table or a block id outside the cache is a ``ValueError``.
     """
     lib = lib or native_kernels()
     if lib is None:
@@ -538,10 +586,6 @@ def paged_attention(
     checks = {
         "q must be a CPU float32 or bfloat16 tensor": q.device.type == "cpu" and q.dtype in _DTYPES,
         "q's heads and head_dim must be contiguous": q.stride(2) == 1 and q.stride(1) == head_dim,
-        "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) in q's dtype": all(
-            c.is_contiguous() and c.dim() == 3 and c.shape[1:] == (kv_heads, head_dim) and c.dtype == q.dtype
-            for c in (k_cache, v_cache)
-        ),
         "heads must be a multiple of kv_heads": kv_heads > 0 and heads % kv_heads == 0,
         "block_tables, row_seq and row_len must be contiguous int32": all(
             t.dtype == torch.int32 and t.is_contiguous() for t in (block_tables, row_seq, row_len)
@@ -549,6 +593,7 @@ def paged_attention(
         "row_seq and row_len need one entry per row": row_seq.numel() == rows and row_len.numel() == rows,
     }
     _require("paged_attention", checks)
+    kv = _kv_args("paged_attention", q, k_cache, v_cache, k_scale, v_scale)
     out = torch.empty(rows, heads, head_dim, dtype=q.dtype)
     code = lib.minicpm_paged_attention(
         _DTYPES[q.dtype],
@@ -556,6 +601,7 @@ def paged_attention(
         q.stride(0),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
+        *kv,
         k_cache.shape[0] // block_size,
         block_tables.data_ptr(),
         block_tables.shape[0],
@@ -592,9 +638,13 @@ def paged_prefill(
     block_size: int,
     scale: float,
     lib: ctypes.CDLL | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of one sequence's chunk over its paged cache, in one native call (see
-    :func:`prefill_available`).
+    :func:`prefill_available`). A quantized cache (codes with ``k_scale``/``v_scale``, as
+    :func:`paged_attention` takes it) is dequantized as the context is regrouped for the tiles, to
+    the values the reference reads (rounded to bfloat16 in a bfloat16 model).
 
     ``q`` (m, heads, head_dim) float32 or bfloat16, heads contiguous: the rows at positions
     ``past`` .. ``past + m - 1``, row t seeing keys 0 .. ``past + t``, all of them (the chunk's own
@@ -613,16 +663,13 @@ def paged_prefill(
         "q must be a CPU tensor with heads and head_dim contiguous": q.device.type == "cpu"
         and q.stride(2) == 1
         and q.stride(1) == head_dim,
-        "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) in q's dtype": all(
-            c.is_contiguous() and c.dim() == 3 and c.shape[2] == head_dim and c.dtype == q.dtype
-            for c in (k_cache, v_cache)
-        ),
         "table must be contiguous int32": table.dtype == torch.int32 and table.is_contiguous() and table.dim() == 1,
     }
     _require("paged_prefill", checks)
+    kv = _kv_args("paged_prefill", q, k_cache, v_cache, k_scale, v_scale)
     out = torch.empty(m, heads, head_dim, dtype=q.dtype)
     blocks = k_cache.shape[0] // block_size
-    where = (k_cache.data_ptr(), v_cache.data_ptr(), blocks, table.data_ptr(), table.numel(), past)
+    where = (k_cache.data_ptr(), v_cache.data_ptr(), *kv, blocks, table.data_ptr(), table.numel(), past)
     dims = (m, heads, kv_heads, head_dim, block_size)
     code = lib.minicpm_paged_prefill(_DTYPES[q.dtype], q.data_ptr(), q.stride(0), *where, *dims, scale, out.data_ptr())
     if code != 0:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..model import ConcatLinear, MiniCPMForCausalLM, rope_cos_sin, signed_sin
 from .attention import PagedKVCache
-from .cpu_kernels import _DTYPES, NativeKernels, native_kernels, panel_format, refusal
+from .cpu_kernels import _DTYPES, KV_KINDS, NativeKernels, native_kernels, panel_format, refusal
 from .layers import PanelLinear, RowSplitLinear
 
 
@@ -78,7 +78,11 @@ class FusedDecoder:
         c = model.config
         if lib is None or model.device.type != "cpu" or model.dtype not in _DTYPES:
             return None
-        if c.head_dim % 2 or c.head_dim > lib.max_head_dim or cache.k.dtype != model.dtype:
+        if (
+            c.head_dim % 2
+            or c.head_dim > lib.max_head_dim
+            or (cache.k.dtype != model.dtype and not cache.format.quantized)
+        ):
             return None
         specs = []
         for layer in model.model.layers:
@@ -141,7 +145,11 @@ class FusedDecoder:
             slots.data_ptr(),
             k.data_ptr(),
             cache.v.data_ptr(),
-            k[0].numel(),
+            k[0].nbytes,
+            KV_KINDS.get(k.dtype, 0),
+            None if cache.k_scale is None else cache.k_scale.data_ptr(),
+            None if cache.v_scale is None else cache.v_scale.data_ptr(),
+            0 if cache.k_scale is None else cache.k_scale[0].numel(),
             k.shape[1],
             block_tables.data_ptr(),
             block_tables.shape[0],

@@ -162,7 +162,8 @@ class CpuNativeBackend(CpuTorchBackend):
         if self.prefill is None:
             return None
         kc, vc = cache.slots(layer)
-        out = paged_prefill(query_rows(q), kc, vc, table, past, cache.block_size, cache.scale, self.prefill)
+        ks, vs = cache.scale_slots(layer)
+        out = paged_prefill(query_rows(q), kc, vc, table, past, cache.block_size, cache.scale, self.prefill, ks, vs)
         return out.transpose(0, 1)[None]
 
     def attend(self, cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, md: CpuMetadata) -> Tensor:
@@ -175,8 +176,19 @@ class CpuNativeBackend(CpuTorchBackend):
         tokens = rows.shape[0]
         every = len(md.decode_rows) == tokens
         queries = rows if every else rows[torch.tensor(md.decode_rows)]
+        ks, vs = cache.scale_slots(layer)
         decoded = paged_attention(
-            queries, kc, vc, md.block_tables, md.decode_seqs, md.decode_lens, cache.block_size, cache.scale, self.lib
+            queries,
+            kc,
+            vc,
+            md.block_tables,
+            md.decode_seqs,
+            md.decode_lens,
+            cache.block_size,
+            cache.scale,
+            self.lib,
+            ks,
+            vs,
         )
         if every:
             return decoded.transpose(0, 1)[None]

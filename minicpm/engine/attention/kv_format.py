@@ -12,8 +12,9 @@ Contract:
   - ``int8``: symmetric, ``x = code * scale``, codes in [-127, 127], ``scale = max|x| / 127``
     (llama.cpp's q8_0: 8.5 bits a value).
   - ``int4``: asymmetric, ``x = code * scale + min``, codes in [0, 15] packed two to a byte
-    (value ``2i`` in the low nibble, ``2i + 1`` in the high one), ``scale = (max - min) / 15``
-    (llama.cpp's q4_1: 5 bits a value).
+    (in each group, byte ``j`` holds value ``j`` in its low nibble and value ``j + 16`` in its
+    high one, as llama.cpp's q4 blocks), ``scale = (max - min) / 15`` (llama.cpp's q4_1: 5 bits a
+    value).
   - ``fp8`` (CUDA): float8 e4m3 codes, ``x = code * scale``, ``scale = max|x| / 448``.
 
   Scales are rounded to float16 before the codes are computed, so ``dequantize(quantize(x))`` is
@@ -79,8 +80,8 @@ class KVFormat:
             scale = ((hi - lo) / 15).half()
             lo = lo.half()
             div = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-            codes = torch.clamp(torch.round((g - lo.float()) / div), 0, 15).to(torch.uint8).reshape(shape)
-            packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+            codes = torch.clamp(torch.round((g - lo.float()) / div), 0, 15).to(torch.uint8)
+            packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*shape[:-1], -1)
             scales = torch.cat((scale, lo), dim=-1).reshape(*shape[:-1], -1)
             return packed, scales
         top = 127.0 if self.name == "int8" else FP8_MAX
@@ -97,8 +98,8 @@ class KVFormat:
         if not self.quantized:
             return codes.to(dtype)
         if self.name == "int4":
-            low, high = codes & 0xF, codes >> 4
-            vals = torch.stack((low, high), dim=-1).reshape(*codes.shape[:-1], -1).float()
+            pairs = codes.reshape(*codes.shape[:-1], -1, GROUP // 2)
+            vals = torch.cat((pairs & 0xF, pairs >> 4), dim=-1).reshape(*codes.shape[:-1], -1).float()
         else:
             vals = codes.float()
         shape = vals.shape

@@ -120,15 +120,18 @@ static int check_linear(const Linear *l, int k, int n_total) {
 
 /* The decoder layers over ``m`` decode rows. h (m, hidden) in and out; cos / sin_signed (m,
  * head_dim) float32 (already rounded to the activation dtype); slots (m) cache slots of the new
- * tokens; k_cache / v_cache the whole cache, ``layer_stride`` elements per layer, each layer
- * (num_blocks * block_size slots, kv_heads, head_dim); tables / row_seq / row_len as
+ * tokens; k_cache / v_cache the whole cache, ``layer_bytes`` bytes per layer, each layer
+ * (num_blocks * block_size slots, kv_heads, head_dim) in the activation dtype, or codes of kvkind
+ * (minicpm.h) with float16 scales k_scale / v_scale, ``scale_layer_stride`` scales per layer (the
+ * new keys and values quantized as kv_format.py does); tables / row_seq / row_len as
  * paged_attention.c takes them. ``work`` (``work_bytes``) and ``scratch`` (``scratch_bytes``) at
  * least what minicpm_decode_buffer_bytes asks for m rows. Every size, slot, row and block id is
  * checked before anything is written: returns 0, or the refusal code (minicpm.h) with the cache
  * and h untouched. */
 int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
-                          int64_t layer_stride, int64_t num_blocks, const int32_t *tables, int seqs, int width,
+                          int64_t layer_bytes, int kvkind, uint16_t *k_scale, uint16_t *v_scale,
+                          int64_t scale_layer_stride, int64_t num_blocks, const int32_t *tables, int seqs, int width,
                           const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden, int heads,
                           int kv_heads, int head_dim, int inter, float eps, float residual_scale, float attn_scale,
                           void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes) {
@@ -139,7 +142,17 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
     if (heads % kv_heads != 0 || heads / kv_heads > 64) return MINICPM_BAD_GROUP;
     if (head_dim < 2 || head_dim % 2 || head_dim > MINICPM_MAX_HEAD_DIM) return MINICPM_BAD_HEAD_DIM;
     const int64_t slots_in_cache = num_blocks * block_size;
-    if (layer_stride < slots_in_cache * kv_heads * head_dim) return MINICPM_BAD_SHAPE;
+    const int quant = kvkind != MINICPM_KV_PLAIN, groups = head_dim / MINICPM_KV_GROUP;
+    if (quant && ((kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) || head_dim % MINICPM_KV_GROUP ||
+                  k_scale == NULL || v_scale == NULL))
+        return MINICPM_BAD_KV;
+    if (kvkind != MINICPM_KV_PLAIN && kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) return MINICPM_BAD_KV;
+    /* a (slot, kv head) row's code bytes and float16 scales */
+    const int64_t row_bytes = kvkind == MINICPM_KV_INT4 ? head_dim / 2 : kvkind == MINICPM_KV_INT8 ? head_dim
+                                                                                                 : head_dim * (xtype ? 2 : 4);
+    const int64_t row_scales = kvkind == MINICPM_KV_INT4 ? 2 * groups : kvkind == MINICPM_KV_INT8 ? groups : 0;
+    if (layer_bytes < slots_in_cache * kv_heads * row_bytes || scale_layer_stride < slots_in_cache * kv_heads * row_scales)
+        return MINICPM_BAD_SHAPE;
     int64_t need[2];
     minicpm_decode_buffer_bytes(xtype, m, hidden, heads, kv_heads, head_dim, inter, need);
     if (work_bytes < need[0] || scratch_bytes < need[1]) return MINICPM_SMALL_BUFFER;
@@ -162,7 +175,8 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
         const Layer *ly = &layers[L];
         rmsnorm(xtype, h, ly->norm1, m, hidden, eps, x);
         linear(&ly->qkv, xtype, x, m, hidden, qkv, qkv_n, scratch);
-        char *kc = (char *)k_cache + L * layer_stride * es, *vc = (char *)v_cache + L * layer_stride * es;
+        char *kc = (char *)k_cache + L * layer_bytes, *vc = (char *)v_cache + L * layer_bytes;
+        uint16_t *ks = quant ? k_scale + L * scale_layer_stride : NULL, *vs = quant ? v_scale + L * scale_layer_stride : NULL;
         for (int r = 0; r < m; r++) {
             char *row = qkv + (int64_t)r * qkv_n * es;
             const float *c = cos + (int64_t)r * head_dim, *s = sin_signed + (int64_t)r * head_dim;
@@ -174,12 +188,20 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
                     put(xtype, row, (int64_t)hh * head_dim + i, a + b);
                 }
             }
-            const int64_t kv_bytes = (int64_t)kv_heads * head_dim * es;
-            memcpy(kc + slots[r] * kv_bytes, row + (int64_t)heads * head_dim * es, kv_bytes);
-            memcpy(vc + slots[r] * kv_bytes, row + (int64_t)(heads + kv_heads) * head_dim * es, kv_bytes);
+            if (quant) {
+                minicpm_kv_quantize(xtype, kvkind, row + (int64_t)heads * head_dim * es, 0, 1, kv_heads, head_dim,
+                                    slots + r, kc, ks);
+                minicpm_kv_quantize(xtype, kvkind, row + (int64_t)(heads + kv_heads) * head_dim * es, 0, 1, kv_heads,
+                                    head_dim, slots + r, vc, vs);
+            } else {
+                const int64_t kv_bytes = (int64_t)kv_heads * head_dim * es;
+                memcpy(kc + slots[r] * kv_bytes, row + (int64_t)heads * head_dim * es, kv_bytes);
+                memcpy(vc + slots[r] * kv_bytes, row + (int64_t)(heads + kv_heads) * head_dim * es, kv_bytes);
+            }
         }
-        const int code = minicpm_paged_attention(xtype, qkv, qkv_n, kc, vc, num_blocks, tables, seqs, width, row_seq,
-                                                 row_len, m, heads, kv_heads, head_dim, block_size, attn_scale, att);
+        const int code = minicpm_paged_attention(xtype, qkv, qkv_n, kc, vc, kvkind, ks, vs, num_blocks, tables, seqs,
+                                                 width, row_seq, row_len, m, heads, kv_heads, head_dim, block_size,
+                                                 attn_scale, att);
         if (code != 0) return code;
         linear(&ly->o, xtype, att, m, att_n, out, hidden, scratch);
         residual(xtype, h, out, (int64_t)m * hidden, residual_scale);

@@ -11,11 +11,22 @@
 
 #include <stdint.h>
 
-#define MINICPM_ABI_VERSION 2
+#define MINICPM_ABI_VERSION 3
 
 #define MINICPM_PANEL 32    /* output columns per packed weight panel (linear.c) */
 #define MINICPM_MAX_PARTS 3 /* weights stacked by output in one of the fused decoder's linears */
 #define MINICPM_MAX_HEAD_DIM 512 /* the fused decoder's rotary buffer */
+
+/* How a layer of the KV cache is stored (kvkind): in the activations' own dtype, or quantized in
+ * groups of MINICPM_KV_GROUP values along head_dim with float16 scales beside the codes
+ * (minicpm/engine/attention/kv_format.py is the reference):
+ *   INT8: codes (slots, kv_heads, head_dim) int8, x = code * scale; scales (slots, kv_heads,
+ *         head_dim / 32) float16
+ *   INT4: codes (slots, kv_heads, head_dim / 2) bytes, in each group of 32 byte j holds value j
+ *         (low nibble) and value j + 16 (high nibble), x = code * scale + min; scales (slots,
+ *         kv_heads, head_dim / 32, 2) float16: (scale, min) */
+enum { MINICPM_KV_PLAIN = 0, MINICPM_KV_INT8 = 1, MINICPM_KV_INT4 = 2 };
+#define MINICPM_KV_GROUP 32
 
 /* What a kernel returns for arguments it refuses (0: done). Each is checked before any write. */
 enum {
@@ -30,6 +41,7 @@ enum {
     MINICPM_SMALL_BUFFER = -9,  /* a work or scratch buffer smaller than the kernel needs */
     MINICPM_BAD_LAYER = -10,    /* a layer's linear with no parts, too many, or outside its output */
     MINICPM_BAD_SHAPE = -11,    /* a size below 1, or a cache layer smaller than its blocks */
+    MINICPM_BAD_KV = -12,       /* a KV kind not known, no scales, or head_dim not a multiple of 32 */
 };
 
 /* one linear layer of the fused decoder: up to MINICPM_MAX_PARTS weights stacked by output, part p
@@ -64,15 +76,19 @@ int minicpm_gguf_decode(int kind, const uint8_t *blocks, int64_t count, void *co
 
 /* paged_attention.c */
 int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
-                            int64_t num_blocks, const int32_t *tables, int seqs, int width, const int32_t *row_seq,
+                            int kvkind, const uint16_t *ks, const uint16_t *vs, int64_t num_blocks, const int32_t *tables, int seqs, int width, const int32_t *row_seq,
                             const int32_t *row_len, int rows, int heads, int kv_heads, int head_dim, int block_size,
                             float scale, void *out);
 int minicpm_paged_prefill_available(int dtype);
 int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
-                          int64_t num_blocks, const int32_t *table, int width, int past, int m, int heads,
+                          int kvkind, const uint16_t *ks, const uint16_t *vs, int64_t num_blocks, const int32_t *table, int width, int past, int m, int heads,
                           int kv_heads, int head_dim, int block_size, float scale, void *out);
 /* 0 where every row's sequence, length and the block ids it reads are inside the tables and the
  * cache, else the refusal code (what minicpm_paged_attention checks first) */
+/* rows (rows x kv_heads of head_dim values, activation dtype) quantized into codes and scales at
+ * row index slot[r] * kv_heads + h, exactly as kv_format.py's quantize does */
+void minicpm_kv_quantize(int xtype, int kvkind, const void *x, int64_t x_stride, int rows, int kv_heads, int head_dim,
+                         const int64_t *slots, void *codes, uint16_t *scales);
 int minicpm_check_rows(int64_t num_blocks, const int32_t *tables, int seqs, int width, const int32_t *row_seq,
                        const int32_t *row_len, int rows, int block_size);
 
@@ -83,7 +99,8 @@ void minicpm_decode_buffer_bytes(int xtype, int m, int hidden, int heads, int kv
                                  int64_t sizes[2]);
 int minicpm_decode_layers(int xtype, int m, int n_layers, const minicpm_layer_t *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
-                          int64_t layer_stride, int64_t num_blocks, const int32_t *tables, int seqs, int width,
+                          int64_t layer_bytes, int kvkind, uint16_t *k_scale, uint16_t *v_scale,
+                          int64_t scale_layer_stride, int64_t num_blocks, const int32_t *tables, int seqs, int width,
                           const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden, int heads,
                           int kv_heads, int head_dim, int inter, float eps, float residual_scale, float attn_scale,
                           void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes);

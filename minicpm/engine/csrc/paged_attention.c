@@ -50,6 +50,131 @@ static inline void store_scaled(void *dst, const float *src, float scale, int n,
     }
 }
 
+/* float16 <-> float32, round to nearest even (what torch's .half() and .float() do) */
+static inline float half_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal: exactly man * 2^-24 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_half(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);         /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);        /* rounds past 65504: inf */
+    if (a < 0x38800000u) {                                           /* below 2^-14: subnormal or zero */
+        float mag;
+        memcpy(&mag, &a, sizeof mag);
+        return (uint16_t)(sign | (uint32_t)rintf(mag * 16777216.0f)); /* units of 2^-24, nearest even */
+    }
+    a += 0xfffu + ((a >> 13) & 1u); /* round the 13 dropped bits to nearest even */
+    return (uint16_t)(sign | ((a - 0x38000000u) >> 13));
+}
+
+/* value count of a (token, kv head) row's codes in bytes or elements: the codes' row width */
+static inline int64_t kv_width(int kind, int head_dim) { return kind == MINICPM_KV_INT4 ? head_dim / 2 : head_dim; }
+static inline int kv_scales(int kind, int head_dim) {
+    return head_dim / MINICPM_KV_GROUP * (kind == MINICPM_KV_INT4 ? 2 : 1);
+}
+
+/* 0 where kvkind, its scales and head_dim go together, else MINICPM_BAD_KV */
+static int check_kv(int kvkind, const uint16_t *ks, const uint16_t *vs, int head_dim) {
+    if (kvkind == MINICPM_KV_PLAIN) return 0;
+    if (kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) return MINICPM_BAD_KV;
+    if (ks == NULL || vs == NULL || head_dim % MINICPM_KV_GROUP != 0) return MINICPM_BAD_KV;
+    return 0;
+}
+
+/* row ``row`` (slot * kv_heads + kv head) of a quantized layer, dequantized into dst (float32) */
+static inline void dequant_row(int kind, const void *codes, const uint16_t *scales, int64_t row, int head_dim,
+                               float *dst) {
+    const int groups = head_dim / MINICPM_KV_GROUP;
+    if (kind == MINICPM_KV_INT8) {
+        const int8_t *c = (const int8_t *)codes + row * head_dim;
+        const uint16_t *sc = scales + row * groups;
+        for (int g = 0; g < groups; g++) {
+            const float s = half_to_f32(sc[g]);
+            for (int j = 0; j < MINICPM_KV_GROUP; j++) dst[g * 32 + j] = (float)c[g * 32 + j] * s;
+        }
+    } else {
+        const uint8_t *c = (const uint8_t *)codes + row * (head_dim / 2);
+        const uint16_t *sc = scales + row * groups * 2;
+        for (int g = 0; g < groups; g++) {
+            const float s = half_to_f32(sc[2 * g]), mn = half_to_f32(sc[2 * g + 1]);
+            for (int j = 0; j < 16; j++) {
+                dst[g * 32 + j] = (float)(c[g * 16 + j] & 15) * s + mn;
+                dst[g * 32 + 16 + j] = (float)(c[g * 16 + j] >> 4) * s + mn;
+            }
+        }
+    }
+}
+
+/* head_dim float32 values quantized into one row of codes and scales (kv_format.py's quantize) */
+static void quantize_row(int kind, const float *x, int head_dim, void *codes, uint16_t *scales) {
+    for (int g = 0; g < head_dim / MINICPM_KV_GROUP; g++) {
+        const float *xg = x + g * MINICPM_KV_GROUP;
+        if (kind == MINICPM_KV_INT8) {
+            float amax = 0.0f;
+            for (int j = 0; j < MINICPM_KV_GROUP; j++) amax = fabsf(xg[j]) > amax ? fabsf(xg[j]) : amax;
+            const uint16_t h = f32_to_half(amax / 127.0f);
+            const float s = half_to_f32(h), div = s == 0.0f ? 1.0f : s;
+            scales[g] = h;
+            int8_t *c = (int8_t *)codes + g * MINICPM_KV_GROUP;
+            for (int j = 0; j < MINICPM_KV_GROUP; j++) {
+                float r = rintf(xg[j] / div);
+                c[j] = (int8_t)(r < -127.0f ? -127.0f : r > 127.0f ? 127.0f : r);
+            }
+        } else {
+            float lo = xg[0], hi = xg[0];
+            for (int j = 1; j < MINICPM_KV_GROUP; j++) {
+                lo = xg[j] < lo ? xg[j] : lo;
+                hi = xg[j] > hi ? xg[j] : hi;
+            }
+            const uint16_t hs = f32_to_half((hi - lo) / 15.0f), hm = f32_to_half(lo);
+            const float s = half_to_f32(hs), mn = half_to_f32(hm), div = s == 0.0f ? 1.0f : s;
+            scales[2 * g] = hs;
+            scales[2 * g + 1] = hm;
+            uint8_t code[MINICPM_KV_GROUP];
+            for (int j = 0; j < MINICPM_KV_GROUP; j++) {
+                float r = rintf((xg[j] - mn) / div);
+                code[j] = (uint8_t)(r < 0.0f ? 0.0f : r > 15.0f ? 15.0f : r);
+            }
+            uint8_t *c = (uint8_t *)codes + g * 16;
+            for (int j = 0; j < 16; j++) c[j] = (uint8_t)(code[j] | (code[j + 16] << 4));
+        }
+    }
+}
+
+void minicpm_kv_quantize(int xtype, int kvkind, const void *x, int64_t x_stride, int rows, int kv_heads, int head_dim,
+                         const int64_t *slots, void *codes, uint16_t *scales) {
+    float row[MINICPM_MAX_HEAD_DIM];
+    if ((kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) || head_dim > MINICPM_MAX_HEAD_DIM) return;
+    const int64_t width = kv_width(kvkind, head_dim);
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < kv_heads; h++) {
+            const int64_t at = (int64_t)r * x_stride + (int64_t)h * head_dim;
+            for (int d = 0; d < head_dim; d++)
+                row[d] = xtype ? bf16_to_f32(((const uint16_t *)x)[at + d]) : ((const float *)x)[at + d];
+            const int64_t dst = slots[r] * kv_heads + h;
+            quantize_row(kvkind, row, head_dim, (char *)codes + dst * width, scales + dst * kv_scales(kvkind, head_dim));
+        }
+}
+
 /* exp(x) for x <= 0 to ~2 ulp: 2^n * p(r), r = x - n ln2, |r| <= ln2/2; branch-free so loops vectorize */
 static inline float exp_nonpos(float x) {
     x = x < -87.0f ? -87.0f : x;
@@ -74,6 +199,8 @@ static inline float exp_nonpos(float x) {
 
 typedef struct {
     const void *q, *kc, *vc;
+    int kind; /* MINICPM_KV_*: kc / vc codes with scales ks / vs, or the q dtype's values */
+    const uint16_t *ks, *vs;
     int64_t q_stride;
     const int32_t *tables, *row_seq, *row_len;
     int width, heads, kv_heads, groups, block_size;
@@ -144,8 +271,15 @@ static inline __attribute__((always_inline)) void fold_block(const float *qf, co
                 const T *kb = (const T *)a->kc + base, *vb = (const T *)a->vc + base;               \
                 const int h = (kvh - kv0) * groups;                                                \
                 float *qh = qf + h * head_dim, *ah = acc + h * head_dim;                           \
-                if (IN_PLACE) {                                                                    \
+                if (IN_PLACE && a->kind == MINICPM_KV_PLAIN) {                                     \
                     fold_block(qh, (const float *)kb, (const float *)vb, step, n, groups, head_dim, sc, mx + h, sm + h, ah); \
+                } else if (a->kind != MINICPM_KV_PLAIN) {                                          \
+                    const int64_t row0 = (int64_t)table[b] * block_size * a->kv_heads + kvh;        \
+                    for (int j = 0; j < n; j++) {                                                  \
+                        dequant_row(a->kind, a->kc, a->ks, row0 + (int64_t)j * a->kv_heads, head_dim, kbuf + j * head_dim); \
+                        dequant_row(a->kind, a->vc, a->vs, row0 + (int64_t)j * a->kv_heads, head_dim, vbuf + j * head_dim); \
+                    }                                                                              \
+                    fold_block(qh, kbuf, vbuf, head_dim, n, groups, head_dim, sc, mx + h, sm + h, ah); \
                 } else {                                                                           \
                     for (int j = 0; j < n; j++)                                                    \
                         for (int d = 0; d < head_dim; d++) {                                       \
@@ -243,16 +377,42 @@ static inline int64_t key_at(const int32_t *table, int kv_heads, int kvh, int he
     return (((int64_t)table[key / block_size] * block_size + key % block_size) * kv_heads + kvh) * head_dim;
 }
 
+/* the key and value rows at element offset ``at`` of a layer (float32, of the kind's codes
+ * dequantized: kc / vc codes, ks / vs scales), into k and v; their pointers returned in place */
+static inline void kv_rows(int kind, const void *kc, const void *vc, const uint16_t *ks, const uint16_t *vs, int64_t at,
+                           int head_dim, int bf16, float *k, float *v) {
+    if (kind != MINICPM_KV_PLAIN) {
+        dequant_row(kind, kc, ks, at / head_dim, head_dim, k);
+        dequant_row(kind, vc, vs, at / head_dim, head_dim, v);
+        if (bf16) /* the value a bfloat16 model's reference dequantizes to */
+            for (int d = 0; d < head_dim; d++) {
+                k[d] = bf16_to_f32(f32_to_bf16(k[d]));
+                v[d] = bf16_to_f32(f32_to_bf16(v[d]));
+            }
+    } else if (bf16) {
+        for (int d = 0; d < head_dim; d++) {
+            k[d] = bf16_to_f32(((const uint16_t *)kc)[at + d]);
+            v[d] = bf16_to_f32(((const uint16_t *)vc)[at + d]);
+        }
+    } else {
+        memcpy(k, (const float *)kc + at, sizeof(float) * head_dim);
+        memcpy(v, (const float *)vc + at, sizeof(float) * head_dim);
+    }
+}
+
 /* key block kb of kv head kvh into Kt / Vt (float32; keys past ctx zero) */
-static void gather_keys_f32(const float *kc, const float *vc, const int32_t *table, int kv_heads, int kvh,
-                            int head_dim, int block_size, int ctx, int kb, float *kt, float *vt) {
+static void gather_keys_f32(int kind, const void *kc, const void *vc, const uint16_t *ks, const uint16_t *vs,
+                            const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx, int kb,
+                            float *kt, float *vt) {
     float *kb_t = kt + (int64_t)kb * KEYS * head_dim, *vb_t = vt + (int64_t)kb * KEYS * head_dim;
+    float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
     for (int c = 0; c < KEYS; c++) {
         const int key = kb * KEYS + c;
         const int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
+        if (at >= 0) kv_rows(kind, kc, vc, ks, vs, at, head_dim, 0, k, v);
         for (int d = 0; d < head_dim; d++) {
-            kb_t[(int64_t)d * KEYS + c] = at >= 0 ? kc[at + d] : 0.0f;
-            vb_t[(int64_t)c * head_dim + d] = at >= 0 ? vc[at + d] : 0.0f;
+            kb_t[(int64_t)d * KEYS + c] = at >= 0 ? k[d] : 0.0f;
+            vb_t[(int64_t)c * head_dim + d] = at >= 0 ? v[d] : 0.0f;
         }
     }
 }
@@ -377,13 +537,25 @@ static void prefill_tile_f32(const float *const *q, const int *len, int rows, co
 
 #if defined(__AVX512BF16__)
 /* key block kb of kv head kvh into Kp / Vp (bfloat16 pairs; keys past ctx zero) */
-static void pair_keys(const uint16_t *kc, const uint16_t *vc, const int32_t *table, int kv_heads, int kvh,
-                      int head_dim, int block_size, int ctx, int kb, uint16_t *kp, uint16_t *vp) {
+static void pair_keys(int kind, const void *kcodes, const void *vcodes, const uint16_t *ks, const uint16_t *vs,
+                      const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx, int kb,
+                      uint16_t *kp, uint16_t *vp) {
     const int hd2 = head_dim / 2;
     uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
+    uint16_t krow[MINICPM_MAX_HEAD_DIM], vrow[MINICPM_MAX_HEAD_DIM];
     for (int c = 0; c < KEYS; c++) {
         const int key = kb * KEYS + c;
-        const int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
+        int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
+        const uint16_t *kc = (const uint16_t *)kcodes, *vc = (const uint16_t *)vcodes;
+        if (at >= 0 && kind != MINICPM_KV_PLAIN) { /* the row dequantized, rounded to bfloat16 */
+            float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
+            kv_rows(kind, kcodes, vcodes, ks, vs, at, head_dim, 0, k, v);
+            for (int d = 0; d < head_dim; d++) {
+                krow[d] = f32_to_bf16(k[d]);
+                vrow[d] = f32_to_bf16(v[d]);
+            }
+            kc = krow, vc = vrow, at = 0;
+        }
         for (int dp = 0; dp < hd2; dp++) {
             kt[((int64_t)dp * KEYS + c) * 2] = at >= 0 ? kc[at + 2 * dp] : 0;
             kt[((int64_t)dp * KEYS + c) * 2 + 1] = at >= 0 ? kc[at + 2 * dp + 1] : 0;
@@ -457,11 +629,13 @@ int minicpm_paged_prefill_available(int dtype) { return dtype == 0 ? HAVE_PREFIL
  * dtype not built here), -3 (no memory), -5 (past + m beyond the table), -6 (a block id outside
  * the cache), -7 (head_dim not a multiple of 64). */
 int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
-                          int64_t num_blocks, const int32_t *table, int width, int past, int m, int heads,
-                          int kv_heads, int head_dim, int block_size, float scale, void *out) {
+                          int kvkind, const uint16_t *ks, const uint16_t *vs, int64_t num_blocks,
+                          const int32_t *table, int width, int past, int m, int heads, int kv_heads, int head_dim,
+                          int block_size, float scale, void *out) {
     if (!minicpm_paged_prefill_available(dtype)) return -2;
 #if HAVE_PREFILL_F32
     if (m <= 0) return 0;
+    if (check_kv(kvkind, ks, vs, head_dim) != 0 || head_dim > MINICPM_MAX_HEAD_DIM) return MINICPM_BAD_KV;
     if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return -1;
     if (head_dim <= 0 || head_dim % 64 != 0) return -7;
     const int ctx = past + m;
@@ -482,12 +656,12 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
 #pragma omp for schedule(static)
                 for (int kb = 0; kb < blocks; kb++) {
                     if (dtype == 0)
-                        gather_keys_f32((const float *)kc, (const float *)vc, table, kv_heads, kvh, head_dim,
-                                        block_size, ctx, kb, (float *)kp, (float *)vp);
+                        gather_keys_f32(kvkind, kc, vc, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb,
+                                        (float *)kp, (float *)vp);
 #if HAVE_PREFILL_BF16
                     else
-                        pair_keys((const uint16_t *)kc, (const uint16_t *)vc, table, kv_heads, kvh, head_dim,
-                                  block_size, ctx, kb, (uint16_t *)kp, (uint16_t *)vp);
+                        pair_keys(kvkind, kc, vc, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb,
+                                  (uint16_t *)kp, (uint16_t *)vp);
 #endif
                 }
 #pragma omp for schedule(dynamic, 1)
@@ -520,6 +694,7 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
     return failed ? -3 : 0;
 #else
     (void)q, (void)q_stride, (void)kc, (void)vc, (void)num_blocks, (void)table, (void)width, (void)past, (void)m;
+    (void)kvkind, (void)ks, (void)vs;
     (void)heads, (void)kv_heads, (void)head_dim, (void)block_size, (void)scale, (void)out;
     return -2;
 #endif
@@ -588,6 +763,49 @@ static inline __attribute__((always_inline)) __m512 key_dot(const void *q, const
     return z;
 }
 
+/* float16 to float32 (one instruction where the CPU has F16C) */
+static inline float h2f(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    return half_to_f32(h);
+#endif
+}
+
+/* the 32 codes of group g of a quantized row (int8: 32 bytes; int4: 16 bytes, value j low and
+ * j + 16 high) as two float32 vectors: values 0-15 and 16-31 */
+static inline __attribute__((always_inline)) void codes32(const uint8_t *row, int g, int kind, __m512 *c0,
+                                                          __m512 *c1) {
+    if (kind == MINICPM_KV_INT8) {
+        *c0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + g * 32))));
+        *c1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + g * 32 + 16))));
+    } else {
+        const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + g * 16)));
+        *c0 = _mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)));
+        *c1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
+    }
+}
+
+/* a vector whose lanes sum to the dot product of qf (float32, pre-scaled) and a quantized key row
+ * (codes k, float16 scales ks): per group, scale * (q . codes) (+ min * sum(q) for int4) */
+static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, const uint8_t *k, const uint16_t *ks,
+                                                              const int head_dim, int kind) {
+    __m512 z = _mm512_setzero_ps();
+    for (int g = 0; g < head_dim / 32; g++) {
+        __m512 c0, c1;
+        codes32(k, g, kind, &c0, &c1);
+        const __m512 q0 = _mm512_loadu_ps(qf + g * 32), q1 = _mm512_loadu_ps(qf + g * 32 + 16);
+        const __m512 d = _mm512_fmadd_ps(q1, c1, _mm512_mul_ps(q0, c0));
+        if (kind == MINICPM_KV_INT8) {
+            z = _mm512_fmadd_ps(d, _mm512_set1_ps(h2f(ks[g])), z);
+        } else {
+            z = _mm512_fmadd_ps(d, _mm512_set1_ps(h2f(ks[2 * g])), z);
+            z = _mm512_fmadd_ps(_mm512_add_ps(q0, q1), _mm512_set1_ps(h2f(ks[2 * g + 1])), z);
+        }
+    }
+    return z;
+}
+
 /* keys k0..k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
  * sm (both heads rounded up to 16) and accumulators acc (heads x head_dim). A window of up to 16
  * keys inside one block (every kv head of up to 16 consecutive slots: one stretch of memory) is
@@ -603,13 +821,18 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                                                               const int head_dim, int bf16, float *qf, float *sc,
                                                               float *cr, float *mx, float *sm, float *acc) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
-    const int esize = bf16 ? 2 : 4;
-    const int64_t slot = (int64_t)kv_heads * head_dim * esize; /* bytes from one slot to the next */
+    const int esize = bf16 ? 2 : 4, kind = a->kind, quant = kind != MINICPM_KV_PLAIN;
+    const int64_t width = quant ? kv_width(kind, head_dim) : head_dim * esize; /* bytes of a (slot, head) row */
+    const int nsc = quant ? kv_scales(kind, head_dim) : 0;                       /* its scales */
+    const int64_t slot = (int64_t)kv_heads * width; /* bytes from one slot to the next */
     const int32_t *table = a->tables + (int64_t)a->row_seq[row] * a->width;
     const char *qrow = (const char *)a->q + (int64_t)row * a->q_stride * esize;
     if (!bf16)
         for (int i = 0; i < heads * head_dim; i++) qf[i] = ((const float *)qrow)[i] * a->scale;
-    const char *qb = bf16 ? qrow : (const char *)qf;
+    else if (quant) /* quantized keys are scored in float32 */
+        for (int i = 0; i < heads * head_dim; i++) qf[i] = bf16_to_f32(((const uint16_t *)qrow)[i]) * a->scale;
+    const char *qb = bf16 && !quant ? qrow : (const char *)qf;
+    const int qsize = bf16 && !quant ? 2 : 4;
     for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
         mx[h] = -INFINITY;
         sm[h] = 0.0f;
@@ -620,26 +843,30 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const int room = bs - w0 % bs;
         n = k1 - w0 < 16 ? k1 - w0 : 16;
         n = room < n ? room : n;
-        const int64_t at = ((int64_t)table[w0 / bs] * bs + w0 % bs) * slot;
+        const int64_t first = (int64_t)table[w0 / bs] * bs + w0 % bs, at = first * slot;
         const char *kw = (const char *)a->kc + at, *vw = (const char *)a->vc + at;
+        const uint16_t *ksw = quant ? a->ks + first * kv_heads * nsc : NULL;
+        const uint16_t *vsw = quant ? a->vs + first * kv_heads * nsc : NULL;
         /* scores of the (slot, head) pairs in order, 16 at a time */
         const int pairs = n * heads;
         const char *qh = qb, *kr = kw; /* the pair's query head and key row */
+        const uint16_t *kscale = ksw;  /* and the key row's scales */
         int h = 0, g = 0;
         for (int f0 = 0; f0 < pairs; f0 += 16) {
             __m512 z[16];
             for (int i = 0; i < 16; i++) {
                 if (f0 + i < pairs) {
-                    z[i] = key_dot(qh, kr, head_dim, bf16);
-                    qh += head_dim * esize;
-                    if (++g == groups) g = 0, kr += head_dim * esize;
+                    z[i] = quant ? key_dot_q((const float *)qh, (const uint8_t *)kr, kscale, head_dim, kind)
+                                 : key_dot(qh, kr, head_dim, bf16);
+                    qh += head_dim * qsize;
+                    if (++g == groups) g = 0, kr += width, kscale += nsc;
                     if (++h == heads) h = 0, qh = qb; /* kr has reached the next slot */
                 } else {
                     z[i] = _mm512_setzero_ps();
                 }
             }
             __m512 s = sum16(z);
-            if (bf16) s = _mm512_mul_ps(s, _mm512_set1_ps(a->scale));
+            if (bf16 && !quant) s = _mm512_mul_ps(s, _mm512_set1_ps(a->scale));
             _mm512_storeu_ps(sc + f0, s);
         }
         /* the window's softmax, 16 heads at a time */
@@ -673,10 +900,32 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                             const __m512 c = _mm512_set1_ps(cr[hh]);
                             for (int i = 0; i < 4; i++) acc4[i] = _mm512_mul_ps(acc4[i], c);
                         }
-                        for (int t = j8; t < j8 + m8; t++) {
-                            const __m512 pj = _mm512_set1_ps(sc[t * heads + hh]);
-                            const char *vr = vw + t * slot + ((int64_t)kvh * head_dim + d0) * esize;
-                            for (int i = 0; i < 4; i++) acc4[i] = _mm512_fmadd_ps(pj, load16(vr + 16 * i * esize, bf16), acc4[i]);
+                        if (quant) {
+                            for (int t = j8; t < j8 + m8; t++) {
+                                const float p = sc[t * heads + hh];
+                                const uint8_t *vr = (const uint8_t *)vw + t * slot + (int64_t)kvh * width;
+                                const uint16_t *vs = vsw + ((int64_t)t * kv_heads + kvh) * nsc;
+                                for (int gg = 0; gg < 2; gg++) {
+                                    const int gi = d0 / 32 + gg;
+                                    __m512 c0, c1;
+                                    codes32(vr, gi, kind, &c0, &c1);
+                                    const float s0 = h2f(vs[kind == MINICPM_KV_INT4 ? 2 * gi : gi]);
+                                    const __m512 ps = _mm512_set1_ps(p * s0);
+                                    acc4[2 * gg] = _mm512_fmadd_ps(ps, c0, acc4[2 * gg]);
+                                    acc4[2 * gg + 1] = _mm512_fmadd_ps(ps, c1, acc4[2 * gg + 1]);
+                                    if (kind == MINICPM_KV_INT4) {
+                                        const __m512 pm = _mm512_set1_ps(p * h2f(vs[2 * gi + 1]));
+                                        acc4[2 * gg] = _mm512_add_ps(acc4[2 * gg], pm);
+                                        acc4[2 * gg + 1] = _mm512_add_ps(acc4[2 * gg + 1], pm);
+                                    }
+                                }
+                            }
+                        } else {
+                            for (int t = j8; t < j8 + m8; t++) {
+                                const __m512 pj = _mm512_set1_ps(sc[t * heads + hh]);
+                                const char *vr = vw + t * slot + ((int64_t)kvh * head_dim + d0) * esize;
+                                for (int i = 0; i < 4; i++) acc4[i] = _mm512_fmadd_ps(pj, load16(vr + 16 * i * esize, bf16), acc4[i]);
+                            }
                         }
                         for (int i = 0; i < 4; i++) _mm512_storeu_ps(ah + 16 * i, acc4[i]);
                     }
@@ -804,16 +1053,18 @@ int minicpm_check_rows(int64_t num_blocks, const int32_t *tables, int seqs, int 
 /* Returns 0, or a negative code for arguments it refuses: a group too large (-1), a dtype (-2), no
  * memory (-3), a row's sequence (-4) or length (-5) out of range, a block id outside the cache (-6). */
 int minicpm_paged_attention(int dtype, const void *q, int64_t q_stride, const void *kc, const void *vc,
-                            int64_t num_blocks, const int32_t *tables, int seqs, int width,
-                            const int32_t *row_seq, const int32_t *row_len, int rows, int heads, int kv_heads,
-                            int head_dim, int block_size, float scale, void *out) {
+                            int kvkind, const uint16_t *ks, const uint16_t *vs, int64_t num_blocks,
+                            const int32_t *tables, int seqs, int width, const int32_t *row_seq,
+                            const int32_t *row_len, int rows, int heads, int kv_heads, int head_dim, int block_size,
+                            float scale, void *out) {
     if (rows <= 0) return 0;
     if (kv_heads <= 0 || heads % kv_heads != 0 || heads / kv_heads > MAX_GROUP) return -1;
     if (dtype != 0 && dtype != 1) return -2;
+    if (check_kv(kvkind, ks, vs, head_dim) != 0) return MINICPM_BAD_KV;
     const int checked = minicpm_check_rows(num_blocks, tables, seqs, width, row_seq, row_len, rows, block_size);
     if (checked != 0) return checked;
-    const args_t a = {q,     kc,       vc,     q_stride,          tables,     row_seq, row_len, width,
-                      heads, kv_heads, heads / kv_heads, block_size, scale, out};
+    const args_t a = {q,     kc,       vc,     kvkind,           ks,         vs,    q_stride, tables, row_seq,
+                      row_len, width, heads, kv_heads, heads / kv_heads, block_size, scale, out};
     return decode_avx512_serves(dtype, head_dim) ? decode_avx512(dtype, &a, rows, head_dim)
                                                  : decode_portable(dtype, &a, rows, head_dim);
 }

@@ -1,0 +1,216 @@
+"""The quantized KV cache (``kv_cache_dtype`` int8 / int4): the reference quantizer's round trip,
+the C quantizer bit for bit against it, every CPU kernel reading codes in place against attention
+over the dequantized cache (float32 and bfloat16 queries, GQA and MHA, head sizes on both the
+AVX-512 and the portable paths, shuffled and partial blocks), and the engine: every backend gives
+the reference backend's greedy tokens, prefix hits, preemption and ``n`` choices included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_model, tiny_config
+from test_cpu_kernels import make_case, needs_native, prefill_dtypes, prefill_reference, reference
+
+from minicpm import SamplingParams
+from minicpm.engine import EngineConfig, LLMEngine
+from minicpm.engine.attention.kv_format import FORMATS, GROUP, resolve_kv_format
+from minicpm.engine.cpu_kernels import _DTYPES, KV_KINDS, native_kernels, paged_attention, paged_prefill
+from minicpm.errors import UserError
+
+QUANTIZED = ["int8", "int4"]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_round_trip_error_is_within_half_a_step_of_each_group(name) -> None:
+    fmt = FORMATS[name]
+    x = torch.randn(7, 3, 128) * torch.linspace(0.1, 10, 128)  # channels of very different sizes
+    x[0, 0, :GROUP] = 0.0  # an all-zero group: scale 0, exact zeros back
+    codes, scales = fmt.quantize(x)
+    assert codes.dtype == fmt.dtype and codes.shape[-1] == fmt.code_width(128)
+    assert scales.dtype == torch.float16 and scales.shape[-1] == fmt.scale_width(128)
+    back = fmt.dequantize(codes, scales, torch.float32)
+    step = scales.float().reshape(7, 3, 128 // GROUP, -1)[..., 0].repeat_interleave(GROUP, -1)
+    # half a step, and float16's rounding of the scale and minimum (relative 2^-11 of the group's size)
+    slack = x.abs().reshape(7, 3, -1, GROUP).amax(-1).repeat_interleave(GROUP, -1) * 2e-3
+    assert ((back - x).abs() <= step / 2 + slack + 1e-6).all()
+    assert (back[0, 0, :GROUP] == 0).all()
+    assert torch.equal(fmt.round_trip(back), fmt.dequantize(*fmt.quantize(back), torch.float32))
+
+
+def test_bytes_per_token_at_minicpm_2b_128k_shape() -> None:
+    """40 layers x 36 kv heads x 64: bfloat16 360 KiB a token, int8 191.25 KiB, int4 112.5 KiB."""
+    per = {n: FORMATS[n].bytes_per_token(40, 36, 64) for n in ("bfloat16", "int8", "int4")}
+    assert per == {"bfloat16": 368640, "int8": 195840, "int4": 115200}
+
+
+def test_formats_are_resolved_or_refused_with_the_reason() -> None:
+    assert resolve_kv_format("auto", torch.bfloat16, "cpu", 64).name == "bfloat16"
+    assert resolve_kv_format("int4", torch.float32, "cpu", 64).name == "int4"
+    with pytest.raises(UserError, match="a bfloat16 KV cache needs a bfloat16 model"):
+        resolve_kv_format("bfloat16", torch.float32, "cpu", 64)
+    with pytest.raises(UserError, match="fp8 runs on CUDA only"):
+        resolve_kv_format("fp8", torch.bfloat16, "cpu", 64)
+    with pytest.raises(UserError, match="multiple of 32"):
+        resolve_kv_format("int8", torch.float32, "cpu", 48)
+    with pytest.raises(UserError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int2")
+
+
+def test_fp8_reference_round_trip() -> None:
+    fmt = FORMATS["fp8"]
+    x = torch.randn(4, 2, 64)
+    back = fmt.round_trip(x)
+    assert ((back - x).abs() <= x.abs() * 0.07 + 1e-3).all()  # e4m3: 3 mantissa bits
+
+
+@needs_native
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_quantizer_writes_the_reference_codes_bit_for_bit(name, dtype) -> None:
+    lib, fmt = native_kernels(), FORMATS[name]
+    rows, kv_heads, d = 9, 3, 64
+    x = (torch.randn(rows, kv_heads, d) * torch.linspace(0.01, 30, d)).to(dtype)
+    x[2, 1, :32] = 0
+    slots = torch.tensor([5, 0, 3, 7, 1, 2, 8, 4, 6], dtype=torch.int64)
+    codes = torch.zeros(rows, kv_heads, fmt.code_width(d), dtype=fmt.dtype)
+    scales = torch.zeros(rows, kv_heads, fmt.scale_width(d), dtype=torch.float16)
+    lib.minicpm_kv_quantize(
+        _DTYPES[dtype], KV_KINDS[fmt.dtype], x.data_ptr(), kv_heads * d, rows, kv_heads, d,
+        slots.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+    )  # fmt: skip
+    want_codes, want_scales = fmt.quantize(x)
+    assert torch.equal(codes[slots], want_codes)
+    assert torch.equal(scales[slots].view(torch.int16), want_scales.view(torch.int16))
+
+
+def quantized_case(name, heads, kv_heads, d, bs, lens, dtype, seed=0):
+    q, kc, vc, tables, row_seq, row_len = make_case(heads, kv_heads, d, bs, lens, dtype, seed)
+    fmt = FORMATS[name]
+    (kq, ks), (vq, vs) = fmt.quantize(kc), fmt.quantize(vc)
+    # what a reference backend reads: dequantized to the activation dtype
+    return q, (kq, vq, ks, vs), fmt.dequantize(kq, ks, dtype), fmt.dequantize(vq, vs, dtype), tables, row_seq, row_len
+
+
+@needs_native
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 3e-6), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (4, 2, 32)])
+@pytest.mark.parametrize("bs", [16, 128])
+def test_decode_kernel_reads_codes_in_place(name, dtype, tol, heads, kv_heads, d, bs) -> None:
+    """Rows of lengths around block edges and across the AVX-512 path's partitions (and d=32: the
+    portable path) give attention over the dequantized cache."""
+    lens = [1, bs - 1, bs + 1, 3 * bs + 5, 700]
+    q, (kq, vq, ks, vs), kd, vd, tables, row_seq, row_len = quantized_case(name, heads, kv_heads, d, bs, lens, dtype)
+    got = paged_attention(q, kq, vq, tables, row_seq, row_len, bs, d**-0.5, None, ks, vs)
+    want = reference(q, kd, vd, tables, row_seq, row_len, bs)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@needs_native
+def test_a_quantized_cache_without_its_scales_is_refused() -> None:
+    q, (kq, vq, ks, vs), *_ = quantized_case("int8", 4, 4, 64, 16, [20], torch.float32)
+    tables, row_seq, row_len = (
+        torch.zeros(1, 4, dtype=torch.int32),
+        torch.zeros(1, dtype=torch.int32),
+        torch.ones(1, dtype=torch.int32),
+    )
+    with pytest.raises(ValueError, match="float16 scales"):
+        paged_attention(q, kq, vq, tables, row_seq, row_len, 16, 0.125, None, None, None)
+    with pytest.raises(ValueError, match="float16 scales"):
+        paged_attention(q, kq, vq, tables, row_seq, row_len, 16, 0.125, None, ks.float(), vs)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("dtype", prefill_dtypes())
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(9, 3, 64), (4, 4, 128)])
+@pytest.mark.parametrize(("past", "m"), [(0, 45), (70, 7), (13, 40)])
+def test_prefill_kernel_dequantizes_as_the_reference_reads(name, dtype, heads, kv_heads, d, past, m) -> None:
+    bs = 16
+    q, (kq, vq, ks, vs), kd, vd, tables, _, _ = quantized_case(name, heads, kv_heads, d, bs, [past + m], dtype, seed=3)
+    q = torch.randn(m, heads, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    table = tables[0].contiguous()
+    got = paged_prefill(q, kq, vq, table, past, bs, d**-0.5, native_kernels(), ks, vs)
+    want = prefill_reference(q, kd, vd, table, past, bs)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def _engine(model, backend: str, kv: str, **fields) -> LLMEngine:
+    fields = {"block_size": 8, "max_num_seqs": 3, "max_num_batched_tokens": 24, **fields}
+    return LLMEngine(model, None, EngineConfig(attention_backend=backend, kv_cache_dtype=kv, **fields))
+
+
+def _backends() -> list[str]:
+    return ["cpu-torch"] + (["cpu-native"] if native_kernels() is not None else [])
+
+
+@pytest.mark.parametrize("kv", QUANTIZED)
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_every_cpu_backend_gives_the_reference_tokens_on_a_quantized_cache(kv, kv_heads) -> None:
+    """float32 (bfloat16's kernels are checked against the reference above, where a random model's
+    near-ties cannot flip a greedy token). Prompts chunked (a past read from the quantized cache) and batched, head_dim 64 (the native
+    prefill and AVX-512 decode paths): cpu-torch and cpu-native, with and without the fused decoder,
+    give the torch reference's greedy tokens over the same quantized cache."""
+    config = tiny_config(
+        num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=kv_heads, max_length=256
+    )
+    model = random_model(config, seed=11)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (41, 90, 7)]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    expected = [c.token_ids for c in _engine(model, "torch", kv).generate(prompts, params)]
+    runs = {b: _engine(model, b, kv) for b in _backends()}
+    if native_kernels() is not None:
+        runs["cpu-native unfused"] = _engine(model, "cpu-native", kv, fused_decode=False)
+    for name, engine in runs.items():
+        assert engine.runner.cache.format.name == kv
+        got = [c.token_ids for c in engine.generate(prompts, params)]
+        assert got == expected, name
+    if native_kernels() is not None:
+        assert runs["cpu-native"].runner.fused is not None  # the fused decoder ran on the quantized cache
+
+
+@pytest.mark.parametrize("kv", QUANTIZED)
+def test_prefix_hits_preemption_and_choices_work_on_a_quantized_cache(kv) -> None:
+    """The same prompts give the same tokens whether their shared prefix is a cache hit, whether a
+    tight cache preempts and recomputes, and each of ``n`` choices is its own sequence's."""
+    model = random_model(tiny_config(num_hidden_layers=2, max_length=512, hidden_size=128, num_attention_heads=4))
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 97, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 9, 13)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    plain = [c.token_ids for c in _engine(model, "torch", kv, enable_prefix_caching=False).generate(prompts, params)]
+    cached = _engine(model, "cpu-torch", kv)
+    cached.generate(prompts[:1], params)
+    got = [c.token_ids for c in cached.generate(prompts, params)]
+    assert got == plain
+    assert cached.stats()["cached_prompt_tokens"] >= 3 * 40 // 8 * 8  # every prompt's shared blocks were hits
+    # a cache of 14 blocks of 8 tokens for three sequences of up to 65 tokens: someone is preempted
+    tight = _engine(model, "cpu-torch", kv, kv_cache_memory=14 * 8 * cached.runner.kv_bytes_per_token)
+    assert [c.token_ids for c in tight.generate(prompts, params)] == plain
+    assert tight.stats()["preemptions"] > 0
+    # n choices: one prompt as n sequences sharing its blocks, each sampled with its own seed
+    choices = [SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    shared_run = _engine(model, "cpu-torch", kv)
+    a = [c.token_ids for c in shared_run.generate([prompts[0]] * 3, choices)]
+    b = [
+        c.token_ids
+        for c in _engine(model, "torch", kv, enable_prefix_caching=False).generate([prompts[0]] * 3, choices)
+    ]
+    assert a == b and len({tuple(t) for t in a}) > 1
+    assert shared_run.stats()["cached_prompt_tokens"] > 0
+
+
+def test_the_kv_budget_counts_the_quantized_bytes() -> None:
+    model = random_model(tiny_config(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, max_length=4096))
+    budget = 2**20
+    blocks = {}
+    for kv in ("auto", "int8", "int4"):
+        runner = _engine(
+            model, "cpu-torch", kv, kv_cache_memory=budget, max_num_seqs=64, max_num_batched_tokens=64
+        ).runner
+        blocks[kv] = runner.num_blocks
+        assert runner.cache.nbytes <= budget + runner.bytes_per_block  # (plus the scratch block)
+    assert blocks["auto"] < blocks["int8"] < blocks["int4"]
+    assert blocks["int4"] >= 3 * blocks["auto"]  # float32 256 B a row against int4's 24 B: capped by max_num_seqs
