@@ -148,10 +148,10 @@ def _backends() -> list[str]:
 @pytest.mark.parametrize("kv", QUANTIZED)
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_every_cpu_backend_gives_the_reference_tokens_on_a_quantized_cache(kv, kv_heads) -> None:
-    """float32 (bfloat16's kernels are checked against the reference above, where a random model's
-    near-ties cannot flip a greedy token). Prompts chunked (a past read from the quantized cache) and batched, head_dim 64 (the native
-    prefill and AVX-512 decode paths): cpu-torch and cpu-native, with and without the fused decoder,
-    give the torch reference's greedy tokens over the same quantized cache."""
+    """float32 (bfloat16's kernels are checked against the reference above: a random model's near-ties
+    would flip greedy tokens). Prompts chunked (a past read from the quantized cache) and batched,
+    head_dim 64 (the native prefill and AVX-512 decode paths): cpu-torch and cpu-native, with and
+    without the fused decoder, give the torch reference's greedy tokens over the same cache."""
     config = tiny_config(
         num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=kv_heads, max_length=256
     )

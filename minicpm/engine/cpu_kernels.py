@@ -119,7 +119,8 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
         (
             ("dtype", _I), ("q", _V), ("q_stride", _I64), ("k_cache", _V), ("v_cache", _V), ("kvkind", _I),
             ("k_scale_f16", _V), ("v_scale_f16", _V), ("num_blocks", _I64), ("table_i32", _V), ("width", _I),
-            ("past", _I), ("m", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("block_size", _I), ("scale", _F), ("out", _V),
+            ("past", _I), ("m", _I), ("heads", _I), ("kv_heads", _I), ("head_dim", _I), ("block_size", _I),
+            ("scale", _F), ("out", _V),
         ),
     ),
     "minicpm_kv_quantize": (
