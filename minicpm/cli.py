@@ -172,13 +172,16 @@ def _naming_flags() -> Iterator[None]:
     try:
         yield
     except UserError as exc:
-        message = str(exc)
-        for field, flag in FLAG_FOR.items():
-            message = re.sub(rf"((sampling parameter|engine setting) )?'{field}'", flag, message)
-        message = message.replace("kv_cache_memory=", "--kv-cache-gib ").replace(
-            "give the engine more KV memory", "give the engine more KV memory (--kv-cache-gib)"
-        )
-        raise UserError(message) from None
+        raise UserError(_flag_names(str(exc))) from None
+
+
+def _flag_names(message: str) -> str:
+    """A library message with the settings it names as the flags that set them."""
+    for field, flag in FLAG_FOR.items():
+        message = re.sub(rf"((sampling parameter|engine setting) )?'{field}'", flag, message)
+    return message.replace("kv_cache_memory=", "--kv-cache-gib ").replace(
+        "give the engine more KV memory", "give the engine more KV memory (--kv-cache-gib)"
+    )
 
 
 def _engine_config(args: argparse.Namespace, device: str) -> Any:
@@ -380,6 +383,7 @@ def _interactive(llm: Any, params: Any, system: str | None) -> int:
     save_history = _setup_readline()
     with contextlib.suppress(AttributeError, ValueError):  # a mis-encoded paste is text, not a crash
         sys.stdin.reconfigure(errors="replace")
+    print(f"minicpm chat: {llm.engine.capacity_line()}", file=sys.stderr)
     print("minicpm chat: type a message; /help lists the commands, /exit quits.", file=sys.stderr)
     history: list[dict[str, Any]] = []
     ctrl_c = False  # the last thing at the prompt was a Ctrl-C
@@ -422,7 +426,7 @@ def _interactive(llm: Any, params: Any, system: str | None) -> int:
                 with _ctrl_c_cancels() as cancel:
                     _write_stream(llm.chat_stream(query, history, system, params, cancel=cancel))
             except UserError as exc:  # e.g. the conversation outgrew the context: keep the session
-                print(f"minicpm: error: {exc}", file=sys.stderr)
+                print(f"minicpm: error: {_flag_names(str(exc))}", file=sys.stderr)
                 continue
             except KeyboardInterrupt:  # a second Ctrl-C inside a step: the turn is dropped, the session stays
                 print("\n(interrupted; this turn is not kept)", file=sys.stderr)
@@ -474,6 +478,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not keys and os.environ.get("MINICPM_API_KEY"):
         keys = [os.environ["MINICPM_API_KEY"]]
     llm = _load(args, device, engine_config)
+    log.info("%s", llm.engine.capacity_line())
     from .default_model import DEFAULT_NAME
     from .engine.async_engine import BackgroundEngine
     from .server.app import ServerState
@@ -532,8 +537,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             stored = sum(w.loaded_bytes for w in open_checkpoint(model).weights.values())
         except CheckpointError:
             stored = disk
+    if args.quantize not in (None, "auto", "none") and stored is not None:
+        stored = None  # requantized: counted from the shapes
     plan = plan_memory(
-        config, args.context, memory, dtype, memory_source=source, checkpoint_bytes=disk, weight_bytes=stored
+        config,
+        args.context,
+        memory,
+        dtype,
+        memory_source=source,
+        checkpoint_bytes=disk,
+        weight_bytes=stored,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantize=None if args.quantize in (None, "auto") else args.quantize,
+        group_size=args.group_size,
+        device=device.partition(":")[0],
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
@@ -565,7 +582,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--kv-cache-gib",
         type=GIB,
         default=None,
-        help="KV cache size (default: on CPU a quarter of available memory, at most 4 GiB; on GPU what "
+        help="KV cache size (default: on CPU the available memory, the weights loaded, minus an activation reserve "
+        "and a tenth of the machine's memory (at least 1 GiB) left to the system; on GPU what "
         "--gpu-memory-utilization leaves)",
     )
     g.add_argument(
@@ -734,6 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight and KV dtype (default: bfloat16 on cuda, float32 on cpu, as the loader)",
     )
     p.add_argument("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "bfloat16", "float32", "float16", "int8", "int4", "fp8"],
+        default="auto",
+        help="KV cache format to count (default auto: --dtype; int8 / int4 with their float16 scales; fp8 on cuda)",
+    )
+    _add_quantize_flags(p, "weights to count as the engine quantizes them (CPU; int4 keeps the head at 8 bits)")
     p.add_argument("--json", action="store_true", help="print one JSON object with exact byte counts")
     p.set_defaults(func=_cmd_plan)
 
@@ -799,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"minicpm: error: {_describe_os_error(exc)}", file=sys.stderr)
         return 2
     except UserError as exc:
-        print(f"minicpm: error: {exc}", file=sys.stderr)
+        print(f"minicpm: error: {_flag_names(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -49,6 +49,7 @@ class MemoryPlan:
 
     dtype: str
     bytes_per_element: int
+    kv_cache_dtype: str
     parameters: int
     weight_bytes: int
     kv_bytes_per_token: int
@@ -67,6 +68,7 @@ class MemoryPlan:
     fits_full_context: bool | None = None  # one 131072-token context fits
     checkpoint_bytes: int | None = None  # size of the weight files on disk, when known
     messages: tuple[str, ...] = ()  # problems worth saying in words
+    quantize: str = "none"  # the weights' format the plan counts
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -90,6 +92,40 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def parameter_count(config: MiniCPMConfig) -> int:
     """Parameters of the model the config describes (a tied head counted once)."""
     return sum(math.prod(shape) for shape in expected_shapes(config).values())
+
+
+def quantized_weight_bytes(
+    config: MiniCPMConfig, dtype: torch.dtype | str, quantize: str, group_size: int | None
+) -> int:
+    """Bytes of the weights as ``quantize_model(model, quantize, group_size)`` leaves them: every
+    linear layer's codes with its float32 scales (and minimums for int4), the head at 8 bits per
+    channel under int4 (a tied table is the head, looked up from its codes), norms and an untied
+    embedding table in ``dtype``. ``quantize`` "none" or "auto" (a float checkpoint): parameters x
+    bytes per element."""
+    from .quant import check_quantize, default_group
+
+    check_quantize(quantize, group_size)
+    b = resolve_plan_dtype(dtype).itemsize
+    shapes = expected_shapes(config)
+    if quantize not in ("int8", "int4"):
+        return parameter_count(config) * b
+
+    def linear(out: int, inp: int, fmt: str, group: int | None) -> int:
+        group = group or default_group(fmt, inp)
+        codes = out * inp if fmt == "int8" else out * inp // 2
+        return codes + out * (inp // group) * 4 * (2 if fmt == "int4" else 1)
+
+    head = "lm_head.weight" if "lm_head.weight" in shapes else "model.embed_tokens.weight"
+    total = 0
+    for name, shape in shapes.items():
+        if name == head:
+            fmt, group = ("int8", None) if quantize == "int4" else (quantize, group_size)
+            total += linear(*shape, fmt, group)
+        elif len(shape) == 2 and name != "model.embed_tokens.weight":
+            total += linear(*shape, quantize, group_size)
+        else:
+            total += math.prod(shape) * b
+    return total
 
 
 def estimate_activation_reserve(
@@ -152,6 +188,22 @@ def available_memory(device: str | torch.device) -> tuple[int, str]:
     return found
 
 
+SYSTEM_ROOM_MIN = 1024**3  # memory a default CPU KV budget leaves to the rest of the machine, at least
+
+
+def system_room() -> int:
+    """Memory a default CPU KV budget leaves to the operating system and other programs: a tenth
+    of the machine's memory, at least :data:`SYSTEM_ROOM_MIN`."""
+    total = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        total = 0
+    return max(SYSTEM_ROOM_MIN, total // 10)
+
+
 def available_cpu_memory() -> tuple[int, str] | None:
     """Available system memory in bytes and where it came from: ``MemAvailable`` from
     /proc/meminfo, else ``sysconf`` available pages x page size; None where neither can be read."""
@@ -179,11 +231,18 @@ def plan_memory(
     *,
     memory_source: str | None = None,
     checkpoint_bytes: int | None = None,
+    kv_cache_dtype: str = "auto",
+    quantize: str | None = None,
+    group_size: int | None = None,
+    device: str = "cpu",
 ) -> MemoryPlan:
     """Plan ``context``-token contexts of ``config`` in ``memory_bytes`` (None: sizes only).
 
     ``weight_bytes`` overrides parameters x bytes per element (e.g. a quantized checkpoint);
-    ``activation_reserve_bytes`` overrides :func:`estimate_activation_reserve`.
+    ``activation_reserve_bytes`` overrides :func:`estimate_activation_reserve`. ``kv_cache_dtype``
+    counts the cache in that format (:mod:`minicpm.engine.attention.kv_format`, scales included;
+    "auto": ``dtype``) and ``quantize`` the weights as the engine quantizes them
+    (:func:`quantized_weight_bytes`); ``device`` decides which formats exist (fp8: CUDA).
     """
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise UserError(f"context must be a positive number of tokens, got {context!r}")
@@ -195,8 +254,16 @@ def plan_memory(
     torch_dtype = resolve_plan_dtype(dtype)
     b = torch_dtype.itemsize
     parameters = parameter_count(config)
-    weights = parameters * b if weight_bytes is None else int(weight_bytes)
-    per_token = config.kv_bytes_per_token(b)
+    if weight_bytes is not None:
+        weights = int(weight_bytes)
+    elif quantize is not None:
+        weights = quantized_weight_bytes(config, torch_dtype, quantize, group_size)
+    else:
+        weights = parameters * b
+    from .engine.attention.kv_format import resolve_kv_format
+
+    kv_format = resolve_kv_format(kv_cache_dtype, torch_dtype, device, config.head_dim)
+    per_token = kv_format.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
     limit = config.context_length
     limit_source = "max_length" if config.max_length else "max_position_embeddings"
     messages = []
@@ -244,6 +311,8 @@ def plan_memory(
     return MemoryPlan(
         dtype=_dtype_name(torch_dtype),
         bytes_per_element=b,
+        kv_cache_dtype=kv_format.name,
+        quantize=quantize or "none",
         parameters=parameters,
         weight_bytes=weights,
         kv_bytes_per_token=per_token,
@@ -274,12 +343,12 @@ def format_plan(plan: MemoryPlan) -> str:
     rows: list[tuple[str, str]] = [
         ("dtype", f"{plan.dtype} ({plan.bytes_per_element} bytes/element)"),
         ("parameters", f"{plan.parameters:,} ({plan.parameters / 1e9:.3f} B)"),
-        ("weights", format_bytes(plan.weight_bytes)),
+        ("weights", format_bytes(plan.weight_bytes) + (f" ({plan.quantize})" if plan.quantize != "none" else "")),
     ]
     if plan.checkpoint_bytes is not None:
         rows.append(("weights on disk", format_bytes(plan.checkpoint_bytes)))
     rows += [
-        ("KV cache per token", f"{plan.kv_bytes_per_token / 1024:g} KiB"),
+        ("KV cache per token", f"{plan.kv_bytes_per_token / 1024:g} KiB ({plan.kv_cache_dtype})"),
         (f"KV cache for {plan.context:,} tokens", format_bytes(plan.context_kv_bytes)),
         ("context limit", f"{plan.context_limit:,} tokens ({plan.context_limit_source}); {limit_note}"),
     ]

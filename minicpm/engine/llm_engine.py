@@ -181,23 +181,62 @@ class LLMEngine:
         if bad:
             raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
         if len(ids) >= self.max_model_len:
-            raise self._too_long(f"{len(ids)} tokens")
+            raise self._too_long(f"{len(ids)} tokens", len(ids) + 1)
         return ids
 
-    def _too_long(self, size: str) -> UserError:
-        """The error for a prompt of ``size`` that leaves no room for an answer."""
+    def _too_long(self, size: str, needed: int | None = None) -> UserError:
+        """The error for a prompt of ``size`` (``needed`` tokens with one for the answer) that
+        leaves no room for an answer; where the KV cache is the limit, it names the
+        ``kv_cache_dtype`` that would hold it in the same memory, or the ``kv_cache_memory`` that
+        would."""
         context = self.model_config.context_length
         if self.max_model_len < context and self.max_model_len == self.kv_capacity:
-            per_token = self.runner.bytes_per_block // self.config.block_size
+            r = self.runner
+            per_token = r.kv_bytes_per_token
             total = format_bytes(self.kv_capacity * per_token)
+            fix = "give the engine more KV memory"
+            if needed is not None and needed <= context:
+                fix = self._kv_fix(needed)
             return UserError(
                 f"the prompt is {size}; the KV cache holds {self.kv_capacity} tokens "
-                f"({total} at {format_bytes(per_token)} per token; the model's "
-                f"context is {context}), which leaves no room for an answer: give the engine more KV memory"
+                f"({total} at {format_bytes(per_token)} per token in {r.kv_format.name}; the model's "
+                f"context is {context}), which leaves no room for an answer: {fix}"
             )
         return UserError(
             f"the prompt is {size}; the model's context is {self.max_model_len} tokens, "
             "which leaves no room for an answer"
+        )
+
+    def _kv_fix(self, needed: int) -> str:
+        """What would hold ``needed`` tokens: a smaller KV format in the same budget, else a budget."""
+        from .attention.kv_format import resolve_kv_format
+
+        r, c, bs = self.runner, self.model_config, self.config.block_size
+        blocks = -(-needed // bs)
+        options = []
+        for name in ("int8", "int4"):
+            try:
+                fmt = resolve_kv_format(name, r.dtype, r.device, c.head_dim)
+            except UserError:
+                continue
+            per = fmt.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+            if per >= r.kv_bytes_per_token:
+                continue
+            holds = r.kv_budget // (bs * per) * bs
+            if holds >= needed:
+                return f"'kv_cache_dtype' {name} holds {holds} tokens in the same memory"
+            options.append(f"{format_bytes(blocks * bs * per)} with 'kv_cache_dtype' {name}")
+        more = f"'kv_cache_memory' of at least {format_bytes(blocks * r.bytes_per_block)}"
+        return more + (f" (or {', or '.join(options)})" if options else "")
+
+    def capacity_line(self) -> str:
+        """How many tokens of context the KV cache holds, in which format, from what budget."""
+        r = self.runner
+        per = r.kv_bytes_per_token
+        return (
+            f"KV cache: {self.kv_capacity:,} tokens in {r.kv_format.name} ({format_bytes(per)} a token, "
+            f"{format_bytes(self.kv_capacity * per)}; budget: {r.kv_budget_source}); one request's context "
+            f"is up to {self.max_model_len:,} tokens (the model's: {self.model_config.context_length:,})"
         )
 
     def make_request(

@@ -6,8 +6,11 @@ Contract:
   (:func:`~minicpm.engine.attention.select_backend` from ``EngineConfig.attention_backend``, logged
   in one line), prepares the model (:func:`~minicpm.engine.layers.prepare_model`: fused
   projections, packed CPU bf16 weights), then sizes the paged KV cache from the memory at hand
-  (``kv_cache_memory`` bytes, or on CUDA ``gpu_memory_utilization`` of the card minus the weights,
-  what is already in use and a measured activation reserve) and, on CUDA unless ``enforce_eager``,
+  (``kv_cache_memory`` bytes; on CUDA ``gpu_memory_utilization`` of the card minus the weights,
+  what is already in use and a measured activation reserve; on CPU the available memory, the
+  weights loaded, minus an activation reserve and room for the system), in the KV format
+  ``kv_cache_dtype`` resolves to (``kv_format``; bytes per token counted with its scales) and,
+  on CUDA unless ``enforce_eager``,
   captures one CUDA graph of the decoder per batch-size bucket (hidden states into one shared
   static buffer; any context length replays it, the attention kernel's work following each row's
   real length).
@@ -28,7 +31,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..model import MiniCPMForCausalLM, rope_inv_freq
-from ..plan import available_cpu_memory, format_bytes
+from ..plan import available_cpu_memory, estimate_activation_reserve, format_bytes, system_room
 from ..weights import release_freed_memory
 from .attention import AttentionMetadata, CpuNativeBackend, PagedKVCache, select_backend
 from .attention.kv_format import resolve_kv_format
@@ -125,14 +128,10 @@ class ModelRunner:
             source = f"kv_cache_memory={format_bytes(budget)}"
         elif self.device.type == "cuda":
             budget = self._cuda_kv_budget(max_model_len)
-            source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
+            source = f"gpu_memory_utilization={cfg.gpu_memory_utilization} of the device"
         else:
-            found = available_cpu_memory()
-            if found is None:
-                raise UserError("cannot measure the available memory here: set kv_cache_memory (--kv-cache-gib)")
-            available, where = found
-            budget = min(4 * 2**30, available // 4)
-            source = f"a quarter of available memory ({format_bytes(available)}, {where}), at most 4 GiB"
+            budget, source = self._cpu_kv_budget(max_model_len)
+        self.kv_budget, self.kv_budget_source = budget, source
         num_blocks = min(budget // self.bytes_per_block, useful)
         if num_blocks < 1:
             raise UserError(
@@ -140,6 +139,26 @@ class ModelRunner:
                 f"{format_bytes(self.bytes_per_block)} and the budget ({source}) is {format_bytes(max(budget, 0))}"
             )
         return int(num_blocks)
+
+    def _cpu_kv_budget(self, max_model_len: int) -> tuple[int, str]:
+        """What the machine can give the cache now, the weights already loaded: available memory
+        minus a forward's activation reserve (:func:`~minicpm.plan.estimate_activation_reserve` for
+        this engine's chunk and context) and room for the rest of the system (:func:`system_room`).
+        The cache's pages are committed as tokens arrive, so an idle engine holds little of it."""
+        found = available_cpu_memory()
+        if found is None:
+            raise UserError("cannot measure the available memory here: set kv_cache_memory (--kv-cache-gib)")
+        available, where = found
+        reserve = estimate_activation_reserve(
+            self.model_config, self.dtype, max_model_len, prefill_chunk=self.config.max_num_batched_tokens
+        )
+        room = system_room()
+        budget = available - reserve - room
+        source = (
+            f"available memory {format_bytes(available)} ({where}) minus {format_bytes(reserve)} for activations "
+            f"and {format_bytes(room)} left to the system"
+        )
+        return budget, source
 
     def _cuda_kv_budget(self, max_model_len: int) -> int:
         """:func:`cuda_kv_budget` from what this device holds now (weights, and CUDA graph pools
