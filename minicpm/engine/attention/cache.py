@@ -190,3 +190,13 @@ class PagedKVCache:
         self.backend = fallback
         self.metadata = fallback.prepare(self, md)
         return True
+
+    def block_data(self, block_id: int) -> dict[str, Tensor]:
+        """A copy of block ``block_id``'s whole content: each :attr:`storage` tensor's
+        ``[:, block_id]`` (layers, block_size, kv_heads, width), cloned on the cache's device."""
+        return {name: t[:, block_id].clone() for name, t in self.storage.items()}
+
+    def load_block(self, block_id: int, data: dict[str, Tensor]) -> None:
+        """Write ``data`` (as :meth:`block_data` gives it, on any device) into block ``block_id``."""
+        for name, t in self.storage.items():
+            t[:, block_id].copy_(data[name])
