@@ -110,8 +110,8 @@ class EngineConfig:
                 raise bad("kv_cache_dir", "a directory path or None")
             if not self.enable_prefix_caching:
                 raise UserError(
-                    "engine setting 'kv_cache_dir' keeps the prefix cache on disk: it needs prefix caching "
-                    "('enable_prefix_caching' is off)"
+                    "engine setting 'kv_cache_dir' keeps the prefix cache on disk: it cannot be used with prefix "
+                    "caching off ('enable_prefix_caching')"
                 )
         if self.kv_cache_dir_bytes is not None:
             if not positive_int("kv_cache_dir_bytes"):
