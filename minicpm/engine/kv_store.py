@@ -15,7 +15,7 @@ Contract:
   block lives at ``DIR/<identity[:16]>/<key[:2]>/<key>.kvb``: another model or KV format never opens
   another's files.
 * A file is a header (magic, format version, identity, key, the block's token ids, each tensor's
-  name, dtype, shape and offset, the payload length, the payload's blake2b) and the payload. A read
+  name, dtype, shape and offset, the payload length, the payload's CRC-32) and the payload. A read
   checks every one of them against what the live cache expects; a file that fails (truncated,
   foreign, corrupt, unparsable, or unreadable) is skipped, counted in ``skipped``, logged at
   WARNING once per kind of failure with its path, and removed (an unreadable one is left): never
@@ -58,6 +58,7 @@ import threading
 import time
 import uuid
 import weakref
+import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -270,7 +271,7 @@ class DiskKVStore:
             header = json.loads(bytes(buf[PREFIX.size : start]))
             version, identity, stored_key = header["version"], header["identity"], header["key"]
             stored_ids, tensors = header["ids"], header["tensors"]
-            payload, checksum = int(header["payload"]), str(header["blake2b"])
+            payload, checksum = int(header["payload"]), int(header["crc32"])
             entries = [(str(n), str(d), tuple(int(x) for x in s), int(o)) for n, d, s, o in tensors]
         except (ValueError, TypeError, KeyError) as exc:
             raise _BadFileError("corrupt", f"unreadable header ({type(exc).__name__}: {exc})") from None
@@ -286,7 +287,7 @@ class DiskKVStore:
         expected = {name: (_dtype_name(dtype), shape) for name, (dtype, shape) in layout.items()}
         if {n: (d, s) for n, d, s, _ in entries} != expected or len(entries) != len(expected):
             raise _BadFileError("foreign", f"tensors {[e[:3] for e in entries]}, the cache's are {expected}")
-        if hashlib.blake2b(buf[start:], digest_size=16).hexdigest() != checksum:
+        if zlib.crc32(buf[start:]) != checksum:
             raise _BadFileError("corrupt", "the payload's checksum does not match")
         out = {}
         for name, _, shape, offset in entries:
@@ -379,14 +380,14 @@ class DiskKVStore:
         path = self.path(item.key)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         chunks, entries, offset = [], [], 0
-        digest = hashlib.blake2b(digest_size=16)
+        crc = 0
         for name, t in item.data.items():
             raw = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
             pad = bytes(_align(offset) - offset)
             offset += len(pad)
             entries.append([name, _dtype_name(t.dtype), list(t.shape), offset])
             for chunk in (pad, raw):
-                digest.update(chunk)
+                crc = zlib.crc32(chunk, crc)
                 chunks.append(chunk)
             offset += raw.nbytes
         header = {
@@ -396,7 +397,7 @@ class DiskKVStore:
             "ids": item.ids,
             "tensors": entries,
             "payload": offset,
-            "blake2b": digest.hexdigest(),
+            "crc32": crc,
         }
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (_align(PREFIX.size + len(text)) - PREFIX.size - len(text))
