@@ -207,6 +207,7 @@ CORRUPTIONS = {
     "header only": lambda p: p.write_bytes(p.read_bytes()[:20]),
     "another identity": _other_identity,
     "not a block file": lambda p: p.write_bytes(b"hello " * 100),
+    "far too large": lambda p: p.write_bytes(p.read_bytes() + bytes(2**21)),  # refused unread
 }
 
 

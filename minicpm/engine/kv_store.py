@@ -97,6 +97,8 @@ RESCAN_SECONDS = 30.0
 EVICT_TO = 0.9
 STALE_TMP_SECONDS = 600.0  # a temporary file this old was left by a writer that died
 SAMPLE = 4096  # values sampled from each weight for the model fingerprint
+HEADER_LIMIT = 2**20  # a header (magic, JSON) takes at most this
+KNOWN_LIMIT = 2**20  # keys remembered as on disk
 STATS = ("hits", "writes", "skipped", "dropped", "write_errors", "evicted", "bytes")
 
 _IDENTITY_DIR = re.compile(r"[0-9a-f]{16}")
@@ -194,7 +196,7 @@ class DiskKVStore:
         max_bytes: int | None = None,
         queue_bytes: int = QUEUE_BYTES,
     ) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)  # an OSError names the directory
         self.identity = identity
         self.root = self.directory / identity[:16]
@@ -228,6 +230,11 @@ class DiskKVStore:
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
 
+    def _remember(self, key: bytes) -> None:
+        if len(self._known) >= KNOWN_LIMIT:  # forgetting costs a rewrite at most
+            self._known.clear()
+        self._known.add(key)
+
     def known(self, key: bytes) -> bool:
         """Whether this process has seen ``key`` on disk (read, written or queued)."""
         return key in self._known
@@ -237,15 +244,22 @@ class DiskKVStore:
         """The block stored under ``key`` as CPU tensors, if its file holds exactly ``ids`` in
         ``layout`` (name -> dtype, shape); None for a miss or a file that fails a check."""
         path = self.path(key)
+        limit = sum(dtype.itemsize * _numel(shape) + ALIGN for dtype, shape in layout.values()) + HEADER_LIMIT
         try:
             with open(path, "rb") as f:
-                buf = bytearray(os.fstat(f.fileno()).st_size)
+                size = os.fstat(f.fileno()).st_size
+                if size > limit:  # not read: no block of this cache is that large
+                    raise _BadFileError("foreign", f"{size} bytes, a block of this cache takes at most {limit}")
+                buf = bytearray(size)
                 got = f.readinto(buf)
         except FileNotFoundError:
             self._known.discard(key)  # evicted, maybe by another process: write it again
             return None
         except OSError as exc:
             self._skip(path, key, "unreadable", exc.strerror or str(exc), remove=False)
+            return None
+        except _BadFileError as bad:
+            self._skip(path, key, bad.kind, bad.detail, remove=True)
             return None
         try:
             data = self._parse(memoryview(buf)[:got], key, ids, layout)
@@ -254,7 +268,7 @@ class DiskKVStore:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # used now: the last to be evicted
-        self._known.add(key)
+        self._remember(key)
         self.counts["hits"] += 1
         return data
 
@@ -327,7 +341,7 @@ class DiskKVStore:
                 return False
             self._queue.append(_Item(key, list(ids), data, nbytes))
             self._queued_bytes += nbytes
-            self._known.add(key)
+            self._remember(key)
             self._cond.notify_all()
         return True
 
