@@ -54,6 +54,9 @@ FLAG_FOR = {
     "group_size": "--group-size",
     "attention_backend": "--attention-backend",
     "kv_cache_dtype": "--kv-cache-dtype",
+    "kv_cache_dir": "--kv-cache-dir",
+    "kv_cache_dir_bytes": "--kv-cache-dir-gib",
+    "enable_prefix_caching": "--no-prefix-caching",
 }
 HELP = """commands:
   /reset, /clear    forget the conversation
@@ -202,6 +205,10 @@ def _engine_config(args: argparse.Namespace, device: str) -> Any:
             group_size=args.group_size,
             attention_backend=args.attention_backend,
             kv_cache_dtype=args.kv_cache_dtype,
+            kv_cache_dir=args.kv_cache_dir,
+            kv_cache_dir_bytes=max(1, int(args.kv_cache_dir_gib * 2**30))
+            if args.kv_cache_dir_gib is not None
+            else None,
         )
 
 
@@ -323,9 +330,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UserError("--prompt is empty")
     llm, params = _prepare(args, ignore_eos=args.ignore_eos)
-    with _ctrl_c_cancels() as cancel:
-        _write_stream(llm.stream(args.prompt, params, cancel=cancel))
-    _notice(llm, params)
+    try:
+        with _ctrl_c_cancels() as cancel:
+            _write_stream(llm.stream(args.prompt, params, cancel=cancel))
+        _notice(llm, params)
+    finally:
+        llm.close()  # e.g. the persistent prefix cache writes what it has queued
     return 130 if cancel.is_set() else 0
 
 
@@ -337,12 +347,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k) for k in GENERATION_FIELDS}
     params = dataclasses.replace(params, **with_defaults(given, llm.sampling_defaults))
-    if args.prompt is not None:
-        with _ctrl_c_cancels() as cancel:
-            _write_stream(llm.chat_stream(args.prompt, system=args.system, params=params, cancel=cancel))
-        _notice(llm, params)
-        return 130 if cancel.is_set() else 0
-    return _interactive(llm, params, args.system)
+    try:
+        if args.prompt is not None:
+            with _ctrl_c_cancels() as cancel:
+                _write_stream(llm.chat_stream(args.prompt, system=args.system, params=params, cancel=cancel))
+            _notice(llm, params)
+            return 130 if cancel.is_set() else 0
+        return _interactive(llm, params, args.system)
+    finally:
+        llm.close()  # e.g. the persistent prefix cache writes what it has queued
 
 
 def _setup_readline() -> Callable[[], None]:
@@ -496,7 +509,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         sampling_defaults=llm.sampling_defaults,
         max_request_bytes=args.max_request_bytes,
     )
-    return serve(state, args.host, args.port, args.shutdown_timeout)
+    try:
+        return serve(state, args.host, args.port, args.shutdown_timeout)
+    finally:
+        llm.close()  # e.g. the persistent prefix cache writes what it has queued
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -601,6 +617,20 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=BLOCK_SIZE, default=None, help="tokens per KV block (default 128 CPU, 64 GPU)")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument(
+        "--kv-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the prefix cache on disk in DIR: full blocks of long prompts are reused by later runs and "
+        "other processes (default: off)",
+    )
+    g.add_argument(
+        "--kv-cache-dir-gib",
+        type=GIB,
+        default=None,
+        help="bound on --kv-cache-dir, least recently used blocks evicted (default: 20 GiB, or half of what "
+        "its filesystem leaves if smaller)",
+    )
     g.add_argument(
         "--attention-backend",
         default=None,

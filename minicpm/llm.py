@@ -102,6 +102,13 @@ class LLM:
     def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
         return self.engine.stop_token_ids(params)
 
+    def close(self) -> None:
+        """Abort this LLM's own requests and close its engine (the persistent prefix cache, if
+        any, writes what it has queued). Clients from :meth:`client` keep their requests; the
+        engine still serves them, storing no more blocks."""
+        self._client.close()
+        self.engine.close()
+
     # ------------------------------------------------------------------ generation
     def client(self) -> BackgroundEngine:
         """A new client of this LLM's engine router, e.g. for a server

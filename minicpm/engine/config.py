@@ -19,6 +19,8 @@ True: required, an error where it cannot run; False: off). ``on_kernel_failure``
 kernel failing mid-serving does: "fallback" (the default; counted in ``stats()`` and /metrics,
 logged, and the backend's fallback serves from then on) or "raise" (what the tests and CI use;
 ``MINICPM_ON_KERNEL_FAILURE`` sets the default, for processes started by a test).
+``kv_cache_dir`` (with ``kv_cache_dir_bytes``) keeps the prefix cache's blocks on disk across
+processes (:mod:`minicpm.engine.kv_store`); it needs ``enable_prefix_caching``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     fused_decode: bool | None = None
     on_kernel_failure: str = dataclasses.field(default_factory=_default_on_kernel_failure)
+    # the persistent prefix cache (minicpm.engine.kv_store): a directory where full blocks of long
+    # prompts are kept across processes, and its bound in bytes (None: 20 GiB, or half of what
+    # the filesystem leaves it if smaller)
+    kv_cache_dir: str | None = None
+    kv_cache_dir_bytes: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> UserError:
@@ -96,6 +103,21 @@ class EngineConfig:
             raise bad("fused_decode", "True, False or None (wherever it runs)")
         if self.on_kernel_failure not in KERNEL_FAILURE_CHOICES:
             raise bad("on_kernel_failure", " or ".join(repr(c) for c in KERNEL_FAILURE_CHOICES))
+        if self.kv_cache_dir is not None:
+            if isinstance(self.kv_cache_dir, os.PathLike):
+                object.__setattr__(self, "kv_cache_dir", os.fspath(self.kv_cache_dir))
+            if not isinstance(self.kv_cache_dir, str) or not self.kv_cache_dir:
+                raise bad("kv_cache_dir", "a directory path or None")
+            if not self.enable_prefix_caching:
+                raise UserError(
+                    "engine setting 'kv_cache_dir' keeps the prefix cache on disk: it cannot be used with prefix "
+                    "caching off ('enable_prefix_caching')"
+                )
+        if self.kv_cache_dir_bytes is not None:
+            if not positive_int("kv_cache_dir_bytes"):
+                raise bad("kv_cache_dir_bytes", "a positive number of bytes or None")
+            if self.kv_cache_dir is None:
+                raise UserError("engine setting 'kv_cache_dir_bytes' bounds 'kv_cache_dir', which is not set")
         if self.quantize not in QUANTIZE_CHOICES:
             raise bad("quantize", " or ".join(repr(c) for c in QUANTIZE_CHOICES))
         try:

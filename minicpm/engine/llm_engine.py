@@ -22,6 +22,9 @@ Contract:
   ``error``, its blocks freed; the other requests of the step go on.
 * ``abort_request(id)`` ends a request at once and frees its blocks.
 * ``generate(prompts, params)`` runs a list of prompts to completion with continuous batching.
+* With ``kv_cache_dir``, full blocks of long prompts persist on disk and are loaded on admission
+  (:mod:`minicpm.engine.kv_store`; counted in ``stats()`` as ``kv_store_*``); ``close()`` writes
+  what is queued (so does interpreter exit).
 * Greedy results do not depend on what else is in the batch, to rounding: each sequence attends
   only to its own keys, with its own NTK base (from its prompt length), and its token is an argmax
   of its row. Bitwise, a decode row's logits do not depend on a neighbour's prefill in the same
@@ -48,6 +51,8 @@ from ..sampling import SamplingParams
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .kv_store import STATS as KV_STORE_STATS
+from .kv_store import PrefixStore
 from .model_runner import ModelRunner
 from .sampler import Sampled
 from .scheduler import Scheduler
@@ -138,6 +143,10 @@ class LLMEngine:
             contiguous=self.runner.device.type == "cpu",
         )
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.prefix_store: PrefixStore | None = None  # the persistent prefix cache (kv_cache_dir)
+        if self.config.kv_cache_dir is not None:
+            self.prefix_store = PrefixStore.open(self.config, self.runner, self.block_manager)
+            self.scheduler.on_admit = self.prefix_store.admit
         self.governor = ThreadGovernor() if model.device.type == "cpu" else None
         if self.governor is not None and self.governor.enabled:
             self.runner.cache.on_layer = self.governor.tick  # long prefill steps follow the load too
@@ -301,6 +310,8 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
+            if self.prefix_store is not None:
+                self.prefix_store.computed(seq)  # queues new full prompt blocks; never waits
             if seq.num_computed_tokens == seq.num_tokens:
                 request, sampled = self.requests[seq.request_id], next(tokens)
                 try:
@@ -447,7 +458,19 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "request_errors": self.num_request_errors,
             "cached_prompt_tokens": self.scheduler.num_cached_tokens,
+            **{
+                f"kv_store_{name}": value
+                for name, value in (
+                    self.prefix_store.stats() if self.prefix_store else dict.fromkeys(KV_STORE_STATS, 0)
+                ).items()
+            },
         }
+
+    def close(self) -> None:
+        """Write what the persistent prefix cache has queued and stop its writer (the engine
+        still serves; later blocks are not stored). Nothing to do without ``kv_cache_dir``."""
+        if self.prefix_store is not None:
+            self.prefix_store.close()
 
 
 __all__ = ["Completion", "LLMEngine", "Request", "RequestOutput", "SequenceStatus"]

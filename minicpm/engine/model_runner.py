@@ -37,6 +37,7 @@ from .attention import AttentionMetadata, CpuNativeBackend, PagedKVCache, select
 from .attention.kv_format import resolve_kv_format
 from .config import EngineConfig
 from .fused_decode import FusedDecoder
+from .kv_store import model_fingerprint
 from .layers import StepRows, prepare_model
 from .sampler import Sampled, Sampler
 from .scheduler import ScheduledBatch
@@ -64,6 +65,9 @@ def _padded_tables(seqs: list[Sequence], width: int) -> list[list[int]]:
 
 class ModelRunner:
     def __init__(self, model: MiniCPMForCausalLM, config: EngineConfig, max_model_len: int) -> None:
+        # the weights as loaded (kept on the model: a second engine over it gets the same digest),
+        # what the persistent prefix cache's files are keyed by
+        self.fingerprint = model_fingerprint(model)
         self.model = prepare_model(model.eval(), config.quantize, config.group_size)
         self.rows: StepRows = self.model.step_rows  # the model's, shared by every engine over it
         self.config = config

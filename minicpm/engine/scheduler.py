@@ -8,7 +8,8 @@ limit (``max_num_seqs``):
 2. then running sequences part-way through a (chunked) prefill, oldest first, each taking a chunk
    of what budget is left;
 3. then waiting sequences, first come first served, admitted only when their blocks can be had
-   (after prefix-cache reuse); the queue head is never overtaken.
+   (after prefix-cache reuse, and after ``on_admit``, which may mark more of its tokens
+   computed); the queue head is never overtaken.
 
 When a running sequence needs a new block and none is free, the newest running sequence is
 preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
@@ -61,6 +63,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_cached_tokens = 0
         self.watermark_blocks = max(1, block_manager.num_blocks // 100)
+        # called with each sequence just allocated, before its tokens are counted and scheduled
+        # (the persistent prefix cache loads blocks into it there)
+        self.on_admit: Callable[[Sequence], object] | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -114,6 +119,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq)
+            if self.on_admit is not None:
+                self.on_admit(seq)
             if seq.num_preemptions == 0:  # a recompute's hits are not prompt tokens saved
                 self.num_cached_tokens += seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING

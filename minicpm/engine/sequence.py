@@ -36,7 +36,9 @@ class Sequence:
     stop_ids: frozenset[int]
     max_tokens: int
     rope_length: int
-    hash_seed: object  # hashable; equal only for sequences whose keys/values are equal for equal ids
+    # hashable, with a stable repr (the persistent prefix cache keys files by it); equal only for
+    # sequences whose keys/values are equal for equal ids
+    hash_seed: object
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING

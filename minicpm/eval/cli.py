@@ -238,6 +238,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "enforce_eager": args.enforce_eager or None,
             "kv_cache_dtype": args.kv_cache_dtype,
+            "kv_cache_dir": args.kv_cache_dir,
+            "kv_cache_dir_bytes": int(args.kv_cache_dir_gib * 2**30) if args.kv_cache_dir_gib is not None else None,
         }.items()
         if v is not None
     }

@@ -2,7 +2,8 @@
 
 Contract: one private registry per server. Gauges and the engine's own counters (requests
 running and waiting, KV cache usage, KV blocks used and total, preemptions, prefix-cache queries
-and hits, the attention backend serving, kernel failures, requests ended by an error) are read
+and hits, the attention backend serving, kernel failures, requests ended by an error, the persistent
+prefix cache's ``kv_store_*`` counters and its size in bytes) are read
 from the engine's statistics when ``/metrics`` is scraped; per-request counters and histograms
 (prompt and generation tokens, finished requests by reason, time to first token, inter-token
 latency, end-to-end latency, queue time) are recorded as requests finish.
@@ -40,6 +41,16 @@ LATENCY_BUCKETS = (
     80.0,
 )
 
+# the persistent prefix cache's counters (engine stats ``kv_store_<name>``; 0 without --kv-cache-dir)
+KV_STORE_COUNTERS = {
+    "hits": "KV blocks loaded from the persistent prefix cache.",
+    "writes": "KV blocks written to the persistent prefix cache.",
+    "skipped": "Persistent prefix cache files skipped by a check (truncated, foreign, corrupt, unreadable).",
+    "dropped": "KV blocks not written because the writer's queue was full.",
+    "write_errors": "Persistent prefix cache writes that failed (e.g. a full disk).",
+    "evicted": "Persistent prefix cache files evicted (least recently used) to keep its bound.",
+}
+
 
 class _EngineCollector:
     def __init__(self, engine: EngineClient) -> None:
@@ -76,6 +87,13 @@ class _EngineCollector:
         )
         yield CounterMetricFamily(
             "minicpm:request_errors", "Requests ended by an error inside an engine step.", s["request_errors"]
+        )
+        for name, text in KV_STORE_COUNTERS.items():
+            yield CounterMetricFamily(f"minicpm:kv_store_{name}", text, s.get(f"kv_store_{name}", 0))
+        yield GaugeMetricFamily(
+            "minicpm:kv_store_bytes",
+            "Bytes of block files in the persistent prefix cache's directory (0 without --kv-cache-dir).",
+            s.get("kv_store_bytes", 0),
         )
 
 

@@ -28,6 +28,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -190,3 +191,19 @@ class PagedKVCache:
         self.backend = fallback
         self.metadata = fallback.prepare(self, md)
         return True
+
+    def block_data(self, block_id: int) -> dict[str, Tensor]:
+        """A copy of block ``block_id``'s whole content: each :attr:`storage` tensor's
+        ``[:, block_id]`` (layers, block_size, kv_heads, width), cloned on the cache's device."""
+        return {name: t[:, block_id].clone() for name, t in self.storage.items()}
+
+    def load_block(self, block_id: int, data: dict[str, Tensor]) -> None:
+        """Write ``data`` (as :meth:`block_data` gives it, on any device) into block ``block_id``."""
+        for name, t in self.storage.items():
+            dst, src = t[:, block_id], data[name]
+            if dst.device.type == src.device.type == "cpu":
+                # a plain copy in this thread: torch's copy of a few MB in strided rows wakes OpenMP
+                # workers that cost more than they give, several times more on a busy machine
+                np.copyto(dst.view(torch.uint8).numpy(), src.contiguous().view(torch.uint8).numpy())
+            else:
+                dst.copy_(src)
