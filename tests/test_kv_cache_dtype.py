@@ -214,3 +214,28 @@ def test_the_kv_budget_counts_the_quantized_bytes() -> None:
         assert runner.cache.nbytes <= budget + runner.bytes_per_block  # (plus the scratch block)
     assert blocks["auto"] < blocks["int8"] < blocks["int4"]
     assert blocks["int4"] >= 3 * blocks["auto"]  # float32 256 B a row against int4's 24 B: capped by max_num_seqs
+
+
+def test_a_prompt_the_cache_cannot_hold_names_the_format_or_the_budget_that_would() -> None:
+    model = random_model(tiny_config(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, max_length=4096))
+    per = FORMATS["float32"].bytes_per_token(2, 4, 32)
+    engine = _engine(model, "cpu-torch", "auto", kv_cache_memory=40 * 8 * per)  # 320 tokens of float32
+    assert "tokens in float32" in engine.capacity_line() and "320" in engine.capacity_line()
+    with pytest.raises(UserError, match=r"'kv_cache_dtype' int8 holds \d+ tokens in the same memory"):
+        engine.make_request([5] * 400)
+    with pytest.raises(UserError, match=r"'kv_cache_dtype' int4 holds \d+ tokens in the same memory"):
+        engine.make_request([5] * 1500)
+    with pytest.raises(UserError, match=r"'kv_cache_memory' of at least .* \(or .* with 'kv_cache_dtype' int8"):
+        engine.make_request([5] * 2500)
+
+
+def test_the_default_cpu_budget_is_the_available_memory_less_reserve_and_room(monkeypatch) -> None:
+    from minicpm.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "available_cpu_memory", lambda: (3 * 2**30, "a test"))
+    monkeypatch.setattr(model_runner, "system_room", lambda: 2**30)
+    model = random_model(tiny_config(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, max_length=4096))
+    runner = _engine(model, "cpu-torch", "int4", max_num_seqs=4096, max_num_batched_tokens=4096).runner
+    assert 0 < 2 * 2**30 - runner.kv_budget < 2**29  # 3 GiB - 1 GiB of room - the activation reserve
+    assert "available memory 3.00 GiB (a test)" in runner.kv_budget_source
+    assert runner.num_blocks == runner.kv_budget // runner.bytes_per_block

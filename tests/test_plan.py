@@ -296,3 +296,43 @@ def test_cuda_kv_budget_counts_what_is_measured_in_use() -> None:
     assert ahead - after_capture == pool - GRAPH_RESERVE  # measured, not guessed
     busy = cuda_kv_budget(total, 2 * GiB, 0.95, act, gather)  # another process holds most of the card
     assert busy < 0
+
+
+# --------------------------------------------------------------------------- KV formats and quantized weights
+
+
+@pytest.mark.parametrize(("quantize", "group"), [("int8", None), ("int8", 32), ("int4", None), ("int4", 64)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_weights_are_counted_as_quantize_model_leaves_them(quantize, group, tied) -> None:
+    from minicpm.model import MiniCPMForCausalLM
+    from minicpm.plan import quantized_weight_bytes
+    from minicpm.quant import quantize_model
+
+    config = tiny_config(tie_word_embeddings=tied, hidden_size=128, intermediate_size=256)
+    model = quantize_model(MiniCPMForCausalLM(config), quantize, group)
+    held = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()] if t.numel()}
+    for module in model.modules():  # quantized layers keep codes, scales and minimums as attributes
+        for name in ("qweight", "scales", "mins"):
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor):
+                held[t.data_ptr()] = t.nbytes
+    held.pop(model.model.rotary_inv_freq.data_ptr(), None) if hasattr(model.model, "rotary_inv_freq") else None
+    assert quantized_weight_bytes(config, torch.float32, quantize, group) == sum(held.values())
+
+
+def test_cli_counts_the_kv_format_and_the_quantized_weights(real_dir: Path, capsys) -> None:
+    """MiniCPM-2B-128k in 16 GiB: bfloat16 KV holds 32k tokens beside int4 weights, int4 KV 3.2x that."""
+    args = ["--model", str(real_dir), "--context", "131072", "--memory", "16", "--dtype", "bfloat16"]
+    bf16 = run_json(capsys, *args, "--quantize", "int4")
+    int8 = run_json(capsys, *args, "--quantize", "int4", "--kv-cache-dtype", "int8")
+    int4 = run_json(capsys, *args, "--quantize", "int4", "--kv-cache-dtype", "int4")
+    assert (bf16["kv_bytes_per_token"], int8["kv_bytes_per_token"], int4["kv_bytes_per_token"]) == (
+        KV_PER_TOKEN_BF16,
+        40 * 2 * 36 * (64 + 2 * 2),
+        40 * 2 * 36 * (32 + 2 * 2 * 2),
+    )
+    assert int4["kv_cache_dtype"] == "int4" and int4["quantize"] == "int4"
+    assert bf16["weight_bytes"] == int4["weight_bytes"] < REAL_PARAMETERS  # under a byte a parameter
+    assert int4["kv_tokens"] > 3 * bf16["kv_tokens"]
+    assert main(["plan", *args, "--kv-cache-dtype", "fp8", "--device", "cpu"]) == 2
+    assert "fp8 runs on CUDA only" in capsys.readouterr().err
