@@ -12,9 +12,14 @@ calls, then the median over rounds with its range.
 Reported per case: ms per layer, the keys and values read per second, ms per token for the whole
 model (x layers: how long decode attention alone makes a token) and our speed-up over each peer.
 Our output is checked against sdpa's in every run (exit 1 past rounding: the comparison would not
-be like for like). Prints a table, then one JSON object as the last line.
+be like for like). ``--kv-cache-dtype int8,int4`` adds our kernel over a quantized cache of the
+same keys and values (checked against sdpa over their dequantized values; GB/s counts the bytes
+the format stores) and its speed-up over our kernel on the activation dtype's cache; the issue's
+targets (at MiniCPM's shape, one row, 32k and 128k: int8 >= 1.8x, int4 >= 3x) are reported.
+Prints a table, then one JSON object as the last line.
 
     python benchmarks/cpu_attention.py [--peer 98f961a] [--rounds 3] [--reps 5] [--scatter]
+    python benchmarks/cpu_attention.py --kv-cache-dtype int8,int4 [--only-minicpm]
     python benchmarks/cpu_attention.py --quick          # two small cases, seconds
 """
 
@@ -48,8 +53,12 @@ BLOCK = 64
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}  # max abs error over max |sdpa|
 
 
-def child(system: str, case: list, reps: int, scatter: bool) -> dict:
-    """One system on one case (this process): ms per call, and for ours the error against sdpa."""
+KV_TARGETS = {"int8": 1.8, "int4": 3.0}  # speed-up over the activation dtype's cache, one row, 32k and 128k
+
+
+def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -> dict:
+    """One system on one case (this process): ms per call, and for ours the error against sdpa
+    (over the dequantized cache for a quantized ``kv`` format)."""
     import torch
     import torch.nn.functional as F
 
@@ -82,9 +91,19 @@ def child(system: str, case: list, reps: int, scatter: bool) -> dict:
             vc[slots] = v[r].transpose(0, 1)
         row_seq = torch.arange(rows, dtype=torch.int32)
         row_len = torch.full((rows,), context, dtype=torch.int32)
+        ks = vs = None
+        if kv != "auto":
+            from minicpm.engine.attention.kv_format import FORMATS
+
+            fmt = FORMATS[kv]
+            (kc, ks), (vc, vs) = fmt.quantize(kc), fmt.quantize(vc)
+            for r in range(rows):  # sdpa's reference: the values the quantized cache holds
+                slots = (tables[r].long()[:, None] * BLOCK + torch.arange(BLOCK)).view(-1)[:context]
+                k[r] = fmt.dequantize(kc[slots], ks[slots], dtype).transpose(0, 1)
+                v[r] = fmt.dequantize(vc[slots], vs[slots], dtype).transpose(0, 1)
 
         def call() -> torch.Tensor:
-            return paged_attention(q, kc, vc, tables, row_seq, row_len, BLOCK, d**-0.5)
+            return paged_attention(q, kc, vc, tables, row_seq, row_len, BLOCK, d**-0.5, None, ks, vs)
 
     out = call()  # warm up (and the kernel build)
     times = []
@@ -99,8 +118,8 @@ def child(system: str, case: list, reps: int, scatter: bool) -> dict:
     return result
 
 
-def run(system: str, case: tuple, args: argparse.Namespace, tree: Path | None) -> dict:
-    argv = ["--child", system, "--case", json.dumps(case), "--reps", str(args.reps)]
+def run(system: str, case: tuple, args: argparse.Namespace, tree: Path | None, kv: str = "auto") -> dict:
+    argv = ["--child", system, "--case", json.dumps(case), "--reps", str(args.reps), "--kv", kv]
     return run_child(__file__, argv + (["--scatter"] if args.scatter else []), tree, f"{system} on {case}")
 
 
@@ -111,18 +130,33 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="timed calls per case and round (median)")
     p.add_argument("--scatter", action="store_true", help="shuffle the blocks (default: in order)")
     p.add_argument("--quick", action="store_true", help="two small cases, one round")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="",
+        metavar="LIST",
+        help="also our kernel over these quantized caches, comma-separated (int8,int4)",
+    )
+    p.add_argument("--only-minicpm", action="store_true", help="only the MiniCPM-2B-128k shape's cases")
+    p.add_argument("--kv", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:  # one measurement, one JSON line
-        print(json.dumps(child(args.child, json.loads(args.case), args.reps, args.scatter)))
+        print(json.dumps(child(args.child, json.loads(args.case), args.reps, args.scatter, args.kv)))
         return
 
     cases = QUICK if args.quick else CASES
+    if args.only_minicpm:
+        cases = [c for c in cases if c[0] == "minicpm-2b-128k"]
+    formats = [f for f in args.kv_cache_dtype.split(",") if f]
+    bad = [f for f in formats if f not in KV_TARGETS]
+    if bad:
+        p.error(f"--kv-cache-dtype takes int8 and int4, not {', '.join(bad)}")
     if args.quick:
         args.rounds = 1
     rounds = args.rounds
     systems: list[tuple[str, Path | None]] = [("minicpm", None)]
+    systems += [(f"minicpm {f}", None) for f in formats]
     if args.peer:
         systems.append((f"minicpm@{args.peer}", peer_tree(args.peer)))
     systems.append(("sdpa", None))
@@ -131,7 +165,8 @@ def main() -> None:
         for case in cases:
             for name, tree in systems:
                 system = "sdpa" if name == "sdpa" else "ours"
-                runs.setdefault((tuple(case), name), []).append(run(system, case, args, tree))
+                kv = name.split()[1] if name.startswith("minicpm ") else "auto"
+                runs.setdefault((tuple(case), name), []).append(run(system, case, args, tree, kv))
     report, failures = [], []
     for case in cases:
         shape, dtype, rows, context = case
@@ -141,16 +176,29 @@ def main() -> None:
         for name, _ in systems:
             results = runs[(tuple(case), name)]
             entry[name] = figures = median_of(results)
-            figures["gb_s"] = nbytes / figures["ms"] / 1e6
+            stored = nbytes
+            if name.startswith("minicpm "):  # the bytes the quantized format stores
+                from minicpm.engine.attention.kv_format import FORMATS
+
+                stored = 2 * rows * context * kv_heads * FORMATS[name.split()[1]].bytes_per_row(d)
+            figures["gb_s"] = stored / figures["ms"] / 1e6
             figures["model_ms_per_token"] = figures["ms"] * layers
             if "error" in figures:
                 figures["error"] = err = figures["error_range"][1]  # the worst round
                 if err > TOLERANCE[dtype]:
                     failures.append(f"{name} on {case}: error {err:.3g} > {TOLERANCE[dtype]}")
         for name, _ in systems[1:]:
+            if name.startswith("minicpm "):  # the quantized cache against ours on the activation dtype's
+                entry[f"{name}_speedup"] = gain = entry["minicpm"]["ms"] / entry[name]["ms"]
+                fmt = name.split()[1]
+                if shape == "minicpm-2b-128k" and rows == 1 and context >= 32768 and dtype == "bfloat16":
+                    entry.setdefault("targets", {})[fmt] = {"need": KV_TARGETS[fmt], "holds": gain >= KV_TARGETS[fmt]}
+                continue
             entry[f"speedup_vs_{name}"] = entry[name]["ms"] / entry["minicpm"]["ms"]
         report.append(entry)
 
+    formats_names = {f"minicpm {f}" for f in formats}
+    peers = [n for n, _ in systems[1:] if n not in formats_names]
     order = "scattered" if args.scatter else "consecutive"
     print(f"decode attention, one layer, median of {rounds} rounds x {args.reps} calls ({order} blocks)")
     head = f"{'shape':16s} {'dtype':8s} {'rows':>4s} {'context':>7s}"
@@ -161,7 +209,10 @@ def main() -> None:
         line = f"{e['shape']:16s} {e['dtype']:8s} {e['rows']:4d} {e['context']:7d}"
         for name, _ in systems:
             line += f" | {e[name]['ms']:21.2f} {e[name]['gb_s']:6.1f}"
-        line += " | " + ", ".join(f"{e[f'speedup_vs_{n}']:.2f}x vs {n}" for n, _ in systems[1:])
+        gains = [
+            f"{e[f'{n}_speedup']:.2f}x ({n.split()[1]} over {e['dtype']})" for n, _ in systems if n in formats_names
+        ]
+        line += " | " + ", ".join(gains + [f"{e[f'speedup_vs_{n}']:.2f}x vs {n}" for n in peers])
         print(line)
     for f in failures:
         print("NOT like for like:", f)
