@@ -101,6 +101,18 @@ def test_fp8_codes_are_decoded_exactly_as_torch_reads_them():
     assert torch.equal(out, values.float().reshape(8, 1, 32))
 
 
+def test_every_cache_format_is_one_the_kernels_serve():
+    """No format reaches the Triton backend only to be refused (or read as values): float formats
+    take the plain path, quantized ones their own."""
+    for fmt in FORMATS.values():
+        scales = torch.zeros(1) if fmt.quantized else None
+        assert (ta._format_tag(fmt.name, scales, scales) > 0) == fmt.quantized, fmt.name
+        if fmt.quantized:
+            assert ta._CODE_DTYPES[fmt.name] == fmt.dtype
+            assert ta._code_width(fmt.name, 64) == fmt.code_width(64)
+            assert ta._scale_width(fmt.name, 64) == fmt.scale_width(64)
+
+
 def _quant_args(name="int8", d=64, **over):
     fmt = FORMATS[name]
     k = torch.zeros(3, 16, 2, fmt.code_width(d), dtype=fmt.dtype)

@@ -29,6 +29,24 @@ Contract of :func:`paged_decode_attention` (and of the plain-PyTorch
 * Returns ``(B, H, D)`` in ``q.dtype``: ``softmax(q @ k.T * scale) @ v`` over the first
   ``context_len`` tokens, softmax statistics and accumulation in float32.
 
+A quantized cache (both kernels; the formats of :mod:`minicpm.engine.attention.kv_format`), read
+in place: ``kv_format`` names it (``"int8"``, ``"int4"``, ``"fp8"``; None or a float format's
+name: the caches hold values, as above), ``k_cache``/``v_cache`` hold its codes (``(num_blocks,
+block_size, KV, code width)``: int8 ``D`` int8 codes, int4 ``D / 2`` uint8 bytes, fp8 ``D``
+float8_e4m3fn codes) and ``k_scale``/``v_scale`` its float16 scales indexed by the same block,
+slot and head (``(num_blocks, block_size, KV, scale width)``: ``D / 32`` scales, int4 ``D / 16``
+as ``scale, min`` pairs; one layout for both, contiguous last dimension); ``D`` is then a
+multiple of 32. Each tile of keys and values is dequantized in registers as it is loaded, in
+float32 and then rounded to ``q.dtype`` (what ``KVFormat.dequantize(codes, scales, q.dtype)``
+gives, the values the reference backend reads): int8 and fp8 ``code * scale``, int4 ``code *
+scale + min`` with value ``j`` of a group of 32 in the low nibble of its byte ``j`` and value
+``j + 16`` in the high one. fp8 codes are decoded from their bits through float16 (exact for
+every finite e4m3 code), so no architecture's native fp8 conversion is needed. No dequantized
+copy of the context is made; scores and accumulation are as above. The float path's code is
+unchanged (a constexpr branch). The wrappers check codes and scales (dtype, widths, shapes,
+device, layout) and raise a ``ValueError`` naming the problem; the references take values only
+(tests give them the dequantized cache).
+
 Implementation: kernel 1 runs on grid ``(B, KV, splits)`` with ``splits = min(cdiv(max_blocks *
 block_size, partition_size), max_splits)`` (16 by default), computed from static shapes only.
 Each program handles all ``H // KV`` query heads of its kv head (each K/V tile is loaded once

@@ -6,6 +6,8 @@ and replayed). A step with prefill rows sends its leading decode rows (the sched
 first) to the paged decode kernel and every other row to the varlen paged prefill kernel, one
 launch each per layer. The kernels are :mod:`minicpm.engine.triton_attention`; the fallback, when
 one of them fails mid-serving and the engine is configured to fall back, is the ``torch`` backend.
+Every cache format is served in place: a float cache as its values, a quantized one (int8, int4,
+fp8) as its codes with the layer's scales beside them, dequantized by the kernels in registers.
 """
 
 from __future__ import annotations
