@@ -46,15 +46,24 @@ def fake_capture(graph: FakeGraph, pool: object = None):
     yield
 
 
-def make_engine(kv_heads: int, backend: str = "auto") -> LLMEngine:
-    config = tiny_config(num_hidden_layers=2, num_key_value_heads=kv_heads, max_position_embeddings=64, max_length=256)
+def make_engine(kv_heads: int, backend: str = "auto", kv_cache_dtype: str = "auto") -> LLMEngine:
+    # a quantized cache needs heads of 32 (its scale groups): four heads of a hidden size of 128
+    hidden = {"hidden_size": 128} if kv_cache_dtype != "auto" else {}
+    config = tiny_config(
+        num_hidden_layers=2, num_key_value_heads=kv_heads, max_position_embeddings=64, max_length=256, **hidden
+    )
     model = random_model(config, seed=5)
     kv = config.kv_bytes_per_token(4) * 8 * 200
     return LLMEngine(
         model,
         None,
         EngineConfig(
-            block_size=8, max_num_seqs=4, max_num_batched_tokens=64, kv_cache_memory=kv, attention_backend=backend
+            block_size=8,
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            kv_cache_memory=kv,
+            attention_backend=backend,
+            kv_cache_dtype=kv_cache_dtype,
         ),
     )
 
@@ -62,18 +71,22 @@ def make_engine(kv_heads: int, backend: str = "auto") -> LLMEngine:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_graph_replays_give_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, kv_heads: int) -> None:
+@pytest.mark.parametrize(("kv_heads", "kv_cache_dtype"), [(4, "auto"), (2, "auto"), (2, "int4")])
+def test_graph_replays_give_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, kv_heads: int, kv_cache_dtype) -> None:
+    """(int4: the graphs' decode kernel reads codes and scales in place; the tokens are the torch
+    backend's over the same cache format.)"""
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 17, 40, 70, 9, 130, 33)]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    expected = [c.token_ids for c in make_engine(kv_heads).generate(prompts, params)]
+    reference = "auto" if kv_cache_dtype == "auto" else "torch"
+    expected = [c.token_ids for c in make_engine(kv_heads, reference, kv_cache_dtype).generate(prompts, params)]
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    engine = make_engine(kv_heads, "triton")  # the GPU's path (here in Triton's interpreter)
+    engine = make_engine(kv_heads, "triton", kv_cache_dtype)  # the GPU's path (here in Triton's interpreter)
     runner = engine.runner
+    assert runner.cache.format.name == ("float32" if kv_cache_dtype == "auto" else kv_cache_dtype)
     assert runner.fused is None
     runner._capture_graphs(engine.max_model_len)
     assert set(runner.graphs) == {1, 2, 4}

@@ -10,6 +10,9 @@ build them in Triton's interpreter (TRITON_INTERPRET=1), so this tier runs in a 
   recompute by the same model's plain forward on CPU, token by token.
 - Decode steps replayed through captured CUDA graphs give the eager engine's tokens (float32 and
   bfloat16), and graphs are replayed.
+- A quantized KV cache (int8, int4, fp8): the compiled kernels reading codes and scales equal
+  attention over the dequantized cache, and an engine on the Triton backend (eager and with
+  graphs) gives the torch backend's greedy tokens over the same format.
 """
 
 from __future__ import annotations
@@ -59,9 +62,13 @@ PROMPTS = [prompt_of(n, seed=300 + n) for n, _ in CASES]
 PARAMS = [SamplingParams(max_new_tokens=k, ignore_eos=True) for _, k in CASES]
 
 
-def cuda_engine(dtype: torch.dtype, *, eager: bool, seed: int = 3, backend: str = "auto") -> LLMEngine:
-    """A fresh tiny random model (the same weights for the same seed) and its engine on CUDA."""
-    model = random_model(config(), seed=seed).to(device="cuda", dtype=dtype)
+def cuda_engine(
+    dtype: torch.dtype, *, eager: bool, seed: int = 3, backend: str = "auto", kv_cache_dtype: str = "auto"
+) -> LLMEngine:
+    """A fresh tiny random model (the same weights for the same seed) and its engine on CUDA; a
+    quantized cache takes a model with heads of 32 (its scale groups)."""
+    shape = {} if kv_cache_dtype == "auto" else {"hidden_size": 128}
+    model = random_model(config(**shape), seed=seed).to(device="cuda", dtype=dtype)
     blocks = 4 * -(-CONTEXT // BLOCK)
     kv = blocks * BLOCK * model.config.kv_bytes_per_token(dtype.itemsize)
     settings = EngineConfig(
@@ -72,6 +79,7 @@ def cuda_engine(dtype: torch.dtype, *, eager: bool, seed: int = 3, backend: str 
         enforce_eager=eager,
         attention_backend=backend,
         on_kernel_failure="raise",
+        kv_cache_dtype=kv_cache_dtype,
     )
     return LLMEngine(model, None, settings)
 
@@ -192,3 +200,73 @@ def test_cuda_graph_replays_give_the_eager_tokens(dtype: torch.dtype, monkeypatc
     assert replays.count >= max(k for _, k in CASES) - 1, replays.count
     stats = engine.stats()
     assert stats["free_blocks"] == stats["num_blocks"]
+
+
+# ------------------------------------------------------------------------------ a quantized cache
+QUANTIZED = ["int8", "int4", "fp8"]
+
+
+def quantized(name: str, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+    """Codes and float16 scales of ``k`` / ``v`` (NaN rows give NaN scales: a stray read still
+    shows), and the dequantized cache in ``dtype`` (what the reference reads)."""
+    from minicpm.engine.attention.kv_format import FORMATS
+
+    fmt = FORMATS[name]
+    (kq, ks), (vq, vs) = fmt.quantize(k.float()), fmt.quantize(v.float())
+    codes = {"k_scale": ks, "v_scale": vs, "kv_format": name}
+    return kq, vq, codes, fmt.dequantize(kq, ks, dtype), fmt.dequantize(vq, vs, dtype)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kv", [4, 1])
+def test_compiled_kernels_read_a_quantized_cache(name: str, dtype: torch.dtype, kv: int) -> None:
+    from minicpm.engine.triton_attention import (
+        paged_decode_attention,
+        paged_decode_attention_reference,
+        paged_prefill_attention,
+        paged_prefill_attention_reference,
+    )
+
+    lens = [1, 37, 700, 1500, 0]
+    q, k, v, tables, ctx = paged_case(lens, [1] * len(lens), h=4, kv=kv, d=64, dtype=dtype)
+    kq, vq, codes, kd, vd = quantized(name, k, v, dtype)
+    got = paged_decode_attention(q, kq, vq, tables, ctx, 0.125, **codes)
+    want = paged_decode_attention_reference(q, kd, vd, tables, ctx, 0.125)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all() and torch.equal(got[-1], torch.zeros_like(got[-1]))
+    torch.testing.assert_close(got[:-1].float(), want[:-1].float(), atol=TOLS[dtype], rtol=TOLS[dtype])
+
+    lens, queries = [5, 100, 300, 64], [5, 30, 130, 1]
+    q, k, v, tables, ctx = paged_case(lens, queries, h=4, kv=kv, d=64, dtype=dtype)
+    kq, vq, codes, kd, vd = quantized(name, k, v, dtype)
+    cu_q = torch.tensor([0, *torch.tensor(queries).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    got = paged_prefill_attention(q, kq, vq, tables, cu_q, ctx, 0.125, max(queries), **codes)
+    want = paged_prefill_attention_reference(q, kd, vd, tables, cu_q, ctx, 0.125)
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), atol=TOLS[dtype], rtol=TOLS[dtype])
+
+
+TORCH_TOKENS: dict[str, list[list[int]]] = {}
+
+
+@pytest.mark.parametrize("kv_cache_dtype", QUANTIZED)
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_triton_on_a_quantized_cache_gives_the_torch_backends_tokens(
+    kv_cache_dtype: str, eager: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32: the Triton kernels read codes and scales in place (eager steps, and decode steps
+    replayed as CUDA graphs) and give the greedy tokens of the torch backend over the same format."""
+    if kv_cache_dtype not in TORCH_TOKENS:
+        reference = cuda_engine(torch.float32, eager=True, backend="torch", kv_cache_dtype=kv_cache_dtype)
+        TORCH_TOKENS[kv_cache_dtype] = [c.token_ids for c in reference.generate(PROMPTS, PARAMS)]
+    replays = ReplayCounter(monkeypatch)
+    engine = cuda_engine(torch.float32, eager=eager, kv_cache_dtype=kv_cache_dtype)
+    assert engine.stats()["attention_backend"] == "triton"
+    assert engine.runner.cache.format.name == kv_cache_dtype
+    got = [c.token_ids for c in engine.generate(PROMPTS, PARAMS)]
+    assert got == TORCH_TOKENS[kv_cache_dtype]
+    assert (replays.count > 0) == (not eager), f"{replays.count} graph replays with enforce_eager={eager}"
+    stats = engine.stats()
+    assert stats["free_blocks"] == stats["num_blocks"] and stats["kernel_failures"] == 0

@@ -29,6 +29,24 @@ Contract of :func:`paged_decode_attention` (and of the plain-PyTorch
 * Returns ``(B, H, D)`` in ``q.dtype``: ``softmax(q @ k.T * scale) @ v`` over the first
   ``context_len`` tokens, softmax statistics and accumulation in float32.
 
+A quantized cache (both kernels; the formats of :mod:`minicpm.engine.attention.kv_format`), read
+in place: ``kv_format`` names it (``"int8"``, ``"int4"``, ``"fp8"``; None or a float format's
+name: the caches hold values, as above), ``k_cache``/``v_cache`` hold its codes (``(num_blocks,
+block_size, KV, code width)``: int8 ``D`` int8 codes, int4 ``D / 2`` uint8 bytes, fp8 ``D``
+float8_e4m3fn codes) and ``k_scale``/``v_scale`` its float16 scales indexed by the same block,
+slot and head (``(num_blocks, block_size, KV, scale width)``: ``D / 32`` scales, int4 ``D / 16``
+as ``scale, min`` pairs; one layout for both, contiguous last dimension); ``D`` is then a
+multiple of 32. Each tile of keys and values is dequantized in registers as it is loaded, in
+float32 and then rounded to ``q.dtype`` (what ``KVFormat.dequantize(codes, scales, q.dtype)``
+gives, the values the reference backend reads): int8 and fp8 ``code * scale``, int4 ``code *
+scale + min`` with value ``j`` of a group of 32 in the low nibble of its byte ``j`` and value
+``j + 16`` in the high one. fp8 codes are decoded from their bits through float16 (exact for
+every finite e4m3 code), so no architecture's native fp8 conversion is needed. No dequantized
+copy of the context is made; scores and accumulation are as above. The float path's code is
+unchanged (a constexpr branch). The wrappers check codes and scales (dtype, widths, shapes,
+device, layout) and raise a ``ValueError`` naming the problem; the references take values only
+(tests give them the dequantized cache).
+
 Implementation: kernel 1 runs on grid ``(B, KV, splits)`` with ``splits = min(cdiv(max_blocks *
 block_size, partition_size), max_splits)`` (16 by default), computed from static shapes only.
 Each program handles all ``H // KV`` query heads of its kv head (each K/V tile is loaded once
@@ -73,13 +91,73 @@ __all__ = [
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MAX_TILE = 64  # tokens per inner tile (a tile may span several cache blocks)
+# Quantized cache formats the kernels read in place (kv_format name -> the FMT constexpr; 0 is a
+# float cache, the plain path), their codes' dtypes and codes / float16 scales per row of D values.
+_FORMAT_TAGS = {"int8": 1, "int4": 2, "fp8": 3}
+_FLOAT_FORMATS = (None, "float32", "bfloat16", "float16")
+_CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}
+_GROUP = 32  # values per scale along D (minicpm.engine.attention.kv_format.GROUP)
+
+
+def _code_width(kv_format: str, D: int) -> int:
+    return D // 2 if kv_format == "int4" else D
+
+
+def _scale_width(kv_format: str, D: int) -> int:
+    return D // _GROUP * (2 if kv_format == "int4" else 1)
 
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, partition_size) -> None:
+def _format_tag(kv_format, k_scale, v_scale) -> int:
+    """The kernels' FMT constexpr for ``kv_format``: 0 for a float cache (which takes no scales)."""
+    if kv_format in _FLOAT_FORMATS:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale / v_scale given for a float cache (kv_format {kv_format!r})")
+        return 0
+    if kv_format not in _FORMAT_TAGS:
+        raise ValueError(
+            f"kv_format must be None, a float format or one of {', '.join(_FORMAT_TAGS)}, got {kv_format!r}"
+        )
+    return _FORMAT_TAGS[kv_format]
+
+
+def _check_quantized(q, k_cache, v_cache, k_scale, v_scale, kv_format) -> None:
+    """A quantized cache (codes and float16 scales, one layer) that fits ``q`` (see the module docstring)."""
+    D = q.shape[-1]
+    if D % _GROUP:
+        raise ValueError(f"a {kv_format} cache needs a head dim D that is a multiple of {_GROUP}, got D={D}")
+    want = _CODE_DTYPES[kv_format]
+    if k_cache.dtype != want or v_cache.dtype != want:
+        raise ValueError(
+            f"a {kv_format} cache holds {want} codes, got k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
+        )
+    width = _code_width(kv_format, D)
+    if k_cache.shape[3] != width:
+        raise ValueError(
+            f"head dim mismatch: q has D={D}, so a {kv_format} cache row holds {width} codes, got {k_cache.shape[3]}"
+        )
+    if k_scale is None or v_scale is None:
+        raise ValueError(f"a {kv_format} cache needs its float16 scales: pass k_scale and v_scale")
+    shape = (*k_cache.shape[:3], _scale_width(kv_format, D))
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t.dtype != torch.float16:
+            raise ValueError(f"{name} must be float16 scales, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {shape} for this {kv_format} cache, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {t.device}")
+    if k_scale.stride(3) != 1 or v_scale.stride() != k_scale.stride():
+        raise ValueError("k_scale and v_scale need a contiguous last dimension and one layout")
+
+
+def _check_inputs(
+    q, k_cache, v_cache, block_tables, context_lens, partition_size, k_scale=None, v_scale=None, kv_format=None
+) -> int:
+    """The decode contract's checks; returns the format's FMT tag."""
+    tag = _format_tag(kv_format, k_scale, v_scale)
     if q.dim() != 3:
         raise ValueError(f"q must be (B, H, D), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -88,12 +166,15 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, partition_siz
         raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
     B, H, D = q.shape
     _, block_size, KV, Dk = k_cache.shape
-    if Dk != D:
-        raise ValueError(f"head dim mismatch: q has D={D}, cache has D={Dk}")
     if q.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"q dtype must be one of {_SUPPORTED_DTYPES}, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    if tag:
+        _check_quantized(q, k_cache, v_cache, k_scale, v_scale, kv_format)
+    else:
+        if Dk != D:
+            raise ValueError(f"head dim mismatch: q has D={D}, cache has D={Dk}")
+        if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+            raise ValueError(f"dtype mismatch: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
     if KV == 0 or H % KV != 0:
         raise ValueError(f"num query heads H={H} must be a multiple of num kv heads KV={KV}")
     if block_size < 1:
@@ -111,6 +192,7 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens, partition_siz
         raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     if not _is_pow2(partition_size) or partition_size < 16:
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
+    return tag
 
 
 def paged_decode_attention_reference(
@@ -139,7 +221,9 @@ def paged_decode_attention_reference(
     return out.to(q.dtype)
 
 
-def _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens) -> None:
+def _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens, k_scale=None, v_scale=None, kv_format=None):
+    """The prefill contract's checks; returns the format's FMT tag."""
+    tag = _format_tag(kv_format, k_scale, v_scale)
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"q must be (T, H, D) and the caches (num_blocks, block_size, KV, D), got {tuple(q.shape)}, "
@@ -147,9 +231,13 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens) -> Non
         )
     H, D = q.shape[1:]
     KV = k_cache.shape[2]
-    if k_cache.shape[3] != D or KV == 0 or H % KV != 0:
+    if (not tag and k_cache.shape[3] != D) or KV == 0 or H % KV != 0:
         raise ValueError(f"q (H={H}, D={D}) does not fit the cache (KV={KV}, D={k_cache.shape[3]})")
-    if q.dtype not in _SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if tag:
+        if q.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"q dtype must be one of {_SUPPORTED_DTYPES}, got {q.dtype}")
+        _check_quantized(q, k_cache, v_cache, k_scale, v_scale, kv_format)
+    elif q.dtype not in _SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"dtypes must match and be one of {_SUPPORTED_DTYPES}: q {q.dtype}, cache {k_cache.dtype}")
     S = context_lens.shape[0]
     if cu_q.shape != (S + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != S:
@@ -160,6 +248,9 @@ def _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens) -> Non
     for name, t in (("cu_q", cu_q), ("context_lens", context_lens), ("block_tables", block_tables)):
         if t.dtype != torch.int32 or t.device != q.device:
             raise ValueError(f"{name} must be int32 on {q.device}, got {t.dtype} on {t.device}")
+    if k_cache.device != q.device or v_cache.device != q.device:
+        raise ValueError(f"the caches must be on {q.device}, got {k_cache.device} and {v_cache.device}")
+    return tag
 
 
 def paged_prefill_attention_reference(
@@ -194,10 +285,42 @@ def paged_prefill_attention_reference(
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _dequantize_tile(code_ptr, scale_ptr, rows, scale_rows, ok, offs_d, stride_cd, FMT: tl.constexpr):
+        """(TILE, D) float32 values of a tile of a quantized cache: ``rows`` / ``scale_rows`` are each
+        token's offsets of its codes / float16 scales (contiguous), ``ok`` masks tokens (their values
+        are 0). FMT 1: int8, ``code * scale``; 2: int4, value ``j`` and ``j + 16`` of each group in
+        the low / high nibble of its byte ``j``, ``code * scale + min``; 3: fp8 e4m3 codes as bytes,
+        ``code * scale``."""
+        group = offs_d // 32
+        mask = ok[:, None]
+        if FMT == 2:
+            byte = group * 16 + offs_d % 16  # each byte read for both of its values (cached)
+            packed = tl.load(code_ptr + rows[:, None] + byte[None, :] * stride_cd, mask=mask, other=0).to(tl.int32)
+            codes = (packed >> ((offs_d // 16) % 2 * 4)[None, :]) & 0xF
+            scale = tl.load(scale_ptr + scale_rows[:, None] + 2 * group[None, :], mask=mask, other=0.0)
+            low = tl.load(scale_ptr + scale_rows[:, None] + 2 * group[None, :] + 1, mask=mask, other=0.0)
+            x = codes.to(tl.float32) * scale.to(tl.float32) + low.to(tl.float32)
+        else:
+            raw = tl.load(code_ptr + rows[:, None] + offs_d[None, :] * stride_cd, mask=mask, other=0)
+            scale = tl.load(scale_ptr + scale_rows[:, None] + group[None, :], mask=mask, other=0.0).to(tl.float32)
+            if FMT == 1:
+                x = raw.to(tl.float32) * scale
+            else:
+                # e4m3 bits s.eeee.mmm moved into float16's s.eeeee.mmmmmmmmmm read 2^8 too small
+                # (exactly, subnormals included: both exponents start at the same place), on any
+                # GPU architecture (no native fp8 conversion needed)
+                bits = raw.to(tl.int32)
+                half = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+                x = half.to(tl.float32) * (scale * 256.0)
+        return x
+
+    @triton.jit
     def _paged_prefill_kernel(
         q_ptr,
         k_ptr,
         v_ptr,
+        ks_ptr,  # float16 scales of a quantized cache (FMT > 0); unread for a float cache
+        vs_ptr,
         bt_ptr,
         cu_ptr,
         ctx_ptr,
@@ -208,6 +331,9 @@ if TRITON_AVAILABLE:
         stride_kn,
         stride_kt,
         stride_kh,
+        stride_sn,
+        stride_st,
+        stride_sh,
         stride_btb,
         stride_ot,
         stride_oh,
@@ -217,6 +343,7 @@ if TRITON_AVAILABLE:
         BLOCK_M: tl.constexpr,  # query rows per program
         BLOCK_N: tl.constexpr,  # keys per tile
         DOT_PRECISION: tl.constexpr,
+        FMT: tl.constexpr,  # 0: float cache; 1 int8, 2 int4, 3 fp8 (codes dequantized in registers)
     ):
         mt = tl.program_id(0)
         s = tl.program_id(1)
@@ -246,8 +373,13 @@ if TRITON_AVAILABLE:
             tok_ok = tok < last
             blk = tl.load(bt_ptr + s * stride_btb + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
             slot = blk * stride_kn + (tok % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-            k = tl.load(k_ptr + slot[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + slot[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+            if FMT == 0:
+                k = tl.load(k_ptr + slot[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+                v = tl.load(v_ptr + slot[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+            else:
+                srow = blk * stride_sn + (tok % BLOCK_SIZE) * stride_st + kvh * stride_sh
+                k = _dequantize_tile(k_ptr, ks_ptr, slot, srow, tok_ok, offs_d, 1, FMT).to(q_ptr.dtype.element_ty)
+                v = _dequantize_tile(v_ptr, vs_ptr, slot, srow, tok_ok, offs_d, 1, FMT).to(q_ptr.dtype.element_ty)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             visible = tok_ok[None, :] & (tok[None, :] <= (past + rows)[:, None])
             scores = tl.where(visible, scores, float("-inf"))
@@ -270,6 +402,8 @@ if TRITON_AVAILABLE:
         q_ptr,
         k_ptr,
         v_ptr,
+        ks_ptr,  # float16 scales of a quantized cache (FMT > 0); unread for a float cache
+        vs_ptr,
         bt_ptr,
         ctx_ptr,
         m_ptr,
@@ -287,6 +421,9 @@ if TRITON_AVAILABLE:
         stride_vt,
         stride_vh,
         stride_vd,
+        stride_sn,  # the scales' strides (k and v share them; contiguous last dimension)
+        stride_st,
+        stride_sh,
         stride_btb,
         stride_btn,
         max_ctx,  # max_blocks * BLOCK_SIZE
@@ -300,6 +437,7 @@ if TRITON_AVAILABLE:
         TILE: tl.constexpr,
         USE_DOT: tl.constexpr,  # GROUP > 1: tensor-core dot over the padded head group
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32 rounding)
+        FMT: tl.constexpr,  # 0: float cache; 1 int8, 2 int4, 3 fp8 (codes dequantized in registers)
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -336,24 +474,33 @@ if TRITON_AVAILABLE:
                 blk = tl.load(bt_ptr + b * stride_btb + (tok // BLOCK_SIZE) * stride_btn, mask=tok_ok, other=0)
                 blk = blk.to(tl.int64)
                 slot = tok % BLOCK_SIZE
-                k = tl.load(
-                    k_ptr
-                    + blk[:, None] * stride_kn
-                    + slot[:, None] * stride_kt
-                    + kvh * stride_kh
-                    + offs_d[None, :] * stride_kd,
-                    mask=tok_ok[:, None],
-                    other=0.0,
-                )  # (TILE, D)
-                v = tl.load(
-                    v_ptr
-                    + blk[:, None] * stride_vn
-                    + slot[:, None] * stride_vt
-                    + kvh * stride_vh
-                    + offs_d[None, :] * stride_vd,
-                    mask=tok_ok[:, None],
-                    other=0.0,
-                )
+                if FMT == 0:
+                    k = tl.load(
+                        k_ptr
+                        + blk[:, None] * stride_kn
+                        + slot[:, None] * stride_kt
+                        + kvh * stride_kh
+                        + offs_d[None, :] * stride_kd,
+                        mask=tok_ok[:, None],
+                        other=0.0,
+                    )  # (TILE, D)
+                    v = tl.load(
+                        v_ptr
+                        + blk[:, None] * stride_vn
+                        + slot[:, None] * stride_vt
+                        + kvh * stride_vh
+                        + offs_d[None, :] * stride_vd,
+                        mask=tok_ok[:, None],
+                        other=0.0,
+                    )
+                else:  # codes dequantized in registers, in q's dtype (what the cache gives back)
+                    srow = blk * stride_sn + slot * stride_st + kvh * stride_sh
+                    krow = blk * stride_kn + slot * stride_kt + kvh * stride_kh
+                    vrow = blk * stride_vn + slot * stride_vt + kvh * stride_vh
+                    k = _dequantize_tile(k_ptr, ks_ptr, krow, srow, tok_ok, offs_d, stride_kd, FMT)
+                    v = _dequantize_tile(v_ptr, vs_ptr, vrow, srow, tok_ok, offs_d, stride_vd, FMT)
+                    k = k.to(q_ptr.dtype.element_ty)
+                    v = v.to(q_ptr.dtype.element_ty)
                 if USE_DOT:
                     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
                 else:
@@ -440,22 +587,29 @@ def paged_prefill_attention(
     max_query_len: int,
     block_m: int = 64,
     block_n: int = 64,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    kv_format: str | None = None,
 ) -> torch.Tensor:
     """Varlen paged causal attention with Triton (see the module docstring for the contract)."""
-    _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens)
+    tag = _check_prefill(q, k_cache, v_cache, block_tables, cu_q, context_lens, k_scale, v_scale, kv_format)
     _check_launch("paged_prefill_attention", q)
     T, H, D = q.shape
     _, block_size, KV, _ = k_cache.shape
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("q and the caches need a contiguous head dimension (and the caches one layout)")
+    k_codes, v_codes, k_scales, v_scales, scale_strides = _kernel_cache(k_cache, v_cache, k_scale, v_scale, tag)
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
     S = context_lens.shape[0]
     if T == 0 or S == 0 or max_query_len <= 0:
         return out
     _paged_prefill_kernel[(triton.cdiv(max_query_len, block_m), S, H)](
         q,
-        k_cache,
-        v_cache,
+        k_codes,
+        v_codes,
+        k_scales,
+        v_scales,
         block_tables,
         cu_q,
         context_lens,
@@ -466,6 +620,7 @@ def paged_prefill_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        *scale_strides,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -475,9 +630,20 @@ def paged_prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FMT=tag,
         num_warps=4,
     )
     return out
+
+
+def _kernel_cache(k_cache, v_cache, k_scale, v_scale, tag: int):
+    """What the kernels take for a checked cache: codes (fp8 ones as their bytes), the scales
+    (for a float cache, the caches stand in: never read) and the scales' first three strides."""
+    if not tag:
+        return k_cache, v_cache, k_cache, v_cache, (0, 0, 0)
+    if k_cache.dtype == torch.float8_e4m3fn:  # decoded from its bits in the kernel, on any GPU
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    return k_cache, v_cache, k_scale, v_scale, k_scale.stride()[:3]
 
 
 def _kernels_interpreted() -> bool:
@@ -494,9 +660,13 @@ def paged_decode_attention(
     scale: float,
     partition_size: int = 512,
     max_splits: int = 16,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    kv_format: str | None = None,
 ) -> torch.Tensor:
     """Paged decode attention with Triton (see the module docstring for the contract)."""
-    _check_inputs(q, k_cache, v_cache, block_tables, context_lens, partition_size)
+    tag = _check_inputs(q, k_cache, v_cache, block_tables, context_lens, partition_size, k_scale, v_scale, kv_format)
     if not isinstance(max_splits, int) or max_splits < 1:
         raise ValueError(f"max_splits must be a positive integer, got {max_splits!r}")
     _check_launch("paged_decode_attention", q)
@@ -520,11 +690,14 @@ def paged_decode_attention(
     m_buf = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     l_buf = torch.empty_like(m_buf)
     acc_buf = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+    k_codes, v_codes, k_scales, v_scales, scale_strides = _kernel_cache(k_cache, v_cache, k_scale, v_scale, tag)
 
     _paged_decode_partial_kernel[(B, KV, splits)](
         q,
-        k_cache,
-        v_cache,
+        k_codes,
+        v_codes,
+        k_scales,
+        v_scales,
         block_tables,
         context_lens,
         m_buf,
@@ -534,6 +707,7 @@ def paged_decode_attention(
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
+        *scale_strides,
         *block_tables.stride(),
         max_ctx,
         H=H,
@@ -546,6 +720,7 @@ def paged_decode_attention(
         TILE=tile,
         USE_DOT=use_dot,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        FMT=tag,
         num_warps=4,
     )
     _paged_decode_reduce_kernel[(B, H)](

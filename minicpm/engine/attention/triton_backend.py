@@ -6,6 +6,8 @@ and replayed). A step with prefill rows sends its leading decode rows (the sched
 first) to the paged decode kernel and every other row to the varlen paged prefill kernel, one
 launch each per layer. The kernels are :mod:`minicpm.engine.triton_attention`; the fallback, when
 one of them fails mid-serving and the engine is configured to fall back, is the ``torch`` backend.
+Every cache format is served in place: a float cache as its values, a quantized one (int8, int4,
+fp8) as its codes with the layer's scales beside them, dequantized by the kernels in registers.
 """
 
 from __future__ import annotations
@@ -69,15 +71,18 @@ class TritonBackend(AttentionBackend):
 
     def attend(self, cache: PagedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, md: TritonMetadata) -> Tensor:
         kc, vc = cache.k[layer], cache.v[layer]
+        fmt = {"kv_format": cache.format.name}
+        if cache.format.quantized:  # codes: the kernels dequantize them with the scales beside them
+            fmt.update(k_scale=cache.k_scale[layer], v_scale=cache.v_scale[layer])
         rows = q[0].transpose(0, 1)  # (tokens, heads, head_dim)
         if md.decode_only:
-            out = self.decode_kernel(rows.contiguous(), kc, vc, md.block_tables, md.context_lens, cache.scale)
+            out = self.decode_kernel(rows.contiguous(), kc, vc, md.block_tables, md.context_lens, cache.scale, **fmt)
             return out.transpose(0, 1)[None]
         n = md.leading_decodes
         out = torch.empty(rows.shape, dtype=q.dtype, device=q.device)
         if n:
-            out[:n] = self.decode_kernel(rows[:n], kc, vc, md.block_tables[:n], md.context_lens[:n], cache.scale)
+            out[:n] = self.decode_kernel(rows[:n], kc, vc, md.block_tables[:n], md.context_lens[:n], cache.scale, **fmt)
         out[n:] = self.prefill_kernel(
-            rows[n:], kc, vc, md.block_tables[n:], md.cu_q, md.context_lens[n:], cache.scale, md.max_query_len
+            rows[n:], kc, vc, md.block_tables[n:], md.cu_q, md.context_lens[n:], cache.scale, md.max_query_len, **fmt
         )
         return out.transpose(0, 1)[None]
