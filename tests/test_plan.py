@@ -77,7 +77,7 @@ def test_cli_table_for_128k_in_80_gib(real_dir: Path, capsys) -> None:
     rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())
     assert rows["concurrent 131,072-token contexts"] == "1"
     assert rows["one 131,072-token (128k) context fits"] == "yes"
-    assert rows["KV cache per token"] == "360 KiB"
+    assert rows["KV cache per token"] == "360 KiB (bfloat16)"
     assert "note:" not in out
 
 
