@@ -330,6 +330,10 @@ def test_50_clients_that_disconnect_leave_nothing_running(server: LiveServer) ->
     backend = server.state.engine.stats()["attention_backend"]
     assert metric(server, f'minicpm:attention_backend_info{{backend="{backend}"}}') == 1
     assert metric(server, "minicpm:kernel_failures_total") == 0 and metric(server, "minicpm:request_errors_total") == 0
+    s = server.state.engine.stats()
+    labels = f'bytes_per_token="{s["kv_bytes_per_token"]}",capacity_tokens="{s["kv_capacity_tokens"]}"'
+    labels += f',dtype="{s["kv_cache_dtype"]}"'  # (the exposition sorts them)
+    assert metric(server, f"minicpm:kv_cache_info{{{labels}}}") == 1
 
 
 def test_sigterm_drains_then_exits_0(default_model_dir: Path) -> None:

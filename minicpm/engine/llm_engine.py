@@ -453,6 +453,8 @@ class LLMEngine:
             "free_blocks": bm.num_free_blocks,
             "block_size": bm.block_size,
             "kv_capacity_tokens": self.kv_capacity,
+            "kv_cache_dtype": self.runner.kv_format.name,
+            "kv_bytes_per_token": self.runner.kv_bytes_per_token,
             "preemptions": self.scheduler.num_preemptions,
             "steps": self.num_steps,
             "prompt_tokens": self.num_prompt_tokens,

@@ -75,6 +75,13 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "minicpm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["cached_prompt_tokens"]
         )
+        kv = GaugeMetricFamily(
+            "minicpm:kv_cache_info",
+            "How the KV cache stores keys and values, and the bytes a token takes (1).",
+            labels=["dtype", "bytes_per_token", "capacity_tokens"],
+        )
+        kv.add_metric([s["kv_cache_dtype"], str(s["kv_bytes_per_token"]), str(s["kv_capacity_tokens"])], 1)
+        yield kv
         backend = GaugeMetricFamily(
             "minicpm:attention_backend_info", "The attention backend serving now (1).", labels=["backend"]
         )
