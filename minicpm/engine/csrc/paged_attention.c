@@ -786,9 +786,16 @@ static inline __attribute__((always_inline)) void codes32(const uint8_t *row, in
     }
 }
 
+/* n float16 values widened to float32 (16 at a time) */
+static inline void widen_halves(const uint16_t *src, int n, float *dst) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++) dst[i] = h2f(src[i]);
+}
+
 /* a vector whose lanes sum to the dot product of qf (float32, pre-scaled) and a quantized key row
- * (codes k, float16 scales ks): per group, scale * (q . codes) (+ min * sum(q) for int4) */
-static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, const uint8_t *k, const uint16_t *ks,
+ * (codes k, its scales ks widened to float32): per group, scale * (q . codes) (+ min * sum(q) for int4) */
+static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, const uint8_t *k, const float *ks,
                                                               const int head_dim, int kind) {
     __m512 z = _mm512_setzero_ps();
     for (int g = 0; g < head_dim / 32; g++) {
@@ -797,10 +804,10 @@ static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, c
         const __m512 q0 = _mm512_loadu_ps(qf + g * 32), q1 = _mm512_loadu_ps(qf + g * 32 + 16);
         const __m512 d = _mm512_fmadd_ps(q1, c1, _mm512_mul_ps(q0, c0));
         if (kind == MINICPM_KV_INT8) {
-            z = _mm512_fmadd_ps(d, _mm512_set1_ps(h2f(ks[g])), z);
+            z = _mm512_fmadd_ps(d, _mm512_set1_ps(ks[g]), z);
         } else {
-            z = _mm512_fmadd_ps(d, _mm512_set1_ps(h2f(ks[2 * g])), z);
-            z = _mm512_fmadd_ps(_mm512_add_ps(q0, q1), _mm512_set1_ps(h2f(ks[2 * g + 1])), z);
+            z = _mm512_fmadd_ps(d, _mm512_set1_ps(ks[2 * g]), z);
+            z = _mm512_fmadd_ps(_mm512_add_ps(q0, q1), _mm512_set1_ps(ks[2 * g + 1]), z);
         }
     }
     return z;
@@ -819,7 +826,7 @@ static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, c
  * qf: room for the row's pre-scaled float32 query. */
 static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, int k0, int k1,
                                                               const int head_dim, int bf16, float *qf, float *sc,
-                                                              float *cr, float *mx, float *sm, float *acc) {
+                                                              float *cr, float *mx, float *sm, float *acc, float *fs) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
     const int esize = bf16 ? 2 : 4, kind = a->kind, quant = kind != MINICPM_KV_PLAIN;
     const int64_t width = quant ? kv_width(kind, head_dim) : head_dim * esize; /* bytes of a (slot, head) row */
@@ -845,12 +852,16 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         n = room < n ? room : n;
         const int64_t first = (int64_t)table[w0 / bs] * bs + w0 % bs, at = first * slot;
         const char *kw = (const char *)a->kc + at, *vw = (const char *)a->vc + at;
-        const uint16_t *ksw = quant ? a->ks + first * kv_heads * nsc : NULL;
-        const uint16_t *vsw = quant ? a->vs + first * kv_heads * nsc : NULL;
+        /* a quantized window's scales, keys' then values', widened once (16 slots x kv heads at most) */
+        const float *ksw = fs, *vsw = fs + 16 * kv_heads * nsc;
+        if (quant) {
+            widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
+            widen_halves(a->vs + first * kv_heads * nsc, n * kv_heads * nsc, fs + 16 * kv_heads * nsc);
+        }
         /* scores of the (slot, head) pairs in order, 16 at a time */
         const int pairs = n * heads;
         const char *qh = qb, *kr = kw; /* the pair's query head and key row */
-        const uint16_t *kscale = ksw;  /* and the key row's scales */
+        const float *kscale = ksw;     /* and the key row's scales */
         int h = 0, g = 0;
         for (int f0 = 0; f0 < pairs; f0 += 16) {
             __m512 z[16];
@@ -904,17 +915,17 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                             for (int t = j8; t < j8 + m8; t++) {
                                 const float p = sc[t * heads + hh];
                                 const uint8_t *vr = (const uint8_t *)vw + t * slot + (int64_t)kvh * width;
-                                const uint16_t *vs = vsw + ((int64_t)t * kv_heads + kvh) * nsc;
+                                const float *vs = vsw + ((int64_t)t * kv_heads + kvh) * nsc;
                                 for (int gg = 0; gg < 2; gg++) {
                                     const int gi = d0 / 32 + gg;
                                     __m512 c0, c1;
                                     codes32(vr, gi, kind, &c0, &c1);
-                                    const float s0 = h2f(vs[kind == MINICPM_KV_INT4 ? 2 * gi : gi]);
+                                    const float s0 = vs[kind == MINICPM_KV_INT4 ? 2 * gi : gi];
                                     const __m512 ps = _mm512_set1_ps(p * s0);
                                     acc4[2 * gg] = _mm512_fmadd_ps(ps, c0, acc4[2 * gg]);
                                     acc4[2 * gg + 1] = _mm512_fmadd_ps(ps, c1, acc4[2 * gg + 1]);
                                     if (kind == MINICPM_KV_INT4) {
-                                        const __m512 pm = _mm512_set1_ps(p * h2f(vs[2 * gi + 1]));
+                                        const __m512 pm = _mm512_set1_ps(p * vs[2 * gi + 1]);
                                         acc4[2 * gg] = _mm512_add_ps(acc4[2 * gg], pm);
                                         acc4[2 * gg + 1] = _mm512_add_ps(acc4[2 * gg + 1], pm);
                                     }
@@ -968,9 +979,10 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
 #pragma omp parallel reduction(| : failed)
         {
             const size_t hp = (size_t)(heads + 15) / 16 * 16;
-            float *qf = malloc(sizeof(float) * ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16));
+            const size_t window_scales = a.kind != MINICPM_KV_PLAIN ? 2 * 16 * (size_t)a.kv_heads * kv_scales(a.kind, head_dim) : 0;
+            float *qf = malloc(sizeof(float) * ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16 + window_scales));
             float *acc = qf + (size_t)heads * head_dim, *mx = acc + (size_t)heads * head_dim, *sm = mx + hp;
-            float *cr = sm + hp, *sc = cr + hp;
+            float *cr = sm + hp, *sc = cr + hp, *fs = sc + 16 * (size_t)heads + 16;
             if (qf == NULL) failed = 1;
             int row = 0;
 #pragma omp for schedule(dynamic, 1)
@@ -982,10 +994,10 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
                 if (bf16) {
 #if HAVE_DECODE_BF16
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs))
 #endif
                 } else {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs))
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
                     for (int h = 0; h < heads; h++)
