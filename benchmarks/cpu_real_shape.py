@@ -1016,7 +1016,7 @@ def print_table(report: dict) -> None:
             return "-"
         return f"{c.get('peak_gib') or 0:.2f}/{c.get('resident_gib') or 0:.2f}"
 
-    print(f"# {report['shape']}; {report['machine']}")
+    print(f"# {report['shape']}; {report['machine']}; at the end {report['machine_load_at_end']}")
     head = f"{'section':<11} {'case':<32} {'minicpm':>24} {'llama.cpp':>24} {'ratio':>6}"
     head += f" {'GiB peak/res ours':>17} {'theirs':>11}"
     for section, unit in (
@@ -1200,6 +1200,8 @@ def main(argv: list[str] | None = None) -> None:
         cap = summarize_capacity(args, measure_capacity(args, paths, runs))
         cap["notes"] = ["minicpm only; its dynamic NTK base applies past 64k (llama.cpp would run plain RoPE there)"]
         report["sections"]["capacity"] = cap
+    end = os.getloadavg()
+    report["machine_load_at_end"] = f"load average {end[0]:.2f} (1 min), {end[1]:.2f} (5 min), {end[2]:.2f} (15 min)"
     print_table(report)
     print(json.dumps(report, default=str))
 
