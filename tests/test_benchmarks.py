@@ -256,3 +256,68 @@ def test_ab_compares_every_figure_of_two_trees(monkeypatch, capsys) -> None:
     assert x["this"] == {"median": 3.0, "min": 2.0, "max": 4.0} and x["ratio"] == 3.0
     assert report["figures"]["z"]["ratio"] is None and "a.ok" not in report["figures"]
     assert report["command"] == ["benchmarks/x.py", "--quick"]
+
+
+def test_cpu_real_shape_tokenizer_has_the_checkpoints_vocabulary(tmp_path: Path) -> None:
+    """benchmarks/cpu_real_shape.py's SentencePiece model: 122,760 pieces, the special ids and the 7
+    added tokens where MiniCPM-2B-128k has them, and text that encodes and decodes back."""
+    import cpu_real_shape
+    import sentencepiece as spm
+
+    from minicpm import Tokenizer
+
+    cpu_real_shape.write_tokenizer(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert sp.get_piece_size() == 122760
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+    assert {piece: sp.piece_to_id(piece) for piece in cpu_real_shape.ADDED_TOKENS} == cpu_real_shape.ADDED_TOKENS
+    assert json.loads((tmp_path / "added_tokens.json").read_text()) == cpu_real_shape.ADDED_TOKENS
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    ids = tokenizer.encode("<|im_start|>user\nhello world<|im_end|>")
+    assert ids[:2] == [1, 122757] and ids[-1] == 122753
+    assert tokenizer.decode(ids).endswith("<|im_start|> user\nhello world<|im_end|>")
+
+
+def _tiny_real_shape_engine(kv: str, kv_tokens: int):
+    import torch
+
+    from minicpm import MiniCPMConfig, MiniCPMForCausalLM
+    from minicpm.config import MINICPM_2B_128K
+    from minicpm.engine import EngineConfig, LLMEngine
+    from minicpm.engine.attention.kv_format import FORMATS
+
+    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = MiniCPMConfig.from_dict(MINICPM_2B_128K | sizes | {"num_key_value_heads": 2, "dim_model_base": 32})
+    torch.manual_seed(0)
+    model = MiniCPMForCausalLM(config).to(torch.bfloat16).eval()
+    per_token = FORMATS[kv].bytes_per_token(2, 2, 64)
+    engine_config = EngineConfig(
+        kv_cache_dtype=kv, kv_cache_memory=kv_tokens * per_token, block_size=128, enable_prefix_caching=False
+    )
+    return LLMEngine(model, None, engine_config)
+
+
+@pytest.mark.parametrize("kv", ["bfloat16", "int8", "int4"])
+def test_cpu_real_shape_timing_only_fill_decodes_at_its_depth(kv: str) -> None:
+    """The timing-only fast path: the sequence is admitted, its blocks are written (codes and
+    scales that read back as finite N(0, 1)-like values), and every step after it is one decode
+    step that reaches the full context."""
+    import cpu_real_shape
+    import torch
+
+    engine = _tiny_real_shape_engine(kv, 1024)
+    r = cpu_real_shape.decode_at_depth(engine, {"depth": 700, "new_tokens": 4, "fill": "fast"}, 122760)
+    assert r["admitted"] and r["fill"] == "fast" and r["contiguous_blocks"]
+    assert r["steps"] == 4 and r["context_at_end"] == 704 and positive(r["tok_s"])
+    k, v = engine.runner.cache.read(1, slice(0, 699))  # the blocks keep what was written after the sequence ends
+    for x in (k, v):
+        x = x.float()
+        assert torch.isfinite(x).all() and 0.7 < x.std().item() < 1.3
+
+
+def test_cpu_real_shape_refuses_a_context_the_kv_budget_cannot_hold() -> None:
+    import cpu_real_shape
+
+    engine = _tiny_real_shape_engine("int4", 512)
+    r = cpu_real_shape.decode_at_depth(engine, {"depth": 700, "new_tokens": 4, "fill": "fast"}, 122760)
+    assert r["admitted"] is False and "700 tokens" in r["refused"]
