@@ -31,7 +31,7 @@ window adds at most (G tokens in float16). With ``--against`` (the JSON line of
 ``benchmarks/kv_quality.py``), the 2-bit schemes are also judged against llama.cpp's q4_0 KV cache
 on the same tokens (the issue's bar for shipping 2-bit). Prints a table, then one JSON object.
 
-    python benchmarks/kv_schemes.py [--quick] [--schemes ...] [--against kv_quality.json]
+    python benchmarks/kv_schemes.py [--quick] [--tokens N] [--schemes ...] [--against kv_quality.json]
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class SchemeCache:
 
 
 @torch.inference_mode()
-def ppl(model, ids: list[int], context: int, scheme: Scheme, windows: int | None) -> dict:
+def ppl(model, ids: list[int], context: int, scheme: Scheme, windows: int) -> dict:
     """Perplexity as :func:`minicpm.eval.perplexity.perplexity` measures it, through ``scheme``."""
     from minicpm.eval.perplexity import window_plan
 
@@ -219,7 +219,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--windows", type=int, default=None, help="windows per context (default: the whole text)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=12288,
+        help="tokens of the text in windows, per context (default 12288, as kv_quality.py: 12 windows of 1k, "
+        "3 of 4k; 0: all)",
+    )
     p.add_argument("--text", default=None, help="text file (default: the first 100 kB of Botchan)")
     p.add_argument("--against", default=None, metavar="JSON", help="kv_quality.py's JSON line: judge 2-bit vs q4_0")
     p.add_argument("--quick", action="store_true", help="4 windows of 1k and 1 of 4k (a smoke run)")
@@ -230,9 +236,8 @@ def main() -> int:
 
     schemes = [SCHEMES[n] for n in dict.fromkeys(["float32", *args.schemes])]
     ids = text_ids(args.text)
-    windows = {c: args.windows for c in args.contexts}
-    if args.quick:
-        windows = {c: 4 if c <= 1024 else 1 for c in args.contexts}
+    tokens = 4096 if args.quick else args.tokens or len(ids)
+    windows = {c: max(1, min(tokens, len(ids)) // c) for c in args.contexts}
     config = EngineConfig(quantize="none", kv_cache_memory=64 << 20)
     llm = LLM.from_pretrained(None, device="cpu", dtype="float32", engine_config=config)
     model = llm.engine.runner.model
@@ -254,7 +259,7 @@ def main() -> int:
         "quick": args.quick,
         "text_tokens": len(ids),
         "contexts": args.contexts,
-        "windows": {str(c): len(range(0, len(ids) - c + 1, c)[: windows[c]]) for c in args.contexts},
+        "windows": {str(c): w for c, w in windows.items()},
         "shape": MINICPM_SHAPE,
         "float16_bytes_per_token": SCHEMES["float32"].bytes_per_token(**MINICPM_SHAPE),
         "schemes": results,
