@@ -321,3 +321,34 @@ def test_cpu_real_shape_refuses_a_context_the_kv_budget_cannot_hold() -> None:
     engine = _tiny_real_shape_engine("int4", 512)
     r = cpu_real_shape.decode_at_depth(engine, {"depth": 700, "new_tokens": 4, "fill": "fast"}, 122760)
     assert r["admitted"] is False and "700 tokens" in r["refused"]
+
+
+def test_kv_schemes_windowed_attention_is_what_each_decode_step_reads() -> None:
+    """benchmarks/kv_schemes.py: a windowed scheme's attention over a whole window equals, row by
+    row, a decode at that position over its cache (full groups quantized with their own statistics,
+    the partial group in full precision); the per-token quantizers are minicpm's int8 / int4 and
+    llama.cpp's q4_0 rule; bytes per token at MiniCPM-2B-128k's shape."""
+    import torch
+    from kv_schemes import MINICPM_SHAPE, SCHEMES, Scheme, SchemeCache, per_channel, per_token
+
+    from minicpm.engine.attention.kv_format import FORMATS
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 40, 64) * torch.rand(64) * 4
+    for name in ("int8", "int4"):
+        assert torch.equal(per_token(x, SCHEMES[name]), FORMATS[name].round_trip(x))
+    g = torch.tensor([[1.0, -3.0, 0.5, 2.9] * 8])
+    assert torch.equal(per_token(g, SCHEMES["q4_0"]), torch.round(g / 0.375).clamp(max=7) * 0.375)  # d = -3 / -8
+    for keys in ("channel", "token"):
+        s = Scheme("t", 2, keys, window=8)
+        q, k, v = torch.randn(1, 6, 21, 64), torch.randn(1, 3, 21, 64), torch.randn(1, 3, 21, 64)
+        out = SchemeCache(s, rows=5).attend(0, q, k, v)
+        for i in range(21):
+            full = (i + 1) // 8 * 8
+            kk, vv = k[:, :, : i + 1].clone(), v[:, :, : i + 1].clone()
+            kk[:, :, :full] = (per_channel if keys == "channel" else per_token)(k[:, :, :full], s)
+            vv[:, :, :full] = per_token(v[:, :, :full], s)
+            want = torch.nn.functional.scaled_dot_product_attention(q[:, :, i : i + 1], kk, vv, enable_gqa=True)
+            torch.testing.assert_close(out[:, :, i : i + 1], want, rtol=1e-5, atol=1e-5)
+    bytes_ = {n: SCHEMES[n].bytes_per_token(**MINICPM_SHAPE) for n in ("float32", "int8", "int4", "kivi2-g128")}
+    assert bytes_ == {"float32": 368640, "int8": 195840, "int4": 115200, "kivi2-g128": 60480}

@@ -1,0 +1,308 @@
+"""KV cache quantization schemes, simulated: which way of cutting keys and values into groups loses
+the least perplexity for its bytes (issue 22, item 2).
+
+Every scheme is simulated by fake-quantizing each layer's keys and values inside the perplexity
+forward (an attention cache object like :class:`minicpm.eval.perplexity.RoundTripCache`), on the
+embedded default model in float32 (``--quantize none``: the f32 GGUF's weights), over the same
+tokens and windows as ``minicpm eval perplexity`` (llama.cpp's way: non-overlapping windows, the
+second half scored). The keys are the rotated ones (what the cache stores).
+
+    float32        no quantization (the reference)
+    int8           ours: symmetric groups of 32 along head_dim, float16 scale (llama.cpp's q8_0)
+    int4           ours: asymmetric groups of 32 along head_dim, float16 scale and min (q4_1)
+    q4_0           symmetric 4-bit groups of 32 along head_dim, float16 scale, llama.cpp's q4_0 rule
+    kivi4-g32      keys per channel in groups of 32 tokens, values per token in groups of 32 along
+                   head_dim (asymmetric, float16 scale and min), 4-bit; the newest partial group of
+                   tokens in full precision (KIVI)
+    kivi4-g128     likewise, groups of 128 tokens (a cache block)
+    kivi2-g32/128  likewise, 2-bit
+    token2         2-bit asymmetric groups of 32 along head_dim, keys and values, no window
+    token2-w128    token2 with the same full-precision window as kivi2-g128 (the window's share)
+    token4-w128    int4 with that window
+
+The windowed schemes are causal exactly as a decode sees them: a group of tokens is quantized with
+its own statistics once it is full (a decode at the group's last token already reads it quantized),
+so query ``i`` reads tokens ``< G * floor((i + 1) / G)`` quantized and the rest of its own partial
+group, itself included, in full precision.
+
+Bytes per token are counted at MiniCPM-2B-128k's shape (40 layers, 36 kv heads, head_dim 64) with
+float16 scales and mins, windows excluded; ``window_bytes`` is what a sequence's full-precision
+window adds at most (G tokens in float16). With ``--against`` (the JSON line of
+``benchmarks/kv_quality.py``), the 2-bit schemes are also judged against llama.cpp's q4_0 KV cache
+on the same tokens (the issue's bar for shipping 2-bit). Prints a table, then one JSON object.
+
+    python benchmarks/kv_schemes.py [--quick] [--tokens N] [--schemes ...] [--against kv_quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+GROUP = 32  # values along head_dim per scale (the per-token schemes)
+MINICPM_SHAPE = {"layers": 40, "kv_heads": 36, "head_dim": 64}  # MiniCPM-2B-128k
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """``keys``: "token" (groups of 32 along head_dim) or "channel" (one group per channel and
+    ``window`` tokens); values are always per token. ``bits`` 0: float; ``symmetric``: one scale
+    per group (q8_0 / q4_0), else a scale and a min. ``window``: tokens per group of the
+    full-precision window (0: none)."""
+
+    name: str
+    bits: int = 0
+    keys: str = "token"
+    symmetric: bool = False
+    window: int = 0
+
+    def row_bytes(self, head_dim: int, channel: bool) -> float:
+        """Bytes a (token, kv head) row of keys (``channel``) or values takes."""
+        if not self.bits:
+            return 2.0 * head_dim
+        codes = self.bits * head_dim / 8
+        if channel and self.keys == "channel":
+            return codes + 2 * 2 * head_dim / self.window  # scale and min per channel per group of tokens
+        return codes + 2 * (1 if self.symmetric else 2) * head_dim / GROUP
+
+    def bytes_per_token(self, layers: int, kv_heads: int, head_dim: int) -> float:
+        return layers * kv_heads * (self.row_bytes(head_dim, True) + self.row_bytes(head_dim, False))
+
+    def window_bytes(self, layers: int, kv_heads: int, head_dim: int) -> int:
+        return self.window * layers * kv_heads * 2 * head_dim * 2
+
+
+SCHEMES = {
+    s.name: s
+    for s in (
+        Scheme("float32"),
+        Scheme("int8", 8, symmetric=True),
+        Scheme("int4", 4),
+        Scheme("q4_0", 4, symmetric=True),
+        Scheme("kivi4-g32", 4, "channel", window=32),
+        Scheme("kivi4-g128", 4, "channel", window=128),
+        Scheme("kivi2-g32", 2, "channel", window=32),
+        Scheme("kivi2-g128", 2, "channel", window=128),
+        Scheme("token2", 2),
+        Scheme("token2-w128", 2, window=128),
+        Scheme("token4-w128", 4, window=128),
+    )
+}
+
+
+# ----------------------------------------------------------------------------------- quantizers
+def _asymmetric(x: Tensor, bits: int, dim: int) -> Tensor:
+    """x with each slice along ``dim`` quantized to ``bits`` with a float16 scale and min (the
+    rule of minicpm's int4: scale = (max - min) / levels rounded to float16 first)."""
+    levels = (1 << bits) - 1
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((hi - lo) / levels).half().float()
+    lo = lo.half().float()
+    div = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round((x - lo) / div), 0, levels) * scale + lo
+
+
+def _q4_0(g: Tensor) -> Tensor:
+    """llama.cpp's quantize_row_q4_0_ref on groups (last dim): d = (the value of largest
+    magnitude) / -8, codes min(15, (int)(x / d + 8.5)), read back as (code - 8) * fp16(d)."""
+    idx = g.abs().argmax(-1, keepdim=True)
+    d = g.gather(-1, idx) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    codes = torch.clamp(torch.trunc(g * inv + 8.5), max=15)
+    return (codes - 8) * d.half().float()
+
+
+def _int8(g: Tensor) -> Tensor:
+    """llama.cpp's q8_0 (minicpm's int8): scale = max|x| / 127 in float16, codes rounded."""
+    scale = (g.abs().amax(-1, keepdim=True) / 127).half().float()
+    div = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round(g / div), -127, 127) * scale
+
+
+def per_token(x: Tensor, scheme: Scheme) -> Tensor:
+    """``x`` (..., head_dim) through groups of 32 along head_dim."""
+    shape = x.shape
+    g = x.float().reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
+    if scheme.bits == 8:
+        out = _int8(g)
+    elif scheme.symmetric:
+        out = _q4_0(g)
+    else:
+        out = _asymmetric(g, scheme.bits, -1)
+    return out.reshape(shape).to(x.dtype)
+
+
+def per_channel(k: Tensor, scheme: Scheme) -> Tensor:
+    """``k`` (batch, heads, tokens, head_dim) with each channel quantized in groups of
+    ``scheme.window`` tokens; a trailing partial group is left as it is (never read quantized)."""
+    g = scheme.window
+    full = k.shape[-2] // g * g
+    out = k.clone()
+    if full:
+        body = k[..., :full, :].float().unflatten(-2, (full // g, g))
+        out[..., :full, :] = _asymmetric(body, scheme.bits, -2).flatten(-3, -2).to(k.dtype)
+    return out
+
+
+class SchemeCache:
+    """Attention over keys and values as ``scheme`` stores them (one window, nothing kept across
+    forwards), for :func:`ppl`; see the module docstring for the windowed schemes."""
+
+    length = 0
+
+    def __init__(self, scheme: Scheme, rows: int = 1024) -> None:
+        self.scheme, self.rows = scheme, rows
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        s = self.scheme
+        kq = per_channel(k, s) if s.keys == "channel" else per_token(k, s)
+        vq = per_token(v, s)
+        if not s.window:
+            return F.scaled_dot_product_attention(q, kq, vq, is_causal=True, enable_gqa=True)
+        out = torch.empty_like(q)
+        t = q.shape[-2]
+        for r0 in range(0, t, self.rows):  # query rows in slices: the (rows, 2 * keys) mask stays small
+            r1 = min(r0 + self.rows, t)
+            i = torch.arange(r0, r1)[:, None]
+            j = torch.arange(r1)[None, :]
+            bound = (i + 1) // s.window * s.window  # tokens before it: full groups, read quantized
+            mask = torch.cat((j < bound, (j >= bound) & (j <= i)), dim=-1)
+            keys = torch.cat((kq[..., :r1, :], k[..., :r1, :]), dim=-2)
+            values = torch.cat((vq[..., :r1, :], v[..., :r1, :]), dim=-2)
+            out[..., r0:r1, :] = F.scaled_dot_product_attention(
+                q[..., r0:r1, :], keys, values, attn_mask=mask, enable_gqa=True
+            )
+        return out
+
+
+@torch.inference_mode()
+def ppl(model, ids: list[int], context: int, scheme: Scheme, windows: int) -> dict:
+    """Perplexity as :func:`minicpm.eval.perplexity.perplexity` measures it, through ``scheme``."""
+    from minicpm.eval.perplexity import window_plan
+
+    plan = window_plan(len(ids), context, context)[:windows]
+    cache = None if not scheme.bits else SchemeCache(scheme)
+    nll = []
+    for start, first in plan:
+        window = torch.tensor([ids[start : start + context]])
+        keep = torch.arange(first - 1, context - 1)
+        logits = model(window, cache=cache, logits_to_keep=keep)[0]
+        nll.append(-torch.log_softmax(logits.double(), -1).gather(-1, window[0, first:, None])[:, 0])
+    values = torch.cat(nll)
+    p = math.exp(values.mean().item())
+    return {"ppl": p, "stderr": p * values.std().item() / math.sqrt(values.numel()), "scored": values.numel()}
+
+
+# ------------------------------------------------------------------------------------- driver
+def text_ids(path: str | None) -> list[int]:
+    sys.path.insert(0, str(HERE))
+    from cpu_formats import botchan
+
+    from minicpm import Tokenizer
+    from minicpm.default_model import cache_root, default_model_path
+
+    text = Path(path) if path else botchan(cache_root() / "bench")
+    return Tokenizer.from_pretrained(default_model_path()).encode(text.read_text(encoding="utf-8"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=12288,
+        help="tokens of the text in windows, per context (default 12288, as kv_quality.py: 12 windows of 1k, "
+        "3 of 4k; 0: all)",
+    )
+    p.add_argument("--text", default=None, help="text file (default: the first 100 kB of Botchan)")
+    p.add_argument("--against", default=None, metavar="JSON", help="kv_quality.py's JSON line: judge 2-bit vs q4_0")
+    p.add_argument("--quick", action="store_true", help="4 windows of 1k and 1 of 4k (a smoke run)")
+    args = p.parse_args()
+    sys.path.insert(0, str(HERE.parent))
+    from minicpm import LLM
+    from minicpm.engine import EngineConfig
+
+    schemes = [SCHEMES[n] for n in dict.fromkeys(["float32", *args.schemes])]
+    ids = text_ids(args.text)
+    tokens = 4096 if args.quick else args.tokens or len(ids)
+    windows = {c: max(1, min(tokens, len(ids)) // c) for c in args.contexts}
+    config = EngineConfig(quantize="none", kv_cache_memory=64 << 20)
+    llm = LLM.from_pretrained(None, device="cpu", dtype="float32", engine_config=config)
+    model = llm.engine.runner.model
+    results: dict[str, dict] = {}
+    for s in schemes:
+        row: dict = {"scheme": asdict(s), "bytes_per_token": s.bytes_per_token(**MINICPM_SHAPE)}
+        row["window_bytes"] = s.window_bytes(**MINICPM_SHAPE)
+        for c in args.contexts:
+            start = time.perf_counter()
+            row[f"ppl@{c}"] = ppl(model, ids, c, s, windows[c]) | {"seconds": time.perf_counter() - start}
+        print(f"{s.name}: " + ", ".join(f"{c}: {row[f'ppl@{c}']['ppl']:.4f}" for c in args.contexts), file=sys.stderr)
+        results[s.name] = row
+    base = results["float32"]
+    for row in results.values():
+        for c in args.contexts:
+            row[f"ppl@{c}"]["delta_pct"] = 100 * (row[f"ppl@{c}"]["ppl"] / base[f"ppl@{c}"]["ppl"] - 1)
+    report = {
+        "benchmark": "kv_schemes",
+        "quick": args.quick,
+        "text_tokens": len(ids),
+        "contexts": args.contexts,
+        "windows": {str(c): w for c, w in windows.items()},
+        "shape": MINICPM_SHAPE,
+        "float16_bytes_per_token": SCHEMES["float32"].bytes_per_token(**MINICPM_SHAPE),
+        "schemes": results,
+    }
+    if args.against:
+        report["against_llama.cpp_q4_0"] = judge(results, json.loads(Path(args.against).read_text().splitlines()[-1]))
+    print_table(report)
+    print(json.dumps(report))
+    return 0
+
+
+def judge(results: dict, quality: dict) -> dict:
+    """Per 2-bit scheme and context: is its perplexity loss at most llama.cpp's q4_0 KV loss?"""
+    out = {}
+    peer = quality["llama.cpp"]
+    for name, row in results.items():
+        if row["scheme"]["bits"] != 2:
+            continue
+        verdict = {}
+        for key in (k for k in row if k.startswith("ppl@")):
+            theirs = peer.get("q4_0", {}).get(key, {}).get("delta_pct")
+            if theirs is not None:
+                ours = row[key]["delta_pct"]
+                verdict[key] = {"ours_pct": ours, "q4_0_pct": theirs, "beats": ours <= theirs}
+        out[name] = verdict
+    return out
+
+
+def print_table(r: dict) -> None:
+    cs = r["contexts"]
+    print(
+        f"{'scheme':<13} {'bytes/token':>11} {'x fp16':>6} "
+        + " ".join(f"{'ppl@' + str(c):>9} {'delta':>7}" for c in cs)
+    )
+    for name, row in r["schemes"].items():
+        cells = " ".join(f"{row[f'ppl@{c}']['ppl']:>9.4f} {row[f'ppl@{c}']['delta_pct']:>+6.2f}%" for c in cs)
+        ratio = r["float16_bytes_per_token"] / row["bytes_per_token"]
+        print(f"{name:<13} {row['bytes_per_token']:>11.0f} {ratio:>6.2f} {cells}")
+    for name, verdict in r.get("against_llama.cpp_q4_0", {}).items():
+        for key, v in verdict.items():
+            word = "beats" if v["beats"] else "loses"
+            print(f"{name} {key}: {v['ours_pct']:+.2f}% vs llama.cpp q4_0 {v['q4_0_pct']:+.2f}%: {word}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
