@@ -415,6 +415,7 @@ def test_metrics_expose_the_store() -> None:
         def stats(self) -> dict:
             base = {"num_blocks": 4, "free_blocks": 4, "running": 0, "waiting": 0, "preemptions": 0}
             base |= {"prompt_tokens": 0, "cached_prompt_tokens": 0, "attention_backend": "x"}
+            base |= {"kv_cache_dtype": "int8", "kv_bytes_per_token": 68, "kv_capacity_tokens": 512}
             return base | {"kernel_failures": 0, "request_errors": 0, "kv_store_hits": 3, "kv_store_bytes": 99}
 
     metrics = {m.name: m for m in _EngineCollector(Fake()).collect()}
