@@ -189,7 +189,7 @@ def test_a_20_mb_body_gets_413_unparsed_while_health_answers(default_model_dir: 
                 gaps.append(time.monotonic() - t)
                 time.sleep(0.05)
 
-        httpx.post(url + CHAT, json={"messages": QUESTION, "max_tokens": 4}).raise_for_status()  # warm
+        httpx.post(url + CHAT, json={"messages": QUESTION, "max_tokens": 4}, timeout=60).raise_for_status()  # warm
         before = _rss(proc.pid)
         poller = threading.Thread(target=poll_health)
         poller.start()
