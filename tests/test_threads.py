@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from minicpm.engine.threads import ThreadGovernor, read_cpu
@@ -92,8 +94,14 @@ def test_proc_readings_are_cumulative_ticks() -> None:
     first = read_cpu()
     if first is None:
         pytest.skip("no /proc here")
-    sum(i * i for i in range(200_000))  # burn a little CPU
+    # Burn CPU until the kernel's tick counter moves (one tick is 10 ms; a fixed
+    # amount of work can fall inside one tick on a fast machine).
+    deadline = time.monotonic() + 5.0
     second = read_cpu()
+    while second is not None and second[1] <= first[1] and time.monotonic() < deadline:
+        sum(i * i for i in range(50_000))
+        second = read_cpu()
+    assert second is not None
     assert all(b >= a for a, b in zip(first, second, strict=True)) and second[1] > first[1]
     assert second[0] <= second[1]
 
