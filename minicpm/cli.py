@@ -508,6 +508,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queued_requests=args.max_queued_requests,
         sampling_defaults=llm.sampling_defaults,
         max_request_bytes=args.max_request_bytes,
+        web=not args.no_web,
     )
     try:
         return serve(state, args.host, args.port, args.shutdown_timeout)
@@ -758,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chat-template", default=None, metavar="FILE", help="a jinja2 chat template instead of the model's"
     )
+    p.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API only)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("plan", help="will the weights and N tokens of KV cache fit in memory? (loads no weights)")

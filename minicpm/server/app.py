@@ -6,14 +6,15 @@ Routes are module-level functions of a few lines on one ``APIRouter``; generatio
 
 * ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent events or
   not), ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize``, ``GET /health``, ``GET
-  /version``, ``GET /metrics``. Requests from every client share the engine's batches.
+  /version``, ``GET /metrics``; the chat page at ``GET /`` (:mod:`minicpm.server.page`, unless
+  ``state.web`` is off). Requests from every client share the engine's batches.
 * Errors always use OpenAI's nested envelope ``{"error": {"message", "type", "param", "code"}}``:
   400 for malformed JSON, wrong types, out-of-range or non-finite values, a chat ``max_tokens`` of
   0, a ``json_schema`` no output can satisfy, and prompts that alone fill the context
   (``max_tokens`` beyond the room left is clamped, as vLLM does); 401 for a missing or wrong key
-  (compared in constant time) on every route but ``/health``, ``/metrics``, ``/version``; 404 for
-  an unknown model or route; 413 for a body over ``max_request_bytes``, unparsed; 503 with
-  ``Retry-After`` when the queue is full or the server is draining. A client's mistake is never a
+  (compared in constant time) on every route but ``/health``, ``/metrics``, ``/version`` and the
+  page's files; 404 for an unknown model or route; 413 for a body over ``max_request_bytes``,
+  unparsed; 503 with ``Retry-After`` when the queue is full or the server is draining. A client's mistake is never a
   5xx and never a ``server_error``.
 * Nothing a request sends can stall the event loop: an oversized body is refused unread, a text
   prompt that cannot fit is refused from its length in characters before it is tokenized,
@@ -55,6 +56,7 @@ from . import protocol as P
 from .answers import ChatAnswer, CompletionAnswer, answer
 from .errors import ERROR_TYPES, APIError, error_response, error_type
 from .metrics import Metrics
+from .page import page_routes
 
 __all__ = ["ERROR_TYPES", "APIError", "ServerState", "build_app", "default_max_request_bytes", "error_type"]
 
@@ -81,6 +83,7 @@ class ServerState:
     max_queued_requests: int = 256
     sampling_defaults: dict[str, float] = dataclasses.field(default_factory=dict)
     max_request_bytes: int | None = None  # None: default_max_request_bytes(max_model_len)
+    web: bool = True  # the chat page at / (minicpm.server.page); --no-web turns it off
     draining: bool = False
     in_flight: int = 0
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
@@ -299,6 +302,8 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _server_fault)
     app.include_router(routes)
+    if state.web:
+        app.include_router(page_routes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -56,6 +56,8 @@ def serve(state: ServerState, host: str, port: int, shutdown_timeout: float, log
     log.info(
         "serving %s on http://%s:%d (max_model_len %d)", ", ".join(state.served_names), host, port, state.max_model_len
     )
+    if state.web:
+        log.info("chat page: http://%s:%d/", host if ":" not in host else f"[{host}]", port)
     server.run()
     state.engine.close()  # a no-op after a drain
     return 0
