@@ -1,8 +1,9 @@
-"""Tiny models and independent references shared by the tests."""
+"""Tiny models, independent references, live servers and a headless browser shared by the tests."""
 
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -173,3 +174,34 @@ def stop_process(proc) -> str:
         proc.kill()
         proc.wait(30)
     return proc.stderr.read().decode()
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def chromium_paths() -> tuple[str, str] | None:
+    """Debian's headless Chromium and its chromedriver (apt: chromium chromium-driver), or None."""
+    browser = next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+    driver = "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def chromium(width: int = 1200, height: int = 900, dark: bool = False):
+    """A selenium driver for headless Chromium (``--headless=new --no-sandbox``) with the browser's
+    console log kept (``driver.get_log("browser")``) and network events in the performance log."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    paths = chromium_paths()
+    if paths is None:
+        raise FileNotFoundError("headless Chromium is not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run"):
+        options.add_argument(arg)
+    options.add_argument(f"--window-size={width},{height}")
+    if dark:
+        options.add_argument("--force-dark-mode")
+        options.add_argument("--blink-settings=preferredColorScheme=0")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(service=Service(paths[1]), options=options)
