@@ -315,7 +315,7 @@ function titleOf(text, docs) {
 }
 
 async function generate(chat) {
-  const answer = { role: "assistant", content: "" };
+  const answer = { role: "assistant", content: "", model: server.model };
   const body = {
     model: server.model,
     messages: apiMessages(chat.messages),
@@ -536,7 +536,7 @@ function renderChat() {
 }
 
 function messageView(message, index, isLastAnswer) {
-  const who = message.role === "user" ? "You" : server.model || "Model";
+  const who = message.role === "user" ? "You" : message.model || server.model || "Model";
   const view = el("article", { className: `message ${message.role}` });
   view.setAttribute("aria-label", `${message.role === "user" ? "You" : "Answer"}, message ${index + 1}`);
   view.dataset.role = message.role;
