@@ -186,9 +186,10 @@ def chromium_paths() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def chromium(width: int = 1200, height: int = 900, dark: bool = False):
+def chromium(width: int = 1200, height: int = 900, dark: bool = False, phone: bool = False):
     """A selenium driver for headless Chromium (``--headless=new --no-sandbox``) with the browser's
-    console log kept (``driver.get_log("browser")``) and network events in the performance log."""
+    console log kept (``driver.get_log("browser")``) and network events in the performance log;
+    ``phone``: a touch screen of ``width`` x ``height`` CSS pixels (a window cannot be that narrow)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -200,6 +201,9 @@ def chromium(width: int = 1200, height: int = 900, dark: bool = False):
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run"):
         options.add_argument(arg)
     options.add_argument(f"--window-size={width},{height}")
+    if phone:
+        metrics = {"width": width, "height": height, "pixelRatio": 2, "touch": True}
+        options.add_experimental_option("mobileEmulation", {"deviceMetrics": metrics})
     if dark:
         options.add_argument("--force-dark-mode")
         options.add_argument("--blink-settings=preferredColorScheme=0")

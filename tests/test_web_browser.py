@@ -314,3 +314,28 @@ def test_a_server_with_a_key_asks_for_it_once(browser, keyed: LiveServer) -> Non
     browser.execute_script("localStorage.setItem('minicpm.apiKey', 'sk-stale')")  # a key the server no longer takes
     browser.get(keyed.url + "/")
     wait(browser, lambda d: "refused" in d.find_element(By.ID, "key-message").text)
+
+
+def test_a_phone_reads_it_without_sideways_scrolling(browser, server: LiveServer) -> None:
+    long_code = "```python\n" + "x = '" + "a" * 300 + "'\n```\n\n" + "averyveryverylongword" * 20
+    long_code += "\n\n| " + " | ".join(f"column{i}" for i in range(12)) + " |\n|" + "---|" * 12 + "\n"
+    chat = {"id": "c1", "title": "A long one", "messages": [{"role": "user", "content": "Show me."}]}
+    chat["messages"].append({"role": "assistant", "content": long_code, "stats": {"ttft": 0.1, "tps": 9, "tokens": 9}})
+    open_page(browser, server.url)
+    browser.execute_script(
+        "localStorage.setItem('minicpm.chats', arguments[0]); localStorage.setItem('minicpm.current', 'c1')",
+        json.dumps([chat]),
+    )
+    phone = {"width": 390, "height": 800, "deviceScaleFactor": 1, "mobile": True}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", phone)
+    try:
+        open_page(browser, server.url, keep=True)
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 390
+        chats, toggle = browser.find_element(By.ID, "chats"), browser.find_element(By.ID, "toggle-chats")
+        assert toggle.is_displayed() and not chats.is_displayed()
+        toggle.click()
+        assert chats.is_displayed() and toggle.get_attribute("aria-expanded") == "true"
+        assert browser.switch_to.active_element == browser.find_element(By.ID, "new-chat")
+        assert severe(browser) == []
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
