@@ -180,6 +180,23 @@ def test_a_reload_restores_the_conversation(browser, server: LiveServer) -> None
     assert severe(browser) == []
 
 
+def record_requests(driver) -> None:
+    """From now on the page keeps each request it makes (URL and body) in ``window.__sent``."""
+    driver.execute_script(
+        """window.__sent = [];
+        const real = window.fetch;
+        window.fetch = (url, init) => {
+          window.__sent.push({url: String(url), body: (init && init.body) || null});
+          return real(url, init);
+        };"""
+    )
+
+
+def sent(driver, path: str) -> list[dict]:
+    """The requests the page made to ``path`` since :func:`record_requests`."""
+    return [s for s in driver.execute_script("return window.__sent") if s["url"].endswith(path)]
+
+
 def context_count(driver, good) -> int:
     """The context counter's token count, once ``good(count)``."""
 
@@ -195,26 +212,18 @@ def test_an_attached_text_file_goes_into_the_question(browser, server: LiveServe
     empty = context_count(browser, lambda n: n >= 0)
     notes = tmp_path / "notes.txt"
     notes.write_text("Meeting notes. The secret code word is PELICAN.\n" + "Filler line.\n" * 20)
-    browser.execute_script(  # record what the page sends
-        """window.__sent = [];
-        const real = window.fetch;
-        window.fetch = (url, init) => {
-          window.__sent.push({url: String(url), body: init && init.body});
-          return real(url, init);
-        };"""
-    )
+    record_requests(browser)
     browser.find_element(By.ID, "file-input").send_keys(str(notes))
     wait(browser, lambda d: "notes.txt" in d.find_element(By.ID, "attachments").text)
     counted = context_count(browser, lambda n: n > empty + 20)
     assert counted > empty + 20  # the document's tokens, counted by the server's /tokenize
     ask(browser, "What is the secret code word?")
     assert answered(browser).strip()
-    sent = browser.execute_script("return window.__sent")
-    chat = [json.loads(s["body"]) for s in sent if s["url"].endswith("v1/chat/completions")]
+    chat = [json.loads(s["body"]) for s in sent(browser, "v1/chat/completions")]
     assert len(chat) == 1
     question = chat[0]["messages"][-1]["content"]
     assert "PELICAN" in question and question.rstrip().endswith("What is the secret code word?")
-    assert any(s["url"].endswith("tokenize") and "PELICAN" in s["body"] for s in sent)
+    assert any("PELICAN" in s["body"] for s in sent(browser, "tokenize"))
     assert "notes.txt" in browser.find_element(By.CSS_SELECTOR, ".message.user .docs").text
     assert "PELICAN" in stored_chats(browser)[0]["messages"][0]["docs"][0]["text"]
     assert browser.find_element(By.ID, "attachments").text == ""  # sent with this message, not the next
@@ -339,3 +348,67 @@ def test_a_phone_reads_it_without_sideways_scrolling(browser, server: LiveServer
         assert severe(browser) == []
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def minimal_pdf(lines: list[str]) -> bytes:
+    """A one-page PDF showing ``lines`` in Helvetica (a standard font, not embedded)."""
+    text = "BT /F1 14 Tf 72 720 Td 18 TL " + " ".join(f"({line}) '" for line in lines) + " ET"
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> "
+        ">>",
+        f"<< /Length {len(text)} >>\nstream\n{text}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+    ]
+    out, offsets = "%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n" + "".join(f"{o:010d} 00000 n \n" for o in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n"
+    return out.encode("latin-1")
+
+
+def test_a_pdfs_text_is_read_in_the_browser(browser, server: LiveServer, tmp_path: Path) -> None:
+    open_page(browser, server.url, SHORT)
+    record_requests(browser)
+    report = tmp_path / "report.pdf"
+    report.write_bytes(minimal_pdf(["Quarterly report.", "Revenue grew by 12 percent."]))
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n")
+    browser.find_element(By.ID, "file-input").send_keys(f"{report}\n{tmp_path / 'picture.png'}")
+    wait(browser, lambda d: "picture.png: only .txt, .md and .pdf" in d.find_element(By.ID, "status").text)
+    assert "report.pdf" in browser.find_element(By.ID, "attachments").text  # the PDF, not the picture
+    wait(browser, lambda d: any("Revenue grew by 12 percent" in (s["body"] or "") for s in sent(d, "tokenize")))
+    assert severe(browser) == []
+
+
+def test_edit_resend_system_prompt_and_new_chat(browser, server: LiveServer) -> None:
+    open_page(browser, server.url, SHORT)
+    browser.find_element(By.ID, "open-settings").click()
+    system = browser.find_element(By.ID, "system-prompt")
+    system.send_keys("Answer in one word.")
+    browser.find_element(By.CSS_SELECTOR, "#settings-form button[type='submit']").click()
+    record_requests(browser)
+    ask(browser, "Name a color.")
+    answered(browser)
+    edit = browser.find_element(By.XPATH, "//article[contains(@class, 'user')]//button[text()='Edit']")
+    edit.click()
+    box = browser.find_element(By.CSS_SELECTOR, "textarea.edit")
+    assert browser.switch_to.active_element == box
+    box.clear()
+    box.send_keys("Name a fruit." + Keys.ENTER)
+    wait(browser, lambda d: len(sent(d, "v1/chat/completions")) == 2)
+    answered(browser)
+    first, second = (json.loads(s["body"])["messages"] for s in sent(browser, "v1/chat/completions"))
+    assert first[0] == {"role": "system", "content": "Answer in one word."} and first[1]["content"] == "Name a color."
+    assert second[0] == first[0] and second[1:] == [{"role": "user", "content": "Name a fruit."}]  # the edit, alone
+    messages = browser.find_element(By.ID, "messages").text
+    assert "Name a fruit." in messages and "Name a color." not in messages and len(answers(browser)) == 1
+    browser.find_element(By.ID, "new-chat").click()
+    wait(browser, lambda d: d.find_element(By.ID, "empty").is_displayed() and not answers(d))
+    assert browser.switch_to.active_element == browser.find_element(By.ID, "prompt")
+    titles = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#chat-list .chat-title")]
+    assert titles == ["Name a color."]  # the conversation is kept in the list (named by its first question)
+    assert severe(browser) == []

@@ -37,7 +37,7 @@ async function pdfText(file) {
     }
     return pages.join("\n\n");
   } finally {
-    await pdf.destroy();
+    await task.destroy(); // ends the worker's copy of the document too
   }
 }
 
