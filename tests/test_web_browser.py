@@ -39,18 +39,22 @@ def llm(default_model_dir: Path) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def server(llm: LLM):
-    live = serve_llm(llm, NAME, sampling_defaults=llm.sampling_defaults)
-    yield live
-    live.stop()
+def servers(llm: LLM):
+    """Two servers over the one engine (each its own client): one as most run it, one with an API key."""
+    both = serve_llm(llm, NAME, sampling_defaults=llm.sampling_defaults), serve_llm(llm, NAME, api_keys=[KEY])
+    yield both
+    for live in both:
+        live.stop()
 
 
 @pytest.fixture(scope="module")
-def keyed(llm: LLM):
-    """A second server over the same engine (its own client), with an API key."""
-    live = serve_llm(llm, NAME, api_keys=[KEY])
-    yield live
-    live.stop()
+def server(servers) -> LiveServer:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def keyed(servers) -> LiveServer:
+    return servers[1]
 
 
 @pytest.fixture(scope="module")

@@ -442,6 +442,7 @@ async function copyText(text, button) {
   setTimeout(() => (button.textContent = "Copy"), 1500);
 }
 
+/** Show conversation ``id`` (null: a new one, created when its first message is sent). */
 function selectChat(id) {
   if (state.busy) stop();
   state.currentId = id;
@@ -671,14 +672,7 @@ function bind() {
       stop();
     }
   });
-  ui.newChat.addEventListener("click", () => {
-    if (state.busy) stop();
-    state.currentId = null;
-    save();
-    renderAll();
-    closeChatsOnPhone();
-    ui.prompt.focus();
-  });
+  ui.newChat.addEventListener("click", () => selectChat(null)); // the chat starts with its first message
   ui.toggleChats.addEventListener("click", () => {
     const open = ui.chats.classList.toggle("open");
     ui.toggleChats.setAttribute("aria-expanded", String(open));
