@@ -123,6 +123,11 @@ def test_the_page_loads_with_no_console_error_and_no_request_elsewhere(browser, 
     assert hosts == {server.url.split("/")[2]}
     for control in ("prompt", "file-input", "temperature", "system-prompt", "api-key"):  # each has a label
         assert browser.find_elements(By.CSS_SELECTOR, f"label[for='{control}']"), control
+    unnamed = browser.execute_script(
+        "return [...document.querySelectorAll('button')].filter(b => !(b.getAttribute('aria-label') || "
+        "b.textContent).trim()).map(b => b.outerHTML)"
+    )
+    assert unnamed == []  # a screen reader can name every button
 
 
 def test_a_typed_question_gets_a_streamed_answer(browser, server: LiveServer) -> None:
@@ -134,8 +139,10 @@ def test_a_typed_question_gets_a_streamed_answer(browser, server: LiveServer) ->
           if (body && window.__seen.at(-1) !== body.textContent) window.__seen.push(body.textContent);
         }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});"""
     )
-    ask(browser, "Write one sentence about the sea.")
+    box = browser.find_element(By.ID, "prompt")
+    box.send_keys("Write one sentence", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "about the sea.", Keys.ENTER)
     text = answered(browser)
+    assert stored_chats(browser)[0]["messages"][0]["content"] == "Write one sentence\nabout the sea."
     assert text.strip()
     partial = [s for s in browser.execute_script("return window.__seen") if s.strip() and s.strip() != text.strip()]
     assert len(set(partial)) >= 2, f"the answer did not arrive in pieces: {partial}"
@@ -181,6 +188,9 @@ def test_a_reload_restores_the_conversation(browser, server: LiveServer) -> None
     assert browser.find_element(By.ID, "messages").text == before and answer in before
     title = browser.find_element(By.CSS_SELECTOR, "#chat-list [aria-current='page']").text
     assert title.startswith("What is the capital")
+    copy = answers(browser)[0].find_element(By.XPATH, ".//button[text()='Copy']")
+    copy.click()
+    wait(browser, lambda d: copy.text == "Copied")
     assert severe(browser) == []
 
 
@@ -415,4 +425,26 @@ def test_edit_resend_system_prompt_and_new_chat(browser, server: LiveServer) -> 
     assert browser.switch_to.active_element == browser.find_element(By.ID, "prompt")
     titles = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#chat-list .chat-title")]
     assert titles == ["Name a color."]  # the conversation is kept in the list (named by its first question)
+    assert severe(browser) == []
+
+
+def test_a_send_that_would_not_fit_is_refused_or_warned_about(browser, server: LiveServer, tmp_path: Path) -> None:
+    limit = server.state.max_model_len
+    open_page(browser, server.url, {"max_tokens": limit - 20, "temperature": 0})
+    record_requests(browser)
+    ask(browser, "Hello there, how are you today?")  # fits, but leaves less room than max_tokens asks
+    status = browser.find_element(By.ID, "status")
+    wait(browser, lambda d: "Press Send again" in status.text)
+    assert "tokens are left for the answer" in status.text and not sent(browser, "v1/chat/completions")
+    assert not answers(browser) and browser.find_element(By.ID, "prompt").get_attribute("value")  # nothing lost
+
+    big = tmp_path / "big.txt"
+    big.write_text("word " * (limit + 100))
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "file-input").send_keys(str(big))
+    context = browser.find_element(By.ID, "context")
+    wait(browser, lambda d: "over" in context.get_attribute("class"))  # the counter shows it first
+    ask(browser, "Summarize this.")
+    wait(browser, lambda d: "Too long to send" in status.text)
+    assert f"the model takes {limit:,}" in status.text and not sent(browser, "v1/chat/completions")
     assert severe(browser) == []

@@ -29,9 +29,9 @@ const markdown = new marked.Marked({
 
 const ALLOWED_TAGS = [
   "a", "p", "br", "hr", "strong", "em", "del", "s", "code", "pre", "blockquote", "ul", "ol", "li",
-  "h1", "h2", "h3", "h4", "h5", "h6", "table", "thead", "tbody", "tr", "th", "td", "span", "input",
+  "h1", "h2", "h3", "h4", "h5", "h6", "table", "thead", "tbody", "tr", "th", "td", "span",
 ];
-const ALLOWED_ATTR = ["href", "title", "class", "align", "start", "type", "checked", "disabled"];
+const ALLOWED_ATTR = ["href", "title", "class", "align", "start"];
 const SAFE_URL = /^(?:https?:|mailto:|#|\/(?!\/))/i;
 
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
@@ -41,14 +41,12 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     node.setAttribute("target", "_blank");
     node.setAttribute("rel", "noopener noreferrer nofollow");
   }
-  if (node.tagName === "INPUT" && node.getAttribute("type") !== "checkbox") node.remove();
-  if (node.tagName === "INPUT") node.setAttribute("disabled", ""); // task-list boxes only, read-only
 });
 
 /** Markdown text to sanitized HTML (a string safe to assign to innerHTML). */
 export function toSafeHtml(text) {
   const html = markdown.parse(text, { async: false });
-  return DOMPurify.sanitize(html, { ALLOWED_TAGS, ALLOWED_ATTR, ADD_ATTR: ["target", "rel"] });
+  return DOMPurify.sanitize(html, { ALLOWED_TAGS, ALLOWED_ATTR });
 }
 
 /** Render ``text`` into ``element``; ``final`` also highlights code blocks (skipped while streaming). */
