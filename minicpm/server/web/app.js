@@ -35,7 +35,8 @@ const state = {
   settings: readJson(STORE.settings, {}),
   key: localStorage.getItem(STORE.key),
   attachments: [], // documents waiting for the next message: {name, text}
-  busy: false,
+  busy: false, // an answer is streaming
+  checking: false, // a send's tokens are being counted
   controller: null,
   armed: null, // a send the user was warned about: pressing Send again goes ahead
 };
@@ -251,7 +252,7 @@ async function updateContext() {
 
 // ------------------------------------------------------------------------------------ sending
 async function send() {
-  if (state.busy) return;
+  if (state.busy || state.checking) return;
   const text = ui.prompt.value;
   const docs = state.attachments;
   if (!text.trim() && !docs.length) return;
@@ -271,11 +272,14 @@ async function send() {
  * warned (send again to go ahead) when little room is left for the answer. */
 async function fits(messages, signature) {
   let count;
+  state.checking = true; // one send at a time, also while its tokens are counted
   try {
     count = await countTokens(messages);
   } catch (err) {
     setStatus(`Could not count the tokens: ${err.message}`, true);
     return false;
+  } finally {
+    state.checking = false;
   }
   const room = server.maxLen - count;
   const wanted = state.settings.max_tokens || 256;
@@ -418,7 +422,7 @@ async function regenerate() {
 
 async function resend(index, text) {
   const chat = currentChat();
-  if (!chat || state.busy) return;
+  if (!chat || state.busy || state.checking) return;
   const edited = { ...chat.messages[index], content: text };
   const messages = [...chat.messages.slice(0, index), edited];
   if (!(await fits(messages, `edit\u0000${index}\u0000${text}`))) return;
