@@ -339,7 +339,7 @@ def test_a_server_with_a_key_asks_for_it_once(browser, keyed: LiveServer) -> Non
     wait(browser, lambda d: "refused" in d.find_element(By.ID, "key-message").text)
 
 
-def test_a_phone_reads_it_without_sideways_scrolling(browser, server: LiveServer) -> None:
+def test_a_phone_reads_it_without_sideways_scrolling_light_or_dark(browser, server: LiveServer) -> None:
     long_code = "```python\n" + "x = '" + "a" * 300 + "'\n```\n\n" + "averyveryverylongword" * 20
     long_code += "\n\n| " + " | ".join(f"column{i}" for i in range(12)) + " |\n|" + "---|" * 12 + "\n"
     chat = {"id": "c1", "title": "A long one", "messages": [{"role": "user", "content": "Show me."}]}
@@ -359,9 +359,17 @@ def test_a_phone_reads_it_without_sideways_scrolling(browser, server: LiveServer
         toggle.click()
         assert chats.is_displayed() and toggle.get_attribute("aria-expanded") == "true"
         assert browser.switch_to.active_element == browser.find_element(By.ID, "new-chat")
+        background = "return getComputedStyle(document.body).backgroundColor"
+        light = browser.execute_script(background)
+        browser.execute_cdp_cmd(
+            "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+        )
+        dark = browser.execute_script(background)
+        assert light == "rgb(255, 255, 255)" and dark != light  # the system's light or dark preference
         assert severe(browser) == []
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
 
 
 def minimal_pdf(lines: list[str]) -> bytes:
