@@ -19,6 +19,11 @@ second half scored). The keys are the rotated ones (what the cache stores).
     token2         2-bit asymmetric groups of 32 along head_dim, keys and values, no window
     token2-w128    token2 with the same full-precision window as kivi2-g128 (the window's share)
     token4-w128    int4 with that window
+    int4-mu        int4 of the keys less a static per-channel mean (per layer and kv head, of the
+                   rotated keys over ``--calibration`` tokens of another text: the needle eval's
+                   essays where installed, else the text's tail beyond the scored windows). Exact
+                   in float: a query's scores all move by the same q . mean, which softmax ignores;
+                   needs no kernel change, only the cache's writer
 
 The windowed schemes are causal exactly as a decode sees them: a group of tokens is quantized with
 its own statistics once it is full (a decode at the group's last token already reads it quantized),
@@ -29,7 +34,10 @@ Bytes per token are counted at MiniCPM-2B-128k's shape (40 layers, 36 kv heads, 
 float16 scales and mins, windows excluded; ``window_bytes`` is what a sequence's full-precision
 window adds at most (G tokens in float16). With ``--against`` (the JSON line of
 ``benchmarks/kv_quality.py``), the 2-bit schemes are also judged against llama.cpp's q4_0 KV cache
-on the same tokens (the issue's bar for shipping 2-bit). Prints a table, then one JSON object.
+on the same tokens (the issue's bar for shipping 2-bit). Each scheme's change carries the
+standard error of the paired per-token difference of its log-likelihoods against float32
+(``delta_se_pct``): how far apart two schemes must be to differ beyond the text's noise. Prints a
+table, then one JSON object.
 
     python benchmarks/kv_schemes.py [--quick] [--tokens N] [--schemes ...] [--against kv_quality.json]
 """
@@ -65,6 +73,7 @@ class Scheme:
     keys: str = "token"
     symmetric: bool = False
     window: int = 0
+    offset: bool = False  # keys less a static per-channel mean (calibrated) before quantizing
 
     def row_bytes(self, head_dim: int, channel: bool) -> float:
         """Bytes a (token, kv head) row of keys (``channel``) or values takes."""
@@ -96,6 +105,7 @@ SCHEMES = {
         Scheme("token2", 2),
         Scheme("token2-w128", 2, window=128),
         Scheme("token4-w128", 4, window=128),
+        Scheme("int4-mu", 4, offset=True),
     )
 }
 
@@ -160,11 +170,15 @@ class SchemeCache:
 
     length = 0
 
-    def __init__(self, scheme: Scheme, rows: int = 1024) -> None:
-        self.scheme, self.rows = scheme, rows
+    def __init__(self, scheme: Scheme, rows: int = 1024, offsets: dict[int, Tensor] | None = None) -> None:
+        self.scheme, self.rows, self.offsets = scheme, rows, offsets
+        if scheme.offset and offsets is None:
+            raise ValueError(f"{scheme.name} needs the keys' per-channel means (calibrate_offsets)")
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         s = self.scheme
+        if s.offset:
+            k = k - self.offsets[layer][None, :, None, :].to(k.dtype)
         kq = per_channel(k, s) if s.keys == "channel" else per_token(k, s)
         vq = per_token(v, s)
         if not s.window:
@@ -185,13 +199,50 @@ class SchemeCache:
         return out
 
 
+class MeanKeys:
+    """An attention cache that records each layer's mean rotated key per (kv head, channel)."""
+
+    length = 0
+
+    def __init__(self) -> None:
+        self.means: dict[int, Tensor] = {}
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.means[layer] = k[0].float().mean(dim=1)  # (kv_heads, head_dim)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 @torch.inference_mode()
-def ppl(model, ids: list[int], context: int, scheme: Scheme, windows: int) -> dict:
-    """Perplexity as :func:`minicpm.eval.perplexity.perplexity` measures it, through ``scheme``."""
+def calibrate_offsets(model, ids: list[int]) -> dict[int, Tensor]:
+    """Per layer, the mean rotated key (kv_heads, head_dim) over ``ids`` in one forward."""
+    recorder = MeanKeys()
+    model(torch.tensor([ids]), cache=recorder, logits_to_keep=torch.tensor([len(ids) - 1]))
+    return recorder.means
+
+
+def calibration_ids(tokenizer, ids: list[int], used: int, tokens: int) -> tuple[list[int], str]:
+    """``tokens`` ids of a text other than the scored one: the needle eval's essays where
+    installed, else the scored text's tail beyond its first ``used`` tokens."""
+    try:
+        from minicpm.eval.needle import haystack_text
+
+        return tokenizer.encode(haystack_text())[:tokens], "the needle eval's essays (Paul Graham)"
+    except (FileNotFoundError, ImportError):
+        if len(ids) - used < tokens:
+            raise SystemExit(f"no calibration text: {len(ids)} tokens, {used} scored, {tokens} wanted") from None
+        return ids[-tokens:], f"the text's last {tokens} tokens (not scored)"
+
+
+@torch.inference_mode()
+def ppl(
+    model, ids: list[int], context: int, scheme: Scheme, windows: int, offsets: dict[int, Tensor] | None = None
+) -> dict:
+    """Perplexity as :func:`minicpm.eval.perplexity.perplexity` measures it, through ``scheme``;
+    ``"nll"``: the scored tokens' negative log-likelihoods (for paired comparisons)."""
     from minicpm.eval.perplexity import window_plan
 
     plan = window_plan(len(ids), context, context)[:windows]
-    cache = None if not scheme.bits else SchemeCache(scheme)
+    cache = None if not scheme.bits else SchemeCache(scheme, offsets=offsets)
     nll = []
     for start, first in plan:
         window = torch.tensor([ids[start : start + context]])
@@ -200,7 +251,19 @@ def ppl(model, ids: list[int], context: int, scheme: Scheme, windows: int) -> di
         nll.append(-torch.log_softmax(logits.double(), -1).gather(-1, window[0, first:, None])[:, 0])
     values = torch.cat(nll)
     p = math.exp(values.mean().item())
-    return {"ppl": p, "stderr": p * values.std().item() / math.sqrt(values.numel()), "scored": values.numel()}
+    return {
+        "ppl": p,
+        "stderr": p * values.std().item() / math.sqrt(values.numel()),
+        "scored": values.numel(),
+        "nll": values,
+    }
+
+
+def paired_change(nll: Tensor, base: Tensor) -> tuple[float, float]:
+    """(change of perplexity in percent, its standard error) from paired per-token NLLs."""
+    d = nll - base
+    mean, se = d.mean().item(), d.std().item() / math.sqrt(d.numel())
+    return 100 * math.expm1(mean), 100 * math.exp(mean) * se
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -228,6 +291,7 @@ def main() -> int:
     )
     p.add_argument("--text", default=None, help="text file (default: the first 100 kB of Botchan)")
     p.add_argument("--against", default=None, metavar="JSON", help="kv_quality.py's JSON line: judge 2-bit vs q4_0")
+    p.add_argument("--calibration", type=int, default=1024, help="tokens the int4-mu offsets are measured on")
     p.add_argument("--quick", action="store_true", help="4 windows of 1k and 1 of 4k (a smoke run)")
     args = p.parse_args()
     sys.path.insert(0, str(HERE.parent))
@@ -241,19 +305,28 @@ def main() -> int:
     config = EngineConfig(quantize="none", kv_cache_memory=64 << 20)
     llm = LLM.from_pretrained(None, device="cpu", dtype="float32", engine_config=config)
     model = llm.engine.runner.model
+    offsets, calibration = None, None
+    if any(s.offset for s in schemes):
+        used = max(windows[c] * c for c in args.contexts)
+        calib, source = calibration_ids(llm.tokenizer, ids, used, args.calibration)
+        offsets, calibration = calibrate_offsets(model, calib), {"tokens": len(calib), "source": source}
     results: dict[str, dict] = {}
     for s in schemes:
         row: dict = {"scheme": asdict(s), "bytes_per_token": s.bytes_per_token(**MINICPM_SHAPE)}
         row["window_bytes"] = s.window_bytes(**MINICPM_SHAPE)
         for c in args.contexts:
             start = time.perf_counter()
-            row[f"ppl@{c}"] = ppl(model, ids, c, s, windows[c]) | {"seconds": time.perf_counter() - start}
+            row[f"ppl@{c}"] = ppl(model, ids, c, s, windows[c], offsets) | {"seconds": time.perf_counter() - start}
         print(f"{s.name}: " + ", ".join(f"{c}: {row[f'ppl@{c}']['ppl']:.4f}" for c in args.contexts), file=sys.stderr)
         results[s.name] = row
     base = results["float32"]
     for row in results.values():
         for c in args.contexts:
-            row[f"ppl@{c}"]["delta_pct"] = 100 * (row[f"ppl@{c}"]["ppl"] / base[f"ppl@{c}"]["ppl"] - 1)
+            cell = row[f"ppl@{c}"]
+            cell["delta_pct"], cell["delta_se_pct"] = paired_change(cell["nll"], base[f"ppl@{c}"]["nll"])
+    for row in results.values():
+        for c in args.contexts:
+            del row[f"ppl@{c}"]["nll"]
     report = {
         "benchmark": "kv_schemes",
         "quick": args.quick,
@@ -262,6 +335,7 @@ def main() -> int:
         "windows": {str(c): w for c, w in windows.items()},
         "shape": MINICPM_SHAPE,
         "float16_bytes_per_token": SCHEMES["float32"].bytes_per_token(**MINICPM_SHAPE),
+        "calibration": calibration,
         "schemes": results,
     }
     if args.against:
@@ -292,10 +366,10 @@ def print_table(r: dict) -> None:
     cs = r["contexts"]
     print(
         f"{'scheme':<13} {'bytes/token':>11} {'x fp16':>6} "
-        + " ".join(f"{'ppl@' + str(c):>9} {'delta':>7}" for c in cs)
+        + " ".join(f"{'ppl@' + str(c):>9} {'delta':>15}" for c in cs)
     )
     for name, row in r["schemes"].items():
-        cells = " ".join(f"{row[f'ppl@{c}']['ppl']:>9.4f} {row[f'ppl@{c}']['delta_pct']:>+6.2f}%" for c in cs)
+        cells = " ".join("{ppl:>9.4f} {delta_pct:>+6.2f}% +-{delta_se_pct:.2f}".format(**row[f"ppl@{c}"]) for c in cs)
         ratio = r["float16_bytes_per_token"] / row["bytes_per_token"]
         print(f"{name:<13} {row['bytes_per_token']:>11.0f} {ratio:>6.2f} {cells}")
     for name, verdict in r.get("against_llama.cpp_q4_0", {}).items():

@@ -352,3 +352,34 @@ def test_kv_schemes_windowed_attention_is_what_each_decode_step_reads() -> None:
             torch.testing.assert_close(out[:, :, i : i + 1], want, rtol=1e-5, atol=1e-5)
     bytes_ = {n: SCHEMES[n].bytes_per_token(**MINICPM_SHAPE) for n in ("float32", "int8", "int4", "kivi2-g128")}
     assert bytes_ == {"float32": 368640, "int8": 195840, "int4": 115200, "kivi2-g128": 60480}
+
+
+def test_kv_schemes_offset_keys_and_paired_errors() -> None:
+    """benchmarks/kv_schemes.py's int4-mu: keys less a per-channel mean leave float attention
+    unchanged (every score of a query moves by q . mean) and are what gets quantized; the mean is
+    recorded per layer and kv head; the paired change and its standard error come from per-token
+    log-likelihoods."""
+    import math
+
+    import torch
+    from kv_schemes import SCHEMES, MeanKeys, SchemeCache, paired_change, per_token
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 6, 17, 64), torch.randn(1, 3, 17, 64) + 5 * torch.rand(64), torch.randn(1, 3, 17, 64)
+    recorder = MeanKeys()
+    recorder.attend(2, q, k, v)
+    mu = recorder.means[2]
+    assert mu.shape == (3, 64) and torch.allclose(mu, k[0].mean(dim=1))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    plain = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    shifted = sdpa(q, k - mu[None, :, None], v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(shifted, plain, rtol=1e-5, atol=1e-5)
+    s = SCHEMES["int4-mu"]
+    got = SchemeCache(s, offsets={2: mu}).attend(2, q, k, v)
+    want = sdpa(q, per_token(k - mu[None, :, None], s), per_token(v, s), is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="means"):
+        SchemeCache(s)
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    change, se = paired_change(base + torch.tensor([0.1, 0.0, 0.1, 0.0], dtype=torch.float64), base)
+    assert change == pytest.approx(100 * math.expm1(0.05)) and se == pytest.approx(100 * math.exp(0.05) * 0.05 * math.sqrt(4 / 3) / 2)
