@@ -382,4 +382,6 @@ def test_kv_schemes_offset_keys_and_paired_errors() -> None:
         SchemeCache(s)
     base = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     change, se = paired_change(base + torch.tensor([0.1, 0.0, 0.1, 0.0], dtype=torch.float64), base)
-    assert change == pytest.approx(100 * math.expm1(0.05)) and se == pytest.approx(100 * math.exp(0.05) * 0.05 * math.sqrt(4 / 3) / 2)
+    assert change == pytest.approx(100 * math.expm1(0.05)) and se == pytest.approx(
+        100 * math.exp(0.05) * 0.05 * math.sqrt(4 / 3) / 2
+    )
