@@ -14,7 +14,8 @@ model (x layers: how long decode attention alone makes a token) and our speed-up
 Our output is checked against sdpa's in every run (exit 1 past rounding: the comparison would not
 be like for like). ``--kv-cache-dtype int8,int4`` adds our kernel over a quantized cache of the
 same keys and values (checked against sdpa over their dequantized values; GB/s counts the bytes
-the format stores) and its speed-up over our kernel on the activation dtype's cache; the issue's
+the format stores; with ``--peer``, the revision's kernel on each format too) and its speed-up
+over our kernel on the activation dtype's cache; the issue's
 targets (at MiniCPM's shape, one row, 32k and 128k: int8 >= 1.8x, int4 >= 3x) are reported.
 Prints a table, then one JSON object as the last line.
 
@@ -158,14 +159,16 @@ def main() -> None:
     systems: list[tuple[str, Path | None]] = [("minicpm", None)]
     systems += [(f"minicpm {f}", None) for f in formats]
     if args.peer:
-        systems.append((f"minicpm@{args.peer}", peer_tree(args.peer)))
+        tree = peer_tree(args.peer)
+        systems.append((f"minicpm@{args.peer}", tree))
+        systems += [(f"minicpm@{args.peer} {f}", tree) for f in formats]
     systems.append(("sdpa", None))
     runs: dict[tuple, list[dict]] = {}
     for _ in range(rounds):
         for case in cases:
             for name, tree in systems:
                 system = "sdpa" if name == "sdpa" else "ours"
-                kv = name.split()[1] if name.startswith("minicpm ") else "auto"
+                kv = name.split()[1] if " " in name else "auto"
                 runs.setdefault((tuple(case), name), []).append(run(system, case, args, tree, kv))
     report, failures = [], []
     for case in cases:
@@ -177,7 +180,7 @@ def main() -> None:
             results = runs[(tuple(case), name)]
             entry[name] = figures = median_of(results)
             stored = nbytes
-            if name.startswith("minicpm "):  # the bytes the quantized format stores
+            if " " in name:  # the bytes the quantized format stores
                 from minicpm.engine.attention.kv_format import FORMATS
 
                 stored = 2 * rows * context * kv_heads * FORMATS[name.split()[1]].bytes_per_row(d)
@@ -194,7 +197,8 @@ def main() -> None:
                 if shape == "minicpm-2b-128k" and rows == 1 and context >= 32768 and dtype == "bfloat16":
                     entry.setdefault("targets", {})[fmt] = {"need": KV_TARGETS[fmt], "holds": gain >= KV_TARGETS[fmt]}
                 continue
-            entry[f"speedup_vs_{name}"] = entry[name]["ms"] / entry["minicpm"]["ms"]
+            ours = f"minicpm {name.split()[1]}" if " " in name else "minicpm"  # the peer's format: against ours
+            entry[f"speedup_vs_{name}"] = entry[name]["ms"] / entry[ours]["ms"]
         report.append(entry)
 
     formats_names = {f"minicpm {f}" for f in formats}

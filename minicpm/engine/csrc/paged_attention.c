@@ -722,6 +722,12 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
 #else
 #define HAVE_DECODE_BF16 0
 #endif
+/* bfloat16 queries against int8 / int4 keys by integer dot products (VNNI): see key_dot_vnni */
+#if HAVE_DECODE_BF16 && defined(__AVX512VNNI__)
+#define HAVE_DECODE_VNNI 1
+#else
+#define HAVE_DECODE_VNNI 0
+#endif
 
 /* lane j: the sum of z[j]'s 16 lanes */
 static inline __m512 sum16(const __m512 z[16]) {
@@ -813,6 +819,92 @@ static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, c
     return z;
 }
 
+#if HAVE_DECODE_VNNI
+/* A query head prepared for integer dot products with quantized keys (bfloat16 activations).
+ * Its pre-scaled float32 values q are rounded to integers qi = round(q / qs) of at most 32512 in
+ * magnitude (qs = max|q| / 32512: finer than bfloat16's own rounding of every value within 2^7
+ * of the largest), split as qi = 256 * hi + lo with hi and lo signed bytes. Per 64 values and
+ * 16 lanes of 4: ``corr`` holds -128 * (the lane's sum of hi), then of lo, for int8 keys (whose
+ * signed codes are read as unsigned bytes code + 128; int4 codes are unsigned already: 0). */
+typedef struct {
+    int8_t *hi, *lo; /* head_dim each */
+    int32_t *corr;   /* head_dim / 64 x (16 + 16) */
+    float *qsum;     /* head_dim / 32: the sum of q over each group (int4's minimum term) */
+    float qs;
+} vnni_q_t;
+
+/* bytes one prepared head takes (see vnni_prepare) */
+static inline size_t vnni_head_bytes(int head_dim) {
+    return (size_t)2 * head_dim + (size_t)head_dim / 64 * 32 * 4 + (size_t)head_dim / 32 * 4;
+}
+
+/* bytes of the room decode_part's prepared heads take: descriptors (64-byte aligned), then each
+ * head's values */
+static inline size_t vnni_room(int heads, int head_dim) {
+    return ((size_t)heads * sizeof(vnni_q_t) + 63) / 64 * 64 + (size_t)heads * vnni_head_bytes(head_dim);
+}
+
+static void vnni_prepare(const float *q, int head_dim, int kind, char *room, vnni_q_t *out) {
+    out->corr = (int32_t *)room;
+    out->qsum = (float *)(room + (size_t)head_dim / 64 * 32 * 4);
+    out->hi = (int8_t *)(out->qsum + head_dim / 32);
+    out->lo = out->hi + head_dim;
+    float top = 0.0f;
+    for (int d = 0; d < head_dim; d++) top = fabsf(q[d]) > top ? fabsf(q[d]) : top;
+    out->qs = top > 0.0f ? top / 32512.0f : 1.0f;
+    const float inv = 1.0f / out->qs;
+    for (int d = 0; d < head_dim; d++) {
+        long qi = lrintf(q[d] * inv);
+        qi = qi > 32512 ? 32512 : qi < -32512 ? -32512 : qi;
+        const long hi = (qi + 128) >> 8; /* floor((qi + 128) / 256): lo in [-128, 127], hi in [-127, 127] */
+        out->hi[d] = (int8_t)hi;
+        out->lo[d] = (int8_t)(qi - 256 * hi);
+    }
+    for (int c = 0; c < head_dim / 64; c++)
+        for (int l = 0; l < 16; l++) {
+            int32_t sh = 0, sl = 0;
+            for (int j = 0; j < 4; j++) sh += out->hi[64 * c + 4 * l + j], sl += out->lo[64 * c + 4 * l + j];
+            out->corr[32 * c + l] = kind == MINICPM_KV_INT8 ? -128 * sh : 0;
+            out->corr[32 * c + 16 + l] = kind == MINICPM_KV_INT8 ? -128 * sl : 0;
+        }
+    for (int g = 0; g < head_dim / 32; g++) {
+        float t = 0.0f;
+        for (int j = 0; j < 32; j++) t += q[32 * g + j];
+        out->qsum[g] = t;
+    }
+}
+
+/* A vector whose lanes sum to (q . codes-times-scales) / qs for a quantized key row (codes k, its
+ * scales ks widened to float32), by integer dot products: per 64 values, the codes as 64 unsigned
+ * bytes in order (int8: code + 128; int4: each group's low nibbles, then its high ones), dotted
+ * with hi, shifted by 8, dotted with lo (exact: |sum| < 2^24), less the +128 correction, then
+ * lanes 0-7 (the first group of 32) and 8-15 (the second) times their group's scale. int4's
+ * minimum term is added by the caller (per group: min * qsum). */
+static inline __attribute__((always_inline)) __m512 key_dot_vnni(const vnni_q_t *v, const uint8_t *k, const float *ks,
+                                                                 const int head_dim, int kind) {
+    __m512 z = _mm512_setzero_ps();
+    const int per = kind == MINICPM_KV_INT8 ? 1 : 2; /* scales per group */
+    for (int c = 0; c < head_dim / 64; c++) {
+        __m512i codes;
+        if (kind == MINICPM_KV_INT8) {
+            codes = _mm512_xor_si512(_mm512_loadu_si512(k + 64 * c), _mm512_set1_epi8((char)0x80));
+        } else { /* 128-bit lanes: group 2c's 16 bytes twice, then group 2c + 1's; the 2nd and 4th >> 4 */
+            const __m512i x = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                                       _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(k + 32 * c))));
+            const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
+                                                    0x0004000400040004LL, 0x0004000400040004LL);
+            codes = _mm512_and_si512(_mm512_srlv_epi16(x, shift), _mm512_set1_epi8(15));
+        }
+        __m512i a = _mm512_dpbusd_epi32(_mm512_loadu_si512(v->corr + 32 * c), codes, _mm512_loadu_si512(v->hi + 64 * c));
+        a = _mm512_add_epi32(_mm512_slli_epi32(a, 8), _mm512_loadu_si512(v->corr + 32 * c + 16));
+        a = _mm512_dpbusd_epi32(a, codes, _mm512_loadu_si512(v->lo + 64 * c));
+        const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ks[per * 2 * c]), _mm512_set1_ps(ks[per * (2 * c + 1)]));
+        z = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, z);
+    }
+    return z;
+}
+#endif
+
 /* keys k0..k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
  * sm (both heads rounded up to 16) and accumulators acc (heads x head_dim). A window of up to 16
  * keys inside one block (every kv head of up to 16 consecutive slots: one stretch of memory) is
@@ -826,7 +918,8 @@ static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, c
  * qf: room for the row's pre-scaled float32 query. */
 static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, int k0, int k1,
                                                               const int head_dim, int bf16, float *qf, float *sc,
-                                                              float *cr, float *mx, float *sm, float *acc, float *fs) {
+                                                              float *cr, float *mx, float *sm, float *acc, float *fs,
+                                                              char *vq) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
     const int esize = bf16 ? 2 : 4, kind = a->kind, quant = kind != MINICPM_KV_PLAIN;
     const int64_t width = quant ? kv_width(kind, head_dim) : head_dim * esize; /* bytes of a (slot, head) row */
@@ -840,6 +933,18 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         for (int i = 0; i < heads * head_dim; i++) qf[i] = bf16_to_f32(((const uint16_t *)qrow)[i]) * a->scale;
     const char *qb = bf16 && !quant ? qrow : (const char *)qf;
     const int qsize = bf16 && !quant ? 2 : 4;
+#if HAVE_DECODE_VNNI
+    /* bfloat16 queries against quantized keys: integer dot products (see vnni_prepare) */
+    const int vnni = quant && bf16;
+    vnni_q_t *vh = (vnni_q_t *)vq; /* the heads' descriptors, then their values (vnni_room) */
+    if (vnni)
+        for (int h = 0; h < heads; h++)
+            vnni_prepare(qf + (int64_t)h * head_dim, head_dim, kind,
+                         vq + vnni_room(heads, 0) + (size_t)h * vnni_head_bytes(head_dim), &vh[h]);
+    float pq[16], pm[16]; /* per pair of a batch of 16: its head's qs and int4's minimum term */
+#else
+    (void)vq;
+#endif
     for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
         mx[h] = -INFINITY;
         sm[h] = 0.0f;
@@ -867,6 +972,16 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
             __m512 z[16];
             for (int i = 0; i < 16; i++) {
                 if (f0 + i < pairs) {
+#if HAVE_DECODE_VNNI
+                    if (vnni) {
+                        z[i] = key_dot_vnni(&vh[h], (const uint8_t *)kr, kscale, head_dim, kind);
+                        pq[i] = vh[h].qs;
+                        float m = 0.0f;
+                        if (kind == MINICPM_KV_INT4)
+                            for (int g2 = 0; g2 < head_dim / 32; g2++) m += kscale[2 * g2 + 1] * vh[h].qsum[g2];
+                        pm[i] = m;
+                    } else
+#endif
                     z[i] = quant ? key_dot_q((const float *)qh, (const uint8_t *)kr, kscale, head_dim, kind)
                                  : key_dot(qh, kr, head_dim, bf16);
                     qh += head_dim * qsize;
@@ -874,10 +989,16 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                     if (++h == heads) h = 0, qh = qb; /* kr has reached the next slot */
                 } else {
                     z[i] = _mm512_setzero_ps();
+#if HAVE_DECODE_VNNI
+                    pq[i] = pm[i] = 0.0f;
+#endif
                 }
             }
             __m512 s = sum16(z);
             if (bf16 && !quant) s = _mm512_mul_ps(s, _mm512_set1_ps(a->scale));
+#if HAVE_DECODE_VNNI
+            if (vnni) s = _mm512_fmadd_ps(s, _mm512_loadu_ps(pq), _mm512_loadu_ps(pm));
+#endif
             _mm512_storeu_ps(sc + f0, s);
         }
         /* the window's softmax, 16 heads at a time */
@@ -980,9 +1101,16 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
         {
             const size_t hp = (size_t)(heads + 15) / 16 * 16;
             const size_t window_scales = a.kind != MINICPM_KV_PLAIN ? 2 * 16 * (size_t)a.kv_heads * kv_scales(a.kind, head_dim) : 0;
-            float *qf = malloc(sizeof(float) * ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16 + window_scales));
+            const size_t floats = ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16 + window_scales + 15) / 16 * 16;
+#if HAVE_DECODE_VNNI
+            const size_t vroom = a.kind != MINICPM_KV_PLAIN ? vnni_room(heads, head_dim) : 0;
+#else
+            const size_t vroom = 0;
+#endif
+            float *qf = malloc(sizeof(float) * floats + vroom);
             float *acc = qf + (size_t)heads * head_dim, *mx = acc + (size_t)heads * head_dim, *sm = mx + hp;
             float *cr = sm + hp, *sc = cr + hp, *fs = sc + 16 * (size_t)heads + 16;
+            char *vq = (char *)(qf + floats);
             if (qf == NULL) failed = 1;
             int row = 0;
 #pragma omp for schedule(dynamic, 1)
@@ -994,10 +1122,10 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
                 if (bf16) {
 #if HAVE_DECODE_BF16
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq))
 #endif
                 } else {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq))
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
                     for (int h = 0; h < heads; h++)
