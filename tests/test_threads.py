@@ -121,3 +121,17 @@ def test_a_cpu_engine_ticks_its_governor_each_step(machine, monkeypatch) -> None
     engine.runner.cache.on_layer = lambda: layer_ticks.append(1)
     engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert len(ticks) == engine.num_steps and len(layer_ticks) == engine.num_steps
+
+
+def test_ticks_seconds_apart_while_computing_still_decide(machine) -> None:
+    """One layer of a long prefill can take seconds, so ticks come seconds apart while this process
+    computes: such a window is not an idle spell. A thread dropped under load comes back (it once
+    stayed at one thread for the rest of a 16k-token prefill)."""
+    calls: list[int] = []
+    gov = governor_on(machine, calls)
+    machine.run(3.0, mine_cores=1.0, other_cores=1.0)
+    gov.tick()
+    assert calls == [1]
+    machine.run(3.0, mine_cores=1.0, other_cores=0.0)
+    gov.tick()
+    assert calls == [1, 2] and gov.threads == 2

@@ -7,9 +7,11 @@ layer's attention, a clock read when nothing is due) measures, every quarter sec
 the cores it takes (never below 1); once it falls under 0.3 of a core, the count returns to where
 it started. A reading older than a second (the engine sat idle) only starts a new window: load
 that began a moment ago would drown in it, so the decision waits a quarter second for a window of
-its own. A long prefill thus follows a load that starts under it within about half a second, not
-at its next step. A laptop running something else then decodes on the free core instead of
-stalling on a thread that waits for a busy one (measured: docs/engine.md, "A busy machine").
+its own. A long window in which this process kept computing is no idle spell (one layer of a long
+prefill can take seconds): it decides. A long prefill thus follows a load that starts under it
+within about half a second, or one layer, not at its next step. A laptop running something else
+then decodes on the free core instead of stalling on a thread that waits for a busy one
+(measured: docs/engine.md, "A busy machine").
 
 It does nothing where ``/proc`` is missing, when the user fixed the count (``OMP_NUM_THREADS``) or
 set ``MINICPM_ADAPTIVE_THREADS=0``, or with a single thread to begin with.
@@ -81,11 +83,11 @@ class ThreadGovernor:
         stale = at - self._last_at > 4 * self.interval
         busy, total, mine = (a - b for a, b in zip(now, self._last, strict=True))
         self._last, self._last_at = now, at
-        if stale:  # a window from before an idle spell: start a fresh one
-            return
         if total <= 0:
             return
         per_core = total / self.cores  # ticks that elapsed on each core
+        if stale and mine < 0.5 * per_core:  # a window from before an idle spell: start a fresh one
+            return
         self.others = max(0.0, (busy - mine) / per_core)
         want = self.threads
         if self.others >= 0.6:
