@@ -905,6 +905,92 @@ static inline __attribute__((always_inline)) __m512 key_dot_vnni(const vnni_q_t 
 }
 #endif
 
+#if HAVE_DECODE_VNNI
+/* 64 codes of a quantized value row (int8 codes d0..d0+63: 64 bytes at ``p``; int4: the 32 bytes
+ * of two groups at ``p``) as 64 signed bytes in order (int4: 0-15) */
+static inline __attribute__((always_inline)) __m512i value_bytes(const uint8_t *p, int kind) {
+    if (kind == MINICPM_KV_INT8) return _mm512_loadu_si512(p);
+    const __m512i x = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                               _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)));
+    const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
+                                            0x0004000400040004LL, 0x0004000400040004LL);
+    return _mm512_and_si512(_mm512_srlv_epi16(x, shift), _mm512_set1_epi8(15));
+}
+
+/* One query head's accumulator acc (head_dim floats) rescaled by ``correction`` and given the
+ * window's n <= 16 value rows (codes at v + t * slot, scales at vs + t * sstride) weighed by the
+ * probabilities p[t * pstride]. Per 64 values and group of 32: the weights w = p * scale are
+ * rounded to 16-bit integers against the window's largest (u = round(65535 w / max w) = 256 hi +
+ * lo: finer than the bfloat16 values themselves), four rows at a time are interleaved into 32-bit
+ * lanes of 4 bytes (one value of each row) and summed against hi and against lo by vpdpbusd in
+ * int32 (exact: |sum| <= 16 * 255 * 127 each), combined as 256 hi-sum + lo-sum, taken back to the
+ * values' order and scaled by max w / 65535; int4's minima add sum(p * min) per group. */
+static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, int64_t slot, const float *vs,
+                                                              int sstride, const float *p, int pstride, int n,
+                                                              float correction, float *acc, const int head_dim,
+                                                              int kind) {
+    const int per = kind == MINICPM_KV_INT8 ? 1 : 2, cbytes = kind == MINICPM_KV_INT8 ? 64 : 32;
+    const __mmask16 live = (__mmask16)((1u << n) - 1);
+    const __m512i pidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(pstride));
+    const __m512i sidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(sstride));
+    const __m512 pv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, pidx, p, 4);
+    for (int c = 0; c < head_dim / 64; c++) {
+        float step[2], mterm[2] = {0.0f, 0.0f};
+        uint32_t hi[2][4], lo[2][4]; /* per group: rows 4i..4i+3's weight bytes as one 32-bit lane */
+        for (int gg = 0; gg < 2; gg++) {
+            const int gi = 2 * c + gg;
+            const __m512 w = _mm512_mul_ps(pv, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, sidx, vs + per * gi, 4));
+            const float top = _mm512_reduce_max_ps(w);
+            step[gg] = top / 65535.0f;
+            const __m512i u = _mm512_cvtps_epi32(_mm512_mul_ps(w, _mm512_set1_ps(top > 0.0f ? 65535.0f / top : 0.0f)));
+            _mm_storeu_si128((__m128i *)hi[gg], _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
+            _mm_storeu_si128((__m128i *)lo[gg], _mm512_cvtepi32_epi8(_mm512_and_si512(u, _mm512_set1_epi32(255))));
+            if (kind == MINICPM_KV_INT4) {
+                const __m512 mins = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, sidx, vs + per * gi + 1, 4);
+                mterm[gg] = _mm512_reduce_add_ps(_mm512_mul_ps(pv, mins));
+            }
+        }
+        __m512i t[4], tl[4];
+        for (int j = 0; j < 4; j++) t[j] = tl[j] = _mm512_setzero_si512();
+        for (int t4 = 0; t4 < n; t4 += 4) {
+            __m512i r[4];
+            for (int i = 0; i < 4; i++)
+                r[i] = t4 + i < n ? value_bytes(v + (t4 + i) * slot + (int64_t)c * cbytes, kind) : _mm512_setzero_si512();
+            const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), b = _mm512_unpackhi_epi8(r[0], r[1]);
+            const __m512i e = _mm512_unpacklo_epi8(r[2], r[3]), f = _mm512_unpackhi_epi8(r[2], r[3]);
+            /* lane (128-bit L, 32-bit k) of x[j]: value 16 L + 4 j + k of rows t4..t4+3 */
+            const __m512i x[4] = {_mm512_unpacklo_epi16(a, e), _mm512_unpackhi_epi16(a, e), _mm512_unpacklo_epi16(b, f),
+                                  _mm512_unpackhi_epi16(b, f)};
+            const __m512i wh = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)hi[0][t4 / 4]),
+                                                       _mm512_set1_epi32((int)hi[1][t4 / 4]));
+            const __m512i wl = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)lo[0][t4 / 4]),
+                                                       _mm512_set1_epi32((int)lo[1][t4 / 4]));
+            for (int j = 0; j < 4; j++) {
+                t[j] = _mm512_dpbusd_epi32(t[j], wh, x[j]);
+                tl[j] = _mm512_dpbusd_epi32(tl[j], wl, x[j]);
+            }
+        }
+        for (int j = 0; j < 4; j++) t[j] = _mm512_add_epi32(_mm512_slli_epi32(t[j], 8), tl[j]); /* |t| < 2^31 */
+        /* back to the values' order: the 128-bit lanes of t transposed */
+        const __m512 u0 = _mm512_shuffle_f32x4(_mm512_castsi512_ps(t[0]), _mm512_castsi512_ps(t[1]), 0x44);
+        const __m512 u1 = _mm512_shuffle_f32x4(_mm512_castsi512_ps(t[2]), _mm512_castsi512_ps(t[3]), 0x44);
+        const __m512 u2 = _mm512_shuffle_f32x4(_mm512_castsi512_ps(t[0]), _mm512_castsi512_ps(t[1]), 0xEE);
+        const __m512 u3 = _mm512_shuffle_f32x4(_mm512_castsi512_ps(t[2]), _mm512_castsi512_ps(t[3]), 0xEE);
+        const __m512 nat[4] = {_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD),
+                               _mm512_shuffle_f32x4(u2, u3, 0x88), _mm512_shuffle_f32x4(u2, u3, 0xDD)};
+        for (int m = 0; m < 4; m++) {
+            float *o = acc + 64 * c + 16 * m;
+            const int gg = m / 2;
+            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(nat[m])), _mm512_set1_ps(step[gg]),
+                                               _mm512_set1_ps(mterm[gg]));
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(correction), sum));
+        }
+    }
+}
+#endif
+
 /* keys k0..k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
  * sm (both heads rounded up to 16) and accumulators acc (heads x head_dim). A window of up to 16
  * keys inside one block (every kv head of up to 16 consecutive slots: one stretch of memory) is
@@ -1018,6 +1104,18 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
             _mm512_storeu_ps(sm + h0, _mm512_fmadd_ps(_mm512_loadu_ps(sm + h0), correction, total));
             _mm512_storeu_ps(cr + h0, correction);
         }
+#if HAVE_DECODE_VNNI
+        if (vnni) { /* values of the whole window by integer dot products (see values_vnni) */
+            for (int kvh = 0; kvh < kv_heads; kvh++)
+                for (int g = 0; g < groups; g++) {
+                    const int hh = kvh * groups + g;
+                    values_vnni((const uint8_t *)vw + (int64_t)kvh * width, slot, vsw + (int64_t)kvh * nsc,
+                                kv_heads * nsc, sc + hh, heads, n, cr[hh], acc + (int64_t)hh * head_dim, head_dim,
+                                kind);
+                }
+            continue;
+        }
+#endif
         /* values, 8 slots at a time */
         for (int j8 = 0; j8 < n; j8 += 8) {
             const int m8 = n - j8 < 8 ? n - j8 : 8;
