@@ -1005,7 +1005,7 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
 static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, int k0, int k1,
                                                               const int head_dim, int bf16, float *qf, float *sc,
                                                               float *cr, float *mx, float *sm, float *acc, float *fs,
-                                                              char *vq) {
+                                                              char *vq, const int vnni_on) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
     const int esize = bf16 ? 2 : 4, kind = a->kind, quant = kind != MINICPM_KV_PLAIN;
     const int64_t width = quant ? kv_width(kind, head_dim) : head_dim * esize; /* bytes of a (slot, head) row */
@@ -1021,7 +1021,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     const int qsize = bf16 && !quant ? 2 : 4;
 #if HAVE_DECODE_VNNI
     /* bfloat16 queries against quantized keys: integer dot products (see vnni_prepare) */
-    const int vnni = quant && bf16;
+    const int vnni = vnni_on && quant && bf16; /* vnni_on: a constant at each call (two instances) */
     vnni_q_t *vh = (vnni_q_t *)vq; /* the heads' descriptors, then their values (vnni_room) */
     if (vnni)
         for (int h = 0; h < heads; h++)
@@ -1029,7 +1029,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                          vq + vnni_room(heads, 0) + (size_t)h * vnni_head_bytes(head_dim), &vh[h]);
     float pq[16], pm[16]; /* per pair of a batch of 16: its head's qs and int4's minimum term */
 #else
-    (void)vq;
+    (void)vq, (void)vnni_on;
 #endif
     for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
         mx[h] = -INFINITY;
@@ -1220,10 +1220,13 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
                 if (bf16) {
 #if HAVE_DECODE_BF16
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq))
+                    if (HAVE_DECODE_VNNI && a.kind != MINICPM_KV_PLAIN)
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1))
+                    else
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0))
 #endif
                 } else {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0))
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
                     for (int h = 0; h < heads; h++)
