@@ -29,6 +29,19 @@ def env(default_model_dir: Path, tmp_path: Path) -> dict[str, str]:
     return dict(os.environ, MINICPM_CACHE=str(default_model_dir.parent), HOME=str(tmp_path), TERM="xterm")
 
 
+@pytest.fixture(autouse=True)
+def interruptible_children():
+    """Children that take Ctrl-C. A test run started in the background by a shell without job
+    control (``cmd &``) inherits SIGINT ignored, and an ignored signal stays ignored across exec:
+    every ``minicpm`` these tests start would shrug off its Ctrl-C. A Python handler here is reset
+    to the default in each child instead."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def spawn(args: list[str], env: dict[str, str]):
     cmd = command()
     return pexpect.spawn(cmd[0], [*cmd[1:], *args], env=env, timeout=90, dimensions=(40, 200))
