@@ -259,28 +259,18 @@ def write_tokenizer(path: Path) -> None:
 
 
 def write_checkpoint(path: Path, config: dict, seed: int = 0) -> None:
-    """Random bfloat16 weights of ``config``'s shape, a tensor at a time, and the tokenizer; built in
-    a sibling directory and renamed into place."""
-    import torch
+    """Random bfloat16 weights of ``config``'s shape (load_memory.py's, a tensor at a time), and the
+    tokenizer; built in a sibling directory and renamed into place."""
+    from load_memory import random_bf16_weights
 
-    from minicpm import MiniCPMConfig
-    from minicpm.weights import expected_shapes, save_checkpoint
+    from minicpm.weights import save_checkpoint
 
-    shapes = expected_shapes(MiniCPMConfig.from_dict(config))
-    gen = torch.Generator().manual_seed(seed)
-
-    def weights():
-        for name, dims in shapes.items():
-            if name.endswith("norm.weight"):
-                yield name, torch.ones(dims, dtype=torch.bfloat16)
-            else:
-                yield name, torch.randn(dims, generator=gen).mul_(0.02).to(torch.bfloat16)
-
+    names, weights = random_bf16_weights(config, seed)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_checkpoint(weights(), config, tmp, max_shard_bytes=2**40, names=list(shapes))
+        save_checkpoint(weights, config, tmp, max_shard_bytes=2**40, names=names)
         write_tokenizer(tmp)
         os.rename(tmp, path)
     finally:

@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cpu_mixed import ROOT, peer_tree, run_child
@@ -176,27 +177,36 @@ def write_tokenizer(path: Path, tokens: list[str], scores: list[float], types: l
     (path / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "LlamaTokenizer"}))
 
 
-def write_bf16(path: Path, config: dict, seed: int = 0) -> None:
-    """Random N(0, 0.02) bfloat16 weights (norms 1) of ``config``'s shape, a tensor at a time."""
+def random_bf16_weights(config: dict, seed: int = 0) -> tuple[list[str], Iterator]:
+    """(every tensor's name, a generator of (name, tensor)): random N(0, 0.02) bfloat16 weights
+    (norms 1) of ``config``'s shape, made a tensor at a time as the generator is read."""
     import torch
 
     from minicpm import MiniCPMConfig
-    from minicpm.weights import expected_shapes, save_checkpoint
+    from minicpm.weights import expected_shapes
 
     shapes = expected_shapes(MiniCPMConfig.from_dict(config))
     gen = torch.Generator().manual_seed(seed)
 
-    def weights():
+    def weights() -> Iterator:
         for name, dims in shapes.items():
             if name.endswith("norm.weight"):
                 yield name, torch.ones(dims, dtype=torch.bfloat16)
             else:
                 yield name, (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
 
+    return list(shapes), weights()
+
+
+def write_bf16(path: Path, config: dict, seed: int = 0) -> None:
+    """Random N(0, 0.02) bfloat16 weights (norms 1) of ``config``'s shape, a tensor at a time."""
+    from minicpm.weights import save_checkpoint
+
+    names, weights = random_bf16_weights(config, seed)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_checkpoint(weights(), config, tmp, max_shard_bytes=2**40, names=list(shapes))
+    save_checkpoint(weights, config, tmp, max_shard_bytes=2**40, names=names)
     write_tokenizer(tmp, *vocabulary(config["vocab_size"]))
     tmp.rename(path)
 
