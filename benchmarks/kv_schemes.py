@@ -19,11 +19,13 @@ second half scored). The keys are the rotated ones (what the cache stores).
     token2         2-bit asymmetric groups of 32 along head_dim, keys and values, no window
     token2-w128    token2 with the same full-precision window as kivi2-g128 (the window's share)
     token4-w128    int4 with that window
+    int8-mu        int8 (q8_0's rule) of the keys less int4-mu's mean
     int4-mu        int4 of the keys less a static per-channel mean (per layer and kv head, of the
                    rotated keys over ``--calibration`` tokens of another text: the needle eval's
-                   essays where installed, else the text's tail beyond the scored windows). Exact
-                   in float: a query's scores all move by the same q . mean, which softmax ignores;
-                   needs no kernel change, only the cache's writer
+                   essays where installed, else the text's tail beyond the scored windows; or
+                   ``--calibration-text``; ``--horizon N``: that mean spread over N positions).
+                   Exact in float: a query's scores all move by the same q . mean, which softmax
+                   ignores; needs no kernel change, only the cache's writer
 
 The windowed schemes are causal exactly as a decode sees them: a group of tokens is quantized with
 its own statistics once it is full (a decode at the group's last token already reads it quantized),
@@ -106,6 +108,7 @@ SCHEMES = {
         Scheme("token2-w128", 2, window=128),
         Scheme("token4-w128", 4, window=128),
         Scheme("int4-mu", 4, offset=True),
+        Scheme("int8-mu", 8, symmetric=True, offset=True),
     )
 }
 
@@ -208,21 +211,35 @@ class MeanKeys:
         self.means: dict[int, Tensor] = {}
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.means[layer] = k[0].float().mean(dim=1)  # (kv_heads, head_dim)
+        self.means[layer] = k[0, :, 1:].float().mean(dim=1)  # (kv_heads, head_dim); the sink token left out
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 @torch.inference_mode()
-def calibrate_offsets(model, ids: list[int]) -> dict[int, Tensor]:
-    """Per layer, the mean rotated key (kv_heads, head_dim) over ``ids`` in one forward."""
+def calibrate_offsets(model, ids: list[int], horizon: int | None = None) -> dict[int, Tensor]:
+    """Per layer, the mean rotated key (kv_heads, head_dim) over ``ids`` in one forward; with
+    ``horizon``, spread as the mean of those keys shifted by every position below it (a shift of
+    positions commutes with RoPE's rotation: the mean over a long text made of the calibration)."""
+    from minicpm.model import rope_inv_freq
+
     recorder = MeanKeys()
     model(torch.tensor([ids]), cache=recorder, logits_to_keep=torch.tensor([len(ids) - 1]))
-    return recorder.means
+    if horizon is None:
+        return recorder.means
+    angles = torch.arange(horizon, dtype=torch.float64)[:, None] * rope_inv_freq(model.config, horizon).double()
+    cos, sin = angles.cos().mean(0), angles.sin().mean(0)
+    out = {}
+    for layer, mean in recorder.means.items():
+        x1, x2 = mean.double().chunk(2, dim=-1)
+        out[layer] = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).float()
+    return out
 
 
-def calibration_ids(tokenizer, ids: list[int], used: int, tokens: int) -> tuple[list[int], str]:
-    """``tokens`` ids of a text other than the scored one: the needle eval's essays where
-    installed, else the scored text's tail beyond its first ``used`` tokens."""
+def calibration_ids(tokenizer, ids: list[int], used: int, tokens: int, path: str | None) -> tuple[list[int], str]:
+    """``tokens`` ids of a text other than the scored one: ``path``'s, else the needle eval's essays
+    where installed, else the scored text's tail beyond its first ``used`` tokens."""
+    if path is not None:
+        return tokenizer.encode(Path(path).read_text(encoding="utf-8"))[:tokens], Path(path).name
     try:
         from minicpm.eval.needle import haystack_text
 
@@ -292,6 +309,10 @@ def main() -> int:
     p.add_argument("--text", default=None, help="text file (default: the first 100 kB of Botchan)")
     p.add_argument("--against", default=None, metavar="JSON", help="kv_quality.py's JSON line: judge 2-bit vs q4_0")
     p.add_argument("--calibration", type=int, default=1024, help="tokens the int4-mu offsets are measured on")
+    p.add_argument(
+        "--calibration-text", default=None, help="int4-mu: calibrate on this file (benchmarks/calibration_mixed.txt)"
+    )
+    p.add_argument("--horizon", type=int, default=None, help="int4-mu: the calibration's mean spread to N positions")
     p.add_argument("--quick", action="store_true", help="4 windows of 1k and 1 of 4k (a smoke run)")
     args = p.parse_args()
     sys.path.insert(0, str(HERE.parent))
@@ -308,8 +329,9 @@ def main() -> int:
     offsets, calibration = None, None
     if any(s.offset for s in schemes):
         used = max(windows[c] * c for c in args.contexts)
-        calib, source = calibration_ids(llm.tokenizer, ids, used, args.calibration)
-        offsets, calibration = calibrate_offsets(model, calib), {"tokens": len(calib), "source": source}
+        calib, source = calibration_ids(llm.tokenizer, ids, used, args.calibration, args.calibration_text)
+        offsets = calibrate_offsets(model, calib, args.horizon)
+        calibration = {"tokens": len(calib), "source": source, "horizon": args.horizon}
     results: dict[str, dict] = {}
     for s in schemes:
         row: dict = {"scheme": asdict(s), "bytes_per_token": s.bytes_per_token(**MINICPM_SHAPE)}
