@@ -20,6 +20,10 @@ second half scored). The keys are the rotated ones (what the cache stores).
     token2-w128    token2 with the same full-precision window as kivi2-g128 (the window's share)
     token4-w128    int4 with that window
     int8-mu        int8 (q8_0's rule) of the keys less int4-mu's mean
+    int4-hk        int4 of queries and keys times a 64-point Walsh-Hadamard matrix (exact in
+                   float: orthonormal), values as they are; int4-hkv: values rotated too, the
+                   output rotated back; q4_0-hkv: q4_0's rule so (llama.cpp's default for a
+                   quantized cache: attn_rot_k / attn_rot_v)
     int4-mu        int4 of the keys less a static per-channel mean (per layer and kv head, of the
                    rotated keys over ``--calibration`` tokens of another text: the needle eval's
                    essays where installed, else the text's tail beyond the scored windows; or
@@ -76,6 +80,7 @@ class Scheme:
     symmetric: bool = False
     window: int = 0
     offset: bool = False  # keys less a static per-channel mean (calibrated) before quantizing
+    rotate: str = ""  # "k": queries and keys times a Hadamard matrix; "kv": values too (output rotated back)
 
     def row_bytes(self, head_dim: int, channel: bool) -> float:
         """Bytes a (token, kv head) row of keys (``channel``) or values takes."""
@@ -109,6 +114,9 @@ SCHEMES = {
         Scheme("token4-w128", 4, window=128),
         Scheme("int4-mu", 4, offset=True),
         Scheme("int8-mu", 8, symmetric=True, offset=True),
+        Scheme("int4-hk", 4, rotate="k"),
+        Scheme("int4-hkv", 4, rotate="kv"),
+        Scheme("q4_0-hkv", 4, symmetric=True, rotate="kv"),
     )
 }
 
@@ -167,6 +175,15 @@ def per_channel(k: Tensor, scheme: Scheme) -> Tensor:
     return out
 
 
+def hadamard(n: int) -> Tensor:
+    """The orthonormal n x n Walsh-Hadamard matrix (Sylvester's construction; n a power of two),
+    symmetric and its own inverse: what llama.cpp multiplies a quantized cache's q, k (and v) by."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(n)
+
+
 class SchemeCache:
     """Attention over keys and values as ``scheme`` stores them (one window, nothing kept across
     forwards), for :func:`ppl`; see the module docstring for the windowed schemes."""
@@ -182,10 +199,16 @@ class SchemeCache:
         s = self.scheme
         if s.offset:
             k = k - self.offsets[layer][None, :, None, :].to(k.dtype)
+        if s.rotate:
+            h = hadamard(k.shape[-1]).to(k.dtype)
+            q, k = q @ h, k @ h
+            if s.rotate == "kv":
+                v = v @ h
         kq = per_channel(k, s) if s.keys == "channel" else per_token(k, s)
         vq = per_token(v, s)
         if not s.window:
-            return F.scaled_dot_product_attention(q, kq, vq, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, kq, vq, is_causal=True, enable_gqa=True)
+            return out @ h if s.rotate == "kv" else out  # h is its own inverse
         out = torch.empty_like(q)
         t = q.shape[-2]
         for r0 in range(0, t, self.rows):  # query rows in slices: the (rows, 2 * keys) mask stays small
@@ -199,7 +222,7 @@ class SchemeCache:
             out[..., r0:r1, :] = F.scaled_dot_product_attention(
                 q[..., r0:r1, :], keys, values, attn_mask=mask, enable_gqa=True
             )
-        return out
+        return out @ h if s.rotate == "kv" else out
 
 
 class MeanKeys:

@@ -385,3 +385,30 @@ def test_kv_schemes_offset_keys_and_paired_errors() -> None:
     assert change == pytest.approx(100 * math.expm1(0.05)) and se == pytest.approx(
         100 * math.exp(0.05) * 0.05 * math.sqrt(4 / 3) / 2
     )
+
+
+def test_kv_schemes_rotation_is_exact_in_float_and_what_gets_quantized() -> None:
+    """benchmarks/kv_schemes.py's Hadamard schemes (llama.cpp's attn_rot_k / attn_rot_v): the
+    matrix is orthonormal and its own inverse, so rotated float attention is attention; what is
+    quantized is the rotated keys (and values, the output rotated back)."""
+    import torch
+    from kv_schemes import SCHEMES, SchemeCache, hadamard, per_token
+
+    h = hadamard(64)
+    torch.testing.assert_close(h @ h, torch.eye(64), rtol=0, atol=1e-6)
+    assert torch.equal(h, h.T) and set((h * 8).unique().tolist()) == {-1.0, 1.0}
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 19, 64), torch.randn(1, 2, 19, 64), torch.randn(1, 2, 19, 64)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    plain = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    rotated = sdpa(q @ h, k @ h, v @ h, is_causal=True, enable_gqa=True) @ h
+    torch.testing.assert_close(rotated, plain, rtol=1e-5, atol=1e-5)
+    s = SCHEMES["int4-hkv"]
+    got = SchemeCache(s).attend(0, q, k, v)
+    want = sdpa(q @ h, per_token(k @ h, s), per_token(v @ h, s), is_causal=True, enable_gqa=True) @ h
+    torch.testing.assert_close(got, want)
+    keys_only = SchemeCache(SCHEMES["int4-hk"]).attend(0, q, k, v)
+    s4 = SCHEMES["int4"]
+    torch.testing.assert_close(
+        keys_only, sdpa(q @ h, per_token(k @ h, s4), per_token(v, s4), is_causal=True, enable_gqa=True)
+    )
