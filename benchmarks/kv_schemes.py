@@ -8,8 +8,9 @@ tokens and windows as ``minicpm eval perplexity`` (llama.cpp's way: non-overlapp
 second half scored). The keys are the rotated ones (what the cache stores).
 
     float32        no quantization (the reference)
-    int8           ours: symmetric groups of 32 along head_dim, float16 scale (llama.cpp's q8_0)
-    int4           ours: asymmetric groups of 32 along head_dim, float16 scale and min (q4_1)
+    int8           our int8 layout: symmetric groups of 32 along head_dim, float16 scale (q8_0)
+    int4           our int4 layout: asymmetric groups of 32 along head_dim, float16 scale and min
+                   (q4_1); unrotated (``kv_rotation=False``: what shipped before the rotation)
     q4_0           symmetric 4-bit groups of 32 along head_dim, float16 scale, llama.cpp's q4_0 rule
     kivi4-g32      keys per channel in groups of 32 tokens, values per token in groups of 32 along
                    head_dim (asymmetric, float16 scale and min), 4-bit; the newest partial group of
@@ -22,8 +23,9 @@ second half scored). The keys are the rotated ones (what the cache stores).
     int8-mu        int8 (q8_0's rule) of the keys less int4-mu's mean
     int4-hk        int4 of queries and keys times a 64-point Walsh-Hadamard matrix (exact in
                    float: orthonormal), values as they are; int4-hkv: values rotated too, the
-                   output rotated back; q4_0-hkv: q4_0's rule so (llama.cpp's default for a
-                   quantized cache: attn_rot_k / attn_rot_v)
+                   output rotated back (what the engine's int4 cache ships, ``kv_rotation``);
+                   q4_0-hkv: q4_0's rule so (llama.cpp's default for a quantized cache:
+                   attn_rot_k / attn_rot_v)
     int4-mu        int4 of the keys less a static per-channel mean (per layer and kv head, of the
                    rotated keys over ``--calibration`` tokens of another text: the needle eval's
                    essays where installed, else the text's tail beyond the scored windows; or

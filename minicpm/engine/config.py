@@ -11,7 +11,8 @@ The KV budget is per device too: on CUDA from ``gpu_memory_utilization``, on CPU
 CUDA, eager steps on CPU.
 
 ``kv_cache_dtype`` decides how the cache stores keys and values ("auto": the activations' dtype;
-"int8" / "int4" quantized on every device, "fp8" on CUDA; every backend reads its format in place).
+"int8" / "int4" quantized on every device, "fp8" on CUDA; every backend reads its format in place;
+a quantized cache is Hadamard-rotated unless ``kv_rotation`` is False).
 The attention path is chosen once, at engine construction, from ``attention_backend`` ("auto":
 the fastest that runs on the device; see :func:`minicpm.engine.attention.select_backend`);
 ``fused_decode`` decides the CPU fused decoder (None: wherever the ``cpu-native`` backend runs it;
@@ -59,6 +60,9 @@ class EngineConfig:
     # how the KV cache stores keys and values: "auto" (the activations' dtype), "bfloat16",
     # "float32", "int8", "int4" or "fp8" (CUDA) (minicpm.engine.attention.kv_format)
     kv_cache_dtype: str = "auto"
+    # a quantized cache holds queries, keys and values rotated by a Hadamard matrix (exact in float;
+    # the quantizer loses less: minicpm.engine.attention.kv_format); False: stored as computed
+    kv_rotation: bool = True
     fused_decode: bool | None = None
     on_kernel_failure: str = dataclasses.field(default_factory=_default_on_kernel_failure)
     # the persistent prefix cache (minicpm.engine.kv_store): a directory where full blocks of long
@@ -99,6 +103,8 @@ class EngineConfig:
             raise bad("attention_backend", " or ".join(repr(c) for c in ATTENTION_BACKENDS))
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", " or ".join(repr(c) for c in KV_CACHE_DTYPES))
+        if self.kv_rotation not in (True, False):
+            raise bad("kv_rotation", "True or False")
         if self.fused_decode not in (None, True, False):
             raise bad("fused_decode", "True, False or None (wherever it runs)")
         if self.on_kernel_failure not in KERNEL_FAILURE_CHOICES:

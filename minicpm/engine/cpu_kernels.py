@@ -80,7 +80,7 @@ _REFUSALS = {  # csrc/minicpm.h's refusal codes
     -12: "a KV cache kind not known, its scales missing, or a head_dim not a multiple of 32",
 }
 
-ABI_VERSION = 3  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
+ABI_VERSION = 4  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
 
 _V, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # Every exported function of csrc/minicpm.h: name -> (result type, ((argument, type), ...)), applied
@@ -150,9 +150,9 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
             ("xtype", _I), ("m", _I), ("n_layers", _I), ("layers", _V), ("h", _V), ("cos_f32", _V),
             ("sin_signed_f32", _V), ("slots_i64", _V), ("k_cache", _V), ("v_cache", _V), ("layer_bytes", _I64),
             ("kvkind", _I), ("k_scale_f16", _V), ("v_scale_f16", _V), ("scale_layer_stride", _I64),
-            ("num_blocks", _I64), ("tables_i32", _V), ("seqs", _I), ("width", _I), ("row_seq_i32", _V),
-            ("row_len_i32", _V), ("block_size", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I),
-            ("head_dim", _I), ("inter", _I), ("eps", _F), ("residual_scale", _F), ("attn_scale", _F),
+            ("rotate", _I), ("num_blocks", _I64), ("tables_i32", _V), ("seqs", _I), ("width", _I),
+            ("row_seq_i32", _V), ("row_len_i32", _V), ("block_size", _I), ("hidden", _I), ("heads", _I),
+            ("kv_heads", _I), ("head_dim", _I), ("inter", _I), ("eps", _F), ("residual_scale", _F), ("attn_scale", _F),
             ("work", _V), ("work_bytes", _I64), ("scratch_f32", _V), ("scratch_bytes", _I64),
         ),
     ),

@@ -8,10 +8,10 @@ Contract:
   built; else None (and the engine's eager path runs every row). ``EngineConfig.fused_decode=False`` turns it off.
 * :meth:`FusedDecoder.hidden_states` takes rows of one token each (their ids, positions, rotary
   frequencies, cache slots and block tables) and returns the last layer's hidden states (rows,
-  hidden) in the activation dtype, having written each row's keys and values into the cache, as the
-  eager model would: the same operators in the same order and roundings, the same panel and
-  attention kernels. The two reductions it computes itself (RMSNorm's mean of squares, silu's exp)
-  may differ from torch's in the last bit of float32.
+  hidden) in the activation dtype, having written each row's keys and values into the cache (rotated
+  where the cache is), as the eager model would: the same operators in the same order and roundings,
+  the same panel and attention kernels. The three reductions it computes itself (RMSNorm's mean of
+  squares, silu's exp, the Hadamard rotation's sums) may differ from torch's in the last bit of float32.
 * A row's result does not depend on the other rows (each kernel computes rows independently), and
   the per-operator cost of every layer's torch calls becomes one call.
 """
@@ -150,6 +150,7 @@ class FusedDecoder:
             None if cache.k_scale is None else cache.k_scale.data_ptr(),
             None if cache.v_scale is None else cache.v_scale.data_ptr(),
             0 if cache.k_scale is None else cache.k_scale[0].numel(),
+            int(cache.rotation is not None),
             k.shape[1],
             block_tables.data_ptr(),
             block_tables.shape[0],

@@ -572,6 +572,7 @@ class PrefixStore:
             head_dim=c.head_dim,
             compute_dtype=str(runner.dtype),
             quantize=[config.quantize, config.group_size],
+            rotated=runner.cache.rotation is not None,
         )
         store = DiskKVStore(config.kv_cache_dir, identity, config.kv_cache_dir_bytes)
         return cls(store, block_manager, runner.cache)

@@ -100,7 +100,15 @@ class ModelRunner:
     def _new_cache(self, num_blocks: int) -> PagedKVCache:
         c, cfg = self.model_config, self.config
         return PagedKVCache(
-            c, num_blocks, self.block_size, self.dtype, self.device, self.backend, cfg.on_kernel_failure, self.kv_format
+            c,
+            num_blocks,
+            self.block_size,
+            self.dtype,
+            self.device,
+            self.backend,
+            cfg.on_kernel_failure,
+            self.kv_format,
+            rotate=cfg.kv_rotation,
         )
 
     def _fused_decoder(self) -> FusedDecoder | None:

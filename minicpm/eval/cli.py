@@ -437,7 +437,7 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     llm = base._load(args, device, base._engine_config(args, device))
     ids = llm.tokenizer.encode(text)
     runner = llm.engine.runner
-    result = perplexity(runner.model, ids, args.context, args.stride, runner.kv_format)
+    result = perplexity(runner.model, ids, args.context, args.stride, runner.kv_format, runner.cache.rotation)
     print(json.dumps(dataclasses.asdict(result)) if args.json else result.line())
     return 0
 

@@ -12,7 +12,8 @@ The forward is the engine's own prepared model (``llm.engine.runner.model``), so
 the weights as they run, ``--quantize int8`` included. With a quantized KV format
 (``--kv-cache-dtype int8``/``int4``: the engine's ``runner.kv_format``), every layer's keys and
 values are stored and read back as the paged cache stores them, and each token attends to that
-round trip of every token up to itself, its own included: what a decode step reads from the cache
+round trip of every token up to itself, its own included (rotated as the cache rotates them:
+:mod:`minicpm.engine.attention.kv_format`): what a decode step reads from the cache
 (llama.cpp's ``-ctk``/``-ctv`` in ``llama-perplexity`` measure the same). A text shorter than one window, or a window
 that does not fit the model's context, is a ``ValueError`` naming the numbers.
 """
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..engine.attention.kv_format import rotate_heads
 from ..errors import UserError
 from ..model import causal_attention
 
@@ -66,21 +68,32 @@ class RoundTripCache:
 
     length = 0
 
-    def __init__(self, kv_format: Any) -> None:
-        self.format = kv_format
+    def __init__(self, kv_format: Any, rotation: Tensor | None = None) -> None:
+        self.format, self.rotation = kv_format, rotation
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return causal_attention(q, self.format.round_trip(k), self.format.round_trip(v))
+        h = self.rotation
+        if h is not None:
+            q, k, v = rotate_heads(q, h), rotate_heads(k, h), rotate_heads(v, h)
+        out = causal_attention(q, self.format.round_trip(k), self.format.round_trip(v))
+        return out if h is None else rotate_heads(out, h)
 
 
 @torch.inference_mode()
 def perplexity(
-    model: Any, ids: list[int], context: int, stride: int | None = None, kv_format: Any = None
+    model: Any,
+    ids: list[int],
+    context: int,
+    stride: int | None = None,
+    kv_format: Any = None,
+    rotation: Tensor | None = None,
 ) -> Perplexity:
     """Perplexity of ``ids`` under ``model`` (a :class:`~minicpm.MiniCPMForCausalLM`, as prepared);
     ``kv_format``: a quantized :class:`~minicpm.engine.attention.kv_format.KVFormat` to score
-    through (None or a float format: attention in the activations' own dtype)."""
-    cache = RoundTripCache(kv_format) if kv_format is not None and kv_format.quantized else None
+    through (None or a float format: attention in the activations' own dtype), rotated by
+    ``rotation`` where the engine's cache is (``PagedKVCache.rotation``)."""
+    quantized = kv_format is not None and kv_format.quantized
+    cache = RoundTripCache(kv_format, rotation) if quantized else None
     stride = stride or context
     limit = model.config.context_length
     if context > limit:

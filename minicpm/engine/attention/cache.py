@@ -13,7 +13,9 @@ layer :meth:`PagedKVCache.attend` writes the new keys and values at ``metadata.s
 (``index_copy_``: an out-of-range slot raises; quantized first) and returns the backend's
 attention. With a quantized format the backend is handed the new keys and values as the cache
 gives them back (dequantized), so a chunk attending to its own keys sees what a later decode step
-reads: every token attends to the quantized cache, its own entry included.
+reads: every token attends to the quantized cache, its own entry included. A cache made with
+``rotate`` and a quantized format rotates queries, keys and values first and each output back
+(``rotation``; see :mod:`.kv_format`): backends see and store the rotated vectors.
 
 The backend is fixed at construction. When one of its kernels raises mid-serving (anything but
 running out of memory), the cache either raises (``on_kernel_failure="raise"``) or, where the
@@ -37,7 +39,7 @@ from ...errors import UserError
 from ..config import KERNEL_FAILURE_CHOICES
 from ..cpu_kernels import advise_huge_pages
 from .base import AttentionBackend, AttentionMetadata
-from .kv_format import FORMATS, KVFormat
+from .kv_format import FORMATS, ROTATION, KVFormat, hadamard, rotate_heads
 
 log = logging.getLogger("minicpm.engine")
 
@@ -58,6 +60,7 @@ class PagedKVCache:
         backend: AttentionBackend | None = None,
         on_kernel_failure: str = "raise",
         kv_format: KVFormat | None = None,
+        rotate: bool = False,
     ) -> None:
         if on_kernel_failure not in KERNEL_FAILURE_CHOICES:
             raise UserError(f"on_kernel_failure must be 'raise' or 'fallback', got {on_kernel_failure!r}")
@@ -80,6 +83,11 @@ class PagedKVCache:
         if self.k[0].nbytes >= HUGE_PAGE_LAYER_BYTES:
             for cache in self.storage.values():
                 advise_huge_pages(cache)
+        # a quantized format's Hadamard rotation (kv_format.rotate_heads), where ``rotate`` and the
+        # head size allow it; None: stored as computed
+        self.rotation: Tensor | None = None
+        if rotate and fmt.quantized and config.head_dim % ROTATION == 0:
+            self.rotation = hadamard(ROTATION, device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
@@ -164,15 +172,19 @@ class PagedKVCache:
             raise RuntimeError("PagedKVCache.attend called without metadata")
         if self.on_layer is not None:
             self.on_layer()
+        h = self.rotation
+        if h is not None:
+            q, k, v = rotate_heads(q, h), rotate_heads(k, h), rotate_heads(v, h)
         k, v = self.write(layer, k, v, md.slot_mapping)
         try:
-            return self.backend.attend(self, layer, q, k, v, md)
+            out = self.backend.attend(self, layer, q, k, v, md)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # counted and served by the fallback, or raised (see the module docstring)
             if not self._fall_back(exc, md):
                 raise
-        return self.backend.attend(self, layer, q, k, v, self.metadata)
+            out = self.backend.attend(self, layer, q, k, v, self.metadata)
+        return out if h is None else rotate_heads(out, h)
 
     def _fall_back(self, exc: Exception, md: AttentionMetadata) -> bool:
         """Move to the backend's fallback for good (this step re-prepared for it); False where

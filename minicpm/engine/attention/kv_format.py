@@ -19,6 +19,13 @@ Contract:
 
   Scales are rounded to float16 before the codes are computed, so ``dequantize(quantize(x))`` is
   what every kernel reads.
+* A quantized cache is rotated (``EngineConfig.kv_rotation``, on by default; llama.cpp does the
+  same for its quantized caches): queries, keys and values are multiplied by the orthonormal
+  64-point Walsh-Hadamard matrix :func:`hadamard` (block-diagonal over ``head_dim``, a multiple of
+  64) before the keys and values are stored, and each attention output by it again (it is its own
+  inverse). Attention is unchanged in real arithmetic (``(q H) . (k H) = q . k``); the quantizer
+  sees channels mixed, so an outlier channel no longer sets its group's scale alone.
+  :func:`rotate_heads` is the one definition: in float32, rounded once to the input's dtype.
 * :func:`resolve_kv_format` maps a user's ``kv_cache_dtype`` ("auto" or a name) to a format for
   an activation dtype and device, or raises a :class:`~minicpm.errors.UserError` naming what is
   wrong (a float cache in another dtype than the activations, fp8 off CUDA, an odd head size).
@@ -36,6 +43,7 @@ from ...errors import UserError
 from ..config import KV_CACHE_DTYPES
 
 GROUP = 32  # values along head_dim per scale
+ROTATION = 64  # the Hadamard rotation's size (head_dim must be a multiple of it)
 _FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8_MAX = 448.0
 
@@ -115,6 +123,23 @@ class KVFormat:
         if not self.quantized and x.dtype == self.dtype:
             return x
         return self.dequantize(*self.quantize(x), x.dtype)
+
+
+def hadamard(n: int = ROTATION, device: torch.device | str = "cpu") -> Tensor:
+    """The orthonormal ``n`` x ``n`` Walsh-Hadamard matrix in float32 (Sylvester's order: entries
+    +-1/sqrt(n); symmetric, its own inverse); ``n`` a power of two."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / n**0.5).to(device=device, dtype=torch.float32)
+
+
+def rotate_heads(x: Tensor, h: Tensor) -> Tensor:
+    """``x`` (..., head_dim) times ``h`` (n x n) in each run of ``n`` values, in float32 (float64
+    for float64), rounded once to ``x``'s dtype."""
+    n = h.shape[0]
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf.unflatten(-1, (-1, n)) @ h.to(xf.dtype)).flatten(-2).to(x.dtype)
 
 
 FORMATS = {

@@ -8,8 +8,10 @@
  *   x = rmsnorm(h) * w1            float32 statistics; bfloat16: normalised, rounded, times w1
  *   qkv = x W_qkv^T                the panel kernel (linear.c), one or more stacked parts
  *   q, k = rope(q, k)              x * cos + swap_halves(x) * sin_signed, in float32, rounded
+ *   q, k, v = q H, k H, v H        a rotated cache's Hadamard rotation (per 64 values), rounded
  *   cache[slot[r]] = k, v          this layer's paged cache
  *   a = attention(q)               the paged kernel (paged_attention.c) over each row's blocks
+ *   a = a H                        rotated back (a rotated cache), rounded
  *   h = h + (a W_o^T) * s          s = scale_depth / sqrt(layers), skipped when 1
  *   x = rmsnorm(h) * w2
  *   g, u = x W_gu^T
@@ -118,12 +120,35 @@ static int check_linear(const Linear *l, int k, int n_total) {
     return 0;
 }
 
+#define ROTATION 64 /* kv_format.ROTATION */
+
+/* ``n`` heads of ``head_dim`` activation-dtype values at p, each run of 64 times the orthonormal
+ * Walsh-Hadamard matrix (Sylvester's order, as kv_format.hadamard) by the fast transform in
+ * float32, rounded once to the activation dtype (kv_format.rotate_heads; the sums' order differs
+ * from a matrix product's: last-bit differences in float32) */
+static void rotate_heads(int xtype, void *p, int n, int head_dim) {
+    float t[ROTATION];
+    for (int64_t b = 0; b < (int64_t)n * head_dim; b += ROTATION) {
+        for (int i = 0; i < ROTATION; i++) t[i] = get(xtype, p, b + i);
+        for (int len = 1; len < ROTATION; len <<= 1)
+            for (int i = 0; i < ROTATION; i += 2 * len)
+                for (int j = i; j < i + len; j++) {
+                    const float x = t[j], y = t[j + len];
+                    t[j] = x + y;
+                    t[j + len] = x - y;
+                }
+        for (int i = 0; i < ROTATION; i++) put(xtype, p, b + i, t[i] * 0.125f); /* 1 / sqrt(64), exact */
+    }
+}
+
 /* The decoder layers over ``m`` decode rows. h (m, hidden) in and out; cos / sin_signed (m,
  * head_dim) float32 (already rounded to the activation dtype); slots (m) cache slots of the new
  * tokens; k_cache / v_cache the whole cache, ``layer_bytes`` bytes per layer, each layer
  * (num_blocks * block_size slots, kv_heads, head_dim) in the activation dtype, or codes of kvkind
  * (minicpm.h) with float16 scales k_scale / v_scale, ``scale_layer_stride`` scales per layer (the
- * new keys and values quantized as kv_format.py does); tables / row_seq / row_len as
+ * new keys and values quantized as kv_format.py does); rotate: 1 where the cache is Hadamard-rotated
+ * (q, k, v heads rotated before they are used and stored, the attention output rotated back; head_dim
+ * a multiple of 64); tables / row_seq / row_len as
  * paged_attention.c takes them. ``work`` (``work_bytes``) and ``scratch`` (``scratch_bytes``) at
  * least what minicpm_decode_buffer_bytes asks for m rows. Every size, slot, row and block id is
  * checked before anything is written: returns 0, or the refusal code (minicpm.h) with the cache
@@ -131,10 +156,10 @@ static int check_linear(const Linear *l, int k, int n_total) {
 int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
                           int64_t layer_bytes, int kvkind, uint16_t *k_scale, uint16_t *v_scale,
-                          int64_t scale_layer_stride, int64_t num_blocks, const int32_t *tables, int seqs, int width,
-                          const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden, int heads,
-                          int kv_heads, int head_dim, int inter, float eps, float residual_scale, float attn_scale,
-                          void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes) {
+                          int64_t scale_layer_stride, int rotate, int64_t num_blocks, const int32_t *tables, int seqs,
+                          int width, const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden,
+                          int heads, int kv_heads, int head_dim, int inter, float eps, float residual_scale,
+                          float attn_scale, void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes) {
     if (xtype != 0 && xtype != 1) return MINICPM_BAD_DTYPE;
     if (m <= 0) return 0;
     if (n_layers < 0 || hidden < 1 || heads < 1 || kv_heads < 1 || inter < 1 || block_size < 1 || num_blocks < 0)
@@ -147,6 +172,7 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
                   k_scale == NULL || v_scale == NULL))
         return MINICPM_BAD_KV;
     if (kvkind != MINICPM_KV_PLAIN && kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) return MINICPM_BAD_KV;
+    if (rotate && head_dim % ROTATION) return MINICPM_BAD_HEAD_DIM;
     /* a (slot, kv head) row's code bytes and float16 scales */
     const int64_t row_bytes = kvkind == MINICPM_KV_INT4 ? head_dim / 2 : kvkind == MINICPM_KV_INT8 ? head_dim
                                                                                                  : head_dim * (xtype ? 2 : 4);
@@ -188,6 +214,8 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
                     put(xtype, row, (int64_t)hh * head_dim + i, a + b);
                 }
             }
+            if (rotate) /* q, k and v heads: the cache's Hadamard rotation */
+                rotate_heads(xtype, row, heads + 2 * kv_heads, head_dim);
             if (quant) {
                 minicpm_kv_quantize(xtype, kvkind, row + (int64_t)heads * head_dim * es, 0, 1, kv_heads, head_dim,
                                     slots + r, kc, ks);
@@ -203,6 +231,8 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
                                                  width, row_seq, row_len, m, heads, kv_heads, head_dim, block_size,
                                                  attn_scale, att);
         if (code != 0) return code;
+        if (rotate) /* each output head rotated back (the matrix is its own inverse) */
+            for (int r = 0; r < m; r++) rotate_heads(xtype, att + (int64_t)r * att_n * es, heads, head_dim);
         linear(&ly->o, xtype, att, m, att_n, out, hidden, scratch);
         residual(xtype, h, out, (int64_t)m * hidden, residual_scale);
         rmsnorm(xtype, h, ly->norm2, m, hidden, eps, x);
