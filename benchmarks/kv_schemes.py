@@ -177,15 +177,6 @@ def per_channel(k: Tensor, scheme: Scheme) -> Tensor:
     return out
 
 
-def hadamard(n: int) -> Tensor:
-    """The orthonormal n x n Walsh-Hadamard matrix (Sylvester's construction; n a power of two),
-    symmetric and its own inverse: what llama.cpp multiplies a quantized cache's q, k (and v) by."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h / math.sqrt(n)
-
-
 class SchemeCache:
     """Attention over keys and values as ``scheme`` stores them (one window, nothing kept across
     forwards), for :func:`ppl`; see the module docstring for the windowed schemes."""
@@ -201,7 +192,9 @@ class SchemeCache:
         s = self.scheme
         if s.offset:
             k = k - self.offsets[layer][None, :, None, :].to(k.dtype)
-        if s.rotate:
+        if s.rotate:  # the engine's matrix (what llama.cpp multiplies a quantized cache's q, k and v by)
+            from minicpm.engine.attention.kv_format import hadamard
+
             h = hadamard(k.shape[-1]).to(k.dtype)
             q, k = q @ h, k @ h
             if s.rotate == "kv":

@@ -392,7 +392,9 @@ def test_kv_schemes_rotation_is_exact_in_float_and_what_gets_quantized() -> None
     matrix is orthonormal and its own inverse, so rotated float attention is attention; what is
     quantized is the rotated keys (and values, the output rotated back)."""
     import torch
-    from kv_schemes import SCHEMES, SchemeCache, hadamard, per_token
+    from kv_schemes import SCHEMES, SchemeCache, per_token
+
+    from minicpm.engine.attention.kv_format import hadamard
 
     h = hadamard(64)
     torch.testing.assert_close(h @ h, torch.eye(64), rtol=0, atol=1e-6)
