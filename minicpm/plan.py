@@ -98,10 +98,10 @@ def quantized_weight_bytes(
     config: MiniCPMConfig, dtype: torch.dtype | str, quantize: str, group_size: int | None
 ) -> int:
     """Bytes of the weights as ``quantize_model(model, quantize, group_size)`` leaves them: every
-    linear layer's codes with its float32 scales (and minimums for int4), the head at 8 bits per
-    channel under int4 (a tied table is the head, looked up from its codes), norms and an untied
-    embedding table in ``dtype``. ``quantize`` "none" or "auto" (a float checkpoint): parameters x
-    bytes per element."""
+    linear layer's codes with its float32 scales (and minimums for int4), the head and the
+    embedding table at 8 bits per channel under int4 (a tied table is the head: counted once), norms
+    in ``dtype``. ``quantize`` "none" or "auto" (a float checkpoint): parameters x bytes per
+    element."""
     from .quant import check_quantize, default_group
 
     check_quantize(quantize, group_size)
@@ -115,13 +115,12 @@ def quantized_weight_bytes(
         codes = out * inp if fmt == "int8" else out * inp // 2
         return codes + out * (inp // group) * 4 * (2 if fmt == "int4" else 1)
 
-    head = "lm_head.weight" if "lm_head.weight" in shapes else "model.embed_tokens.weight"
     total = 0
     for name, shape in shapes.items():
-        if name == head:
+        if name in ("lm_head.weight", "model.embed_tokens.weight"):  # head_format
             fmt, group = ("int8", None) if quantize == "int4" else (quantize, group_size)
             total += linear(*shape, fmt, group)
-        elif len(shape) == 2 and name != "model.embed_tokens.weight":
+        elif len(shape) == 2:
             total += linear(*shape, quantize, group_size)
         else:
             total += math.prod(shape) * b

@@ -403,9 +403,9 @@ def quantize_model(model: nn.Module, quantize: str, group_size: int | None = Non
     * ``"int8"`` / ``"int4"``: every linear layer in that format and group size (default: int8 per
       channel, int4 groups of 32), the head too except that int4 keeps it at 8 bits
       (:func:`head_format`); a layer already in its format is kept as it is, any other is
-      requantized from its (dequantized) weight. A tied table is the head: it takes the head's
-      format and embeddings are looked up from its codes (one copy, as llama.cpp's token table);
-      an untied table stays as it is.
+      requantized from its (dequantized) weight. The embedding table takes the head's format and
+      embeddings are looked up from its codes (:class:`QuantizedEmbedding`; llama.cpp quantizes
+      its token table too): a tied table is the head (one copy), an untied one is its own.
     """
     check_quantize(quantize, group_size)
     if quantize == "auto":
@@ -417,12 +417,13 @@ def quantize_model(model: nn.Module, quantize: str, group_size: int | None = Non
         if model.lm_head is embed.table:
             model.lm_head = to_float_linear(embed.table, dtype)
             model.lm_head.weight = model.model.embed_tokens.weight
-    if quantize in FORMATS and model.config.tie_word_embeddings:
+    if quantize in FORMATS:
         table = head_format(
             embed.table if isinstance(embed, QuantizedEmbedding) else embed.weight, quantize, group_size
         )
         model.model.embed_tokens = QuantizedEmbedding(table, dtype)
-        model.lm_head = table
+        if model.config.tie_word_embeddings:
+            model.lm_head = table
     for parent, name, layer in linear_slots(model):
         if quantize == "none":
             if isinstance(layer, QuantizedLinear):
@@ -449,14 +450,15 @@ def quantize_weight(
 ) -> Tensor | QuantizedLinear | None:
     """One checkpoint weight (by its name) under :func:`quantize_model`'s rule: "auto" as it is,
     "none" dequantized to ``dtype`` if quantized, "int8" / "int4" in that format if it is a linear
-    weight, a tied table in the head's format; None for a tied head, which is then the table."""
+    weight, the embedding table (tied or not) in the head's format; None for a tied head, which is
+    then the table."""
     if quantize == "auto":
         return w
     if quantize == "none":
         return w.dequantize(dtype) if isinstance(w, QuantizedLinear) else w
     if tied and name == "lm_head.weight":
         return None  # the table is the head
-    if tied and name == "model.embed_tokens.weight":
+    if name == "model.embed_tokens.weight":
         return head_format(w, quantize, group_size)
     if not is_linear_weight(name):
         return w

@@ -584,7 +584,7 @@ def load_weight(
     else:
         stored = weight.parts[""].dtype
         quantized_next = quantize in FORMATS and (
-            is_linear_weight(weight.name) or (tied and weight.name == "model.embed_tokens.weight")
+            is_linear_weight(weight.name) or weight.name == "model.embed_tokens.weight"
         )
         exact = dtype is None or (quantized_next and _exact_in(stored, dtype))
         value = weight.load(None if exact else dtype)

@@ -41,8 +41,8 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_back_bit_for_bit(
     assert "model.layers.0.self_attn.q_proj.qweight" in names
     if tied:  # the table is the head: quantized once, embeddings looked up from its codes
         assert "model.embed_tokens.qweight" in names and not any(n.startswith("lm_head") for n in names)
-    else:  # an untied table stays float
-        assert "lm_head.qweight" in names and "model.embed_tokens.weight" in names
+    else:  # an untied table is quantized on its own, in the head's format
+        assert {"lm_head.qweight", "model.embed_tokens.qweight"} <= names and "model.embed_tokens.weight" not in names
     qconfig = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     layers = f"{fmt}-g{group}" if group else f"{fmt}-per-channel"
     assert qconfig["formats"] == sorted({layers, "int8-per-channel" if fmt == "int4" else layers})  # int4: 8-bit head
@@ -51,7 +51,9 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_back_bit_for_bit(
     loaded = MiniCPMForCausalLM.from_pretrained(tmp_path / "q")
     head_group = config.hidden_size if fmt == "int4" else group or config.hidden_size
     assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.group == head_group
-    assert isinstance(loaded.model.embed_tokens, QuantizedEmbedding) == tied
+    assert isinstance(loaded.model.embed_tokens, QuantizedEmbedding)
+    assert (loaded.lm_head is loaded.model.embed_tokens.table) == tied
+    assert loaded.model.embed_tokens.table.group == head_group
     with torch.no_grad():
         assert torch.equal(loaded(IDS), in_memory(IDS))
         for name, t in in_memory.named_buffers():
@@ -67,6 +69,7 @@ def test_convert_quantize_writes_a_checkpoint_that_loads_back_bit_for_bit(
         assert torch.equal(deq.lm_head.weight, loaded.lm_head.dequantize())
     else:
         assert torch.equal(deq.lm_head.weight, loaded.lm_head.dequantize())
+        assert torch.equal(deq.model.embed_tokens.weight, loaded.model.embed_tokens.table.dequantize())
     assert torch.equal(deq.model.layers[1].mlp.down_proj.weight, loaded.model.layers[1].mlp.down_proj.dequantize())
 
 
