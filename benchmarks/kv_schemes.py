@@ -26,6 +26,14 @@ second half scored). The keys are the rotated ones (what the cache stores).
                    output rotated back (what the engine's int4 cache ships, ``kv_rotation``);
                    q4_0-hkv: q4_0's rule so (llama.cpp's default for a quantized cache:
                    attn_rot_k / attn_rot_v)
+    int4-g64-hkv   int4-hkv with one scale and min per 64 values (a whole head row) for keys and
+                   values (36 bytes a row instead of 40); int4-v64-hkv: for values only (keys as
+                   int4-hkv): the KV bytes that would bring a 128k context under 16 GiB, and their cost
+    int4-mse-hkv   int4-hkv, each group's (scale, min) the least squared error of 25 clipped ranges
+                   (5 cuts at either end); int4-mse9-hkv: 9 (3 cuts); int4-ls-hkv: the least-squares
+                   (scale, min) of the min/max codes; int4-ls2-hkv: refitted twice (what the engine's
+                   writer does, kv_format.int4_fit, less its never-worse-than-plain check). The format
+                   is int4's: only the writer's choice of (scale, min) differs
     int4-mu        int4 of the keys less a static per-channel mean (per layer and kv head, of the
                    rotated keys over ``--calibration`` tokens of another text: the needle eval's
                    essays where installed, else the text's tail beyond the scored windows; or
@@ -83,6 +91,10 @@ class Scheme:
     window: int = 0
     offset: bool = False  # keys less a static per-channel mean (calibrated) before quantizing
     rotate: str = ""  # "k": queries and keys times a Hadamard matrix; "kv": values too (output rotated back)
+    group: int = GROUP  # values along head_dim per scale (the per-token schemes)
+    search: str = ""  # asymmetric: "grid25" / "grid9": the (scale, min) of the least squared error over
+    # clipped ranges; "ls": the codes' least-squares (scale, min), the codes then made again
+    value_group: int = 0  # the values' group when it differs from the keys' (0: ``group``)
 
     def row_bytes(self, head_dim: int, channel: bool) -> float:
         """Bytes a (token, kv head) row of keys (``channel``) or values takes."""
@@ -91,7 +103,8 @@ class Scheme:
         codes = self.bits * head_dim / 8
         if channel and self.keys == "channel":
             return codes + 2 * 2 * head_dim / self.window  # scale and min per channel per group of tokens
-        return codes + 2 * (1 if self.symmetric else 2) * head_dim / GROUP
+        group = self.group if channel or not self.value_group else self.value_group
+        return codes + 2 * (1 if self.symmetric else 2) * head_dim / group
 
     def bytes_per_token(self, layers: int, kv_heads: int, head_dim: int) -> float:
         return layers * kv_heads * (self.row_bytes(head_dim, True) + self.row_bytes(head_dim, False))
@@ -119,6 +132,12 @@ SCHEMES = {
         Scheme("int4-hk", 4, rotate="k"),
         Scheme("int4-hkv", 4, rotate="kv"),
         Scheme("q4_0-hkv", 4, symmetric=True, rotate="kv"),
+        Scheme("int4-g64-hkv", 4, rotate="kv", group=64),
+        Scheme("int4-v64-hkv", 4, rotate="kv", value_group=64),
+        Scheme("int4-mse-hkv", 4, rotate="kv", search="grid25"),
+        Scheme("int4-mse9-hkv", 4, rotate="kv", search="grid9"),
+        Scheme("int4-ls-hkv", 4, rotate="kv", search="ls"),
+        Scheme("int4-ls2-hkv", 4, rotate="kv", search="ls2"),
     )
 }
 
@@ -133,6 +152,53 @@ def _asymmetric(x: Tensor, bits: int, dim: int) -> Tensor:
     lo = lo.half().float()
     div = torch.where(scale == 0, torch.ones_like(scale), scale)
     return torch.clamp(torch.round((x - lo) / div), 0, levels) * scale + lo
+
+
+CLIPS = {"grid25": (0.0, 0.03, 0.06, 0.09, 0.12), "grid9": (0.0, 0.05, 0.1)}  # cut from either end
+
+
+def _least_squares(x: Tensor, bits: int, rounds: int = 1) -> Tensor:
+    """min/max codes, then ``rounds`` times the (scale, min) that fit them best (a linear regression
+    of x on the codes), rounded to float16, and the codes made again with them."""
+    levels = (1 << bits) - 1
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo) / levels
+    codes = torch.clamp(torch.round((x - lo) / torch.where(scale == 0, torch.ones_like(scale), scale)), 0, levels)
+    n = x.shape[-1]
+    for _ in range(rounds):
+        sc, sx = codes.sum(-1, keepdim=True), x.sum(-1, keepdim=True)
+        scc, scx = codes.square().sum(-1, keepdim=True), (codes * x).sum(-1, keepdim=True)
+        det = n * scc - sc * sc
+        ok = det > 0
+        fit_s = torch.where(ok, (n * scx - sc * sx) / torch.where(ok, det, torch.ones_like(det)), scale)
+        fit_m = torch.where(ok, (sx - fit_s * sc) / n, lo)
+        scale, lo = fit_s.half().float(), fit_m.half().float()
+        div = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.clamp(torch.round((x - lo) / div), 0, levels)
+    return codes * scale + lo
+
+
+def _asymmetric_search(x: Tensor, bits: int, clips: tuple[float, ...]) -> Tensor:
+    """``x`` (..., group) quantized as :func:`_asymmetric`, each group with the (scale, min), among
+    its range clipped by every pair of :data:`CLIPS` at the bottom and the top, whose round trip
+    has the least squared error (the format is the same: only the writer's choice changes)."""
+    levels = (1 << bits) - 1
+    lo0, hi0 = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    best, best_err = None, None
+    for a in clips:
+        for b in clips:
+            lo, hi = lo0 + a * (hi0 - lo0), hi0 - b * (hi0 - lo0)
+            scale = ((hi - lo) / levels).half().float()
+            lo = lo.half().float()
+            div = torch.where(scale == 0, torch.ones_like(scale), scale)
+            y = torch.clamp(torch.round((x - lo) / div), 0, levels) * scale + lo
+            err = (y - x).square().sum(-1, keepdim=True)
+            if best is None:
+                best, best_err = y, err
+            else:
+                take = err < best_err
+                best, best_err = torch.where(take, y, best), torch.where(take, err, best_err)
+    return best
 
 
 def _q4_0(g: Tensor) -> Tensor:
@@ -152,14 +218,18 @@ def _int8(g: Tensor) -> Tensor:
     return torch.clamp(torch.round(g / div), -127, 127) * scale
 
 
-def per_token(x: Tensor, scheme: Scheme) -> Tensor:
-    """``x`` (..., head_dim) through groups of 32 along head_dim."""
+def per_token(x: Tensor, scheme: Scheme, group: int = GROUP) -> Tensor:
+    """``x`` (..., head_dim) through groups of ``group`` along head_dim."""
     shape = x.shape
-    g = x.float().reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
+    g = x.float().reshape(*shape[:-1], shape[-1] // group, group)
     if scheme.bits == 8:
         out = _int8(g)
     elif scheme.symmetric:
         out = _q4_0(g)
+    elif scheme.search.startswith("ls"):
+        out = _least_squares(g, scheme.bits, int(scheme.search[2:] or 1))
+    elif scheme.search:
+        out = _asymmetric_search(g, scheme.bits, CLIPS[scheme.search])
     else:
         out = _asymmetric(g, scheme.bits, -1)
     return out.reshape(shape).to(x.dtype)
@@ -199,8 +269,8 @@ class SchemeCache:
             q, k = q @ h, k @ h
             if s.rotate == "kv":
                 v = v @ h
-        kq = per_channel(k, s) if s.keys == "channel" else per_token(k, s)
-        vq = per_token(v, s)
+        kq = per_channel(k, s) if s.keys == "channel" else per_token(k, s, s.group)
+        vq = per_token(v, s, s.value_group or s.group)
         if not s.window:
             out = F.scaled_dot_product_attention(q, kq, vq, is_causal=True, enable_gqa=True)
             return out @ h if s.rotate == "kv" else out  # h is its own inverse

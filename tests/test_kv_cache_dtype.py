@@ -14,14 +14,24 @@ from test_cpu_kernels import make_case, needs_native, prefill_dtypes, prefill_re
 from minicpm import SamplingParams
 from minicpm.engine import EngineConfig, LLMEngine
 from minicpm.engine.attention.kv_format import FORMATS, GROUP, resolve_kv_format
-from minicpm.engine.cpu_kernels import _DTYPES, KV_KINDS, native_kernels, paged_attention, paged_prefill
+from minicpm.engine.cpu_kernels import _DTYPES, KV_KINDS, kv_quantize, native_kernels, paged_attention, paged_prefill
 from minicpm.errors import UserError
 
 QUANTIZED = ["int8", "int4"]
 
 
+def plain_int4(x: torch.Tensor) -> torch.Tensor:
+    """x through int4 with each group's plain (min, (max - min) / 15) pair."""
+    g = x.reshape(*x.shape[:-1], -1, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s, m = ((hi - lo) / 15).half().float(), lo.half().float()
+    return (torch.clamp(torch.round((g - m) / torch.where(s == 0, 1, s)), 0, 15) * s + m).reshape(x.shape)
+
+
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_round_trip_error_is_within_half_a_step_of_each_group(name) -> None:
+    """int8: every value within half a step; int4: every group's squared error at most the plain
+    min/max pair's (which rounds every value within half a step), 10% less over many groups."""
     fmt = FORMATS[name]
     x = torch.randn(7, 3, 128) * torch.linspace(0.1, 10, 128)  # channels of very different sizes
     x[0, 0, :GROUP] = 0.0  # an all-zero group: scale 0, exact zeros back
@@ -32,7 +42,14 @@ def test_round_trip_error_is_within_half_a_step_of_each_group(name) -> None:
     step = scales.float().reshape(7, 3, 128 // GROUP, -1)[..., 0].repeat_interleave(GROUP, -1)
     # half a step, and float16's rounding of the scale and minimum (relative 2^-11 of the group's size)
     slack = x.abs().reshape(7, 3, -1, GROUP).amax(-1).repeat_interleave(GROUP, -1) * 2e-3
-    assert ((back - x).abs() <= step / 2 + slack + 1e-6).all()
+    if name == "int8":
+        assert ((back - x).abs() <= step / 2 + slack + 1e-6).all()
+    else:
+        ours = (back - x).square().reshape(7, 3, -1, GROUP).sum(-1)
+        theirs = (plain_int4(x) - x).square().reshape(7, 3, -1, GROUP).sum(-1)
+        assert (ours <= theirs * (1 + 1e-5)).all()
+        many = torch.randn(2000, 64)
+        assert (many - fmt.round_trip(many)).square().sum() < 0.9 * (many - plain_int4(many)).square().sum()
     assert (back[0, 0, :GROUP] == 0).all()
     assert torch.equal(fmt.round_trip(back), fmt.dequantize(*fmt.quantize(back), torch.float32))
 
@@ -74,13 +91,33 @@ def test_the_c_quantizer_writes_the_reference_codes_bit_for_bit(name, dtype) -> 
     slots = torch.tensor([5, 0, 3, 7, 1, 2, 8, 4, 6], dtype=torch.int64)
     codes = torch.zeros(rows, kv_heads, fmt.code_width(d), dtype=fmt.dtype)
     scales = torch.zeros(rows, kv_heads, fmt.scale_width(d), dtype=torch.float16)
-    lib.minicpm_kv_quantize(
+    assert lib.minicpm_kv_quantize(
         _DTYPES[dtype], KV_KINDS[fmt.dtype], x.data_ptr(), kv_heads * d, rows, kv_heads, d,
-        slots.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-    )  # fmt: skip
+        slots.data_ptr(), rows, codes.data_ptr(), scales.data_ptr(),
+    ) == 0  # fmt: skip
     want_codes, want_scales = fmt.quantize(x)
     assert torch.equal(codes[slots], want_codes)
     assert torch.equal(scales[slots].view(torch.int16), want_scales.view(torch.int16))
+    # many groups of several kinds (the int4 writer's refits and ties), through the Python wrapper
+    gen = torch.Generator().manual_seed(1)
+    many = torch.cat(
+        (
+            torch.randn(300, kv_heads, d, generator=gen),
+            torch.randn(300, kv_heads, d, generator=gen) ** 3,  # heavy tails
+            torch.randn(300, kv_heads, d, generator=gen) * 1e-3 + 50,  # a large offset
+            torch.randint(-2, 3, (300, kv_heads, d), generator=gen).float(),  # few distinct values
+        )
+    ).to(dtype)
+    order = torch.randperm(many.shape[0], generator=gen)
+    codes = torch.zeros(many.shape[0], kv_heads, fmt.code_width(d), dtype=fmt.dtype)
+    scales = torch.zeros(many.shape[0], kv_heads, fmt.scale_width(d), dtype=torch.float16)
+    kv_quantize(many, codes, scales, order)
+    want_codes, want_scales = fmt.quantize(many)
+    assert torch.equal(codes[order], want_codes)
+    assert torch.equal(scales[order].view(torch.int16), want_scales.view(torch.int16))
+    with pytest.raises(ValueError, match="slot"):  # refused before anything is written
+        kv_quantize(many[:2], codes, scales, torch.tensor([0, many.shape[0]]))
+    assert torch.equal(codes[order], want_codes)
 
 
 def quantized_case(name, heads, kv_heads, d, bs, lens, dtype, seed=0):

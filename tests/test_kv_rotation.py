@@ -134,8 +134,11 @@ def test_the_fused_decoder_rotates_as_the_eager_layers_do(monkeypatch, one_threa
     want, want_logits = run(LLMEngine(m, None, dataclasses.replace(settings, fused_decode=False)))
     if dtype == torch.float32:
         assert got == want
+        # int4: the fast transform's last-bit differences may move a group's least-squares scale
+        # by a float16 step (kv_format.int4_fit), a code or two
+        tol = 1e-4 if kv == "int4" else 1e-5
         for a, b in zip(got_logits, want_logits, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         # the mutant: the fused decoder told the cache is not rotated
         real = fused_decode.FusedDecoder.hidden_states
 

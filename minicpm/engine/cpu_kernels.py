@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled on first use: :func:`paged_attention` (decode rows) and
 :func:`paged_prefill` (prefill chunks) in ``csrc/paged_attention.c``, :func:`panel_linear`
-(``csrc/linear.c``) and the fused decoder's layers (``csrc/decode.c``).
+(``csrc/linear.c``), the fused decoder's layers (``csrc/decode.c``) and :func:`kv_quantize`, the
+quantized KV cache's writer (``csrc/kv_quant.c``).
 
 Contract:
 
@@ -60,6 +61,8 @@ SOURCES = {
     "linear.c": [],
     # the fused decode layers: no contraction either, so products and sums round as torch's operators
     "decode.c": ["-ffp-contract=off"],
+    # the KV cache's writer: likewise, so its codes are the reference quantizer's bit for bit
+    "kv_quant.c": ["-ffp-contract=off"],
     # the interface's identity: version, struct sizes, shared constants
     "abi.c": [],
 }
@@ -80,7 +83,7 @@ _REFUSALS = {  # csrc/minicpm.h's refusal codes
     -12: "a KV cache kind not known, its scales missing, or a head_dim not a multiple of 32",
 }
 
-ABI_VERSION = 4  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
+ABI_VERSION = 5  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
 
 _V, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # Every exported function of csrc/minicpm.h: name -> (result type, ((argument, type), ...)), applied
@@ -124,10 +127,10 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
         ),
     ),
     "minicpm_kv_quantize": (
-        None,
+        _I,
         (
             ("xtype", _I), ("kvkind", _I), ("x", _V), ("x_stride", _I64), ("rows", _I), ("kv_heads", _I),
-            ("head_dim", _I), ("slots_i64", _V), ("codes", _V), ("scales_f16", _V),
+            ("head_dim", _I), ("slots_i64", _V), ("num_slots", _I64), ("codes", _V), ("scales_f16", _V),
         ),
     ),
     "minicpm_check_rows": (
@@ -177,7 +180,7 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
 
 
-_HEADER = "minicpm.h"
+_HEADERS = ("minicpm.h", "numeric.h")
 _BUILD_PREFIX = ".build-"  # a build's own directory in the kernel cache, removed when it ends
 
 
@@ -190,7 +193,7 @@ def _build() -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [cc, version, " ".join(_COMMON_FLAGS), _cpu_signature(), (CSRC / _HEADER).read_text()]
+    parts = [cc, version, " ".join(_COMMON_FLAGS), _cpu_signature(), *((CSRC / h).read_text() for h in _HEADERS)]
     for name, flags in SOURCES.items():
         parts += [name, " ".join(flags), (CSRC / name).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
@@ -620,6 +623,49 @@ def paged_attention(
     if code != 0:
         raise ValueError(f"paged_attention: {refusal(code)}")
     return out
+
+
+def kv_quantize(x: Tensor, codes: Tensor, scales: Tensor, slots: Tensor, lib: ctypes.CDLL | None = None) -> None:
+    """``x`` (tokens, kv_heads, head_dim), float32 or bfloat16 with head-contiguous rows, quantized
+    into one cache layer's ``codes`` (slots, kv_heads, code width: int8, or uint8 for int4) and
+    float16 ``scales`` at ``slots`` (int64, one per token), as
+    :meth:`~minicpm.engine.attention.kv_format.KVFormat.quantize` does, bit for bit. A slot outside
+    the layer is a ``ValueError``, with nothing written."""
+    lib = lib or native_kernels()
+    if lib is None:
+        raise RuntimeError("native CPU kernels are not available")
+    tokens, kv_heads, head_dim = x.shape
+    kind = KV_KINDS.get(codes.dtype, 0)
+    width = head_dim // 2 if kind == 2 else head_dim
+    checks = {
+        "x must be a CPU float32 or bfloat16 tensor": x.device.type == "cpu" and x.dtype in _DTYPES,
+        "x's heads and head_dim must be contiguous": x.stride(2) == 1 and x.stride(1) == head_dim,
+        "codes must be contiguous int8 / int4 codes (slots, kv_heads, code width)": kind != 0
+        and codes.is_contiguous()
+        and codes.shape[1:] == (kv_heads, width),
+        "scales must be contiguous float16 (slots, kv_heads, head_dim / 32 [x 2])": scales.dtype == torch.float16
+        and scales.is_contiguous()
+        and scales.shape == (codes.shape[0], kv_heads, head_dim // 32 * (2 if kind == 2 else 1)),
+        "slots must be contiguous int64, one per token": slots.dtype == torch.int64
+        and slots.is_contiguous()
+        and slots.numel() == tokens,
+    }
+    _require("kv_quantize", checks)
+    code = lib.minicpm_kv_quantize(
+        _DTYPES[x.dtype],
+        kind,
+        x.data_ptr(),
+        x.stride(0),
+        tokens,
+        kv_heads,
+        head_dim,
+        slots.data_ptr(),
+        codes.shape[0],
+        codes.data_ptr(),
+        scales.data_ptr(),
+    )
+    if code != 0:
+        raise ValueError(f"kv_quantize: {refusal(code)}")
 
 
 def prefill_available(lib: ctypes.CDLL | None, dtype: torch.dtype, head_dim: int) -> bool:

@@ -10,12 +10,13 @@ every tensor of the cache, each indexed [layer, block]: what a block is, for who
 A forward over a flattened batch (input ids of shape (1, total tokens)) sets
 ``cache.metadata`` (prepared by ``cache.backend``) and passes the cache to the model; for every
 layer :meth:`PagedKVCache.attend` writes the new keys and values at ``metadata.slot_mapping``
-(``index_copy_``: an out-of-range slot raises; quantized first) and returns the backend's
-attention. With a quantized format the backend is handed the new keys and values as the cache
-gives them back (dequantized), so a chunk attending to its own keys sees what a later decode step
-reads: every token attends to the quantized cache, its own entry included. A cache made with
-``rotate`` and a quantized format rotates queries, keys and values first and each output back
-(``rotation``; see :mod:`.kv_format`): backends see and store the rotated vectors.
+(``index_copy_``, or for a quantized CPU cache the native writer: an out-of-range slot raises
+either way; quantized first) and returns the backend's attention. With a quantized format the
+backend is handed the new keys and values as the cache gives them back (dequantized), so a chunk
+attending to its own keys sees what a later decode step reads: every token attends to the
+quantized cache, its own entry included. A cache made with ``rotate`` and a quantized format
+rotates queries, keys and values first and each output back (``rotation``; see
+:mod:`.kv_format`): backends see and store the rotated vectors.
 
 The backend is fixed at construction. When one of its kernels raises mid-serving (anything but
 running out of memory), the cache either raises (``on_kernel_failure="raise"``) or, where the
@@ -37,7 +38,7 @@ from torch import Tensor
 from ...config import MiniCPMConfig
 from ...errors import UserError
 from ..config import KERNEL_FAILURE_CHOICES
-from ..cpu_kernels import advise_huge_pages
+from ..cpu_kernels import KV_KINDS, advise_huge_pages, kv_quantize, native_kernels
 from .base import AttentionBackend, AttentionMetadata
 from .kv_format import FORMATS, ROTATION, KVFormat, hadamard, rotate_heads
 
@@ -88,6 +89,10 @@ class PagedKVCache:
         self.rotation: Tensor | None = None
         if rotate and fmt.quantized and config.head_dim % ROTATION == 0:
             self.rotation = hadamard(ROTATION, device)
+        # a quantized CPU cache is written by the native kernels' quantizer where they build
+        # (csrc/kv_quant.c: the reference's codes, bit for bit), else by kv_format's torch one
+        self.native_writer = fmt.quantized and fmt.dtype in KV_KINDS and torch.device(device).type == "cpu"
+        self.native_writer = self.native_writer and dtype in (torch.float32, torch.bfloat16)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
@@ -159,10 +164,16 @@ class PagedKVCache:
             vc.index_copy_(0, slots, v[0].transpose(0, 1))
             return k, v
         fmt, back = self.format, []
+        lib = native_kernels() if self.native_writer else None
         for new, codes, scales in ((k, kc, self.scale_slots(layer)[0]), (v, vc, self.scale_slots(layer)[1])):
-            q, s = fmt.quantize(new[0].transpose(0, 1))
-            codes.index_copy_(0, slots, q)
-            scales.index_copy_(0, slots, s)
+            rows = new[0].transpose(0, 1)
+            if lib is not None:  # the C writer: the reference's codes, bit for bit, written in place
+                kv_quantize(rows.contiguous(), codes, scales, slots, lib)
+                q, s = codes.index_select(0, slots), scales.index_select(0, slots)
+            else:
+                q, s = fmt.quantize(rows)
+                codes.index_copy_(0, slots, q)
+                scales.index_copy_(0, slots, s)
             back.append(fmt.dequantize(q, s, new.dtype).transpose(0, 1)[None])
         return back[0], back[1]
 

@@ -13,8 +13,12 @@ Contract:
     (llama.cpp's q8_0: 8.5 bits a value).
   - ``int4``: asymmetric, ``x = code * scale + min``, codes in [0, 15] packed two to a byte
     (in each group, byte ``j`` holds value ``j`` in its low nibble and value ``j + 16`` in its
-    high one, as llama.cpp's q4 blocks), ``scale = (max - min) / 15`` (llama.cpp's q4_1: 5 bits a
-    value).
+    high one, as llama.cpp's q4 blocks; llama.cpp's q4_1 layout: 5 bits a value). The writer
+    picks each group's float16 ``(scale, min)`` for the least squared error among the plain pair
+    (``min``, ``(max - min) / 15``) and :data:`INT4_FITS` least-squares refits, each the
+    regression of the values on the previous pair's codes (llama.cpp's k-quants fit their scales
+    so; any pair is read the same way). Its sums over a group are taken in one fixed order
+    (:func:`tree_sum`), so the C writer (``csrc/kv_quant.c``) gives the same codes bit for bit.
   - ``fp8`` (CUDA): float8 e4m3 codes, ``x = code * scale``, ``scale = max|x| / 448``.
 
   Scales are rounded to float16 before the codes are computed, so ``dequantize(quantize(x))`` is
@@ -43,6 +47,7 @@ from ...errors import UserError
 from ..config import KV_CACHE_DTYPES
 
 GROUP = 32  # values along head_dim per scale
+INT4_FITS = 2  # least-squares refits of an int4 group's (scale, min) after the plain one (csrc/kv_quant.c)
 ROTATION = 64  # the Hadamard rotation's size (head_dim must be a multiple of it)
 _FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8_MAX = 448.0
@@ -84,11 +89,8 @@ class KVFormat:
         shape = x.shape
         g = x.float().reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
         if self.name == "int4":
-            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-            scale = ((hi - lo) / 15).half()
-            lo = lo.half()
-            div = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-            codes = torch.clamp(torch.round((g - lo.float()) / div), 0, 15).to(torch.uint8)
+            scale, lo = int4_fit(g)
+            codes = _int4_codes(g, scale.float(), lo.float()).to(torch.uint8)
             packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*shape[:-1], -1)
             scales = torch.cat((scale, lo), dim=-1).reshape(*shape[:-1], -1)
             return packed, scales
@@ -123,6 +125,49 @@ class KVFormat:
         if not self.quantized and x.dtype == self.dtype:
             return x
         return self.dequantize(*self.quantize(x), x.dtype)
+
+
+def tree_sum(x: Tensor) -> Tensor:
+    """``x`` (..., 2^k) summed over its last dimension in one fixed order, adjacent pairs first,
+    then pairs of those (keepdim): the C writer's order, so both round alike."""
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x
+
+
+def _int4_codes(g: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
+    div = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(torch.round((g - lo) / div), 0, 15)
+
+
+def _int4_error(g: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
+    s, m = scale.float(), lo.float()
+    e = (_int4_codes(g, s, m) * s + m) - g
+    return tree_sum(e * e)
+
+
+def int4_fit(g: Tensor) -> tuple[Tensor, Tensor]:
+    """Float16 ``(scale, min)`` (..., 1) of each group of ``g`` (..., 32, float32) as the int4
+    writer picks them (see the module docstring): every operation rounds as ``csrc/kv_quant.c``'s."""
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s0 = (hi - lo) / 15
+    best_s, best_m = s0.half(), lo.half()
+    best = _int4_error(g, best_s, best_m)
+    d = g - lo
+    codes = _int4_codes(d, s0, torch.zeros_like(s0))
+    for _ in range(INT4_FITS):
+        sc, scc = tree_sum(codes), tree_sum(codes * codes)
+        sd, scd = tree_sum(d), tree_sum(codes * d)
+        det, num = 32 * scc - sc * sc, 32 * scd - sc * sd
+        fs = num / torch.where(det > 0, det, torch.ones_like(det))
+        ok = (det > 0) & (fs > 0)
+        fm = (sd - fs * sc) / 32
+        s, m = torch.where(ok, fs, s0).half(), torch.where(ok, lo + fm, lo).half()
+        err = _int4_error(g, s, m)
+        take = err < best
+        best, best_s, best_m = torch.where(take, err, best), torch.where(take, s, best_s), torch.where(take, m, best_m)
+        codes = _int4_codes(g, s.float(), m.float())  # the next fit starts from this pair's codes
+    return best_s, best_m
 
 
 def hadamard(n: int = ROTATION, device: torch.device | str = "cpu") -> Tensor:

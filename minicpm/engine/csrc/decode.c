@@ -27,24 +27,10 @@
 #include <string.h>
 
 #include "minicpm.h"
+#include "numeric.h"
 
 typedef minicpm_linear_t Linear;
 typedef minicpm_layer_t Layer;
-
-static inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* element i of an activation-dtype array, and a store rounding to it */
 static inline float get(int xtype, const void *p, int64_t i) {
@@ -217,10 +203,11 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
             if (rotate) /* q, k and v heads: the cache's Hadamard rotation */
                 rotate_heads(xtype, row, heads + 2 * kv_heads, head_dim);
             if (quant) {
+                /* the slots were checked above: these cannot refuse */
                 minicpm_kv_quantize(xtype, kvkind, row + (int64_t)heads * head_dim * es, 0, 1, kv_heads, head_dim,
-                                    slots + r, kc, ks);
+                                    slots + r, slots_in_cache, kc, ks);
                 minicpm_kv_quantize(xtype, kvkind, row + (int64_t)(heads + kv_heads) * head_dim * es, 0, 1, kv_heads,
-                                    head_dim, slots + r, vc, vs);
+                                    head_dim, slots + r, slots_in_cache, vc, vs);
             } else {
                 const int64_t kv_bytes = (int64_t)kv_heads * head_dim * es;
                 memcpy(kc + slots[r] * kv_bytes, row + (int64_t)heads * head_dim * es, kv_bytes);

@@ -11,7 +11,7 @@
 
 #include <stdint.h>
 
-#define MINICPM_ABI_VERSION 4
+#define MINICPM_ABI_VERSION 5
 
 #define MINICPM_PANEL 32    /* output columns per packed weight panel (linear.c) */
 #define MINICPM_MAX_PARTS 3 /* weights stacked by output in one of the fused decoder's linears */
@@ -85,12 +85,16 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
                           int kv_heads, int head_dim, int block_size, float scale, void *out);
 /* 0 where every row's sequence, length and the block ids it reads are inside the tables and the
  * cache, else the refusal code (what minicpm_paged_attention checks first) */
-/* rows (rows x kv_heads of head_dim values, activation dtype) quantized into codes and scales at
- * row index slot[r] * kv_heads + h, exactly as kv_format.py's quantize does */
-void minicpm_kv_quantize(int xtype, int kvkind, const void *x, int64_t x_stride, int rows, int kv_heads, int head_dim,
-                         const int64_t *slots, void *codes, uint16_t *scales);
 int minicpm_check_rows(int64_t num_blocks, const int32_t *tables, int seqs, int width, const int32_t *row_seq,
                        const int32_t *row_len, int rows, int block_size);
+
+/* kv_quant.c */
+/* rows (rows x kv_heads of head_dim values, activation dtype, row stride x_stride elements)
+ * quantized into codes and scales at row index slot[r] * kv_heads + h, exactly as kv_format.py's
+ * quantize does; every slot checked against num_slots first. Returns 0, MINICPM_BAD_KV,
+ * MINICPM_BAD_SHAPE or MINICPM_BAD_SLOT (nothing written). */
+int minicpm_kv_quantize(int xtype, int kvkind, const void *x, int64_t x_stride, int rows, int kv_heads, int head_dim,
+                        const int64_t *slots, int64_t num_slots, void *codes, uint16_t *scales);
 
 /* decode.c */
 /* the bytes of the work (activation dtype) and scratch (float32) buffers minicpm_decode_layers

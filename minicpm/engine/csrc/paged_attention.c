@@ -24,21 +24,7 @@
 #include <string.h>
 
 #include "minicpm.h"
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "numeric.h"
 
 /* n float32 values times ``scale`` into dst: float32, or rounded to bfloat16 where bf16 */
 static inline void store_scaled(void *dst, const float *src, float scale, int n, int bf16) {
@@ -48,48 +34,6 @@ static inline void store_scaled(void *dst, const float *src, float scale, int n,
         else
             ((float *)dst)[d] = src[d] * scale;
     }
-}
-
-/* float16 <-> float32, round to nearest even (what torch's .half() and .float() do) */
-static inline float half_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
-    uint32_t u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        u = sign;
-    } else { /* subnormal: exactly man * 2^-24 */
-        float f = (float)man * 5.9604644775390625e-8f;
-        memcpy(&u, &f, sizeof u);
-        u |= sign;
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_half(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t sign = (u >> 16) & 0x8000u;
-    uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);         /* NaN */
-    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);        /* rounds past 65504: inf */
-    if (a < 0x38800000u) {                                           /* below 2^-14: subnormal or zero */
-        float mag;
-        memcpy(&mag, &a, sizeof mag);
-        return (uint16_t)(sign | (uint32_t)rintf(mag * 16777216.0f)); /* units of 2^-24, nearest even */
-    }
-    a += 0xfffu + ((a >> 13) & 1u); /* round the 13 dropped bits to nearest even */
-    return (uint16_t)(sign | ((a - 0x38000000u) >> 13));
-}
-
-/* value count of a (token, kv head) row's codes in bytes or elements: the codes' row width */
-static inline int64_t kv_width(int kind, int head_dim) { return kind == MINICPM_KV_INT4 ? head_dim / 2 : head_dim; }
-static inline int kv_scales(int kind, int head_dim) {
-    return head_dim / MINICPM_KV_GROUP * (kind == MINICPM_KV_INT4 ? 2 : 1);
 }
 
 /* 0 where kvkind, its scales and head_dim go together, else MINICPM_BAD_KV */
@@ -122,57 +66,6 @@ static inline void dequant_row(int kind, const void *codes, const uint16_t *scal
             }
         }
     }
-}
-
-/* head_dim float32 values quantized into one row of codes and scales (kv_format.py's quantize) */
-static void quantize_row(int kind, const float *x, int head_dim, void *codes, uint16_t *scales) {
-    for (int g = 0; g < head_dim / MINICPM_KV_GROUP; g++) {
-        const float *xg = x + g * MINICPM_KV_GROUP;
-        if (kind == MINICPM_KV_INT8) {
-            float amax = 0.0f;
-            for (int j = 0; j < MINICPM_KV_GROUP; j++) amax = fabsf(xg[j]) > amax ? fabsf(xg[j]) : amax;
-            const uint16_t h = f32_to_half(amax / 127.0f);
-            const float s = half_to_f32(h), div = s == 0.0f ? 1.0f : s;
-            scales[g] = h;
-            int8_t *c = (int8_t *)codes + g * MINICPM_KV_GROUP;
-            for (int j = 0; j < MINICPM_KV_GROUP; j++) {
-                float r = rintf(xg[j] / div);
-                c[j] = (int8_t)(r < -127.0f ? -127.0f : r > 127.0f ? 127.0f : r);
-            }
-        } else {
-            float lo = xg[0], hi = xg[0];
-            for (int j = 1; j < MINICPM_KV_GROUP; j++) {
-                lo = xg[j] < lo ? xg[j] : lo;
-                hi = xg[j] > hi ? xg[j] : hi;
-            }
-            const uint16_t hs = f32_to_half((hi - lo) / 15.0f), hm = f32_to_half(lo);
-            const float s = half_to_f32(hs), mn = half_to_f32(hm), div = s == 0.0f ? 1.0f : s;
-            scales[2 * g] = hs;
-            scales[2 * g + 1] = hm;
-            uint8_t code[MINICPM_KV_GROUP];
-            for (int j = 0; j < MINICPM_KV_GROUP; j++) {
-                float r = rintf((xg[j] - mn) / div);
-                code[j] = (uint8_t)(r < 0.0f ? 0.0f : r > 15.0f ? 15.0f : r);
-            }
-            uint8_t *c = (uint8_t *)codes + g * 16;
-            for (int j = 0; j < 16; j++) c[j] = (uint8_t)(code[j] | (code[j + 16] << 4));
-        }
-    }
-}
-
-void minicpm_kv_quantize(int xtype, int kvkind, const void *x, int64_t x_stride, int rows, int kv_heads, int head_dim,
-                         const int64_t *slots, void *codes, uint16_t *scales) {
-    float row[MINICPM_MAX_HEAD_DIM];
-    if ((kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) || head_dim > MINICPM_MAX_HEAD_DIM) return;
-    const int64_t width = kv_width(kvkind, head_dim);
-    for (int r = 0; r < rows; r++)
-        for (int h = 0; h < kv_heads; h++) {
-            const int64_t at = (int64_t)r * x_stride + (int64_t)h * head_dim;
-            for (int d = 0; d < head_dim; d++)
-                row[d] = xtype ? bf16_to_f32(((const uint16_t *)x)[at + d]) : ((const float *)x)[at + d];
-            const int64_t dst = slots[r] * kv_heads + h;
-            quantize_row(kvkind, row, head_dim, (char *)codes + dst * width, scales + dst * kv_scales(kvkind, head_dim));
-        }
 }
 
 /* exp(x) for x <= 0 to ~2 ulp: 2^n * p(r), r = x - n ln2, |r| <= ln2/2; branch-free so loops vectorize */

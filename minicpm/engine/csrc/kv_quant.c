@@ -1,0 +1,127 @@
+/* The KV cache's writer: rows of keys or values quantized into a cache layer's codes and float16
+ * scales, exactly as minicpm/engine/attention/kv_format.py's reference quantizer does, bit for bit.
+ *
+ * Built without floating-point contraction or reassociation (minicpm/engine/cpu_kernels.py), so
+ * every product and sum rounds as torch's separate operators do; the sums over a group of 32 are
+ * taken in one fixed order, adjacent pairs first (kv_format.tree_sum), on both sides.
+ *
+ *   int8: per group of 32, scale = max|x| / 127 rounded to float16, codes rint(x / scale).
+ *   int4: per group of 32, the (scale, min) pair, both float16, of the least squared error among
+ *         the plain one (min, (max - min) / 15) and INT4_FITS least-squares refits (each the
+ *         regression of the values on the previous pair's codes), the first of equal errors;
+ *         codes rint((x - min) / scale) in [0, 15].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "minicpm.h"
+#include "numeric.h"
+
+#define G MINICPM_KV_GROUP
+#define INT4_FITS 2 /* kv_format.INT4_FITS */
+
+/* t[0..31] summed as kv_format.tree_sum does: adjacent pairs, then pairs of those (t is used up) */
+static inline float tree_sum(float *t) {
+    for (int n = G / 2; n >= 1; n >>= 1)
+        for (int j = 0; j < n; j++) t[j] = t[2 * j] + t[2 * j + 1];
+    return t[0];
+}
+
+/* the int4 codes of x under (scale, min) */
+static inline void int4_codes(const float *x, float s, float mn, float *c) {
+    const float div = s == 0.0f ? 1.0f : s;
+    for (int j = 0; j < G; j++) {
+        const float r = rintf((x[j] - mn) / div);
+        c[j] = r < 0.0f ? 0.0f : r > 15.0f ? 15.0f : r;
+    }
+}
+
+/* the squared error of x's round trip through float16 (scale, min) */
+static inline float int4_error(const float *x, uint16_t hs, uint16_t hm) {
+    const float s = half_to_f32(hs), mn = half_to_f32(hm);
+    float c[G], t[G];
+    int4_codes(x, s, mn, c);
+    for (int j = 0; j < G; j++) {
+        const float e = (c[j] * s + mn) - x[j];
+        t[j] = e * e;
+    }
+    return tree_sum(t);
+}
+
+/* one group of 32 values: codes packed (value j low, j + 16 high) and its (scale, min) */
+static void quantize_int4(const float *x, uint8_t *codes, uint16_t *sm) {
+    float lo = x[0], hi = x[0];
+    for (int j = 1; j < G; j++) {
+        lo = x[j] < lo ? x[j] : lo;
+        hi = x[j] > hi ? x[j] : hi;
+    }
+    const float s0 = (hi - lo) / 15.0f;
+    uint16_t bs = f32_to_half(s0), bm = f32_to_half(lo);
+    float best = int4_error(x, bs, bm);
+    float d[G], c[G], t[G];
+    for (int j = 0; j < G; j++) d[j] = x[j] - lo;
+    int4_codes(d, s0, 0.0f, c);
+    for (int round = 0; round < INT4_FITS; round++) {
+        for (int j = 0; j < G; j++) t[j] = c[j];
+        const float sc = tree_sum(t);
+        for (int j = 0; j < G; j++) t[j] = c[j] * c[j];
+        const float scc = tree_sum(t);
+        for (int j = 0; j < G; j++) t[j] = d[j];
+        const float sd = tree_sum(t);
+        for (int j = 0; j < G; j++) t[j] = c[j] * d[j];
+        const float scd = tree_sum(t);
+        const float det = 32.0f * scc - sc * sc, num = 32.0f * scd - sc * sd;
+        const float fs = num / (det > 0.0f ? det : 1.0f);
+        const int ok = det > 0.0f && fs > 0.0f;
+        const float fm = (sd - fs * sc) / 32.0f;
+        const uint16_t hs = f32_to_half(ok ? fs : s0), hm = f32_to_half(ok ? lo + fm : lo);
+        const float e = int4_error(x, hs, hm);
+        if (e < best) best = e, bs = hs, bm = hm;
+        /* the next fit starts from this pair's codes */
+        int4_codes(x, half_to_f32(hs), half_to_f32(hm), c);
+    }
+    sm[0] = bs;
+    sm[1] = bm;
+    int4_codes(x, half_to_f32(bs), half_to_f32(bm), c);
+    for (int j = 0; j < G / 2; j++) codes[j] = (uint8_t)((uint8_t)c[j] | ((uint8_t)c[j + G / 2] << 4));
+}
+
+/* one group of 32 values: int8 codes and its scale */
+static void quantize_int8(const float *x, int8_t *codes, uint16_t *scale) {
+    float amax = 0.0f;
+    for (int j = 0; j < G; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    const uint16_t h = f32_to_half(amax / 127.0f);
+    const float s = half_to_f32(h), div = s == 0.0f ? 1.0f : s;
+    *scale = h;
+    for (int j = 0; j < G; j++) {
+        const float r = rintf(x[j] / div);
+        codes[j] = (int8_t)(r < -127.0f ? -127.0f : r > 127.0f ? 127.0f : r);
+    }
+}
+
+int minicpm_kv_quantize(int xtype, int kvkind, const void *x, int64_t x_stride, int rows, int kv_heads, int head_dim,
+                        const int64_t *slots, int64_t num_slots, void *codes, uint16_t *scales) {
+    if ((kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) || head_dim % G) return MINICPM_BAD_KV;
+    if (rows < 0 || kv_heads < 1 || head_dim < 1 || head_dim > MINICPM_MAX_HEAD_DIM) return MINICPM_BAD_SHAPE;
+    for (int r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= num_slots) return MINICPM_BAD_SLOT;
+    const int64_t width = kv_width(kvkind, head_dim);
+    const int nsc = kv_scales(kvkind, head_dim);
+#pragma omp parallel for schedule(static) if ((int64_t)rows * kv_heads >= 256)
+    for (int64_t i = 0; i < (int64_t)rows * kv_heads; i++) {
+        const int64_t r = i / kv_heads, h = i % kv_heads;
+        float row[MINICPM_MAX_HEAD_DIM];
+        const int64_t at = r * x_stride + h * head_dim;
+        for (int d = 0; d < head_dim; d++)
+            row[d] = xtype ? bf16_to_f32(((const uint16_t *)x)[at + d]) : ((const float *)x)[at + d];
+        const int64_t dst = slots[r] * kv_heads + h;
+        for (int g = 0; g < head_dim / G; g++) {
+            if (kvkind == MINICPM_KV_INT8)
+                quantize_int8(row + g * G, (int8_t *)codes + dst * width + g * G, scales + dst * nsc + g);
+            else
+                quantize_int4(row + g * G, (uint8_t *)codes + dst * width + g * G / 2, scales + dst * nsc + 2 * g);
+        }
+    }
+    return 0;
+}
