@@ -69,6 +69,7 @@ import torch
 from torch import Tensor
 
 from ..plan import format_bytes
+from .attention.kv_format import INT4_FITS
 
 try:
     import fcntl
@@ -573,6 +574,7 @@ class PrefixStore:
             compute_dtype=str(runner.dtype),
             quantize=[config.quantize, config.group_size],
             rotated=runner.cache.rotation is not None,
+            int4_fits=INT4_FITS if runner.kv_format.name == "int4" else None,  # how the writer picks its scales
         )
         store = DiskKVStore(config.kv_cache_dir, identity, config.kv_cache_dir_bytes)
         return cls(store, block_manager, runner.cache)
