@@ -46,10 +46,18 @@ def test_the_rotation_is_orthonormal_and_leaves_attention_unchanged() -> None:
         rotate_heads(q, hd), rotate_heads(k, hd), rotate_heads(v, hd), is_causal=True
     )
     torch.testing.assert_close(rotate_heads(rotated, hd), plain, rtol=1e-12, atol=1e-12)
-    # per run of 64 values; float32 math, rounded once to the input's dtype
-    x = torch.randn(3, 128, generator=gen).to(torch.bfloat16)
+    # per run of 64 values; float32 math, rounded once to the input's dtype (bfloat16 on the CPU: a
+    # bfloat16 product, whose float32 sums of exact products give the same values)
+    x = torch.randn(4000, 128, generator=gen).to(torch.bfloat16)
     want = torch.cat((x[:, :64].float() @ h, x[:, 64:].float() @ h), dim=-1).to(torch.bfloat16)
     assert torch.equal(rotate_heads(x, h), want)
+    # channels of very different sizes: a few sums round in another order, by one bfloat16 step
+    x = (torch.randn(4000, 128, generator=gen) * torch.logspace(-4, 2, 128)).to(torch.bfloat16)
+    want = torch.cat((x[:, :64].float() @ h, x[:, 64:].float() @ h), dim=-1).to(torch.bfloat16)
+    got = rotate_heads(x, h)
+    print(f"{(got != want).float().mean().item():.2e} of the values differ")
+    assert (got != want).float().mean() < 1e-3
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7).all()
 
 
 @pytest.mark.parametrize("kv", QUANTIZED)

@@ -181,8 +181,13 @@ def hadamard(n: int = ROTATION, device: torch.device | str = "cpu") -> Tensor:
 
 def rotate_heads(x: Tensor, h: Tensor) -> Tensor:
     """``x`` (..., head_dim) times ``h`` (n x n) in each run of ``n`` values, in float32 (float64
-    for float64), rounded once to ``x``'s dtype."""
+    for float64), rounded once to ``x``'s dtype. A bfloat16 ``x`` on the CPU is multiplied in
+    bfloat16 (``h``'s entries, +-1/8, are exact there; oneDNN's products are exact and summed in
+    float32, then rounded once): the float32 product's values, without its two float32 copies (a
+    head whose 64 terms span more than 2^16 may sum in another order: within a bfloat16 step)."""
     n = h.shape[0]
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return (x.unflatten(-1, (-1, n)) @ h.to(torch.bfloat16)).flatten(-2)
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf.unflatten(-1, (-1, n)) @ h.to(xf.dtype)).flatten(-2).to(x.dtype)
 
