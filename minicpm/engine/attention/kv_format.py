@@ -186,8 +186,8 @@ def rotate_heads(x: Tensor, h: Tensor) -> Tensor:
     float32, then rounded once): the float32 product's values, without its two float32 copies (a
     head whose 64 terms span more than 2^16 may sum in another order: within a bfloat16 step)."""
     n = h.shape[0]
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return (x.unflatten(-1, (-1, n)) @ h.to(torch.bfloat16)).flatten(-2)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # one 2-D product (a strided batch is slow)
+        return (x.contiguous().view(-1, n) @ h.to(torch.bfloat16)).view(x.shape)
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf.unflatten(-1, (-1, n)) @ h.to(xf.dtype)).flatten(-2).to(x.dtype)
 
