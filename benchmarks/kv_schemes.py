@@ -10,7 +10,9 @@ second half scored). The keys are the rotated ones (what the cache stores).
     float32        no quantization (the reference)
     int8           our int8 layout: symmetric groups of 32 along head_dim, float16 scale (q8_0)
     int4           our int4 layout: asymmetric groups of 32 along head_dim, float16 scale and min
-                   (q4_1); unrotated (``kv_rotation=False``: what shipped before the rotation)
+                   (q4_1), the min / max pair; unrotated (what shipped before the rotation and the
+                   fitted writer); int4-fit-hkv: the engine's writer as shipped (kv_format's fitted
+                   pair), rotated
     q4_0           symmetric 4-bit groups of 32 along head_dim, float16 scale, llama.cpp's q4_0 rule
     kivi4-g32      keys per channel in groups of 32 tokens, values per token in groups of 32 along
                    head_dim (asymmetric, float16 scale and min), 4-bit; the newest partial group of
@@ -138,6 +140,7 @@ SCHEMES = {
         Scheme("int4-mse9-hkv", 4, rotate="kv", search="grid9"),
         Scheme("int4-ls-hkv", 4, rotate="kv", search="ls"),
         Scheme("int4-ls2-hkv", 4, rotate="kv", search="ls2"),
+        Scheme("int4-fit-hkv", 4, rotate="kv", search="engine"),
     )
 }
 
@@ -226,6 +229,10 @@ def per_token(x: Tensor, scheme: Scheme, group: int = GROUP) -> Tensor:
         out = _int8(g)
     elif scheme.symmetric:
         out = _q4_0(g)
+    elif scheme.search == "engine":
+        from minicpm.engine.attention.kv_format import FORMATS
+
+        out = FORMATS["int4"].round_trip(g)
     elif scheme.search.startswith("ls"):
         out = _least_squares(g, scheme.bits, int(scheme.search[2:] or 1))
     elif scheme.search:

@@ -343,8 +343,13 @@ def test_kv_schemes_windowed_attention_is_what_each_decode_step_reads() -> None:
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 40, 64) * torch.rand(64) * 4
-    for name in ("int8", "int4"):
-        assert torch.equal(per_token(x, SCHEMES[name]), FORMATS[name].round_trip(x))
+    assert torch.equal(per_token(x, SCHEMES["int8"]), FORMATS["int8"].round_trip(x))
+    assert torch.equal(per_token(x, SCHEMES["int4-fit-hkv"]), FORMATS["int4"].round_trip(x))  # the shipped writer
+    g = x.reshape(1, 3, 40, 2, 32)  # "int4": the plain pair, (min, (max - min) / 15) in float16
+    lo, step = g.amin(-1, keepdim=True).half().float(), ((g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15)
+    step = step.half().float()
+    plain = torch.clamp(torch.round((g - lo) / step), 0, 15) * step + lo
+    assert torch.equal(per_token(x, SCHEMES["int4"]), plain.reshape(x.shape))
     g = torch.tensor([[1.0, -3.0, 0.5, 2.9] * 8])
     assert torch.equal(per_token(g, SCHEMES["q4_0"]), torch.round(g / 0.375).clamp(max=7) * 0.375)  # d = -3 / -8
     for keys in ("channel", "token"):

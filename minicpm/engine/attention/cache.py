@@ -10,8 +10,8 @@ every tensor of the cache, each indexed [layer, block]: what a block is, for who
 A forward over a flattened batch (input ids of shape (1, total tokens)) sets
 ``cache.metadata`` (prepared by ``cache.backend``) and passes the cache to the model; for every
 layer :meth:`PagedKVCache.attend` writes the new keys and values at ``metadata.slot_mapping``
-(``index_copy_``, or for a quantized CPU cache the native writer: an out-of-range slot raises
-either way; quantized first) and returns the backend's attention. With a quantized format the
+(``index_copy_``: an out-of-range slot raises; quantized first, on CPU by the native kernels'
+writer where they build) and returns the backend's attention. With a quantized format the
 backend is handed the new keys and values as the cache gives them back (dequantized), so a chunk
 attending to its own keys sees what a later decode step reads: every token attends to the
 quantized cache, its own entry included. A cache made with ``rotate`` and a quantized format
@@ -167,13 +167,14 @@ class PagedKVCache:
         lib = native_kernels() if self.native_writer else None
         for new, codes, scales in ((k, kc, self.scale_slots(layer)[0]), (v, vc, self.scale_slots(layer)[1])):
             rows = new[0].transpose(0, 1)
-            if lib is not None:  # the C writer: the reference's codes, bit for bit, written in place
-                kv_quantize(rows.contiguous(), codes, scales, slots, lib)
-                q, s = codes.index_select(0, slots), scales.index_select(0, slots)
+            if lib is not None:  # the C writer: the reference's codes, bit for bit
+                q = torch.empty((rows.shape[0], *codes.shape[1:]), dtype=codes.dtype)
+                s = torch.empty((rows.shape[0], *scales.shape[1:]), dtype=scales.dtype)
+                kv_quantize(rows.contiguous(), q, s, torch.arange(rows.shape[0]), lib)
             else:
                 q, s = fmt.quantize(rows)
-                codes.index_copy_(0, slots, q)
-                scales.index_copy_(0, slots, s)
+            codes.index_copy_(0, slots, q)
+            scales.index_copy_(0, slots, s)
             back.append(fmt.dequantize(q, s, new.dtype).transpose(0, 1)[None])
         return back[0], back[1]
 
