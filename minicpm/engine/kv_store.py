@@ -574,7 +574,8 @@ class PrefixStore:
             compute_dtype=str(runner.dtype),
             quantize=[config.quantize, config.group_size],
             rotated=runner.cache.rotation is not None,
-            int4_fits=INT4_FITS if runner.kv_format.name == "int4" else None,  # how the writer picks its scales
+            # how the int4 writer picks its scales (absent for other formats: their stores stay valid)
+            **({"int4_fits": INT4_FITS} if runner.kv_format.name == "int4" else {}),
         )
         store = DiskKVStore(config.kv_cache_dir, identity, config.kv_cache_dir_bytes)
         return cls(store, block_manager, runner.cache)
