@@ -167,8 +167,17 @@ def test_the_fused_decoder_rotates_as_the_eager_layers_do(monkeypatch, one_threa
         torch.testing.assert_close(got_logits[1], want_logits[1], rtol=0.05, atol=0.05)
 
 
-def test_the_prefix_store_keeps_rotated_and_plain_blocks_apart(model, tmp_path) -> None:
+def test_the_prefix_store_keeps_rotated_and_plain_blocks_apart(model, tmp_path, monkeypatch) -> None:
+    from minicpm.engine import kv_store
+
+    int8 = _engine(model, "int8", kv_cache_dir=str(tmp_path)).prefix_store.store.identity
     rotated = _engine(model, "int4", kv_cache_dir=str(tmp_path))
+    # an int4 store also names how its writer fits the scales; an int8 store does not
+    monkeypatch.setattr(kv_store, "INT4_FITS", kv_store.INT4_FITS + 1)
+    refit = _engine(model, "int4", kv_cache_dir=str(tmp_path)).prefix_store.store.identity
+    assert refit != rotated.prefix_store.store.identity
+    assert _engine(model, "int8", kv_cache_dir=str(tmp_path)).prefix_store.store.identity == int8
+    monkeypatch.undo()
     plain = _engine(model, "int4", kv_cache_dir=str(tmp_path), kv_rotation=False)
     assert rotated.prefix_store.store.identity != plain.prefix_store.store.identity
     assert _engine(model, "int4", kv_cache_dir=str(tmp_path)).prefix_store.store.identity == (
