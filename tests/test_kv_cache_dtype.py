@@ -13,7 +13,7 @@ from test_cpu_kernels import make_case, needs_native, prefill_dtypes, prefill_re
 
 from minicpm import SamplingParams
 from minicpm.engine import EngineConfig, LLMEngine
-from minicpm.engine.attention.kv_format import FORMATS, GROUP, resolve_kv_format
+from minicpm.engine.attention.kv_format import FORMATS, GROUP, INT4_FITS, resolve_kv_format, writer_fits
 from minicpm.engine.cpu_kernels import _DTYPES, KV_KINDS, kv_quantize, native_kernels, paged_attention, paged_prefill
 from minicpm.errors import UserError
 
@@ -50,6 +50,9 @@ def test_round_trip_error_is_within_half_a_step_of_each_group(name) -> None:
         assert (ours <= theirs * (1 + 1e-5)).all()
         many = torch.randn(2000, 64)
         assert (many - fmt.round_trip(many)).square().sum() < 0.9 * (many - plain_int4(many)).square().sum()
+        # no refits: the plain pair (what a CUDA cache writes, kv_format.writer_fits)
+        assert torch.equal(fmt.dequantize(*fmt.quantize(x, fits=0), torch.float32), plain_int4(x))
+        assert (writer_fits("cpu"), writer_fits("cuda:0")) == (INT4_FITS, 0)
     assert (back[0, 0, :GROUP] == 0).all()
     assert torch.equal(fmt.round_trip(back), fmt.dequantize(*fmt.quantize(back), torch.float32))
 

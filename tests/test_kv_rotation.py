@@ -168,12 +168,13 @@ def test_the_fused_decoder_rotates_as_the_eager_layers_do(monkeypatch, one_threa
 
 
 def test_the_prefix_store_keeps_rotated_and_plain_blocks_apart(model, tmp_path, monkeypatch) -> None:
-    from minicpm.engine import kv_store
+    from minicpm.engine.attention import cache as cache_module
 
     int8 = _engine(model, "int8", kv_cache_dir=str(tmp_path)).prefix_store.store.identity
     rotated = _engine(model, "int4", kv_cache_dir=str(tmp_path))
-    # an int4 store also names how its writer fits the scales; an int8 store does not
-    monkeypatch.setattr(kv_store, "INT4_FITS", kv_store.INT4_FITS + 1)
+    # an int4 store also names how its writer fits the scales (a CUDA cache writes plain pairs);
+    # an int8 store does not
+    monkeypatch.setattr(cache_module, "writer_fits", lambda device: 0)
     refit = _engine(model, "int4", kv_cache_dir=str(tmp_path)).prefix_store.store.identity
     assert refit != rotated.prefix_store.store.identity
     assert _engine(model, "int8", kv_cache_dir=str(tmp_path)).prefix_store.store.identity == int8

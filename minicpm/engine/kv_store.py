@@ -69,7 +69,6 @@ import torch
 from torch import Tensor
 
 from ..plan import format_bytes
-from .attention.kv_format import INT4_FITS
 
 try:
     import fcntl
@@ -575,7 +574,7 @@ class PrefixStore:
             quantize=[config.quantize, config.group_size],
             rotated=runner.cache.rotation is not None,
             # how the int4 writer picks its scales (absent for other formats: their stores stay valid)
-            **({"int4_fits": INT4_FITS} if runner.kv_format.name == "int4" else {}),
+            **({"int4_fits": runner.cache.int4_fits} if runner.kv_format.name == "int4" else {}),
         )
         store = DiskKVStore(config.kv_cache_dir, identity, config.kv_cache_dir_bytes)
         return cls(store, block_manager, runner.cache)

@@ -40,7 +40,7 @@ from ...errors import UserError
 from ..config import KERNEL_FAILURE_CHOICES
 from ..cpu_kernels import KV_KINDS, advise_huge_pages, kv_quantize, native_kernels
 from .base import AttentionBackend, AttentionMetadata
-from .kv_format import FORMATS, ROTATION, KVFormat, hadamard, rotate_heads
+from .kv_format import FORMATS, ROTATION, KVFormat, hadamard, rotate_heads, writer_fits
 
 log = logging.getLogger("minicpm.engine")
 
@@ -93,6 +93,7 @@ class PagedKVCache:
         # (csrc/kv_quant.c: the reference's codes, bit for bit), else by kv_format's torch one
         self.native_writer = fmt.quantized and fmt.dtype in KV_KINDS and torch.device(device).type == "cpu"
         self.native_writer = self.native_writer and dtype in (torch.float32, torch.bfloat16)
+        self.int4_fits = writer_fits(device)  # how an int4 writer here picks its scales
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
@@ -172,7 +173,7 @@ class PagedKVCache:
                 s = torch.empty((rows.shape[0], *scales.shape[1:]), dtype=scales.dtype)
                 kv_quantize(rows.contiguous(), q, s, torch.arange(rows.shape[0]), lib)
             else:
-                q, s = fmt.quantize(rows)
+                q, s = fmt.quantize(rows, self.int4_fits)
             codes.index_copy_(0, slots, q)
             scales.index_copy_(0, slots, s)
             back.append(fmt.dequantize(q, s, new.dtype).transpose(0, 1)[None])

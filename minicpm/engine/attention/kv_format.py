@@ -19,6 +19,8 @@ Contract:
     regression of the values on the previous pair's codes (llama.cpp's k-quants fit their scales
     so; any pair is read the same way). Its sums over a group are taken in one fixed order
     (:func:`tree_sum`), so the C writer (``csrc/kv_quant.c``) gives the same codes bit for bit.
+    A CUDA cache writes the plain pair only (:func:`writer_fits`): in torch the fit is some 160
+    small kernels a tensor, too many for a decode step's graph, until a fused GPU writer exists.
   - ``fp8`` (CUDA): float8 e4m3 codes, ``x = code * scale``, ``scale = max|x| / 448``.
 
   Scales are rounded to float16 before the codes are computed, so ``dequantize(quantize(x))`` is
@@ -81,15 +83,15 @@ class KVFormat:
         """Bytes one token takes in the cache: keys and values of every layer and kv head."""
         return 2 * layers * kv_heads * self.bytes_per_row(head_dim)
 
-    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def quantize(self, x: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor | None]:
         """(codes, float16 scales) of ``x`` (..., head_dim); a float format returns (x in its
-        dtype, None)."""
+        dtype, None). ``fits``: int4's least-squares refits (0: the plain pair only)."""
         if not self.quantized:
             return x.to(self.dtype), None
         shape = x.shape
         g = x.float().reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
         if self.name == "int4":
-            scale, lo = int4_fit(g)
+            scale, lo = int4_fit(g, fits)
             codes = _int4_codes(g, scale.float(), lo.float()).to(torch.uint8)
             packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*shape[:-1], -1)
             scales = torch.cat((scale, lo), dim=-1).reshape(*shape[:-1], -1)
@@ -127,6 +129,13 @@ class KVFormat:
         return self.dequantize(*self.quantize(x), x.dtype)
 
 
+def writer_fits(device: torch.device | str) -> int:
+    """The int4 refits a cache on ``device`` writes with: :data:`INT4_FITS` on the CPU (the C
+    writer, or torch's where the native kernels do not build), 0 elsewhere (see the module
+    docstring)."""
+    return INT4_FITS if torch.device(device).type == "cpu" else 0
+
+
 def tree_sum(x: Tensor) -> Tensor:
     """``x`` (..., 2^k) summed over its last dimension in one fixed order, adjacent pairs first,
     then pairs of those (keepdim): the C writer's order, so both round alike."""
@@ -146,16 +155,17 @@ def _int4_error(g: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
     return tree_sum(e * e)
 
 
-def int4_fit(g: Tensor) -> tuple[Tensor, Tensor]:
+def int4_fit(g: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor]:
     """Float16 ``(scale, min)`` (..., 1) of each group of ``g`` (..., 32, float32) as the int4
-    writer picks them (see the module docstring): every operation rounds as ``csrc/kv_quant.c``'s."""
+    writer picks them (see the module docstring), with ``fits`` refits: every operation rounds as
+    ``csrc/kv_quant.c``'s (whose ``fits`` is :data:`INT4_FITS`)."""
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     s0 = (hi - lo) / 15
     best_s, best_m = s0.half(), lo.half()
     best = _int4_error(g, best_s, best_m)
     d = g - lo
     codes = _int4_codes(d, s0, torch.zeros_like(s0))
-    for _ in range(INT4_FITS):
+    for _ in range(fits):
         sc, scc = tree_sum(codes), tree_sum(codes * codes)
         sd, scd = tree_sum(d), tree_sum(codes * d)
         det, num = 32 * scc - sc * sc, 32 * scd - sc * sd
