@@ -19,8 +19,9 @@ Contract:
     regression of the values on the previous pair's codes (llama.cpp's k-quants fit their scales
     so; any pair is read the same way). Its sums over a group are taken in one fixed order
     (:func:`tree_sum`), so the C writer (``csrc/kv_quant.c``) gives the same codes bit for bit.
-    A CUDA cache writes the plain pair only (:func:`writer_fits`): in torch the fit is some 160
-    small kernels a tensor, too many for a decode step's graph, until a fused GPU writer exists.
+    A CUDA cache writes the plain pair only (:func:`writer_fits`): in torch the fit is some 300
+    small operators a tensor (the plain pair: two dozen), too many for a decode step's graph, until a
+    fused GPU writer exists.
   - ``fp8`` (CUDA): float8 e4m3 codes, ``x = code * scale``, ``scale = max|x| / 448``.
 
   Scales are rounded to float16 before the codes are computed, so ``dequantize(quantize(x))`` is
@@ -162,6 +163,8 @@ def int4_fit(g: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor]:
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     s0 = (hi - lo) / 15
     best_s, best_m = s0.half(), lo.half()
+    if fits == 0:
+        return best_s, best_m
     best = _int4_error(g, best_s, best_m)
     d = g - lo
     codes = _int4_codes(d, s0, torch.zeros_like(s0))
