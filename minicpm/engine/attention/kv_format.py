@@ -92,8 +92,8 @@ class KVFormat:
         shape = x.shape
         g = x.float().reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
         if self.name == "int4":
-            scale, lo = int4_fit(g, fits)
-            codes = _int4_codes(g, scale.float(), lo.float()).to(torch.uint8)
+            scale, lo, codes = int4_fit(g, fits)
+            codes = codes.to(torch.uint8)
             packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*shape[:-1], -1)
             scales = torch.cat((scale, lo), dim=-1).reshape(*shape[:-1], -1)
             return packed, scales
@@ -150,22 +150,25 @@ def _int4_codes(g: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
     return torch.clamp(torch.round((g - lo) / div), 0, 15)
 
 
-def _int4_error(g: Tensor, scale: Tensor, lo: Tensor) -> Tensor:
+def _int4_error(g: Tensor, scale: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
+    """The squared error of ``g``'s round trip through float16 ``(scale, lo)``, and its codes."""
     s, m = scale.float(), lo.float()
-    e = (_int4_codes(g, s, m) * s + m) - g
-    return tree_sum(e * e)
+    codes = _int4_codes(g, s, m)
+    e = (codes * s + m) - g
+    return tree_sum(e * e), codes
 
 
-def int4_fit(g: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor]:
+def int4_fit(g: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor, Tensor]:
     """Float16 ``(scale, min)`` (..., 1) of each group of ``g`` (..., 32, float32) as the int4
-    writer picks them (see the module docstring), with ``fits`` refits: every operation rounds as
-    ``csrc/kv_quant.c``'s (whose ``fits`` is :data:`INT4_FITS`)."""
+    writer picks them (see the module docstring), with ``fits`` refits, and the group's codes
+    (float, 0-15) under them: every operation rounds as ``csrc/kv_quant.c``'s (whose ``fits`` is
+    :data:`INT4_FITS`)."""
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     s0 = (hi - lo) / 15
     best_s, best_m = s0.half(), lo.half()
     if fits == 0:
-        return best_s, best_m
-    best = _int4_error(g, best_s, best_m)
+        return best_s, best_m, _int4_codes(g, best_s.float(), best_m.float())
+    best, best_codes = _int4_error(g, best_s, best_m)
     d = g - lo
     codes = _int4_codes(d, s0, torch.zeros_like(s0))
     for _ in range(fits):
@@ -176,11 +179,11 @@ def int4_fit(g: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor]:
         ok = (det > 0) & (fs > 0)
         fm = (sd - fs * sc) / 32
         s, m = torch.where(ok, fs, s0).half(), torch.where(ok, lo + fm, lo).half()
-        err = _int4_error(g, s, m)
+        err, codes = _int4_error(g, s, m)  # the next fit starts from this pair's codes
         take = err < best
         best, best_s, best_m = torch.where(take, err, best), torch.where(take, s, best_s), torch.where(take, m, best_m)
-        codes = _int4_codes(g, s.float(), m.float())  # the next fit starts from this pair's codes
-    return best_s, best_m
+        best_codes = torch.where(take, codes, best_codes)
+    return best_s, best_m, best_codes
 
 
 def hadamard(n: int = ROTATION, device: torch.device | str = "cpu") -> Tensor:

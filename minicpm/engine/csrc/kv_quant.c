@@ -37,10 +37,10 @@ static inline void int4_codes(const float *x, float s, float mn, float *c) {
     }
 }
 
-/* the squared error of x's round trip through float16 (scale, min) */
-static inline float int4_error(const float *x, uint16_t hs, uint16_t hm) {
+/* the squared error of x's round trip through float16 (scale, min), its codes into c */
+static inline float int4_error(const float *x, uint16_t hs, uint16_t hm, float *c) {
     const float s = half_to_f32(hs), mn = half_to_f32(hm);
-    float c[G], t[G];
+    float t[G];
     int4_codes(x, s, mn, c);
     for (int j = 0; j < G; j++) {
         const float e = (c[j] * s + mn) - x[j];
@@ -58,8 +58,8 @@ static void quantize_int4(const float *x, uint8_t *codes, uint16_t *sm) {
     }
     const float s0 = (hi - lo) / 15.0f;
     uint16_t bs = f32_to_half(s0), bm = f32_to_half(lo);
-    float best = int4_error(x, bs, bm);
-    float d[G], c[G], t[G];
+    float d[G], c[G], t[G], best_c[G];
+    float best = int4_error(x, bs, bm, best_c);
     for (int j = 0; j < G; j++) d[j] = x[j] - lo;
     int4_codes(d, s0, 0.0f, c);
     for (int round = 0; round < INT4_FITS; round++) {
@@ -76,15 +76,16 @@ static void quantize_int4(const float *x, uint8_t *codes, uint16_t *sm) {
         const int ok = det > 0.0f && fs > 0.0f;
         const float fm = (sd - fs * sc) / 32.0f;
         const uint16_t hs = f32_to_half(ok ? fs : s0), hm = f32_to_half(ok ? lo + fm : lo);
-        const float e = int4_error(x, hs, hm);
-        if (e < best) best = e, bs = hs, bm = hm;
-        /* the next fit starts from this pair's codes */
-        int4_codes(x, half_to_f32(hs), half_to_f32(hm), c);
+        const float e = int4_error(x, hs, hm, c); /* the next fit starts from this pair's codes */
+        if (e < best) {
+            best = e, bs = hs, bm = hm;
+            memcpy(best_c, c, sizeof c);
+        }
     }
     sm[0] = bs;
     sm[1] = bm;
-    int4_codes(x, half_to_f32(bs), half_to_f32(bm), c);
-    for (int j = 0; j < G / 2; j++) codes[j] = (uint8_t)((uint8_t)c[j] | ((uint8_t)c[j + G / 2] << 4));
+    for (int j = 0; j < G / 2; j++)
+        codes[j] = (uint8_t)((uint8_t)best_c[j] | ((uint8_t)best_c[j + G / 2] << 4));
 }
 
 /* one group of 32 values: int8 codes and its scale */
