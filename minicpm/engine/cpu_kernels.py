@@ -528,6 +528,12 @@ def _require(name: str, checks: dict[str, bool]) -> None:
 KV_KINDS = {torch.int8: 1, torch.uint8: 2}  # csrc/minicpm.h's MINICPM_KV_INT8 / INT4, by the codes' dtype
 
 
+def _kv_widths(kind: int, head_dim: int) -> tuple[int, int]:
+    """(codes, float16 scales) per (slot, kv head) row of a quantized cache of ``kind``
+    (csrc/numeric.h's kv_width / kv_scales)."""
+    return (head_dim // 2 if kind == 2 else head_dim), head_dim // 32 * (2 if kind == 2 else 1)
+
+
 def _kv_args(
     name: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None
 ) -> tuple:
@@ -535,7 +541,7 @@ def _kv_args(
     activation dtype's values, or codes (int8: int8; int4: uint8, two to a byte) with float16 scales."""
     head_dim, kv_heads = q.shape[2], k_cache.shape[1]
     kind = KV_KINDS.get(k_cache.dtype, 0)
-    width = head_dim // 2 if kind == 2 else head_dim
+    width, scales = _kv_widths(kind, head_dim)
     checks = {
         "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) in q's dtype, or int8 / int4 codes": all(
             c.is_contiguous() and c.dim() == 3 and c.shape[2] == width and c.dtype == k_cache.dtype
@@ -544,7 +550,6 @@ def _kv_args(
         and (kind != 0 or k_cache.dtype == q.dtype),
     }
     if kind:
-        scales = head_dim // 32 * (2 if kind == 2 else 1)
         checks["a quantized cache needs float16 scales (slots, kv_heads, head_dim / 32 [x 2]) beside it"] = (
             all(
                 s is not None
@@ -636,7 +641,7 @@ def kv_quantize(x: Tensor, codes: Tensor, scales: Tensor, slots: Tensor, lib: ct
         raise RuntimeError("native CPU kernels are not available")
     tokens, kv_heads, head_dim = x.shape
     kind = KV_KINDS.get(codes.dtype, 0)
-    width = head_dim // 2 if kind == 2 else head_dim
+    width, per_row = _kv_widths(kind, head_dim)
     checks = {
         "x must be a CPU float32 or bfloat16 tensor": x.device.type == "cpu" and x.dtype in _DTYPES,
         "x's heads and head_dim must be contiguous": x.stride(2) == 1 and x.stride(1) == head_dim,
@@ -645,7 +650,7 @@ def kv_quantize(x: Tensor, codes: Tensor, scales: Tensor, slots: Tensor, lib: ct
         and codes.shape[1:] == (kv_heads, width),
         "scales must be contiguous float16 (slots, kv_heads, head_dim / 32 [x 2])": scales.dtype == torch.float16
         and scales.is_contiguous()
-        and scales.shape == (codes.shape[0], kv_heads, head_dim // 32 * (2 if kind == 2 else 1)),
+        and scales.shape == (codes.shape[0], kv_heads, per_row),
         "slots must be contiguous int64, one per token": slots.dtype == torch.int64
         and slots.is_contiguous()
         and slots.numel() == tokens,

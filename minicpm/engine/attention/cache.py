@@ -91,8 +91,9 @@ class PagedKVCache:
             self.rotation = hadamard(ROTATION, device)
         # a quantized CPU cache is written by the native kernels' quantizer where they build
         # (csrc/kv_quant.c: the reference's codes, bit for bit), else by kv_format's torch one
-        self.native_writer = fmt.quantized and fmt.dtype in KV_KINDS and torch.device(device).type == "cpu"
-        self.native_writer = self.native_writer and dtype in (torch.float32, torch.bfloat16)
+        self.native_writer = (
+            fmt.dtype in KV_KINDS and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        )
         self.int4_fits = writer_fits(device)  # how an int4 writer here picks its scales
         self.num_blocks = num_blocks
         self.block_size = block_size
