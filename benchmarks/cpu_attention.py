@@ -97,11 +97,11 @@ def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -
             from minicpm.engine.attention.kv_format import FORMATS
 
             fmt = FORMATS[kv]
-            (kc, ks), (vc, vs) = fmt.quantize(kc), fmt.quantize(vc)
+            (kc, ks), (vc, vs) = fmt.quantize(kc), fmt.quantize(vc, value=True)
             for r in range(rows):  # sdpa's reference: the values the quantized cache holds
                 slots = (tables[r].long()[:, None] * BLOCK + torch.arange(BLOCK)).view(-1)[:context]
                 k[r] = fmt.dequantize(kc[slots], ks[slots], dtype).transpose(0, 1)
-                v[r] = fmt.dequantize(vc[slots], vs[slots], dtype).transpose(0, 1)
+                v[r] = fmt.dequantize(vc[slots], vs[slots], dtype, value=True).transpose(0, 1)
 
         def call() -> torch.Tensor:
             return paged_attention(q, kc, vc, tables, row_seq, row_len, BLOCK, d**-0.5, None, ks, vs)
@@ -183,7 +183,8 @@ def main() -> None:
             if " " in name:  # the bytes the quantized format stores
                 from minicpm.engine.attention.kv_format import FORMATS
 
-                stored = 2 * rows * context * kv_heads * FORMATS[name.split()[1]].bytes_per_row(d)
+                fmt = FORMATS[name.split()[1]]
+                stored = rows * context * kv_heads * (fmt.bytes_per_row(d) + fmt.bytes_per_row(d, value=True))
             figures["gb_s"] = stored / figures["ms"] / 1e6
             figures["model_ms_per_token"] = figures["ms"] * layers
             if "error" in figures:

@@ -586,7 +586,7 @@ def fill_blocks(cache, blocks: list[int], tokens: int, seed: int) -> None:
     sources = {}
     for name in ("k", "v"):
         x = torch.randn(template * bs, cache.kv_heads, cache.head_dim, generator=gen).to(cache.dtype)
-        codes, scales = fmt.quantize(x)
+        codes, scales = fmt.quantize(x, value=name == "v")
         sources[name] = codes.reshape(template, bs, cache.kv_heads, -1)
         if scales is not None:
             sources[f"{name}_scale"] = scales.reshape(template, bs, cache.kv_heads, -1)

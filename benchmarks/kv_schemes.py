@@ -141,6 +141,7 @@ SCHEMES = {
         Scheme("int4-ls-hkv", 4, rotate="kv", search="ls"),
         Scheme("int4-ls2-hkv", 4, rotate="kv", search="ls2"),
         Scheme("int4-fit-hkv", 4, rotate="kv", search="engine"),
+        Scheme("int4-fitv64-hkv", 4, rotate="kv", search="engine", value_group=64),
     )
 }
 
@@ -230,9 +231,10 @@ def per_token(x: Tensor, scheme: Scheme, group: int = GROUP) -> Tensor:
     elif scheme.symmetric:
         out = _q4_0(g)
     elif scheme.search == "engine":
-        from minicpm.engine.attention.kv_format import FORMATS
+        from minicpm.engine.attention.kv_format import INT4_FITS, int4_fit
 
-        out = FORMATS["int4"].round_trip(g)
+        scale, lo, codes = int4_fit(g, INT4_FITS)
+        out = codes * scale.float() + lo.float()
     elif scheme.search.startswith("ls"):
         out = _least_squares(g, scheme.bits, int(scheme.search[2:] or 1))
     elif scheme.search:

@@ -212,9 +212,9 @@ def quantized(name: str, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
     from minicpm.engine.attention.kv_format import FORMATS
 
     fmt = FORMATS[name]
-    (kq, ks), (vq, vs) = fmt.quantize(k.float()), fmt.quantize(v.float())
+    (kq, ks), (vq, vs) = fmt.quantize(k.float()), fmt.quantize(v.float(), value=True)
     codes = {"k_scale": ks, "v_scale": vs, "kv_format": name}
-    return kq, vq, codes, fmt.dequantize(kq, ks, dtype), fmt.dequantize(vq, vs, dtype)
+    return kq, vq, codes, fmt.dequantize(kq, ks, dtype), fmt.dequantize(vq, vs, dtype, value=True)
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

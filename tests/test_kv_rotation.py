@@ -77,7 +77,8 @@ def test_rotation_spreads_an_outlier_channel_over_the_group(kv) -> None:
     err_plain, err_rotated = (plain - exact).abs().mean(), (rotated - exact).abs().mean()
     assert err_rotated < err_plain / 1.5, (err_plain, err_rotated)
     got = RoundTripCache(fmt, h).attend(0, q, k, v)
-    want = causal_attention(rotate_heads(q, h), fmt.round_trip(rotate_heads(k, h)), fmt.round_trip(rotate_heads(v, h)))
+    values = fmt.round_trip(rotate_heads(v, h), value=True)  # int4's values: one pair per 64
+    want = causal_attention(rotate_heads(q, h), fmt.round_trip(rotate_heads(k, h)), values)
     torch.testing.assert_close(got, rotate_heads(want, h))
 
 

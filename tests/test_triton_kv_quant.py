@@ -35,8 +35,8 @@ def quantize_case(name: str, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtyp
     are NaN, so a stray read still poisons) and what a reference backend reads: the dequantized
     cache in the activation dtype."""
     fmt = FORMATS[name]
-    (kq, ks), (vq, vs) = fmt.quantize(k.float()), fmt.quantize(v.float())
-    return (kq, vq, ks, vs), fmt.dequantize(kq, ks, dtype), fmt.dequantize(vq, vs, dtype)
+    (kq, ks), (vq, vs) = fmt.quantize(k.float()), fmt.quantize(v.float(), value=True)
+    return (kq, vq, ks, vs), fmt.dequantize(kq, ks, dtype), fmt.dequantize(vq, vs, dtype, value=True)
 
 
 # (query dtype, query heads, kv heads, partition size): GQA and MHA, several partitions and one
@@ -110,13 +110,16 @@ def test_every_cache_format_is_one_the_kernels_serve():
         if fmt.quantized:
             assert ta._CODE_DTYPES[fmt.name] == fmt.dtype
             assert ta._code_width(fmt.name, 64) == fmt.code_width(64)
-            assert ta._scale_width(fmt.name, 64) == fmt.scale_width(64)
+            for d in (64, 96, 128):
+                for value in (False, True):
+                    assert ta._scale_width(fmt.name, d, value) == fmt.scale_width(d, value), (fmt.name, d, value)
 
 
 def _quant_args(name="int8", d=64, **over):
     fmt = FORMATS[name]
     k = torch.zeros(3, 16, 2, fmt.code_width(d), dtype=fmt.dtype)
     s = torch.zeros(3, 16, 2, fmt.scale_width(d), dtype=torch.float16)
+    vs = torch.zeros(3, 16, 2, fmt.scale_width(d, value=True), dtype=torch.float16)
     args = {
         "q": torch.zeros(2, 4, d),
         "k_cache": k,
@@ -125,7 +128,7 @@ def _quant_args(name="int8", d=64, **over):
         "context_lens": torch.ones(2, dtype=torch.int32),
         "scale": 1.0,
         "k_scale": s,
-        "v_scale": s.clone(),
+        "v_scale": vs,
         "kv_format": name,
     }
     args.update(over)
@@ -166,8 +169,8 @@ def test_prefill_validation_names_the_problem_with_codes_and_scales():
     assert ok.shape == (4, 4, 64)
     with pytest.raises(ValueError, match=r"holds torch\.uint8 codes"):
         ta.paged_prefill_attention(**fixed, **{**base, "k_cache": base["k_cache"].view(torch.int8)})
-    with pytest.raises(ValueError, match=r"v_scale must be \(3, 16, 2, 4\)"):
-        ta.paged_prefill_attention(**fixed, **{**base, "v_scale": base["v_scale"][..., :2]})
+    with pytest.raises(ValueError, match=r"v_scale must be \(3, 16, 2, 2\)"):  # int4 values: a pair per 64
+        ta.paged_prefill_attention(**fixed, **{**base, "v_scale": base["k_scale"]})
     with pytest.raises(ValueError, match="needs its float16 scales"):
         ta.paged_prefill_attention(**fixed, **{**base, "v_scale": None})
 

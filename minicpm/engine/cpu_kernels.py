@@ -83,7 +83,7 @@ _REFUSALS = {  # csrc/minicpm.h's refusal codes
     -12: "a KV cache kind not known, its scales missing, or a head_dim not a multiple of 32",
 }
 
-ABI_VERSION = 5  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
+ABI_VERSION = 6  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
 
 _V, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # Every exported function of csrc/minicpm.h: name -> (result type, ((argument, type), ...)), applied
@@ -129,7 +129,7 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
     "minicpm_kv_quantize": (
         _I,
         (
-            ("xtype", _I), ("kvkind", _I), ("x", _V), ("x_stride", _I64), ("rows", _I), ("kv_heads", _I),
+            ("xtype", _I), ("kvkind", _I), ("value", _I), ("x", _V), ("x_stride", _I64), ("rows", _I), ("kv_heads", _I),
             ("head_dim", _I), ("slots_i64", _V), ("num_slots", _I64), ("codes", _V), ("scales_f16", _V),
         ),
     ),
@@ -152,7 +152,8 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
         (
             ("xtype", _I), ("m", _I), ("n_layers", _I), ("layers", _V), ("h", _V), ("cos_f32", _V),
             ("sin_signed_f32", _V), ("slots_i64", _V), ("k_cache", _V), ("v_cache", _V), ("layer_bytes", _I64),
-            ("kvkind", _I), ("k_scale_f16", _V), ("v_scale_f16", _V), ("scale_layer_stride", _I64),
+            ("kvkind", _I), ("k_scale_f16", _V), ("v_scale_f16", _V), ("k_scale_layer_stride", _I64),
+            ("v_scale_layer_stride", _I64),
             ("rotate", _I), ("num_blocks", _I64), ("tables_i32", _V), ("seqs", _I), ("width", _I),
             ("row_seq_i32", _V), ("row_len_i32", _V), ("block_size", _I), ("hidden", _I), ("heads", _I),
             ("kv_heads", _I), ("head_dim", _I), ("inter", _I), ("eps", _F), ("residual_scale", _F), ("attn_scale", _F),
@@ -528,10 +529,11 @@ def _require(name: str, checks: dict[str, bool]) -> None:
 KV_KINDS = {torch.int8: 1, torch.uint8: 2}  # csrc/minicpm.h's MINICPM_KV_INT8 / INT4, by the codes' dtype
 
 
-def _kv_widths(kind: int, head_dim: int) -> tuple[int, int]:
-    """(codes, float16 scales) per (slot, kv head) row of a quantized cache of ``kind``
-    (csrc/numeric.h's kv_width / kv_scales)."""
-    return (head_dim // 2 if kind == 2 else head_dim), head_dim // 32 * (2 if kind == 2 else 1)
+def _kv_widths(kind: int, head_dim: int, value: bool = False) -> tuple[int, int]:
+    """(codes, float16 scales) per (slot, kv head) row of keys, or of values (``value``), of a
+    quantized cache of ``kind`` (csrc/numeric.h's kv_width / kv_scales; kv_format's groups)."""
+    group = 64 if value and kind == 2 and head_dim % 64 == 0 else 32
+    return (head_dim // 2 if kind == 2 else head_dim), head_dim // group * (2 if kind == 2 else 1)
 
 
 def _kv_args(
@@ -542,6 +544,7 @@ def _kv_args(
     head_dim, kv_heads = q.shape[2], k_cache.shape[1]
     kind = KV_KINDS.get(k_cache.dtype, 0)
     width, scales = _kv_widths(kind, head_dim)
+    value_scales = _kv_widths(kind, head_dim, value=True)[1]
     checks = {
         "k_cache/v_cache must be contiguous (slots, kv_heads, head_dim) in q's dtype, or int8 / int4 codes": all(
             c.is_contiguous() and c.dim() == 3 and c.shape[2] == width and c.dtype == k_cache.dtype
@@ -550,13 +553,13 @@ def _kv_args(
         and (kind != 0 or k_cache.dtype == q.dtype),
     }
     if kind:
-        checks["a quantized cache needs float16 scales (slots, kv_heads, head_dim / 32 [x 2]) beside it"] = (
+        checks["a quantized cache needs float16 scales (slots, kv_heads, head_dim / group [x 2]) beside it"] = (
             all(
                 s is not None
                 and s.dtype == torch.float16
                 and s.is_contiguous()
-                and s.shape == (k_cache.shape[0], kv_heads, scales)
-                for s in (k_scale, v_scale)
+                and s.shape == (k_cache.shape[0], kv_heads, n)
+                for s, n in ((k_scale, scales), (v_scale, value_scales))
             )
             and head_dim % 32 == 0
         )
@@ -630,25 +633,27 @@ def paged_attention(
     return out
 
 
-def kv_quantize(x: Tensor, codes: Tensor, scales: Tensor, slots: Tensor, lib: ctypes.CDLL | None = None) -> None:
-    """``x`` (tokens, kv_heads, head_dim), float32 or bfloat16 with head-contiguous rows, quantized
-    into one cache layer's ``codes`` (slots, kv_heads, code width: int8, or uint8 for int4) and
-    float16 ``scales`` at ``slots`` (int64, one per token), as
-    :meth:`~minicpm.engine.attention.kv_format.KVFormat.quantize` does, bit for bit. A slot outside
-    the layer is a ``ValueError``, with nothing written."""
+def kv_quantize(
+    x: Tensor, codes: Tensor, scales: Tensor, slots: Tensor, lib: ctypes.CDLL | None = None, value: bool = False
+) -> None:
+    """``x`` (tokens, kv_heads, head_dim), keys or values (``value``: their groups), float32 or
+    bfloat16 with head-contiguous rows, quantized into one cache layer's ``codes`` (slots, kv_heads,
+    code width: int8, or uint8 for int4) and float16 ``scales`` at ``slots`` (int64, one per token),
+    as :meth:`~minicpm.engine.attention.kv_format.KVFormat.quantize` does, bit for bit. A slot
+    outside the layer is a ``ValueError``, with nothing written."""
     lib = lib or native_kernels()
     if lib is None:
         raise RuntimeError("native CPU kernels are not available")
     tokens, kv_heads, head_dim = x.shape
     kind = KV_KINDS.get(codes.dtype, 0)
-    width, per_row = _kv_widths(kind, head_dim)
+    width, per_row = _kv_widths(kind, head_dim, value)
     checks = {
         "x must be a CPU float32 or bfloat16 tensor": x.device.type == "cpu" and x.dtype in _DTYPES,
         "x's heads and head_dim must be contiguous": x.stride(2) == 1 and x.stride(1) == head_dim,
         "codes must be contiguous int8 / int4 codes (slots, kv_heads, code width)": kind != 0
         and codes.is_contiguous()
         and codes.shape[1:] == (kv_heads, width),
-        "scales must be contiguous float16 (slots, kv_heads, head_dim / 32 [x 2])": scales.dtype == torch.float16
+        "scales must be contiguous float16 (slots, kv_heads, head_dim / group [x 2])": scales.dtype == torch.float16
         and scales.is_contiguous()
         and scales.shape == (codes.shape[0], kv_heads, per_row),
         "slots must be contiguous int64, one per token": slots.dtype == torch.int64
@@ -659,6 +664,7 @@ def kv_quantize(x: Tensor, codes: Tensor, scales: Tensor, slots: Tensor, lib: ct
     code = lib.minicpm_kv_quantize(
         _DTYPES[x.dtype],
         kind,
+        int(value),
         x.data_ptr(),
         x.stride(0),
         tokens,

@@ -150,6 +150,7 @@ class FusedDecoder:
             None if cache.k_scale is None else cache.k_scale.data_ptr(),
             None if cache.v_scale is None else cache.v_scale.data_ptr(),
             0 if cache.k_scale is None else cache.k_scale[0].numel(),
+            0 if cache.v_scale is None else cache.v_scale[0].numel(),
             int(cache.rotation is not None),
             k.shape[1],
             block_tables.data_ptr(),

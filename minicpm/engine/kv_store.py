@@ -573,8 +573,13 @@ class PrefixStore:
             compute_dtype=str(runner.dtype),
             quantize=[config.quantize, config.group_size],
             rotated=runner.cache.rotation is not None,
-            # how the int4 writer picks its scales (absent for other formats: their stores stay valid)
-            **({"int4_fits": runner.cache.int4_fits} if runner.kv_format.name == "int4" else {}),
+            # how the int4 writer picks its scales, and the values' group (absent for other formats:
+            # their stores stay valid)
+            **(
+                {"int4_fits": runner.cache.int4_fits, "value_group": runner.kv_format.group(c.head_dim, True)}
+                if runner.kv_format.name == "int4"
+                else {}
+            ),
         )
         store = DiskKVStore(config.kv_cache_dir, identity, config.kv_cache_dir_bytes)
         return cls(store, block_manager, runner.cache)

@@ -35,11 +35,12 @@ name: the caches hold values, as above), ``k_cache``/``v_cache`` hold its codes 
 block_size, KV, code width)``: int8 ``D`` int8 codes, int4 ``D / 2`` uint8 bytes, fp8 ``D``
 float8_e4m3fn codes) and ``k_scale``/``v_scale`` its float16 scales indexed by the same block,
 slot and head (``(num_blocks, block_size, KV, scale width)``: ``D / 32`` scales, int4 ``D / 16``
-as ``scale, min`` pairs; one layout for both, contiguous last dimension); ``D`` is then a
+as ``scale, min`` pairs for keys and ``D / 32`` pairs for values where ``D`` is a multiple of 64,
+one pair per 64 values (``KVFormat.group``); contiguous last dimension); ``D`` is then a
 multiple of 32. Each tile of keys and values is dequantized in registers as it is loaded, in
 float32 and then rounded to ``q.dtype`` (what ``KVFormat.dequantize(codes, scales, q.dtype)``
 gives, the values the reference backend reads): int8 and fp8 ``code * scale``, int4 ``code *
-scale + min`` with value ``j`` of a group of 32 in the low nibble of its byte ``j`` and value
+scale + min`` with value ``j`` of a run of 32 in the low nibble of its byte ``j`` and value
 ``j + 16`` in the high one. fp8 codes are decoded from their bits through float16 (exact for
 every finite e4m3 code), so no architecture's native fp8 conversion is needed. No dequantized
 copy of the context is made; scores and accumulation are as above. The float path's code is
@@ -97,14 +98,20 @@ _FORMAT_TAGS = {"int8": 1, "int4": 2, "fp8": 3}
 _FLOAT_FORMATS = (None, "float32", "bfloat16", "float16")
 _CODE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn}
 _GROUP = 32  # values per scale along D (minicpm.engine.attention.kv_format.GROUP)
+_VALUE_GROUP = 64  # int4 values per scale where D allows (kv_format.VALUE_GROUP)
 
 
 def _code_width(kv_format: str, D: int) -> int:
     return D // 2 if kv_format == "int4" else D
 
 
-def _scale_width(kv_format: str, D: int) -> int:
-    return D // _GROUP * (2 if kv_format == "int4" else 1)
+def _group(kv_format: str, D: int, value: bool = False) -> int:
+    """Values per scale of a key row, or of a value row (``value``): kv_format.KVFormat.group."""
+    return _VALUE_GROUP if value and kv_format == "int4" and D % _VALUE_GROUP == 0 else _GROUP
+
+
+def _scale_width(kv_format: str, D: int, value: bool = False) -> int:
+    return D // _group(kv_format, D, value) * (2 if kv_format == "int4" else 1)
 
 
 def _is_pow2(n: int) -> bool:
@@ -141,16 +148,16 @@ def _check_quantized(q, k_cache, v_cache, k_scale, v_scale, kv_format) -> None:
         )
     if k_scale is None or v_scale is None:
         raise ValueError(f"a {kv_format} cache needs its float16 scales: pass k_scale and v_scale")
-    shape = (*k_cache.shape[:3], _scale_width(kv_format, D))
-    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+    for name, t, value in (("k_scale", k_scale, False), ("v_scale", v_scale, True)):
+        shape = (*k_cache.shape[:3], _scale_width(kv_format, D, value))
         if t.dtype != torch.float16:
             raise ValueError(f"{name} must be float16 scales, got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {shape} for this {kv_format} cache, got {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on {q.device}, got {t.device}")
-    if k_scale.stride(3) != 1 or v_scale.stride() != k_scale.stride():
-        raise ValueError("k_scale and v_scale need a contiguous last dimension and one layout")
+        if t.stride(3) != 1:
+            raise ValueError(f"{name} needs a contiguous last dimension")
 
 
 def _check_inputs(
@@ -285,20 +292,23 @@ def paged_prefill_attention_reference(
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _dequantize_tile(code_ptr, scale_ptr, rows, scale_rows, ok, offs_d, stride_cd, FMT: tl.constexpr):
+    def _dequantize_tile(
+        code_ptr, scale_ptr, rows, scale_rows, ok, offs_d, stride_cd, FMT: tl.constexpr, SG: tl.constexpr
+    ):
         """(TILE, D) float32 values of a tile of a quantized cache: ``rows`` / ``scale_rows`` are each
         token's offsets of its codes / float16 scales (contiguous), ``ok`` masks tokens (their values
-        are 0). FMT 1: int8, ``code * scale``; 2: int4, value ``j`` and ``j + 16`` of each group in
-        the low / high nibble of its byte ``j``, ``code * scale + min``; 3: fp8 e4m3 codes as bytes,
-        ``code * scale``."""
+        are 0). FMT 1: int8, ``code * scale``; 2: int4, value ``j`` and ``j + 16`` of each run of 32
+        in the low / high nibble of its byte ``j``, ``code * scale + min``, a (scale, min) pair per
+        SG values; 3: fp8 e4m3 codes as bytes, ``code * scale``."""
         group = offs_d // 32
         mask = ok[:, None]
         if FMT == 2:
             byte = group * 16 + offs_d % 16  # each byte read for both of its values (cached)
             packed = tl.load(code_ptr + rows[:, None] + byte[None, :] * stride_cd, mask=mask, other=0).to(tl.int32)
             codes = (packed >> ((offs_d // 16) % 2 * 4)[None, :]) & 0xF
-            scale = tl.load(scale_ptr + scale_rows[:, None] + 2 * group[None, :], mask=mask, other=0.0)
-            low = tl.load(scale_ptr + scale_rows[:, None] + 2 * group[None, :] + 1, mask=mask, other=0.0)
+            pair = 2 * (offs_d // SG)
+            scale = tl.load(scale_ptr + scale_rows[:, None] + pair[None, :], mask=mask, other=0.0)
+            low = tl.load(scale_ptr + scale_rows[:, None] + pair[None, :] + 1, mask=mask, other=0.0)
             x = codes.to(tl.float32) * scale.to(tl.float32) + low.to(tl.float32)
         else:
             raw = tl.load(code_ptr + rows[:, None] + offs_d[None, :] * stride_cd, mask=mask, other=0)
@@ -331,12 +341,16 @@ if TRITON_AVAILABLE:
         stride_kn,
         stride_kt,
         stride_kh,
-        stride_sn,
+        stride_sn,  # the key scales' strides
         stride_st,
         stride_sh,
+        stride_vsn,  # the value scales'
+        stride_vst,
+        stride_vsh,
         stride_btb,
         stride_ot,
         stride_oh,
+        VSG: tl.constexpr,  # values per value scale (int4: 64 where D allows; else 32)
         GROUP: tl.constexpr,  # query heads per kv head
         D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
@@ -378,8 +392,9 @@ if TRITON_AVAILABLE:
                 v = tl.load(v_ptr + slot[:, None] + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
             else:
                 srow = blk * stride_sn + (tok % BLOCK_SIZE) * stride_st + kvh * stride_sh
-                k = _dequantize_tile(k_ptr, ks_ptr, slot, srow, tok_ok, offs_d, 1, FMT).to(q_ptr.dtype.element_ty)
-                v = _dequantize_tile(v_ptr, vs_ptr, slot, srow, tok_ok, offs_d, 1, FMT).to(q_ptr.dtype.element_ty)
+                vsrow = blk * stride_vsn + (tok % BLOCK_SIZE) * stride_vst + kvh * stride_vsh
+                k = _dequantize_tile(k_ptr, ks_ptr, slot, srow, tok_ok, offs_d, 1, FMT, 32).to(q_ptr.dtype.element_ty)
+                v = _dequantize_tile(v_ptr, vs_ptr, slot, vsrow, tok_ok, offs_d, 1, FMT, VSG).to(q_ptr.dtype.element_ty)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             visible = tok_ok[None, :] & (tok[None, :] <= (past + rows)[:, None])
             scores = tl.where(visible, scores, float("-inf"))
@@ -421,12 +436,16 @@ if TRITON_AVAILABLE:
         stride_vt,
         stride_vh,
         stride_vd,
-        stride_sn,  # the scales' strides (k and v share them; contiguous last dimension)
+        stride_sn,  # the key scales' strides (contiguous last dimension)
         stride_st,
         stride_sh,
+        stride_vsn,  # the value scales'
+        stride_vst,
+        stride_vsh,
         stride_btb,
         stride_btn,
         max_ctx,  # max_blocks * BLOCK_SIZE
+        VSG: tl.constexpr,  # values per value scale (int4: 64 where D allows; else 32)
         H: tl.constexpr,
         SPLITS: tl.constexpr,  # programs per (sequence, kv head), each walking every SPLITS-th partition
         GROUP: tl.constexpr,  # H // KV real query heads per program
@@ -495,10 +514,11 @@ if TRITON_AVAILABLE:
                     )
                 else:  # codes dequantized in registers, in q's dtype (what the cache gives back)
                     srow = blk * stride_sn + slot * stride_st + kvh * stride_sh
+                    vsrow = blk * stride_vsn + slot * stride_vst + kvh * stride_vsh
                     krow = blk * stride_kn + slot * stride_kt + kvh * stride_kh
                     vrow = blk * stride_vn + slot * stride_vt + kvh * stride_vh
-                    k = _dequantize_tile(k_ptr, ks_ptr, krow, srow, tok_ok, offs_d, stride_kd, FMT)
-                    v = _dequantize_tile(v_ptr, vs_ptr, vrow, srow, tok_ok, offs_d, stride_vd, FMT)
+                    k = _dequantize_tile(k_ptr, ks_ptr, krow, srow, tok_ok, offs_d, stride_kd, FMT, 32)
+                    v = _dequantize_tile(v_ptr, vs_ptr, vrow, vsrow, tok_ok, offs_d, stride_vd, FMT, VSG)
                     k = k.to(q_ptr.dtype.element_ty)
                     v = v.to(q_ptr.dtype.element_ty)
                 if USE_DOT:
@@ -624,6 +644,7 @@ def paged_prefill_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        VSG=_group(kv_format, D, value=True),
         GROUP=H // KV,
         D=D,
         BLOCK_SIZE=block_size,
@@ -638,12 +659,13 @@ def paged_prefill_attention(
 
 def _kernel_cache(k_cache, v_cache, k_scale, v_scale, tag: int):
     """What the kernels take for a checked cache: codes (fp8 ones as their bytes), the scales
-    (for a float cache, the caches stand in: never read) and the scales' first three strides."""
+    (for a float cache, the caches stand in: never read) and the key then value scales' first
+    three strides."""
     if not tag:
-        return k_cache, v_cache, k_cache, v_cache, (0, 0, 0)
+        return k_cache, v_cache, k_cache, v_cache, (0,) * 6
     if k_cache.dtype == torch.float8_e4m3fn:  # decoded from its bits in the kernel, on any GPU
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    return k_cache, v_cache, k_scale, v_scale, k_scale.stride()[:3]
+    return k_cache, v_cache, k_scale, v_scale, (*k_scale.stride()[:3], *v_scale.stride()[:3])
 
 
 def _kernels_interpreted() -> bool:
@@ -710,6 +732,7 @@ def paged_decode_attention(
         *scale_strides,
         *block_tables.stride(),
         max_ctx,
+        VSG=_group(kv_format, D, value=True),
         H=H,
         SPLITS=splits,
         GROUP=group,

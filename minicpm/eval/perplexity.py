@@ -75,7 +75,7 @@ class RoundTripCache:
         h = self.rotation
         if h is not None:
             q, k, v = rotate_heads(q, h), rotate_heads(k, h), rotate_heads(v, h)
-        out = causal_attention(q, self.format.round_trip(k), self.format.round_trip(v))
+        out = causal_attention(q, self.format.round_trip(k), self.format.round_trip(v, value=True))
         return out if h is None else rotate_heads(out, h)
 
 

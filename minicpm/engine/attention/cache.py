@@ -76,7 +76,9 @@ class PagedKVCache:
         self.k_scale = self.v_scale = None
         if fmt.quantized:
             self.k_scale = torch.empty((*lead, fmt.scale_width(config.head_dim)), dtype=torch.float16, device=device)
-            self.v_scale = torch.empty_like(self.k_scale)
+            self.v_scale = torch.empty(
+                (*lead, fmt.scale_width(config.head_dim, value=True)), dtype=torch.float16, device=device
+            )
             self.storage.update(k_scale=self.k_scale, v_scale=self.v_scale)
         # on CPU, a cache of at least 64 MiB a layer on huge pages (decode attention reads scattered
         # blocks: fewer TLB misses); a smaller one stays on 4 KiB pages, where touching one block
@@ -155,7 +157,8 @@ class PagedKVCache:
         if not self.format.quantized:
             return k, v
         fmt = self.format
-        return fmt.dequantize(k, take(self.k_scale), self.dtype), fmt.dequantize(v, take(self.v_scale), self.dtype)
+        k = fmt.dequantize(k, take(self.k_scale), self.dtype)
+        return k, fmt.dequantize(v, take(self.v_scale), self.dtype, value=True)
 
     def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Layer ``layer``'s new keys and values (1, kv_heads, tokens, head_dim) at ``slots``;
@@ -167,17 +170,18 @@ class PagedKVCache:
             return k, v
         fmt, back = self.format, []
         lib = native_kernels() if self.native_writer else None
-        for new, codes, scales in ((k, kc, self.scale_slots(layer)[0]), (v, vc, self.scale_slots(layer)[1])):
+        ks, vs = self.scale_slots(layer)
+        for new, codes, scales, value in ((k, kc, ks, False), (v, vc, vs, True)):
             rows = new[0].transpose(0, 1)
             if lib is not None:  # the C writer: the reference's codes, bit for bit
                 q = torch.empty((rows.shape[0], *codes.shape[1:]), dtype=codes.dtype)
                 s = torch.empty((rows.shape[0], *scales.shape[1:]), dtype=scales.dtype)
-                kv_quantize(rows.contiguous(), q, s, torch.arange(rows.shape[0]), lib)
+                kv_quantize(rows.contiguous(), q, s, torch.arange(rows.shape[0]), lib, value)
             else:
-                q, s = fmt.quantize(rows, self.int4_fits)
+                q, s = fmt.quantize(rows, self.int4_fits, value)
             codes.index_copy_(0, slots, q)
             scales.index_copy_(0, slots, s)
-            back.append(fmt.dequantize(q, s, new.dtype).transpose(0, 1)[None])
+            back.append(fmt.dequantize(q, s, new.dtype, value).transpose(0, 1)[None])
         return back[0], back[1]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -5,15 +5,18 @@ Contract:
 
 * A format is ``float32``, ``bfloat16`` (the activations' own dtype: stored as computed),
   ``int8``, ``int4`` or ``fp8``. The quantized ones cut each (token, kv head) row of ``head_dim``
-  values into groups of :data:`GROUP` (32) consecutive values along ``head_dim``, each with its
-  own float16 scale stored beside it, indexed by the same slot as the codes (so a block's scales
-  move with its block: paging, prefix sharing, preemption and ``n`` choices need nothing new):
+  values into groups of consecutive values along ``head_dim`` (:meth:`KVFormat.group`: keys in
+  :data:`GROUP` (32); int4's values in :data:`VALUE_GROUP` (64) where ``head_dim`` is a multiple
+  of it, else 32), each with its own float16 scale stored beside it, indexed by the same slot as
+  the codes (so a block's scales move with its block: paging, prefix sharing, preemption and
+  ``n`` choices need nothing new):
 
   - ``int8``: symmetric, ``x = code * scale``, codes in [-127, 127], ``scale = max|x| / 127``
     (llama.cpp's q8_0: 8.5 bits a value).
   - ``int4``: asymmetric, ``x = code * scale + min``, codes in [0, 15] packed two to a byte
-    (in each group, byte ``j`` holds value ``j`` in its low nibble and value ``j + 16`` in its
-    high one, as llama.cpp's q4 blocks; llama.cpp's q4_1 layout: 5 bits a value). The writer
+    (in each run of 32 values, byte ``j`` holds value ``j`` in its low nibble and value ``j + 16``
+    in its high one, as llama.cpp's q4 blocks, whatever the group; keys have llama.cpp's q4_1
+    layout, 5 bits a value, values 4.5 where grouped by 64). The writer
     picks each group's float16 ``(scale, min)`` for the least squared error among the plain pair
     (``min``, ``(max - min) / 15``) and :data:`INT4_FITS` least-squares refits, each the
     regression of the values on the previous pair's codes (llama.cpp's k-quants fit their scales
@@ -49,7 +52,8 @@ from torch import Tensor
 from ...errors import UserError
 from ..config import KV_CACHE_DTYPES
 
-GROUP = 32  # values along head_dim per scale
+GROUP = 32  # values along head_dim per scale (int4 values: VALUE_GROUP where head_dim allows)
+VALUE_GROUP = 64  # int4 values per (scale, min): a whole head of MiniCPM (keys in 64s lose 3x more)
 INT4_FITS = 2  # least-squares refits of an int4 group's (scale, min) after the plain one (csrc/kv_quant.c)
 ROTATION = 64  # the Hadamard rotation's size (head_dim must be a multiple of it)
 _FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,27 +77,33 @@ class KVFormat:
         """Codes per (token, kv head) row, in elements of ``dtype``."""
         return head_dim // 2 if self.name == "int4" else head_dim
 
-    def scale_width(self, head_dim: int) -> int:
-        """float16 numbers per (token, kv head) row."""
-        return head_dim // GROUP * self.scales
+    def group(self, head_dim: int, value: bool = False) -> int:
+        """Values along ``head_dim`` per scale of a key row, or of a value row (``value``)."""
+        return VALUE_GROUP if value and self.name == "int4" and head_dim % VALUE_GROUP == 0 else GROUP
 
-    def bytes_per_row(self, head_dim: int) -> int:
-        return self.code_width(head_dim) * self.dtype.itemsize + 2 * self.scale_width(head_dim)
+    def scale_width(self, head_dim: int, value: bool = False) -> int:
+        """float16 numbers per (token, kv head) row of keys, or of values (``value``)."""
+        return head_dim // self.group(head_dim, value) * self.scales
+
+    def bytes_per_row(self, head_dim: int, value: bool = False) -> int:
+        return self.code_width(head_dim) * self.dtype.itemsize + 2 * self.scale_width(head_dim, value)
 
     def bytes_per_token(self, layers: int, kv_heads: int, head_dim: int) -> int:
         """Bytes one token takes in the cache: keys and values of every layer and kv head."""
-        return 2 * layers * kv_heads * self.bytes_per_row(head_dim)
+        return layers * kv_heads * (self.bytes_per_row(head_dim) + self.bytes_per_row(head_dim, True))
 
-    def quantize(self, x: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor | None]:
-        """(codes, float16 scales) of ``x`` (..., head_dim); a float format returns (x in its
-        dtype, None). ``fits``: int4's least-squares refits (0: the plain pair only)."""
+    def quantize(self, x: Tensor, fits: int = INT4_FITS, value: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(codes, float16 scales) of keys ``x`` (..., head_dim), or of values (``value``); a
+        float format returns (x in its dtype, None). ``fits``: int4's least-squares refits (0: the
+        plain pair only)."""
         if not self.quantized:
             return x.to(self.dtype), None
         shape = x.shape
-        g = x.float().reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
+        n = self.group(shape[-1], value)
+        g = x.float().reshape(*shape[:-1], shape[-1] // n, n)
         if self.name == "int4":
             scale, lo, codes = int4_fit(g, fits)
-            codes = codes.to(torch.uint8)
+            codes = codes.to(torch.uint8).reshape(*shape[:-1], -1, GROUP)  # packed in runs of 32
             packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*shape[:-1], -1)
             scales = torch.cat((scale, lo), dim=-1).reshape(*shape[:-1], -1)
             return packed, scales
@@ -106,8 +116,8 @@ class KVFormat:
             codes = torch.clamp(g / div, -FP8_MAX, FP8_MAX).to(self.dtype)
         return codes.reshape(shape), scale.reshape(*shape[:-1], -1)
 
-    def dequantize(self, codes: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """Values (..., head_dim) in ``dtype`` from what :meth:`quantize` stored."""
+    def dequantize(self, codes: Tensor, scales: Tensor | None, dtype: torch.dtype, value: bool = False) -> Tensor:
+        """Keys (..., head_dim), or values (``value``), in ``dtype`` from what :meth:`quantize` stored."""
         if not self.quantized:
             return codes.to(dtype)
         if self.name == "int4":
@@ -116,18 +126,20 @@ class KVFormat:
         else:
             vals = codes.float()
         shape = vals.shape
-        g = vals.reshape(*shape[:-1], shape[-1] // GROUP, GROUP)
-        s = scales.float().reshape(*shape[:-1], shape[-1] // GROUP, self.scales)
+        n = self.group(shape[-1], value)
+        g = vals.reshape(*shape[:-1], shape[-1] // n, n)
+        s = scales.float().reshape(*shape[:-1], shape[-1] // n, self.scales)
         out = g * s[..., :1]
         if self.scales == 2:
             out = out + s[..., 1:]
         return out.reshape(shape).to(dtype)
 
-    def round_trip(self, x: Tensor) -> Tensor:
-        """``x`` as the cache gives it back (itself, for a float format of its dtype)."""
+    def round_trip(self, x: Tensor, value: bool = False) -> Tensor:
+        """Keys ``x``, or values (``value``), as the cache gives them back (``x`` itself, for a
+        float format of its dtype)."""
         if not self.quantized and x.dtype == self.dtype:
             return x
-        return self.dequantize(*self.quantize(x), x.dtype)
+        return self.dequantize(*self.quantize(x, value=value), x.dtype, value)
 
 
 def writer_fits(device: torch.device | str) -> int:
@@ -159,7 +171,7 @@ def _int4_error(g: Tensor, scale: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def int4_fit(g: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor, Tensor]:
-    """Float16 ``(scale, min)`` (..., 1) of each group of ``g`` (..., 32, float32) as the int4
+    """Float16 ``(scale, min)`` (..., 1) of each group of ``g`` (..., n, float32; n a power of two) as the int4
     writer picks them (see the module docstring), with ``fits`` refits, and the group's codes
     (float, 0-15) under them: every operation rounds as ``csrc/kv_quant.c``'s (whose ``fits`` is
     :data:`INT4_FITS`)."""
@@ -169,15 +181,15 @@ def int4_fit(g: Tensor, fits: int = INT4_FITS) -> tuple[Tensor, Tensor, Tensor]:
     if fits == 0:
         return best_s, best_m, _int4_codes(g, best_s.float(), best_m.float())
     best, best_codes = _int4_error(g, best_s, best_m)
-    d = g - lo
+    d, n = g - lo, g.shape[-1]
     codes = _int4_codes(d, s0, torch.zeros_like(s0))
     for _ in range(fits):
         sc, scc = tree_sum(codes), tree_sum(codes * codes)
         sd, scd = tree_sum(d), tree_sum(codes * d)
-        det, num = 32 * scc - sc * sc, 32 * scd - sc * sd
+        det, num = n * scc - sc * sc, n * scd - sc * sd
         fs = num / torch.where(det > 0, det, torch.ones_like(det))
         ok = (det > 0) & (fs > 0)
-        fm = (sd - fs * sc) / 32
+        fm = (sd - fs * sc) / n
         s, m = torch.where(ok, fs, s0).half(), torch.where(ok, lo + fm, lo).half()
         err, codes = _int4_error(g, s, m)  # the next fit starts from this pair's codes
         take = err < best

@@ -131,7 +131,8 @@ static void rotate_heads(int xtype, void *p, int n, int head_dim) {
  * head_dim) float32 (already rounded to the activation dtype); slots (m) cache slots of the new
  * tokens; k_cache / v_cache the whole cache, ``layer_bytes`` bytes per layer, each layer
  * (num_blocks * block_size slots, kv_heads, head_dim) in the activation dtype, or codes of kvkind
- * (minicpm.h) with float16 scales k_scale / v_scale, ``scale_layer_stride`` scales per layer (the
+ * (minicpm.h) with float16 scales k_scale / v_scale, ``k_scale_layer_stride`` /
+ * ``v_scale_layer_stride`` scales per layer (the
  * new keys and values quantized as kv_format.py does); rotate: 1 where the cache is Hadamard-rotated
  * (q, k, v heads rotated before they are used and stored, the attention output rotated back; head_dim
  * a multiple of 64); tables / row_seq / row_len as
@@ -142,7 +143,7 @@ static void rotate_heads(int xtype, void *p, int n, int head_dim) {
 int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
                           int64_t layer_bytes, int kvkind, uint16_t *k_scale, uint16_t *v_scale,
-                          int64_t scale_layer_stride, int rotate, int64_t num_blocks, const int32_t *tables, int seqs,
+                          int64_t k_scale_layer_stride, int64_t v_scale_layer_stride, int rotate, int64_t num_blocks, const int32_t *tables, int seqs,
                           int width, const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden,
                           int heads, int kv_heads, int head_dim, int inter, float eps, float residual_scale,
                           float attn_scale, void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes) {
@@ -153,7 +154,7 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
     if (heads % kv_heads != 0 || heads / kv_heads > 64) return MINICPM_BAD_GROUP;
     if (head_dim < 2 || head_dim % 2 || head_dim > MINICPM_MAX_HEAD_DIM) return MINICPM_BAD_HEAD_DIM;
     const int64_t slots_in_cache = num_blocks * block_size;
-    const int quant = kvkind != MINICPM_KV_PLAIN, groups = head_dim / MINICPM_KV_GROUP;
+    const int quant = kvkind != MINICPM_KV_PLAIN;
     if (quant && ((kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) || head_dim % MINICPM_KV_GROUP ||
                   k_scale == NULL || v_scale == NULL))
         return MINICPM_BAD_KV;
@@ -162,8 +163,9 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
     /* a (slot, kv head) row's code bytes and float16 scales */
     const int64_t row_bytes = kvkind == MINICPM_KV_INT4 ? head_dim / 2 : kvkind == MINICPM_KV_INT8 ? head_dim
                                                                                                  : head_dim * (xtype ? 2 : 4);
-    const int64_t row_scales = kvkind == MINICPM_KV_INT4 ? 2 * groups : kvkind == MINICPM_KV_INT8 ? groups : 0;
-    if (layer_bytes < slots_in_cache * kv_heads * row_bytes || scale_layer_stride < slots_in_cache * kv_heads * row_scales)
+    const int64_t key_scales = quant ? kv_scales(kvkind, head_dim, 0) : 0, value_scales = quant ? kv_scales(kvkind, head_dim, 1) : 0;
+    if (layer_bytes < slots_in_cache * kv_heads * row_bytes || k_scale_layer_stride < slots_in_cache * kv_heads * key_scales ||
+        v_scale_layer_stride < slots_in_cache * kv_heads * value_scales)
         return MINICPM_BAD_SHAPE;
     int64_t need[2];
     minicpm_decode_buffer_bytes(xtype, m, hidden, heads, kv_heads, head_dim, inter, need);
@@ -188,7 +190,8 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
         rmsnorm(xtype, h, ly->norm1, m, hidden, eps, x);
         linear(&ly->qkv, xtype, x, m, hidden, qkv, qkv_n, scratch);
         char *kc = (char *)k_cache + L * layer_bytes, *vc = (char *)v_cache + L * layer_bytes;
-        uint16_t *ks = quant ? k_scale + L * scale_layer_stride : NULL, *vs = quant ? v_scale + L * scale_layer_stride : NULL;
+        uint16_t *ks = quant ? k_scale + L * k_scale_layer_stride : NULL;
+        uint16_t *vs = quant ? v_scale + L * v_scale_layer_stride : NULL;
         for (int r = 0; r < m; r++) {
             char *row = qkv + (int64_t)r * qkv_n * es;
             const float *c = cos + (int64_t)r * head_dim, *s = sin_signed + (int64_t)r * head_dim;
@@ -204,10 +207,10 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
                 rotate_heads(xtype, row, heads + 2 * kv_heads, head_dim);
             if (quant) {
                 /* the slots were checked above: these cannot refuse */
-                minicpm_kv_quantize(xtype, kvkind, row + (int64_t)heads * head_dim * es, 0, 1, kv_heads, head_dim,
+                minicpm_kv_quantize(xtype, kvkind, 0, row + (int64_t)heads * head_dim * es, 0, 1, kv_heads, head_dim,
                                     slots + r, slots_in_cache, kc, ks);
-                minicpm_kv_quantize(xtype, kvkind, row + (int64_t)(heads + kv_heads) * head_dim * es, 0, 1, kv_heads,
-                                    head_dim, slots + r, slots_in_cache, vc, vs);
+                minicpm_kv_quantize(xtype, kvkind, 1, row + (int64_t)(heads + kv_heads) * head_dim * es, 0, 1,
+                                    kv_heads, head_dim, slots + r, slots_in_cache, vc, vs);
             } else {
                 const int64_t kv_bytes = (int64_t)kv_heads * head_dim * es;
                 memcpy(kc + slots[r] * kv_bytes, row + (int64_t)heads * head_dim * es, kv_bytes);

@@ -11,22 +11,24 @@
 
 #include <stdint.h>
 
-#define MINICPM_ABI_VERSION 5
+#define MINICPM_ABI_VERSION 6
 
 #define MINICPM_PANEL 32    /* output columns per packed weight panel (linear.c) */
 #define MINICPM_MAX_PARTS 3 /* weights stacked by output in one of the fused decoder's linears */
 #define MINICPM_MAX_HEAD_DIM 512 /* the fused decoder's rotary buffer */
 
 /* How a layer of the KV cache is stored (kvkind): in the activations' own dtype, or quantized in
- * groups of MINICPM_KV_GROUP values along head_dim with float16 scales beside the codes
+ * groups of MINICPM_KV_GROUP values along head_dim (int4's values: MINICPM_KV_VALUE_GROUP where
+ * head_dim is a multiple of it; numeric.h's kv_group) with float16 scales beside the codes
  * (minicpm/engine/attention/kv_format.py is the reference):
  *   INT8: codes (slots, kv_heads, head_dim) int8, x = code * scale; scales (slots, kv_heads,
  *         head_dim / 32) float16
- *   INT4: codes (slots, kv_heads, head_dim / 2) bytes, in each group of 32 byte j holds value j
+ *   INT4: codes (slots, kv_heads, head_dim / 2) bytes, in each run of 32 values byte j holds value j
  *         (low nibble) and value j + 16 (high nibble), x = code * scale + min; scales (slots,
- *         kv_heads, head_dim / 32, 2) float16: (scale, min) */
+ *         kv_heads, head_dim / group, 2) float16: (scale, min) */
 enum { MINICPM_KV_PLAIN = 0, MINICPM_KV_INT8 = 1, MINICPM_KV_INT4 = 2 };
 #define MINICPM_KV_GROUP 32
+#define MINICPM_KV_VALUE_GROUP 64
 
 /* What a kernel returns for arguments it refuses (0: done). Each is checked before any write. */
 enum {
@@ -89,12 +91,13 @@ int minicpm_check_rows(int64_t num_blocks, const int32_t *tables, int seqs, int 
                        const int32_t *row_len, int rows, int block_size);
 
 /* kv_quant.c */
-/* rows (rows x kv_heads of head_dim values, activation dtype, row stride x_stride elements)
- * quantized into codes and scales at row index slot[r] * kv_heads + h, exactly as kv_format.py's
- * quantize does; every slot checked against num_slots first. Returns 0, MINICPM_BAD_KV,
+/* rows (rows x kv_heads of head_dim values, activation dtype, row stride x_stride elements) of
+ * keys, or of values (``value``: their groups, kv_group), quantized into codes and scales at row
+ * index slot[r] * kv_heads + h, exactly as kv_format.py's quantize does; every slot checked
+ * against num_slots first. Returns 0, MINICPM_BAD_KV,
  * MINICPM_BAD_SHAPE or MINICPM_BAD_SLOT (nothing written). */
-int minicpm_kv_quantize(int xtype, int kvkind, const void *x, int64_t x_stride, int rows, int kv_heads, int head_dim,
-                        const int64_t *slots, int64_t num_slots, void *codes, uint16_t *scales);
+int minicpm_kv_quantize(int xtype, int kvkind, int value, const void *x, int64_t x_stride, int rows, int kv_heads,
+                        int head_dim, const int64_t *slots, int64_t num_slots, void *codes, uint16_t *scales);
 
 /* decode.c */
 /* the bytes of the work (activation dtype) and scratch (float32) buffers minicpm_decode_layers
@@ -104,7 +107,7 @@ void minicpm_decode_buffer_bytes(int xtype, int m, int hidden, int heads, int kv
 int minicpm_decode_layers(int xtype, int m, int n_layers, const minicpm_layer_t *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
                           int64_t layer_bytes, int kvkind, uint16_t *k_scale, uint16_t *v_scale,
-                          int64_t scale_layer_stride, int rotate, int64_t num_blocks, const int32_t *tables, int seqs,
+                          int64_t k_scale_layer_stride, int64_t v_scale_layer_stride, int rotate, int64_t num_blocks, const int32_t *tables, int seqs,
                           int width, const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden,
                           int heads, int kv_heads, int head_dim, int inter, float eps, float residual_scale,
                           float attn_scale, void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes);

@@ -65,10 +65,17 @@ static inline uint16_t f32_to_half(float f) {
     return (uint16_t)(sign | ((a - 0x38000000u) >> 13));
 }
 
-/* the codes of a (token, kv head) row in bytes (int4) or elements: the codes' row width; and its float16 scales */
+/* the codes of a (token, kv head) row in bytes (int4) or elements: the codes' row width */
 static inline int64_t kv_width(int kind, int head_dim) { return kind == MINICPM_KV_INT4 ? head_dim / 2 : head_dim; }
-static inline int kv_scales(int kind, int head_dim) {
-    return head_dim / MINICPM_KV_GROUP * (kind == MINICPM_KV_INT4 ? 2 : 1);
+/* values per scale of a key row, or of a value row (``value``): int4 values in MINICPM_KV_VALUE_GROUP
+ * where head_dim is a multiple of it (kv_format.KVFormat.group) */
+static inline int kv_group(int kind, int head_dim, int value) {
+    return value && kind == MINICPM_KV_INT4 && head_dim % MINICPM_KV_VALUE_GROUP == 0 ? MINICPM_KV_VALUE_GROUP
+                                                                                       : MINICPM_KV_GROUP;
+}
+/* a key (or value) row's float16 scales */
+static inline int kv_scales(int kind, int head_dim, int value) {
+    return head_dim / kv_group(kind, head_dim, value) * (kind == MINICPM_KV_INT4 ? 2 : 1);
 }
 
 #endif

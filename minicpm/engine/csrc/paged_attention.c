@@ -44,10 +44,11 @@ static int check_kv(int kvkind, const uint16_t *ks, const uint16_t *vs, int head
     return 0;
 }
 
-/* row ``row`` (slot * kv_heads + kv head) of a quantized layer, dequantized into dst (float32) */
-static inline void dequant_row(int kind, const void *codes, const uint16_t *scales, int64_t row, int head_dim,
-                               float *dst) {
-    const int groups = head_dim / MINICPM_KV_GROUP;
+/* row ``row`` (slot * kv_heads + kv head) of a quantized layer of keys, or of values (``value``),
+ * dequantized into dst (float32) */
+static inline void dequant_row(int kind, int value, const void *codes, const uint16_t *scales, int64_t row,
+                               int head_dim, float *dst) {
+    const int groups = head_dim / MINICPM_KV_GROUP, shift = kv_group(kind, head_dim, value) / MINICPM_KV_GROUP - 1;
     if (kind == MINICPM_KV_INT8) {
         const int8_t *c = (const int8_t *)codes + row * head_dim;
         const uint16_t *sc = scales + row * groups;
@@ -57,9 +58,9 @@ static inline void dequant_row(int kind, const void *codes, const uint16_t *scal
         }
     } else {
         const uint8_t *c = (const uint8_t *)codes + row * (head_dim / 2);
-        const uint16_t *sc = scales + row * groups * 2;
-        for (int g = 0; g < groups; g++) {
-            const float s = half_to_f32(sc[2 * g]), mn = half_to_f32(sc[2 * g + 1]);
+        const uint16_t *sc = scales + row * kv_scales(kind, head_dim, value);
+        for (int g = 0; g < groups; g++) { /* g: a run of 32 values; its group's pair (shift: 0 or 1) */
+            const float s = half_to_f32(sc[2 * (g >> shift)]), mn = half_to_f32(sc[2 * (g >> shift) + 1]);
             for (int j = 0; j < 16; j++) {
                 dst[g * 32 + j] = (float)(c[g * 16 + j] & 15) * s + mn;
                 dst[g * 32 + 16 + j] = (float)(c[g * 16 + j] >> 4) * s + mn;
@@ -169,8 +170,8 @@ static inline __attribute__((always_inline)) void fold_block(const float *qf, co
                 } else if (a->kind != MINICPM_KV_PLAIN) {                                          \
                     const int64_t row0 = (int64_t)table[b] * block_size * a->kv_heads + kvh;        \
                     for (int j = 0; j < n; j++) {                                                  \
-                        dequant_row(a->kind, a->kc, a->ks, row0 + (int64_t)j * a->kv_heads, head_dim, kbuf + j * head_dim); \
-                        dequant_row(a->kind, a->vc, a->vs, row0 + (int64_t)j * a->kv_heads, head_dim, vbuf + j * head_dim); \
+                        dequant_row(a->kind, 0, a->kc, a->ks, row0 + (int64_t)j * a->kv_heads, head_dim, kbuf + j * head_dim); \
+                        dequant_row(a->kind, 1, a->vc, a->vs, row0 + (int64_t)j * a->kv_heads, head_dim, vbuf + j * head_dim); \
                     }                                                                              \
                     fold_block(qh, kbuf, vbuf, head_dim, n, groups, head_dim, sc, mx + h, sm + h, ah); \
                 } else {                                                                           \
@@ -275,8 +276,8 @@ static inline int64_t key_at(const int32_t *table, int kv_heads, int kvh, int he
 static inline void kv_rows(int kind, const void *kc, const void *vc, const uint16_t *ks, const uint16_t *vs, int64_t at,
                            int head_dim, int bf16, float *k, float *v) {
     if (kind != MINICPM_KV_PLAIN) {
-        dequant_row(kind, kc, ks, at / head_dim, head_dim, k);
-        dequant_row(kind, vc, vs, at / head_dim, head_dim, v);
+        dequant_row(kind, 0, kc, ks, at / head_dim, head_dim, k);
+        dequant_row(kind, 1, vc, vs, at / head_dim, head_dim, v);
         if (bf16) /* the value a bfloat16 model's reference dequantizes to */
             for (int d = 0; d < head_dim; d++) {
                 k[d] = bf16_to_f32(f32_to_bf16(k[d]));
@@ -811,8 +812,9 @@ static inline __attribute__((always_inline)) __m512i value_bytes(const uint8_t *
 }
 
 /* One query head's accumulator acc (head_dim floats) rescaled by ``correction`` and given the
- * window's n <= 16 value rows (codes at v + t * slot, scales at vs + t * sstride) weighed by the
- * probabilities p[t * pstride]. Per 64 values and group of 32: the weights w = p * scale are
+ * window's n <= 16 value rows (codes at v + t * slot, scales at vs + t * sstride: one per 32 values,
+ * or per 64 where ``wide``) weighed by the probabilities p[t * pstride]. Per 64 values and run of
+ * 32 (the weights are made once for a scale of 64): the weights w = p * scale are
  * rounded to 16-bit integers against the window's largest (u = round(65535 w / max w) = 256 hi +
  * lo: finer than the bfloat16 values themselves), four rows at a time are interleaved into 32-bit
  * lanes of 4 bytes (one value of each row) and summed against hi and against lo by vpdpbusd in
@@ -821,7 +823,7 @@ static inline __attribute__((always_inline)) __m512i value_bytes(const uint8_t *
 static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, int64_t slot, const float *vs,
                                                               int sstride, const float *p, int pstride, int n,
                                                               float correction, float *acc, const int head_dim,
-                                                              int kind) {
+                                                              int kind, int wide) {
     const int per = kind == MINICPM_KV_INT8 ? 1 : 2, cbytes = kind == MINICPM_KV_INT8 ? 64 : 32;
     const __mmask16 live = (__mmask16)((1u << n) - 1);
     const __m512i pidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -833,7 +835,13 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
         float step[2], mterm[2] = {0.0f, 0.0f};
         uint32_t hi[2][4], lo[2][4]; /* per group: rows 4i..4i+3's weight bytes as one 32-bit lane */
         for (int gg = 0; gg < 2; gg++) {
-            const int gi = 2 * c + gg;
+            if (wide && gg == 1) { /* one scale for the 64: the same weights */
+                step[1] = step[0], mterm[1] = mterm[0];
+                memcpy(hi[1], hi[0], sizeof hi[0]);
+                memcpy(lo[1], lo[0], sizeof lo[0]);
+                break;
+            }
+            const int gi = wide ? c : 2 * c + gg; /* the scale's index */
             const __m512 w = _mm512_mul_ps(pv, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, sidx, vs + per * gi, 4));
             const float top = _mm512_reduce_max_ps(w);
             step[gg] = top / 65535.0f;
@@ -902,7 +910,9 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
     const int esize = bf16 ? 2 : 4, kind = a->kind, quant = kind != MINICPM_KV_PLAIN;
     const int64_t width = quant ? kv_width(kind, head_dim) : head_dim * esize; /* bytes of a (slot, head) row */
-    const int nsc = quant ? kv_scales(kind, head_dim) : 0;                       /* its scales */
+    const int nsc = quant ? kv_scales(kind, head_dim, 0) : 0;                    /* a key row's scales */
+    const int nvs = quant ? kv_scales(kind, head_dim, 1) : 0;                    /* a value row's */
+    const int wide = quant && kv_group(kind, head_dim, 1) == 64;                 /* a value scale per 64 */
     const int64_t slot = (int64_t)kv_heads * width; /* bytes from one slot to the next */
     const int32_t *table = a->tables + (int64_t)a->row_seq[row] * a->width;
     const char *qrow = (const char *)a->q + (int64_t)row * a->q_stride * esize;
@@ -940,7 +950,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const float *ksw = fs, *vsw = fs + 16 * kv_heads * nsc;
         if (quant) {
             widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
-            widen_halves(a->vs + first * kv_heads * nsc, n * kv_heads * nsc, fs + 16 * kv_heads * nsc);
+            widen_halves(a->vs + first * kv_heads * nvs, n * kv_heads * nvs, fs + 16 * kv_heads * nsc);
         }
         /* scores of the (slot, head) pairs in order, 16 at a time */
         const int pairs = n * heads;
@@ -1002,9 +1012,9 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
             for (int kvh = 0; kvh < kv_heads; kvh++)
                 for (int g = 0; g < groups; g++) {
                     const int hh = kvh * groups + g;
-                    values_vnni((const uint8_t *)vw + (int64_t)kvh * width, slot, vsw + (int64_t)kvh * nsc,
-                                kv_heads * nsc, sc + hh, heads, n, cr[hh], acc + (int64_t)hh * head_dim, head_dim,
-                                kind);
+                    values_vnni((const uint8_t *)vw + (int64_t)kvh * width, slot, vsw + (int64_t)kvh * nvs,
+                                kv_heads * nvs, sc + hh, heads, n, cr[hh], acc + (int64_t)hh * head_dim, head_dim,
+                                kind, wide);
                 }
             continue;
         }
@@ -1027,17 +1037,17 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                             for (int t = j8; t < j8 + m8; t++) {
                                 const float p = sc[t * heads + hh];
                                 const uint8_t *vr = (const uint8_t *)vw + t * slot + (int64_t)kvh * width;
-                                const float *vs = vsw + ((int64_t)t * kv_heads + kvh) * nsc;
+                                const float *vs = vsw + ((int64_t)t * kv_heads + kvh) * nvs;
                                 for (int gg = 0; gg < 2; gg++) {
-                                    const int gi = d0 / 32 + gg;
+                                    const int gi = d0 / 32 + gg, si = wide ? gi / 2 : gi; /* run, scale */
                                     __m512 c0, c1;
                                     codes32(vr, gi, kind, &c0, &c1);
-                                    const float s0 = vs[kind == MINICPM_KV_INT4 ? 2 * gi : gi];
+                                    const float s0 = vs[kind == MINICPM_KV_INT4 ? 2 * si : si];
                                     const __m512 ps = _mm512_set1_ps(p * s0);
                                     acc4[2 * gg] = _mm512_fmadd_ps(ps, c0, acc4[2 * gg]);
                                     acc4[2 * gg + 1] = _mm512_fmadd_ps(ps, c1, acc4[2 * gg + 1]);
                                     if (kind == MINICPM_KV_INT4) {
-                                        const __m512 pm = _mm512_set1_ps(p * vs[2 * gi + 1]);
+                                        const __m512 pm = _mm512_set1_ps(p * vs[2 * si + 1]);
                                         acc4[2 * gg] = _mm512_add_ps(acc4[2 * gg], pm);
                                         acc4[2 * gg + 1] = _mm512_add_ps(acc4[2 * gg + 1], pm);
                                     }
@@ -1091,7 +1101,7 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
 #pragma omp parallel reduction(| : failed)
         {
             const size_t hp = (size_t)(heads + 15) / 16 * 16;
-            const size_t window_scales = a.kind != MINICPM_KV_PLAIN ? 2 * 16 * (size_t)a.kv_heads * kv_scales(a.kind, head_dim) : 0;
+            const size_t window_scales = a.kind != MINICPM_KV_PLAIN ? 2 * 16 * (size_t)a.kv_heads * kv_scales(a.kind, head_dim, 0) : 0;
             const size_t floats = ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16 + window_scales + 15) / 16 * 16;
 #if HAVE_DECODE_VNNI
             const size_t vroom = a.kind != MINICPM_KV_PLAIN ? vnni_room(heads, head_dim) : 0;
