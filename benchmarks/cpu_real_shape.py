@@ -585,11 +585,15 @@ def fill_blocks(cache, blocks: list[int], tokens: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     sources = {}
     for name in ("k", "v"):
-        x = torch.randn(template * bs, cache.kv_heads, cache.head_dim, generator=gen).to(cache.dtype)
-        codes, scales = fmt.quantize(x, value=name == "v")
-        sources[name] = codes.reshape(template, bs, cache.kv_heads, -1)
-        if scales is not None:
-            sources[f"{name}_scale"] = scales.reshape(template, bs, cache.kv_heads, -1)
+        # a block at a time: the reference quantizer's float32 temporaries stay small (eight blocks
+        # at once left 0.15 GiB of them in the heap at the capacity run's peak)
+        shape = (bs, cache.kv_heads, cache.head_dim)
+        parts = [
+            fmt.quantize(torch.randn(shape, generator=gen).to(cache.dtype), value=name == "v") for _ in range(template)
+        ]
+        sources[name] = torch.stack([codes for codes, _ in parts])
+        if parts[0][1] is not None:
+            sources[f"{name}_scale"] = torch.stack([scales for _, scales in parts])
     runs, i = [], 0  # (first block, count) of consecutive stretches
     while i < len(used):
         j = i
