@@ -9,7 +9,7 @@ from the same file (benchmarks/gguf_peer.py). Per KV cache format:
     float32  (--kv-cache-dtype auto, float32 model) -ctk/-ctv f32, and f16 (llama.cpp's default)
     bfloat16 (auto with --dtype bfloat16)           -
     int8     (q8_0's layout)                        q8_0
-    int4     (q4_1's layout)                        q4_1, and q4_0 (the issue's bar)
+    int4     (keys q4_1's layout, values a pair per 64) q4_1, and q4_0 (the issue's bar)
 
 * Perplexity at 1k and 4k windows (``--contexts``) over the same text, llama.cpp's way (windows of
   ``context`` tokens, the second half scored), on the text's first ``--tokens`` tokens (12288 by

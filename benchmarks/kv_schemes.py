@@ -11,8 +11,9 @@ second half scored). The keys are the rotated ones (what the cache stores).
     int8           our int8 layout: symmetric groups of 32 along head_dim, float16 scale (q8_0)
     int4           our int4 layout: asymmetric groups of 32 along head_dim, float16 scale and min
                    (q4_1), the min / max pair; unrotated (what shipped before the rotation and the
-                   fitted writer); int4-fit-hkv: the engine's writer as shipped (kv_format's fitted
-                   pair), rotated
+                   fitted writer); int4-fit-hkv: the engine's fitted writer (kv_format.int4_fit),
+                   rotated, pairs per 32 for keys and values; int4-fitv64-hkv: the same with the
+                   values' pairs per 64 (what the engine's int4 cache ships)
     q4_0           symmetric 4-bit groups of 32 along head_dim, float16 scale, llama.cpp's q4_0 rule
     kivi4-g32      keys per channel in groups of 32 tokens, values per token in groups of 32 along
                    head_dim (asymmetric, float16 scale and min), 4-bit; the newest partial group of

@@ -344,7 +344,9 @@ def test_kv_schemes_windowed_attention_is_what_each_decode_step_reads() -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 3, 40, 64) * torch.rand(64) * 4
     assert torch.equal(per_token(x, SCHEMES["int8"]), FORMATS["int8"].round_trip(x))
-    assert torch.equal(per_token(x, SCHEMES["int4-fit-hkv"]), FORMATS["int4"].round_trip(x))  # the shipped writer
+    assert torch.equal(per_token(x, SCHEMES["int4-fit-hkv"]), FORMATS["int4"].round_trip(x))  # the engine's keys
+    shipped = SCHEMES["int4-fitv64-hkv"]  # and values: the engine's writer in groups of 64
+    assert torch.equal(per_token(x, shipped, shipped.value_group), FORMATS["int4"].round_trip(x, value=True))
     g = x.reshape(1, 3, 40, 2, 32)  # "int4": the plain pair, (min, (max - min) / 15) in float16
     lo, step = g.amin(-1, keepdim=True).half().float(), ((g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15)
     step = step.half().float()
@@ -363,8 +365,10 @@ def test_kv_schemes_windowed_attention_is_what_each_decode_step_reads() -> None:
             vv[:, :, :full] = per_token(v[:, :, :full], s)
             want = torch.nn.functional.scaled_dot_product_attention(q[:, :, i : i + 1], kk, vv, enable_gqa=True)
             torch.testing.assert_close(out[:, :, i : i + 1], want, rtol=1e-5, atol=1e-5)
-    bytes_ = {n: SCHEMES[n].bytes_per_token(**MINICPM_SHAPE) for n in ("float32", "int8", "int4", "kivi2-g128")}
-    assert bytes_ == {"float32": 368640, "int8": 195840, "int4": 115200, "kivi2-g128": 60480}
+    names = ("float32", "int8", "int4", "kivi2-g128", "int4-fitv64-hkv")
+    bytes_ = {n: SCHEMES[n].bytes_per_token(**MINICPM_SHAPE) for n in names}
+    assert bytes_ == {"float32": 368640, "int8": 195840, "int4": 115200, "kivi2-g128": 60480, "int4-fitv64-hkv": 109440}
+    assert bytes_["int4-fitv64-hkv"] == FORMATS["int4"].bytes_per_token(**MINICPM_SHAPE)
 
 
 def test_kv_schemes_offset_keys_and_paired_errors() -> None:
