@@ -60,6 +60,8 @@ KV_TARGETS = {"int8": 1.8, "int4": 3.0}  # speed-up over the activation dtype's 
 def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -> dict:
     """One system on one case (this process): ms per call, and for ours the error against sdpa
     (over the dequantized cache for a quantized ``kv`` format)."""
+    import inspect
+
     import torch
     import torch.nn.functional as F
 
@@ -97,11 +99,13 @@ def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -
             from minicpm.engine.attention.kv_format import FORMATS
 
             fmt = FORMATS[kv]
-            (kc, ks), (vc, vs) = fmt.quantize(kc), fmt.quantize(vc, value=True)
+            # values in their own groups (int4: 64), where this revision has them (a --peer may not)
+            vkw = {"value": True} if "value" in inspect.signature(fmt.quantize).parameters else {}
+            (kc, ks), (vc, vs) = fmt.quantize(kc), fmt.quantize(vc, **vkw)
             for r in range(rows):  # sdpa's reference: the values the quantized cache holds
                 slots = (tables[r].long()[:, None] * BLOCK + torch.arange(BLOCK)).view(-1)[:context]
                 k[r] = fmt.dequantize(kc[slots], ks[slots], dtype).transpose(0, 1)
-                v[r] = fmt.dequantize(vc[slots], vs[slots], dtype, value=True).transpose(0, 1)
+                v[r] = fmt.dequantize(vc[slots], vs[slots], dtype, **vkw).transpose(0, 1)
 
         def call() -> torch.Tensor:
             return paged_attention(q, kc, vc, tables, row_seq, row_len, BLOCK, d**-0.5, None, ks, vs)
