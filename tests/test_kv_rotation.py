@@ -180,6 +180,14 @@ def test_the_prefix_store_keeps_rotated_and_plain_blocks_apart(model, tmp_path, 
     assert refit != rotated.prefix_store.store.identity
     assert _engine(model, "int8", kv_cache_dir=str(tmp_path)).prefix_store.store.identity == int8
     monkeypatch.undo()
+    # and the values' group (int4 values in 64s since 3b53ce9: older stores are another layout)
+    from minicpm.engine.attention import kv_format
+
+    monkeypatch.setattr(kv_format, "VALUE_GROUP", 32)
+    regrouped = _engine(model, "int4", kv_cache_dir=str(tmp_path)).prefix_store.store.identity
+    assert regrouped != rotated.prefix_store.store.identity
+    assert _engine(model, "int8", kv_cache_dir=str(tmp_path)).prefix_store.store.identity == int8
+    monkeypatch.undo()
     plain = _engine(model, "int4", kv_cache_dir=str(tmp_path), kv_rotation=False)
     assert rotated.prefix_store.store.identity != plain.prefix_store.store.identity
     assert _engine(model, "int4", kv_cache_dir=str(tmp_path)).prefix_store.store.identity == (

@@ -336,6 +336,8 @@ if slow:  # writes still queued when the script ends: the exit hook must write t
     kv_store.DiskKVStore._write = lambda self, item: (time.sleep(slow), write(self, item))[1]
 engine = make_engine(tiny(), directory, kv_cache_dir_bytes=bound or None)
 done = engine.generate([prompt_of(n, s) for n, s in prompts], SamplingParams(max_new_tokens=6, ignore_eos=True))
+if bound:  # every write done, its evictions counted, before the stats are read (else a race under load)
+    engine.prefix_store.close()
 print(json.dumps({"tokens": [c.token_ids for c in done], "stats": engine.stats()}))
 """
 
