@@ -531,9 +531,11 @@ KV_KINDS = {torch.int8: 1, torch.uint8: 2}  # csrc/minicpm.h's MINICPM_KV_INT8 /
 
 def _kv_widths(kind: int, head_dim: int, value: bool = False) -> tuple[int, int]:
     """(codes, float16 scales) per (slot, kv head) row of keys, or of values (``value``), of a
-    quantized cache of ``kind`` (csrc/numeric.h's kv_width / kv_scales; kv_format's groups)."""
-    group = 64 if value and kind == 2 and head_dim % 64 == 0 else 32
-    return (head_dim // 2 if kind == 2 else head_dim), head_dim // group * (2 if kind == 2 else 1)
+    quantized cache of ``kind``: kv_format's widths (csrc/numeric.h's kv_width / kv_scales)."""
+    from .attention.kv_format import FORMATS  # here: the attention package imports this module
+
+    fmt = FORMATS["int4" if kind == 2 else "int8"]
+    return fmt.code_width(head_dim), fmt.scale_width(head_dim, value)
 
 
 def _kv_args(

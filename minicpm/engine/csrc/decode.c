@@ -143,8 +143,8 @@ static void rotate_heads(int xtype, void *p, int n, int head_dim) {
 int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
                           int64_t layer_bytes, int kvkind, uint16_t *k_scale, uint16_t *v_scale,
-                          int64_t k_scale_layer_stride, int64_t v_scale_layer_stride, int rotate, int64_t num_blocks, const int32_t *tables, int seqs,
-                          int width, const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden,
+                          int64_t k_scale_layer_stride, int64_t v_scale_layer_stride, int rotate, int64_t num_blocks,
+                          const int32_t *tables, int seqs, int width, const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden,
                           int heads, int kv_heads, int head_dim, int inter, float eps, float residual_scale,
                           float attn_scale, void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes) {
     if (xtype != 0 && xtype != 1) return MINICPM_BAD_DTYPE;
@@ -161,10 +161,11 @@ int minicpm_decode_layers(int xtype, int m, int n_layers, const Layer *layers, v
     if (kvkind != MINICPM_KV_PLAIN && kvkind != MINICPM_KV_INT8 && kvkind != MINICPM_KV_INT4) return MINICPM_BAD_KV;
     if (rotate && head_dim % ROTATION) return MINICPM_BAD_HEAD_DIM;
     /* a (slot, kv head) row's code bytes and float16 scales */
-    const int64_t row_bytes = kvkind == MINICPM_KV_INT4 ? head_dim / 2 : kvkind == MINICPM_KV_INT8 ? head_dim
-                                                                                                 : head_dim * (xtype ? 2 : 4);
-    const int64_t key_scales = quant ? kv_scales(kvkind, head_dim, 0) : 0, value_scales = quant ? kv_scales(kvkind, head_dim, 1) : 0;
-    if (layer_bytes < slots_in_cache * kv_heads * row_bytes || k_scale_layer_stride < slots_in_cache * kv_heads * key_scales ||
+    const int64_t row_bytes = quant ? kv_width(kvkind, head_dim) : head_dim * (xtype ? 2 : 4);
+    const int64_t key_scales = quant ? kv_scales(kvkind, head_dim, 0) : 0;
+    const int64_t value_scales = quant ? kv_scales(kvkind, head_dim, 1) : 0;
+    if (layer_bytes < slots_in_cache * kv_heads * row_bytes ||
+        k_scale_layer_stride < slots_in_cache * kv_heads * key_scales ||
         v_scale_layer_stride < slots_in_cache * kv_heads * value_scales)
         return MINICPM_BAD_SHAPE;
     int64_t need[2];

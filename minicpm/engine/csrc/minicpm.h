@@ -107,8 +107,8 @@ void minicpm_decode_buffer_bytes(int xtype, int m, int hidden, int heads, int kv
 int minicpm_decode_layers(int xtype, int m, int n_layers, const minicpm_layer_t *layers, void *h, const float *cos,
                           const float *sin_signed, const int64_t *slots, void *k_cache, void *v_cache,
                           int64_t layer_bytes, int kvkind, uint16_t *k_scale, uint16_t *v_scale,
-                          int64_t k_scale_layer_stride, int64_t v_scale_layer_stride, int rotate, int64_t num_blocks, const int32_t *tables, int seqs,
-                          int width, const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden,
+                          int64_t k_scale_layer_stride, int64_t v_scale_layer_stride, int rotate, int64_t num_blocks,
+                          const int32_t *tables, int seqs, int width, const int32_t *row_seq, const int32_t *row_len, int block_size, int hidden,
                           int heads, int kv_heads, int head_dim, int inter, float eps, float residual_scale,
                           float attn_scale, void *work, int64_t work_bytes, float *scratch, int64_t scratch_bytes);
 

@@ -48,7 +48,7 @@ static int check_kv(int kvkind, const uint16_t *ks, const uint16_t *vs, int head
  * dequantized into dst (float32) */
 static inline void dequant_row(int kind, int value, const void *codes, const uint16_t *scales, int64_t row,
                                int head_dim, float *dst) {
-    const int groups = head_dim / MINICPM_KV_GROUP, shift = kv_group(kind, head_dim, value) / MINICPM_KV_GROUP - 1;
+    const int groups = head_dim / MINICPM_KV_GROUP, wide = kv_group(kind, head_dim, value) == MINICPM_KV_VALUE_GROUP;
     if (kind == MINICPM_KV_INT8) {
         const int8_t *c = (const int8_t *)codes + row * head_dim;
         const uint16_t *sc = scales + row * groups;
@@ -59,8 +59,9 @@ static inline void dequant_row(int kind, int value, const void *codes, const uin
     } else {
         const uint8_t *c = (const uint8_t *)codes + row * (head_dim / 2);
         const uint16_t *sc = scales + row * kv_scales(kind, head_dim, value);
-        for (int g = 0; g < groups; g++) { /* g: a run of 32 values; its group's pair (shift: 0 or 1) */
-            const float s = half_to_f32(sc[2 * (g >> shift)]), mn = half_to_f32(sc[2 * (g >> shift) + 1]);
+        for (int g = 0; g < groups; g++) {
+            const int si = wide ? g / 2 : g; /* run g of 32 values, and its pair */
+            const float s = half_to_f32(sc[2 * si]), mn = half_to_f32(sc[2 * si + 1]);
             for (int j = 0; j < 16; j++) {
                 dst[g * 32 + j] = (float)(c[g * 16 + j] & 15) * s + mn;
                 dst[g * 32 + 16 + j] = (float)(c[g * 16 + j] >> 4) * s + mn;
