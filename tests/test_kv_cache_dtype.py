@@ -161,11 +161,14 @@ def quantized_case(name, heads, kv_heads, d, bs, lens, dtype, seed=0):
 @needs_native
 @pytest.mark.parametrize("name", QUANTIZED)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 3e-6), (torch.bfloat16, 1.6e-2)])
-@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (4, 2, 32)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (4, 2, 32), (36, 36, 64), (20, 5, 128)]
+)
 @pytest.mark.parametrize("bs", [16, 128])
 def test_decode_kernel_reads_codes_in_place(name, dtype, tol, heads, kv_heads, d, bs) -> None:
     """Rows of lengths around block edges and across the AVX-512 path's partitions (and d=32: the
-    portable path) give attention over the dequantized cache."""
+    portable path) give attention over the dequantized cache; MiniCPM's 36 heads (the VNNI path's
+    value weights 16 heads a vector, the last vector partial) and a wide GQA shape included."""
     lens = [1, bs - 1, bs + 1, 3 * bs + 5, 700]
     q, (kq, vq, ks, vs), kd, vd, tables, row_seq, row_len = quantized_case(name, heads, kv_heads, d, bs, lens, dtype)
     got = paged_attention(q, kq, vq, tables, row_seq, row_len, bs, d**-0.5, None, ks, vs)
@@ -176,7 +179,7 @@ def test_decode_kernel_reads_codes_in_place(name, dtype, tol, heads, kv_heads, d
 
 @needs_native
 @pytest.mark.parametrize("name", QUANTIZED)
-@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (36, 36, 64), (20, 5, 128)])
 def test_bfloat16_decode_over_a_quantized_cache_keeps_every_row_to_bfloat16_rounding(name, heads, kv_heads, d) -> None:
     """Row by row, not just overall: each row's error stays within 2^-7 of its own largest output.
     Bfloat16 queries read int8 / int4 codes by integer dot products where the CPU has VNNI (the

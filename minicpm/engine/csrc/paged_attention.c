@@ -715,145 +715,198 @@ static inline __attribute__((always_inline)) __m512 key_dot_q(const float *qf, c
 }
 
 #if HAVE_DECODE_VNNI
-/* A query head prepared for integer dot products with quantized keys (bfloat16 activations).
- * Its pre-scaled float32 values q are rounded to integers qi = round(q / qs) of at most 32512 in
- * magnitude (qs = max|q| / 32512: finer than bfloat16's own rounding of every value within 2^7
- * of the largest), split as qi = 256 * hi + lo with hi and lo signed bytes. Per 64 values and
- * 16 lanes of 4: ``corr`` holds -128 * (the lane's sum of hi), then of lo, for int8 keys (whose
- * signed codes are read as unsigned bytes code + 128; int4 codes are unsigned already: 0). */
-typedef struct {
-    int8_t *hi, *lo; /* head_dim each */
-    int32_t *corr;   /* head_dim / 64 x (16 + 16) */
-    float *qsum;     /* head_dim / 32: the sum of q over each group (int4's minimum term) */
-    float qs;
-} vnni_q_t;
+/* The 64 int4 codes of two runs of 32 (32 bytes at p; byte j of a run holds its values j and
+ * j + 16) as 64 unsigned bytes 0-15, by 128-bit lane: run 0's values 0-15, run 1's 0-15, run 0's
+ * 16-31, run 1's 16-31 (INT4_LANE: the first value of each lane, relative to the 64) */
+static const int INT4_LANE[4] = {0, 32, 16, 48};
 
-/* bytes one prepared head takes (see vnni_prepare) */
-static inline size_t vnni_head_bytes(int head_dim) {
-    return (size_t)2 * head_dim + (size_t)head_dim / 64 * 32 * 4 + (size_t)head_dim / 32 * 4;
+static inline __attribute__((always_inline)) __m512i int4_bytes(const uint8_t *p) {
+    const __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(x, 0xFFFF0000, x, 4), _mm512_set1_epi8(15));
 }
 
-/* bytes of the room decode_part's prepared heads take: descriptors (64-byte aligned), then each
- * head's values */
+/* A query head prepared for integer dot products with quantized keys (bfloat16 activations), at
+ * ``vnni_head(room, h, head_dim)``. Its pre-scaled float32 values q are rounded to integers
+ * qi = round(q / qs) of at most 32512 in magnitude (qs = max|q| / 32512: finer than bfloat16's own
+ * rounding of every value within 2^7 of the largest), split as qi = 256 * hi + lo with hi and lo
+ * signed bytes. Per 64 values (a chunk): ``corr``, 16 lanes of 4 values each, holds -128 * (the
+ * lane's sum of hi), then of lo, for int8 keys (whose signed codes are read as unsigned bytes
+ * code + 128; int4 codes are unsigned already: 0); ``qmv`` holds, in lanes 0-7 and 8-15, the sums
+ * of q over the chunk's first and second group of 32 divided by 8 qs (int4's minimum term, spread
+ * over the group's 8 lanes). The row's qs per head are kept apart (``vnni_qs``), repeated past the
+ * last head so that 16 consecutive (slot, head) pairs read theirs with one load. */
+#define VNNI_CORR 0   /* int32[head_dim / 64][32] */
+#define VNNI_QMV(hd) ((hd) / 64 * 128)  /* float[head_dim / 64][16] */
+#define VNNI_HI(hd) ((hd) / 64 * 192)   /* int8[head_dim] */
+#define VNNI_LO(hd) ((hd) / 64 * 192 + (hd)) /* int8[head_dim] */
+
+/* bytes one prepared head takes (a multiple of 64) */
+static inline size_t vnni_head_bytes(int head_dim) { return (size_t)head_dim / 64 * 192 + (size_t)2 * head_dim; }
+
+/* bytes of the room decode_part's prepared row takes: the qs of heads + 16 pairs, then the heads */
 static inline size_t vnni_room(int heads, int head_dim) {
-    return ((size_t)heads * sizeof(vnni_q_t) + 63) / 64 * 64 + (size_t)heads * vnni_head_bytes(head_dim);
+    return ((size_t)(heads + 16) * 4 + 63) / 64 * 64 + (size_t)heads * vnni_head_bytes(head_dim);
 }
 
-static void vnni_prepare(const float *q, int head_dim, int kind, char *room, vnni_q_t *out) {
-    out->corr = (int32_t *)room;
-    out->qsum = (float *)(room + (size_t)head_dim / 64 * 32 * 4);
-    out->hi = (int8_t *)(out->qsum + head_dim / 32);
-    out->lo = out->hi + head_dim;
+static inline float *vnni_qs(char *room) { return (float *)room; }
+
+static inline char *vnni_head(char *room, int heads, int h, int head_dim) {
+    return room + ((size_t)(heads + 16) * 4 + 63) / 64 * 64 + (size_t)h * vnni_head_bytes(head_dim);
+}
+
+/* head h's query q (head_dim float32) prepared into ``room`` (see above) */
+static void vnni_prepare(const float *q, int heads, int h, int head_dim, int kind, char *room) {
+    char *hp = vnni_head(room, heads, h, head_dim);
+    int32_t *corr = (int32_t *)(hp + VNNI_CORR);
+    float *qmv = (float *)(hp + VNNI_QMV(head_dim));
+    int8_t *hi = (int8_t *)(hp + VNNI_HI(head_dim)), *lo = (int8_t *)(hp + VNNI_LO(head_dim));
     float top = 0.0f;
     for (int d = 0; d < head_dim; d++) top = fabsf(q[d]) > top ? fabsf(q[d]) : top;
-    out->qs = top > 0.0f ? top / 32512.0f : 1.0f;
-    const float inv = 1.0f / out->qs;
-    for (int d = 0; d < head_dim; d++) {
-        long qi = lrintf(q[d] * inv);
+    const float qs = top > 0.0f ? top / 32512.0f : 1.0f, inv = 1.0f / qs;
+    for (int d = 0; d < head_dim; d++) { /* position d of the codes' order (int4: int4_bytes') */
+        const int at = kind == MINICPM_KV_INT4 ? d / 64 * 64 + INT4_LANE[d % 64 / 16] + d % 16 : d;
+        long qi = lrintf(q[at] * inv);
         qi = qi > 32512 ? 32512 : qi < -32512 ? -32512 : qi;
-        const long hi = (qi + 128) >> 8; /* floor((qi + 128) / 256): lo in [-128, 127], hi in [-127, 127] */
-        out->hi[d] = (int8_t)hi;
-        out->lo[d] = (int8_t)(qi - 256 * hi);
+        const long hq = (qi + 128) >> 8; /* floor((qi + 128) / 256): lo in [-128, 127], hi in [-127, 127] */
+        hi[d] = (int8_t)hq;
+        lo[d] = (int8_t)(qi - 256 * hq);
     }
-    for (int c = 0; c < head_dim / 64; c++)
+    for (int c = 0; c < head_dim / 64; c++) {
         for (int l = 0; l < 16; l++) {
             int32_t sh = 0, sl = 0;
-            for (int j = 0; j < 4; j++) sh += out->hi[64 * c + 4 * l + j], sl += out->lo[64 * c + 4 * l + j];
-            out->corr[32 * c + l] = kind == MINICPM_KV_INT8 ? -128 * sh : 0;
-            out->corr[32 * c + 16 + l] = kind == MINICPM_KV_INT8 ? -128 * sl : 0;
+            for (int j = 0; j < 4; j++) sh += hi[64 * c + 4 * l + j], sl += lo[64 * c + 4 * l + j];
+            corr[32 * c + l] = kind == MINICPM_KV_INT8 ? -128 * sh : 0;
+            corr[32 * c + 16 + l] = kind == MINICPM_KV_INT8 ? -128 * sl : 0;
         }
-    for (int g = 0; g < head_dim / 32; g++) {
-        float t = 0.0f;
-        for (int j = 0; j < 32; j++) t += q[32 * g + j];
-        out->qsum[g] = t;
+        for (int gg = 0; gg < 2; gg++) {
+            float t = 0.0f;
+            for (int j = 0; j < 32; j++) t += q[64 * c + 32 * gg + j];
+            for (int l = 0; l < 16; l++) /* int4's lanes of run gg: 4 of each 8 (int4_bytes) */
+                if (l / 4 % 2 == gg) qmv[16 * c + l] = t / (8.0f * qs);
+        }
     }
+    float *qsw = vnni_qs(room);
+    for (int i = h; i < heads + 16; i += heads) qsw[i] = qs;
 }
 
-/* A vector whose lanes sum to (q . codes-times-scales) / qs for a quantized key row (codes k, its
- * scales ks widened to float32), by integer dot products: per 64 values, the codes as 64 unsigned
- * bytes in order (int8: code + 128; int4: each group's low nibbles, then its high ones), dotted
- * with hi, shifted by 8, dotted with lo (exact: |sum| < 2^24), less the +128 correction, then
- * lanes 0-7 (the first group of 32) and 8-15 (the second) times their group's scale. int4's
- * minimum term is added by the caller (per group: min * qsum). */
-static inline __attribute__((always_inline)) __m512 key_dot_vnni(const vnni_q_t *v, const uint8_t *k, const float *ks,
-                                                                 const int head_dim, int kind) {
+/* A vector whose lanes sum to (q . dequantized key row) / qs (codes k, its scales ks widened to
+ * float32: int8 one per 32 values, int4 a scale and a minimum per 32), by integer dot products:
+ * per 64 values, the codes as 64 unsigned bytes (int8: code + 128, in order; int4: int4_bytes'
+ * order, which hi and lo follow), dotted with hi, shifted by 8, dotted with lo (exact: |sum| <
+ * 2^24), less the +128 correction, then each lane times its group's scale (int8: lanes 0-7 the
+ * first group of 32, 8-15 the second; int4: lanes 0-3 and 8-11 the first); int4 adds each group's
+ * minimum times its qmv lanes. */
+static inline __attribute__((always_inline)) __m512 key_dot_vnni(const char *hp, const uint8_t *k, const float *ks,
+                                                                 const int head_dim, const int kind) {
     __m512 z = _mm512_setzero_ps();
-    const int per = kind == MINICPM_KV_INT8 ? 1 : 2; /* scales per group */
+    const __m512i lanes1 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     for (int c = 0; c < head_dim / 64; c++) {
         __m512i codes;
         if (kind == MINICPM_KV_INT8) {
             codes = _mm512_xor_si512(_mm512_loadu_si512(k + 64 * c), _mm512_set1_epi8((char)0x80));
-        } else { /* 128-bit lanes: group 2c's 16 bytes twice, then group 2c + 1's; the 2nd and 4th >> 4 */
-            const __m512i x = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
-                                                       _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(k + 32 * c))));
-            const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
-                                                    0x0004000400040004LL, 0x0004000400040004LL);
-            codes = _mm512_and_si512(_mm512_srlv_epi16(x, shift), _mm512_set1_epi8(15));
+        } else {
+            codes = int4_bytes(k + 32 * c);
         }
-        __m512i a = _mm512_dpbusd_epi32(_mm512_loadu_si512(v->corr + 32 * c), codes, _mm512_loadu_si512(v->hi + 64 * c));
-        a = _mm512_add_epi32(_mm512_slli_epi32(a, 8), _mm512_loadu_si512(v->corr + 32 * c + 16));
-        a = _mm512_dpbusd_epi32(a, codes, _mm512_loadu_si512(v->lo + 64 * c));
-        const __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ks[per * 2 * c]), _mm512_set1_ps(ks[per * (2 * c + 1)]));
-        z = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, z);
+        const int32_t *corr = (const int32_t *)(hp + VNNI_CORR) + 32 * c;
+        __m512i a = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr), codes, _mm512_loadu_si512(hp + VNNI_HI(head_dim) + 64 * c));
+        a = _mm512_add_epi32(_mm512_slli_epi32(a, 8), _mm512_loadu_si512(corr + 16));
+        a = _mm512_dpbusd_epi32(a, codes, _mm512_loadu_si512(hp + VNNI_LO(head_dim) + 64 * c));
+        if (kind == MINICPM_KV_INT8) { /* scales s0 s1: lanes 0-7 s0, 8-15 s1 */
+            const __m512 x = _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_load_sd((const double *)(ks + 2 * c))));
+            const __m512 sv = _mm512_permutexvar_ps(lanes1, x);
+            z = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, z);
+        } else { /* s0 m0 s1 m1; lanes 0-3 and 8-11 run 0, 4-7 and 12-15 run 1 (int4_bytes) */
+            const __m512i runs = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+            const __m512 x = _mm512_broadcast_f32x4(_mm_loadu_ps(ks + 4 * c));
+            const __m512 sv = _mm512_permutexvar_ps(runs, x);
+            const __m512 mv = _mm512_permutexvar_ps(_mm512_add_epi32(runs, _mm512_set1_epi32(1)), x);
+            z = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, z);
+            z = _mm512_fmadd_ps(mv, _mm512_loadu_ps((const float *)(hp + VNNI_QMV(head_dim)) + 16 * c), z);
+        }
     }
     return z;
 }
 #endif
 
 #if HAVE_DECODE_VNNI
-/* 64 codes of a quantized value row (int8 codes d0..d0+63: 64 bytes at ``p``; int4: the 32 bytes
- * of two groups at ``p``) as 64 signed bytes in order (int4: 0-15) */
+/* 64 codes of a quantized value row (int8 codes d0..d0+63: 64 bytes at ``p``, in order; int4: the
+ * 32 bytes of two runs at ``p``, as int4_bytes orders them) as 64 bytes */
 static inline __attribute__((always_inline)) __m512i value_bytes(const uint8_t *p, int kind) {
-    if (kind == MINICPM_KV_INT8) return _mm512_loadu_si512(p);
-    const __m512i x = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
-                                               _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)));
-    const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004LL, 0x0004000400040004LL, 0, 0,
-                                            0x0004000400040004LL, 0x0004000400040004LL);
-    return _mm512_and_si512(_mm512_srlv_epi16(x, shift), _mm512_set1_epi8(15));
+    return kind == MINICPM_KV_INT8 ? _mm512_loadu_si512(p) : int4_bytes(p);
+}
+
+/* The window's value weights, for every query head at once (16 heads a vector), per value scale
+ * group s (one per 32 values, or per 64 where ``wide``): w = p * scale of the (slot, head) pair,
+ * rounded to 16-bit integers against the head's largest over the window (u = round(65535 w /
+ * max w) = 256 hi + lo: finer than the bfloat16 values themselves), four slots' bytes packed into
+ * one 32-bit word per head (slot t4 + k in byte k), hi and lo apart; with the head's step max w /
+ * 65535 and, for int4, its minimum term sum(p * min). Room ``vw``: per scale group, 4 x hp words
+ * of hi, 4 x hp of lo, hp steps, hp minimum terms (hp: heads rounded up to 16). */
+static void value_weights(const float *sc, const float *vs, int n, int heads, int groups, int kv_heads, int nvs,
+                          int nsg, int kind, float *vw) {
+    const int hp = (heads + 15) / 16 * 16, per = kind == MINICPM_KV_INT8 ? 1 : 2;
+    for (int s = 0; s < nsg; s++) {
+        int32_t *phi = (int32_t *)vw + (size_t)s * 10 * hp, *plo = phi + 4 * hp;
+        float *step = (float *)(plo + 4 * hp), *mterm = step + hp;
+        for (int h0 = 0; h0 < heads; h0 += 16) {
+            const __mmask16 hm = heads - h0 >= 16 ? 0xffff : (__mmask16)((1u << (heads - h0)) - 1);
+            /* the scale (and int4's minimum) of head h0 + lane's value row in slot t: index */
+            const int live = heads - h0, mha = groups == 1 && nvs == 2; /* mha: the scales two floats apart */
+            int32_t ix[16]; /* otherwise gathered: head h0 + l's row's scale (of group s) */
+            for (int l = 0; l < 16; l++) ix[l] = ((h0 + (l < live ? l : 0)) / groups) * nvs + per * s;
+            const __m512i idx = _mm512_loadu_si512(ix);
+            const __mmask16 m0 = live >= 8 ? 0xffff : (__mmask16)((1u << (2 * live)) - 1);
+            const __mmask16 m1 = live >= 16 ? 0xffff : live > 8 ? (__mmask16)((1u << (2 * live - 16)) - 1) : 0;
+            const __m512i even = _mm512_add_epi32(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                                                  _mm512_set1_epi32(per * s));
+            __m512 w[16], top = _mm512_setzero_ps(), mt = _mm512_setzero_ps();
+            for (int t = 0; t < n; t++) {
+                const float *st = vs + (int64_t)t * kv_heads * nvs;
+                const __m512 p = _mm512_maskz_loadu_ps(hm, sc + t * heads + h0);
+                __m512 sv, mv = _mm512_setzero_ps();
+                if (mha) {
+                    const __m512 a0 = _mm512_maskz_loadu_ps(m0, st + 2 * h0), a1 = _mm512_maskz_loadu_ps(m1, st + 2 * h0 + 16);
+                    sv = _mm512_permutex2var_ps(a0, even, a1);
+                    if (kind == MINICPM_KV_INT4) mv = _mm512_permutex2var_ps(a0, _mm512_add_epi32(even, _mm512_set1_epi32(1)), a1);
+                } else {
+                    sv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), hm, idx, st, 4);
+                    if (kind == MINICPM_KV_INT4) mv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), hm, idx, st + 1, 4);
+                }
+                w[t] = _mm512_mul_ps(p, sv);
+                top = _mm512_max_ps(top, w[t]);
+                if (kind == MINICPM_KV_INT4) mt = _mm512_fmadd_ps(p, mv, mt);
+            }
+            const __mmask16 pos = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
+            const __m512 inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(65535.0f), top);
+            _mm512_storeu_ps(step + h0, _mm512_div_ps(top, _mm512_set1_ps(65535.0f)));
+            _mm512_storeu_ps(mterm + h0, mt);
+            for (int t4 = 0; t4 < 16; t4 += 4) {
+                __m512i bh = _mm512_setzero_si512(), bl = _mm512_setzero_si512();
+                for (int k = 0; k < 4 && t4 + k < n; k++) {
+                    const __m512i u = _mm512_cvtps_epi32(_mm512_mul_ps(w[t4 + k], inv));
+                    bh = _mm512_or_si512(bh, _mm512_slli_epi32(_mm512_srli_epi32(u, 8), 8 * k));
+                    bl = _mm512_or_si512(bl, _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(255)), 8 * k));
+                }
+                _mm512_storeu_si512(phi + (t4 / 4) * hp + h0, bh);
+                _mm512_storeu_si512(plo + (t4 / 4) * hp + h0, bl);
+            }
+        }
+    }
 }
 
 /* One query head's accumulator acc (head_dim floats) rescaled by ``correction`` and given the
- * window's n <= 16 value rows (codes at v + t * slot, scales at vs + t * sstride: one per 32 values,
- * or per 64 where ``wide``) weighed by the probabilities p[t * pstride]. Per 64 values and run of
- * 32 (the weights are made once for a scale of 64): the weights w = p * scale are
- * rounded to 16-bit integers against the window's largest (u = round(65535 w / max w) = 256 hi +
- * lo: finer than the bfloat16 values themselves), four rows at a time are interleaved into 32-bit
- * lanes of 4 bytes (one value of each row) and summed against hi and against lo by vpdpbusd in
- * int32 (exact: |sum| <= 16 * 255 * 127 each), combined as 256 hi-sum + lo-sum, taken back to the
- * values' order and scaled by max w / 65535; int4's minima add sum(p * min) per group. */
-static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, int64_t slot, const float *vs,
-                                                              int sstride, const float *p, int pstride, int n,
-                                                              float correction, float *acc, const int head_dim,
-                                                              int kind, int wide) {
-    const int per = kind == MINICPM_KV_INT8 ? 1 : 2, cbytes = kind == MINICPM_KV_INT8 ? 64 : 32;
-    const __mmask16 live = (__mmask16)((1u << n) - 1);
-    const __m512i pidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(pstride));
-    const __m512i sidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(sstride));
-    const __m512 pv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, pidx, p, 4);
+ * window's n <= 16 value rows (codes at v + t * slot) weighed by the head's weights from
+ * value_weights (vw, head h): per 64 values, four rows at a time are interleaved into 32-bit lanes
+ * of 4 bytes (one value of each row) and summed against hi and against lo by vpdpbusd in int32
+ * (exact: |sum| <= 16 * 255 * 127 each), combined as 256 hi-sum + lo-sum, taken back to 16-value
+ * runs in the values' order and scaled by the step; int4's minima add the minimum term. */
+static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, int64_t slot, const float *vw, int hp,
+                                                              int h, int n, float correction, float *acc,
+                                                              const int head_dim, const int kind, const int wide) {
+    const int cbytes = kind == MINICPM_KV_INT8 ? 64 : 32;
     for (int c = 0; c < head_dim / 64; c++) {
-        float step[2], mterm[2] = {0.0f, 0.0f};
-        uint32_t hi[2][4], lo[2][4]; /* per group: rows 4i..4i+3's weight bytes as one 32-bit lane */
-        for (int gg = 0; gg < 2; gg++) {
-            if (wide && gg == 1) { /* one scale for the 64: the same weights */
-                step[1] = step[0], mterm[1] = mterm[0];
-                memcpy(hi[1], hi[0], sizeof hi[0]);
-                memcpy(lo[1], lo[0], sizeof lo[0]);
-                break;
-            }
-            const int gi = wide ? c : 2 * c + gg; /* the scale's index */
-            const __m512 w = _mm512_mul_ps(pv, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, sidx, vs + per * gi, 4));
-            const float top = _mm512_reduce_max_ps(w);
-            step[gg] = top / 65535.0f;
-            const __m512i u = _mm512_cvtps_epi32(_mm512_mul_ps(w, _mm512_set1_ps(top > 0.0f ? 65535.0f / top : 0.0f)));
-            _mm_storeu_si128((__m128i *)hi[gg], _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 8)));
-            _mm_storeu_si128((__m128i *)lo[gg], _mm512_cvtepi32_epi8(_mm512_and_si512(u, _mm512_set1_epi32(255))));
-            if (kind == MINICPM_KV_INT4) {
-                const __m512 mins = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, sidx, vs + per * gi + 1, 4);
-                mterm[gg] = _mm512_reduce_add_ps(_mm512_mul_ps(pv, mins));
-            }
-        }
+        const int s0 = wide ? c : 2 * c, s1 = wide ? c : 2 * c + 1; /* the two runs' scale groups */
+        const int32_t *hi0 = (const int32_t *)vw + (size_t)s0 * 10 * hp + h, *hi1 = (const int32_t *)vw + (size_t)s1 * 10 * hp + h;
         __m512i t[4], tl[4];
         for (int j = 0; j < 4; j++) t[j] = tl[j] = _mm512_setzero_si512();
         for (int t4 = 0; t4 < n; t4 += 4) {
@@ -862,13 +915,14 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
                 r[i] = t4 + i < n ? value_bytes(v + (t4 + i) * slot + (int64_t)c * cbytes, kind) : _mm512_setzero_si512();
             const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), b = _mm512_unpackhi_epi8(r[0], r[1]);
             const __m512i e = _mm512_unpacklo_epi8(r[2], r[3]), f = _mm512_unpackhi_epi8(r[2], r[3]);
-            /* lane (128-bit L, 32-bit k) of x[j]: value 16 L + 4 j + k of rows t4..t4+3 */
+            /* lane (128-bit L, 32-bit k) of x[j]: code 16 L + 4 j + k of rows t4..t4+3 (int8: that
+             * value; int4: value INT4_LANE[L] + 4 j + k) */
             const __m512i x[4] = {_mm512_unpacklo_epi16(a, e), _mm512_unpackhi_epi16(a, e), _mm512_unpacklo_epi16(b, f),
                                   _mm512_unpackhi_epi16(b, f)};
-            const __m512i wh = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)hi[0][t4 / 4]),
-                                                       _mm512_set1_epi32((int)hi[1][t4 / 4]));
-            const __m512i wl = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)lo[0][t4 / 4]),
-                                                       _mm512_set1_epi32((int)lo[1][t4 / 4]));
+            const int q = (t4 / 4) * hp;
+            const __m512i wh = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(hi0[q]), _mm512_set1_epi32(hi1[q]));
+            const __m512i wl = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(hi0[4 * hp + q]),
+                                                       _mm512_set1_epi32(hi1[4 * hp + q]));
             for (int j = 0; j < 4; j++) {
                 t[j] = _mm512_dpbusd_epi32(t[j], wh, x[j]);
                 tl[j] = _mm512_dpbusd_epi32(tl[j], wl, x[j]);
@@ -882,11 +936,12 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
         const __m512 u3 = _mm512_shuffle_f32x4(_mm512_castsi512_ps(t[2]), _mm512_castsi512_ps(t[3]), 0xEE);
         const __m512 nat[4] = {_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD),
                                _mm512_shuffle_f32x4(u2, u3, 0x88), _mm512_shuffle_f32x4(u2, u3, 0xDD)};
-        for (int m = 0; m < 4; m++) {
-            float *o = acc + 64 * c + 16 * m;
-            const int gg = m / 2;
-            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(nat[m])), _mm512_set1_ps(step[gg]),
-                                               _mm512_set1_ps(mterm[gg]));
+        for (int m = 0; m < 4; m++) { /* nat[m]: values 16 m.. (int8), INT4_LANE[m].. (int4) */
+            const int at = kind == MINICPM_KV_INT4 ? INT4_LANE[m] : 16 * m;
+            float *o = acc + 64 * c + at;
+            const float *sw = (const float *)((at < 32 ? hi0 : hi1) + 8 * hp); /* that run's step, then minimum term */
+            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(nat[m])), _mm512_set1_ps(sw[0]),
+                                               _mm512_set1_ps(sw[hp]));
             _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(correction), sum));
         }
     }
@@ -907,9 +962,10 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
 static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, int k0, int k1,
                                                               const int head_dim, int bf16, float *qf, float *sc,
                                                               float *cr, float *mx, float *sm, float *acc, float *fs,
-                                                              char *vq, const int vnni_on) {
+                                                              char *vq, const int vnni_on, const int kind_on) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
-    const int esize = bf16 ? 2 : 4, kind = a->kind, quant = kind != MINICPM_KV_PLAIN;
+    const int kind = kind_on ? kind_on : a->kind; /* kind_on: the KV kind as a constant where nonzero */
+    const int esize = bf16 ? 2 : 4, quant = kind != MINICPM_KV_PLAIN;
     const int64_t width = quant ? kv_width(kind, head_dim) : head_dim * esize; /* bytes of a (slot, head) row */
     const int nsc = quant ? kv_scales(kind, head_dim, 0) : 0;                    /* a key row's scales */
     const int nvs = quant ? kv_scales(kind, head_dim, 1) : 0;                    /* a value row's */
@@ -926,12 +982,10 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
 #if HAVE_DECODE_VNNI
     /* bfloat16 queries against quantized keys: integer dot products (see vnni_prepare) */
     const int vnni = vnni_on && quant && bf16; /* vnni_on: a constant at each call (two instances) */
-    vnni_q_t *vh = (vnni_q_t *)vq; /* the heads' descriptors, then their values (vnni_room) */
     if (vnni)
-        for (int h = 0; h < heads; h++)
-            vnni_prepare(qf + (int64_t)h * head_dim, head_dim, kind,
-                         vq + vnni_room(heads, 0) + (size_t)h * vnni_head_bytes(head_dim), &vh[h]);
-    float pq[16], pm[16]; /* per pair of a batch of 16: its head's qs and int4's minimum term */
+        for (int h = 0; h < heads; h++) vnni_prepare(qf + (int64_t)h * head_dim, heads, h, head_dim, kind, vq);
+    const int hp = (heads + 15) / 16 * 16, nsg = quant ? head_dim / kv_group(kind, head_dim, 1) : 0;
+    float *vwr = (float *)(vq + vnni_room(heads, head_dim)); /* value_weights' room */
 #else
     (void)vq, (void)vnni_on;
 #endif
@@ -949,6 +1003,19 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const char *kw = (const char *)a->kc + at, *vw = (const char *)a->vc + at;
         /* a quantized window's scales, keys' then values', widened once (16 slots x kv heads at most) */
         const float *ksw = fs, *vsw = fs + 16 * kv_heads * nsc;
+        /* a quantized cache: the next window's lines (codes and scales) asked for into L2, a share
+         * per key batch (its four streams outran the hardware's prefetcher; a plain cache is read
+         * at memory speed without, and slower with) */
+        const char *ahead[4] = {NULL, NULL, NULL, NULL};
+        int64_t lines[4] = {0, 0, 0, 0}, asked[4] = {0, 0, 0, 0};
+        if (quant && w0 + n < k1) {
+            const int w1 = w0 + n, n1 = k1 - w1 < 16 ? k1 - w1 : 16, m1 = bs - w1 % bs < n1 ? bs - w1 % bs : n1;
+            const int64_t f1 = (int64_t)table[w1 / bs] * bs + w1 % bs;
+            ahead[0] = (const char *)a->kc + f1 * slot, lines[0] = (m1 * slot + 63) / 64;
+            ahead[1] = (const char *)a->vc + f1 * slot, lines[1] = lines[0];
+            ahead[2] = (const char *)(a->ks + f1 * kv_heads * nsc), lines[2] = ((int64_t)m1 * kv_heads * nsc * 2 + 63) / 64;
+            ahead[3] = (const char *)(a->vs + f1 * kv_heads * nvs), lines[3] = ((int64_t)m1 * kv_heads * nvs * 2 + 63) / 64;
+        }
         if (quant) {
             widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
             widen_halves(a->vs + first * kv_heads * nvs, n * kv_heads * nvs, fs + 16 * kv_heads * nsc);
@@ -960,17 +1027,18 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         int h = 0, g = 0;
         for (int f0 = 0; f0 < pairs; f0 += 16) {
             __m512 z[16];
+            for (int r = 0; r < 4; r++)
+                for (const int64_t upto = lines[r] * (f0 + 16 < pairs ? f0 + 16 : pairs) / pairs; asked[r] < upto; asked[r]++)
+                    _mm_prefetch(ahead[r] + asked[r] * 64, _MM_HINT_T1);
+#if HAVE_DECODE_VNNI
+            const int h_first = h; /* the batch's first head: the qs of its 16 pairs from there */
+#endif
             for (int i = 0; i < 16; i++) {
                 if (f0 + i < pairs) {
 #if HAVE_DECODE_VNNI
-                    if (vnni) {
-                        z[i] = key_dot_vnni(&vh[h], (const uint8_t *)kr, kscale, head_dim, kind);
-                        pq[i] = vh[h].qs;
-                        float m = 0.0f;
-                        if (kind == MINICPM_KV_INT4)
-                            for (int g2 = 0; g2 < head_dim / 32; g2++) m += kscale[2 * g2 + 1] * vh[h].qsum[g2];
-                        pm[i] = m;
-                    } else
+                    if (vnni)
+                        z[i] = key_dot_vnni(vnni_head(vq, heads, h, head_dim), (const uint8_t *)kr, kscale, head_dim, kind);
+                    else
 #endif
                     z[i] = quant ? key_dot_q((const float *)qh, (const uint8_t *)kr, kscale, head_dim, kind)
                                  : key_dot(qh, kr, head_dim, bf16);
@@ -979,15 +1047,12 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                     if (++h == heads) h = 0, qh = qb; /* kr has reached the next slot */
                 } else {
                     z[i] = _mm512_setzero_ps();
-#if HAVE_DECODE_VNNI
-                    pq[i] = pm[i] = 0.0f;
-#endif
                 }
             }
             __m512 s = sum16(z);
             if (bf16 && !quant) s = _mm512_mul_ps(s, _mm512_set1_ps(a->scale));
 #if HAVE_DECODE_VNNI
-            if (vnni) s = _mm512_fmadd_ps(s, _mm512_loadu_ps(pq), _mm512_loadu_ps(pm));
+            if (vnni) s = _mm512_mul_ps(s, _mm512_loadu_ps(vnni_qs(vq) + h_first));
 #endif
             _mm512_storeu_ps(sc + f0, s);
         }
@@ -1010,12 +1075,12 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         }
 #if HAVE_DECODE_VNNI
         if (vnni) { /* values of the whole window by integer dot products (see values_vnni) */
+            value_weights(sc, vsw, n, heads, groups, kv_heads, nvs, nsg, kind, vwr);
             for (int kvh = 0; kvh < kv_heads; kvh++)
                 for (int g = 0; g < groups; g++) {
                     const int hh = kvh * groups + g;
-                    values_vnni((const uint8_t *)vw + (int64_t)kvh * width, slot, vsw + (int64_t)kvh * nvs,
-                                kv_heads * nvs, sc + hh, heads, n, cr[hh], acc + (int64_t)hh * head_dim, head_dim,
-                                kind, wide);
+                    values_vnni((const uint8_t *)vw + (int64_t)kvh * width, slot, vwr, hp, hh, n, cr[hh],
+                                acc + (int64_t)hh * head_dim, head_dim, kind, wide);
                 }
             continue;
         }
@@ -1105,7 +1170,7 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
             const size_t window_scales = a.kind != MINICPM_KV_PLAIN ? 2 * 16 * (size_t)a.kv_heads * kv_scales(a.kind, head_dim, 0) : 0;
             const size_t floats = ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16 + window_scales + 15) / 16 * 16;
 #if HAVE_DECODE_VNNI
-            const size_t vroom = a.kind != MINICPM_KV_PLAIN ? vnni_room(heads, head_dim) : 0;
+            const size_t vroom = a.kind != MINICPM_KV_PLAIN ? vnni_room(heads, head_dim) + (size_t)head_dim / 32 * 10 * hp * 4 : 0;
 #else
             const size_t vroom = 0;
 #endif
@@ -1124,13 +1189,17 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
                 if (bf16) {
 #if HAVE_DECODE_BF16
-                    if (HAVE_DECODE_VNNI && a.kind != MINICPM_KV_PLAIN)
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1))
+                    if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT8)
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
+                                                            MINICPM_KV_INT8))
+                    else if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT4)
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
+                                                            MINICPM_KV_INT4))
                     else
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0))
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0))
 #endif
                 } else {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0))
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
                     for (int h = 0; h < heads; h++)
