@@ -739,19 +739,29 @@ static inline __attribute__((always_inline)) __m512i int4_bytes(const uint8_t *p
 #define VNNI_QMV(hd) ((hd) / 64 * 128)  /* float[head_dim / 64][16] */
 #define VNNI_HI(hd) ((hd) / 64 * 192)   /* int8[head_dim] */
 #define VNNI_LO(hd) ((hd) / 64 * 192 + (hd)) /* int8[head_dim] */
+#define VNNI_PAIR_BYTES 320
 
 /* bytes one prepared head takes (a multiple of 64) */
 static inline size_t vnni_head_bytes(int head_dim) { return (size_t)head_dim / 64 * 192 + (size_t)2 * head_dim; }
 
 /* bytes of the room decode_part's prepared row takes: the qs of heads + 16 pairs, then the heads */
 static inline size_t vnni_room(int heads, int head_dim) {
-    return ((size_t)(heads + 16) * 4 + 63) / 64 * 64 + (size_t)heads * vnni_head_bytes(head_dim);
+    return ((size_t)(heads + 16) * 4 + 63) / 64 * 64 + (size_t)heads * vnni_head_bytes(head_dim) +
+           (size_t)(heads + 1) / 2 * VNNI_PAIR_BYTES;
 }
 
 static inline float *vnni_qs(char *room) { return (float *)room; }
 
 static inline char *vnni_head(char *room, int heads, int h, int head_dim) {
     return room + ((size_t)(heads + 16) * 4 + 63) / 64 * 64 + (size_t)h * vnni_head_bytes(head_dim);
+}
+
+/* int4 keys at head_dim 64: heads 2i and 2i + 1 prepared together (key_pair_vnni), at
+ * vnni_pair(room, heads, i): 64 bytes each of the pair's hi bytes for the codes' low nibbles (head
+ * 2i's 32, then 2i + 1's), hi for the high nibbles, lo for the low, lo for the high; then 16
+ * floats: each head's two groups' sums of q / (4 qs), four lanes each */
+static inline char *vnni_pair(char *room, int heads, int i) {
+    return vnni_head(room, heads, heads, 64) + (size_t)i * VNNI_PAIR_BYTES;
 }
 
 /* head h's query q (head_dim float32) prepared into ``room`` (see above) */
@@ -787,6 +797,48 @@ static void vnni_prepare(const float *q, int heads, int h, int head_dim, int kin
     }
     float *qsw = vnni_qs(room);
     for (int i = h; i < heads + 16; i += heads) qsw[i] = qs;
+    if (kind == MINICPM_KV_INT4 && head_dim == 64) { /* this head's half of its pair (vnni_pair) */
+        char *pp = vnni_pair(room, heads, h / 2) + 32 * (h % 2);
+        memcpy(pp, hi, 32), memcpy(pp + 64, hi + 32, 32), memcpy(pp + 128, lo, 32), memcpy(pp + 192, lo + 32, 32);
+        float *pm = (float *)(vnni_pair(room, heads, h / 2) + 256) + 8 * (h % 2);
+        for (int l = 0; l < 8; l++) pm[l] = qmv[l < 4 ? 0 : 4] * 2.0f; /* qsum / (8 qs) * 2 */
+    }
+}
+
+/* int4 keys at head_dim 64, MHA: the (slot, head) pairs p and p + 1 of heads 2i and 2i + 1 (their
+ * key rows k: 64 bytes, one after the other; their scales ks: s0 m0 s1 m1 of each) in one vector:
+ * lanes 0-7 sum to pair p's (q . key) / qs, 8-15 to pair p + 1's. The 64 bytes' low nibbles and
+ * high nibbles are two vectors of codes (lanes: head 2i's group 0, its group 1, head 2i + 1's
+ * group 0, group 1; values 0-15 of each group in the first, 16-31 in the second), each dotted
+ * with the matching hi and lo bytes (vnni_pair); lanes 0-3, 4-7, 8-11, 12-15 then take their
+ * group's scale and minimum term. */
+static inline __attribute__((always_inline)) __m512 key_pair_vnni(const char *pp, const uint8_t *k, const uint16_t *ks) {
+    const __m512i x = _mm512_loadu_si512(k), m = _mm512_set1_epi8(15);
+    const __m512i low = _mm512_and_si512(x, m), high = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
+    __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(pp));
+    a = _mm512_dpbusd_epi32(a, high, _mm512_loadu_si512(pp + 64));
+    a = _mm512_slli_epi32(a, 8);
+    a = _mm512_dpbusd_epi32(a, low, _mm512_loadu_si512(pp + 128));
+    a = _mm512_dpbusd_epi32(a, high, _mm512_loadu_si512(pp + 192));
+    const __m512 sc = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ks))); /* s0 m0 s1 m1 x 2 */
+    const __m512i si = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+    const __m512 sv = _mm512_permutexvar_ps(si, sc);
+    const __m512 mv = _mm512_permutexvar_ps(_mm512_add_epi32(si, _mm512_set1_epi32(1)), sc);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, _mm512_mul_ps(mv, _mm512_loadu_ps((const float *)(pp + 256))));
+}
+
+/* z[i] holding pair 2i in lanes 0-7 and pair 2i + 1 in lanes 8-15: lane j the sum of pair j's */
+static inline __m512 sum8x2(const __m512 z[8]) {
+    __m512 x[4], y[2];
+    for (int i = 0; i < 4; i++)
+        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(z[2 * i], z[2 * i + 1]), _mm512_unpackhi_ps(z[2 * i], z[2 * i + 1]));
+    for (int i = 0; i < 2; i++) {
+        const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
+        y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    /* y[i]'s 128-bit lane L: the sums of z[4i..4i+3]'s lane L; a pair is two lanes */
+    const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), c);
 }
 
 /* A vector whose lanes sum to (q . dequantized key row) / qs (codes k, its scales ks widened to
@@ -948,6 +1000,14 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
 }
 #endif
 
+/* the lines of four stretches (ahead[r], lines[r] of them) asked for into L2 up to the share
+ * done / total of each (asked[r]: how many so far) */
+static inline void ask_ahead(const char *const ahead[4], const int64_t lines[4], int64_t asked[4], int done, int total) {
+    for (int r = 0; r < 4; r++)
+        for (const int64_t upto = lines[r] * done / total; asked[r] < upto; asked[r]++)
+            _mm_prefetch(ahead[r] + asked[r] * 64, _MM_HINT_T1);
+}
+
 /* keys k0..k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
  * sm (both heads rounded up to 16) and accumulators acc (heads x head_dim). A window of up to 16
  * keys inside one block (every kv head of up to 16 consecutive slots: one stretch of memory) is
@@ -985,9 +1045,11 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     if (vnni)
         for (int h = 0; h < heads; h++) vnni_prepare(qf + (int64_t)h * head_dim, heads, h, head_dim, kind, vq);
     const int hp = (heads + 15) / 16 * 16, nsg = quant ? head_dim / kv_group(kind, head_dim, 1) : 0;
+    const int paired = vnni && kind == MINICPM_KV_INT4 && head_dim == 64 && groups == 1 && heads % 2 == 0;
     float *vwr = (float *)(vq + vnni_room(heads, head_dim)); /* value_weights' room */
 #else
     (void)vq, (void)vnni_on;
+    const int paired = 0;
 #endif
     for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
         mx[h] = -INFINITY;
@@ -1017,7 +1079,8 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
             ahead[3] = (const char *)(a->vs + f1 * kv_heads * nvs), lines[3] = ((int64_t)m1 * kv_heads * nvs * 2 + 63) / 64;
         }
         if (quant) {
-            widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
+            if (!paired) /* the paired path widens its key scales as it reads them */
+                widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
             widen_halves(a->vs + first * kv_heads * nvs, n * kv_heads * nvs, fs + 16 * kv_heads * nsc);
         }
         /* scores of the (slot, head) pairs in order, 16 at a time */
@@ -1025,11 +1088,25 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const char *qh = qb, *kr = kw; /* the pair's query head and key row */
         const float *kscale = ksw;     /* and the key row's scales */
         int h = 0, g = 0;
+#if HAVE_DECODE_VNNI
+        if (paired) { /* int4, head_dim 64, MHA, heads even: two pairs a vector (key_pair_vnni) */
+            for (int f0 = 0; f0 < pairs; f0 += 16) {
+                ask_ahead(ahead, lines, asked, f0 + 16 < pairs ? f0 + 16 : pairs, pairs);
+                __m512 z[8];
+                for (int i = 0; i < 8; i++) {
+                    const int f = f0 + 2 * i; /* pair f: key row f, head h (even) */
+                    z[i] = f < pairs ? key_pair_vnni(vnni_pair(vq, heads, h / 2), (const uint8_t *)kw + (int64_t)f * width,
+                                                     a->ks + (first * kv_heads + f) * nsc)
+                                     : _mm512_setzero_ps();
+                    if ((h += 2) == heads) h = 0;
+                }
+                _mm512_storeu_ps(sc + f0, _mm512_mul_ps(sum8x2(z), _mm512_loadu_ps(vnni_qs(vq) + f0 % heads)));
+            }
+        } else
+#endif
         for (int f0 = 0; f0 < pairs; f0 += 16) {
             __m512 z[16];
-            for (int r = 0; r < 4; r++)
-                for (const int64_t upto = lines[r] * (f0 + 16 < pairs ? f0 + 16 : pairs) / pairs; asked[r] < upto; asked[r]++)
-                    _mm_prefetch(ahead[r] + asked[r] * 64, _MM_HINT_T1);
+            ask_ahead(ahead, lines, asked, f0 + 16 < pairs ? f0 + 16 : pairs, pairs);
 #if HAVE_DECODE_VNNI
             const int h_first = h; /* the batch's first head: the qs of its 16 pairs from there */
 #endif
