@@ -1106,7 +1106,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
 #endif
         for (int f0 = 0; f0 < pairs; f0 += 16) {
             __m512 z[16];
-            ask_ahead(ahead, lines, asked, f0 + 16 < pairs ? f0 + 16 : pairs, pairs);
+            if (quant) ask_ahead(ahead, lines, asked, f0 + 16 < pairs ? f0 + 16 : pairs, pairs);
 #if HAVE_DECODE_VNNI
             const int h_first = h; /* the batch's first head: the qs of its 16 pairs from there */
 #endif
