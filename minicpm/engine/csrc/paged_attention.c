@@ -624,15 +624,17 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
 #define HAVE_DECODE_VNNI 0
 #endif
 
+/* per 128-bit lane L: the sums of z[0]'s, z[1]'s, z[2]'s and z[3]'s four values in lane L */
+static inline __m512 lane_sums4(const __m512 z[4]) {
+    const __m512d a = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(z[0], z[1]), _mm512_unpackhi_ps(z[0], z[1])));
+    const __m512d b = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(z[2], z[3]), _mm512_unpackhi_ps(z[2], z[3])));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+}
+
 /* lane j: the sum of z[j]'s 16 lanes */
 static inline __m512 sum16(const __m512 z[16]) {
-    __m512 x[8], y[4];
-    for (int i = 0; i < 8; i++)
-        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(z[2 * i], z[2 * i + 1]), _mm512_unpackhi_ps(z[2 * i], z[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
-        y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
+    __m512 y[4];
+    for (int i = 0; i < 4; i++) y[i] = lane_sums4(z + 4 * i);
     const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x44), _mm512_shuffle_f32x4(y[0], y[1], 0xEE));
     const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x44), _mm512_shuffle_f32x4(y[2], y[3], 0xEE));
     return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
@@ -829,14 +831,7 @@ static inline __attribute__((always_inline)) __m512 key_pair_vnni(const char *pp
 
 /* z[i] holding pair 2i in lanes 0-7 and pair 2i + 1 in lanes 8-15: lane j the sum of pair j's */
 static inline __m512 sum8x2(const __m512 z[8]) {
-    __m512 x[4], y[2];
-    for (int i = 0; i < 4; i++)
-        x[i] = _mm512_add_ps(_mm512_unpacklo_ps(z[2 * i], z[2 * i + 1]), _mm512_unpackhi_ps(z[2 * i], z[2 * i + 1]));
-    for (int i = 0; i < 2; i++) {
-        const __m512d a = _mm512_castps_pd(x[2 * i]), b = _mm512_castps_pd(x[2 * i + 1]);
-        y[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    /* y[i]'s 128-bit lane L: the sums of z[4i..4i+3]'s lane L; a pair is two lanes */
+    const __m512 y[2] = {lane_sums4(z), lane_sums4(z + 4)}; /* a pair is two of their lanes */
     const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), c);
 }
