@@ -733,10 +733,11 @@ static inline __attribute__((always_inline)) __m512i int4_bytes(const uint8_t *p
  * rounding of every value within 2^7 of the largest), split as qi = 256 * hi + lo with hi and lo
  * signed bytes. Per 64 values (a chunk): ``corr``, 16 lanes of 4 values each, holds -128 * (the
  * lane's sum of hi), then of lo, for int8 keys (whose signed codes are read as unsigned bytes
- * code + 128; int4 codes are unsigned already: 0); ``qmv`` holds, in lanes 0-7 and 8-15, the sums
- * of q over the chunk's first and second group of 32 divided by 8 qs (int4's minimum term, spread
- * over the group's 8 lanes). The row's qs per head are kept apart (``vnni_qs``), repeated past the
- * last head so that 16 consecutive (slot, head) pairs read theirs with one load. */
+ * code + 128; int4 codes are unsigned already: 0); ``qmv`` holds, in each group's 8 lanes (int4's
+ * lane order: lanes 0-3 and 8-11 the chunk's first group of 32, 4-7 and 12-15 its second), the sum
+ * of q over that group divided by 8 qs (int4's minimum term, spread over the lanes). The row's qs
+ * per head are kept apart (``vnni_qs``), repeated past the last head so that 16 consecutive
+ * (slot, head) pairs read theirs with one load. */
 #define VNNI_CORR 0   /* int32[head_dim / 64][32] */
 #define VNNI_QMV(hd) ((hd) / 64 * 128)  /* float[head_dim / 64][16] */
 #define VNNI_HI(hd) ((hd) / 64 * 192)   /* int8[head_dim] */
@@ -882,25 +883,35 @@ static inline __attribute__((always_inline)) __m512i value_bytes(const uint8_t *
     return kind == MINICPM_KV_INT8 ? _mm512_loadu_si512(p) : int4_bytes(p);
 }
 
+/* value_weights' room per scale group, in words of hp (heads rounded up to 16): 4 of packed hi
+ * bytes (one per four slots of the 16), 4 of lo, the steps, the minimum terms */
+#define VW_HI 0
+#define VW_LO 4
+#define VW_STEP 8
+#define VW_MTERM 9
+#define VW_SET 10
+
 /* The window's value weights, for every query head at once (16 heads a vector), per value scale
  * group s (one per 32 values, or per 64 where ``wide``): w = p * scale of the (slot, head) pair,
  * rounded to 16-bit integers against the head's largest over the window (u = round(65535 w /
  * max w) = 256 hi + lo: finer than the bfloat16 values themselves), four slots' bytes packed into
  * one 32-bit word per head (slot t4 + k in byte k), hi and lo apart; with the head's step max w /
- * 65535 and, for int4, its minimum term sum(p * min). Room ``vw``: per scale group, 4 x hp words
- * of hi, 4 x hp of lo, hp steps, hp minimum terms (hp: heads rounded up to 16). */
+ * 65535 and, for int4, its minimum term sum(p * min), into ``vw`` (VW_SET words of hp per scale
+ * group). */
 static void value_weights(const float *sc, const float *vs, int n, int heads, int groups, int kv_heads, int nvs,
                           int nsg, int kind, float *vw) {
     const int hp = (heads + 15) / 16 * 16, per = kind == MINICPM_KV_INT8 ? 1 : 2;
     for (int s = 0; s < nsg; s++) {
-        int32_t *phi = (int32_t *)vw + (size_t)s * 10 * hp, *plo = phi + 4 * hp;
-        float *step = (float *)(plo + 4 * hp), *mterm = step + hp;
+        float *set = vw + (size_t)s * VW_SET * hp;
+        int32_t *phi = (int32_t *)set + VW_HI * hp, *plo = (int32_t *)set + VW_LO * hp;
+        float *step = set + VW_STEP * hp, *mterm = set + VW_MTERM * hp;
         for (int h0 = 0; h0 < heads; h0 += 16) {
             const __mmask16 hm = heads - h0 >= 16 ? 0xffff : (__mmask16)((1u << (heads - h0)) - 1);
             /* the scale (and int4's minimum) of head h0 + lane's value row in slot t: index */
             const int live = heads - h0, mha = groups == 1 && nvs == 2; /* mha: the scales two floats apart */
-            int32_t ix[16]; /* otherwise gathered: head h0 + l's row's scale (of group s) */
-            for (int l = 0; l < 16; l++) ix[l] = ((h0 + (l < live ? l : 0)) / groups) * nvs + per * s;
+            int32_t ix[16] = {0}; /* otherwise gathered: head h0 + l's row's scale (of group s) */
+            if (!mha)
+                for (int l = 0; l < 16; l++) ix[l] = ((h0 + (l < live ? l : 0)) / groups) * nvs + per * s;
             const __m512i idx = _mm512_loadu_si512(ix);
             const __mmask16 m0 = live >= 8 ? 0xffff : (__mmask16)((1u << (2 * live)) - 1);
             const __mmask16 m1 = live >= 16 ? 0xffff : live > 8 ? (__mmask16)((1u << (2 * live - 16)) - 1) : 0;
@@ -953,7 +964,8 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
     const int cbytes = kind == MINICPM_KV_INT8 ? 64 : 32;
     for (int c = 0; c < head_dim / 64; c++) {
         const int s0 = wide ? c : 2 * c, s1 = wide ? c : 2 * c + 1; /* the two runs' scale groups */
-        const int32_t *hi0 = (const int32_t *)vw + (size_t)s0 * 10 * hp + h, *hi1 = (const int32_t *)vw + (size_t)s1 * 10 * hp + h;
+        const int32_t *ws0 = (const int32_t *)vw + (size_t)s0 * VW_SET * hp + h; /* head h's weights: run 0's */
+        const int32_t *ws1 = (const int32_t *)vw + (size_t)s1 * VW_SET * hp + h;   /* and run 1's */
         __m512i t[4], tl[4];
         for (int j = 0; j < 4; j++) t[j] = tl[j] = _mm512_setzero_si512();
         for (int t4 = 0; t4 < n; t4 += 4) {
@@ -967,9 +979,10 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
             const __m512i x[4] = {_mm512_unpacklo_epi16(a, e), _mm512_unpackhi_epi16(a, e), _mm512_unpacklo_epi16(b, f),
                                   _mm512_unpackhi_epi16(b, f)};
             const int q = (t4 / 4) * hp;
-            const __m512i wh = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(hi0[q]), _mm512_set1_epi32(hi1[q]));
-            const __m512i wl = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(hi0[4 * hp + q]),
-                                                       _mm512_set1_epi32(hi1[4 * hp + q]));
+            const __m512i wh = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(ws0[VW_HI * hp + q]),
+                                                       _mm512_set1_epi32(ws1[VW_HI * hp + q]));
+            const __m512i wl = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(ws0[VW_LO * hp + q]),
+                                                       _mm512_set1_epi32(ws1[VW_LO * hp + q]));
             for (int j = 0; j < 4; j++) {
                 t[j] = _mm512_dpbusd_epi32(t[j], wh, x[j]);
                 tl[j] = _mm512_dpbusd_epi32(tl[j], wl, x[j]);
@@ -986,9 +999,9 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
         for (int m = 0; m < 4; m++) { /* nat[m]: values 16 m.. (int8), INT4_LANE[m].. (int4) */
             const int at = kind == MINICPM_KV_INT4 ? INT4_LANE[m] : 16 * m;
             float *o = acc + 64 * c + at;
-            const float *sw = (const float *)((at < 32 ? hi0 : hi1) + 8 * hp); /* that run's step, then minimum term */
-            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(nat[m])), _mm512_set1_ps(sw[0]),
-                                               _mm512_set1_ps(sw[hp]));
+            const float *sw = (const float *)(at < 32 ? ws0 : ws1); /* that run's weights */
+            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(nat[m])),
+                                               _mm512_set1_ps(sw[VW_STEP * hp]), _mm512_set1_ps(sw[VW_MTERM * hp]));
             _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(correction), sum));
         }
     }
@@ -1242,7 +1255,7 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
             const size_t window_scales = a.kind != MINICPM_KV_PLAIN ? 2 * 16 * (size_t)a.kv_heads * kv_scales(a.kind, head_dim, 0) : 0;
             const size_t floats = ((size_t)heads * 2 * head_dim + 3 * hp + 16 * (size_t)heads + 16 + window_scales + 15) / 16 * 16;
 #if HAVE_DECODE_VNNI
-            const size_t vroom = a.kind != MINICPM_KV_PLAIN ? vnni_room(heads, head_dim) + (size_t)head_dim / 32 * 10 * hp * 4 : 0;
+            const size_t vroom = a.kind != MINICPM_KV_PLAIN ? vnni_room(heads, head_dim) + (size_t)head_dim / 32 * VW_SET * hp * 4 : 0;
 #else
             const size_t vroom = 0;
 #endif
