@@ -742,7 +742,10 @@ static inline __attribute__((always_inline)) __m512i int4_bytes(const uint8_t *p
 #define VNNI_QMV(hd) ((hd) / 64 * 128)  /* float[head_dim / 64][16] */
 #define VNNI_HI(hd) ((hd) / 64 * 192)   /* int8[head_dim] */
 #define VNNI_LO(hd) ((hd) / 64 * 192 + (hd)) /* int8[head_dim] */
-#define VNNI_PAIR_BYTES 320
+#define VNNI_PAIR_BYTES 384 /* vnni_pair's room: its bytes, then its lanes */
+#define VNNI_PAIR_QS 256
+#define VNNI_PAIR_QSUM 320
+#define VNNI_START_BYTES 128 /* vnni_start's room: 16 int32 corrections, 16 qs */
 
 /* bytes one prepared head takes (a multiple of 64) */
 static inline size_t vnni_head_bytes(int head_dim) { return (size_t)head_dim / 64 * 192 + (size_t)2 * head_dim; }
@@ -750,7 +753,7 @@ static inline size_t vnni_head_bytes(int head_dim) { return (size_t)head_dim / 6
 /* bytes of the room decode_part's prepared row takes: the qs of heads + 16 pairs, then the heads */
 static inline size_t vnni_room(int heads, int head_dim) {
     return ((size_t)(heads + 16) * 4 + 63) / 64 * 64 + (size_t)heads * vnni_head_bytes(head_dim) +
-           (size_t)(heads + 1) / 2 * VNNI_PAIR_BYTES;
+           (size_t)(heads + 1) / 2 * VNNI_PAIR_BYTES + (size_t)heads * VNNI_START_BYTES;
 }
 
 static inline float *vnni_qs(char *room) { return (float *)room; }
@@ -761,10 +764,20 @@ static inline char *vnni_head(char *room, int heads, int h, int head_dim) {
 
 /* int4 keys at head_dim 64: heads 2i and 2i + 1 prepared together (key_pair_vnni), at
  * vnni_pair(room, heads, i): 64 bytes each of the pair's hi bytes for the codes' low nibbles (head
- * 2i's 32, then 2i + 1's), hi for the high nibbles, lo for the low, lo for the high; then 16
- * floats: each head's two groups' sums of q / (4 qs), four lanes each */
+ * 2i's 32, then 2i + 1's), hi for the high nibbles, lo for the low, lo for the high; then the
+ * lanes of the eight (slot, head) pairs of heads 2i.. 2i + 7 (modulo heads) in sums8's order
+ * (lane 4 L + j: head 2i + 2 j + L / 2, group L % 2): 16 floats of each head's qs, 16 of its sum
+ * of q over the group (vnni_pair_lanes) */
 static inline char *vnni_pair(char *room, int heads, int i) {
     return vnni_head(room, heads, heads, 64) + (size_t)i * VNNI_PAIR_BYTES;
+}
+
+/* int8 keys at head_dim 64, MHA: the lanes of the eight (slot, head) pairs of heads h.. h + 7
+ * (modulo heads) in sums16_int8's order (lane 4 M + i: head h + i + 4 (M / 2), group M % 2), at
+ * vnni_start(room, heads, h): 16 int32 of each head's +128 correction over the group (-128 times
+ * the group's sum of qi), 16 floats of its qs (vnni_start_lanes) */
+static inline char *vnni_start(char *room, int heads, int h) {
+    return vnni_pair(room, heads, (heads + 1) / 2) + (size_t)h * VNNI_START_BYTES;
 }
 
 /* head h's query q (head_dim float32) prepared into ``room`` (see above) */
@@ -803,38 +816,123 @@ static void vnni_prepare(const float *q, int heads, int h, int head_dim, int kin
     if (kind == MINICPM_KV_INT4 && head_dim == 64) { /* this head's half of its pair (vnni_pair) */
         char *pp = vnni_pair(room, heads, h / 2) + 32 * (h % 2);
         memcpy(pp, hi, 32), memcpy(pp + 64, hi + 32, 32), memcpy(pp + 128, lo, 32), memcpy(pp + 192, lo + 32, 32);
-        float *pm = (float *)(vnni_pair(room, heads, h / 2) + 256) + 8 * (h % 2);
-        for (int l = 0; l < 8; l++) pm[l] = qmv[l < 4 ? 0 : 4] * 2.0f; /* qsum / (8 qs) * 2 */
+    }
+}
+
+/* the pairs' lanes (vnni_pair) once every head is prepared; qf: the row's float32 query */
+static void vnni_pair_lanes(const float *qf, int heads, char *room) {
+    const float *qs = vnni_qs(room);
+    for (int i = 0; i < heads / 2; i++) {
+        float *lq = (float *)(vnni_pair(room, heads, i) + VNNI_PAIR_QS), *ls = (float *)(vnni_pair(room, heads, i) + VNNI_PAIR_QSUM);
+        for (int lane = 0; lane < 16; lane++) {
+            const int h = (2 * i + 2 * (lane % 4) + lane / 8) % heads, g = lane / 4 % 2;
+            float t = 0.0f;
+            for (int d = 0; d < 32; d++) t += qf[(int64_t)h * 64 + 32 * g + d];
+            lq[lane] = qs[h], ls[lane] = t;
+        }
+    }
+}
+
+/* the start lanes (vnni_start) once every head is prepared (int8 keys, head_dim 64) */
+static void vnni_start_lanes(int heads, char *room) {
+    const float *qs = vnni_qs(room);
+    for (int h0 = 0; h0 < heads; h0++) {
+        int32_t *corr = (int32_t *)vnni_start(room, heads, h0);
+        float *lq = (float *)(vnni_start(room, heads, h0) + 64);
+        for (int lane = 0; lane < 16; lane++) {
+            const int h = (h0 + lane % 4 + 4 * (lane / 8)) % heads, g = lane / 4 % 2;
+            const char *hp = vnni_head(room, heads, h, 64);
+            const int8_t *hi = (const int8_t *)(hp + VNNI_HI(64)), *lo = (const int8_t *)(hp + VNNI_LO(64));
+            int32_t t = 0;
+            for (int d = 32 * g; d < 32 * g + 32; d++) t += 256 * hi[d] + lo[d];
+            corr[lane] = -128 * t, lq[lane] = qs[h];
+        }
     }
 }
 
 /* int4 keys at head_dim 64, MHA: the (slot, head) pairs p and p + 1 of heads 2i and 2i + 1 (their
- * key rows k: 64 bytes, one after the other; their scales ks: s0 m0 s1 m1 of each) in one vector:
- * lanes 0-7 sum to pair p's (q . key) / qs, 8-15 to pair p + 1's. The 64 bytes' low nibbles and
- * high nibbles are two vectors of codes (lanes: head 2i's group 0, its group 1, head 2i + 1's
- * group 0, group 1; values 0-15 of each group in the first, 16-31 in the second), each dotted
- * with the matching hi and lo bytes (vnni_pair); lanes 0-3, 4-7, 8-11, 12-15 then take their
- * group's scale and minimum term. */
-static inline __attribute__((always_inline)) __m512 key_pair_vnni(const char *pp, const uint8_t *k, const uint16_t *ks) {
+ * key rows k: 64 bytes, one after the other) in one vector of int32: per 128-bit lane, head 2i's
+ * group 0, its group 1, head 2i + 1's group 0, group 1, the four lanes summing to the group's
+ * (q . codes) / qs. The 64 bytes' low nibbles and high nibbles are two vectors of codes (values
+ * 0-15 of each group in the first, 16-31 in the second), each dotted with the matching hi and lo
+ * bytes (vnni_pair). */
+static inline __attribute__((always_inline)) __m512i key_pair_vnni(const char *pp, const uint8_t *k) {
     const __m512i x = _mm512_loadu_si512(k), m = _mm512_set1_epi8(15);
     const __m512i low = _mm512_and_si512(x, m), high = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
     __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(pp));
     a = _mm512_dpbusd_epi32(a, high, _mm512_loadu_si512(pp + 64));
     a = _mm512_slli_epi32(a, 8);
     a = _mm512_dpbusd_epi32(a, low, _mm512_loadu_si512(pp + 128));
-    a = _mm512_dpbusd_epi32(a, high, _mm512_loadu_si512(pp + 192));
-    const __m512 sc = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ks))); /* s0 m0 s1 m1 x 2 */
-    const __m512i si = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
-    const __m512 sv = _mm512_permutexvar_ps(si, sc);
-    const __m512 mv = _mm512_permutexvar_ps(_mm512_add_epi32(si, _mm512_set1_epi32(1)), sc);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, _mm512_mul_ps(mv, _mm512_loadu_ps((const float *)(pp + 256))));
+    return _mm512_dpbusd_epi32(a, high, _mm512_loadu_si512(pp + 192));
 }
 
-/* z[i] holding pair 2i in lanes 0-7 and pair 2i + 1 in lanes 8-15: lane j the sum of pair j's */
-static inline __m512 sum8x2(const __m512 z[8]) {
-    const __m512 y[2] = {lane_sums4(z), lane_sums4(z + 4)}; /* a pair is two of their lanes */
-    const __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15), c);
+/* per 128-bit lane L: the sums of z[0]'s, z[1]'s, z[2]'s and z[3]'s four int32 in lane L */
+static inline __m512i lane_sums4i(const __m512i z[4]) {
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(z[0], z[1]), _mm512_unpackhi_epi32(z[0], z[1]));
+    const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(z[2], z[3]), _mm512_unpackhi_epi32(z[2], z[3]));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+
+/* The scores of 16 consecutive (slot, head) pairs of a window (nothing past ``live`` of them),
+ * the first of head h0 (even), from key_pair_vnni's z[i] (pairs 2i and 2i + 1): each group's
+ * integer sum (lane_sums4i; exact) times its scale and the head's qs, plus its minimum times the
+ * head's sum of q over the group, the two groups of a pair added. ks: the first pair's scales
+ * (s0 m0 s1 m1, float16, every pair's in turn). */
+static inline __m512 sums8(const __m512i z[8], const uint16_t *ks, int live, const char *lanes0, const char *lanes1) {
+    const __m512i y[2] = {lane_sums4i(z), lane_sums4i(z + 4)}; /* lane 4 L + j: pair 2 j + L / 2, group L % 2 */
+    const __m512i pick = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
+    const __m512i pick_min = _mm512_add_epi32(pick, _mm512_set1_epi32(1));
+    const char *lanes[2] = {lanes0, lanes1};
+    __m512 part[2];
+    for (int e = 0; e < 2; e++) { /* pairs 8 e.. 8 e + 7 */
+        const int halves = live - 8 * e <= 0 ? 0 : live - 8 * e >= 8 ? 32 : 4 * (live - 8 * e);
+        const __mmask16 m0 = halves >= 16 ? 0xffff : (__mmask16)((1u << halves) - 1);
+        const __mmask16 m1 = halves <= 16 ? 0 : halves >= 32 ? 0xffff : (__mmask16)((1u << (halves - 16)) - 1);
+        const __m512 f0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, ks + 32 * e));      /* pairs 0-3 */
+        const __m512 f1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, ks + 32 * e + 16)); /* pairs 4-7 */
+        const __m512 sv = _mm512_permutex2var_ps(f0, pick, f1), mv = _mm512_permutex2var_ps(f0, pick_min, f1);
+        const __m512 qs = _mm512_loadu_ps((const float *)(lanes[e] + VNNI_PAIR_QS));
+        const __m512 qsum = _mm512_loadu_ps((const float *)(lanes[e] + VNNI_PAIR_QSUM));
+        const __m512 g = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(y[e]), sv), qs, _mm512_mul_ps(mv, qsum));
+        part[e] = _mm512_add_ps(g, _mm512_shuffle_f32x4(g, g, 0xB1)); /* lanes 0-3: pairs 0 2 4 6, 8-11: 1 3 5 7 */
+    }
+    return _mm512_permutex2var_ps(part[0], _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 16, 24, 17, 25, 18, 26, 19, 27),
+                                  part[1]);
+}
+
+/* int8 keys at head_dim 64: a key row's 64 codes (read as code + 128) dotted with head hp's hi,
+ * shifted by 8, dotted with its lo: lanes 0-7 sum to group 0's (q . (codes + 128)) / qs, 8-15 to
+ * group 1's (exact: |sum| < 2^24) */
+static inline __attribute__((always_inline)) __m512i key_row_int8(const char *hp, const uint8_t *k) {
+    const __m512i codes = _mm512_xor_si512(_mm512_loadu_si512(k), _mm512_set1_epi8((char)0x80));
+    const __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_loadu_si512(hp + VNNI_HI(64)));
+    return _mm512_dpbusd_epi32(_mm512_slli_epi32(a, 8), codes, _mm512_loadu_si512(hp + VNNI_LO(64)));
+}
+
+/* The scores of 16 consecutive (slot, head) pairs (nothing past ``live`` of them; MHA, head_dim
+ * 64, int8), the first of head h0, from key_row_int8's z[i]: each group's integer sum (exact)
+ * plus its +128 correction, times its scale and the head's qs, the two groups of a pair added.
+ * ks: the first pair's scales (s0 s1, float16, every pair's in turn); start0, start1: the lanes
+ * (vnni_start) of heads h0 and h0 + 8. */
+static inline __m512 sums16_int8(const __m512i z[16], const uint16_t *ks, int live, const char *start0,
+                                 const char *start1) {
+    const __m512i pick = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+    const char *start[2] = {start0, start1};
+    __m512 part[2];
+    for (int e = 0; e < 2; e++) { /* pairs 8 e.. 8 e + 7 */
+        const __m512i y0 = lane_sums4i(z + 8 * e), y1 = lane_sums4i(z + 8 * e + 4);
+        /* lane 4 M + i: pair 8 e + i + 4 (M / 2), group M % 2 */
+        const __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(y0, y1, 0x88), _mm512_shuffle_i32x4(y0, y1, 0xDD));
+        const int n = live - 8 * e <= 0 ? 0 : live - 8 * e >= 8 ? 8 : live - 8 * e;
+        const __m512 f = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << (2 * n)) - 1), ks + 16 * e));
+        const __m512 sv = _mm512_permutexvar_ps(pick, f);
+        const __m512i corr = _mm512_loadu_si512(start[e]);
+        const __m512 qs = _mm512_loadu_ps((const float *)(start[e] + 64));
+        const __m512 g = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(v, corr)), sv), qs);
+        part[e] = _mm512_add_ps(g, _mm512_shuffle_f32x4(g, g, 0xB1)); /* lanes 0-3: pairs 0-3, 8-11: 4-7 */
+    }
+    return _mm512_permutex2var_ps(part[0], _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                                  part[1]);
 }
 
 /* A vector whose lanes sum to (q . dequantized key row) / qs (codes k, its scales ks widened to
@@ -1008,12 +1106,83 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
 }
 #endif
 
-/* the lines of four stretches (ahead[r], lines[r] of them) asked for into L2 up to the share
- * done / total of each (asked[r]: how many so far) */
-static inline void ask_ahead(const char *const ahead[4], const int64_t lines[4], int64_t asked[4], int done, int total) {
-    for (int r = 0; r < 4; r++)
-        for (const int64_t upto = lines[r] * done / total; asked[r] < upto; asked[r]++)
-            _mm_prefetch(ahead[r] + asked[r] * 64, _MM_HINT_T1);
+#if HAVE_DECODE_VNNI && defined(__AVX512VBMI__)
+/* values_vnni for int4 codes, with byte permutes: per 64 values, four rows' 32 packed bytes (two
+ * runs of 16, byte j holding a run's values j and j + 16) are picked by two vpermt2b into 32-bit
+ * lanes of four bytes (one per row) and split into their low and high nibbles: four vectors of
+ * codes already in the values' order (0-15, 16-31, 32-47, 48-63), each inside one run, so each is
+ * summed against its run's weights as they stand and no lanes are moved back afterwards. */
+static inline __attribute__((always_inline)) void values_int4_vbmi(const uint8_t *v, int64_t slot, const float *vw,
+                                                                   int hp, int h, int n, float correction, float *acc,
+                                                                   const int head_dim, const int wide) {
+    /* byte 4 l + k of the first pick: row k's packed byte l (rows 0 and 1 in the first source's
+     * halves, 2 and 3 in the second's); the second pick: bytes 16 + l */
+    const __m512i pick0 = _mm512_add_epi8(
+        _mm512_set1_epi32(0x60402000),
+        _mm512_set_epi8(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12, 11, 11, 11, 11, 10, 10, 10, 10,
+                        9, 9, 9, 9, 8, 8, 8, 8, 7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2,
+                        1, 1, 1, 1, 0, 0, 0, 0));
+    const __m512i pick1 = _mm512_add_epi8(pick0, _mm512_set1_epi8(16)), m15 = _mm512_set1_epi8(15);
+    for (int c = 0; c < head_dim / 64; c++) {
+        const int s0 = wide ? c : 2 * c, s1 = wide ? c : 2 * c + 1; /* the two runs' scale groups */
+        const int32_t *ws[2] = {(const int32_t *)vw + (size_t)s0 * VW_SET * hp + h,
+                                (const int32_t *)vw + (size_t)s1 * VW_SET * hp + h};
+        __m512i t[4], tl[4];
+        for (int j = 0; j < 4; j++) t[j] = tl[j] = _mm512_setzero_si512();
+        for (int t4 = 0; t4 < n; t4 += 4) {
+            __m256i r[4];
+            for (int i = 0; i < 4; i++)
+                r[i] = t4 + i < n ? _mm256_loadu_si256((const __m256i *)(v + (t4 + i) * slot + (int64_t)c * 32))
+                                  : _mm256_setzero_si256();
+            const __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(r[0]), r[1], 1);
+            const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(r[2]), r[3], 1);
+            const __m512i x0 = _mm512_permutex2var_epi8(a, pick0, b), x1 = _mm512_permutex2var_epi8(a, pick1, b);
+            const __m512i x[4] = {_mm512_and_si512(x0, m15), _mm512_and_si512(_mm512_srli_epi16(x0, 4), m15),
+                                  _mm512_and_si512(x1, m15), _mm512_and_si512(_mm512_srli_epi16(x1, 4), m15)};
+            const int q = (t4 / 4) * hp;
+            for (int j = 0; j < 4; j++) {
+                t[j] = _mm512_dpbusd_epi32(t[j], _mm512_set1_epi32(ws[j / 2][VW_HI * hp + q]), x[j]);
+                tl[j] = _mm512_dpbusd_epi32(tl[j], _mm512_set1_epi32(ws[j / 2][VW_LO * hp + q]), x[j]);
+            }
+        }
+        for (int j = 0; j < 4; j++) { /* values 16 j.. of the chunk, run j / 2 */
+            const float *sw = (const float *)ws[j / 2];
+            const __m512i u = _mm512_add_epi32(_mm512_slli_epi32(t[j], 8), tl[j]); /* |u| < 2^31 */
+            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_set1_ps(sw[VW_STEP * hp]),
+                                               _mm512_set1_ps(sw[VW_MTERM * hp]));
+            float *o = acc + 64 * c + 16 * j;
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(correction), sum));
+        }
+    }
+}
+#define HAVE_VALUES_VBMI 1
+#else
+#define HAVE_VALUES_VBMI 0
+#endif
+
+/* The next window's codes (keys' and values': one stretch each), asked for into L2 a share per key
+ * batch: ``per`` lines of each at a time, from ``at`` up to ``end`` (per 0: nothing to ask for).
+ * Their scales are not: asking for them too measured no faster, and the instructions cost. */
+typedef struct {
+    const char *at[2], *end[2];
+    int64_t per;
+} ahead_t;
+
+/* both stretches (start, ``bytes`` each) set to be asked for over ``batches`` key batches */
+static inline void ahead_set(ahead_t *ah, const char *const start[2], int64_t bytes, int batches) {
+    const int64_t lines = (bytes + 63) / 64;
+    for (int r = 0; r < 2; r++) ah->at[r] = start[r], ah->end[r] = start[r] + lines * 64;
+    ah->per = (lines + batches - 1) / batches;
+}
+
+/* one batch's share of each stretch asked for */
+static inline void ask_ahead(ahead_t *ah) {
+    if (!ah->per) return;
+    for (int r = 0; r < 2; r++) {
+        const char *p = ah->at[r], *stop = p + ah->per * 64 < ah->end[r] ? p + ah->per * 64 : ah->end[r];
+        for (; p < stop; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+        ah->at[r] = p;
+    }
 }
 
 /* keys k0..k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
@@ -1026,11 +1195,13 @@ static inline void ask_ahead(const char *const ahead[4], const int64_t lines[4],
  *           rescaling factor into cr);
  *   values: 8 slots at a time, each kv head's rows of those slots weighed into its query heads'
  *           accumulators (8 streams, each in address order).
- * qf: room for the row's pre-scaled float32 query. */
+ * qf: room for the row's pre-scaled float32 query (and vq for its VNNI form); ``ready``: both hold
+ * this row's already (the thread's previous partition was of the same row). */
 static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, int k0, int k1,
                                                               const int head_dim, int bf16, float *qf, float *sc,
                                                               float *cr, float *mx, float *sm, float *acc, float *fs,
-                                                              char *vq, const int vnni_on, const int kind_on) {
+                                                              char *vq, const int vnni_on, const int kind_on,
+                                                              const int ready) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
     const int kind = kind_on ? kind_on : a->kind; /* kind_on: the KV kind as a constant where nonzero */
     const int esize = bf16 ? 2 : 4, quant = kind != MINICPM_KV_PLAIN;
@@ -1041,23 +1212,27 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     const int64_t slot = (int64_t)kv_heads * width; /* bytes from one slot to the next */
     const int32_t *table = a->tables + (int64_t)a->row_seq[row] * a->width;
     const char *qrow = (const char *)a->q + (int64_t)row * a->q_stride * esize;
-    if (!bf16)
+    if (!ready && !bf16) /* ready: qf (and vq) hold this row's query prepared already */
         for (int i = 0; i < heads * head_dim; i++) qf[i] = ((const float *)qrow)[i] * a->scale;
-    else if (quant) /* quantized keys are scored in float32 */
+    else if (!ready && quant) /* quantized keys are scored in float32 */
         for (int i = 0; i < heads * head_dim; i++) qf[i] = bf16_to_f32(((const uint16_t *)qrow)[i]) * a->scale;
     const char *qb = bf16 && !quant ? qrow : (const char *)qf;
     const int qsize = bf16 && !quant ? 2 : 4;
 #if HAVE_DECODE_VNNI
     /* bfloat16 queries against quantized keys: integer dot products (see vnni_prepare) */
     const int vnni = vnni_on && quant && bf16; /* vnni_on: a constant at each call (two instances) */
-    if (vnni)
-        for (int h = 0; h < heads; h++) vnni_prepare(qf + (int64_t)h * head_dim, heads, h, head_dim, kind, vq);
-    const int hp = (heads + 15) / 16 * 16, nsg = quant ? head_dim / kv_group(kind, head_dim, 1) : 0;
     const int paired = vnni && kind == MINICPM_KV_INT4 && head_dim == 64 && groups == 1 && heads % 2 == 0;
+    const int rows16 = vnni && kind == MINICPM_KV_INT8 && head_dim == 64 && groups == 1; /* sums16_int8 */
+    if (vnni && !ready) {
+        for (int h = 0; h < heads; h++) vnni_prepare(qf + (int64_t)h * head_dim, heads, h, head_dim, kind, vq);
+        if (paired) vnni_pair_lanes(qf, heads, vq);
+        if (rows16) vnni_start_lanes(heads, vq);
+    }
+    const int hp = (heads + 15) / 16 * 16, nsg = quant ? head_dim / kv_group(kind, head_dim, 1) : 0;
     float *vwr = (float *)(vq + vnni_room(heads, head_dim)); /* value_weights' room */
 #else
     (void)vq, (void)vnni_on;
-    const int paired = 0;
+    const int paired = 0, rows16 = 0;
 #endif
     for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
         mx[h] = -INFINITY;
@@ -1073,21 +1248,18 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const char *kw = (const char *)a->kc + at, *vw = (const char *)a->vc + at;
         /* a quantized window's scales, keys' then values', widened once (16 slots x kv heads at most) */
         const float *ksw = fs, *vsw = fs + 16 * kv_heads * nsc;
-        /* a quantized cache: the next window's lines (codes and scales) asked for into L2, a share
-         * per key batch (its four streams outran the hardware's prefetcher; a plain cache is read
-         * at memory speed without, and slower with) */
-        const char *ahead[4] = {NULL, NULL, NULL, NULL};
-        int64_t lines[4] = {0, 0, 0, 0}, asked[4] = {0, 0, 0, 0};
+        /* a quantized cache: the next window's codes asked for into L2, a share per key batch
+         * (without, the hardware's prefetcher fell behind; a plain cache is read at memory speed
+         * without, and slower with) */
+        ahead_t ah = {{NULL, NULL}, {NULL, NULL}, 0};
         if (quant && w0 + n < k1) {
             const int w1 = w0 + n, n1 = k1 - w1 < 16 ? k1 - w1 : 16, m1 = bs - w1 % bs < n1 ? bs - w1 % bs : n1;
             const int64_t f1 = (int64_t)table[w1 / bs] * bs + w1 % bs;
-            ahead[0] = (const char *)a->kc + f1 * slot, lines[0] = (m1 * slot + 63) / 64;
-            ahead[1] = (const char *)a->vc + f1 * slot, lines[1] = lines[0];
-            ahead[2] = (const char *)(a->ks + f1 * kv_heads * nsc), lines[2] = ((int64_t)m1 * kv_heads * nsc * 2 + 63) / 64;
-            ahead[3] = (const char *)(a->vs + f1 * kv_heads * nvs), lines[3] = ((int64_t)m1 * kv_heads * nvs * 2 + 63) / 64;
+            const char *start[2] = {(const char *)a->kc + f1 * slot, (const char *)a->vc + f1 * slot};
+            ahead_set(&ah, start, m1 * slot, (n * heads + 15) / 16);
         }
         if (quant) {
-            if (!paired) /* the paired path widens its key scales as it reads them */
+            if (!paired && !rows16) /* those read their key scales as float16 */
                 widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
             widen_halves(a->vs + first * kv_heads * nvs, n * kv_heads * nvs, fs + 16 * kv_heads * nsc);
         }
@@ -1099,22 +1271,37 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
 #if HAVE_DECODE_VNNI
         if (paired) { /* int4, head_dim 64, MHA, heads even: two pairs a vector (key_pair_vnni) */
             for (int f0 = 0; f0 < pairs; f0 += 16) {
-                ask_ahead(ahead, lines, asked, f0 + 16 < pairs ? f0 + 16 : pairs, pairs);
-                __m512 z[8];
+                ask_ahead(&ah);
+                const int h0 = h;
+                __m512i z[8];
                 for (int i = 0; i < 8; i++) {
                     const int f = f0 + 2 * i; /* pair f: key row f, head h (even) */
-                    z[i] = f < pairs ? key_pair_vnni(vnni_pair(vq, heads, h / 2), (const uint8_t *)kw + (int64_t)f * width,
-                                                     a->ks + (first * kv_heads + f) * nsc)
-                                     : _mm512_setzero_ps();
+                    z[i] = f < pairs ? key_pair_vnni(vnni_pair(vq, heads, h / 2), (const uint8_t *)kw + (int64_t)f * width)
+                                     : _mm512_setzero_si512();
                     if ((h += 2) == heads) h = 0;
                 }
-                _mm512_storeu_ps(sc + f0, _mm512_mul_ps(sum8x2(z), _mm512_loadu_ps(vnni_qs(vq) + f0 % heads)));
+                const int h8 = (h0 + 8) % heads;
+                _mm512_storeu_ps(sc + f0, sums8(z, a->ks + (first * kv_heads + f0) * nsc, pairs - f0,
+                                                vnni_pair(vq, heads, h0 / 2), vnni_pair(vq, heads, h8 / 2)));
+            }
+        } else if (rows16) { /* int8, head_dim 64, MHA (key_row_int8, sums16_int8) */
+            for (int f0 = 0; f0 < pairs; f0 += 16) {
+                ask_ahead(&ah);
+                const int h0 = h;
+                __m512i z[16];
+                for (int i = 0; i < 16; i++) {
+                    z[i] = f0 + i < pairs ? key_row_int8(vnni_head(vq, heads, h, 64), (const uint8_t *)kw + (int64_t)(f0 + i) * width)
+                                          : _mm512_setzero_si512();
+                    if (++h == heads) h = 0;
+                }
+                _mm512_storeu_ps(sc + f0, sums16_int8(z, a->ks + (first * kv_heads + f0) * nsc, pairs - f0,
+                                                      vnni_start(vq, heads, h0), vnni_start(vq, heads, (h0 + 8) % heads)));
             }
         } else
 #endif
         for (int f0 = 0; f0 < pairs; f0 += 16) {
             __m512 z[16];
-            if (quant) ask_ahead(ahead, lines, asked, f0 + 16 < pairs ? f0 + 16 : pairs, pairs);
+            if (quant) ask_ahead(&ah);
 #if HAVE_DECODE_VNNI
             const int h_first = h; /* the batch's first head: the qs of its 16 pairs from there */
 #endif
@@ -1164,6 +1351,12 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
             for (int kvh = 0; kvh < kv_heads; kvh++)
                 for (int g = 0; g < groups; g++) {
                     const int hh = kvh * groups + g;
+#if HAVE_VALUES_VBMI
+                    if (kind == MINICPM_KV_INT4)
+                        values_int4_vbmi((const uint8_t *)vw + (int64_t)kvh * width, slot, vwr, hp, hh, n, cr[hh],
+                                         acc + (int64_t)hh * head_dim, head_dim, wide);
+                    else
+#endif
                     values_vnni((const uint8_t *)vw + (int64_t)kvh * width, slot, vwr, hp, hh, n, cr[hh],
                                 acc + (int64_t)hh * head_dim, head_dim, kind, wide);
                 }
@@ -1264,7 +1457,7 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
             float *cr = sm + hp, *sc = cr + hp, *fs = sc + 16 * (size_t)heads + 16;
             char *vq = (char *)(qf + floats);
             if (qf == NULL) failed = 1;
-            int row = 0;
+            int row = 0, ready_row = -1;
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < items; item++) {
                 if (qf == NULL) continue;
@@ -1272,19 +1465,21 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 while (first[row] > item) row--;
                 const int p = item - first[row], k0 = p * part;
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
+                const int ready = row == ready_row; /* this thread prepared the row's query last */
+                ready_row = row;
                 if (bf16) {
 #if HAVE_DECODE_BF16
                     if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT8)
                         WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
-                                                            MINICPM_KV_INT8))
+                                                            MINICPM_KV_INT8, ready))
                     else if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT4)
                         WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
-                                                            MINICPM_KV_INT4))
+                                                            MINICPM_KV_INT4, ready))
                     else
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0))
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
 #endif
                 } else {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
                     for (int h = 0; h < heads; h++)
