@@ -95,6 +95,28 @@ def test_long_rows_match_the_reference_across_partitions(dtype, tol, heads, kv_h
 
 
 @needs_native
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+def test_partitions_grow_with_a_long_row_and_stay_its_own(dtype, tol) -> None:
+    """Partitions of 512 keys from 8k and 1024 from 32k: lengths off both edges match the
+    reference, and a row's bits are the same alone, beside others and on one thread."""
+    bs, d = 64, 64
+    lens = [8191, 8192, 8193, 32767, 32768, 33000, 300]
+    q, kc, vc, tables, row_seq, row_len = make_case(4, 4, d, bs, lens, dtype, seed=7)
+    got = paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5)
+    expected = reference(q, kc, vc, tables, row_seq, row_len, bs)
+    assert (got.float() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
+    for r in (2, 5):
+        alone = paged_attention(q[r : r + 1], kc, vc, tables, row_seq[r : r + 1], row_len[r : r + 1], bs, d**-0.5)
+        assert torch.equal(alone, got[r : r + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 def test_rows_of_one_sequence_see_their_own_prefixes_and_threads_do_not_change_bits() -> None:
     """Chunk-like rows (one sequence, lengths 5..12) and a long row over many blocks; the result is
     the same bits with one thread or two (what a row computes never depends on the threads)."""

@@ -196,6 +196,19 @@ def test_bfloat16_decode_over_a_quantized_cache_keeps_every_row_to_bfloat16_roun
 
 
 @needs_native
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_decode_over_a_quantized_cache_across_the_long_rows_partitions(name) -> None:
+    """Rows past 8k and 32k keys (larger partitions; MHA at head_dim 64: int4's paired keys and
+    int8's 16-row sums) give attention over the dequantized cache, row by row."""
+    lens = [8193, 32768, 33000, 5]
+    q, (kq, vq, ks, vs), kd, vd, tables, row_seq, row_len = quantized_case(name, 4, 4, 64, 64, lens, torch.bfloat16)
+    got = paged_attention(q, kq, vq, tables, row_seq, row_len, 64, 64**-0.5, None, ks, vs).float()
+    want = reference(q, kd, vd, tables, row_seq, row_len, 64)
+    per_row = (got - want).abs().amax(dim=(-1, -2)) / want.abs().amax(dim=(-1, -2))
+    assert per_row.max().item() <= 2**-7, per_row.tolist()
+
+
+@needs_native
 def test_a_quantized_cache_without_its_scales_is_refused() -> None:
     q, (kq, vq, ks, vs), *_ = quantized_case("int8", 4, 4, 64, 16, [20], torch.float32)
     tables, row_seq, row_len = (

@@ -597,7 +597,7 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
 
 /* ------------------------------------------------------------------------------------------------
  * Decode on AVX-512 (head_dim a multiple of 64; bfloat16 needs AVX512-BF16). Each row's keys are
- * cut into partitions of PART_KEYS keys (of one block where blocks are larger). A work item is one
+ * cut into partitions of part_keys(its length) keys (whole blocks). A work item is one
  * partition of one row with all its kv heads. Per query head an item keeps a running max, sum
  * and float32 accumulator; a row of one partition is written out directly, a longer row's
  * partitions are merged in order afterwards. What a row computes depends only on its own length,
@@ -612,6 +612,13 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
  * weighed by FMA. */
 #if defined(__AVX512F__)
 #define PART_KEYS 256
+/* a row's partition: PART_KEYS keys, twice that from 8k keys and four times from 32k (fewer
+ * partitions to start, prefetch into and merge where there are plenty; a function of the row's
+ * own length only), rounded up to whole blocks */
+static inline int part_keys(int row_len, int block_size) {
+    const int keys = row_len >= 32768 ? 4 * PART_KEYS : row_len >= 8192 ? 2 * PART_KEYS : PART_KEYS;
+    return (keys + block_size - 1) / block_size * block_size;
+}
 #if defined(__AVX512BF16__)
 #define HAVE_DECODE_BF16 1
 #else
@@ -1420,7 +1427,6 @@ static int decode_avx512_serves(int dtype, int head_dim) {
 static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
     const args_t a = *ap;
     const int heads = a.heads, bf16 = dtype == 1;
-    const int part = a.block_size > PART_KEYS ? a.block_size : PART_KEYS;
     const int64_t state = (int64_t)heads * (head_dim + 2); /* a partition's max, sum, accumulator per head */
     /* items: every row's partitions in order; a row of several keeps each partition's state */
     int *first = malloc(sizeof(int) * ((size_t)rows + 1));
@@ -1433,7 +1439,7 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
     int64_t spilled = 0;
     first[0] = 0;
     for (int r = 0; r < rows; r++) {
-        const int parts = (a.row_len[r] + part - 1) / part;
+        const int part = part_keys(a.row_len[r], a.block_size), parts = (a.row_len[r] + part - 1) / part;
         first[r + 1] = first[r] + parts;
         spill[r] = parts > 1 ? spilled : -1;
         spilled += parts > 1 ? parts * state : 0;
@@ -1463,7 +1469,7 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 if (qf == NULL) continue;
                 while (first[row + 1] <= item) row++;
                 while (first[row] > item) row--;
-                const int p = item - first[row], k0 = p * part;
+                const int part = part_keys(a.row_len[row], a.block_size), p = item - first[row], k0 = p * part;
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
                 const int ready = row == ready_row; /* this thread prepared the row's query last */
                 ready_row = row;
