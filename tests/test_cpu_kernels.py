@@ -69,6 +69,16 @@ def test_kernel_matches_the_reference(dtype, tol, heads, kv_heads, d) -> None:
     assert (got.float() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
 
 
+def on_one_thread(fn):
+    """fn() with torch (and the kernels' OpenMP) on one thread, the thread count restored after"""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_native
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize(
@@ -86,12 +96,7 @@ def test_long_rows_match_the_reference_across_partitions(dtype, tol, heads, kv_h
     # a row's result is its own: the same bits alone, and with one thread
     alone = paged_attention(q[4:5], kc, vc, tables, row_seq[4:5], row_len[4:5], bs, d**-0.5)
     assert torch.equal(alone, got[4:5])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5), got)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(on_one_thread(lambda: paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5)), got)
 
 
 @needs_native
@@ -108,12 +113,7 @@ def test_partitions_grow_with_a_long_row_and_stay_its_own(dtype, tol) -> None:
     for r in (2, 5):
         alone = paged_attention(q[r : r + 1], kc, vc, tables, row_seq[r : r + 1], row_len[r : r + 1], bs, d**-0.5)
         assert torch.equal(alone, got[r : r + 1])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5), got)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.equal(on_one_thread(lambda: paged_attention(q, kc, vc, tables, row_seq, row_len, bs, d**-0.5)), got)
 
 
 @needs_native
