@@ -1057,6 +1057,14 @@ static void value_weights(const float *sc, const float *vs, int n, int heads, in
     }
 }
 
+/* 16 accumulator values at o rescaled by ``correction`` plus their run's integer weighted sums u
+ * taken back by the run's step and minimum term (sw: the run's weights from value_weights, head h's) */
+static inline __attribute__((always_inline)) void weigh_run(float *o, __m512i u, const float *sw, int hp,
+                                                            float correction) {
+    const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_set1_ps(sw[VW_STEP * hp]), _mm512_set1_ps(sw[VW_MTERM * hp]));
+    _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(correction), sum));
+}
+
 /* One query head's accumulator acc (head_dim floats) rescaled by ``correction`` and given the
  * window's n <= 16 value rows (codes at v + t * slot) weighed by the head's weights from
  * value_weights (vw, head h): per 64 values, four rows at a time are interleaved into 32-bit lanes
@@ -1104,10 +1112,7 @@ static inline __attribute__((always_inline)) void values_vnni(const uint8_t *v, 
         for (int m = 0; m < 4; m++) { /* nat[m]: values 16 m.. (int8), INT4_LANE[m].. (int4) */
             const int at = kind == MINICPM_KV_INT4 ? INT4_LANE[m] : 16 * m;
             float *o = acc + 64 * c + at;
-            const float *sw = (const float *)(at < 32 ? ws0 : ws1); /* that run's weights */
-            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(nat[m])),
-                                               _mm512_set1_ps(sw[VW_STEP * hp]), _mm512_set1_ps(sw[VW_MTERM * hp]));
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(correction), sum));
+            weigh_run(o, _mm512_castps_si512(nat[m]), (const float *)(at < 32 ? ws0 : ws1), hp, correction);
         }
     }
 }
@@ -1153,12 +1158,8 @@ static inline __attribute__((always_inline)) void values_int4_vbmi(const uint8_t
             }
         }
         for (int j = 0; j < 4; j++) { /* values 16 j.. of the chunk, run j / 2 */
-            const float *sw = (const float *)ws[j / 2];
             const __m512i u = _mm512_add_epi32(_mm512_slli_epi32(t[j], 8), tl[j]); /* |u| < 2^31 */
-            const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), _mm512_set1_ps(sw[VW_STEP * hp]),
-                                               _mm512_set1_ps(sw[VW_MTERM * hp]));
-            float *o = acc + 64 * c + 16 * j;
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(o), _mm512_set1_ps(correction), sum));
+            weigh_run(acc + 64 * c + 16 * j, u, (const float *)ws[j / 2], hp, correction);
         }
     }
 }
