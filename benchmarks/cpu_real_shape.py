@@ -129,10 +129,11 @@ DEPTH_WEIGHTS = {"Q4_0": ("Q4_0", "auto"), "Q8_0": ("Q8_0", "auto"), "bf16": ("c
 
 
 # ------------------------------------------------------------------------------------ helpers
-def status_bytes(field: str, pid: int | str = "self") -> int | None:
-    """``field`` (VmRSS, VmHWM) of a process's /proc status, in bytes; None once it is gone."""
+def status_bytes(field: str, pid: int | str = "self", source: str = "status") -> int | None:
+    """``field`` (VmRSS, VmHWM; AnonHugePages from ``smaps_rollup``) of a process's /proc
+    ``source``, in bytes; None once it is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{source}") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
@@ -523,7 +524,11 @@ def worker(spec: dict) -> dict:
         out |= decode_at_depth(engine, spec, vocab)
     else:
         raise ValueError(f"unknown task {task!r}")
-    out |= {"resident": status_bytes("VmRSS"), "peak": status_bytes("VmHWM")}
+    out |= {
+        "resident": status_bytes("VmRSS"),
+        "peak": status_bytes("VmHWM"),
+        "huge_pages": status_bytes("AnonHugePages", source="smaps_rollup"),  # the weights' panels ask for them
+    }
     return out
 
 

@@ -11,7 +11,9 @@ Contract:
     nibble, 2j + 1 in the high one); groups of 32, 64 or 128 inputs, each with a scale and a minimum
     (llama.cpp's Q4_1 scheme; Q4_0 and Q4_K map onto it exactly).
 
-  ``scales`` and ``mins`` are float32 (out, in / group); ``mins`` may be absent (zero).
+  ``scales`` and ``mins`` are float32 (out, in / group); ``mins`` may be absent (zero). int4's
+  from :func:`quantize` (and GGUF's Q4_0 / Q4_1) are float16 values, which the CPU kernel then
+  stores in half the bytes.
 * :class:`QuantizedLinear` holds one such weight in that natural layout (what a checkpoint stores:
   ``<name>.qweight``, ``<name>.scales``, ``<name>.mins``); its own ``forward`` multiplies by the
   dequantized weight (the plain reference). The engine swaps it for the native kernel's panels on
@@ -179,8 +181,10 @@ class QuantizedEmbedding(nn.Module):
 
 def quantize(weight: Tensor | QuantizedLinear, fmt: str, group: int | None = None) -> QuantizedLinear:
     """``weight`` (out, in) quantized: ``int8`` symmetric (``scale = max|w| / 127`` per row or group,
-    1 where all zero), ``int4`` asymmetric (``scale = (max - min) / 15`` per group, 1 where
-    constant; ``min`` the group's minimum); codes rounded to nearest. Rows are independent, so they
+    1 where all zero), ``int4`` asymmetric (``min`` the group's minimum and ``scale = (max - min) /
+    15``, 1 where constant, each moved outward to a float16 value, as GGUF's and GPTQ's are float16:
+    the CPU kernel then reads them in half the bytes; a group past float16's range keeps float32's);
+    codes rounded to nearest. Rows are independent, so they
     are done :data:`CHUNK` weights at a time, in place in a float32 copy of the chunk (temporaries
     of about 5 bytes a weight of one chunk, whatever the size; a quantized ``weight`` is
     dequantized a chunk at a time)."""
@@ -219,11 +223,21 @@ def quantize(weight: Tensor | QuantizedLinear, fmt: str, group: int | None = Non
     for a, b in row_chunks(n, k):
         x = rows(a, b).reshape(b - a, groups, group)
         low, high = torch.aminmax(x, dim=-1)
-        s = torch.where(high > low, (high - low) / 15, torch.ones_like(low))
+        low = _to_half_value(low, up=False)
+        s = torch.where(high > low, _to_half_value((high - low) / 15, up=True), torch.ones_like(low))
         codes = x.sub_(low[..., None]).div_(s[..., None]).round_().clamp_(0, 15).to(torch.uint8)
         packed[a:b] = pack_nibbles(codes.view(b - a, k))
         scales[a:b], mins[a:b] = s, low
     return QuantizedLinear(packed, scales, mins, k)
+
+
+def _to_half_value(t: Tensor, up: bool) -> Tensor:
+    """float32 ``t`` moved to the nearest float16 value at or above it (``up``) or at or below it,
+    as float32; a value past float16's range stays as it is."""
+    h = t.to(torch.float16)
+    past = h.float() < t if up else h.float() > t
+    h = torch.where(past, torch.nextafter(h, torch.full_like(h, float("inf") if up else float("-inf"))), h)
+    return torch.where(torch.isfinite(h), h.float(), t)
 
 
 def stack(parts: Sequence[QuantizedLinear]) -> QuantizedLinear | None:

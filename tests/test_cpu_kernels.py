@@ -694,6 +694,74 @@ def _quantized_product(layer, x: torch.Tensor, prefill: bool = False) -> torch.T
     return panel_linear(x, packed, layer.out_features, native_kernels(), scales, mins, prefill)
 
 
+def _assert_int4_records(layer, n: int, k: int, group: int) -> None:
+    """int4 panels are one record per (panel, group), built here plainly: the codes in chunks of 4
+    inputs x 32 columns, word 2c + e holding (j + e, c), (j + e, c + 16), (j + 2 + e, c) and
+    (j + 2 + e, c + 16) from its low nibble up; then the 32 scales and the 32 minimums, float16
+    (quantize makes them float16 values); and the codes read back for any column."""
+    from minicpm.engine.cpu_kernels import int4_panel_rows, quantized_panels
+
+    packed, scales, mins = quantized_panels(layer)
+    panels = -(-n // 32)
+    codes = torch.zeros(panels * 32, k, dtype=torch.uint8)
+    codes[:n] = layer.codes()
+    by_panel = codes.view(panels, 32, k // 4, 4).permute(0, 2, 3, 1)  # (panel, chunk, t, column)
+    bytes_ = by_panel[..., :16] | (by_panel[..., 16:] << 4)  # (panel, chunk, t, c): (j + t, c) and (j + t, c + 16)
+    words = bytes_.view(panels, k // 4, 2, 2, 16).permute(0, 1, 4, 3, 2)  # (panel, chunk, c, e, byte): t = e + 2 byte
+    assert scales.dtype == mins.dtype == torch.float16 and packed.shape == (panels, k // group, group * 16 + 128)
+    assert torch.equal(packed[..., : group * 16], words.reshape(panels, k // group, group * 16))
+    padded = torch.ones(panels * 32, k // group)
+    padded[:n] = layer.scales
+    assert torch.equal(scales.float(), padded.view(panels, 32, -1).transpose(1, 2))
+    padded = torch.zeros(panels * 32, k // group)
+    padded[:n] = layer.mins
+    assert torch.equal(mins.float(), padded.view(panels, 32, -1).transpose(1, 2))
+    rows = torch.arange(n)
+    codes, row_scales, row_mins = int4_panel_rows(packed, scales, mins, rows // 32, rows % 32)
+    assert torch.equal(codes, layer.codes()) and torch.equal(row_scales, layer.scales)
+    assert torch.equal(row_mins, layer.mins)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["float16", "float32", "q4_0"])
+def test_int4_records_of_every_kind_give_the_dequantized_product(kind: str) -> None:
+    """int4 records keep float16 scales and minimums where every one is a float16 value
+    (quantize's), float32 ones where not (e.g. Q4_K's products), and no minimums where each is -8 x
+    its float16 scale (Q4_0): every kind multiplies as the dequantized weight, float32 and bfloat16
+    rows, decode and prefill, and its rows read back for the tied embedding."""
+    from minicpm.engine.cpu_kernels import int4_panel_rows, panel_format, quantized_panels
+    from minicpm.quant import QuantizedLinear, dequantize_rows, quantize
+
+    n, k, group = 70, 128, 32
+    gen = torch.Generator().manual_seed(5)
+    layer = quantize(torch.randn(n, k, generator=gen), "int4", group)
+    if kind == "float32":  # one scale that float16 cannot hold
+        scales = layer.scales.clone()
+        scales[7, 1] *= 1 + 2**-20
+        layer = QuantizedLinear(layer.qweight, scales, layer.mins, k)
+    elif kind == "q4_0":
+        layer = QuantizedLinear(layer.qweight, layer.scales, -8 * layer.scales, k)
+    packed, scales, mins = quantized_panels(layer)
+    assert panel_format(packed, scales, mins) == ({"float16": 5, "float32": 3, "q4_0": 6}[kind], group)
+    assert (mins is None) == (kind == "q4_0")
+    assert scales.dtype == (torch.float32 if kind == "float32" else torch.float16)
+    deq = layer.dequantize()
+    for m in (1, 5, 13):
+        x = torch.randn(m, k, generator=gen)
+        expected = x.double() @ deq.double().T
+        mag = x.abs().double() @ deq.abs().double().T
+        for prefill in (False, True):
+            got = _quantized_product(layer, x, prefill)
+            assert ((got.double() - expected).abs() <= 1e-5 * mag + 1e-5).all()
+            xb = x.bfloat16()
+            expected_b = xb.double() @ deq.double().T
+            got = _quantized_product(layer, xb, prefill).double()
+            assert ((got - expected_b).abs() <= 2**-8 * expected_b.abs() + 1e-5 * mag + 1e-6).all()
+    rows = torch.tensor([0, 17, 31, 32, 69])
+    codes, row_scales, row_mins = int4_panel_rows(packed, scales, mins, rows // 32, rows % 32)
+    assert torch.equal(dequantize_rows(codes, row_scales, row_mins, group), deq[rows])
+
+
 @needs_native
 @pytest.mark.parametrize(
     ("fmt", "group", "n", "k"),
@@ -722,15 +790,10 @@ def test_quantized_panels_equal_the_dequantized_product(fmt: str, group, n: int,
     layer = quantize(weight, fmt, group)
     g = group or (k if fmt == "int8" else 32)
     assert layer.group == g and layer.scales.shape == (n, k // g)
-    if fmt == "int4":  # the panels' layout, built plainly: column c in the low nibble of byte c % 16
-        from minicpm.engine.cpu_kernels import quantized_panels
-
-        codes = torch.zeros(-(-n // 32) * 32, k, dtype=torch.uint8)
-        codes[:n] = layer.codes()
-        by_panel = codes.view(-1, 32, k).transpose(1, 2)
-        assert torch.equal(quantized_panels(layer)[0], by_panel[..., :16] | (by_panel[..., 16:] << 4))
+    if fmt == "int4":
+        _assert_int4_records(layer, n, k, g)
     deq = layer.dequantize()
-    assert torch.equal(deq[3], weight[3]) and (fmt == "int8" or torch.equal(deq[5], weight[5]))
+    assert torch.equal(deq[3], weight[3]) and (fmt == "int8" or torch.equal(deq[5], weight[5].half().float()))
     step = layer.scales.repeat_interleave(g, 1)
     assert ((deq - weight).abs() <= step / 2 + 1e-6).all()
     for m in (1, 7, 13, 40):  # row tiles (12, or 6 for grouped) and their tails
@@ -744,10 +807,11 @@ def test_quantized_panels_equal_the_dequantized_product(fmt: str, group, n: int,
         assert ((wide.double() - expected).abs() <= 1e-5 * (x.abs().double() @ deq.abs().double().T) + 1e-5).all()
         if m > 12:  # bit for bit the float32 panels' product with the dequantized weight
             assert torch.equal(wide, panel_linear(x, pack_panels(deq), n, native_kernels()))
-        xb = x.bfloat16()
-        assert torch.allclose(
-            _quantized_product(layer, xb).float(), (xb.double() @ deq.double().T).float(), rtol=2e-2, atol=2e-2
-        )
+        xb = x.bfloat16()  # int4: on the dot product where the CPU has it; the result rounded once to bfloat16
+        expected = xb.double() @ deq.double().T
+        bound = 2**-8 * expected.abs() + 1e-5 * (xb.abs().double() @ deq.abs().double().T) + 1e-6
+        assert ((_quantized_product(layer, xb).double() - expected).abs() <= bound).all()
+        assert torch.equal(_quantized_product(layer, xb[-1:])[0], _quantized_product(layer, xb)[-1])
 
 
 @needs_native

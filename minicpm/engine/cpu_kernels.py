@@ -83,7 +83,7 @@ _REFUSALS = {  # csrc/minicpm.h's refusal codes
     -12: "a KV cache kind not known, its scales missing, or a head_dim not a multiple of 32",
 }
 
-ABI_VERSION = 6  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
+ABI_VERSION = 7  # csrc/minicpm.h's MINICPM_ABI_VERSION: a library built from another is refused
 
 _V, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 # Every exported function of csrc/minicpm.h: name -> (result type, ((argument, type), ...)), applied
@@ -101,7 +101,13 @@ _SIGNATURES: dict[str, tuple[type | None, tuple[tuple[str, type], ...]]] = {
             ("scratch_f32", _V), ("prefill", _I),
         ),
     ),
-    "minicpm_pack_int4_panels": (None, (("q_u8", _V), ("n", _I), ("k", _I), ("out_u8", _V))),
+    "minicpm_pack_int4_panels": (
+        None,
+        (
+            ("q_u8", _V), ("scales", _V), ("mins", _V), ("n", _I), ("k", _I), ("group", _I), ("wtype", _I),
+            ("out_u8", _V),
+        ),
+    ),
     "minicpm_gguf_decode": (
         _I,
         (("kind", _I), ("blocks_u8", _V), ("count", _I64), ("codes", _V), ("scales_f32", _V), ("mins_f32", _V)),
@@ -337,13 +343,22 @@ def _panel_rows(t: Tensor) -> Tensor:
     return padded
 
 
+def _streamed(*shape: int, dtype: torch.dtype) -> Tensor:
+    """An empty tensor for weights that every decode step streams through, on transparent huge
+    pages where Linux gives them (:func:`advise_huge_pages`): 4 KiB pages cost the int4 panels a
+    TLB miss every 6 records, 1.1-1.4x their speed on the AMD EPYC (docs/kernels.md)."""
+    t = torch.empty(*shape, dtype=dtype)
+    advise_huge_pages(t)
+    return t
+
+
 def _panels(t: Tensor) -> Tensor:
     """(out, cols) -> (panels, cols, 32): each panel's 32 output rows side by side, zero-padded;
     written a megabyte or so at a time (no padded copy of ``t`` beside the result: for the
     head that would be a third copy of a large table while the model's own is still there)."""
     n, cols = t.shape
     full, panels = n // PANEL, -(-n // PANEL)
-    out = torch.empty(panels, cols, PANEL, dtype=t.dtype)
+    out = _streamed(panels, cols, PANEL, dtype=t.dtype)
     step = max(1, CHUNK // (PANEL * max(cols, 1)))
     for a in range(0, full, step):
         b = min(full, a + step)
@@ -363,10 +378,15 @@ def pack_panels(weight: Tensor) -> Tensor:
 
 def quantized_panels(q: QuantizedLinear) -> tuple[Tensor, Tensor, Tensor | None]:
     """A :class:`~minicpm.quant.QuantizedLinear`'s weight in :func:`panel_linear`'s layout:
-    ``(packed, scales, mins)``. int8 codes in :func:`pack_panels`' layout (int8, zero-padded); int4
-    codes two per byte, (panel, in, 16) (column c in byte c % 16, the low nibble for c < 16);
+    ``(packed, scales, mins)``. int8: codes in :func:`pack_panels`' layout (int8, zero-padded),
     float32 scales and mins (panel, in / group, 32), padded with scale 1 and min 0; an int8 weight
-    with one scale per output row and no minimums gets its scales flat (panels * 32)."""
+    with one scale per output row and no minimums gets its scales flat (panels * 32). int4: one
+    uint8 record per (panel, group), (panel, in / group, record bytes): the group's codes in
+    csrc/linear.c's chunks, then its 32 scales and 32 minimums (zero where there are none),
+    float16 where every scale and minimum is a float16 value (as :func:`~minicpm.quant.quantize`
+    makes them), float32 otherwise; ``scales`` and ``mins`` are (panel, in / group, 32) views of
+    them. Where every minimum is -8 x its float16 scale (GGUF's Q4_0) no minimums are stored and
+    ``mins`` is None: see :func:`int4_panel_rows`."""
     scales = _panel_rows(q.scales)
     scales[q.out_features :] = 1
     mins = None if q.mins is None else _panels(q.mins)
@@ -374,13 +394,46 @@ def quantized_panels(q: QuantizedLinear) -> tuple[Tensor, Tensor, Tensor | None]
         if q.group == q.in_features and mins is None:
             return _panels(q.qweight), scales.view(-1), None
         return _panels(q.qweight), _panels_of_rows(scales), mins
-    n, k = q.out_features, q.in_features
-    packed = torch.empty(-(-n // PANEL), k, PANEL // 2, dtype=torch.uint8)
+    n, k, group = q.out_features, q.in_features, q.group
+    scales = _panels_of_rows(scales)
+    if mins is None:
+        mins = torch.zeros_like(scales)
+    half = _half_exact(scales) and _half_exact(mins)
+    wtype = (6 if q.mins is not None and torch.equal(q.mins, -8 * q.scales) else 5) if half else 3
+    dtype = torch.float16 if half else torch.float32
+    codes_bytes, sb = group * PANEL // 2, PANEL * dtype.itemsize
+    packed = _streamed(scales.shape[0], k // group, codes_bytes + sb * (1 if wtype == 6 else 2), dtype=torch.uint8)
     lib = native_kernels()
     if lib is None:
         raise RuntimeError("native CPU kernels are not available")
-    lib.minicpm_pack_int4_panels(q.qweight.contiguous().data_ptr(), n, k, packed.data_ptr())
-    return packed, _panels_of_rows(scales), mins
+    scales, mins = scales.to(dtype), mins.to(dtype)
+    lib.minicpm_pack_int4_panels(
+        q.qweight.contiguous().data_ptr(), scales.data_ptr(), mins.data_ptr(), n, k, group, wtype, packed.data_ptr()
+    )
+    stored = packed[..., codes_bytes : codes_bytes + sb].view(dtype)
+    return packed, stored, None if wtype == 6 else packed[..., codes_bytes + sb :].view(dtype)
+
+
+def _half_exact(t: Tensor) -> bool:
+    """Whether every value of float32 ``t`` is a float16 value (finite)."""
+    h = t.to(torch.float16)
+    return bool(torch.isfinite(h).all()) and torch.equal(h.to(t.dtype), t)
+
+
+def int4_panel_rows(
+    packed: Tensor, scales: Tensor, mins: Tensor | None, panel: Tensor, col: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Column ``col`` of panel ``panel`` (one pair per row) of int4 records
+    (:func:`quantized_panels`) as :func:`~minicpm.quant.dequantize_rows` takes them: codes (rows,
+    in), uint8 0..15, read back from the C packing's placement, and float32 scales and minimums
+    (rows, in / group); no stored minimums (Q4_0's records) means -8 x the scale."""
+    _, group = panel_format(packed, scales, mins)
+    chunks = packed[panel, :, : group * PANEL // 2].reshape(len(panel), -1, PANEL, 2)  # (rows, k / 4, word, byte)
+    words = 2 * (col % 16)[:, None] + torch.arange(2)  # inputs j and j + 1 (j + 2 and j + 3: the second byte)
+    got = chunks.gather(2, words[:, None, :, None].expand(-1, chunks.shape[1], -1, 2))
+    codes = (got >> (4 * (col // 16)).to(torch.uint8)[:, None, None, None]) & 15  # columns 16-31: the high nibbles
+    s = scales[panel, :, col].float()
+    return codes.transpose(2, 3).reshape(len(panel), -1), s, -8 * s if mins is None else mins[panel, :, col].float()
 
 
 def _panels_of_rows(padded: Tensor) -> Tensor:
@@ -405,7 +458,7 @@ def panel_linear(
     bfloat16 inputs on bfloat16 panels go instead, where the CPU has it (AVX512-BF16), through
     its bfloat16 dot-product instruction: exact products summed in float32 a pair of inputs
     at a time, twice as fast, and not bitwise the decode rows' sums."""
-    k = packed.shape[1]
+    k = panel_in_features(packed, scales, mins)
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
         raise ValueError(
             f"panel_linear: x must be CPU float32 or bfloat16 with {k} features, got {x.dtype} {tuple(x.shape)}"
@@ -421,7 +474,7 @@ def panel_linear(
         raise ValueError(
             "panel_linear: quantized panels take their scales (and grouped ones their mins), float ones none"
         )
-    wtype, group = panel_format(packed, scales)
+    wtype, group = panel_format(packed, scales, mins)
     lib.minicpm_linear(
         wtype,
         _DTYPES[x.dtype],
@@ -446,14 +499,25 @@ def grouped_layout(scales: Tensor) -> bool:
     return scales.dim() == 3
 
 
-def panel_format(packed: Tensor, scales: Tensor | None) -> tuple[int, int]:
-    """The kernel's weight type code and group size for panels ``packed`` with ``scales``: 0
-    float32, 1 bfloat16, 2 int8 per output column, 3 int4 in groups, 4 int8 in groups."""
+def panel_format(packed: Tensor, scales: Tensor | None, mins: Tensor | None) -> tuple[int, int]:
+    """The kernel's weight type code and group size for panels ``packed`` with ``scales`` and
+    ``mins``: 0 float32, 1 bfloat16, 2 int8 per output column, 3 int4 records with float32 scales
+    and minimums, 4 int8 in groups, 5 int4 records with float16 scales and minimums, 6 int4
+    records with float16 scales and no minimums (-8 x the scale)."""
     if packed.dtype == torch.uint8:
-        return 3, packed.shape[1] // scales.shape[1]
+        sb = PANEL * scales.dtype.itemsize
+        wtype = 3 if sb == 4 * PANEL else 5 if mins is not None else 6
+        return wtype, (packed.shape[2] - sb * (1 if wtype == 6 else 2)) * 2 // PANEL
     if packed.dtype == torch.int8:
         return (4, packed.shape[1] // scales.shape[1]) if grouped_layout(scales) else (2, 0)
     return _DTYPES[packed.dtype], 0
+
+
+def panel_in_features(packed: Tensor, scales: Tensor | None, mins: Tensor | None) -> int:
+    """The input size of panels ``packed`` (with their ``scales`` and ``mins``)."""
+    if packed.dtype == torch.uint8:
+        return packed.shape[1] * panel_format(packed, scales, mins)[1]
+    return packed.shape[1]
 
 
 _MADV_HUGEPAGE = 14  # Linux

@@ -51,7 +51,7 @@ def _linear(module: nn.Module, lib: NativeKernels) -> ctypes.Structure | None:
     out = lib.Linear(parts=len(panels))
     offset = 0
     for i, p in enumerate(panels):
-        out.wtype[i], out.group[i] = panel_format(p.packed, p.scales)
+        out.wtype[i], out.group[i] = panel_format(p.packed, p.scales, p.mins)
         out.n[i], out.offset[i] = p.out_features, offset
         out.packed[i] = p.packed.data_ptr()
         out.scales[i] = 0 if p.scales is None else p.scales.data_ptr()

@@ -43,7 +43,7 @@ from ..model import MiniCPMForCausalLM
 from ..quant import FORMATS as QUANTIZED
 from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, linear_slots, quantize_model
 from ..weights import release_freed_memory
-from .cpu_kernels import PANEL, native_kernels, pack_panels, panel_linear, quantized_panels
+from .cpu_kernels import PANEL, int4_panel_rows, native_kernels, pack_panels, panel_linear, quantized_panels
 
 log = logging.getLogger("minicpm.engine")
 
@@ -104,14 +104,12 @@ class PanelEmbedding(nn.Module):
         h = self.head
         flat = ids.reshape(-1)
         panel, col = flat // PANEL, flat % PANEL
-        if h.weights == "int4":  # (n, in): column c and c + 16 share a byte, the low nibble for c < 16
-            codes = h.packed[panel, :, col % (PANEL // 2)]
-            codes = torch.where((col >= PANEL // 2)[:, None], codes >> 4, codes & 15)
+        if h.weights == "int4":
+            rows = dequantize_rows(*int4_panel_rows(h.packed, h.scales, h.mins, panel, col), h.group)
+        elif h.scales is None:
+            rows = h.packed[panel, :, col]
         else:
             codes = h.packed[panel, :, col]
-        if h.scales is None:
-            rows = codes
-        else:
             scales = h.scales.view(-1)[flat, None] if h.scales.dim() == 1 else h.scales[panel, :, col]
             mins = None if h.mins is None else h.mins[panel, :, col]
             rows = dequantize_rows(codes, scales, mins, h.group)

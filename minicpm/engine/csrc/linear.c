@@ -10,18 +10,21 @@
  * Each output element is one sum over j in order 0..k-1 of x[m, j] * W[n, j] (fused multiply-add,
  * float32 accumulators), whatever the number of rows or threads: a row's result does not depend
  * on the rows computed beside it. Weights are float32, bfloat16, int8 with a scale per output
- * column, or int8 / int4 codes in groups with a scale and an optional minimum each (weight-only
+ * column, int8 codes in groups with a scale and an optional minimum each, or int4 codes in groups
+ * with a scale and a minimum each, stored as one record per (panel, group) (load_q4) (weight-only
  * quantization). GCC vector extensions give whole-vector code on any target (AVX-512, AVX2, NEON);
- * x86 intrinsics appear only in the int8 / int4 loads and in the bfloat16 prefill tiles, which run
- * (prompt rows, bfloat16 weights and inputs, a CPU with AVX512-BF16) on the dot-product
- * instruction: exact products summed in float32 two inputs at a time, still one sum per output
- * independent of the other rows, but not bitwise the decode tiles' sums.
+ * x86 intrinsics appear only in the int8 / float16 loads and in the tiles that run on the
+ * bfloat16 dot-product instruction (a CPU with AVX512-BF16): the prefill of bfloat16 weights and
+ * inputs, and int4 weights for bfloat16 decode rows. Those sum exact products in float32 an input
+ * pair at a time: still one sum per output independent of the other rows, but not bitwise the
+ * float tiles' sums.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "minicpm.h"
+#include "numeric.h"
 
 #define PANEL MINICPM_PANEL
 #define ROWS 12 /* rows per micro-tile: 2 * ROWS accumulators of 16 lanes (24 of 32 AVX-512 registers) */
@@ -72,27 +75,70 @@ static inline v16f load16_i8(const int8_t *p) {
 }
 #endif
 
-/* 32 int4 weights of one panel row (16 bytes: column c in byte c % 16, the low nibble for c < 16,
- * the high one for c >= 16) as two vectors of their values 0..15 */
-static inline void load32_u4(const uint8_t *p, v16f *lo, v16f *hi) {
+/* int4 panels are records, one per group of ``group`` inputs of a panel, read front to back (one
+ * stream): the group's codes in chunks of 4 inputs x 32 columns (64 bytes each), then the 32
+ * columns' scales, then their minimums. wtype 3: float32 scales and minimums; 5: float16 ones (half
+ * the bytes, where every scale and minimum is a float16 value); 6: float16 scales and no minimums
+ * stored, each being -8 x its scale (GGUF's Q4_0: a record as many bytes as Q4_0's blocks). A
+ * chunk is 32 little-endian 16-bit words, word 2c + e (c < 16, e < 2) holding, from its low nibble
+ * up, the codes of (input j + e, column c), (j + e, c + 16), (j + 2 + e, c) and (j + 2 + e, c +
+ * 16): one 32-bit lane holds column c's codes of all four inputs (load_q4), and the words, read
+ * as input pairs, are the bfloat16 dot product's operand order (tile_q4_dot). */
+#define Q4_CHUNK 4
+
+static inline int is_q4(int wtype) { return wtype == 3 || wtype == 5 || wtype == 6; }
+
+/* bytes of a record's scales (and of its minimums, where it stores them) */
+static inline int q4_scale_bytes(int wtype) { return PANEL * (wtype == 3 ? 4 : 2); }
+
+static inline int64_t q4_record_bytes(int group, int wtype) {
+    return (int64_t)group * (PANEL / 2) + q4_scale_bytes(wtype) * (wtype == 6 ? 1 : 2);
+}
+
+/* where the code of (input j < group, column c) of a record lies: its byte, and 0 or 4, its shift */
+static inline int64_t q4_place(int j, int c, int *shift) {
+    const int t = j % Q4_CHUNK, word = 2 * (c % 16) + (t & 1), nibble = 2 * (t >> 1) + c / 16;
+    *shift = (nibble & 1) * 4;
+    return (int64_t)(j - t) * (PANEL / 2) + 2 * word + nibble / 2;
+}
+
+static inline v16f nibbles(v16u v, int shift) { return __builtin_convertvector((v16i)((v >> shift) & 15), v16f); }
+
+/* the chunk of a record's inputs j .. j + 3 as w[t][h]: input j + t's columns 16 h .. 16 h + 15 */
+static inline void load_q4(const uint8_t *codes, int j, v16f w[][2]) {
+    v16u v;
+    memcpy(&v, codes + (int64_t)j * (PANEL / 2), sizeof v);
+    w[0][0] = nibbles(v, 0), w[0][1] = nibbles(v, 4), w[2][0] = nibbles(v, 8), w[2][1] = nibbles(v, 12);
+    w[1][0] = nibbles(v, 16), w[1][1] = nibbles(v, 20), w[3][0] = nibbles(v, 24), w[3][1] = nibbles(v, 28);
+}
+
+/* 16 float16 values as floats */
+static inline v16f load16_half(const uint8_t *p) {
 #if defined(__AVX512F__)
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    *lo = (v16f)_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-    *hi = (v16f)_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #else
+    v16f v;
     for (int c = 0; c < 16; c++) {
-        (*lo)[c] = (float)(p[c] & 15);
-        (*hi)[c] = (float)(p[c] >> 4);
+        uint16_t h;
+        memcpy(&h, p + 2 * c, sizeof h);
+        v[c] = half_to_f32(h);
     }
+    return v;
 #endif
 }
 
-static inline uint16_t f32_to_bf16_rne(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+/* a record's 32 scales (s[0..1]) and minimums (mn[0..1]), past its ``group`` inputs' codes */
+static inline void q4_scales(const uint8_t *record, int group, int wtype, v16f s[2], v16f mn[2]) {
+    const uint8_t *p = record + (int64_t)group * (PANEL / 2), *pm = p + q4_scale_bytes(wtype);
+    for (int h = 0; h < 2; h++) {
+        if (wtype == 3) {
+            s[h] = load16((const float *)p + 16 * h);
+            mn[h] = load16((const float *)pm + 16 * h);
+        } else {
+            s[h] = load16_half(p + 32 * h);
+            mn[h] = wtype == 6 ? s[h] * -8.0f : load16_half(pm + 32 * h);
+        }
+    }
 }
 
 /* a tile's accumulators (two vectors of 16 outputs per row) into ``out``, rows of 32 */
@@ -127,67 +173,75 @@ DEFINE_TILE(tile_i8, int8_t, load16_i8)
 
 #define ROWS_Q4 6 /* grouped tiles keep a group's sums beside the accumulators: 4 * ROWS_Q4 vectors */
 
-/* 32 int8 weights of one panel row as two vectors */
-static inline void load32_i8(const int8_t *p, v16f *lo, v16f *hi) {
-    *lo = load16_i8(p);
-    *hi = load16_i8(p + 16);
+/* input j's 32 int8 weights of a grouped panel's group as w[0][0..1] */
+static inline void load_q8(const int8_t *codes, int j, v16f w[][2]) {
+    w[0][0] = load16_i8(codes + (int64_t)j * PANEL);
+    w[0][1] = load16_i8(codes + (int64_t)j * PANEL + 16);
 }
 
-/* rows x 32 outputs of one grouped panel (int4 codes or int8 codes), groups of ``group`` inputs:
+/* group g's 32 scales and minimums (none: mins NULL) of a grouped int8 panel, laid out (group, 32) */
+static inline void q8_scales(const float *scales, const float *mins, int g, v16f s[2], v16f mn[2]) {
+    for (int h = 0; h < 2; h++) {
+        s[h] = load16(scales + (int64_t)g * PANEL + 16 * h);
+        if (mins) mn[h] = load16(mins + (int64_t)g * PANEL + 16 * h);
+    }
+}
+
+/* rows x 32 outputs of one grouped panel (int4 records or int8 codes), groups of ``group`` inputs:
  * per group, the weights' codes q are summed against x (and x alone, when there are minimums),
- * then ``scale * sum(x q) + min * sum(x)`` is added, which is sum(x * (q * scale + min))
- * regrouped: each weight w ~ q * scale + min of its (column, group). */
-#define DEFINE_GROUPED_TILE(NAME, WT, LOAD32, ROW_ELEMS)                                               \
+ * inputs in order, then ``scale * sum(x q) + min * sum(x)`` is added, which is
+ * sum(x * (q * scale + min)) regrouped: each weight w ~ q * scale + min of its (column, group).
+ * CODES is group g's codes (starting at input g0), LOADN reads N of its inputs' weights at a time,
+ * SCALES reads its scales and minimums into s and mn, WITH_MINS whether there are minimums. */
+#define DEFINE_GROUPED_TILE(NAME, WT, LOADN, N, CODES, SCALES, WITH_MINS)                                  \
     static inline __attribute__((always_inline)) void NAME(const float *x, int64_t x_stride, const WT *panel, \
                                                            const float *scales, const float *mins, int k,  \
-                                                           int group, const int rows, float *out) {        \
+                                                           int group, int wtype, const int rows, float *out) { \
+        (void)scales, (void)mins, (void)wtype;                                                             \
+        const int with_mins = (WITH_MINS);                                                                 \
         v16f acc0[ROWS_Q4], acc1[ROWS_Q4];                                                                 \
         for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = (v16f){0};                                      \
         for (int g0 = 0, g = 0; g0 < k; g0 += group, g++) {                                                \
-            v16f q0[ROWS_Q4], q1[ROWS_Q4];                                                                 \
+            const WT *codes = (CODES);                                                                     \
+            v16f q0[ROWS_Q4], q1[ROWS_Q4], s[2], mn[2];                                                    \
             float sx[ROWS_Q4];                                                                             \
             for (int r = 0; r < rows; r++) {                                                               \
                 q0[r] = q1[r] = (v16f){0};                                                                 \
                 sx[r] = 0.0f;                                                                              \
             }                                                                                              \
-            for (int j = g0; j < g0 + group; j++) {                                                        \
-                v16f w0, w1;                                                                               \
-                LOAD32(panel + (int64_t)j * (ROW_ELEMS), &w0, &w1);                                        \
-                for (int r = 0; r < rows; r++) {                                                           \
-                    const float xv = x[r * x_stride + j];                                                  \
-                    q0[r] += xv * w0;                                                                      \
-                    q1[r] += xv * w1;                                                                      \
-                    if (mins) sx[r] += xv;                                                                 \
-                }                                                                                          \
+            for (int j = 0; j < group; j += (N)) {                                                         \
+                v16f w[N][2];                                                                              \
+                LOADN(codes, j, w);                                                                        \
+                for (int t = 0; t < (N); t++)                                                              \
+                    for (int r = 0; r < rows; r++) {                                                       \
+                        const float xv = x[r * x_stride + g0 + j + t];                                     \
+                        q0[r] += xv * w[t][0];                                                             \
+                        q1[r] += xv * w[t][1];                                                             \
+                        if (with_mins) sx[r] += xv;                                                        \
+                    }                                                                                      \
             }                                                                                              \
-            const v16f s0 = load16(scales + (int64_t)g * PANEL), s1 = load16(scales + (int64_t)g * PANEL + 16); \
-            if (mins) {                                                                                    \
-                const v16f m0 = load16(mins + (int64_t)g * PANEL), m1 = load16(mins + (int64_t)g * PANEL + 16); \
-                for (int r = 0; r < rows; r++) {                                                           \
-                    acc0[r] += s0 * q0[r] + m0 * sx[r];                                                    \
-                    acc1[r] += s1 * q1[r] + m1 * sx[r];                                                    \
-                }                                                                                          \
-            } else {                                                                                       \
-                for (int r = 0; r < rows; r++) {                                                           \
-                    acc0[r] += s0 * q0[r];                                                                 \
-                    acc1[r] += s1 * q1[r];                                                                 \
-                }                                                                                          \
+            SCALES;                                                                                        \
+            for (int r = 0; r < rows; r++) {                                                               \
+                acc0[r] += with_mins ? s[0] * q0[r] + mn[0] * sx[r] : s[0] * q0[r];                        \
+                acc1[r] += with_mins ? s[1] * q1[r] + mn[1] * sx[r] : s[1] * q1[r];                        \
             }                                                                                              \
         }                                                                                                  \
         store_tile(acc0, acc1, rows, out);                                                                 \
     }
 
-DEFINE_GROUPED_TILE(tile_q4, uint8_t, load32_u4, PANEL / 2)
-DEFINE_GROUPED_TILE(tile_q8, int8_t, load32_i8, PANEL)
+DEFINE_GROUPED_TILE(tile_q4, uint8_t, load_q4, Q4_CHUNK, panel + g * q4_record_bytes(group, wtype),
+                    q4_scales(codes, group, wtype, s, mn), 1)
+DEFINE_GROUPED_TILE(tile_q8, int8_t, load_q8, 1, panel + (int64_t)g0 * PANEL, q8_scales(scales, mins, g, s, mn),
+                    mins != NULL)
 
-#define DISPATCH_ROWS_GROUPED(TILE, x, xs, panel, scales, mins, k, group, rows, out) \
-    switch (rows) {                                                                  \
-    case 6: TILE(x, xs, panel, scales, mins, k, group, 6, out); break;               \
-    case 5: TILE(x, xs, panel, scales, mins, k, group, 5, out); break;               \
-    case 4: TILE(x, xs, panel, scales, mins, k, group, 4, out); break;               \
-    case 3: TILE(x, xs, panel, scales, mins, k, group, 3, out); break;               \
-    case 2: TILE(x, xs, panel, scales, mins, k, group, 2, out); break;               \
-    default: TILE(x, xs, panel, scales, mins, k, group, 1, out); break;              \
+#define DISPATCH_ROWS_GROUPED(TILE, x, xs, panel, scales, mins, k, group, wq, rows, out)   \
+    switch (rows) {                                                                        \
+    case 6: TILE(x, xs, panel, scales, mins, k, group, wq, 6, out); break;               \
+    case 5: TILE(x, xs, panel, scales, mins, k, group, wq, 5, out); break;               \
+    case 4: TILE(x, xs, panel, scales, mins, k, group, wq, 4, out); break;               \
+    case 3: TILE(x, xs, panel, scales, mins, k, group, wq, 3, out); break;               \
+    case 2: TILE(x, xs, panel, scales, mins, k, group, wq, 2, out); break;               \
+    default: TILE(x, xs, panel, scales, mins, k, group, wq, 1, out); break;              \
     }
 
 #define DISPATCH_ROWS(TILE, x, xs, panel, k, rows, out) \
@@ -206,13 +260,14 @@ DEFINE_GROUPED_TILE(tile_q8, int8_t, load32_i8, PANEL)
     default: TILE(x, xs, panel, k, 1, out); break;      \
     }
 
-/* where panel p of a packed weight of type wtype starts */
-static inline const void *raw_panel(int wtype, const void *packed, int p, int k) {
-    const int64_t bytes = (int64_t)k * (wtype == 0 ? 4 * PANEL : wtype == 1 ? 2 * PANEL : wtype == 3 ? PANEL / 2 : PANEL);
+/* where panel p of a packed weight of type wtype (k inputs, groups of ``group``) starts */
+static inline const void *raw_panel(int wtype, const void *packed, int p, int k, int group) {
+    const int64_t bytes = is_q4(wtype) ? (int64_t)(k / group) * q4_record_bytes(group, wtype)
+                                       : (int64_t)k * (wtype == 0 ? 4 * PANEL : wtype == 1 ? 2 * PANEL : PANEL);
     return (const char *)packed + p * bytes;
 }
 
-/* panel p of a packed weight (wtype 1..4) as float32 weights: bfloat16 widened, codes dequantized
+/* panel p of a packed weight (wtype 1..5) as float32 weights: bfloat16 widened, codes dequantized
  * as ``code * scale (+ min)`` (two roundings, as minicpm.quant's dequantize) */
 __attribute__((optimize("fp-contract=off"))) static void widen_panel(int wtype, const void *packed,
                                                                     const float *scales, const float *mins, int p,
@@ -220,10 +275,7 @@ __attribute__((optimize("fp-contract=off"))) static void widen_panel(int wtype, 
     const int64_t count = (int64_t)k * PANEL;
     if (wtype == 1) {
         const uint16_t *w = (const uint16_t *)packed + p * count;
-        for (int64_t i = 0; i < count; i++) {
-            uint32_t u = (uint32_t)w[i] << 16;
-            memcpy(&wide[i], &u, sizeof u);
-        }
+        for (int64_t i = 0; i < count; i++) wide[i] = bf16_to_f32(w[i]);
         return;
     }
     if (wtype == 2) {
@@ -232,20 +284,31 @@ __attribute__((optimize("fp-contract=off"))) static void widen_panel(int wtype, 
             for (int c = 0; c < PANEL; c++) wide[(int64_t)j * PANEL + c] = (float)w[(int64_t)j * PANEL + c] * scales[p * PANEL + c];
         return;
     }
+    if (is_q4(wtype)) {
+        const uint8_t *panel = raw_panel(wtype, packed, p, k, group);
+        for (int g0 = 0; g0 < k; g0 += group) {
+            const uint8_t *record = panel + (int64_t)(g0 / group) * q4_record_bytes(group, wtype);
+            v16f s[2], mn[2];
+            q4_scales(record, group, wtype, s, mn);
+            for (int j = 0; j < group; j += Q4_CHUNK) {
+                v16f w[Q4_CHUNK][2];
+                load_q4(record, j, w);
+                for (int t = 0; t < Q4_CHUNK; t++)
+                    for (int h = 0; h < 2; h++) {
+                        const v16f scaled = w[t][h] * s[h], v = scaled + mn[h];
+                        memcpy(wide + (int64_t)(g0 + j + t) * PANEL + 16 * h, &v, sizeof v);
+                    }
+            }
+        }
+        return;
+    }
     const int64_t per_panel = (int64_t)(k / group) * PANEL;
     const float *ps = scales + p * per_panel, *pm = mins ? mins + p * per_panel : NULL;
     for (int j = 0; j < k; j++) {
         const float *s = ps + (int64_t)(j / group) * PANEL, *mn = pm ? pm + (int64_t)(j / group) * PANEL : NULL;
         float *dst = wide + (int64_t)j * PANEL;
         for (int c = 0; c < PANEL; c++) {
-            float code;
-            if (wtype == 3) {
-                const uint8_t b = ((const uint8_t *)packed)[p * count / 2 + (int64_t)j * (PANEL / 2) + c % (PANEL / 2)];
-                code = (float)(c < PANEL / 2 ? b & 15 : b >> 4);
-            } else {
-                code = (float)((const int8_t *)packed)[p * count + (int64_t)j * PANEL + c];
-            }
-            float w = code * s[c];
+            float w = (float)((const int8_t *)packed)[p * count + (int64_t)j * PANEL + c] * s[c];
             if (mn) w = w + mn[c];
             dst[c] = w;
         }
@@ -261,13 +324,13 @@ static inline void store_rows(const float *out, int rows, int r0, int p, int n, 
             memcpy((float *)y + (int64_t)(r0 + r) * y_stride + c0, out + r * PANEL, cols * sizeof(float));
         } else {
             uint16_t *dst = (uint16_t *)y + (int64_t)(r0 + r) * y_stride + c0;
-            for (int c = 0; c < cols; c++) dst[c] = f32_to_bf16_rne(out[r * PANEL + c]);
+            for (int c = 0; c < cols; c++) dst[c] = f32_to_bf16(out[r * PANEL + c]);
         }
     }
 }
 
 /* row tile t of panel p into y. kind: the panel's weights as 0 float32, 1 bfloat16, 2 int8 with
- * per-column scales, 3 int4 / 4 int8 codes in groups */
+ * per-column scales, 3 / 5 int4 records, 4 int8 codes in groups */
 static inline __attribute__((always_inline)) void run_tile(int kind, const void *panel, const float *scales, const float *mins, int p, int k,
                             int group, const float *xf, int64_t x_stride, int t, int m, int n, int xtype, void *y,
                             int64_t y_stride) {
@@ -282,16 +345,16 @@ static inline __attribute__((always_inline)) void run_tile(int kind, const void 
         DISPATCH_ROWS(tile_i8, xt, x_stride, (const int8_t *)panel, k, rows, out)
     } else {
         const int64_t per_panel = (int64_t)(k / group) * PANEL;
-        const float *ps = scales + p * per_panel, *pm = mins ? mins + p * per_panel : NULL;
+        const float *ps = kind == 4 ? scales + p * per_panel : NULL, *pm = kind == 4 && mins ? mins + p * per_panel : NULL;
         for (int h = 0; h < rows; h += ROWS_Q4) {
             const int sub = rows - h < ROWS_Q4 ? rows - h : ROWS_Q4;
             const float *xh = xt + (int64_t)h * x_stride;
-            if (kind == 3)
-                DISPATCH_ROWS_GROUPED(tile_q4, xh, x_stride, (const uint8_t *)panel, ps, pm, k, group, sub,
+            if (kind == 4)
+                DISPATCH_ROWS_GROUPED(tile_q8, xh, x_stride, (const int8_t *)panel, ps, pm, k, group, 0, sub,
                                       out + h * PANEL)
             else
-                DISPATCH_ROWS_GROUPED(tile_q8, xh, x_stride, (const int8_t *)panel, ps, pm, k, group, sub,
-                                      out + h * PANEL)
+                DISPATCH_ROWS_GROUPED(tile_q4, xh, x_stride, (const uint8_t *)panel, NULL, NULL, k, group, kind,
+                                      sub, out + h * PANEL)
         }
     }
     if (kind == 2)
@@ -337,6 +400,89 @@ static inline __attribute__((always_inline)) void tile_bf16_dot(const uint16_t *
     }
 }
 
+#define ROWS_Q4_DOT 4 /* six accumulators a row */
+
+/* rows x 32 outputs of an int4 panel for bfloat16 rows, on the dot-product instruction: a chunk's
+ * words become four vectors of bfloat16 codes by one table lookup each (codes 0..15 are exact in
+ * bfloat16), the (j, j + 1) and (j + 2, j + 3) input pairs of columns 0-15 and 16-31, each
+ * multiplied into a pair of the row's inputs: exact products, summed in float32 in four chains a
+ * row over a group; then ``scale * sum + min * sum(x)`` is added as in the float tiles, sum(x)
+ * given in ``sx`` (the row's group sums, ``sx_stride`` floats a row). A row's result does not
+ * depend on the rows beside it. */
+static inline __attribute__((always_inline)) void tile_q4_dot(const uint16_t *x, int64_t x_stride, const uint8_t *panel,
+                                                              const float *sx, int sx_stride, int k, int group,
+                                                              int wtype, const int rows, float *out) {
+    const __m512i table = _mm512_set_epi16(0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0,
+                                           0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0, 0x4170, 0x4160,
+                                           0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0,
+                                           0x4080, 0x4040, 0x4000, 0x3f80, 0); /* bfloat16 (i & 15) at word i */
+    const int64_t record_bytes = q4_record_bytes(group, wtype);
+    __m512 acc0[ROWS_Q4_DOT], acc1[ROWS_Q4_DOT];
+    for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int g0 = 0, g = 0; g0 < k; g0 += group, g++) {
+        const uint8_t *record = panel + g * record_bytes;
+        __m512 a0[ROWS_Q4_DOT], a1[ROWS_Q4_DOT], b0[ROWS_Q4_DOT], b1[ROWS_Q4_DOT];
+        for (int r = 0; r < rows; r++) a0[r] = a1[r] = b0[r] = b1[r] = _mm512_setzero_ps();
+        for (int j = 0; j < group; j += Q4_CHUNK) {
+            const __m512i v = _mm512_loadu_si512(record + (int64_t)j * (PANEL / 2));
+            const __m512bh wa = (__m512bh)_mm512_permutexvar_epi16(v, table);
+            const __m512bh wb = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+            const __m512bh wc = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), table);
+            const __m512bh wd = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), table);
+            for (int r = 0; r < rows; r++) {
+                uint32_t p0, p1;
+                memcpy(&p0, x + r * x_stride + g0 + j, sizeof p0);
+                memcpy(&p1, x + r * x_stride + g0 + j + 2, sizeof p1);
+                const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)p0), x1 = (__m512bh)_mm512_set1_epi32((int)p1);
+                a0[r] = _mm512_dpbf16_ps(a0[r], x0, wa);
+                a1[r] = _mm512_dpbf16_ps(a1[r], x0, wb);
+                b0[r] = _mm512_dpbf16_ps(b0[r], x1, wc);
+                b1[r] = _mm512_dpbf16_ps(b1[r], x1, wd);
+            }
+        }
+        v16f s[2], mn[2];
+        q4_scales(record, group, wtype, s, mn);
+        for (int r = 0; r < rows; r++) {
+            const __m512 xs = _mm512_set1_ps(sx[r * sx_stride + g]);
+            acc0[r] = _mm512_fmadd_ps((__m512)mn[0], xs, _mm512_fmadd_ps((__m512)s[0], _mm512_add_ps(a0[r], b0[r]), acc0[r]));
+            acc1[r] = _mm512_fmadd_ps((__m512)mn[1], xs, _mm512_fmadd_ps((__m512)s[1], _mm512_add_ps(a1[r], b1[r]), acc1[r]));
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm512_storeu_ps(out + r * PANEL, acc0[r]);
+        _mm512_storeu_ps(out + r * PANEL + 16, acc1[r]);
+    }
+}
+
+/* int4 records (wtype 3 or 5) times bfloat16 rows (see tile_q4_dot); ``sx`` (m * k / group
+ * floats) takes each row's group sums of x first, inputs in order */
+static void linear_q4_dot(int wtype, const uint16_t *x, int64_t x_stride, const void *packed, int group, int m,
+                          int n, int k, uint16_t *y, int64_t y_stride, float *sx) {
+    const int panels = (n + PANEL - 1) / PANEL, tiles = (m + ROWS_Q4_DOT - 1) / ROWS_Q4_DOT, groups = k / group;
+    for (int r = 0; r < m; r++)
+        for (int g = 0; g < groups; g++) {
+            float sum = 0.0f;
+            for (int j = g * group; j < (g + 1) * group; j++) sum += bf16_to_f32(x[(int64_t)r * x_stride + j]);
+            sx[(int64_t)r * groups + g] = sum;
+        }
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int p = 0; p < panels; p++)
+        for (int t = 0; t < tiles; t++) {
+            float out[ROWS_Q4_DOT * PANEL];
+            const int r0 = t * ROWS_Q4_DOT, rows = m - r0 < ROWS_Q4_DOT ? m - r0 : ROWS_Q4_DOT;
+            const uint16_t *xt = x + (int64_t)r0 * x_stride;
+            const uint8_t *panel = raw_panel(wtype, packed, p, k, group);
+            const float *st = sx + (int64_t)r0 * groups;
+            switch (rows) {
+            case 4: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 4, out); break;
+            case 3: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 3, out); break;
+            case 2: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 2, out); break;
+            default: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 1, out); break;
+            }
+            store_rows(out, rows, r0, p, n, 1, y, y_stride);
+        }
+}
+
 /* the bfloat16 prefill over all panels (see tile_bf16_dot); 0 when out of memory */
 static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *packed, int m, int n, int k,
                            uint16_t *y, int64_t y_stride) {
@@ -373,11 +519,13 @@ static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *
 /* y (m, n), row stride y_stride, = x (m, k), row stride x_stride, times the packed W^T.
  * wtype: the packed weight's type (0 float32, 1 bfloat16, 2 int8 with one float32 scale per output
  * column in ``scales``: the int8 sums, exact in float32 accumulators, are scaled once at the end;
- * 3 int4 codes 0..15 in groups of ``group`` inputs (k a multiple of it), each (column, group) with
- * its float32 ``scales`` and ``mins``, laid out (panel, group, 32): w ~ code * scale + min;
- * 4 int8 codes in such groups, ``mins`` NULL for none);
+ * 3 / 5 / 6 int4 codes 0..15 in groups of ``group`` inputs (k a multiple of it), each (column,
+ * group) with its scale and minimum in records (load_q4; ``scales`` and ``mins`` unused):
+ * w ~ code * scale + min, bfloat16 rows on tile_q4_dot where the CPU has it;
+ * 4 int8 codes in groups, their float32 ``scales`` and ``mins`` laid out (panel, group, 32),
+ * ``mins`` NULL for none);
  * x and y are float32 (xtype 0) or bfloat16 (xtype 1), widened into ``scratch`` (m * k floats)
- * first when bfloat16. ``prefill`` (many rows, none of them a decode row): each panel is first
+ * first when bfloat16 (int4 on the dot product: the rows' group sums there instead). ``prefill`` (many rows, none of them a decode row): each panel is first
  * widened to float32 weights (bfloat16 exactly; codes dequantized, ``code * scale + min``) and the
  * float32 tiles run over it, 1.1-1.4x faster from two row tiles up; otherwise every row is computed
  * from the packed panel as above, the same for any number of rows. */
@@ -390,6 +538,10 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
     if (prefill && tiles > 1 && wtype == 1 && xtype == 1 && k % 2 == 0 &&
         linear_bf16_dot((const uint16_t *)x, x_stride, (const uint16_t *)packed, m, n, k, (uint16_t *)y, y_stride))
         return;
+    if (is_q4(wtype) && xtype == 1 && !(prefill && tiles > 1)) {
+        linear_q4_dot(wtype, (const uint16_t *)x, x_stride, packed, group, m, n, k, (uint16_t *)y, y_stride, scratch);
+        return;
+    }
 #endif
     const float *xf = (const float *)x;
     if (xtype == 1) {
@@ -410,7 +562,7 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
                 const int kind = 0;
                 if (wide) widen_panel(wtype, packed, scales, mins, p, k, group, wide);
                 for (int t = 0; t < tiles; t++) /* (no memory for the widened panel: from the packed one) */
-                    run_tile(wide ? kind : wtype, wide ? (const void *)wide : raw_panel(wtype, packed, p, k), scales,
+                    run_tile(wide ? kind : wtype, wide ? (const void *)wide : raw_panel(wtype, packed, p, k, group), scales,
                              mins, p, k, group, xf, x_stride, t, m, n, xtype, y, y_stride);
             }
             free(wide);
@@ -420,30 +572,37 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
 #pragma omp parallel for schedule(static) collapse(2)
     for (int p = 0; p < panels; p++)
         for (int t = 0; t < tiles; t++)
-            run_tile(wtype, raw_panel(wtype, packed, p, k), scales, mins, p, k, group, xf, x_stride, t, m, n, xtype,
+            run_tile(wtype, raw_panel(wtype, packed, p, k, group), scales, mins, p, k, group, xf, x_stride, t, m, n, xtype,
                      y, y_stride);
 }
 
 
 /* int4 codes as a checkpoint stores them, two per byte along the input (row r: input 2i in the low
- * nibble of byte i, 2i + 1 in the high one), q (n, k / 2), into the panels' layout (panel, k, 16):
- * byte c of input j holds column c in its low nibble and column c + 16 in its high one; columns
- * past n are code 0. One pass, where unpacking and transposing in torch took four. */
-void minicpm_pack_int4_panels(const uint8_t *q, int n, int k, uint8_t *out) {
-    const int panels = (n + PANEL - 1) / PANEL, half = k / 2;
+ * nibble of byte i, 2i + 1 in the high one), q (n, k / 2), into records of kind ``wtype`` (3, 5
+ * or 6; see load_q4), with ``scales`` and ``mins`` already in the panels' order (panel, group, 32)
+ * and the records' type (float32 for 3, float16 else; mins unused for 6); columns past n are code
+ * 0. One pass, where unpacking and transposing in torch took four. */
+void minicpm_pack_int4_panels(const uint8_t *q, const void *scales, const void *mins, int n, int k, int group,
+                              int wtype, uint8_t *out) {
+    const int panels = (n + PANEL - 1) / PANEL, bytes = k / 2, groups = k / group, sb = q4_scale_bytes(wtype);
+    const int64_t record_bytes = q4_record_bytes(group, wtype);
 #pragma omp parallel for schedule(static)
-    for (int p = 0; p < panels; p++) {
-        uint8_t *dst = out + (int64_t)p * k * (PANEL / 2);
-        for (int c = 0; c < PANEL / 2; c++) {
-            const int r0 = p * PANEL + c, r1 = r0 + PANEL / 2;
-            const uint8_t *a = r0 < n ? q + (int64_t)r0 * half : NULL, *b = r1 < n ? q + (int64_t)r1 * half : NULL;
-            for (int j = 0; j < k; j++) {
-                const int shift = (j & 1) * 4;
-                const uint8_t lo = a ? (a[j >> 1] >> shift) & 15 : 0, hi = b ? (b[j >> 1] >> shift) & 15 : 0;
-                dst[(int64_t)j * (PANEL / 2) + c] = (uint8_t)(lo | hi << 4);
+    for (int p = 0; p < panels; p++)
+        for (int g = 0; g < groups; g++) {
+            uint8_t *record = out + ((int64_t)p * groups + g) * record_bytes, *tail = record + (int64_t)group * (PANEL / 2);
+            const int64_t at = ((int64_t)p * groups + g) * sb;
+            memset(record, 0, (size_t)group * (PANEL / 2));
+            for (int c = 0; c < PANEL && p * PANEL + c < n; c++) {
+                const uint8_t *row = q + (int64_t)(p * PANEL + c) * bytes;
+                for (int j = 0; j < group; j++) {
+                    const int i = g * group + j, code = (row[i >> 1] >> ((i & 1) * 4)) & 15;
+                    int shift;
+                    record[q4_place(j, c, &shift)] |= (uint8_t)(code << shift);
+                }
             }
+            memcpy(tail, (const char *)scales + at, (size_t)sb);
+            if (wtype != 6) memcpy(tail + sb, (const char *)mins + at, (size_t)sb);
         }
-    }
 }
 
 /* ---------------------------------------------------------------------------- GGUF blocks
@@ -452,28 +611,7 @@ void minicpm_pack_int4_panels(const uint8_t *q, int n, int k, uint8_t *out) {
  * and a float32 scale (and minimum) per group of 32 (Q6_K: 16) inputs; blocks lie along rows, so
  * block b's codes, scales and minimums follow block b - 1's. kind: 0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q4_K,
  * 4 Q6_K. Every product is one float32 multiply, as numpy's. */
-static inline float half_to_float(const uint8_t *p) {
-    const uint32_t h = (uint32_t)p[0] | (uint32_t)p[1] << 8;
-    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 31, man = h & 0x3FF;
-    uint32_t bits;
-    if (exp == 31) {
-        bits = sign | 0x7F800000u | man << 13; /* inf, nan (payload kept) */
-    } else if (exp) {
-        bits = sign | (exp + 112) << 23 | man << 13;
-    } else if (man) { /* subnormal: man * 2^-24, normalized */
-        uint32_t m = man, e = 113;
-        while (!(m & 0x400)) {
-            m <<= 1;
-            e--;
-        }
-        bits = sign | e << 23 | (m & 0x3FF) << 13;
-    } else {
-        bits = sign;
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+static inline float half_to_float(const uint8_t *p) { return half_to_f32((uint16_t)(p[0] | p[1] << 8)); }
 
 /* ggml's nibble order over a run of len bytes (weight j < len in byte j's low nibble, weight
  * len + j in its high one) -> the same 2 len weights in order, two per byte (2m in byte m's low

@@ -11,7 +11,7 @@
 
 #include <stdint.h>
 
-#define MINICPM_ABI_VERSION 6
+#define MINICPM_ABI_VERSION 7
 
 #define MINICPM_PANEL 32    /* output columns per packed weight panel (linear.c) */
 #define MINICPM_MAX_PARTS 3 /* weights stacked by output in one of the fused decoder's linears */
@@ -73,7 +73,8 @@ int minicpm_constant(int which);         /* 0 MINICPM_PANEL, 1 MINICPM_MAX_PARTS
 void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
                     const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch,
                     int prefill);
-void minicpm_pack_int4_panels(const uint8_t *q, int n, int k, uint8_t *out);
+void minicpm_pack_int4_panels(const uint8_t *q, const void *scales, const void *mins, int n, int k, int group,
+                              int wtype, uint8_t *out);
 int minicpm_gguf_decode(int kind, const uint8_t *blocks, int64_t count, void *codes, float *scales, float *mins);
 
 /* paged_attention.c */
