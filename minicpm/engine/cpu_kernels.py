@@ -457,7 +457,9 @@ def panel_linear(
     many rows; a row's result then depends on how many rows there are (whether widening pays).
     bfloat16 inputs on bfloat16 panels go instead, where the CPU has it (AVX512-BF16), through
     its bfloat16 dot-product instruction: exact products summed in float32 a pair of inputs
-    at a time, twice as fast, and not bitwise the decode rows' sums."""
+    at a time, twice as fast, and not bitwise the decode rows' sums. bfloat16 inputs on int4
+    panels take that instruction for every row, decode or prefill (the codes are exact in
+    bfloat16; each group's sum then scaled as the float tiles do)."""
     k = panel_in_features(packed, scales, mins)
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
         raise ValueError(

@@ -525,10 +525,12 @@ static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *
  * 4 int8 codes in groups, their float32 ``scales`` and ``mins`` laid out (panel, group, 32),
  * ``mins`` NULL for none);
  * x and y are float32 (xtype 0) or bfloat16 (xtype 1), widened into ``scratch`` (m * k floats)
- * first when bfloat16 (int4 on the dot product: the rows' group sums there instead). ``prefill`` (many rows, none of them a decode row): each panel is first
- * widened to float32 weights (bfloat16 exactly; codes dequantized, ``code * scale + min``) and the
- * float32 tiles run over it, 1.1-1.4x faster from two row tiles up; otherwise every row is computed
- * from the packed panel as above, the same for any number of rows. */
+ * first when bfloat16 (int4 on the dot product: the rows' group sums there instead). ``prefill``
+ * (many rows, none of them a decode row): each panel is first widened to float32 weights (bfloat16
+ * exactly; codes dequantized, ``code * scale + min``) and the float32 tiles run over it, 1.1-1.4x
+ * faster from two row tiles up, except bfloat16 rows on bfloat16 or int4 panels, which take the dot
+ * product tiles; otherwise every row is computed from the packed panel as above, the same for any
+ * number of rows. */
 void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
                     const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch,
                     int prefill) {
@@ -538,7 +540,7 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
     if (prefill && tiles > 1 && wtype == 1 && xtype == 1 && k % 2 == 0 &&
         linear_bf16_dot((const uint16_t *)x, x_stride, (const uint16_t *)packed, m, n, k, (uint16_t *)y, y_stride))
         return;
-    if (is_q4(wtype) && xtype == 1 && !(prefill && tiles > 1)) {
+    if (is_q4(wtype) && xtype == 1) { /* decode and prefill rows alike */
         linear_q4_dot(wtype, (const uint16_t *)x, x_stride, packed, group, m, n, k, (uint16_t *)y, y_stride, scratch);
         return;
     }
