@@ -15,7 +15,7 @@
  * quantization). GCC vector extensions give whole-vector code on any target (AVX-512, AVX2, NEON);
  * x86 intrinsics appear only in the int8 / float16 loads and in the tiles that run on the
  * bfloat16 dot-product instruction (a CPU with AVX512-BF16): the prefill of bfloat16 weights and
- * inputs, and int4 weights for bfloat16 decode rows. Those sum exact products in float32 an input
+ * inputs, and int4 weights for bfloat16 rows. Those sum exact products in float32 an input
  * pair at a time: still one sum per output independent of the other rows, but not bitwise the
  * float tiles' sums.
  */
