@@ -932,6 +932,46 @@ def test_quantized_engine_gives_the_greedy_tokens_of_its_dequantized_weights(qua
     assert [c.token_ids for c in got] == expected
 
 
+@needs_native
+def test_a_bfloat16_int4_engine_is_as_close_to_its_float32_weights_as_torch_bfloat16(one_thread) -> None:
+    """quantize="int4" in bfloat16: the int4 panels' dot-product tiles (the prompt's rows, then the
+    fused decoder's decode rows) give every sampled row's logits within the error of torch's own
+    bfloat16 forward, both against the float32 model with the same dequantized weights."""
+    from minicpm.quant import quantize as quantize_weight
+
+    config = tiny_config(
+        num_hidden_layers=2, num_key_value_heads=2, max_length=256, hidden_size=128, intermediate_size=256
+    )
+    model = random_model(config, seed=21).to(torch.bfloat16)
+    reference = random_model(config, seed=21).to(torch.bfloat16).float()
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.Linear):  # the head at 8 bits
+                fmt, g = ("int8", None) if module is reference.lm_head else ("int4", 32)
+                module.weight.copy_(quantize_weight(module.weight, fmt, g).dequantize())
+        table = reference.model.embed_tokens.weight  # untied: the table takes the head's format
+        table.copy_(quantize_weight(table, "int8", None).dequantize())
+    engine = LLMEngine(model, None, EngineConfig(block_size=8, quantize="int4"))
+    assert engine.runner.fused is not None
+    rows: list[torch.Tensor] = []
+
+    def keep(logits, seqs, sample=engine.runner.sampler.sample):
+        rows.append(logits[0].float().clone())
+        return sample(logits, seqs)
+
+    engine.runner.sampler.sample = keep
+    prompt = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(8)).tolist()
+    out = engine.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+    ids = torch.tensor([prompt + out[:-1]])
+    with torch.no_grad():
+        truth = reference(ids)[0, len(prompt) - 1 :]
+        plain = reference.to(torch.bfloat16)(ids)[0, len(prompt) - 1 :].float()
+    assert len(rows) == 6
+    for ours, want, theirs in zip(rows, truth, plain, strict=True):
+        err, floor = (ours - want).abs().max().item(), 0.01 * want.abs().max().item()
+        assert err <= max(1.5 * (theirs - want).abs().max().item(), floor), err
+
+
 # ---------------------------------------------------------------------------- the native interface
 
 
