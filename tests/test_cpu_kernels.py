@@ -495,7 +495,7 @@ def test_panel_linear_rows_do_not_depend_on_their_neighbours(dtype) -> None:
     whole = panel_linear(batch, packed, 200, lib)
     threads = torch.get_num_threads()
     try:
-        for t in (1, 2):
+        for t in (1, 2, 3):  # threads share the panels out and take each other's last ones
             torch.set_num_threads(t)
             for i in (0, 11, 12, 36):
                 assert torch.equal(panel_linear(batch[i : i + 1], packed, 200, lib)[0], whole[i])
@@ -720,6 +720,30 @@ def _assert_int4_records(layer, n: int, k: int, group: int) -> None:
     codes, row_scales, row_mins = int4_panel_rows(packed, scales, mins, rows // 32, rows % 32)
     assert torch.equal(codes, layer.codes()) and torch.equal(row_scales, layer.scales)
     assert torch.equal(row_mins, layer.mins)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rows_are_the_same_bits_on_any_number_of_threads(dtype) -> None:
+    """Decode rows over many int4 panels (the threads' shares, then each other's last panels):
+    one, two or three threads give the same bits, a row alone as in a batch."""
+    from minicpm.engine.cpu_kernels import panel_linear, quantized_panels
+    from minicpm.quant import quantize
+
+    gen = torch.Generator().manual_seed(2)
+    packed, scales, mins = quantized_panels(quantize(torch.randn(1270, 64, generator=gen), "int4", 32))
+    x = torch.randn(6, 64, generator=gen).to(dtype)
+    lib = native_kernels()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = panel_linear(x, packed, 1270, lib, scales, mins)
+        for t in (2, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(panel_linear(x, packed, 1270, lib, scales, mins), want)
+            assert torch.equal(panel_linear(x[4:5], packed, 1270, lib, scales, mins)[0], want[4])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_native

@@ -19,6 +19,7 @@
  * pair at a time: still one sum per output independent of the other rows, but not bitwise the
  * float tiles' sums.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -315,6 +316,40 @@ __attribute__((optimize("fp-contract=off"))) static void widen_panel(int wtype, 
     }
 }
 
+/* fn(ctx, i) for items i = 0 .. count - 1 on the OpenMP threads: each thread takes its own
+ * contiguous share from the front, STEAL_CHUNK items at a time, then the others' remaining items
+ * the same way (work stealing). A thread's weights stream front to back as with a static split,
+ * and a thread the machine slows (another process on its core, a slower core) no longer keeps
+ * the others waiting at the end. Which thread computes an item never changes its result. */
+#define STEAL_CHUNK 2
+
+typedef struct {
+    int next, end;
+    char pad[56]; /* a cache line each */
+} steal_range;
+
+static void parallel_items(int count, void (*fn)(const void *ctx, int i), const void *ctx) {
+    const int most = omp_get_max_threads();
+    if (count < 2 * most) { /* too few items to share out */
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < count; i++) fn(ctx, i);
+        return;
+    }
+    steal_range ranges[most];
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), me = omp_get_thread_num();
+        ranges[me].next = (int)((int64_t)count * me / nt);
+        ranges[me].end = (int)((int64_t)count * (me + 1) / nt);
+#pragma omp barrier
+        for (int v = 0; v < nt; v++) {
+            steal_range *r = &ranges[(me + v) % nt];
+            for (int at; (at = __atomic_fetch_add(&r->next, STEAL_CHUNK, __ATOMIC_RELAXED)) < r->end;)
+                for (int i = at; i < at + STEAL_CHUNK && i < r->end; i++) fn(ctx, i);
+        }
+    }
+}
+
 /* a tile's ``rows`` rows of 32 float32 outputs (from row r0, panel p) into y, float32 (xtype 0) or
  * bfloat16 rounded to nearest even (1); columns past n are dropped */
 static inline void store_rows(const float *out, int rows, int r0, int p, int n, int xtype, void *y, int64_t y_stride) {
@@ -454,8 +489,40 @@ static inline __attribute__((always_inline)) void tile_q4_dot(const uint16_t *x,
     }
 }
 
-/* int4 records (wtype 3 or 5) times bfloat16 rows (see tile_q4_dot); ``sx`` (m * k / group
- * floats) takes each row's group sums of x first, inputs in order */
+typedef struct {
+    int wtype;
+    const uint16_t *x;
+    int64_t x_stride;
+    const void *packed;
+    int group, m, n, k;
+    uint16_t *y;
+    int64_t y_stride;
+    const float *sx;
+    int tiles;
+} q4_dot_job;
+
+/* item i of linear_q4_dot: panel i / tiles, row tile i % tiles */
+static void q4_dot_item(const void *ctx, int i) {
+    const q4_dot_job *j = ctx;
+    const int p = i / j->tiles, t = i % j->tiles, groups = j->k / j->group;
+    float out[ROWS_Q4_DOT * PANEL];
+    const int r0 = t * ROWS_Q4_DOT, rows = j->m - r0 < ROWS_Q4_DOT ? j->m - r0 : ROWS_Q4_DOT;
+    const uint16_t *xt = j->x + (int64_t)r0 * j->x_stride;
+    const uint8_t *panel = raw_panel(j->wtype, j->packed, p, j->k, j->group);
+    const float *st = j->sx + (int64_t)r0 * groups;
+#define Q4_DOT(ROWS) tile_q4_dot(xt, j->x_stride, panel, st, groups, j->k, j->group, j->wtype, ROWS, out)
+    switch (rows) {
+    case 4: Q4_DOT(4); break;
+    case 3: Q4_DOT(3); break;
+    case 2: Q4_DOT(2); break;
+    default: Q4_DOT(1); break;
+    }
+#undef Q4_DOT
+    store_rows(out, rows, r0, p, j->n, 1, j->y, j->y_stride);
+}
+
+/* int4 records times bfloat16 rows (see tile_q4_dot); ``sx`` (m * k / group floats) takes each
+ * row's group sums of x first, inputs in order */
 static void linear_q4_dot(int wtype, const uint16_t *x, int64_t x_stride, const void *packed, int group, int m,
                           int n, int k, uint16_t *y, int64_t y_stride, float *sx) {
     const int panels = (n + PANEL - 1) / PANEL, tiles = (m + ROWS_Q4_DOT - 1) / ROWS_Q4_DOT, groups = k / group;
@@ -465,22 +532,8 @@ static void linear_q4_dot(int wtype, const uint16_t *x, int64_t x_stride, const 
             for (int j = g * group; j < (g + 1) * group; j++) sum += bf16_to_f32(x[(int64_t)r * x_stride + j]);
             sx[(int64_t)r * groups + g] = sum;
         }
-#pragma omp parallel for schedule(static) collapse(2)
-    for (int p = 0; p < panels; p++)
-        for (int t = 0; t < tiles; t++) {
-            float out[ROWS_Q4_DOT * PANEL];
-            const int r0 = t * ROWS_Q4_DOT, rows = m - r0 < ROWS_Q4_DOT ? m - r0 : ROWS_Q4_DOT;
-            const uint16_t *xt = x + (int64_t)r0 * x_stride;
-            const uint8_t *panel = raw_panel(wtype, packed, p, k, group);
-            const float *st = sx + (int64_t)r0 * groups;
-            switch (rows) {
-            case 4: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 4, out); break;
-            case 3: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 3, out); break;
-            case 2: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 2, out); break;
-            default: tile_q4_dot(xt, x_stride, panel, st, groups, k, group, wtype, 1, out); break;
-            }
-            store_rows(out, rows, r0, p, n, 1, y, y_stride);
-        }
+    const q4_dot_job job = {wtype, x, x_stride, packed, group, m, n, k, y, y_stride, sx, tiles};
+    parallel_items(panels * tiles, q4_dot_item, &job);
 }
 
 /* the bfloat16 prefill over all panels (see tile_bf16_dot); 0 when out of memory */
@@ -515,6 +568,27 @@ static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *
 #else
 #define HAVE_BF16_DOT 0
 #endif
+
+typedef struct {
+    int wtype;
+    const void *packed;
+    const float *scales, *mins;
+    int k, group;
+    const float *xf;
+    int64_t x_stride;
+    int m, n, xtype;
+    void *y;
+    int64_t y_stride;
+    int tiles;
+} tile_job;
+
+/* item i of minicpm_linear's decode rows: panel i / tiles, row tile i % tiles (run_tile) */
+static void tile_item(const void *ctx, int i) {
+    const tile_job *j = ctx;
+    const int p = i / j->tiles, t = i % j->tiles;
+    run_tile(j->wtype, raw_panel(j->wtype, j->packed, p, j->k, j->group), j->scales, j->mins, p, j->k, j->group, j->xf,
+             j->x_stride, t, j->m, j->n, j->xtype, j->y, j->y_stride);
+}
 
 /* y (m, n), row stride y_stride, = x (m, k), row stride x_stride, times the packed W^T.
  * wtype: the packed weight's type (0 float32, 1 bfloat16, 2 int8 with one float32 scale per output
@@ -571,11 +645,8 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
         }
         return;
     }
-#pragma omp parallel for schedule(static) collapse(2)
-    for (int p = 0; p < panels; p++)
-        for (int t = 0; t < tiles; t++)
-            run_tile(wtype, raw_panel(wtype, packed, p, k, group), scales, mins, p, k, group, xf, x_stride, t, m, n, xtype,
-                     y, y_stride);
+    const tile_job job = {wtype, packed, scales, mins, k, group, xf, x_stride, m, n, xtype, y, y_stride, tiles};
+    parallel_items(panels * tiles, tile_item, &job);
 }
 
 
