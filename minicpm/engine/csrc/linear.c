@@ -268,7 +268,7 @@ static inline const void *raw_panel(int wtype, const void *packed, int p, int k,
     return (const char *)packed + p * bytes;
 }
 
-/* panel p of a packed weight (wtype 1..5) as float32 weights: bfloat16 widened, codes dequantized
+/* panel p of a packed weight (wtype 1..6) as float32 weights: bfloat16 widened, codes dequantized
  * as ``code * scale (+ min)`` (two roundings, as minicpm.quant's dequantize) */
 __attribute__((optimize("fp-contract=off"))) static void widen_panel(int wtype, const void *packed,
                                                                     const float *scales, const float *mins, int p,
@@ -526,6 +526,7 @@ static void q4_dot_item(const void *ctx, int i) {
 static void linear_q4_dot(int wtype, const uint16_t *x, int64_t x_stride, const void *packed, int group, int m,
                           int n, int k, uint16_t *y, int64_t y_stride, float *sx) {
     const int panels = (n + PANEL - 1) / PANEL, tiles = (m + ROWS_Q4_DOT - 1) / ROWS_Q4_DOT, groups = k / group;
+#pragma omp parallel for schedule(static) if ((int64_t)m * k >= 1 << 16) /* prompt rows: not on one core */
     for (int r = 0; r < m; r++)
         for (int g = 0; g < groups; g++) {
             float sum = 0.0f;
@@ -622,10 +623,7 @@ void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const
     const float *xf = (const float *)x;
     if (xtype == 1) {
         for (int r = 0; r < m; r++)
-            for (int j = 0; j < k; j++) {
-                uint32_t u = (uint32_t)((const uint16_t *)x)[(int64_t)r * x_stride + j] << 16;
-                memcpy(&scratch[(int64_t)r * k + j], &u, sizeof u);
-            }
+            for (int j = 0; j < k; j++) scratch[(int64_t)r * k + j] = bf16_to_f32(((const uint16_t *)x)[(int64_t)r * x_stride + j]);
         xf = scratch;
         x_stride = k;
     }
