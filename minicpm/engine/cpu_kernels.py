@@ -455,11 +455,14 @@ def panel_linear(
     order, so a row's result does not depend on the other rows. ``prefill`` (rows none of which is
     a decode row): quantized and bfloat16 panels are widened to float32 weights first, faster for
     many rows; a row's result then depends on how many rows there are (whether widening pays).
-    bfloat16 inputs on bfloat16 panels go instead, where the CPU has it (AVX512-BF16), through
-    its bfloat16 dot-product instruction: exact products summed in float32 a pair of inputs
-    at a time, twice as fast, and not bitwise the decode rows' sums. bfloat16 inputs on int4
-    panels take that instruction for every row, decode or prefill (the codes are exact in
-    bfloat16; each group's sum then scaled as the float tiles do)."""
+    bfloat16 inputs go instead, where the CPU has it (AVX512-BF16), through its bfloat16
+    dot-product instruction: exact products summed in float32 a pair of inputs at a time, twice
+    as fast, and not bitwise the decode rows' sums. For that, bfloat16 and int8 per-channel
+    panels are taken exactly (codes scaled after), and grouped quantized panels (int4, int8 in
+    groups) as their dequantized weights rounded to bfloat16, as torch's bfloat16 matmul takes a
+    dequantized weight (within 2^-9 of each weight). bfloat16 decode rows on int4 panels take
+    that instruction too, exactly (the codes are exact in bfloat16; each group's sum then scaled
+    as the float tiles do)."""
     k = panel_in_features(packed, scales, mins)
     if x.dtype not in _DTYPES or x.shape[-1] != k or x.device.type != "cpu":
         raise ValueError(

@@ -14,10 +14,11 @@
  * with a scale and a minimum each, stored as one record per (panel, group) (load_q4) (weight-only
  * quantization). GCC vector extensions give whole-vector code on any target (AVX-512, AVX2, NEON);
  * x86 intrinsics appear only in the int8 / float16 loads and in the tiles that run on the
- * bfloat16 dot-product instruction (a CPU with AVX512-BF16): the prefill of bfloat16 weights and
- * inputs, and int4 weights for bfloat16 rows. Those sum exact products in float32 an input
- * pair at a time: still one sum per output independent of the other rows, but not bitwise the
- * float tiles' sums.
+ * bfloat16 dot-product instruction (a CPU with AVX512-BF16): the prefill of bfloat16 inputs on
+ * any weight (a grouped quantized weight's dequantized values rounded to bfloat16 first), and
+ * int4 weights for bfloat16 decode rows. Those sum exact products in float32 an input pair at a
+ * time: still one sum per output independent of the other rows, but not bitwise the float tiles'
+ * sums.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -400,16 +401,39 @@ static inline __attribute__((always_inline)) void run_tile(int kind, const void 
 
 #if defined(__AVX512BF16__)
 #define HAVE_BF16_DOT 1
-/* bfloat16 prefill (bfloat16 weights and inputs, as a bfloat16 model's): the products run on the
- * CPU's bfloat16 dot-product instruction, two inputs per multiply-add, twice the float32 tiles'
- * pace. Products of two bfloat16 values are exact in float32, so the sums are float32 sums of exact
- * products, as torch's bfloat16 matmul computes them (in another order: each lane adds an input
- * pair at a time). The panel is first regrouped as pairs: [j/2][c][2] = W[c, j], W[c, j + 1]. */
-static void pair_panel(const uint16_t *panel, int k, uint16_t *pairs) {
+/* bfloat16 prefill (bfloat16 inputs, as a bfloat16 model's): the products run on the CPU's bfloat16
+ * dot-product instruction, two inputs per multiply-add, twice the float32 tiles' pace. Products of
+ * two bfloat16 values are exact in float32, so the sums are float32 sums of exact products, as
+ * torch's bfloat16 matmul computes them (in another order: each lane adds an input pair at a
+ * time). Each panel is first regrouped as pairs, [j/2][c][2] = W[c, j], W[c, j + 1], of bfloat16
+ * weights (pairs_panel): a bfloat16 panel's as they are, an int8 per-column panel's codes
+ * (exact; the sums scaled after), and any other quantized panel's dequantized weights
+ * ``code * scale (+ min)`` (widen_panel) rounded to bfloat16, as torch's bfloat16 matmul would
+ * take a dequantized weight: an error of at most 2^-9 of each weight, far under the quantization
+ * step, for the bfloat16 model's pace. */
+static void pairs_panel(int wtype, const void *packed, const float *scales, const float *mins, int p, int k,
+                        int group, float *wide, uint16_t *pairs) {
+    const int64_t count = (int64_t)k * PANEL;
+    if (wtype == 1 || wtype == 2) {
+        const uint16_t *w = (const uint16_t *)packed + p * count;
+        const int8_t *q = (const int8_t *)packed + p * count;
+        for (int j = 0; j < k; j += 2)
+            for (int c = 0; c < PANEL; c++)
+                for (int e = 0; e < 2; e++) {
+                    const int64_t at = (int64_t)(j + e) * PANEL + c;
+                    pairs[(int64_t)j * PANEL + 2 * c + e] = wtype == 1 ? w[at] : f32_to_bf16((float)q[at]);
+                }
+        return;
+    }
+    widen_panel(wtype, packed, scales, mins, p, k, group, wide);
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                           6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int j = 0; j < k; j += 2)
-        for (int c = 0; c < PANEL; c++) {
-            pairs[(int64_t)j * PANEL + 2 * c] = panel[(int64_t)j * PANEL + c];
-            pairs[(int64_t)j * PANEL + 2 * c + 1] = panel[(int64_t)(j + 1) * PANEL + c];
+        for (int h = 0; h < 2; h++) {
+            const float *lo = wide + (int64_t)j * PANEL + 16 * h;
+            /* words 0-15: input j's 16 columns, 16-31: input j + 1's, then interleaved */
+            const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(lo + PANEL), _mm512_loadu_ps(lo));
+            _mm512_storeu_si512(pairs + (int64_t)j * PANEL + 32 * h, _mm512_permutexvar_epi16(order, (__m512i)b));
         }
 }
 
@@ -537,15 +561,17 @@ static void linear_q4_dot(int wtype, const uint16_t *x, int64_t x_stride, const 
     parallel_items(panels * tiles, q4_dot_item, &job);
 }
 
-/* the bfloat16 prefill over all panels (see tile_bf16_dot); 0 when out of memory */
-static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *packed, int m, int n, int k,
-                           uint16_t *y, int64_t y_stride) {
+/* the bfloat16 prefill over all panels (see pairs_panel and tile_bf16_dot); 0 when out of memory */
+static int linear_bf16_dot(int wtype, const uint16_t *x, int64_t x_stride, const void *packed, const float *scales,
+                           const float *mins, int group, int m, int n, int k, uint16_t *y, int64_t y_stride) {
     const int panels = (n + PANEL - 1) / PANEL, tiles = (m + ROWS - 1) / ROWS;
+    const size_t wide_floats = wtype == 1 || wtype == 2 ? 0 : (size_t)k * PANEL;
     int ok = 1;
 #pragma omp parallel
     {
         uint16_t *pairs = malloc(sizeof(uint16_t) * (size_t)k * PANEL);
-        if (!pairs) {
+        float *wide = malloc(sizeof(float) * (wide_floats ? wide_floats : 1));
+        if (!pairs || !wide) {
 #pragma omp atomic write
             ok = 0;
         }
@@ -554,15 +580,19 @@ static int linear_bf16_dot(const uint16_t *x, int64_t x_stride, const uint16_t *
 #pragma omp for schedule(static)
             for (int p = 0; p < panels; p++) {
                 float out[ROWS * PANEL];
-                pair_panel(packed + (int64_t)p * k * PANEL, k, pairs);
+                pairs_panel(wtype, packed, scales, mins, p, k, group, wide, pairs);
                 for (int t = 0; t < tiles; t++) {
                     const int r0 = t * ROWS, rows = m - r0 < ROWS ? m - r0 : ROWS;
                     DISPATCH_ROWS(tile_bf16_dot, x + (int64_t)r0 * x_stride, x_stride, pairs, k, rows, out)
+                    if (wtype == 2)
+                        for (int r = 0; r < rows; r++)
+                            for (int c = 0; c < PANEL; c++) out[r * PANEL + c] *= scales[p * PANEL + c];
                     store_rows(out, rows, r0, p, n, 1, y, y_stride);
                 }
             }
         }
         free(pairs);
+        free(wide);
     }
     return ok;
 }
@@ -601,21 +631,23 @@ static void tile_item(const void *ctx, int i) {
  * ``mins`` NULL for none);
  * x and y are float32 (xtype 0) or bfloat16 (xtype 1), widened into ``scratch`` (m * k floats)
  * first when bfloat16 (int4 on the dot product: the rows' group sums there instead). ``prefill``
- * (many rows, none of them a decode row): each panel is first widened to float32 weights (bfloat16
- * exactly; codes dequantized, ``code * scale + min``) and the float32 tiles run over it, 1.1-1.4x
- * faster from two row tiles up, except bfloat16 rows on bfloat16 or int4 panels, which take the dot
- * product tiles; otherwise every row is computed from the packed panel as above, the same for any
- * number of rows. */
+ * (many rows, none of them a decode row), from two row tiles up: each panel is first widened once,
+ * for bfloat16 rows (where the CPU has the dot product) to bfloat16 pairs (pairs_panel: a quantized
+ * panel's grouped weights rounded to bfloat16) and the dot-product tile runs over it; for float32
+ * rows to float32 weights (bfloat16 exactly; codes dequantized, ``code * scale + min``) and the
+ * float32 tiles run over it; otherwise every row is computed from the packed panel as above, the
+ * same for any number of rows. */
 void minicpm_linear(int wtype, int xtype, const void *x, int64_t x_stride, const void *packed, const float *scales,
                     const float *mins, int group, int m, int n, int k, void *y, int64_t y_stride, float *scratch,
                     int prefill) {
     const int panels = (n + PANEL - 1) / PANEL;
     const int tiles = (m + ROWS - 1) / ROWS;
 #if HAVE_BF16_DOT
-    if (prefill && tiles > 1 && wtype == 1 && xtype == 1 && k % 2 == 0 &&
-        linear_bf16_dot((const uint16_t *)x, x_stride, (const uint16_t *)packed, m, n, k, (uint16_t *)y, y_stride))
+    if (prefill && tiles > 1 && wtype != 0 && xtype == 1 && k % 2 == 0 &&
+        linear_bf16_dot(wtype, (const uint16_t *)x, x_stride, packed, scales, mins, group, m, n, k, (uint16_t *)y,
+                        y_stride))
         return;
-    if (is_q4(wtype) && xtype == 1) { /* decode and prefill rows alike */
+    if (is_q4(wtype) && xtype == 1) { /* decode rows (and prefill rows where memory ran out) */
         linear_q4_dot(wtype, (const uint16_t *)x, x_stride, packed, group, m, n, k, (uint16_t *)y, y_stride, scratch);
         return;
     }
