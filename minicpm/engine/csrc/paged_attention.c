@@ -266,6 +266,7 @@ static int decode_portable(int dtype, const args_t *ap, int rows, int head_dim) 
 #include <immintrin.h>
 #define PREFILL_ROWS 12
 #define KEYS 32
+#define SPAN 64 /* keys per softmax step of the bfloat16 tile: two packed blocks (softmax_span: four vectors) */
 
 /* the address of key ``key``'s kv head ``kvh`` in a layer of the cache (elements) */
 static inline int64_t key_at(const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int key) {
@@ -431,69 +432,152 @@ static void prefill_tile_f32(const float *const *q, const int *len, int rows, co
 #endif
 
 #if defined(__AVX512BF16__)
-/* key block kb of kv head kvh into Kp / Vp (bfloat16 pairs; keys past ctx zero) */
-static void pair_keys(int kind, const void *kcodes, const void *vcodes, const uint16_t *ks, const uint16_t *vs,
-                      const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx, int kb,
-                      uint16_t *kp, uint16_t *vp) {
-    const int hd2 = head_dim / 2;
-    uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
-    uint16_t krow[MINICPM_MAX_HEAD_DIM], vrow[MINICPM_MAX_HEAD_DIM];
-    for (int c = 0; c < KEYS; c++) {
-        const int key = kb * KEYS + c;
-        int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
-        const uint16_t *kc = (const uint16_t *)kcodes, *vc = (const uint16_t *)vcodes;
-        if (at >= 0 && kind != MINICPM_KV_PLAIN) { /* the row dequantized, rounded to bfloat16 */
-            float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
-            kv_rows(kind, kcodes, vcodes, ks, vs, at, head_dim, 0, k, v);
-            for (int d = 0; d < head_dim; d++) {
-                krow[d] = f32_to_bf16(k[d]);
-                vrow[d] = f32_to_bf16(v[d]);
+/* rows r[0..15] of 16 32-bit lanes transposed in place: lane j of row i to lane i of row j. Four
+ * rounds, one per index bit b: rows i and i + 2^b (bit b of i clear) swap the lanes whose bit b
+ * differs from the row's. */
+static inline void transpose16_epi32(__m512i r[16]) {
+    for (int b = 0; b < 4; b++) {
+        const int h = 1 << b;
+        int lo_idx[16], hi_idx[16];
+        for (int j = 0; j < 16; j++) {
+            lo_idx[j] = j & h ? 16 + j - h : j;
+            hi_idx[j] = j & h ? 16 + j : j + h;
+        }
+        const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+        for (int i = 0; i < 16; i++)
+            if (!(i & h)) {
+                const __m512i a = r[i], c = r[i + h];
+                r[i] = _mm512_permutex2var_epi32(a, lo, c);
+                r[i + h] = _mm512_permutex2var_epi32(a, hi, c);
             }
-            kc = krow, vc = vrow, at = 0;
-        }
-        for (int dp = 0; dp < hd2; dp++) {
-            kt[((int64_t)dp * KEYS + c) * 2] = at >= 0 ? kc[at + 2 * dp] : 0;
-            kt[((int64_t)dp * KEYS + c) * 2 + 1] = at >= 0 ? kc[at + 2 * dp + 1] : 0;
-        }
-        for (int d = 0; d < head_dim; d++) vt[((int64_t)(c / 2) * head_dim + d) * 2 + (c & 1)] = at >= 0 ? vc[at + d] : 0;
     }
 }
 
-/* one bfloat16 tile: as prefill_tile_f32, on the dot-product instruction */
+/* key block kb of kv head kvh into Kp / Vp (bfloat16 pairs; keys past ctx zero): Kp [dp][c][2] =
+ * the keys' (2 dp, 2 dp + 1) pairs, transposed 16 x 16 32-bit lanes at a time; Vp [c / 2][d][2] =
+ * two keys' values interleaved by word permutes. A quantized cache's rows are dequantized first,
+ * rounded to bfloat16 (the values a bfloat16 model's reference reads). */
+static void pair_keys(int kind, const void *kcodes, const void *vcodes, const uint16_t *ks, const uint16_t *vs,
+                      const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx, int kb,
+                      uint16_t *kp, uint16_t *vp) {
+    static const uint16_t zeros[MINICPM_MAX_HEAD_DIM];
+    uint16_t kbuf[KEYS][MINICPM_MAX_HEAD_DIM], vbuf[KEYS][MINICPM_MAX_HEAD_DIM];
+    const int hd2 = head_dim / 2;
+    uint32_t *kt = (uint32_t *)(kp + (int64_t)kb * KEYS * head_dim);
+    uint16_t *vt = vp + (int64_t)kb * KEYS * head_dim;
+    const uint16_t *krow[KEYS], *vrow[KEYS];
+    for (int c = 0; c < KEYS; c++) {
+        const int key = kb * KEYS + c;
+        const int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
+        if (at < 0) {
+            krow[c] = vrow[c] = zeros;
+        } else if (kind == MINICPM_KV_PLAIN) {
+            krow[c] = (const uint16_t *)kcodes + at;
+            vrow[c] = (const uint16_t *)vcodes + at;
+        } else {
+            float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
+            kv_rows(kind, kcodes, vcodes, ks, vs, at, head_dim, 0, k, v);
+            for (int d = 0; d < head_dim; d++) {
+                kbuf[c][d] = f32_to_bf16(k[d]);
+                vbuf[c][d] = f32_to_bf16(v[d]);
+            }
+            krow[c] = kbuf[c], vrow[c] = vbuf[c];
+        }
+    }
+    for (int c0 = 0; c0 < KEYS; c0 += 16)
+        for (int w0 = 0; w0 < hd2; w0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(krow[c0 + i] + 2 * w0);
+            transpose16_epi32(r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(kt + (int64_t)(w0 + i) * KEYS + c0, r[i]);
+        }
+    uint16_t first[32], second[32]; /* output words 2i, 2i + 1: a's and b's i-th (then 16 + i-th) */
+    for (int i = 0; i < 16; i++) {
+        first[2 * i] = (uint16_t)i, first[2 * i + 1] = (uint16_t)(32 + i);
+        second[2 * i] = (uint16_t)(16 + i), second[2 * i + 1] = (uint16_t)(48 + i);
+    }
+    const __m512i lo = _mm512_loadu_si512(first), hi = _mm512_loadu_si512(second);
+    for (int c = 0; c < KEYS; c += 2)
+        for (int d0 = 0; d0 < head_dim; d0 += 32) {
+            const __m512i a = _mm512_loadu_si512(vrow[c] + d0), b = _mm512_loadu_si512(vrow[c + 1] + d0);
+            uint16_t *dst = vt + ((int64_t)(c / 2) * head_dim + d0) * 2;
+            _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
+}
+
+/* One row's scores for SPAN keys (unscaled), of which the row sees the first ``seen`` (may be
+ * <= 0), folded into its running max ``mx`` and its running sum's 16 lanes ``sm`` (summed
+ * across only at the end): the probabilities (0 for unseen keys), rounded to bfloat16, into
+ * ``p16``; returns the factor the row's accumulated values must be multiplied by. */
+static inline float softmax_span(const float *scores, int seen, float scale, float *mx, __m512 *sm, uint16_t *p16) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
+    __m512 a[SPAN / 16];
+    __mmask16 k[SPAN / 16];
+    for (int i = 0; i < SPAN / 16; i++) {
+        const int left = seen - 16 * i;
+        k[i] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        a[i] = _mm512_mask_mul_ps(ninf, k[i], _mm512_loadu_ps(scores + 16 * i), sc);
+    }
+    const float blk = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a[0], a[1]), _mm512_max_ps(a[2], a[3])));
+    const float m = blk > *mx ? blk : *mx;
+    const __m512 mv = _mm512_set1_ps(m);
+    const float correction = exp_nonpos(*mx - m); /* exp(-inf) ~ 0 on the first span */
+    __m512 sum = _mm512_mul_ps(*sm, _mm512_set1_ps(correction));
+    for (int i = 0; i < SPAN / 16; i += 2) {
+        const __m512 p0 = _mm512_maskz_mov_ps(k[i], exp16_nonpos(_mm512_sub_ps(a[i], mv)));
+        const __m512 p1 = _mm512_maskz_mov_ps(k[i + 1], exp16_nonpos(_mm512_sub_ps(a[i + 1], mv)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        _mm512_storeu_si512(p16 + 16 * i, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* p0's 16 first */
+    }
+    *sm = sum;
+    *mx = m;
+    return correction;
+}
+
+/* one bfloat16 tile: as prefill_tile_f32, on the dot-product instruction, SPAN keys a softmax
+ * step (the packed context is a whole number of spans) */
 static void prefill_tile_bf16(const uint16_t *const *q, const int *len, int rows, const uint16_t *kp,
                               const uint16_t *vp, int head_dim, float scale, float *acc, uint16_t *const *out) {
     const int hd2 = head_dim / 2, lim = len[rows - 1];
-    float mx[PREFILL_ROWS], sm[PREFILL_ROWS];
-    uint16_t p16[PREFILL_ROWS][KEYS];
+    float mx[PREFILL_ROWS], sm1[PREFILL_ROWS], scores[PREFILL_ROWS][SPAN];
+    __m512 sm[PREFILL_ROWS];
+    uint16_t p16[PREFILL_ROWS][SPAN];
     const uint16_t *qq[PREFILL_ROWS];
-    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm, acc, head_dim);
-    for (int kb = 0; kb * KEYS < lim; kb++) {
-        const uint16_t *kt = kp + (int64_t)kb * KEYS * head_dim, *vt = vp + (int64_t)kb * KEYS * head_dim;
-        __m512 s0[PREFILL_ROWS], s1[PREFILL_ROWS];
-        for (int r = 0; r < PREFILL_ROWS; r++) s0[r] = s1[r] = _mm512_setzero_ps();
-        for (int dp = 0; dp < hd2; dp++) {
-            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(kt + (int64_t)dp * KEYS * 2);
-            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(kt + (int64_t)dp * KEYS * 2 + 32);
-            for (int r = 0; r < PREFILL_ROWS; r++) {
-                uint32_t pair;
-                memcpy(&pair, qq[r] + 2 * dp, sizeof pair);
-                const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair);
-                s0[r] = _mm512_dpbf16_ps(s0[r], x, w0);
-                s1[r] = _mm512_dpbf16_ps(s1[r], x, w1);
+    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm1, acc, head_dim);
+    for (int r = 0; r < PREFILL_ROWS; r++) sm[r] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < lim; k0 += SPAN) {
+        for (int half = 0; half < SPAN / KEYS; half++) {
+            const uint16_t *kt = kp + (int64_t)(k0 + half * KEYS) * head_dim;
+            __m512 s0[PREFILL_ROWS], s1[PREFILL_ROWS];
+            for (int r = 0; r < PREFILL_ROWS; r++) s0[r] = s1[r] = _mm512_setzero_ps();
+            for (int dp = 0; dp < hd2; dp++) {
+                const __m512bh w0 = (__m512bh)_mm512_loadu_si512(kt + (int64_t)dp * KEYS * 2);
+                const __m512bh w1 = (__m512bh)_mm512_loadu_si512(kt + (int64_t)dp * KEYS * 2 + 32);
+                for (int r = 0; r < PREFILL_ROWS; r++) {
+                    uint32_t pair;
+                    memcpy(&pair, qq[r] + 2 * dp, sizeof pair);
+                    const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pair);
+                    s0[r] = _mm512_dpbf16_ps(s0[r], x, w0);
+                    s1[r] = _mm512_dpbf16_ps(s1[r], x, w1);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                _mm512_storeu_ps(scores[r] + half * KEYS, s0[r]);
+                _mm512_storeu_ps(scores[r] + half * KEYS + 16, s1[r]);
             }
         }
         for (int r = 0; r < rows; r++) {
-            __m512 p0, p1;
-            const float correction = softmax_block(s0[r], s1[r], len[r] - kb * KEYS, scale, &mx[r], &sm[r], &p0, &p1);
-            _mm512_storeu_si512(p16[r], (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* p0's 16 first */
+            const float correction = softmax_span(scores[r], len[r] - k0, scale, &mx[r], &sm[r], p16[r]);
             scale_row(acc + r * head_dim, head_dim, correction);
         }
         for (int r = rows; r < PREFILL_ROWS; r++) memset(p16[r], 0, sizeof p16[r]);
+        const uint16_t *vt = vp + (int64_t)k0 * head_dim;
         for (int r0 = 0; r0 < rows; r0 += 6)
             for (int d0 = 0; d0 < head_dim; d0 += 64) {
                 __m512 a[6][4];
                 acc_load(a, acc, r0, d0, head_dim);
-                for (int jp = 0; jp < KEYS / 2; jp++) {
+                for (int jp = 0; jp < SPAN / 2; jp++) {
                     __m512bh w[4];
                     for (int i = 0; i < 4; i++)
                         w[i] = (__m512bh)_mm512_loadu_si512(vt + ((int64_t)jp * head_dim + d0 + 16 * i) * 2);
@@ -507,7 +591,7 @@ static void prefill_tile_bf16(const uint16_t *const *q, const int *len, int rows
                 acc_store(a, acc, r0, d0, head_dim);
             }
     }
-    for (int r = 0; r < rows; r++) store_scaled(out[r], acc + r * head_dim, 1.0f / sm[r], head_dim, 1);
+    for (int r = 0; r < rows; r++) store_scaled(out[r], acc + r * head_dim, 1.0f / _mm512_reduce_add_ps(sm[r]), head_dim, 1);
 }
 #define HAVE_PREFILL_BF16 1
 #else
@@ -537,7 +621,8 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
     if (past < 0 || ctx > (int64_t)width * block_size) return -5;
     for (int b = 0; b * block_size < ctx; b++)
         if (table[b] < 0 || table[b] >= num_blocks) return -6;
-    const int groups = heads / kv_heads, blocks = (ctx + KEYS - 1) / KEYS, esize = dtype == 0 ? 4 : 2;
+    const int groups = heads / kv_heads, esize = dtype == 0 ? 4 : 2;
+    const int blocks = dtype == 0 ? (ctx + KEYS - 1) / KEYS : (ctx + SPAN - 1) / SPAN * (SPAN / KEYS);
     const int tiles = (m * groups + PREFILL_ROWS - 1) / PREFILL_ROWS;
     const size_t packed = (size_t)blocks * KEYS * head_dim * esize;
     void *kp = malloc(packed), *vp = malloc(packed);
