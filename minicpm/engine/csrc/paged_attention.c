@@ -296,21 +296,80 @@ static inline void kv_rows(int kind, const void *kc, const void *vc, const uint1
     }
 }
 
-/* key block kb of kv head kvh into Kt / Vt (float32; keys past ctx zero) */
-static void gather_keys_f32(int kind, const void *kc, const void *vc, const uint16_t *ks, const uint16_t *vs,
-                            const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx, int kb,
-                            float *kt, float *vt) {
-    float *kb_t = kt + (int64_t)kb * KEYS * head_dim, *vb_t = vt + (int64_t)kb * KEYS * head_dim;
-    float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
+/* rows r[0..15] of 16 32-bit lanes transposed in place: lane j of row i to lane i of row j. Four
+ * rounds, one per index bit b: rows i and i + 2^b (bit b of i clear) swap the lanes whose bit b
+ * differs from the row's. */
+static inline void transpose16_epi32(__m512i r[16]) {
+    for (int b = 0; b < 4; b++) {
+        const int h = 1 << b;
+        int lo_idx[16], hi_idx[16];
+        for (int j = 0; j < 16; j++) {
+            lo_idx[j] = j & h ? 16 + j - h : j;
+            hi_idx[j] = j & h ? 16 + j : j + h;
+        }
+        const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
+        for (int i = 0; i < 16; i++)
+            if (!(i & h)) {
+                const __m512i a = r[i], c = r[i + h];
+                r[i] = _mm512_permutex2var_epi32(a, lo, c);
+                r[i + h] = _mm512_permutex2var_epi32(a, hi, c);
+            }
+    }
+}
+
+/* the 32 keys of key block kb of kv head kvh: pointers to their rows in the cache (``kind``
+ * plain, of ``esize``-byte elements), or to rows dequantized into kbuf / vbuf (float32, rounded to
+ * bfloat16 values where ``bf16``: what the reference reads), or to zeros past ctx */
+static inline void block_rows(int kind, const void *kc, const void *vc, const uint16_t *ks, const uint16_t *vs,
+                              const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx,
+                              int kb, int esize, int bf16, char *kbuf, char *vbuf, const void **krow,
+                              const void **vrow) {
+    static const float zeros[MINICPM_MAX_HEAD_DIM];
+    const size_t row_bytes = (size_t)head_dim * esize;
     for (int c = 0; c < KEYS; c++) {
         const int key = kb * KEYS + c;
         const int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
-        if (at >= 0) kv_rows(kind, kc, vc, ks, vs, at, head_dim, 0, k, v);
-        for (int d = 0; d < head_dim; d++) {
-            kb_t[(int64_t)d * KEYS + c] = at >= 0 ? k[d] : 0.0f;
-            vb_t[(int64_t)c * head_dim + d] = at >= 0 ? v[d] : 0.0f;
+        if (at < 0) {
+            krow[c] = vrow[c] = zeros;
+        } else if (kind == MINICPM_KV_PLAIN) {
+            krow[c] = (const char *)kc + at * esize;
+            vrow[c] = (const char *)vc + at * esize;
+        } else {
+            float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
+            kv_rows(kind, kc, vc, ks, vs, at, head_dim, 0, k, v);
+            char *kd = kbuf + c * row_bytes, *vd = vbuf + c * row_bytes;
+            if (bf16)
+                for (int d = 0; d < head_dim; d++) {
+                    ((uint16_t *)kd)[d] = f32_to_bf16(k[d]);
+                    ((uint16_t *)vd)[d] = f32_to_bf16(v[d]);
+                }
+            else {
+                memcpy(kd, k, row_bytes);
+                memcpy(vd, v, row_bytes);
+            }
+            krow[c] = kd, vrow[c] = vd;
         }
     }
+}
+
+/* key block kb of kv head kvh into Kt [d][c] (transposed 16 x 16 at a time) and Vt [c][d]
+ * (float32; a quantized cache's rows dequantized; keys past ctx zero) */
+static void gather_keys_f32(int kind, const void *kc, const void *vc, const uint16_t *ks, const uint16_t *vs,
+                            const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx, int kb,
+                            float *kt, float *vt) {
+    float kbuf[KEYS * head_dim], vbuf[KEYS * head_dim]; /* rows a quantized cache dequantizes to */
+    const void *krow[KEYS], *vrow[KEYS];
+    block_rows(kind, kc, vc, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb, 4, 0, (char *)kbuf,
+               (char *)vbuf, krow, vrow);
+    float *kb_t = kt + (int64_t)kb * KEYS * head_dim, *vb_t = vt + (int64_t)kb * KEYS * head_dim;
+    for (int c0 = 0; c0 < KEYS; c0 += 16)
+        for (int d0 = 0; d0 < head_dim; d0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const float *)krow[c0 + i] + d0);
+            transpose16_epi32(r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(kb_t + (int64_t)(d0 + i) * KEYS + c0, r[i]);
+        }
+    for (int c = 0; c < KEYS; c++) memcpy(vb_t + (int64_t)c * head_dim, vrow[c], sizeof(float) * head_dim);
 }
 
 /* exp_nonpos over 16 lanes (the same steps, so the same values) */
@@ -432,27 +491,6 @@ static void prefill_tile_f32(const float *const *q, const int *len, int rows, co
 #endif
 
 #if defined(__AVX512BF16__)
-/* rows r[0..15] of 16 32-bit lanes transposed in place: lane j of row i to lane i of row j. Four
- * rounds, one per index bit b: rows i and i + 2^b (bit b of i clear) swap the lanes whose bit b
- * differs from the row's. */
-static inline void transpose16_epi32(__m512i r[16]) {
-    for (int b = 0; b < 4; b++) {
-        const int h = 1 << b;
-        int lo_idx[16], hi_idx[16];
-        for (int j = 0; j < 16; j++) {
-            lo_idx[j] = j & h ? 16 + j - h : j;
-            hi_idx[j] = j & h ? 16 + j : j + h;
-        }
-        const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
-        for (int i = 0; i < 16; i++)
-            if (!(i & h)) {
-                const __m512i a = r[i], c = r[i + h];
-                r[i] = _mm512_permutex2var_epi32(a, lo, c);
-                r[i + h] = _mm512_permutex2var_epi32(a, hi, c);
-            }
-    }
-}
-
 /* key block kb of kv head kvh into Kp / Vp (bfloat16 pairs; keys past ctx zero): Kp [dp][c][2] =
  * the keys' (2 dp, 2 dp + 1) pairs, transposed 16 x 16 32-bit lanes at a time; Vp [c / 2][d][2] =
  * two keys' values interleaved by word permutes. A quantized cache's rows are dequantized first,
@@ -460,34 +498,17 @@ static inline void transpose16_epi32(__m512i r[16]) {
 static void pair_keys(int kind, const void *kcodes, const void *vcodes, const uint16_t *ks, const uint16_t *vs,
                       const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx, int kb,
                       uint16_t *kp, uint16_t *vp) {
-    static const uint16_t zeros[MINICPM_MAX_HEAD_DIM];
-    uint16_t kbuf[KEYS][MINICPM_MAX_HEAD_DIM], vbuf[KEYS][MINICPM_MAX_HEAD_DIM];
+    uint16_t kbuf[KEYS * head_dim], vbuf[KEYS * head_dim]; /* rows a quantized cache dequantizes to */
     const int hd2 = head_dim / 2;
     uint32_t *kt = (uint32_t *)(kp + (int64_t)kb * KEYS * head_dim);
     uint16_t *vt = vp + (int64_t)kb * KEYS * head_dim;
-    const uint16_t *krow[KEYS], *vrow[KEYS];
-    for (int c = 0; c < KEYS; c++) {
-        const int key = kb * KEYS + c;
-        const int64_t at = key < ctx ? key_at(table, kv_heads, kvh, head_dim, block_size, key) : -1;
-        if (at < 0) {
-            krow[c] = vrow[c] = zeros;
-        } else if (kind == MINICPM_KV_PLAIN) {
-            krow[c] = (const uint16_t *)kcodes + at;
-            vrow[c] = (const uint16_t *)vcodes + at;
-        } else {
-            float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
-            kv_rows(kind, kcodes, vcodes, ks, vs, at, head_dim, 0, k, v);
-            for (int d = 0; d < head_dim; d++) {
-                kbuf[c][d] = f32_to_bf16(k[d]);
-                vbuf[c][d] = f32_to_bf16(v[d]);
-            }
-            krow[c] = kbuf[c], vrow[c] = vbuf[c];
-        }
-    }
+    const void *krow[KEYS], *vrow[KEYS];
+    block_rows(kind, kcodes, vcodes, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb, 2, 1, (char *)kbuf,
+               (char *)vbuf, krow, vrow);
     for (int c0 = 0; c0 < KEYS; c0 += 16)
         for (int w0 = 0; w0 < hd2; w0 += 16) {
             __m512i r[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(krow[c0 + i] + 2 * w0);
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const uint16_t *)krow[c0 + i] + 2 * w0);
             transpose16_epi32(r);
             for (int i = 0; i < 16; i++) _mm512_storeu_si512(kt + (int64_t)(w0 + i) * KEYS + c0, r[i]);
         }
@@ -499,7 +520,8 @@ static void pair_keys(int kind, const void *kcodes, const void *vcodes, const ui
     const __m512i lo = _mm512_loadu_si512(first), hi = _mm512_loadu_si512(second);
     for (int c = 0; c < KEYS; c += 2)
         for (int d0 = 0; d0 < head_dim; d0 += 32) {
-            const __m512i a = _mm512_loadu_si512(vrow[c] + d0), b = _mm512_loadu_si512(vrow[c + 1] + d0);
+            const __m512i a = _mm512_loadu_si512((const uint16_t *)vrow[c] + d0),
+                          b = _mm512_loadu_si512((const uint16_t *)vrow[c + 1] + d0);
             uint16_t *dst = vt + ((int64_t)(c / 2) * head_dim + d0) * 2;
             _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
