@@ -390,27 +390,6 @@ static inline __m512 exp16_nonpos(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* One row's scores for a block of 32 keys (s0: keys 0-15, s1: 16-31, unscaled), of which the row
- * sees the first ``seen`` (may be <= 0), folded into its running max ``mx`` and sum ``sm``: the
- * probabilities (0 for unseen keys) into p0, p1; returns the factor the row's accumulated values
- * must be multiplied by. */
-static inline float softmax_block(__m512 s0, __m512 s1, int seen, float scale, float *mx, float *sm, __m512 *p0,
-                                  __m512 *p1) {
-    const __mmask16 k0 = seen >= 16 ? 0xffff : seen <= 0 ? 0 : (__mmask16)((1u << seen) - 1);
-    const __mmask16 k1 = seen >= 32 ? 0xffff : seen <= 16 ? 0 : (__mmask16)((1u << (seen - 16)) - 1);
-    const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
-    const __m512 a0 = _mm512_mask_mul_ps(ninf, k0, s0, sc), a1 = _mm512_mask_mul_ps(ninf, k1, s1, sc);
-    const float blk = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-    const float m = blk > *mx ? blk : *mx;
-    const __m512 mv = _mm512_set1_ps(m);
-    *p0 = _mm512_maskz_mov_ps(k0, exp16_nonpos(_mm512_sub_ps(a0, mv)));
-    *p1 = _mm512_maskz_mov_ps(k1, exp16_nonpos(_mm512_sub_ps(a1, mv)));
-    const float correction = exp_nonpos(*mx - m); /* exp(-inf) ~ 0 on the first block */
-    *sm = *sm * correction + _mm512_reduce_add_ps(_mm512_add_ps(*p0, *p1));
-    *mx = m;
-    return correction;
-}
-
 static inline void scale_row(float *acc, int head_dim, float correction) {
     if (correction != 1.0f)
         for (int d = 0; d < head_dim; d++) acc[d] *= correction;
@@ -441,38 +420,83 @@ static inline __attribute__((always_inline)) void acc_store(__m512 a[6][4], floa
         for (int i = 0; i < 4; i++) _mm512_storeu_ps(acc + (r0 + r) * head_dim + d0 + 16 * i, a[r][i]);
 }
 
-/* one float32 tile: rows (<= PREFILL_ROWS) query rows q[r] seeing the first len[r] keys (len ascending) */
+/* One row's scores for SPAN keys (unscaled), of which the row sees the first ``seen`` (may be
+ * <= 0), folded into its running max ``mx`` and its running sum's 16 lanes ``sm`` (summed across
+ * only at the end); the probabilities (0 for unseen keys) replace the scores, or go to ``p16``
+ * rounded to bfloat16 where it is given; returns the factor the row's accumulated values must be
+ * multiplied by. */
+static inline __attribute__((always_inline)) float softmax_span(float *scores, int seen, float scale, float *mx,
+                                                                __m512 *sm, uint16_t *p16) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
+    __m512 a[SPAN / 16];
+    __mmask16 k[SPAN / 16];
+    for (int i = 0; i < SPAN / 16; i++) {
+        const int left = seen - 16 * i;
+        k[i] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        a[i] = _mm512_mask_mul_ps(ninf, k[i], _mm512_loadu_ps(scores + 16 * i), sc);
+    }
+    const float blk = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a[0], a[1]), _mm512_max_ps(a[2], a[3])));
+    const float m = blk > *mx ? blk : *mx;
+    const __m512 mv = _mm512_set1_ps(m);
+    const float correction = exp_nonpos(*mx - m); /* exp(-inf) ~ 0 on the first span */
+    __m512 sum = _mm512_mul_ps(*sm, _mm512_set1_ps(correction));
+    for (int i = 0; i < SPAN / 16; i += 2) {
+        const __m512 p0 = _mm512_maskz_mov_ps(k[i], exp16_nonpos(_mm512_sub_ps(a[i], mv)));
+        const __m512 p1 = _mm512_maskz_mov_ps(k[i + 1], exp16_nonpos(_mm512_sub_ps(a[i + 1], mv)));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+#if defined(__AVX512BF16__)
+        if (p16) {
+            _mm512_storeu_si512(p16 + 16 * i, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* p0's 16 first */
+            continue;
+        }
+#else
+        (void)p16;
+#endif
+        _mm512_storeu_ps(scores + 16 * i, p0);
+        _mm512_storeu_ps(scores + 16 * i + 16, p1);
+    }
+    *sm = sum;
+    *mx = m;
+    return correction;
+}
+
+/* one float32 tile: rows (<= PREFILL_ROWS) query rows q[r] seeing the first len[r] keys (len
+ * ascending), SPAN keys a softmax step (the packed context is a whole number of spans) */
 static void prefill_tile_f32(const float *const *q, const int *len, int rows, const float *kt, const float *vt,
                              int head_dim, float scale, float *acc, float *const *out) {
     const int lim = len[rows - 1];
-    float mx[PREFILL_ROWS], sm[PREFILL_ROWS], pr[PREFILL_ROWS][KEYS];
+    float mx[PREFILL_ROWS], sm1[PREFILL_ROWS], pr[PREFILL_ROWS][SPAN];
+    __m512 sm[PREFILL_ROWS];
     const float *qq[PREFILL_ROWS];
-    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm, acc, head_dim);
-    for (int kb = 0; kb * KEYS < lim; kb++) {
-        const float *kb_t = kt + (int64_t)kb * KEYS * head_dim, *vb_t = vt + (int64_t)kb * KEYS * head_dim;
-        __m512 s0[PREFILL_ROWS], s1[PREFILL_ROWS];
-        for (int r = 0; r < PREFILL_ROWS; r++) s0[r] = s1[r] = _mm512_setzero_ps();
-        for (int d = 0; d < head_dim; d++) {
-            const __m512 w0 = _mm512_loadu_ps(kb_t + (int64_t)d * KEYS), w1 = _mm512_loadu_ps(kb_t + (int64_t)d * KEYS + 16);
-            for (int r = 0; r < PREFILL_ROWS; r++) {
-                const __m512 x = _mm512_set1_ps(qq[r][d]);
-                s0[r] = _mm512_fmadd_ps(x, w0, s0[r]);
-                s1[r] = _mm512_fmadd_ps(x, w1, s1[r]);
+    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm1, acc, head_dim);
+    for (int r = 0; r < PREFILL_ROWS; r++) sm[r] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < lim; k0 += SPAN) {
+        for (int half = 0; half < SPAN / KEYS; half++) {
+            const float *kb_t = kt + (int64_t)(k0 + half * KEYS) * head_dim;
+            __m512 s0[PREFILL_ROWS], s1[PREFILL_ROWS];
+            for (int r = 0; r < PREFILL_ROWS; r++) s0[r] = s1[r] = _mm512_setzero_ps();
+            for (int d = 0; d < head_dim; d++) {
+                const __m512 w0 = _mm512_loadu_ps(kb_t + (int64_t)d * KEYS), w1 = _mm512_loadu_ps(kb_t + (int64_t)d * KEYS + 16);
+                for (int r = 0; r < PREFILL_ROWS; r++) {
+                    const __m512 x = _mm512_set1_ps(qq[r][d]);
+                    s0[r] = _mm512_fmadd_ps(x, w0, s0[r]);
+                    s1[r] = _mm512_fmadd_ps(x, w1, s1[r]);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                _mm512_storeu_ps(pr[r] + half * KEYS, s0[r]);
+                _mm512_storeu_ps(pr[r] + half * KEYS + 16, s1[r]);
             }
         }
-        for (int r = 0; r < rows; r++) {
-            __m512 p0, p1;
-            const float correction = softmax_block(s0[r], s1[r], len[r] - kb * KEYS, scale, &mx[r], &sm[r], &p0, &p1);
-            _mm512_storeu_ps(pr[r], p0);
-            _mm512_storeu_ps(pr[r] + 16, p1);
-            scale_row(acc + r * head_dim, head_dim, correction);
-        }
+        for (int r = 0; r < rows; r++)
+            scale_row(acc + r * head_dim, head_dim, softmax_span(pr[r], len[r] - k0, scale, &mx[r], &sm[r], NULL));
         for (int r = rows; r < PREFILL_ROWS; r++) memset(pr[r], 0, sizeof pr[r]);
+        const float *vb_t = vt + (int64_t)k0 * head_dim;
         for (int r0 = 0; r0 < rows; r0 += 6)
             for (int d0 = 0; d0 < head_dim; d0 += 64) {
                 __m512 a[6][4];
                 acc_load(a, acc, r0, d0, head_dim);
-                for (int j = 0; j < KEYS; j++) {
+                for (int j = 0; j < SPAN; j++) {
                     __m512 w[4];
                     for (int i = 0; i < 4; i++) w[i] = _mm512_loadu_ps(vb_t + (int64_t)j * head_dim + d0 + 16 * i);
                     for (int r = 0; r < 6; r++) {
@@ -483,7 +507,7 @@ static void prefill_tile_f32(const float *const *q, const int *len, int rows, co
                 acc_store(a, acc, r0, d0, head_dim);
             }
     }
-    for (int r = 0; r < rows; r++) store_scaled(out[r], acc + r * head_dim, 1.0f / sm[r], head_dim, 0);
+    for (int r = 0; r < rows; r++) store_scaled(out[r], acc + r * head_dim, 1.0f / _mm512_reduce_add_ps(sm[r]), head_dim, 0);
 }
 #define HAVE_PREFILL_F32 1
 #else
@@ -528,35 +552,6 @@ static void pair_keys(int kind, const void *kcodes, const void *vcodes, const ui
         }
 }
 
-/* One row's scores for SPAN keys (unscaled), of which the row sees the first ``seen`` (may be
- * <= 0), folded into its running max ``mx`` and its running sum's 16 lanes ``sm`` (summed
- * across only at the end): the probabilities (0 for unseen keys), rounded to bfloat16, into
- * ``p16``; returns the factor the row's accumulated values must be multiplied by. */
-static inline float softmax_span(const float *scores, int seen, float scale, float *mx, __m512 *sm, uint16_t *p16) {
-    const __m512 ninf = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(scale);
-    __m512 a[SPAN / 16];
-    __mmask16 k[SPAN / 16];
-    for (int i = 0; i < SPAN / 16; i++) {
-        const int left = seen - 16 * i;
-        k[i] = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        a[i] = _mm512_mask_mul_ps(ninf, k[i], _mm512_loadu_ps(scores + 16 * i), sc);
-    }
-    const float blk = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a[0], a[1]), _mm512_max_ps(a[2], a[3])));
-    const float m = blk > *mx ? blk : *mx;
-    const __m512 mv = _mm512_set1_ps(m);
-    const float correction = exp_nonpos(*mx - m); /* exp(-inf) ~ 0 on the first span */
-    __m512 sum = _mm512_mul_ps(*sm, _mm512_set1_ps(correction));
-    for (int i = 0; i < SPAN / 16; i += 2) {
-        const __m512 p0 = _mm512_maskz_mov_ps(k[i], exp16_nonpos(_mm512_sub_ps(a[i], mv)));
-        const __m512 p1 = _mm512_maskz_mov_ps(k[i + 1], exp16_nonpos(_mm512_sub_ps(a[i + 1], mv)));
-        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
-        _mm512_storeu_si512(p16 + 16 * i, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* p0's 16 first */
-    }
-    *sm = sum;
-    *mx = m;
-    return correction;
-}
-
 /* one bfloat16 tile: as prefill_tile_f32, on the dot-product instruction, SPAN keys a softmax
  * step (the packed context is a whole number of spans) */
 static void prefill_tile_bf16(const uint16_t *const *q, const int *len, int rows, const uint16_t *kp,
@@ -590,8 +585,7 @@ static void prefill_tile_bf16(const uint16_t *const *q, const int *len, int rows
             }
         }
         for (int r = 0; r < rows; r++) {
-            const float correction = softmax_span(scores[r], len[r] - k0, scale, &mx[r], &sm[r], p16[r]);
-            scale_row(acc + r * head_dim, head_dim, correction);
+            scale_row(acc + r * head_dim, head_dim, softmax_span(scores[r], len[r] - k0, scale, &mx[r], &sm[r], p16[r]));
         }
         for (int r = rows; r < PREFILL_ROWS; r++) memset(p16[r], 0, sizeof p16[r]);
         const uint16_t *vt = vp + (int64_t)k0 * head_dim;
@@ -644,7 +638,7 @@ int minicpm_paged_prefill(int dtype, const void *q, int64_t q_stride, const void
     for (int b = 0; b * block_size < ctx; b++)
         if (table[b] < 0 || table[b] >= num_blocks) return -6;
     const int groups = heads / kv_heads, esize = dtype == 0 ? 4 : 2;
-    const int blocks = dtype == 0 ? (ctx + KEYS - 1) / KEYS : (ctx + SPAN - 1) / SPAN * (SPAN / KEYS);
+    const int blocks = (ctx + SPAN - 1) / SPAN * (SPAN / KEYS); /* whole spans (the tiles' softmax steps) */
     const int tiles = (m * groups + PREFILL_ROWS - 1) / PREFILL_ROWS;
     const size_t packed = (size_t)blocks * KEYS * head_dim * esize;
     void *kp = malloc(packed), *vp = malloc(packed);
