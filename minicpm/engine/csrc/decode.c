@@ -96,7 +96,7 @@ void minicpm_decode_buffer_bytes(int xtype, int m, int hidden, int heads, int kv
 static int check_linear(const Linear *l, int k, int n_total) {
     if (l->parts < 1 || l->parts > MINICPM_MAX_PARTS) return MINICPM_BAD_LAYER;
     for (int p = 0; p < l->parts; p++) {
-        const int w = l->wtype[p], grouped = w >= 3, records = w == 3 || w >= 5; /* int4: scales in the records */
+        const int w = l->wtype[p], grouped = w >= 3, records = is_q4(w); /* int4: scales in the records */
         if (w < 0 || w > 6 || l->n[p] < 1 || l->offset[p] < 0 || (int64_t)l->offset[p] + l->n[p] > n_total ||
             l->packed[p] == NULL)
             return MINICPM_BAD_LAYER;

@@ -88,8 +88,6 @@ static inline v16f load16_i8(const int8_t *p) {
  * as input pairs, are the bfloat16 dot product's operand order (tile_q4_dot). */
 #define Q4_CHUNK 4
 
-static inline int is_q4(int wtype) { return wtype == 3 || wtype == 5 || wtype == 6; }
-
 /* bytes of a record's scales (and of its minimums, where it stores them) */
 static inline int q4_scale_bytes(int wtype) { return PANEL * (wtype == 3 ? 4 : 2); }
 

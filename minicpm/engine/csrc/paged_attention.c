@@ -266,7 +266,7 @@ static int decode_portable(int dtype, const args_t *ap, int rows, int head_dim) 
 #include <immintrin.h>
 #define PREFILL_ROWS 12
 #define KEYS 32
-#define SPAN 64 /* keys per softmax step of the bfloat16 tile: two packed blocks (softmax_span: four vectors) */
+#define SPAN 64 /* keys per softmax step of the prefill tiles: two packed blocks (softmax_span: four vectors) */
 
 /* the address of key ``key``'s kv head ``kvh`` in a layer of the cache (elements) */
 static inline int64_t key_at(const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int key) {
@@ -318,11 +318,12 @@ static inline void transpose16_epi32(__m512i r[16]) {
 }
 
 /* the 32 keys of key block kb of kv head kvh: pointers to their rows in the cache (``kind``
- * plain, of ``esize``-byte elements), or to rows dequantized into kbuf / vbuf (float32, rounded to
- * bfloat16 values where ``bf16``: what the reference reads), or to zeros past ctx */
+ * plain, of ``esize``-byte elements: 4 float32, 2 bfloat16), or to rows dequantized into kbuf /
+ * vbuf in that type (bfloat16 rounded to nearest even: what the reference reads), or to zeros
+ * past ctx */
 static inline void block_rows(int kind, const void *kc, const void *vc, const uint16_t *ks, const uint16_t *vs,
                               const int32_t *table, int kv_heads, int kvh, int head_dim, int block_size, int ctx,
-                              int kb, int esize, int bf16, char *kbuf, char *vbuf, const void **krow,
+                              int kb, int esize, char *kbuf, char *vbuf, const void **krow,
                               const void **vrow) {
     static const float zeros[MINICPM_MAX_HEAD_DIM];
     const size_t row_bytes = (size_t)head_dim * esize;
@@ -338,7 +339,7 @@ static inline void block_rows(int kind, const void *kc, const void *vc, const ui
             float k[MINICPM_MAX_HEAD_DIM], v[MINICPM_MAX_HEAD_DIM];
             kv_rows(kind, kc, vc, ks, vs, at, head_dim, 0, k, v);
             char *kd = kbuf + c * row_bytes, *vd = vbuf + c * row_bytes;
-            if (bf16)
+            if (esize == 2)
                 for (int d = 0; d < head_dim; d++) {
                     ((uint16_t *)kd)[d] = f32_to_bf16(k[d]);
                     ((uint16_t *)vd)[d] = f32_to_bf16(v[d]);
@@ -359,7 +360,7 @@ static void gather_keys_f32(int kind, const void *kc, const void *vc, const uint
                             float *kt, float *vt) {
     float kbuf[KEYS * head_dim], vbuf[KEYS * head_dim]; /* rows a quantized cache dequantizes to */
     const void *krow[KEYS], *vrow[KEYS];
-    block_rows(kind, kc, vc, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb, 4, 0, (char *)kbuf,
+    block_rows(kind, kc, vc, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb, 4, (char *)kbuf,
                (char *)vbuf, krow, vrow);
     float *kb_t = kt + (int64_t)kb * KEYS * head_dim, *vb_t = vt + (int64_t)kb * KEYS * head_dim;
     for (int c0 = 0; c0 < KEYS; c0 += 16)
@@ -396,13 +397,13 @@ static inline void scale_row(float *acc, int head_dim, float correction) {
 }
 
 /* a tile's start: its query rows (rows past ``rows`` repeat row 0, their results unused), running
- * maxima and sums, and its float32 accumulators zeroed */
-static inline void tile_start(const void *const *q, int rows, const void **qq, float *mx, float *sm, float *acc,
+ * maxima and sums (16 lanes a row, summed across at the end), and its float32 accumulators zeroed */
+static inline void tile_start(const void *const *q, int rows, const void **qq, float *mx, __m512 *sm, float *acc,
                               int head_dim) {
     for (int r = 0; r < PREFILL_ROWS; r++) {
         qq[r] = q[r < rows ? r : 0];
         mx[r] = -INFINITY;
-        sm[r] = 0.0f;
+        sm[r] = _mm512_setzero_ps();
     }
     memset(acc, 0, sizeof(float) * PREFILL_ROWS * head_dim);
 }
@@ -465,11 +466,10 @@ static inline __attribute__((always_inline)) float softmax_span(float *scores, i
 static void prefill_tile_f32(const float *const *q, const int *len, int rows, const float *kt, const float *vt,
                              int head_dim, float scale, float *acc, float *const *out) {
     const int lim = len[rows - 1];
-    float mx[PREFILL_ROWS], sm1[PREFILL_ROWS], pr[PREFILL_ROWS][SPAN];
+    float mx[PREFILL_ROWS], pr[PREFILL_ROWS][SPAN];
     __m512 sm[PREFILL_ROWS];
     const float *qq[PREFILL_ROWS];
-    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm1, acc, head_dim);
-    for (int r = 0; r < PREFILL_ROWS; r++) sm[r] = _mm512_setzero_ps();
+    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm, acc, head_dim);
     for (int k0 = 0; k0 < lim; k0 += SPAN) {
         for (int half = 0; half < SPAN / KEYS; half++) {
             const float *kb_t = kt + (int64_t)(k0 + half * KEYS) * head_dim;
@@ -527,7 +527,7 @@ static void pair_keys(int kind, const void *kcodes, const void *vcodes, const ui
     uint32_t *kt = (uint32_t *)(kp + (int64_t)kb * KEYS * head_dim);
     uint16_t *vt = vp + (int64_t)kb * KEYS * head_dim;
     const void *krow[KEYS], *vrow[KEYS];
-    block_rows(kind, kcodes, vcodes, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb, 2, 1, (char *)kbuf,
+    block_rows(kind, kcodes, vcodes, ks, vs, table, kv_heads, kvh, head_dim, block_size, ctx, kb, 2, (char *)kbuf,
                (char *)vbuf, krow, vrow);
     for (int c0 = 0; c0 < KEYS; c0 += 16)
         for (int w0 = 0; w0 < hd2; w0 += 16) {
@@ -557,12 +557,11 @@ static void pair_keys(int kind, const void *kcodes, const void *vcodes, const ui
 static void prefill_tile_bf16(const uint16_t *const *q, const int *len, int rows, const uint16_t *kp,
                               const uint16_t *vp, int head_dim, float scale, float *acc, uint16_t *const *out) {
     const int hd2 = head_dim / 2, lim = len[rows - 1];
-    float mx[PREFILL_ROWS], sm1[PREFILL_ROWS], scores[PREFILL_ROWS][SPAN];
+    float mx[PREFILL_ROWS], scores[PREFILL_ROWS][SPAN];
     __m512 sm[PREFILL_ROWS];
     uint16_t p16[PREFILL_ROWS][SPAN];
     const uint16_t *qq[PREFILL_ROWS];
-    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm1, acc, head_dim);
-    for (int r = 0; r < PREFILL_ROWS; r++) sm[r] = _mm512_setzero_ps();
+    tile_start((const void *const *)q, rows, (const void **)qq, mx, sm, acc, head_dim);
     for (int k0 = 0; k0 < lim; k0 += SPAN) {
         for (int half = 0; half < SPAN / KEYS; half++) {
             const uint16_t *kt = kp + (int64_t)(k0 + half * KEYS) * head_dim;
