@@ -334,6 +334,9 @@ def test_50_clients_that_disconnect_leave_nothing_running(server: LiveServer) ->
     labels = f'bytes_per_token="{s["kv_bytes_per_token"]}",capacity_tokens="{s["kv_capacity_tokens"]}"'
     labels += f',dtype="{s["kv_cache_dtype"]}"'  # (the exposition sorts them)
     assert metric(server, f"minicpm:kv_cache_info{{{labels}}}") == 1
+    # the CPU engine's threads, and its drops under other load, as the engine counts them
+    assert metric(server, "minicpm:cpu_threads") == s["cpu_threads"] >= 1
+    assert metric(server, "minicpm:cpu_thread_drops_total") == s["cpu_thread_drops"]
 
 
 def test_sigterm_drains_then_exits_0(default_model_dir: Path) -> None:

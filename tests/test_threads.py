@@ -47,12 +47,17 @@ def test_a_busy_core_takes_a_thread_and_gives_it_back(machine) -> None:
     machine.run(0.3, mine_cores=1.0, other_cores=1.0)  # another process spins on a core
     gov.tick()
     assert calls == [1] and gov.others == pytest.approx(1.0)
+    assert gov.stats() == {"cpu_threads": 1, "cpu_thread_drops": 1, "cpu_reduced_seconds": 0.0}
     machine.run(0.3, mine_cores=1.0, other_cores=0.45)  # between the thresholds: stay
     gov.tick()
     assert calls == [1]
+    assert gov.stats()["cpu_reduced_seconds"] == pytest.approx(0.3)  # counted while still reduced
     machine.run(0.3, mine_cores=1.0, other_cores=0.1)  # it stopped: back to two
     gov.tick()
     assert calls == [1, 2] and gov.threads == 2
+    machine.run(0.3, mine_cores=2.0, other_cores=0.0)
+    gov.tick()  # the counters keep the spell: one drop, 0.6 s on one thread
+    assert gov.stats() == {"cpu_threads": 2, "cpu_thread_drops": 1, "cpu_reduced_seconds": pytest.approx(0.6)}
 
 
 def test_after_an_idle_spell_a_new_load_gets_a_window_of_its_own(machine) -> None:

@@ -166,7 +166,7 @@ class _Router:
         self._accepting = True
         self._died: str | None = None  # why the thread ended ("died: ...", "was closed"), once it has
         self._lock = threading.Lock()  # submit vs stop: an accepted request is always read
-        self.stats: dict[str, int] = engine.stats()
+        self.stats: dict[str, int | float | str] = engine.stats()
         self._thread = threading.Thread(target=self._loop, name=self.THREAD_NAME, daemon=True)
         if threading.current_thread().name != self.THREAD_NAME:
             # the engine's kernels run on the router's thread from now on: this thread (which loaded
@@ -373,7 +373,7 @@ class BackgroundEngine:
         """Why the engine cannot run ``grammar`` (structured output), or None; any thread."""
         return self.engine.runner.sampler.check_grammar(grammar)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float | str]:
         """The engine's counters as of its last step."""
         return dict(self._router.stats)
 

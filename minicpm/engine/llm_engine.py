@@ -442,8 +442,9 @@ class LLMEngine:
                     self.abort_request(r.request_id)
         return [results[r.request_id] for r in requests]
 
-    def stats(self) -> dict[str, int | str]:
+    def stats(self) -> dict[str, int | float | str]:
         bm = self.block_manager
+        gov = self.governor
         return {
             "attention_backend": self.runner.attention_backend,
             "kernel_failures": sum(self.runner.cache.kernel_failures.values()),
@@ -460,6 +461,11 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "request_errors": self.num_request_errors,
             "cached_prompt_tokens": self.scheduler.num_cached_tokens,
+            **(
+                gov.stats()
+                if gov is not None
+                else {"cpu_threads": 0, "cpu_thread_drops": 0, "cpu_reduced_seconds": 0.0}
+            ),
             **{
                 f"kv_store_{name}": value
                 for name, value in (

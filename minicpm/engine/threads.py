@@ -13,8 +13,10 @@ within about half a second, or one layer, not at its next step. A laptop running
 then decodes on the free core instead of stalling on a thread that waits for a busy one
 (measured: docs/engine.md, "A busy machine").
 
-It does nothing where ``/proc`` is missing, when the user fixed the count (``OMP_NUM_THREADS``) or
-set ``MINICPM_ADAPTIVE_THREADS=0``, or with a single thread to begin with.
+``stats()`` counts what it did, for operators: the thread count now, how often it dropped below
+where it started and for how long (engine ``stats()``, ``/metrics``). It does nothing where
+``/proc`` is missing, when the user fixed the count (``OMP_NUM_THREADS``) or set
+``MINICPM_ADAPTIVE_THREADS=0``, or with a single thread to begin with.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class ThreadGovernor:
             and os.environ.get("MINICPM_ADAPTIVE_THREADS", "1") != "0"
         )
         self.others = 0.0  # cores other processes kept busy over the last interval
+        self.drops = 0  # times the count went below max_threads (an operator's counter)
+        self.reduced_seconds = 0.0  # time spent below max_threads, up to the last tick
+        self._reduced_since: float | None = None
 
     def tick(self) -> None:
         if not self.enabled:
@@ -96,5 +101,19 @@ class ThreadGovernor:
             want = self.max_threads
         if want != self.threads:
             log.info("other processes keep %.1f cores busy: %d -> %d threads", self.others, self.threads, want)
+            if self.threads == self.max_threads:
+                self.drops += 1
+                self._reduced_since = at
+            elif want == self.max_threads and self._reduced_since is not None:
+                self.reduced_seconds += at - self._reduced_since
+                self._reduced_since = None
             self.threads = want
             self._set(want)
+
+    def stats(self) -> dict[str, int | float]:
+        """``cpu_threads`` now, ``cpu_thread_drops`` (times the count went below where it
+        started) and ``cpu_reduced_seconds`` (time spent below it, to now)."""
+        reduced = self.reduced_seconds
+        if self._reduced_since is not None:
+            reduced += self._clock() - self._reduced_since
+        return {"cpu_threads": self.threads, "cpu_thread_drops": self.drops, "cpu_reduced_seconds": reduced}

@@ -3,7 +3,8 @@
 Contract: one private registry per server. Gauges and the engine's own counters (requests
 running and waiting, KV cache usage, KV blocks used and total, preemptions, prefix-cache queries
 and hits, the attention backend serving, kernel failures, requests ended by an error, the persistent
-prefix cache's ``kv_store_*`` counters and its size in bytes) are read
+prefix cache's ``kv_store_*`` counters and its size in bytes, the CPU engine's thread count and its
+drops under other processes' load) are read
 from the engine's statistics when ``/metrics`` is scraped; per-request counters and histograms
 (prompt and generation tokens, finished requests by reason, time to first token, inter-token
 latency, end-to-end latency, queue time) are recorded as requests finish.
@@ -94,6 +95,19 @@ class _EngineCollector:
         )
         yield CounterMetricFamily(
             "minicpm:request_errors", "Requests ended by an error inside an engine step.", s["request_errors"]
+        )
+        yield GaugeMetricFamily(
+            "minicpm:cpu_threads", "Threads the CPU engine computes with now (0 on a GPU).", s.get("cpu_threads", 0)
+        )
+        yield CounterMetricFamily(
+            "minicpm:cpu_thread_drops",
+            "Times the CPU engine dropped threads because other processes kept cores busy.",
+            s.get("cpu_thread_drops", 0),
+        )
+        yield CounterMetricFamily(
+            "minicpm:cpu_reduced_seconds",
+            "Seconds the CPU engine spent on fewer threads than it started with.",
+            s.get("cpu_reduced_seconds", 0.0),
         )
         for name, text in KV_STORE_COUNTERS.items():
             yield CounterMetricFamily(f"minicpm:kv_store_{name}", text, s.get(f"kv_store_{name}", 0))
