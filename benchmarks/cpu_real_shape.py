@@ -35,7 +35,15 @@ llama-bench: when it starts, its KV cache is allocated up front) of every run:
 * ``decode``: batch-1 greedy decode, ``--new-tokens`` after a 16-token prompt; minicpm's rate is
   (N - 1) / (time for N tokens - time for 1), llama-bench's ``tg N`` (N tokens from an empty
   cache). Rows (``--formats``): minicpm bf16 / llama.cpp bf16; minicpm running the Q8_0 GGUF and
-  ``--quantize int8`` / Q8_0; minicpm running the Q4_0 GGUF and ``--quantize int4`` / Q4_0.
+  ``--quantize int8`` / Q8_0; minicpm running the Q4_0 GGUF, ``--quantize int4`` and
+  ``--quantize int4 --group-size 64`` (Q4_0's bytes a weight) / Q4_0.
+* ``decodepaired``: the decode section's rows with both systems loaded at once, measured in
+  pairs: minicpm in a worker that holds its model, llama.cpp in ``llama-server`` (its own
+  ``predicted_per_second``: N - 1 decode steps over their time), ``--pairs`` pairs of
+  ``--new-tokens`` each, which goes first flipping every pair. On a host whose memory bandwidth
+  moves with its neighbours' load from one minute to the next (this one: a 2-core VM), the two
+  halves of a pair see the same machine; the row's ratio is the median of the pairs' ratios, with
+  their range. Needs both models in memory (bf16: ~12 GiB).
 * ``prefill2k``, ``prefill32k``: time to the first token of a ``--prefill-short`` /
   ``--prefill-long`` token prompt (random ids), same rows; llama-bench ``-p 64,N -n 0`` (the
   64-token test warms it up). KV caches: bfloat16 (minicpm) / f16 (llama.cpp), same bytes.
@@ -95,7 +103,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 LLAMA_CPP = Path.home() / ".cache" / "peers" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-SECTIONS = ("decode", "prefill2k", "prefill32k", "decode32k", "capacity")
+SECTIONS = ("decode", "decodepaired", "prefill2k", "prefill32k", "decode32k", "capacity")
 MARK = "RESULT "
 GIB = 2**30
 BLOCK = 128  # minicpm's CPU block size (tokens); KV budgets are whole blocks
@@ -110,13 +118,14 @@ ADDED_TOKENS = {  # the published checkpoint's added_tokens.json
     "\u2581<EOT>": 122758,
     "\u2581<SUF>": 122759,
 }
-# row -> (minicpm's weights: the checkpoint or a GGUF, its --quantize, llama.cpp's GGUF)
+# row -> (minicpm's weights: the checkpoint or a GGUF, its --quantize and --group-size, llama.cpp's GGUF)
 FORMATS = {
-    "bf16": ("checkpoint", "none", "bf16"),
-    "q8_0": ("Q8_0", "auto", "Q8_0"),
-    "int8": ("checkpoint", "int8", "Q8_0"),
-    "q4_0": ("Q4_0", "auto", "Q4_0"),
-    "int4": ("checkpoint", "int4", "Q4_0"),
+    "bf16": ("checkpoint", "none", None, "bf16"),
+    "q8_0": ("Q8_0", "auto", None, "Q8_0"),
+    "int8": ("checkpoint", "int8", None, "Q8_0"),
+    "q4_0": ("Q4_0", "auto", None, "Q4_0"),
+    "int4": ("checkpoint", "int4", None, "Q4_0"),
+    "int4g64": ("checkpoint", "int4", 64, "Q4_0"),
 }
 FORMAT_LABELS = {
     "bf16": "bf16 / bf16",
@@ -124,6 +133,7 @@ FORMAT_LABELS = {
     "int8": "--quantize int8 / Q8_0",
     "q4_0": "the Q4_0 GGUF / Q4_0",
     "int4": "--quantize int4 / Q4_0",
+    "int4g64": "--quantize int4 --group-size 64 / Q4_0",
 }
 DEPTH_WEIGHTS = {"Q4_0": ("Q4_0", "auto"), "Q8_0": ("Q8_0", "auto"), "bf16": ("checkpoint", "none")}
 
@@ -458,8 +468,8 @@ def prepare(args: argparse.Namespace, paths: dict[str, Path]) -> dict:
 
 
 # ------------------------------------------------------------------------------------ minicpm worker
-def worker(spec: dict) -> dict:
-    """One minicpm measurement in this (fresh) process."""
+def worker(spec: dict) -> dict | None:
+    """One minicpm measurement in this (fresh) process (None: ``serve_decode`` answered on stdout)."""
     base = status_bytes("VmRSS")
     import torch
 
@@ -478,13 +488,17 @@ def worker(spec: dict) -> dict:
 
     start = time.perf_counter()
     path = resolve_model_path(spec["model"])
-    model = MiniCPMForCausalLM.from_pretrained(path, dtype=spec["dtype"], device="cpu", quantize=spec["quantize"])
+    group = spec.get("group_size")
+    model = MiniCPMForCausalLM.from_pretrained(
+        path, dtype=spec["dtype"], device="cpu", quantize=spec["quantize"], group_size=group
+    )
     c = model.config
     fmt = resolve_kv_format(spec["kv"], model.dtype, "cpu", c.head_dim)
     per_token = fmt.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
     blocks = -(-spec["kv_tokens"] // BLOCK) + 1
     config = EngineConfig(
         quantize=spec["quantize"],
+        group_size=group,
         kv_cache_dtype=spec["kv"],
         kv_cache_memory=blocks * BLOCK * per_token,
         block_size=BLOCK,
@@ -511,6 +525,7 @@ def worker(spec: dict) -> dict:
 
     generate(random_ids(16, 99), 4)  # warm-up: kernels built and loaded, pools started
     task = spec["task"]
+    before = engine.stats()
     if task == "decode":
         ids, n = random_ids(PROMPT, 1), spec["new_tokens"]
         first = generate(ids, 1)
@@ -522,9 +537,15 @@ def worker(spec: dict) -> dict:
         out["tok_s"] = spec["length"] / out["seconds"]
     elif task == "depth":
         out |= decode_at_depth(engine, spec, vocab)
+    elif task == "serve_decode":
+        serve_decode(engine, generate, out, before)
+        return None
     else:
         raise ValueError(f"unknown task {task!r}")
-    out |= {
+    after = engine.stats()
+    out |= {  # the engine on fewer threads while other processes kept a core busy, over the timed part
+        "thread_drops": after["cpu_thread_drops"] - before["cpu_thread_drops"],
+        "reduced_seconds": round(after["cpu_reduced_seconds"] - before["cpu_reduced_seconds"], 2),
         "resident": status_bytes("VmRSS"),
         "peak": status_bytes("VmHWM"),
         "huge_pages": status_bytes("AnonHugePages", source="smaps_rollup"),  # the weights' panels ask for them
@@ -612,6 +633,69 @@ def fill_blocks(cache, blocks: list[int], tokens: int, seed: int) -> None:
             for layer in range(store.shape[0]):
                 for first, count in runs:
                     store[layer, first : first + count].copy_(src[:count])
+
+
+def serve_decode(engine, generate, ready: dict, before: dict) -> None:
+    """The paired decode's worker: says it is ready (``ready``: its load figures), then answers
+    each ``{"new_tokens": N}`` line on stdin with one decode measurement (as the decode section's:
+    (N - 1) / (time for N - time for 1)) until stdin closes."""
+    ids = random_ids(PROMPT, 1)
+    print(MARK + json.dumps(ready | {"resident": status_bytes("VmRSS")}), flush=True)
+    for line in sys.stdin:
+        n = json.loads(line)["new_tokens"]
+        first = generate(ids, 1)
+        total = generate(ids, n)
+        now = engine.stats()
+        print(
+            MARK
+            + json.dumps(
+                {
+                    "tok_s": (n - 1) / (total - first),
+                    "thread_drops": now["cpu_thread_drops"] - before["cpu_thread_drops"],
+                    "resident": status_bytes("VmRSS"),
+                    "peak": status_bytes("VmHWM"),
+                }
+            ),
+            flush=True,
+        )
+
+
+class ServedMinicpm:
+    """A minicpm worker process holding its model, measuring on request (serve_decode)."""
+
+    def __init__(self, spec: dict) -> None:
+        env = dict(os.environ, PYTHONPATH=str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if spec.get("fixed_threads"):
+            env["MINICPM_ADAPTIVE_THREADS"] = "0"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.err: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+        self.ready = self._answer()
+
+    def _answer(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+        self.proc.wait()
+        raise RuntimeError(f"minicpm worker exited (rc {self.proc.returncode}):\n{''.join(self.err[-40:])}")
+
+    def decode(self, n: int) -> dict:
+        self.proc.stdin.write(json.dumps({"new_tokens": n}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def run_minicpm(spec: dict, timeout: float | None = None) -> dict:
@@ -732,29 +816,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_server_depth(args: argparse.Namespace, gguf: Path, kv: str, depth: int, n: int, slots: Path) -> dict:
-    """Decode at ``depth`` tokens of context in llama-server: a real prefill of ``depth`` random
-    tokens (or its slot restored from an earlier run's save), then ``n`` tokens generated; the
-    server's own timings."""
-    slots.mkdir(parents=True, exist_ok=True)
+def start_llama_server(args: argparse.Namespace, gguf: Path, ctx: int, extra: list[str]) -> tuple[Watched, str]:
+    """llama-server on ``gguf`` with one slot of ``ctx`` tokens, ``--threads`` threads, no prompt
+    cache in RAM; once it answers /health: the process and its URL."""
     port = free_port()
-    cmd = [str(llama_bin(args.llama_cpp, "llama-server")), "-m", str(gguf), "-c", str(depth + n + 64), "-np", "1"]
-    cmd += ["-t", str(args.threads), "-tb", str(args.threads), "-fa", "on", "-ctk", kv, "-ctv", kv]
-    cmd += ["--cache-ram", "0", "-ctxcp", "0", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--slot-save-path", str(slots), "-b", "2048", "-ub", "512"]
+    cmd = [str(llama_bin(args.llama_cpp, "llama-server")), "-m", str(gguf), "-c", str(ctx), "-np", "1"]
+    cmd += ["-t", str(args.threads), "-tb", str(args.threads), *extra]
+    cmd += ["--cache-ram", "0", "-ctxcp", "0", "--host", "127.0.0.1", "--port", str(port), "-b", "2048", "-ub", "512"]
     w = Watched(cmd, llama_env(args), stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    out: dict = {"flash_attn": "on", "type_k": kv}
     try:
         while True:
             if w.exited():
                 raise RuntimeError(f"llama-server exited (rc {w.proc.returncode}):\n{w.tail()}")
             try:
                 if http(url + "/health", timeout=5).get("status") == "ok":
-                    break
+                    return w, url
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 pass
             time.sleep(0.5)
+    except BaseException:
+        w.finish(kill=True)
+        raise
+
+
+def llama_server_decode(url: str, n: int) -> float:
+    """Tokens per second of ``n`` tokens decoded after a 16-token prompt: the server's own
+    ``predicted_per_second``, its n - 1 decode steps over their time (the first token comes from
+    the prompt's logits), as minicpm's (N - 1) / (time for N - time for 1)."""
+    body = {"prompt": random_ids(PROMPT, 1), "n_predict": n, "cache_prompt": False, "ignore_eos": True}
+    timings = http(url + "/completion", body | {"temperature": 0, "top_k": 1})["timings"]
+    if timings["predicted_n"] != n:
+        raise RuntimeError(f"llama-server decoded {timings['predicted_n']} tokens, not {n}")
+    return timings["predicted_per_second"]  # (n - 1) / time: its first token came with the prompt
+
+
+def llama_server_depth(args: argparse.Namespace, gguf: Path, kv: str, depth: int, n: int, slots: Path) -> dict:
+    """Decode at ``depth`` tokens of context in llama-server: a real prefill of ``depth`` random
+    tokens (or its slot restored from an earlier run's save), then ``n`` tokens generated; the
+    server's own timings."""
+    slots.mkdir(parents=True, exist_ok=True)
+    w, url = start_llama_server(
+        args, gguf, depth + n + 64, ["-fa", "on", "-ctk", kv, "-ctv", kv, "--slot-save-path", str(slots)]
+    )
+    out: dict = {"flash_attn": "on", "type_k": kv}
+    try:
         ids = random_ids(depth, 3)
         name = f"{gguf.stem}-{kv}-d{depth}.bin"
         saved = slots / name
@@ -774,7 +880,7 @@ def llama_server_depth(args: argparse.Namespace, gguf: Path, kv: str, depth: int
         r = http(url + "/completion", body)
         timings = r["timings"]
         out |= {
-            "tok_s": timings["predicted_n"] / (timings["predicted_ms"] / 1000),
+            "tok_s": timings["predicted_per_second"],  # (n - 1) decode steps over their time
             "generated": timings["predicted_n"],
             "reprocessed_prompt_tokens": timings["prompt_n"],
             "cached_tokens": r.get("tokens_cached"),
@@ -848,8 +954,8 @@ def measure_formats(args, paths, runs: Runs, section: str, task: dict) -> dict:
     rows = {f: {"minicpm": [], "llama.cpp": []} for f in args.formats}
     tag = run_tag(args)
     for round_ in range(args.rounds):
-        for gguf in dict.fromkeys(FORMATS[f][2] for f in args.formats):
-            ours = [f for f in args.formats if FORMATS[f][2] == gguf]
+        for gguf in dict.fromkeys(FORMATS[f][3] for f in args.formats):
+            ours = [f for f in args.formats if FORMATS[f][3] == gguf]
 
             def peer(gguf=gguf) -> dict:
                 if task["task"] == "decode":
@@ -860,15 +966,72 @@ def measure_formats(args, paths, runs: Runs, section: str, task: dict) -> dict:
 
             jobs = [("llama.cpp", f"{section} {tag} llama.cpp {gguf} {task_key(task)}", peer, ours)]
             for f in ours:
-                weights, quantize, _ = FORMATS[f]
+                weights, quantize, group, _ = FORMATS[f]
                 kv_tokens = task.get("length", PROMPT) + args.new_tokens + 64
                 spec = minicpm_spec(args, paths, weights, quantize, kv_tokens=kv_tokens) | task
+                if group:
+                    spec["group_size"] = group
                 key = f"{section} {tag} minicpm {f} {args.dtype} {task_key(task)}"
                 jobs.append(("minicpm", key, lambda spec=spec: run_minicpm(spec), [f]))
             for system, key, fn, fmts in alternate(round_, jobs):
                 r = runs.get(key, round_, fn)
                 for f in fmts:
                     rows[f][system].append(r)
+    return rows
+
+
+def measure_paired(args, paths, runs: Runs) -> dict:
+    """``decodepaired``: per format row, one minicpm worker and one llama-server, both loaded, then
+    ``--pairs`` decode measurements of each, alternating which goes first."""
+    rows: dict = {}
+    tag = run_tag(args)
+    n = args.new_tokens
+    for f in args.formats:
+        weights, quantize, group, gguf = FORMATS[f]
+
+        def run(f=f, weights=weights, quantize=quantize, group=group, gguf=gguf) -> dict:
+            spec = minicpm_spec(args, paths, weights, quantize, kv_tokens=PROMPT + n + 64)
+            spec |= {"task": "serve_decode"} | ({"group_size": group} if group else {})
+            w, url = start_llama_server(args, paths[gguf], PROMPT + n + 64, [])
+            ours = None
+            try:
+                ours = ServedMinicpm(spec)
+                llama_server_decode(url, 8)  # warm-up (minicpm's worker warms up before it is ready)
+                pairs = []
+                for i in range(args.pairs):
+                    jobs = [
+                        ("minicpm", lambda: ours.decode(n)),
+                        ("llama.cpp", lambda: {"tok_s": llama_server_decode(url, n)}),
+                    ]
+                    got = {system: fn() for system, fn in alternate(i, jobs)}
+                    got["llama.cpp"]["resident"] = w.rss()
+                    pairs.append(got)
+                    print(
+                        f"[{f} pair {i}] minicpm {got['minicpm']['tok_s']:.2f} "
+                        f"llama.cpp {got['llama.cpp']['tok_s']:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            finally:
+                if ours is not None:
+                    ours.close()
+                _, peak = w.finish(kill=True)
+            return {"pairs": pairs, "llama_peak": peak, "load": ours.ready}
+
+        key = f"decodepaired {tag} {f} {args.dtype} n={n} pairs={args.pairs}"
+        r = runs.get(key, 0, run)
+        if "error" in r:
+            rows[f] = {"minicpm": {"error": r["error"]}, "llama.cpp": None}
+            continue
+        ours = [p["minicpm"] for p in r["pairs"]]
+        theirs = [p["llama.cpp"] | {"peak": r["llama_peak"]} for p in r["pairs"]]
+        ratios = [p["minicpm"]["tok_s"] / p["llama.cpp"]["tok_s"] for p in r["pairs"]]
+        row = summarize_rows({f: {"minicpm": ours, "llama.cpp": theirs}}, "tok_s")[f]
+        row["ratio"] = statistics.median(ratios)
+        row["ratio_range"] = [min(ratios), max(ratios)]
+        row["pairs_faster"] = sum(x > 1 for x in ratios)
+        row["minicpm"]["thread_drops"] = sum(p.get("thread_drops", 0) for p in ours)
+        rows[f] = row
     return rows
 
 
@@ -1020,6 +1183,7 @@ def print_table(report: dict) -> None:
     head += f" {'GiB peak/res ours':>17} {'theirs':>11}"
     for section, unit in (
         ("decode", "tok/s"),
+        ("decodepaired", "tok/s"),
         ("prefill2k", "s"),
         ("prefill32k", "s"),
         ("decode32k", "tok/s"),
@@ -1032,10 +1196,12 @@ def print_table(report: dict) -> None:
         for name, row in s["rows"].items():
             ours, theirs = row.get("minicpm"), row.get("llama.cpp")
             ratio = f"{row['ratio']:.2f}" if "ratio" in row else "-"
-            print(
-                f"{section:<11} {s['labels'].get(name, name):<32} {fmt(ours):>24} {fmt(theirs):>24} {ratio:>6} "
-                f"{mem(ours):>17} {mem(theirs):>11}"
-            )
+            line = f"{section:<11} {s['labels'].get(name, name):<32} {fmt(ours):>24} {fmt(theirs):>24} {ratio:>6} "
+            line += f"{mem(ours):>17} {mem(theirs):>11}"
+            if "ratio_range" in row:
+                lo, hi = row["ratio_range"]
+                line += f"  pairs [{lo:.2f}, {hi:.2f}], minicpm faster in {row['pairs_faster']}/{ours['runs']}"
+            print(line)
         for note in s.get("notes", []):
             print(f"  note: {note}")
     cap = report["sections"].get("capacity")
@@ -1083,6 +1249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", default=",".join(FORMATS), help="rows of decode / prefill: " + ",".join(FORMATS))
     p.add_argument("--dtype", default="bfloat16", help="minicpm's activation dtype (default bfloat16)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per measurement")
+    p.add_argument("--pairs", type=int, default=10, help="decodepaired: measurements of each system per row")
     p.add_argument("--prefill-short", type=int, default=2048)
     p.add_argument("--prefill-long", type=int, default=32768)
     p.add_argument("--depth", type=int, default=32768, help="context of decode32k")
@@ -1129,7 +1296,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        result = worker(json.loads(args.worker))
+        if result is not None:
+            print(MARK + json.dumps(result), flush=True)
         return
     sys.path.insert(0, str(PROJECT))
     sys.path.insert(1, str(args.llama_cpp / "gguf-py"))  # llama.cpp's gguf-py: the types it writes
@@ -1169,6 +1338,13 @@ def main(argv: list[str] | None = None) -> None:
             "what": f"batch 1, {args.new_tokens} tokens after {PROMPT}; minicpm {args.dtype} activations",
             "labels": FORMAT_LABELS,
             "rows": summarize_rows(rows, "tok_s"),
+        }
+    if "decodepaired" in args.only:
+        report["sections"]["decodepaired"] = {
+            "what": f"batch 1, {args.new_tokens} tokens after {PROMPT}, both systems loaded, {args.pairs} pairs; "
+            "ratio: the median of the pairs' ratios",
+            "labels": FORMAT_LABELS,
+            "rows": measure_paired(args, paths, runs),
         }
     for section, length in (("prefill2k", args.prefill_short), ("prefill32k", args.prefill_long)):
         if section in args.only:
