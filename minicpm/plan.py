@@ -95,36 +95,73 @@ def parameter_count(config: MiniCPMConfig) -> int:
 
 
 def quantized_weight_bytes(
-    config: MiniCPMConfig, dtype: torch.dtype | str, quantize: str, group_size: int | None
+    config: MiniCPMConfig,
+    dtype: torch.dtype | str,
+    quantize: str,
+    group_size: int | None,
+    layout: str = "tensors",
 ) -> int:
-    """Bytes of the weights as ``quantize_model(model, quantize, group_size)`` leaves them: every
-    linear layer's codes with its float32 scales (and minimums for int4), the head and the
-    embedding table at 8 bits per channel under int4 (a tied table is the head: counted once), norms
-    in ``dtype``. ``quantize`` "none" or "auto" (a float checkpoint): parameters x bytes per
-    element."""
+    """Bytes of the weights quantized with ``quantize`` (int8 / int4; "none" or "auto", a float
+    checkpoint: parameters x bytes per element), held one of two ways:
+
+    * ``layout="tensors"``: as ``quantize_model(model, quantize, group_size)`` leaves them (and a
+      GPU engine holds them): every linear layer's codes with float32 scales (and minimums for
+      int4), the head and the embedding table at 8 bits per channel under int4 (a tied table is the
+      head: counted once), norms in ``dtype``.
+    * ``layout="cpu-panels"``: as the CPU engine holds them on its native kernels
+      (:mod:`minicpm.engine.layers`): q/k/v and gate/up fused, every product's outputs padded to
+      whole 32-column panels; int4 as records of float16 scales and minimums (0.625 bytes a weight
+      at groups of 32; a group whose scale or minimum is past float16's range would keep float32
+      ones, which no trained checkpoint has), int8 with float32 scales per column or per (column,
+      group); a tied table is the head's panels, an untied one stays a table in the head's format.
+    """
     from .quant import check_quantize, default_group
 
     check_quantize(quantize, group_size)
+    if layout not in ("tensors", "cpu-panels"):
+        raise ValueError(f"layout must be 'tensors' or 'cpu-panels', got {layout!r}")
     b = resolve_plan_dtype(dtype).itemsize
     shapes = expected_shapes(config)
     if quantize not in ("int8", "int4"):
         return parameter_count(config) * b
+    head_fmt, head_group = ("int8", None) if quantize == "int4" else (quantize, group_size)
 
-    def linear(out: int, inp: int, fmt: str, group: int | None) -> int:
+    def tensors(out: int, inp: int, fmt: str, group: int | None) -> int:
         group = group or default_group(fmt, inp)
         codes = out * inp if fmt == "int8" else out * inp // 2
         return codes + out * (inp // group) * 4 * (2 if fmt == "int4" else 1)
 
-    total = 0
-    for name, shape in shapes.items():
-        if name in ("lm_head.weight", "model.embed_tokens.weight"):  # head_format
-            fmt, group = ("int8", None) if quantize == "int4" else (quantize, group_size)
-            total += linear(*shape, fmt, group)
-        elif len(shape) == 2:
-            total += linear(*shape, quantize, group_size)
-        else:
-            total += math.prod(shape) * b
-    return total
+    def panels(out: int, inp: int, fmt: str, group: int | None) -> int:
+        group = group or default_group(fmt, inp)
+        out = -(-out // 32) * 32
+        if fmt == "int4":  # per (panel, group): the codes, 32 float16 scales and 32 minimums
+            return out * inp // 2 + out * (inp // group) * 4
+        return out * inp + out * (inp // group) * 4  # int8 codes, float32 scales
+
+    if layout == "tensors":
+        total = 0
+        for name, shape in shapes.items():
+            if name in ("lm_head.weight", "model.embed_tokens.weight"):  # head_format
+                total += tensors(*shape, head_fmt, head_group)
+            elif len(shape) == 2:
+                total += tensors(*shape, quantize, group_size)
+            else:
+                total += math.prod(shape) * b
+        return total
+    c = config
+    hidden, head_dim = c.hidden_size, c.head_dim
+    products = [
+        ((c.num_attention_heads + 2 * c.num_key_value_heads) * head_dim, hidden),  # q/k/v fused
+        (hidden, c.num_attention_heads * head_dim),  # o
+        (2 * c.intermediate_size, hidden),  # gate/up fused
+        (hidden, c.intermediate_size),  # down
+    ]
+    total = c.num_hidden_layers * sum(panels(out, inp, quantize, group_size) for out, inp in products)
+    total += panels(c.vocab_size, hidden, head_fmt, head_group)  # the head (a tied table's lookups too)
+    if not c.tie_word_embeddings:
+        total += tensors(c.vocab_size, hidden, head_fmt, head_group)  # the table, in the head's format
+    norms = sum(math.prod(shape) for shape in shapes.values() if len(shape) == 1)
+    return total + norms * b
 
 
 def estimate_activation_reserve(
@@ -240,8 +277,9 @@ def plan_memory(
     ``weight_bytes`` overrides parameters x bytes per element (e.g. a quantized checkpoint);
     ``activation_reserve_bytes`` overrides :func:`estimate_activation_reserve`. ``kv_cache_dtype``
     counts the cache in that format (:mod:`minicpm.engine.attention.kv_format`, scales included;
-    "auto": ``dtype``) and ``quantize`` the weights as the engine quantizes them
-    (:func:`quantized_weight_bytes`); ``device`` decides which formats exist (fp8: CUDA).
+    "auto": ``dtype``) and ``quantize`` the weights as that device's engine holds them
+    (:func:`quantized_weight_bytes`: CPU panels on "cpu", quantize_model's tensors else);
+    ``device`` also decides which formats exist (fp8: CUDA).
     """
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise UserError(f"context must be a positive number of tokens, got {context!r}")
@@ -256,7 +294,8 @@ def plan_memory(
     if weight_bytes is not None:
         weights = int(weight_bytes)
     elif quantize is not None:
-        weights = quantized_weight_bytes(config, torch_dtype, quantize, group_size)
+        layout = "cpu-panels" if torch.device(device).type == "cpu" else "tensors"
+        weights = quantized_weight_bytes(config, torch_dtype, quantize, group_size, layout)
     else:
         weights = parameters * b
     from .engine.attention.kv_format import resolve_kv_format

@@ -320,6 +320,36 @@ def test_quantized_weights_are_counted_as_quantize_model_leaves_them(quantize, g
     assert quantized_weight_bytes(config, torch.float32, quantize, group) == sum(held.values())
 
 
+@pytest.mark.parametrize(("quantize", "group"), [("int8", None), ("int8", 32), ("int4", None), ("int4", 64)])
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_weights_are_counted_as_the_cpu_engine_holds_them(quantize, group, tied) -> None:
+    """Every tensor the CPU engine's model keeps (packed panels, their scales, tables, norms; views
+    counted once), against ``quantized_weight_bytes(..., "cpu-panels")``; a vocabulary and widths
+    that are not whole panels, so the padding counts."""
+    from minicpm.engine import EngineConfig, LLMEngine
+    from minicpm.engine.cpu_kernels import native_kernels
+    from minicpm.model import MiniCPMForCausalLM
+    from minicpm.plan import quantized_weight_bytes
+
+    if native_kernels() is None:
+        pytest.skip("the native CPU kernels do not build here")
+    config = tiny_config(
+        tie_word_embeddings=tied, hidden_size=128, intermediate_size=320, vocab_size=97, num_key_value_heads=1
+    )
+    model = MiniCPMForCausalLM(config).to(torch.bfloat16)
+    engine = LLMEngine(model, None, EngineConfig(quantize=quantize, group_size=group, kv_cache_memory=1 << 20))
+    held: dict[int, int] = {}
+    for module in engine.runner.model.modules():
+        attrs = [*module.parameters(recurse=False), *module.buffers(recurse=False), *vars(module).values()]
+        for t in attrs:
+            if isinstance(t, torch.Tensor) and t.numel():
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    plan = quantized_weight_bytes(config, torch.bfloat16, quantize, group, "cpu-panels")
+    assert plan == sum(held.values())
+    if quantize == "int4":  # the tensors' count (float32 scales and minimums, what a GPU holds) is larger
+        assert quantized_weight_bytes(config, torch.bfloat16, quantize, group) > plan
+
+
 def test_cli_counts_the_kv_format_and_the_quantized_weights(real_dir: Path, capsys) -> None:
     """MiniCPM-2B-128k in 16 GiB: bfloat16 KV holds 32k tokens beside int4 weights, int4 KV 3.4x that."""
     args = ["--model", str(real_dir), "--context", "131072", "--memory", "16", "--dtype", "bfloat16"]
