@@ -162,7 +162,8 @@ def quantized_case(name, heads, kv_heads, d, bs, lens, dtype, seed=0):
 @pytest.mark.parametrize("name", QUANTIZED)
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 3e-6), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (4, 2, 32), (36, 36, 64), (20, 5, 128)]
+    ("heads", "kv_heads", "d"),
+    [(4, 4, 64), (9, 3, 64), (8, 2, 128), (4, 2, 32), (10, 2, 64), (36, 36, 64), (20, 5, 128)],
 )
 @pytest.mark.parametrize("bs", [16, 128])
 def test_decode_kernel_reads_codes_in_place(name, dtype, tol, heads, kv_heads, d, bs) -> None:
@@ -179,7 +180,9 @@ def test_decode_kernel_reads_codes_in_place(name, dtype, tol, heads, kv_heads, d
 
 @needs_native
 @pytest.mark.parametrize("name", QUANTIZED)
-@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (36, 36, 64), (20, 5, 128)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d"), [(4, 4, 64), (9, 3, 64), (8, 2, 128), (10, 2, 64), (36, 36, 64), (20, 5, 128)]
+)
 def test_bfloat16_decode_over_a_quantized_cache_keeps_every_row_to_bfloat16_rounding(name, heads, kv_heads, d) -> None:
     """Row by row, not just overall: each row's error stays within 2^-7 of its own largest output.
     Bfloat16 queries read int8 / int4 codes by integer dot products where the CPU has VNNI (the
