@@ -518,3 +518,30 @@ def test_real_minicpm_2b_128k_config_numbers() -> None:
     assert config.rope_base(65536) == 1e6
     assert config.rope_base(131072) == pytest.approx(5.27e6, rel=1e-3)
     assert config.kv_bytes_per_token(2) == 360 * 1024
+
+
+def test_steady_heap_pins_the_mmap_threshold_while_loading_and_fixes_it_after(monkeypatch) -> None:
+    """weights.steady_heap: glibc's mmap threshold at 1 MiB for the outermost use only (a load
+    inside an engine's preparation does not end it early), 32 MiB once it ends, also after an error."""
+    from minicpm import weights
+
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(weights, "_libc", lambda: FakeLibc())
+    with weights.steady_heap():
+        with weights.steady_heap():
+            assert calls == [(weights.M_MMAP_THRESHOLD, 1 << 20)]
+        assert calls == [(weights.M_MMAP_THRESHOLD, 1 << 20)]
+    assert calls == [(weights.M_MMAP_THRESHOLD, 1 << 20), (weights.M_MMAP_THRESHOLD, 32 << 20)]
+    with pytest.raises(RuntimeError), weights.steady_heap():
+        raise RuntimeError("a load that fails")
+    assert calls[-1] == (weights.M_MMAP_THRESHOLD, 32 << 20) and weights._steady_depth == 0
+    monkeypatch.setattr(weights, "_libc", lambda: None)  # no glibc: nothing to do
+    with weights.steady_heap():
+        pass
+    assert len(calls) == 4

@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..model import MiniCPMForCausalLM
 from ..quant import FORMATS as QUANTIZED
 from ..quant import QuantizedEmbedding, QuantizedLinear, dequantize_rows, linear_slots, quantize_model
-from ..weights import release_freed_memory
+from ..weights import release_freed_memory, steady_heap
 from .cpu_kernels import PANEL, int4_panel_rows, native_kernels, pack_panels, panel_linear, quantized_panels
 
 log = logging.getLogger("minicpm.engine")
@@ -244,7 +244,6 @@ def prepare_model(
         if quantize not in ("auto", prepared):
             raise UserError(f"this model was prepared with quantize={prepared!r}, not {quantize!r}; load it again")
         return model
-    rows = StepRows()
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if quantize in QUANTIZED or (quantize == "auto" and quantized):
         where = f"quantize={quantize!r}" if quantize != "auto" else "this model's quantized weights"
@@ -258,6 +257,14 @@ def prepare_model(
                 where,
                 model.dtype,
             )
+    with steady_heap():  # the packing's temporaries handed back as they are freed (weights.steady_heap)
+        _pack(model, quantize, group_size, quantized)
+    return model
+
+
+def _pack(model: MiniCPMForCausalLM, quantize: str, group_size: int | None, quantized: bool) -> None:
+    """prepare_model's work once its checks pass."""
+    rows = StepRows()
     quantize_model(model, quantize, group_size)
     if not model.fused:  # model.fuse_projections(), handing each layer's parts back as it goes
         for layer in model.model.layers:
@@ -282,4 +289,3 @@ def prepare_model(
         model.model.embed_tokens = PanelEmbedding(inner, model.dtype)
     model.step_rows = rows
     model.prepared_quantize = quantize if quantize != "auto" else ("quantized" if quantized else "none")
-    return model
