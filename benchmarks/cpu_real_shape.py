@@ -651,7 +651,9 @@ def serve_decode(engine, generate, ready: dict, before: dict) -> None:
             + json.dumps(
                 {
                     "tok_s": (n - 1) / (total - first),
+                    # since the worker was ready (cumulative over its pairs)
                     "thread_drops": now["cpu_thread_drops"] - before["cpu_thread_drops"],
+                    "reduced_seconds": round(now["cpu_reduced_seconds"] - before["cpu_reduced_seconds"], 2),
                     "resident": status_bytes("VmRSS"),
                     "peak": status_bytes("VmHWM"),
                 }
@@ -1030,7 +1032,8 @@ def measure_paired(args, paths, runs: Runs) -> dict:
         row["ratio"] = statistics.median(ratios)
         row["ratio_range"] = [min(ratios), max(ratios)]
         row["pairs_faster"] = sum(x > 1 for x in ratios)
-        row["minicpm"]["thread_drops"] = sum(p.get("thread_drops", 0) for p in ours)
+        for field in ("thread_drops", "reduced_seconds"):  # cumulative: the worker's whole run
+            row["minicpm"][field] = max(p.get(field, 0) for p in ours)
         rows[f] = row
     return rows
 
