@@ -527,10 +527,7 @@ def worker(spec: dict) -> dict | None:
     task = spec["task"]
     before = engine.stats()
     if task == "decode":
-        ids, n = random_ids(PROMPT, 1), spec["new_tokens"]
-        first = generate(ids, 1)
-        total = generate(ids, n)
-        out["tok_s"] = (n - 1) / (total - first)
+        out["tok_s"] = decode_rate(generate, spec["new_tokens"])
     elif task == "prefill":
         generate(random_ids(64, 98), 1)
         out["seconds"] = generate(random_ids(spec["length"], 2), 1)
@@ -542,10 +539,7 @@ def worker(spec: dict) -> dict | None:
         return None
     else:
         raise ValueError(f"unknown task {task!r}")
-    after = engine.stats()
-    out |= {  # the engine on fewer threads while other processes kept a core busy, over the timed part
-        "thread_drops": after["cpu_thread_drops"] - before["cpu_thread_drops"],
-        "reduced_seconds": round(after["cpu_reduced_seconds"] - before["cpu_reduced_seconds"], 2),
+    out |= thread_figures(before, engine.stats()) | {
         "resident": status_bytes("VmRSS"),
         "peak": status_bytes("VmHWM"),
         "huge_pages": status_bytes("AnonHugePages", source="smaps_rollup"),  # the weights' panels ask for them
@@ -639,39 +633,37 @@ def serve_decode(engine, generate, ready: dict, before: dict) -> None:
     """The paired decode's worker: says it is ready (``ready``: its load figures), then answers
     each ``{"new_tokens": N}`` line on stdin with one decode measurement (as the decode section's:
     (N - 1) / (time for N - time for 1)) until stdin closes."""
-    ids = random_ids(PROMPT, 1)
     print(MARK + json.dumps(ready | {"resident": status_bytes("VmRSS")}), flush=True)
     for line in sys.stdin:
-        n = json.loads(line)["new_tokens"]
-        first = generate(ids, 1)
-        total = generate(ids, n)
-        now = engine.stats()
-        print(
-            MARK
-            + json.dumps(
-                {
-                    "tok_s": (n - 1) / (total - first),
-                    # since the worker was ready (cumulative over its pairs)
-                    "thread_drops": now["cpu_thread_drops"] - before["cpu_thread_drops"],
-                    "reduced_seconds": round(now["cpu_reduced_seconds"] - before["cpu_reduced_seconds"], 2),
-                    "resident": status_bytes("VmRSS"),
-                    "peak": status_bytes("VmHWM"),
-                }
-            ),
-            flush=True,
-        )
+        rate = decode_rate(generate, json.loads(line)["new_tokens"])
+        figures = thread_figures(before, engine.stats())  # since the worker was ready: cumulative
+        memory = {"resident": status_bytes("VmRSS"), "peak": status_bytes("VmHWM")}
+        print(MARK + json.dumps({"tok_s": rate} | figures | memory), flush=True)
+
+
+def decode_rate(generate, n: int) -> float:
+    """Batch-1 decode rate of the decode sections: (N - 1) / (time for N tokens - time for 1),
+    after the same 16-token prompt."""
+    ids = random_ids(PROMPT, 1)
+    first = generate(ids, 1)
+    return (n - 1) / (generate(ids, n) - first)
+
+
+def thread_figures(before: dict, after: dict) -> dict:
+    """The engine on fewer threads while other processes kept a core busy, between two stats()."""
+    return {
+        "thread_drops": after["cpu_thread_drops"] - before["cpu_thread_drops"],
+        "reduced_seconds": round(after["cpu_reduced_seconds"] - before["cpu_reduced_seconds"], 2),
+    }
 
 
 class ServedMinicpm:
     """A minicpm worker process holding its model, measuring on request (serve_decode)."""
 
     def __init__(self, spec: dict) -> None:
-        env = dict(os.environ, PYTHONPATH=str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if spec.get("fixed_threads"):
-            env["MINICPM_ADAPTIVE_THREADS"] = "0"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        cmd, env = worker_command(spec)
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
         self.err: list[str] = []
         self.reader = threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)
@@ -700,12 +692,18 @@ class ServedMinicpm:
             self.proc.wait()
 
 
-def run_minicpm(spec: dict, timeout: float | None = None) -> dict:
+def worker_command(spec: dict) -> tuple[list[str], dict]:
+    """The command and environment of a minicpm worker (this script) for ``spec``."""
     env = dict(os.environ, PYTHONPATH=str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if spec.get("fixed_threads"):
         env["MINICPM_ADAPTIVE_THREADS"] = "0"  # the engine keeps its threads whatever the load
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], env
+
+
+def run_minicpm(spec: dict, timeout: float | None = None) -> dict:
+    cmd, env = worker_command(spec)
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        cmd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -936,9 +934,10 @@ def _short(r: dict) -> dict:
     return {k: v for k, v in r.items() if k in ("tok_s", "seconds", "peak", "resident", "error", "fill", "admitted")}
 
 
-def minicpm_spec(args, paths, weights: str, quantize: str, **extra) -> dict:
+def minicpm_spec(args, paths, weights: str, quantize: str, group: int | None = None, **extra) -> dict:
     model = paths["checkpoint"] if weights == "checkpoint" else paths[weights]
     spec = {"model": str(model), "dtype": args.dtype, "quantize": quantize, "kv": "auto"}
+    spec |= {"group_size": group} if group else {}
     return spec | ({"fixed_threads": True} if args.fixed_threads else {}) | extra
 
 
@@ -970,9 +969,7 @@ def measure_formats(args, paths, runs: Runs, section: str, task: dict) -> dict:
             for f in ours:
                 weights, quantize, group, _ = FORMATS[f]
                 kv_tokens = task.get("length", PROMPT) + args.new_tokens + 64
-                spec = minicpm_spec(args, paths, weights, quantize, kv_tokens=kv_tokens) | task
-                if group:
-                    spec["group_size"] = group
+                spec = minicpm_spec(args, paths, weights, quantize, group, kv_tokens=kv_tokens) | task
                 key = f"{section} {tag} minicpm {f} {args.dtype} {task_key(task)}"
                 jobs.append(("minicpm", key, lambda spec=spec: run_minicpm(spec), [f]))
             for system, key, fn, fmts in alternate(round_, jobs):
@@ -992,8 +989,7 @@ def measure_paired(args, paths, runs: Runs) -> dict:
         weights, quantize, group, gguf = FORMATS[f]
 
         def run(f=f, weights=weights, quantize=quantize, group=group, gguf=gguf) -> dict:
-            spec = minicpm_spec(args, paths, weights, quantize, kv_tokens=PROMPT + n + 64)
-            spec |= {"task": "serve_decode"} | ({"group_size": group} if group else {})
+            spec = minicpm_spec(args, paths, weights, quantize, group, kv_tokens=PROMPT + n + 64, task="serve_decode")
             w, url = start_llama_server(args, paths[gguf], PROMPT + n + 64, [])
             ours = None
             try:
