@@ -115,6 +115,7 @@ def quantized_weight_bytes(
       ones, which no trained checkpoint has), int8 with float32 scales per column or per (column,
       group); a tied table is the head's panels, an untied one stays a table in the head's format.
     """
+    from .engine.cpu_kernels import PANEL
     from .quant import check_quantize, default_group
 
     check_quantize(quantize, group_size)
@@ -133,8 +134,8 @@ def quantized_weight_bytes(
 
     def panels(out: int, inp: int, fmt: str, group: int | None) -> int:
         group = group or default_group(fmt, inp)
-        out = -(-out // 32) * 32
-        if fmt == "int4":  # per (panel, group): the codes, 32 float16 scales and 32 minimums
+        out = -(-out // PANEL) * PANEL
+        if fmt == "int4":  # per (panel, group): the codes, a float16 scale and minimum per column
             return out * inp // 2 + out * (inp // group) * 4
         return out * inp + out * (inp // group) * 4  # int8 codes, float32 scales
 

@@ -57,7 +57,7 @@ from .model_runner import ModelRunner
 from .sampler import Sampled
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
-from .threads import ThreadGovernor
+from .threads import ThreadGovernor, thread_stats
 
 log = logging.getLogger("minicpm.engine")
 
@@ -461,11 +461,7 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "request_errors": self.num_request_errors,
             "cached_prompt_tokens": self.scheduler.num_cached_tokens,
-            **(
-                gov.stats()
-                if gov is not None
-                else {"cpu_threads": 0, "cpu_thread_drops": 0, "cpu_reduced_seconds": 0.0}
-            ),
+            **(gov.stats() if gov is not None else thread_stats()),
             **{
                 f"kv_store_{name}": value
                 for name, value in (

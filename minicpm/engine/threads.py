@@ -116,4 +116,9 @@ class ThreadGovernor:
         reduced = self.reduced_seconds
         if self._reduced_since is not None:
             reduced += self._clock() - self._reduced_since
-        return {"cpu_threads": self.threads, "cpu_thread_drops": self.drops, "cpu_reduced_seconds": reduced}
+        return thread_stats(self.threads, self.drops, reduced)
+
+
+def thread_stats(threads: int = 0, drops: int = 0, reduced_seconds: float = 0.0) -> dict[str, int | float]:
+    """The governor's counters as engine ``stats()`` names them (all zero: no CPU governor)."""
+    return {"cpu_threads": threads, "cpu_thread_drops": drops, "cpu_reduced_seconds": reduced_seconds}

@@ -66,11 +66,11 @@ static inline uint16_t f32_to_half(float f) {
     return (uint16_t)(sign | ((a - 0x38000000u) >> 13));
 }
 
-/* the codes of a (token, kv head) row in bytes (int4) or elements: the codes' row width */
 /* whether minicpm_linear's weight type ``wtype`` is int4 records, their scales inside them (3:
  * float32 scales and minimums; 5: float16 ones; 6: float16 scales, minimums -8 x them) */
 static inline int is_q4(int wtype) { return wtype == 3 || wtype == 5 || wtype == 6; }
 
+/* the codes of a (token, kv head) row in bytes (int4) or elements: the codes' row width */
 static inline int64_t kv_width(int kind, int head_dim) { return kind == MINICPM_KV_INT4 ? head_dim / 2 : head_dim; }
 /* values per scale of a key row, or of a value row (``value``): int4 values in MINICPM_KV_VALUE_GROUP
  * where head_dim is a multiple of it (kv_format.KVFormat.group) */
