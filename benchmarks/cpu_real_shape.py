@@ -57,7 +57,11 @@ llama-bench: when it starts, its KV cache is allocated up front) of every run:
   ``-d`` keeps a second copy of the cache in memory, 11 GiB at 32k in f16, which does not fit
   here): a real prefill of the same length (its time is reported), saved with the server's slot
   save (``slots/``), so later rounds and runs restore it from disk instead of prefilling again
-  (``--no-slot-reuse`` prefills every time).
+  (``--no-slot-reuse`` prefills every time). ``--llama-fill extend`` is llama.cpp's timing-only
+  counterpart of minicpm's fast path, for depths whose real prefill would take hours here: where
+  no real prefill of ``--depth`` is saved, the deepest saved one of the same files and KV type
+  (``d8192``, say) is written out with its cells repeated to the depth and restored
+  (``extend_slot``; labelled ``extended`` with the depth it came from).
 * ``capacity``: minicpm alone, ``--quantize int4`` and an int4 KV cache on the bf16 checkpoint
   (its dynamic NTK and 131072-token context), a KV budget of exactly one
   ``--capacity-context``-token sequence: the request admitted, its cache filled by the timing-only
@@ -851,6 +855,82 @@ def llama_server_decode(url: str, n: int) -> float:
     return timings["predicted_per_second"]  # (n - 1) / time: its first token came with the prompt
 
 
+SLOT_MAGIC = 0x67677371  # "ggsq": llama.cpp's sequence state file (llama_state_seq_save_file)
+SLOT_VERSION = 3  # LLAMA_STATE_SEQ_VERSION of the vendored llama.cpp
+
+
+def _read_exact(f, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"{f.name}: cut short in {what} ({len(data)} of {n} bytes)")
+    return data
+
+
+def extend_slot(src: Path, dst: Path, ids: list[int]) -> dict:
+    """Timing-only: llama.cpp's saved state of one sequence ``src`` (a real prefill of C tokens, one
+    stream, values not transposed: flash attention) written to ``dst`` as the state of ``len(ids)``
+    >= C tokens: ``ids`` as its prompt (a plain token list), cells at positions 0..len(ids)-1 of
+    sequence 0, each layer's key and value rows those of ``src`` repeated (C, C, ..., a prefix).
+    Decode reads every cell whatever its contents, so decode at that depth is timed without a
+    prefill of it; the scores are not those of a real prompt. Anything else in ``src`` (another
+    version, several streams or sequences, transposed values, a cut-short file) is refused with a
+    ValueError; ``dst`` is written whole or not at all."""
+    import array
+    import struct
+
+    total = len(ids)
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    with src.open("rb") as f:
+        magic, version, n_tok = struct.unpack("<3I", _read_exact(f, 12, "the header"))
+        if magic != SLOT_MAGIC or version != SLOT_VERSION:
+            raise ValueError(f"{src}: not a version {SLOT_VERSION} sequence state ({magic:#x}, {version})")
+        f.seek(4 * n_tok, 1)
+        n_stream, cells = struct.unpack("<2I", _read_exact(f, 8, "the stream header"))
+        if n_stream != 1 or not 0 < cells <= total:
+            raise ValueError(f"{src}: {n_stream} streams of {cells} cells (one stream of 1..{total} expected)")
+        meta = array.array("i")
+        meta.frombytes(_read_exact(f, 12 * cells, "the cells"))  # per cell: pos, n_seq_id (1), seq_id
+        if list(meta[0::3]) != list(range(cells)) or set(meta[1::3]) != {1} or set(meta[2::3]) != {0}:
+            raise ValueError(f"{src}: its cells are not positions 0..{cells - 1} of one sequence")
+        v_trans, n_layer = struct.unpack("<2I", _read_exact(f, 8, "the layer header"))
+        if v_trans:
+            raise ValueError(f"{src}: values stored transposed (saved without flash attention)")
+        out_meta = array.array("i", [0]) * (3 * total)
+        out_meta[0::3] = array.array("i", range(total))
+        out_meta[1::3] = array.array("i", [1]) * total
+        try:
+            with tmp.open("wb") as g:
+                g.write(struct.pack("<3I", SLOT_MAGIC, SLOT_VERSION, total))
+                g.write(array.array("i", ids).tobytes())
+                g.write(struct.pack("<2I", 1, total))
+                g.write(out_meta.tobytes())
+                g.write(struct.pack("<2I", 0, n_layer))
+                for i in range(2 * n_layer):  # every layer's keys, then every layer's values
+                    head = _read_exact(f, 12, f"tensor {i}'s header")
+                    (row,) = struct.unpack("<Q", head[4:])
+                    rows = _read_exact(f, cells * row, f"tensor {i}")
+                    g.write(head)
+                    for _ in range(total // cells):
+                        g.write(rows)
+                    g.write(rows[: total % cells * row])
+                if f.read(1):
+                    raise ValueError(f"{src}: bytes past its {2 * n_layer} tensors")
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return {"extended_from": cells, "layers": n_layer, "bytes": dst.stat().st_size}
+
+
+def shorter_slot(slots: Path, stem: str, kv: str, depth: int) -> tuple[Path, int] | None:
+    """The deepest real prefill saved for ``stem`` and ``kv`` short of ``depth``, and its depth."""
+    found = []
+    for path in slots.glob(f"{stem}-{kv}-d*.bin"):
+        m = re.fullmatch(rf"{re.escape(stem)}-{re.escape(kv)}-d(\d+)\.bin", path.name)
+        if m and int(m.group(1)) < depth:
+            found.append((int(m.group(1)), path))
+    return (max(found)[1], max(found)[0]) if found else None
+
+
 def llama_server_depth(args: argparse.Namespace, gguf: Path, kv: str, depth: int, n: int, slots: Path) -> dict:
     """Decode at ``depth`` tokens of context in llama-server: a real prefill of ``depth`` random
     tokens (or its slot restored from an earlier run's save), then ``n`` tokens generated; the
@@ -865,9 +945,17 @@ def llama_server_depth(args: argparse.Namespace, gguf: Path, kv: str, depth: int
         name = f"{gguf.stem}-{kv}-d{depth}.bin"
         saved = slots / name
         start = time.perf_counter()
+        source = shorter_slot(slots, gguf.stem, kv, depth) if args.llama_fill == "extend" else None
         if saved.exists() and args.slot_reuse:
             r = http(f"{url}/slots/0?action=restore", {"filename": name})
             out |= {"fill": "restored", "restored_tokens": r.get("n_restored")}
+        elif source is not None:  # timing-only: a shorter real prefill repeated to the depth
+            built = f"{gguf.stem}-{kv}-d{depth}-from-d{source[1]}.bin"
+            if not (slots / built).exists():
+                extend_slot(source[0], slots / built, ids)
+                out["extend_seconds"] = time.perf_counter() - start
+            r = http(f"{url}/slots/0?action=restore", {"filename": built})
+            out |= {"fill": "extended", "extended_from": source[1], "restored_tokens": r.get("n_restored")}
         else:
             r = http(url + "/completion", {"prompt": ids, "n_predict": 1, "cache_prompt": True, "temperature": 0})
             out |= {"fill": "prefill", "prefill_seconds": r["timings"]["prompt_ms"] / 1000}
@@ -1058,6 +1146,7 @@ def measure_depth(args, paths, runs: Runs) -> dict:
         peers = []
         for kv in dict.fromkeys(b for _, b in pairs):
             key = f"decode32k {tag} llama.cpp {args.depth_weights} kv={kv} d={args.depth} n={n}"
+            key += " extend" if args.llama_fill == "extend" else ""
 
             def fn(kv=kv) -> dict:
                 return llama_server_depth(args, peer_gguf, kv, args.depth, n, paths["slots"])
@@ -1259,6 +1348,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--depth-weights", default="Q4_0", choices=list(DEPTH_WEIGHTS))
     p.add_argument("--minicpm-fill", default="fast", choices=["fast", "real"])
+    p.add_argument(
+        "--llama-fill",
+        default="prefill",
+        choices=["prefill", "extend"],
+        help="decode32k, llama.cpp's cache where no real prefill of --depth is saved: a real prefill, or "
+        "(timing-only) the deepest saved real prefill of the same files and KV type repeated to --depth",
+    )
     p.add_argument("--no-slot-reuse", dest="slot_reuse", action="store_false", help="llama.cpp prefills every run")
     p.add_argument("--capacity-context", type=int, default=131072)
     p.add_argument("--capacity-prefill", default="32768,65536", help="measured prefills ('none': skip)")
@@ -1360,6 +1456,12 @@ def main(argv: list[str] | None = None) -> None:
         notes = [
             f"minicpm's cache: {fill if args.minicpm_fill == 'fast' else 'real prefill'}; "
             "llama.cpp: a real prefill in llama-server (or its slot restored from a saved real prefill)"
+            + (
+                "; where none of this depth is saved, timing-only: the deepest saved real prefill's cache "
+                "repeated to the depth (each run's extended_from)"
+                if args.llama_fill == "extend"
+                else ""
+            )
         ]
         if args.depth > 65536:
             notes.append(plain_rope)

@@ -331,6 +331,65 @@ def test_cpu_real_shape_refuses_a_context_the_kv_budget_cannot_hold() -> None:
     assert r["admitted"] is False and "700 tokens" in r["refused"]
 
 
+def _slot_file(path: Path, cells: int, rows: list[bytes], v_trans: int = 0, tokens: int | None = None) -> None:
+    """A llama.cpp sequence state as llama_state_seq_save_file writes it: one stream, cells at
+    positions 0..cells-1 of sequence 0, then each tensor's type, row size and rows."""
+    import struct
+
+    n_tok = cells if tokens is None else tokens
+    with path.open("wb") as f:
+        f.write(struct.pack("<3I", 0x67677371, 3, n_tok) + struct.pack(f"<{n_tok}i", *range(100, 100 + n_tok)))
+        f.write(struct.pack("<2I", 1, cells) + b"".join(struct.pack("<iIi", i, 1, 0) for i in range(cells)))
+        f.write(struct.pack("<2I", v_trans, len(rows) // 2))
+        for i, data in enumerate(rows):
+            f.write(struct.pack("<iQ", 8 + i, len(data) // cells) + data)
+
+
+def test_cpu_real_shape_extends_a_llama_cpp_slot_to_a_deeper_context(tmp_path: Path) -> None:
+    """extend_slot: the saved cells' rows repeated (whole copies, then a prefix) to the new depth,
+    positions 0..depth-1 of sequence 0, the given ids as the prompt; a file it cannot read is
+    refused by name and leaves nothing behind."""
+    import struct
+
+    import cpu_real_shape
+
+    cells, widths = 3, [4, 4, 6, 6]  # two layers: keys of 4-byte rows, values of 6
+    rows = [bytes(range(10 * i, 10 * i + cells * w)) for i, w in enumerate(widths)]
+    src, dst = tmp_path / "m-q4_0-d3.bin", tmp_path / "m-q4_0-d8-from-d3.bin"
+    _slot_file(src, cells, rows, tokens=cells + 4)
+    ids = list(range(500, 508))
+    assert cpu_real_shape.extend_slot(src, dst, ids)["extended_from"] == cells
+    data = dst.read_bytes()
+    assert struct.unpack_from("<3I", data) == (0x67677371, 3, 8)
+    assert list(struct.unpack_from("<8i", data, 12)) == ids
+    at = 12 + 32
+    assert struct.unpack_from("<2I", data, at) == (1, 8)
+    meta = struct.unpack_from("<24i", data, at + 8)
+    assert meta[0::3] == tuple(range(8)) and set(meta[1::3]) == {1} and set(meta[2::3]) == {0}
+    at += 8 + 96
+    assert struct.unpack_from("<2I", data, at) == (0, 2)
+    at += 8
+    for i, (w, r) in enumerate(zip(widths, rows, strict=True)):
+        assert struct.unpack_from("<iQ", data, at) == (8 + i, w)
+        assert data[at + 12 : at + 12 + 8 * w] == r + r + r[: 2 * w]
+        at += 12 + 8 * w
+    assert at == len(data)
+    assert cpu_real_shape.shorter_slot(tmp_path, "m", "q4_0", 8) == (src, 3)
+    assert cpu_real_shape.shorter_slot(tmp_path, "m", "q4_0", 3) is None
+    assert cpu_real_shape.shorter_slot(tmp_path, "m", "q8_0", 8) is None
+
+    bad = tmp_path / "bad.bin"
+    out = tmp_path / "out.bin"
+    for v_trans, cut, words in ((1, 0, "transposed"), (0, 5, "cut short in tensor 3")):
+        _slot_file(bad, cells, rows, v_trans=v_trans)
+        bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) - cut])
+        with pytest.raises(ValueError, match=words):
+            cpu_real_shape.extend_slot(bad, out, ids)
+        assert not out.exists() and not list(tmp_path.glob(".out.bin.partial-*"))
+    with pytest.raises(ValueError, match=r"one stream of 1\.\.2"):
+        cpu_real_shape.extend_slot(src, out, ids[:2])
+
+
 def test_kv_schemes_windowed_attention_is_what_each_decode_step_reads() -> None:
     """benchmarks/kv_schemes.py: a windowed scheme's attention over a whole window equals, row by
     row, a decode at that position over its cache (full groups quantized with their own statistics,
