@@ -41,6 +41,7 @@ CUDA_UTILIZATION = 0.9  # share of the free device memory a plan without --memor
 PREFILL_CHUNK = 8192  # prompt tokens pushed through the model per forward during prefill
 LOGIT_ROWS = 64  # sequences sampled per decode step whose float32 logits are live at once
 WORKSPACE_BYTES = 256 * 1024**2  # cuBLAS/oneDNN workspaces and allocator slack
+PREFILL_SPAN = 64  # keys a CPU native prefill packs at a time (csrc/paged_attention.c's SPAN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class MemoryPlan:
     checkpoint_bytes: int | None = None  # size of the weight files on disk, when known
     messages: tuple[str, ...] = ()  # problems worth saying in words
     quantize: str = "none"  # the weights' format the plan counts
+    gathered_kv_heads: int | None = None  # the reserve's kv heads read outside the cache (None: a layer's)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -171,6 +173,7 @@ def estimate_activation_reserve(
     context: int,
     prefill_chunk: int = PREFILL_CHUNK,
     logit_rows: int = LOGIT_ROWS,
+    gathered_kv_heads: int | None = None,
 ) -> int:
     """Bytes to keep free beside weights and KV cache: a deliberately simple upper bound.
 
@@ -183,8 +186,11 @@ def estimate_activation_reserve(
       (3 x intermediate); plus the float32 temporaries: RMSNorm's upcast (hidden) and RoPE's
       upcast q/k with their rotated halves (2 x (heads + kv_heads) x head_dim), 4 bytes each.
       Times ``c`` tokens.
-    * one layer's keys and values of the whole context, which a prefill chunk with a cached past
-      gathers from the paged cache (``context x kv_bytes_per_token / layers``). The causal bias is
+    * the keys and values of the whole context that a prefill chunk with a cached past reads
+      outside the paged cache, in ``dtype``: one layer's, every kv head
+      (``context x kv_bytes_per_token / layers``), where the attention path gathers (or
+      dequantizes) them; ``gathered_kv_heads`` heads' where it takes that many at a time (the CPU's
+      native prefill kernel packs one kv head's, in whole 64-key spans: 1). The causal bias is
       bottom-right aligned and never materialized, and attention scores are fused (flash /
       cuDNN / memory-efficient kernels).
     * float32 logits of ``logit_rows`` sampled rows (only the sampled positions get logits, never
@@ -200,9 +206,24 @@ def estimate_activation_reserve(
     elements += 3 * config.intermediate_size
     fp32 = config.hidden_size + 2 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
     per_token = elements * b + fp32 * 4
-    gather = context * config.kv_bytes_per_token(b) // config.num_hidden_layers
+    if gathered_kv_heads is None:
+        gather = context * config.kv_bytes_per_token(b) // config.num_hidden_layers
+    elif gathered_kv_heads < 1:
+        raise UserError(f"gathered_kv_heads must be a positive number of heads, got {gathered_kv_heads}")
+    else:
+        heads = min(gathered_kv_heads, config.num_key_value_heads)
+        gather = 2 * heads * config.head_dim * b * -(-context // PREFILL_SPAN) * PREFILL_SPAN
     logits = 2 * logit_rows * config.vocab_size * 4
     return c * per_token + gather + logits + WORKSPACE_BYTES
+
+
+def cpu_gathered_kv_heads(dtype: torch.dtype | str, head_dim: int) -> int | None:
+    """The kv heads this machine's CPU engine reads outside its cache at once in a prefill chunk:
+    1 where the native prefill kernel serves ``dtype`` and ``head_dim`` (it packs one kv head's
+    keys and values at a time), else None (the torch path dequantizes or gathers a layer's)."""
+    from .engine.cpu_kernels import native_kernels, prefill_available
+
+    return 1 if prefill_available(native_kernels(), resolve_plan_dtype(dtype), head_dim) else None
 
 
 def available_memory(device: str | torch.device) -> tuple[int, str]:
@@ -272,6 +293,7 @@ def plan_memory(
     quantize: str | None = None,
     group_size: int | None = None,
     device: str = "cpu",
+    gathered_kv_heads: int | None = None,
 ) -> MemoryPlan:
     """Plan ``context``-token contexts of ``config`` in ``memory_bytes`` (None: sizes only).
 
@@ -280,7 +302,8 @@ def plan_memory(
     counts the cache in that format (:mod:`minicpm.engine.attention.kv_format`, scales included;
     "auto": ``dtype``) and ``quantize`` the weights as that device's engine holds them
     (:func:`quantized_weight_bytes`: CPU panels on "cpu", quantize_model's tensors else);
-    ``device`` also decides which formats exist (fp8: CUDA).
+    ``device`` also decides which formats exist (fp8: CUDA). ``gathered_kv_heads`` goes to the
+    reserve's estimate (:func:`cpu_gathered_kv_heads`: what this machine's CPU engine reads at once).
     """
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise UserError(f"context must be a positive number of tokens, got {context!r}")
@@ -316,7 +339,7 @@ def plan_memory(
     if memory_bytes is not None:
         memory_bytes = int(memory_bytes)
         if activation_reserve_bytes is None:
-            reserve = estimate_activation_reserve(config, torch_dtype, context)
+            reserve = estimate_activation_reserve(config, torch_dtype, context, gathered_kv_heads=gathered_kv_heads)
         else:
             reserve = int(activation_reserve_bytes)
         budget = memory_bytes - weights - reserve
@@ -342,6 +365,7 @@ def plan_memory(
             memory_source=memory_source or "given",
             activation_reserve_bytes=reserve,
             activation_reserve_estimated=activation_reserve_bytes is None,
+            gathered_kv_heads=gathered_kv_heads,
             kv_budget_bytes=budget,
             kv_tokens=tokens,
             concurrent_contexts=contexts,
@@ -392,8 +416,15 @@ def format_plan(plan: MemoryPlan) -> str:
         ("context limit", f"{plan.context_limit:,} tokens ({plan.context_limit_source}); {limit_note}"),
     ]
     if plan.memory_bytes is not None:
+        gathered = (
+            "one layer's gathered KV"
+            if plan.gathered_kv_heads is None
+            else "one kv head's packed KV"
+            if plan.gathered_kv_heads == 1
+            else f"{plan.gathered_kv_heads} kv heads' packed KV"
+        )
         reserve_note = (
-            f" (prefill chunk of {min(PREFILL_CHUNK, plan.context):,} tokens, one layer's gathered KV, "
+            f" (prefill chunk of {min(PREFILL_CHUNK, plan.context):,} tokens, {gathered}, "
             f"float32 logits of {LOGIT_ROWS} rows, {format_bytes(WORKSPACE_BYTES)} workspace)"
             if plan.activation_reserve_estimated
             else " (given)"

@@ -22,7 +22,15 @@ from minicpm.engine.attention.kv_format import (
     resolve_kv_format,
     writer_fits,
 )
-from minicpm.engine.cpu_kernels import _DTYPES, KV_KINDS, kv_quantize, native_kernels, paged_attention, paged_prefill
+from minicpm.engine.cpu_kernels import (
+    _DTYPES,
+    KV_KINDS,
+    kv_quantize,
+    native_kernels,
+    paged_attention,
+    paged_prefill,
+    prefill_available,
+)
 from minicpm.errors import UserError
 
 QUANTIZED = ["int8", "int4"]
@@ -343,3 +351,20 @@ def test_the_default_cpu_budget_is_the_available_memory_less_reserve_and_room(mo
     assert 0 < 2 * 2**30 - runner.kv_budget < 2**29  # 3 GiB - 1 GiB of room - the activation reserve
     assert "available memory 3.00 GiB (a test)" in runner.kv_budget_source
     assert runner.num_blocks == runner.kv_budget // runner.bytes_per_block
+
+
+def test_the_cpu_budget_reserves_what_its_prefill_path_reads_outside_the_cache(monkeypatch) -> None:
+    """cpu-torch dequantizes a layer's context for a chunk with a past; the native prefill kernel
+    packs one kv head's at a time, so its reserve is the smaller and its budget the larger."""
+    from minicpm.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "available_cpu_memory", lambda: (3 * 2**30, "a test"))
+    monkeypatch.setattr(model_runner, "system_room", lambda: 2**30)
+    if not prefill_available(native_kernels(), torch.float32, 64):
+        pytest.skip("no native prefill kernel for float32 here (AVX-512)")
+    config = tiny_config(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, max_length=65536)
+    model = random_model(config)
+    fields = {"max_num_seqs": 4, "max_num_batched_tokens": 512, "max_model_len": 65536}
+    runners = {backend: _engine(model, backend, "int8", **fields).runner for backend in ("cpu-torch", "cpu-native")}
+    layer = 2 * 4 * 64 * 4 * 65536  # one layer's keys and values in float32, 4 kv heads of 64
+    assert runners["cpu-native"].kv_budget - runners["cpu-torch"].kv_budget == layer - layer // 4

@@ -18,6 +18,7 @@ from minicpm.plan import (
     WORKSPACE_BYTES,
     MemoryPlan,
     available_memory,
+    cpu_gathered_kv_heads,
     estimate_activation_reserve,
     format_plan,
     parameter_count,
@@ -92,7 +93,12 @@ def test_cli_json_for_128k_in_80_gib(real_dir: Path, capsys) -> None:
     assert plan["context_exceeds_limit"] is False
     assert plan["memory_bytes"] == 80 * GiB and plan["memory_source"] == "given"
     reserve = plan["activation_reserve_bytes"]
-    assert reserve == estimate_activation_reserve(MiniCPMConfig.from_dict(REAL_CONFIG), "bfloat16", 131072)
+    gathered = cpu_gathered_kv_heads("bfloat16", 64)  # 1 where the native prefill kernel runs here
+    assert plan["gathered_kv_heads"] == gathered
+    config = MiniCPMConfig.from_dict(REAL_CONFIG)
+    assert reserve == estimate_activation_reserve(config, "bfloat16", 131072, gathered_kv_heads=gathered)
+    if gathered == 1:  # one of 36 kv heads' keys and values packed, not a layer's gathered
+        assert estimate_activation_reserve(config, "bfloat16", 131072) - reserve == 35 * 131072 * 2 * 64 * 2
     assert plan["kv_budget_bytes"] == 80 * GiB - 2 * REAL_PARAMETERS - reserve
     assert plan["kv_tokens"] == plan["kv_budget_bytes"] // 368640
     assert plan["concurrent_contexts"] == 1 and plan["fits_full_context"] is True
@@ -255,6 +261,13 @@ def test_activation_reserve_follows_its_documented_formula() -> None:
     # the prefill chunk caps the activations; the gathered context grows with the context
     long = estimate_activation_reserve(config, "float32", 100_000, prefill_chunk=8)
     assert long == 8 * per_token + 100_000 * gather_per_token + logits + WORKSPACE_BYTES
+    # a path that packs one kv head's keys and values at a time, in whole 64-key spans
+    one = estimate_activation_reserve(config, "float32", 100_000, prefill_chunk=8, gathered_kv_heads=1)
+    assert long - one == 100_000 * gather_per_token - 100_032 * gather_per_token // 4
+    every = estimate_activation_reserve(config, "float32", 64, gathered_kv_heads=99)  # at most the kv heads
+    assert every == estimate_activation_reserve(config, "float32", 64)
+    with pytest.raises(ValueError, match="gathered_kv_heads must be a positive"):
+        estimate_activation_reserve(config, "float32", 10, gathered_kv_heads=0)
 
 
 @pytest.mark.parametrize(

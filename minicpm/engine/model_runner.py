@@ -155,14 +155,19 @@ class ModelRunner:
     def _cpu_kv_budget(self, max_model_len: int) -> tuple[int, str]:
         """What the machine can give the cache now, the weights already loaded: available memory
         minus a forward's activation reserve (:func:`~minicpm.plan.estimate_activation_reserve` for
-        this engine's chunk and context) and room for the rest of the system (:func:`system_room`).
+        this engine's chunk, context and prefill path) and room for the rest of the system (:func:`system_room`).
         The cache's pages are committed as tokens arrive, so an idle engine holds little of it."""
         found = available_cpu_memory()
         if found is None:
             raise UserError("cannot measure the available memory here: set kv_cache_memory (--kv-cache-gib)")
         available, where = found
+        native = isinstance(self.backend, CpuNativeBackend) and self.backend.prefill is not None
         reserve = estimate_activation_reserve(
-            self.model_config, self.dtype, max_model_len, prefill_chunk=self.config.max_num_batched_tokens
+            self.model_config,
+            self.dtype,
+            max_model_len,
+            prefill_chunk=self.config.max_num_batched_tokens,
+            gathered_kv_heads=1 if native else None,  # the native prefill packs one kv head's at a time
         )
         room = system_room()
         budget = available - reserve - room
