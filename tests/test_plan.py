@@ -270,6 +270,17 @@ def test_activation_reserve_follows_its_documented_formula() -> None:
         estimate_activation_reserve(config, "float32", 10, gathered_kv_heads=0)
 
 
+def test_cpu_gathered_kv_heads_follows_the_native_prefill_kernel(monkeypatch) -> None:
+    """1 (one kv head packed at a time) only where the native prefill kernel serves the dtype and
+    head size; a layer's (None) without the kernels or at a head size it does not take."""
+    from minicpm.engine import cpu_kernels
+
+    assert cpu_gathered_kv_heads("float32", 32) is None  # head_dim not a multiple of 64
+    monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: None)
+    assert cpu_gathered_kv_heads("float32", 64) is None
+    assert cpu_gathered_kv_heads("bfloat16", 128) is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
