@@ -945,11 +945,11 @@ def llama_server_depth(args: argparse.Namespace, gguf: Path, kv: str, depth: int
         name = f"{gguf.stem}-{kv}-d{depth}.bin"
         saved = slots / name
         start = time.perf_counter()
-        source = shorter_slot(slots, gguf.stem, kv, depth) if args.llama_fill == "extend" else None
         if saved.exists() and args.slot_reuse:
             r = http(f"{url}/slots/0?action=restore", {"filename": name})
             out |= {"fill": "restored", "restored_tokens": r.get("n_restored")}
-        elif source is not None:  # timing-only: a shorter real prefill repeated to the depth
+        elif args.llama_fill == "extend" and (source := shorter_slot(slots, gguf.stem, kv, depth)) is not None:
+            # timing-only: a shorter real prefill repeated to the depth
             built = f"{gguf.stem}-{kv}-d{depth}-from-d{source[1]}.bin"
             if not (slots / built).exists():
                 extend_slot(source[0], slots / built, ids)
