@@ -522,7 +522,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     _import_torch()
     from .config import MiniCPMConfig
     from .default_model import default_model_path, resolve_model_path
-    from .plan import available_memory, cpu_gathered_kv_heads, format_plan, plan_memory
+    from .plan import available_memory, cpu_prefill_reads, format_plan, plan_memory
     from .weights import CheckpointError, open_checkpoint, weight_files
 
     if args.model is None:
@@ -568,7 +568,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         quantize=None if args.quantize in (None, "auto") else args.quantize,
         group_size=args.group_size,
         device=device.partition(":")[0],
-        gathered_kv_heads=cpu_gathered_kv_heads(dtype, config.head_dim) if device == "cpu" else None,
+        **(cpu_prefill_reads(dtype, config.head_dim, args.kv_cache_dtype) if device == "cpu" else {}),
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0

@@ -70,7 +70,8 @@ class MemoryPlan:
     checkpoint_bytes: int | None = None  # size of the weight files on disk, when known
     messages: tuple[str, ...] = ()  # problems worth saying in words
     quantize: str = "none"  # the weights' format the plan counts
-    gathered_kv_heads: int | None = None  # the reserve's kv heads read outside the cache (None: a layer's)
+    gathered_kv_heads: int | None = None  # the reserve's kv heads read outside the cache (None: see below)
+    gathered_tokens: int | None = None  # else its tokens of every kv head (None with no heads: a layer's)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -174,6 +175,7 @@ def estimate_activation_reserve(
     prefill_chunk: int = PREFILL_CHUNK,
     logit_rows: int = LOGIT_ROWS,
     gathered_kv_heads: int | None = None,
+    gathered_tokens: int | None = None,
 ) -> int:
     """Bytes to keep free beside weights and KV cache: a deliberately simple upper bound.
 
@@ -186,19 +188,25 @@ def estimate_activation_reserve(
       (3 x intermediate); plus the float32 temporaries: RMSNorm's upcast (hidden) and RoPE's
       upcast q/k with their rotated halves (2 x (heads + kv_heads) x head_dim), 4 bytes each.
       Times ``c`` tokens.
-    * the keys and values of the whole context that a prefill chunk with a cached past reads
-      outside the paged cache, in ``dtype``: one layer's, every kv head
-      (``context x kv_bytes_per_token / layers``), where the attention path gathers (or
-      dequantizes) them; ``gathered_kv_heads`` heads' where it takes that many at a time (the CPU's
-      native prefill kernel packs one kv head's, in whole 64-key spans: 1). The causal bias is
-      bottom-right aligned and never materialized, and attention scores are fused (flash /
-      cuDNN / memory-efficient kernels).
+    * the keys and values of the context that a prefill chunk with a cached past reads outside the
+      paged cache, in ``dtype``, by its attention path:
+        - ``gathered_kv_heads`` heads' (the CPU's native prefill kernel packs one kv head's at a
+          time, in whole 64-key spans: 1); no merge;
+        - else ``gathered_tokens`` tokens of every kv head of one layer (cpu-torch dequantizes a
+          quantized cache a piece at a time: its piece; 0 where a float cache is read in place),
+          or by default the whole context's (a path that gathers or dequantizes a layer's), plus
+          the float32 running sum that merges the pieces' attention (``c x heads x head_dim x
+          4``).
+      The causal bias is bottom-right aligned and never materialized, and attention scores are
+      fused (flash / cuDNN / memory-efficient kernels).
     * float32 logits of ``logit_rows`` sampled rows (only the sampled positions get logits, never
       the whole prompt) plus one same-sized working copy for softmax/top-p: 2 x rows x vocab x 4.
     * a fixed :data:`WORKSPACE_BYTES` for GEMM workspaces and allocator slack.
     """
     if context <= 0:
         raise UserError(f"context must be a positive number of tokens, got {context}")
+    if gathered_kv_heads is not None and gathered_tokens is not None:
+        raise UserError("gathered_kv_heads and gathered_tokens describe two different prefill paths: give one")
     b = resolve_plan_dtype(dtype).itemsize
     c = min(prefill_chunk, context)
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
@@ -206,24 +214,37 @@ def estimate_activation_reserve(
     elements += 3 * config.intermediate_size
     fp32 = config.hidden_size + 2 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
     per_token = elements * b + fp32 * 4
-    if gathered_kv_heads is None:
-        gather = context * config.kv_bytes_per_token(b) // config.num_hidden_layers
-    elif gathered_kv_heads < 1:
-        raise UserError(f"gathered_kv_heads must be a positive number of heads, got {gathered_kv_heads}")
-    else:
+    if gathered_kv_heads is not None:
+        if gathered_kv_heads < 1:
+            raise UserError(f"gathered_kv_heads must be a positive number of heads, got {gathered_kv_heads}")
         heads = min(gathered_kv_heads, config.num_key_value_heads)
         gather = 2 * heads * config.head_dim * b * -(-context // PREFILL_SPAN) * PREFILL_SPAN
+    else:
+        if gathered_tokens is not None and gathered_tokens < 0:
+            raise UserError(f"gathered_tokens must not be negative, got {gathered_tokens}")
+        tokens = context if gathered_tokens is None else min(gathered_tokens, context)
+        gather = tokens * config.kv_bytes_per_token(b) // config.num_hidden_layers
+        gather += c * config.num_attention_heads * config.head_dim * 4  # the merge's float32 sum
     logits = 2 * logit_rows * config.vocab_size * 4
     return c * per_token + gather + logits + WORKSPACE_BYTES
 
 
-def cpu_gathered_kv_heads(dtype: torch.dtype | str, head_dim: int) -> int | None:
-    """The kv heads this machine's CPU engine reads outside its cache at once in a prefill chunk:
-    1 where the native prefill kernel serves ``dtype`` and ``head_dim`` (it packs one kv head's
-    keys and values at a time), else None (the torch path dequantizes or gathers a layer's)."""
+def cpu_prefill_reads(dtype: torch.dtype | str, head_dim: int, kv_cache_dtype: str = "auto") -> dict[str, int]:
+    """What this machine's CPU engine reads outside its cache at once for a prefill chunk with a
+    past, as :func:`estimate_activation_reserve`'s keywords: ``gathered_kv_heads=1`` where the
+    native prefill kernel serves ``dtype`` and ``head_dim`` (it packs one kv head's keys and
+    values at a time); else cpu-torch's: ``gathered_tokens`` of a quantized ``kv_cache_dtype``'s
+    piece (:data:`~minicpm.engine.attention.cpu.QUANTIZED_PIECE`), 0 for a float cache (read in
+    place)."""
+    from .engine.attention.cpu import QUANTIZED_PIECE
+    from .engine.attention.kv_format import resolve_kv_format
     from .engine.cpu_kernels import native_kernels, prefill_available
 
-    return 1 if prefill_available(native_kernels(), resolve_plan_dtype(dtype), head_dim) else None
+    torch_dtype = resolve_plan_dtype(dtype)
+    if prefill_available(native_kernels(), torch_dtype, head_dim):
+        return {"gathered_kv_heads": 1}
+    quantized = resolve_kv_format(kv_cache_dtype, torch_dtype, "cpu", head_dim).quantized
+    return {"gathered_tokens": QUANTIZED_PIECE if quantized else 0}
 
 
 def available_memory(device: str | torch.device) -> tuple[int, str]:
@@ -294,6 +315,7 @@ def plan_memory(
     group_size: int | None = None,
     device: str = "cpu",
     gathered_kv_heads: int | None = None,
+    gathered_tokens: int | None = None,
 ) -> MemoryPlan:
     """Plan ``context``-token contexts of ``config`` in ``memory_bytes`` (None: sizes only).
 
@@ -302,8 +324,9 @@ def plan_memory(
     counts the cache in that format (:mod:`minicpm.engine.attention.kv_format`, scales included;
     "auto": ``dtype``) and ``quantize`` the weights as that device's engine holds them
     (:func:`quantized_weight_bytes`: CPU panels on "cpu", quantize_model's tensors else);
-    ``device`` also decides which formats exist (fp8: CUDA). ``gathered_kv_heads`` goes to the
-    reserve's estimate (:func:`cpu_gathered_kv_heads`: what this machine's CPU engine reads at once).
+    ``device`` also decides which formats exist (fp8: CUDA). ``gathered_kv_heads`` or
+    ``gathered_tokens`` go to the reserve's estimate (:func:`cpu_prefill_reads`: what this machine's
+    CPU engine reads at once).
     """
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise UserError(f"context must be a positive number of tokens, got {context!r}")
@@ -339,7 +362,9 @@ def plan_memory(
     if memory_bytes is not None:
         memory_bytes = int(memory_bytes)
         if activation_reserve_bytes is None:
-            reserve = estimate_activation_reserve(config, torch_dtype, context, gathered_kv_heads=gathered_kv_heads)
+            reserve = estimate_activation_reserve(
+                config, torch_dtype, context, gathered_kv_heads=gathered_kv_heads, gathered_tokens=gathered_tokens
+            )
         else:
             reserve = int(activation_reserve_bytes)
         budget = memory_bytes - weights - reserve
@@ -366,6 +391,7 @@ def plan_memory(
             activation_reserve_bytes=reserve,
             activation_reserve_estimated=activation_reserve_bytes is None,
             gathered_kv_heads=gathered_kv_heads,
+            gathered_tokens=gathered_tokens,
             kv_budget_bytes=budget,
             kv_tokens=tokens,
             concurrent_contexts=contexts,
@@ -416,13 +442,15 @@ def format_plan(plan: MemoryPlan) -> str:
         ("context limit", f"{plan.context_limit:,} tokens ({plan.context_limit_source}); {limit_note}"),
     ]
     if plan.memory_bytes is not None:
-        gathered = (
-            "one layer's gathered KV"
-            if plan.gathered_kv_heads is None
-            else "one kv head's packed KV"
-            if plan.gathered_kv_heads == 1
-            else f"{plan.gathered_kv_heads} kv heads' packed KV"
-        )
+        if plan.gathered_kv_heads is not None:
+            heads = plan.gathered_kv_heads
+            gathered = "one kv head's packed KV" if heads == 1 else f"{heads} kv heads' packed KV"
+        elif plan.gathered_tokens == 0:
+            gathered = "the KV read in place"
+        elif plan.gathered_tokens is not None:
+            gathered = f"{min(plan.gathered_tokens, plan.context):,} tokens' dequantized KV at a time"
+        else:
+            gathered = "one layer's gathered KV"
         reserve_note = (
             f" (prefill chunk of {min(PREFILL_CHUNK, plan.context):,} tokens, {gathered}, "
             f"float32 logits of {LOGIT_ROWS} rows, {format_bytes(WORKSPACE_BYTES)} workspace)"

@@ -17,7 +17,9 @@ from minicpm.engine.attention import (
     PagedKVCache,
     TorchBackend,
     block_runs,
+    chunk_over_pasts,
     cpu_attention_with_lse,
+    merge_by_lse,
     probe_lse_attention,
     select_backend,
     split_causal_attention,
@@ -42,6 +44,40 @@ def test_split_attention_equals_the_bottom_right_causal_path(dtype, tol, past: i
     )
     assert got.dtype == dtype and got.shape == expected.shape
     assert_close_rel(got.float(), expected.float(), tol)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_past_read_in_pieces_is_merged_one_piece_at_a_time(kv_heads: int) -> None:
+    """A chunk over a past handed over as a generator of pieces (as cpu-torch dequantizes a
+    quantized cache) gives the bottom-right causal attention over the whole past, and no piece is
+    still alive when the next one is read: the merge keeps a running sum, not every part."""
+    import weakref
+
+    torch.manual_seed(kv_heads)
+    past, new = 100, 12
+    q = cached(new)
+    k, v = cached(past + new, kv_heads), cached(past + new, kv_heads)
+    alive: list[weakref.ref] = []
+    read = []
+
+    def pieces():
+        for first in range(0, past, 16):
+            assert all(r() is None for r in alive), "an earlier piece is still alive"
+            end = min(first + 16, past)
+            kk = k[:, :, first:end].clone()  # a fresh tensor, as a dequantized piece is
+            vv = v[:, :, first:end].clone()
+            alive[:] = [weakref.ref(kk), weakref.ref(vv)]
+            read.append(first)
+            yield kk, vv
+            del kk, vv
+
+    got = chunk_over_pasts(cpu_attention_with_lse, q, pieces(), k[:, :, past:], v[:, :, past:])
+    assert read == list(range(0, past, 16))
+    assert_close_rel(got, causal_attention(q, k, v, past=past), 1e-5)
+    one = torch.randn(1, 4, 3, 16)
+    assert merge_by_lse(iter([(one, torch.zeros(1, 4, 3))]), torch.float32) is one  # one part: as it is
+    with pytest.raises(ValueError, match="no parts"):
+        merge_by_lse(iter([]), torch.float32)
 
 
 def test_probe_takes_the_first_kernel_that_agrees_and_skips_broken_ones() -> None:

@@ -284,6 +284,30 @@ def test_every_cpu_backend_gives_the_reference_tokens_on_a_quantized_cache(kv, k
 
 
 @pytest.mark.parametrize("kv", QUANTIZED)
+def test_cpu_torch_reads_a_long_quantized_past_a_piece_at_a_time(kv, monkeypatch) -> None:
+    """cpu-torch dequantizes a quantized context QUANTIZED_PIECE tokens at a time (here 16: a
+    90-token prompt's chunks and its decode rows read five or more pieces, merged one at a time)
+    and gives the torch reference's greedy tokens over the same cache."""
+    from minicpm.engine.attention import cpu as cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "QUANTIZED_PIECE", 16)
+    config = tiny_config(
+        num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_length=256
+    )
+    model = random_model(config, seed=12)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (90, 41)]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    expected = [c.token_ids for c in _engine(model, "torch", kv).generate(prompts, params)]
+    reads = []
+    original = cpu_attention._read
+    monkeypatch.setattr(cpu_attention, "_read", lambda *a: reads.append(a[2]) or original(*a))
+    got = [c.token_ids for c in _engine(model, "cpu-torch", kv).generate(prompts, params)]
+    assert got == expected
+    assert reads and max(end - first for first, end in reads) <= 16
+
+
+@pytest.mark.parametrize("kv", QUANTIZED)
 def test_prefix_hits_preemption_and_choices_work_on_a_quantized_cache(kv) -> None:
     """The same prompts give the same tokens whether their shared prefix is a cache hit, whether a
     tight cache preempts and recomputes, and each of ``n`` choices is its own sequence's."""
@@ -354,9 +378,12 @@ def test_the_default_cpu_budget_is_the_available_memory_less_reserve_and_room(mo
 
 
 def test_the_cpu_budget_reserves_what_its_prefill_path_reads_outside_the_cache(monkeypatch) -> None:
-    """cpu-torch dequantizes a layer's context for a chunk with a past; the native prefill kernel
-    packs one kv head's at a time, so its reserve is the smaller and its budget the larger."""
+    """For a chunk with a past, cpu-torch dequantizes a quantized cache QUANTIZED_PIECE tokens of
+    every kv head at a time and merges the pieces in a float32 running sum, and reads a float
+    cache in place; the native prefill kernel packs one kv head's whole context at a time. Each
+    engine's default budget reserves exactly what its own path reads."""
     from minicpm.engine import model_runner
+    from minicpm.engine.attention.cpu import QUANTIZED_PIECE
 
     monkeypatch.setattr(model_runner, "available_cpu_memory", lambda: (3 * 2**30, "a test"))
     monkeypatch.setattr(model_runner, "system_room", lambda: 2**30)
@@ -365,6 +392,14 @@ def test_the_cpu_budget_reserves_what_its_prefill_path_reads_outside_the_cache(m
     config = tiny_config(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, max_length=65536)
     model = random_model(config)
     fields = {"max_num_seqs": 4, "max_num_batched_tokens": 512, "max_model_len": 65536}
-    runners = {backend: _engine(model, backend, "int8", **fields).runner for backend in ("cpu-torch", "cpu-native")}
-    layer = 2 * 4 * 64 * 4 * 65536  # one layer's keys and values in float32, 4 kv heads of 64
-    assert runners["cpu-native"].kv_budget - runners["cpu-torch"].kv_budget == layer - layer // 4
+    budget = {
+        (backend, kv): _engine(model, backend, kv, **fields).runner.kv_budget
+        for backend in ("cpu-torch", "cpu-native")
+        for kv in ("int8", "auto")
+    }
+    per_token = 2 * 4 * 64 * 4  # one layer's keys and values of a token in float32, 4 kv heads of 64
+    native = 65536 * per_token // 4  # one kv head's of the whole context
+    merge = 512 * 4 * 64 * 4  # a 512-token chunk's float32 running sum, 4 heads of 64
+    assert budget["cpu-native", "int8"] == budget["cpu-native", "auto"]  # the kernel packs either format alike
+    assert budget["cpu-torch", "int8"] - budget["cpu-native", "int8"] == native - QUANTIZED_PIECE * per_token - merge
+    assert budget["cpu-torch", "auto"] - budget["cpu-native", "auto"] == native - merge

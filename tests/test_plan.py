@@ -18,7 +18,7 @@ from minicpm.plan import (
     WORKSPACE_BYTES,
     MemoryPlan,
     available_memory,
-    cpu_gathered_kv_heads,
+    cpu_prefill_reads,
     estimate_activation_reserve,
     format_plan,
     parameter_count,
@@ -93,12 +93,16 @@ def test_cli_json_for_128k_in_80_gib(real_dir: Path, capsys) -> None:
     assert plan["context_exceeds_limit"] is False
     assert plan["memory_bytes"] == 80 * GiB and plan["memory_source"] == "given"
     reserve = plan["activation_reserve_bytes"]
-    gathered = cpu_gathered_kv_heads("bfloat16", 64)  # 1 where the native prefill kernel runs here
-    assert plan["gathered_kv_heads"] == gathered
+    reads = cpu_prefill_reads("bfloat16", 64)  # one kv head where the native prefill kernel runs here
+    assert plan["gathered_kv_heads"] == reads.get("gathered_kv_heads")
+    assert plan["gathered_tokens"] == reads.get("gathered_tokens")
     config = MiniCPMConfig.from_dict(REAL_CONFIG)
-    assert reserve == estimate_activation_reserve(config, "bfloat16", 131072, gathered_kv_heads=gathered)
-    if gathered == 1:  # one of 36 kv heads' keys and values packed, not a layer's gathered
-        assert estimate_activation_reserve(config, "bfloat16", 131072) - reserve == 35 * 131072 * 2 * 64 * 2
+    assert reserve == estimate_activation_reserve(config, "bfloat16", 131072, **reads)
+    merge = 8192 * 36 * 64 * 4  # the torch path's float32 running sum over a chunk of 8,192
+    if reads.get("gathered_kv_heads") == 1:  # one of 36 kv heads' keys and values packed, not a layer's gathered
+        assert estimate_activation_reserve(config, "bfloat16", 131072) - reserve == 35 * 131072 * 2 * 64 * 2 + merge
+    else:  # cpu-torch over a bfloat16 cache: read in place, no gather
+        assert estimate_activation_reserve(config, "bfloat16", 131072) - reserve == 36 * 131072 * 2 * 64 * 2
     assert plan["kv_budget_bytes"] == 80 * GiB - 2 * REAL_PARAMETERS - reserve
     assert plan["kv_tokens"] == plan["kv_budget_bytes"] // 368640
     assert plan["concurrent_contexts"] == 1 and plan["fits_full_context"] is True
@@ -255,30 +259,46 @@ def test_activation_reserve_follows_its_documented_formula() -> None:
     per_token = (3 * 64 + 12 * 16 + 4 * 16 + 3 * 96) * 4 + (64 + 2 * 8 * 16) * 4
     logits = 2 * 64 * 97 * 4
     gather_per_token = 2 * 4 * 16 * 4  # one layer's K and V: 2 x kv_heads x head_dim x 4 bytes
+    merge_per_token = 4 * 16 * 4  # the torch paths' float32 running sum: heads x head_dim x 4 bytes
     assert estimate_activation_reserve(config, "float32", 10) == (
-        10 * per_token + 10 * gather_per_token + logits + WORKSPACE_BYTES
+        10 * per_token + 10 * gather_per_token + 10 * merge_per_token + logits + WORKSPACE_BYTES
     )
-    # the prefill chunk caps the activations; the gathered context grows with the context
+    # the prefill chunk caps the activations and the merge; the gathered context grows with the context
     long = estimate_activation_reserve(config, "float32", 100_000, prefill_chunk=8)
-    assert long == 8 * per_token + 100_000 * gather_per_token + logits + WORKSPACE_BYTES
-    # a path that packs one kv head's keys and values at a time, in whole 64-key spans
+    assert long == 8 * per_token + 100_000 * gather_per_token + 8 * merge_per_token + logits + WORKSPACE_BYTES
+    # a path that packs one kv head's keys and values at a time, in whole 64-key spans, and merges nothing
     one = estimate_activation_reserve(config, "float32", 100_000, prefill_chunk=8, gathered_kv_heads=1)
-    assert long - one == 100_000 * gather_per_token - 100_032 * gather_per_token // 4
+    assert long - one == 100_000 * gather_per_token - 100_032 * gather_per_token // 4 + 8 * merge_per_token
     every = estimate_activation_reserve(config, "float32", 64, gathered_kv_heads=99)  # at most the kv heads
-    assert every == estimate_activation_reserve(config, "float32", 64)
+    assert every == estimate_activation_reserve(config, "float32", 64) - 64 * merge_per_token
+    # a path that reads the context a piece of tokens at a time (every kv head), or in place (0)
+    piece = estimate_activation_reserve(config, "float32", 100_000, prefill_chunk=8, gathered_tokens=4096)
+    assert long - piece == (100_000 - 4096) * gather_per_token
+    in_place = estimate_activation_reserve(config, "float32", 100_000, prefill_chunk=8, gathered_tokens=0)
+    assert long - in_place == 100_000 * gather_per_token
+    short = estimate_activation_reserve(config, "float32", 100, gathered_tokens=4096)  # at most the context
+    assert short == estimate_activation_reserve(config, "float32", 100)
     with pytest.raises(ValueError, match="gathered_kv_heads must be a positive"):
         estimate_activation_reserve(config, "float32", 10, gathered_kv_heads=0)
+    with pytest.raises(ValueError, match="gathered_tokens must not be negative"):
+        estimate_activation_reserve(config, "float32", 10, gathered_tokens=-1)
+    with pytest.raises(ValueError, match="give one"):
+        estimate_activation_reserve(config, "float32", 10, gathered_kv_heads=1, gathered_tokens=0)
 
 
-def test_cpu_gathered_kv_heads_follows_the_native_prefill_kernel(monkeypatch) -> None:
-    """1 (one kv head packed at a time) only where the native prefill kernel serves the dtype and
-    head size; a layer's (None) without the kernels or at a head size it does not take."""
+def test_cpu_prefill_reads_follow_the_native_prefill_kernel_and_the_kv_format(monkeypatch) -> None:
+    """One kv head packed at a time only where the native prefill kernel serves the dtype and head
+    size; else cpu-torch's reads: a quantized cache's piece, nothing for a float cache."""
     from minicpm.engine import cpu_kernels
+    from minicpm.engine.attention.cpu import QUANTIZED_PIECE
 
-    assert cpu_gathered_kv_heads("float32", 32) is None  # head_dim not a multiple of 64
+    assert cpu_prefill_reads("float32", 32) == {"gathered_tokens": 0}  # head_dim not a multiple of 64
+    assert cpu_prefill_reads("float32", 32, "int4") == {"gathered_tokens": QUANTIZED_PIECE}
+    if cpu_kernels.prefill_available(cpu_kernels.native_kernels(), torch.float32, 64):
+        assert cpu_prefill_reads("float32", 64, "int8") == {"gathered_kv_heads": 1}
     monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: None)
-    assert cpu_gathered_kv_heads("float32", 64) is None
-    assert cpu_gathered_kv_heads("bfloat16", 128) is None
+    assert cpu_prefill_reads("float32", 64) == {"gathered_tokens": 0}
+    assert cpu_prefill_reads("bfloat16", 128, "int8") == {"gathered_tokens": QUANTIZED_PIECE}
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from .cache import HUGE_PAGE_LAYER_BYTES, KERNEL_FAILURE_CHOICES, PagedKVCache
 from .cpu import CpuMetadata, CpuNativeBackend, CpuTorchBackend, block_runs
 from .lse import (
     LseAttention,
+    chunk_over_pasts,
     cpu_attention_with_lse,
     cudnn_attention_with_lse,
     flash_attention_with_lse,
@@ -46,6 +47,7 @@ __all__ = [
     "TritonBackend",
     "TritonMetadata",
     "block_runs",
+    "chunk_over_pasts",
     "cpu_attention_with_lse",
     "cudnn_attention_with_lse",
     "flash_attention_with_lse",

@@ -29,7 +29,7 @@ from torch import Tensor
 from ...model import causal_attention
 from ..cpu_kernels import paged_attention, paged_prefill
 from .base import AttentionBackend, AttentionMetadata
-from .lse import cpu_attention_with_lse, merge_by_lse, past_attention, query_rows, split_causal_attention
+from .lse import chunk_over_pasts, cpu_attention_with_lse, merge_by_lse, past_attention, query_rows
 
 if TYPE_CHECKING:
     from .cache import PagedKVCache
@@ -62,6 +62,27 @@ def block_runs(blocks: list[int], length: int, block_size: int) -> list[tuple[in
 
 
 QUANTIZED_PIECE = 4096  # tokens of a quantized cache dequantized at once by cpu-torch
+
+
+def _pieces(runs: list[tuple[int, int]], limit: int, piece: int | None) -> list[tuple[int, int]]:
+    """(first slot, end slot) of the pieces that hold a sequence's first ``limit`` tokens: its runs
+    of consecutive blocks (:func:`block_runs`), each cut every ``piece`` tokens (None: whole)."""
+    out, seen = [], 0
+    for slot, tokens in runs:
+        tokens = min(tokens, limit - seen)
+        if tokens <= 0:
+            break
+        step = piece or tokens
+        out.extend((first, min(slot + tokens, first + step)) for first in range(slot, slot + tokens, step))
+        seen += tokens
+    return out
+
+
+def _read(cache: PagedKVCache, layer: int, piece: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """A piece's keys and values (1, kv_heads, tokens, head_dim): views of a float cache, a
+    dequantized copy of a quantized one."""
+    kk, vv = cache.read(layer, slice(*piece))
+    return kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]
 
 
 class CpuTorchBackend(AttentionBackend):
@@ -106,27 +127,18 @@ class CpuTorchBackend(AttentionBackend):
                 out = causal_attention(qi, k[:, :, start : start + n], v[:, :, start : start + n])
             elif out is None:
                 limit = ctx if n == 1 else past  # a decode row's own key is in the cache already
-                segments, seen = [], 0
-                for slot, tokens in md.seq_runs[i]:
-                    tokens = min(tokens, limit - seen)
-                    if tokens <= 0:
-                        break
-                    for first in range(slot, slot + tokens, piece or tokens):
-                        end = min(slot + tokens, first + (piece or tokens))
-                        kk, vv = cache.read(layer, slice(first, end))  # views for a float format
-                        segments.append((kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]))
-                    seen += tokens
-                if n == 1 and len(segments) == 1:  # the common decode case: one plain kernel call
-                    kk, vv = segments[0]
+                pieces = _pieces(md.seq_runs[i], limit, piece)
+                if n == 1 and len(pieces) == 1:  # the common decode case: one plain kernel call
+                    kk, vv = _read(cache, layer, pieces[0])
                     out = F.scaled_dot_product_attention(qi.reshape(1, cache.kv_heads, groups, d), kk, vv)
                     out = out.reshape(1, heads, 1, d)
-                elif n == 1:
-                    out = merge_by_lse(past_attention(cpu_attention_with_lse, qi, segments), q.dtype)
-                else:
-                    ks, vs = [kk for kk, _ in segments], [vv for _, vv in segments]
-                    out = split_causal_attention(
-                        cpu_attention_with_lse, qi, ks, vs, k[:, :, start : start + n], v[:, :, start : start + n]
-                    )
+                else:  # the pieces read (dequantized) one at a time as the merge asks for them
+                    segments = (_read(cache, layer, r) for r in pieces)
+                    if n == 1:
+                        out = merge_by_lse(past_attention(cpu_attention_with_lse, qi, segments), q.dtype)
+                    else:
+                        kn, vn = k[:, :, start : start + n], v[:, :, start : start + n]
+                        out = chunk_over_pasts(cpu_attention_with_lse, qi, segments, kn, vn)
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
