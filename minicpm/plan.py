@@ -70,7 +70,7 @@ class MemoryPlan:
     checkpoint_bytes: int | None = None  # size of the weight files on disk, when known
     messages: tuple[str, ...] = ()  # problems worth saying in words
     quantize: str = "none"  # the weights' format the plan counts
-    gathered_kv_heads: int | None = None  # the reserve's kv heads read outside the cache (None: see below)
+    gathered_kv_heads: int | None = None  # the reserve's kv heads read outside the cache (None: see gathered_tokens)
     gathered_tokens: int | None = None  # else its tokens of every kv head (None with no heads: a layer's)
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,22 +229,28 @@ def estimate_activation_reserve(
     return c * per_token + gather + logits + WORKSPACE_BYTES
 
 
-def cpu_prefill_reads(dtype: torch.dtype | str, head_dim: int, kv_cache_dtype: str = "auto") -> dict[str, int]:
-    """What this machine's CPU engine reads outside its cache at once for a prefill chunk with a
-    past, as :func:`estimate_activation_reserve`'s keywords: ``gathered_kv_heads=1`` where the
-    native prefill kernel serves ``dtype`` and ``head_dim`` (it packs one kv head's keys and
-    values at a time); else cpu-torch's: ``gathered_tokens`` of a quantized ``kv_cache_dtype``'s
-    piece (:data:`~minicpm.engine.attention.cpu.QUANTIZED_PIECE`), 0 for a float cache (read in
-    place)."""
+def prefill_reads(native_prefill: bool, kv_quantized: bool) -> dict[str, int]:
+    """What a CPU engine's prefill path reads outside its cache at once for a chunk with a past,
+    as :func:`estimate_activation_reserve`'s keywords: ``gathered_kv_heads=1`` for the native
+    prefill kernel (it packs one kv head's keys and values at a time); else cpu-torch's
+    ``gathered_tokens``: a quantized cache's piece
+    (:data:`~minicpm.engine.attention.cpu.QUANTIZED_PIECE`), 0 for a float cache (read in place)."""
     from .engine.attention.cpu import QUANTIZED_PIECE
+
+    if native_prefill:
+        return {"gathered_kv_heads": 1}
+    return {"gathered_tokens": QUANTIZED_PIECE if kv_quantized else 0}
+
+
+def cpu_prefill_reads(dtype: torch.dtype | str, head_dim: int, kv_cache_dtype: str = "auto") -> dict[str, int]:
+    """:func:`prefill_reads` of this machine's CPU engine: the native prefill kernel where it
+    serves ``dtype`` and ``head_dim`` here, for a ``kv_cache_dtype`` cache."""
     from .engine.attention.kv_format import resolve_kv_format
     from .engine.cpu_kernels import native_kernels, prefill_available
 
     torch_dtype = resolve_plan_dtype(dtype)
-    if prefill_available(native_kernels(), torch_dtype, head_dim):
-        return {"gathered_kv_heads": 1}
-    quantized = resolve_kv_format(kv_cache_dtype, torch_dtype, "cpu", head_dim).quantized
-    return {"gathered_tokens": QUANTIZED_PIECE if quantized else 0}
+    native = prefill_available(native_kernels(), torch_dtype, head_dim)
+    return prefill_reads(native, resolve_kv_format(kv_cache_dtype, torch_dtype, "cpu", head_dim).quantized)
 
 
 def available_memory(device: str | torch.device) -> tuple[int, str]:

@@ -31,10 +31,9 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..model import MiniCPMForCausalLM, rope_inv_freq
-from ..plan import available_cpu_memory, estimate_activation_reserve, format_bytes, system_room
+from ..plan import available_cpu_memory, estimate_activation_reserve, format_bytes, prefill_reads, system_room
 from ..weights import release_freed_memory
 from .attention import AttentionMetadata, CpuNativeBackend, PagedKVCache, select_backend
-from .attention.cpu import QUANTIZED_PIECE
 from .attention.kv_format import resolve_kv_format
 from .config import EngineConfig
 from .fused_decode import FusedDecoder
@@ -163,13 +162,7 @@ class ModelRunner:
             raise UserError("cannot measure the available memory here: set kv_cache_memory (--kv-cache-gib)")
         available, where = found
         native = isinstance(self.backend, CpuNativeBackend) and self.backend.prefill is not None
-        # the native prefill packs one kv head's at a time; cpu-torch dequantizes a quantized
-        # cache a piece at a time and reads a float one in place
-        reads = (
-            {"gathered_kv_heads": 1}
-            if native
-            else {"gathered_tokens": QUANTIZED_PIECE if self.kv_format.quantized else 0}
-        )
+        reads = prefill_reads(native, self.kv_format.quantized)
         reserve = estimate_activation_reserve(
             self.model_config, self.dtype, max_model_len, prefill_chunk=self.config.max_num_batched_tokens, **reads
         )
