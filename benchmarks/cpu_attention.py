@@ -17,10 +17,17 @@ same keys and values (checked against sdpa over their dequantized values; GB/s c
 the format stores; with ``--peer``, the revision's kernel on each format too) and its speed-up
 over our kernel on the activation dtype's cache; the issue's
 targets (at MiniCPM's shape, one row, 32k and 128k: int8 >= 1.8x, int4 >= 3x) are reported.
+``--paired`` measures those speed-ups where they are least at the mercy of a host whose memory
+bandwidth moves from one minute to the next: per case and round, one process holds the cache in
+the activation dtype and in each ``--kv-cache-dtype`` format (the same keys and values) and times
+our kernel on each in turn, call by call, which goes first rotating every cycle; a format's
+speed-up is the median of every cycle's ratio over all rounds, with their range (no peers, no
+sdpa timing; each format's output is still checked against sdpa).
 Prints a table, then one JSON object as the last line.
 
     python benchmarks/cpu_attention.py [--peer 98f961a] [--rounds 3] [--reps 5] [--scatter]
     python benchmarks/cpu_attention.py --kv-cache-dtype int8,int4 [--only-minicpm]
+    python benchmarks/cpu_attention.py --kv-cache-dtype int8,int4 --only-minicpm --paired --reps 15
     python benchmarks/cpu_attention.py --quick          # two small cases, seconds
 """
 
@@ -32,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from cpu_mixed import median_of, peer_tree, run_child
 
@@ -57,59 +65,94 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}  # max abs error over max |sdpa|
 KV_TARGETS = {"int8": 1.8, "int4": 3.0}  # speed-up over the activation dtype's cache, one row, 32k and 128k
 
 
-def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -> dict:
-    """One system on one case (this process): ms per call, and for ours the error against sdpa
-    (over the dequantized cache for a quantized ``kv`` format)."""
-    import inspect
-
+def _cache(case: list, scatter: bool) -> SimpleNamespace:
+    """One case's query, its contiguous keys and values (sdpa's cache: rows, kv heads, context,
+    head_dim) and the same values in one layer's paged cache in the activation dtype (blocks of
+    64; row r's position p at slot ``tables[r, p // 64] * 64 + p % 64``)."""
     import torch
-    import torch.nn.functional as F
 
     shape, dtype_name, rows, context = case
     heads, kv_heads, d, _ = SHAPES[shape]
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
     per_row = -(-context // BLOCK)
-    k = torch.randn(rows, kv_heads, context, d, generator=gen).to(dtype)  # contiguous: sdpa's cache
+    k = torch.randn(rows, kv_heads, context, d, generator=gen).to(dtype)
     v = torch.randn(rows, kv_heads, context, d, generator=gen).to(dtype)
     q = torch.randn(rows, heads, d, generator=gen).to(dtype)
+    blocks = torch.arange(rows * per_row)
+    if scatter:
+        blocks = blocks[torch.randperm(len(blocks), generator=gen)]
+    tables = blocks.view(rows, per_row).to(torch.int32).contiguous()
+    slots = [(tables[r].long()[:, None] * BLOCK + torch.arange(BLOCK)).view(-1)[:context] for r in range(rows)]
+    kc = torch.zeros(rows * per_row * BLOCK, kv_heads, d, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    for r in range(rows):
+        kc[slots[r]] = k[r].transpose(0, 1)
+        vc[slots[r]] = v[r].transpose(0, 1)
+    return SimpleNamespace(
+        q=q,
+        k=k,
+        v=v,
+        kc=kc,
+        vc=vc,
+        tables=tables,
+        slots=slots,
+        dtype=dtype,
+        d=d,
+        gqa=heads != kv_heads,
+        row_seq=torch.arange(rows, dtype=torch.int32),
+        row_len=torch.full((rows,), context, dtype=torch.int32),
+    )
 
-    def sdpa() -> torch.Tensor:
-        return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=heads != kv_heads)[:, :, 0]
 
+def _stored(c: SimpleNamespace, kv: str) -> tuple:
+    """The paged cache in format ``kv`` ("auto": the activation dtype's) as (kc, vc, ks, vs), and
+    the contiguous keys and values it holds (dequantized), sdpa's reference for it."""
+    import inspect
+
+    if kv == "auto":
+        return (c.kc, c.vc, None, None), (c.k, c.v)
+    from minicpm.engine.attention.kv_format import FORMATS
+
+    fmt = FORMATS[kv]
+    # values in their own groups (int4: 64), where this revision has them (a --peer may not)
+    vkw = {"value": True} if "value" in inspect.signature(fmt.quantize).parameters else {}
+    (kc, ks), (vc, vs) = fmt.quantize(c.kc), fmt.quantize(c.vc, **vkw)
+    k, v = c.k.clone(), c.v.clone()
+    for r, slots in enumerate(c.slots):
+        k[r] = fmt.dequantize(kc[slots], ks[slots], c.dtype).transpose(0, 1)
+        v[r] = fmt.dequantize(vc[slots], vs[slots], c.dtype, **vkw).transpose(0, 1)
+    return (kc, vc, ks, vs), (k, v)
+
+
+def _sdpa(c: SimpleNamespace, k, v):
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(c.q[:, :, None], k, v, enable_gqa=c.gqa)[:, :, 0]
+
+
+def _ours(c: SimpleNamespace, stored: tuple):
+    """A call of our kernel on the paged cache ``stored`` (kc, vc, ks, vs)."""
+    from minicpm.engine.cpu_kernels import paged_attention
+
+    kc, vc, ks, vs = stored
+    return lambda: paged_attention(c.q, kc, vc, c.tables, c.row_seq, c.row_len, BLOCK, c.d**-0.5, None, ks, vs)
+
+
+def _error(out, expected) -> float:
+    expected = expected.float()
+    return (out.float() - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+
+
+def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -> dict:
+    """One system on one case (this process): ms per call, and for ours the error against sdpa
+    (over the dequantized cache for a quantized ``kv`` format)."""
+    c = _cache(case, scatter)
     if system == "sdpa":
-        call = sdpa
+        call, ref = (lambda: _sdpa(c, c.k, c.v)), None
     else:
-        from minicpm.engine.cpu_kernels import paged_attention
-
-        blocks = torch.arange(rows * per_row)
-        if scatter:
-            blocks = blocks[torch.randperm(len(blocks), generator=gen)]
-        tables = blocks.view(rows, per_row).to(torch.int32).contiguous()
-        kc = torch.zeros(rows * per_row * BLOCK, kv_heads, d, dtype=dtype)
-        vc = torch.zeros_like(kc)
-        for r in range(rows):  # row r's position p lives at slot tables[r, p // 64] * 64 + p % 64
-            slots = (tables[r].long()[:, None] * BLOCK + torch.arange(BLOCK)).view(-1)[:context]
-            kc[slots] = k[r].transpose(0, 1)
-            vc[slots] = v[r].transpose(0, 1)
-        row_seq = torch.arange(rows, dtype=torch.int32)
-        row_len = torch.full((rows,), context, dtype=torch.int32)
-        ks = vs = None
-        if kv != "auto":
-            from minicpm.engine.attention.kv_format import FORMATS
-
-            fmt = FORMATS[kv]
-            # values in their own groups (int4: 64), where this revision has them (a --peer may not)
-            vkw = {"value": True} if "value" in inspect.signature(fmt.quantize).parameters else {}
-            (kc, ks), (vc, vs) = fmt.quantize(kc), fmt.quantize(vc, **vkw)
-            for r in range(rows):  # sdpa's reference: the values the quantized cache holds
-                slots = (tables[r].long()[:, None] * BLOCK + torch.arange(BLOCK)).view(-1)[:context]
-                k[r] = fmt.dequantize(kc[slots], ks[slots], dtype).transpose(0, 1)
-                v[r] = fmt.dequantize(vc[slots], vs[slots], dtype, **vkw).transpose(0, 1)
-
-        def call() -> torch.Tensor:
-            return paged_attention(q, kc, vc, tables, row_seq, row_len, BLOCK, d**-0.5, None, ks, vs)
-
+        stored, ref = _stored(c, kv)
+        call = _ours(c, stored)
     out = call()  # warm up (and the kernel build)
     times = []
     for _ in range(reps):
@@ -117,10 +160,39 @@ def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -
         call()
         times.append(time.perf_counter() - start)
     result = {"ms": 1000 * statistics.median(times)}
-    if system != "sdpa":
-        expected = sdpa().float()
-        result["error"] = (out.float() - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+    if ref is not None:
+        result["error"] = _error(out, _sdpa(c, *ref))
     return result
+
+
+def paired_child(case: list, formats: list[str], reps: int, scatter: bool) -> dict:
+    """``--paired``: our kernel over the activation dtype's cache and over each quantized format of
+    the same keys and values, all held in this process and timed call by call in turn (which goes
+    first rotating every cycle), so each cycle's calls see the same machine. Per format: ms (median
+    of ``reps`` calls), each cycle's speed-up over the activation dtype's cache (``ratios``) and the
+    error against sdpa over the values the cache holds."""
+    c = _cache(case, scatter)
+    names = ["auto", *formats]
+    calls, errors = {}, {}
+    for kv in names:
+        stored, ref = _stored(c, kv)
+        calls[kv] = _ours(c, stored)
+        errors[kv] = _error(calls[kv](), _sdpa(c, *ref))  # also the warm-up (and the kernel build)
+        del ref
+    times: dict[str, list[float]] = {kv: [] for kv in names}
+    for i in range(reps):
+        for kv in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            calls[kv]()
+            times[kv].append(time.perf_counter() - start)
+    return {
+        kv: {
+            "ms": 1000 * statistics.median(times[kv]),
+            "error": errors[kv],
+            "ratios": [a / b for a, b in zip(times["auto"], times[kv], strict=True)],
+        }
+        for kv in names
+    }
 
 
 def run(system: str, case: tuple, args: argparse.Namespace, tree: Path | None, kv: str = "auto") -> dict:
@@ -142,10 +214,18 @@ def main() -> None:
         help="also our kernel over these quantized caches, comma-separated (int8,int4)",
     )
     p.add_argument("--only-minicpm", action="store_true", help="only the MiniCPM-2B-128k shape's cases")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="time the --kv-cache-dtype formats and the activation dtype's cache call by call in one process",
+    )
     p.add_argument("--kv", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child == "paired":  # one process, every format in turn
+        print(json.dumps(paired_child(json.loads(args.case), args.kv.split(","), args.reps, args.scatter)))
+        return
     if args.child:  # one measurement, one JSON line
         print(json.dumps(child(args.child, json.loads(args.case), args.reps, args.scatter, args.kv)))
         return
@@ -157,8 +237,13 @@ def main() -> None:
     bad = [f for f in formats if f not in KV_TARGETS]
     if bad:
         p.error(f"--kv-cache-dtype takes int8 and int4, not {', '.join(bad)}")
+    if args.paired and (not formats or args.peer):
+        p.error("--paired times --kv-cache-dtype formats against the activation dtype's cache, without --peer")
     if args.quick:
         args.rounds = 1
+    if args.paired:
+        paired(args, cases, formats)
+        return
     rounds = args.rounds
     systems: list[tuple[str, Path | None]] = [("minicpm", None)]
     systems += [(f"minicpm {f}", None) for f in formats]
@@ -226,6 +311,51 @@ def main() -> None:
     for f in failures:
         print("NOT like for like:", f)
     print(json.dumps({"benchmark": "cpu_attention", "settings": vars(args), "results": report, "failures": failures}))
+    if failures:
+        sys.exit(1)
+
+
+def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
+    """``--paired``: per case and round, one process times every format in turn (paired_child);
+    a format's speed-up is the median of every cycle's ratio over all rounds, with their range."""
+    report, failures = [], []
+    for case in cases:
+        shape, dtype, rows, context = case
+        got = [run("paired", case, args, None, ",".join(formats)) for _ in range(args.rounds)]
+        entry: dict = {"shape": shape, "dtype": dtype, "rows": rows, "context": context}
+        for kv in ["auto", *formats]:
+            entry[kv] = figures = median_of([{"ms": g[kv]["ms"]} for g in got])
+            figures["error"] = err = max(g[kv]["error"] for g in got)
+            if err > TOLERANCE[dtype]:
+                failures.append(f"{kv} on {case}: error {err:.3g} > {TOLERANCE[dtype]}")
+            if kv == "auto":
+                continue
+            ratios = [r for g in got for r in g[kv]["ratios"]]
+            figures["speedup"] = gain = statistics.median(ratios)
+            figures["speedup_range"] = [min(ratios), max(ratios)]
+            figures["speedup_by_round"] = [statistics.median(g[kv]["ratios"]) for g in got]
+            if shape == "minicpm-2b-128k" and rows == 1 and context >= 32768 and dtype == "bfloat16":
+                entry.setdefault("targets", {})[kv] = {"need": KV_TARGETS[kv], "holds": gain >= KV_TARGETS[kv]}
+        report.append(entry)
+        print(json.dumps(entry), file=sys.stderr, flush=True)
+    print(
+        f"decode attention, one layer, paired in one process: {args.rounds} rounds x {args.reps} cycles "
+        f"({'scattered' if args.scatter else 'consecutive'} blocks); speed-up: median of every cycle's ratio [range]"
+    )
+    for e in report:
+        line = f"{e['shape']:16s} {e['dtype']:8s} {e['rows']:4d} {e['context']:7d}"
+        line += f" | {e['dtype']} {e['auto']['ms']:.2f} ms"
+        for kv in formats:
+            f = e[kv]
+            lo, hi = f["speedup_range"]
+            line += f" | {kv} {f['ms']:.2f} ms, {f['speedup']:.2f}x [{lo:.2f}, {hi:.2f}]"
+            if kv in e.get("targets", {}):
+                line += f" (target {KV_TARGETS[kv]}x: {'holds' if e['targets'][kv]['holds'] else 'not met'})"
+        print(line)
+    for f in failures:
+        print("NOT like for like:", f)
+    summary = {"benchmark": "cpu_attention", "paired": True, "settings": vars(args), "results": report}
+    print(json.dumps(summary | {"failures": failures}))
     if failures:
         sys.exit(1)
 

@@ -204,6 +204,29 @@ def test_cpu_attention_quick_run_times_ours_and_sdpa_like_for_like() -> None:
         assert row["speedup_vs_sdpa"] == pytest.approx(row["sdpa"]["ms"] / row["minicpm"]["ms"])
 
 
+def test_cpu_attention_paired_times_every_format_in_one_process() -> None:
+    """--paired: each round's process times the activation dtype's cache and each quantized
+    format in turn; a speed-up is the median of the cycles' ratios (within their range, one per
+    call of every round), and each format's output is checked against sdpa."""
+    out = run_benchmark("cpu_attention.py", "--quick", "--paired", "--kv-cache-dtype", "int8,int4", "--reps", "3")
+    report = last_json(out)
+    assert report["paired"] is True and report["failures"] == []
+    assert [(r["shape"], r["dtype"]) for r in report["results"]] == [
+        ("minicpm-2b-128k", "bfloat16"),
+        ("smollm2-135m", "float32"),
+    ]
+    for row in report["results"]:
+        assert positive(row["auto"]["ms"]) and row["auto"]["error"] <= (2e-2 if row["dtype"] == "bfloat16" else 1e-5)
+        for fmt in ("int8", "int4"):
+            f = row[fmt]
+            assert positive(f["ms"]) and f["error"] <= (2e-2 if row["dtype"] == "bfloat16" else 1e-5)
+            lo, hi = f["speedup_range"]
+            assert 0 < lo <= f["speedup"] <= hi and len(f["speedup_by_round"]) == 1
+        assert "targets" not in row  # the targets are judged at 32k and 128k only
+    refused = run_benchmark("cpu_attention.py", "--quick", "--paired")  # nothing to pair
+    assert refused.returncode == 2 and "--paired times --kv-cache-dtype formats" in refused.stderr
+
+
 def test_load_memory_peak_stays_within_1_3x_of_what_the_load_keeps(tmp_path: Path) -> None:
     """A 337 MB bfloat16 checkpoint (random weights, 168 M parameters) loaded in a fresh process the
     user's way (``LLM.from_pretrained``: load and engine preparation), from safetensors and from a
