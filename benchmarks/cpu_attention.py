@@ -65,6 +65,18 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}  # max abs error over max |sdpa|
 KV_TARGETS = {"int8": 1.8, "int4": 3.0}  # speed-up over the activation dtype's cache, one row, 32k and 128k
 
 
+def judged(case) -> bool:
+    """Whether ``case`` is one the KV_TARGETS are judged on (MiniCPM's shape, bfloat16, one row, 32k up)."""
+    shape, dtype, rows, context = case
+    return shape == "minicpm-2b-128k" and rows == 1 and context >= 32768 and dtype == "bfloat16"
+
+
+def check_error(name: str, case, err: float, failures: list[str]) -> None:
+    """Adds to ``failures`` where ``name``'s error on ``case`` is past its dtype's rounding."""
+    if err > TOLERANCE[case[1]]:
+        failures.append(f"{name} on {case}: error {err:.3g} > {TOLERANCE[case[1]]}")
+
+
 def _cache(case: list, scatter: bool) -> SimpleNamespace:
     """One case's query, its contiguous keys and values (sdpa's cache: rows, kv heads, context,
     head_dim) and the same values in one layer's paged cache in the activation dtype (blocks of
@@ -278,13 +290,12 @@ def main() -> None:
             figures["model_ms_per_token"] = figures["ms"] * layers
             if "error" in figures:
                 figures["error"] = err = figures["error_range"][1]  # the worst round
-                if err > TOLERANCE[dtype]:
-                    failures.append(f"{name} on {case}: error {err:.3g} > {TOLERANCE[dtype]}")
+                check_error(name, case, err, failures)
         for name, _ in systems[1:]:
             if name.startswith("minicpm "):  # the quantized cache against ours on the activation dtype's
                 entry[f"{name}_speedup"] = gain = entry["minicpm"]["ms"] / entry[name]["ms"]
                 fmt = name.split()[1]
-                if shape == "minicpm-2b-128k" and rows == 1 and context >= 32768 and dtype == "bfloat16":
+                if judged(case):
                     entry.setdefault("targets", {})[fmt] = {"need": KV_TARGETS[fmt], "holds": gain >= KV_TARGETS[fmt]}
                 continue
             ours = f"minicpm {name.split()[1]}" if " " in name else "minicpm"  # the peer's format: against ours
@@ -326,15 +337,14 @@ def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
         for kv in ["auto", *formats]:
             entry[kv] = figures = median_of([{"ms": g[kv]["ms"]} for g in got])
             figures["error"] = err = max(g[kv]["error"] for g in got)
-            if err > TOLERANCE[dtype]:
-                failures.append(f"{kv} on {case}: error {err:.3g} > {TOLERANCE[dtype]}")
+            check_error(kv, case, err, failures)
             if kv == "auto":
                 continue
             ratios = [r for g in got for r in g[kv]["ratios"]]
             figures["speedup"] = gain = statistics.median(ratios)
             figures["speedup_range"] = [min(ratios), max(ratios)]
             figures["speedup_by_round"] = [statistics.median(g[kv]["ratios"]) for g in got]
-            if shape == "minicpm-2b-128k" and rows == 1 and context >= 32768 and dtype == "bfloat16":
+            if judged(case):
                 entry.setdefault("targets", {})[kv] = {"need": KV_TARGETS[kv], "holds": gain >= KV_TARGETS[kv]}
         report.append(entry)
         print(json.dumps(entry), file=sys.stderr, flush=True)
