@@ -1268,26 +1268,32 @@ static inline __attribute__((always_inline)) void values_int4_vbmi(const uint8_t
 #define HAVE_VALUES_VBMI 0
 #endif
 
-/* The next window's codes (keys' and values': one stretch each), asked for into L2 a share per key
- * batch: ``per`` lines of each at a time, from ``at`` up to ``end`` (per 0: nothing to ask for).
- * Their scales are not: asking for them too measured no faster, and the instructions cost. */
+/* The next window's codes and scales (keys' codes, values' codes, keys' scales, values' scales: one
+ * stretch each), asked for into L2 a share at a time: ``per[r]`` lines of stretch r per call, from
+ * ``at[r]`` up to ``end[r]``. The calls are spread over the whole window, its key batches and its
+ * kv heads' values alike, so memory is read while either is computed. Asked for only in the key
+ * phase, and without the scales, the loads stalled on the scales (the hardware's prefetcher does
+ * not run ahead of their short stretches) and memory sat idle while values were weighed (see
+ * docs/benchmarks.md for the measurement). Two windows ahead measured no faster. */
 typedef struct {
-    const char *at[2], *end[2];
-    int64_t per;
+    const char *at[4], *end[4];
+    int64_t per[4];
 } ahead_t;
 
-/* both stretches (start, ``bytes`` each) set to be asked for over ``batches`` key batches */
-static inline void ahead_set(ahead_t *ah, const char *const start[2], int64_t bytes, int batches) {
-    const int64_t lines = (bytes + 63) / 64;
-    for (int r = 0; r < 2; r++) ah->at[r] = start[r], ah->end[r] = start[r] + lines * 64;
-    ah->per = (lines + batches - 1) / batches;
+/* the stretches (start, bytes: 0 for none) set to be asked for over ``calls`` calls of ask_ahead */
+static inline void ahead_set(ahead_t *ah, const char *const start[4], const int64_t bytes[4], int calls) {
+    for (int r = 0; r < 4; r++) {
+        const char *first = (const char *)((uintptr_t)start[r] & ~(uintptr_t)63);
+        const int64_t lines = bytes[r] ? (start[r] + bytes[r] - first + 63) / 64 : 0;
+        ah->at[r] = first, ah->end[r] = first + lines * 64;
+        ah->per[r] = (lines + calls - 1) / calls;
+    }
 }
 
-/* one batch's share of each stretch asked for */
+/* one call's share of each stretch asked for */
 static inline void ask_ahead(ahead_t *ah) {
-    if (!ah->per) return;
-    for (int r = 0; r < 2; r++) {
-        const char *p = ah->at[r], *stop = p + ah->per * 64 < ah->end[r] ? p + ah->per * 64 : ah->end[r];
+    for (int r = 0; r < 4; r++) {
+        const char *p = ah->at[r], *stop = p + ah->per[r] * 64 < ah->end[r] ? p + ah->per[r] * 64 : ah->end[r];
         for (; p < stop; p += 64) _mm_prefetch(p, _MM_HINT_T1);
         ah->at[r] = p;
     }
@@ -1340,7 +1346,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     float *vwr = (float *)(vq + vnni_room(heads, head_dim)); /* value_weights' room */
 #else
     (void)vq, (void)vnni_on;
-    const int paired = 0, rows16 = 0;
+    const int paired = 0, rows16 = 0, vnni = 0;
 #endif
     for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
         mx[h] = -INFINITY;
@@ -1356,15 +1362,17 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const char *kw = (const char *)a->kc + at, *vw = (const char *)a->vc + at;
         /* a quantized window's scales, keys' then values', widened once (16 slots x kv heads at most) */
         const float *ksw = fs, *vsw = fs + 16 * kv_heads * nsc;
-        /* a quantized cache: the next window's codes asked for into L2, a share per key batch
-         * (without, the hardware's prefetcher fell behind; a plain cache is read at memory speed
-         * without, and slower with) */
-        ahead_t ah = {{NULL, NULL}, {NULL, NULL}, 0};
+        /* a quantized cache: the next window's codes and scales asked for into L2, a share per
+         * key batch and per kv head's values (without, the hardware's prefetcher fell behind; a
+         * plain cache is read at memory speed without, and no faster with) */
+        ahead_t ah = {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}, {0, 0, 0, 0}};
         if (quant && w0 + n < k1) {
             const int w1 = w0 + n, n1 = k1 - w1 < 16 ? k1 - w1 : 16, m1 = bs - w1 % bs < n1 ? bs - w1 % bs : n1;
             const int64_t f1 = (int64_t)table[w1 / bs] * bs + w1 % bs;
-            const char *start[2] = {(const char *)a->kc + f1 * slot, (const char *)a->vc + f1 * slot};
-            ahead_set(&ah, start, m1 * slot, (n * heads + 15) / 16);
+            const char *start[4] = {(const char *)a->kc + f1 * slot, (const char *)a->vc + f1 * slot,
+                                    (const char *)(a->ks + f1 * kv_heads * nsc), (const char *)(a->vs + f1 * kv_heads * nvs)};
+            const int64_t bytes[4] = {m1 * slot, m1 * slot, (int64_t)m1 * kv_heads * nsc * 2, (int64_t)m1 * kv_heads * nvs * 2};
+            ahead_set(&ah, start, bytes, (n * heads + 15) / 16 + (vnni ? kv_heads : 0));
         }
         if (quant) {
             if (!paired && !rows16) /* those read their key scales as float16 */
@@ -1456,7 +1464,8 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
 #if HAVE_DECODE_VNNI
         if (vnni) { /* values of the whole window by integer dot products (see values_vnni) */
             value_weights(sc, vsw, n, heads, groups, kv_heads, nvs, nsg, kind, vwr);
-            for (int kvh = 0; kvh < kv_heads; kvh++)
+            for (int kvh = 0; kvh < kv_heads; kvh++) {
+                ask_ahead(&ah);
                 for (int g = 0; g < groups; g++) {
                     const int hh = kvh * groups + g;
 #if HAVE_VALUES_VBMI
@@ -1468,6 +1477,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                     values_vnni((const uint8_t *)vw + (int64_t)kvh * width, slot, vwr, hp, hh, n, cr[hh],
                                 acc + (int64_t)hh * head_dim, head_dim, kind, wide);
                 }
+            }
             continue;
         }
 #endif
