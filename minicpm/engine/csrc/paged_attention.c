@@ -985,7 +985,7 @@ static inline __m512i lane_sums4i(const __m512i z[4]) {
  * integer sum (lane_sums4i; exact) times its scale and the head's qs, plus its minimum times the
  * head's sum of q over the group, the two groups of a pair added. ks: the first pair's scales
  * (s0 m0 s1 m1, float16, every pair's in turn). */
-static inline __m512 sums8(const __m512i z[8], const uint16_t *ks, int live, const char *lanes0, const char *lanes1) {
+static inline __attribute__((always_inline)) __m512 sums8(const __m512i z[8], const uint16_t *ks, int live, const char *lanes0, const char *lanes1) {
     const __m512i y[2] = {lane_sums4i(z), lane_sums4i(z + 4)}; /* lane 4 L + j: pair 2 j + L / 2, group L % 2 */
     const __m512i pick = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
     const __m512i pick_min = _mm512_add_epi32(pick, _mm512_set1_epi32(1));
@@ -1021,7 +1021,7 @@ static inline __attribute__((always_inline)) __m512i key_row_int8(const char *hp
  * plus its +128 correction, times its scale and the head's qs, the two groups of a pair added.
  * ks: the first pair's scales (s0 s1, float16, every pair's in turn); start0, start1: the lanes
  * (vnni_start) of heads h0 and h0 + 8. */
-static inline __m512 sums16_int8(const __m512i z[16], const uint16_t *ks, int live, const char *start0,
+static inline __attribute__((always_inline)) __m512 sums16_int8(const __m512i z[16], const uint16_t *ks, int live, const char *start0,
                                  const char *start1) {
     const __m512i pick = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
     const char *start[2] = {start0, start1};
@@ -1268,6 +1268,37 @@ static inline __attribute__((always_inline)) void values_int4_vbmi(const uint8_t
 #define HAVE_VALUES_VBMI 0
 #endif
 
+#if HAVE_DECODE_VNNI
+/* The scores of 16 (slot, head) pairs into sc (nothing past ``live`` of them), the first of head
+ * h (even): int4 keys at head_dim 64, MHA, heads even, two pairs a vector (key_pair_vnni, sums8);
+ * k: the first pair's key row (``width`` bytes a row), ks its scales. Returns the head after. */
+static inline __attribute__((always_inline)) int scores16_int4(char *vq, int heads, int h, const uint8_t *k,
+                                                               int64_t width, const uint16_t *ks, int live, float *sc) {
+    const int h0 = h;
+    __m512i z[8];
+    for (int i = 0; i < 8; i++) {
+        z[i] = 2 * i < live ? key_pair_vnni(vnni_pair(vq, heads, h / 2), k + (int64_t)2 * i * width) : _mm512_setzero_si512();
+        h += 2;
+        h = h == heads ? 0 : h;
+    }
+    _mm512_storeu_ps(sc, sums8(z, ks, live, vnni_pair(vq, heads, h0 / 2), vnni_pair(vq, heads, (h0 + 8) % heads / 2)));
+    return h;
+}
+
+/* scores16_int4 for int8 keys at head_dim 64, MHA, a pair a vector (key_row_int8, sums16_int8) */
+static inline __attribute__((always_inline)) int scores16_int8(char *vq, int heads, int h, const uint8_t *k,
+                                                               int64_t width, const uint16_t *ks, int live, float *sc) {
+    const int h0 = h;
+    __m512i z[16];
+    for (int i = 0; i < 16; i++) {
+        z[i] = i < live ? key_row_int8(vnni_head(vq, heads, h, 64), k + (int64_t)i * width) : _mm512_setzero_si512();
+        h = h + 1 == heads ? 0 : h + 1;
+    }
+    _mm512_storeu_ps(sc, sums16_int8(z, ks, live, vnni_start(vq, heads, h0), vnni_start(vq, heads, (h0 + 8) % heads)));
+    return h;
+}
+#endif
+
 /* The next window's codes and scales (keys' codes, values' codes, keys' scales, values' scales: one
  * stretch each), asked for into L2 a share at a time: ``per[r]`` lines of stretch r per call, from
  * ``at[r]`` up to ``end[r]``. The calls are spread over the whole window, its key batches and its
@@ -1385,33 +1416,18 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const float *kscale = ksw;     /* and the key row's scales */
         int h = 0, g = 0;
 #if HAVE_DECODE_VNNI
-        if (paired) { /* int4, head_dim 64, MHA, heads even: two pairs a vector (key_pair_vnni) */
+        if (paired || rows16) { /* int4 / int8, head_dim 64, MHA: scores16_int4 / scores16_int8 */
+            const uint16_t *ks = a->ks + first * kv_heads * nsc;
             for (int f0 = 0; f0 < pairs; f0 += 16) {
                 ask_ahead(&ah);
-                const int h0 = h;
-                __m512i z[8];
-                for (int i = 0; i < 8; i++) {
-                    const int f = f0 + 2 * i; /* pair f: key row f, head h (even) */
-                    z[i] = f < pairs ? key_pair_vnni(vnni_pair(vq, heads, h / 2), (const uint8_t *)kw + (int64_t)f * width)
-                                     : _mm512_setzero_si512();
-                    if ((h += 2) == heads) h = 0;
-                }
-                const int h8 = (h0 + 8) % heads;
-                _mm512_storeu_ps(sc + f0, sums8(z, a->ks + (first * kv_heads + f0) * nsc, pairs - f0,
-                                                vnni_pair(vq, heads, h0 / 2), vnni_pair(vq, heads, h8 / 2)));
-            }
-        } else if (rows16) { /* int8, head_dim 64, MHA (key_row_int8, sums16_int8) */
-            for (int f0 = 0; f0 < pairs; f0 += 16) {
-                ask_ahead(&ah);
-                const int h0 = h;
-                __m512i z[16];
-                for (int i = 0; i < 16; i++) {
-                    z[i] = f0 + i < pairs ? key_row_int8(vnni_head(vq, heads, h, 64), (const uint8_t *)kw + (int64_t)(f0 + i) * width)
-                                          : _mm512_setzero_si512();
-                    if (++h == heads) h = 0;
-                }
-                _mm512_storeu_ps(sc + f0, sums16_int8(z, a->ks + (first * kv_heads + f0) * nsc, pairs - f0,
-                                                      vnni_start(vq, heads, h0), vnni_start(vq, heads, (h0 + 8) % heads)));
+                const uint8_t *kf = (const uint8_t *)kw + (int64_t)f0 * width;
+                const uint16_t *kss = ks + (int64_t)f0 * nsc;
+                if (f0 + 16 <= pairs) /* a whole batch: its bounds known when compiled */
+                    h = paired ? scores16_int4(vq, heads, h, kf, width, kss, 16, sc + f0)
+                               : scores16_int8(vq, heads, h, kf, width, kss, 16, sc + f0);
+                else
+                    h = paired ? scores16_int4(vq, heads, h, kf, width, kss, pairs - f0, sc + f0)
+                               : scores16_int8(vq, heads, h, kf, width, kss, pairs - f0, sc + f0);
             }
         } else
 #endif
