@@ -21,13 +21,16 @@ targets (at MiniCPM's shape, one row, 32k and 128k: int8 >= 1.8x, int4 >= 3x) ar
 bandwidth moves from one minute to the next: per case and round, one process holds the cache in
 the activation dtype and in each ``--kv-cache-dtype`` format (the same keys and values) and times
 our kernel on each in turn, call by call, which goes first rotating every cycle; a format's
-speed-up is the median of every cycle's ratio over all rounds, with their range (no peers, no
-sdpa timing; each format's output is still checked against sdpa).
+speed-up is the median of every cycle's ratio over all rounds, with their range (no sdpa timing;
+each format's output is still checked against sdpa). With ``--peer REV`` the revision's kernel is
+built into the same process (its C sources, this revision's flags) and timed on every format in
+the same cycles: ours over the peer's, per format, is again a median of the cycles' ratios.
 Prints a table, then one JSON object as the last line.
 
     python benchmarks/cpu_attention.py [--peer 98f961a] [--rounds 3] [--reps 5] [--scatter]
     python benchmarks/cpu_attention.py --kv-cache-dtype int8,int4 [--only-minicpm]
     python benchmarks/cpu_attention.py --kv-cache-dtype int8,int4 --only-minicpm --paired --reps 15
+    python benchmarks/cpu_attention.py --kv-cache-dtype int8,int4 --only-minicpm --paired --peer 17239b0
     python benchmarks/cpu_attention.py --quick          # two small cases, seconds
 """
 
@@ -143,12 +146,13 @@ def _sdpa(c: SimpleNamespace, k, v):
     return F.scaled_dot_product_attention(c.q[:, :, None], k, v, enable_gqa=c.gqa)[:, :, 0]
 
 
-def _ours(c: SimpleNamespace, stored: tuple):
-    """A call of our kernel on the paged cache ``stored`` (kc, vc, ks, vs)."""
+def _ours(c: SimpleNamespace, stored: tuple, lib=None):
+    """A call of our kernel (or of ``lib``: another revision's kernel library) on the paged cache
+    ``stored`` (kc, vc, ks, vs)."""
     from minicpm.engine.cpu_kernels import paged_attention
 
     kc, vc, ks, vs = stored
-    return lambda: paged_attention(c.q, kc, vc, c.tables, c.row_seq, c.row_len, BLOCK, c.d**-0.5, None, ks, vs)
+    return lambda: paged_attention(c.q, kc, vc, c.tables, c.row_seq, c.row_len, BLOCK, c.d**-0.5, lib, ks, vs)
 
 
 def _error(out, expected) -> float:
@@ -177,38 +181,60 @@ def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -
     return result
 
 
-def paired_child(case: list, formats: list[str], reps: int, scatter: bool) -> dict:
+def paired_child(case: list, formats: list[str], reps: int, scatter: bool, peer_csrc: str | None = None) -> dict:
     """``--paired``: our kernel over the activation dtype's cache and over each quantized format of
     the same keys and values, all held in this process and timed call by call in turn (which goes
     first rotating every cycle), so each cycle's calls see the same machine. Per format: ms (median
     of ``reps`` calls), each cycle's speed-up over the activation dtype's cache (``ratios``) and the
-    error against sdpa over the values the cache holds."""
+    error against sdpa over the values the cache holds. With ``peer_csrc`` (a peer revision's C
+    sources, built into a second library in this process) the peer's kernel is timed on every
+    format in the same cycles: ``peer`` holds its ms and error per format, and ``vs_peer`` each
+    cycle's peer time over ours on that format."""
+    from minicpm.engine.cpu_kernels import kernels_from
+
     c = _cache(case, scatter)
     names = ["auto", *formats]
+    peer = kernels_from(Path(peer_csrc)) if peer_csrc else None
     calls, errors = {}, {}
     for kv in names:
         stored, ref = _stored(c, kv)
-        calls[kv] = _ours(c, stored)
-        errors[kv] = _error(calls[kv](), _sdpa(c, *ref))  # also the warm-up (and the kernel build)
+        expected = _sdpa(c, *ref)
         del ref
-    times: dict[str, list[float]] = {kv: [] for kv in names}
+        calls[kv] = _ours(c, stored)
+        errors[kv] = _error(calls[kv](), expected)  # also the warm-up (and the kernel build)
+        if peer is not None:
+            calls[f"{kv}@peer"] = _ours(c, stored, peer)
+            errors[f"{kv}@peer"] = _error(calls[f"{kv}@peer"](), expected)
+        del expected
+    # ours on every format, then the peer's: a call never follows one on the same cache, which
+    # would find it warm (a small case's cache fits in the last-level cache)
+    order = names + [f"{kv}@peer" for kv in names if peer is not None]
+    times: dict[str, list[float]] = {name: [] for name in order}
     for i in range(reps):
-        for kv in names[i % len(names) :] + names[: i % len(names)]:
+        for name in order[i % len(order) :] + order[: i % len(order)]:
             start = time.perf_counter()
-            calls[kv]()
-            times[kv].append(time.perf_counter() - start)
-    return {
-        kv: {
-            "ms": 1000 * statistics.median(times[kv]),
-            "error": errors[kv],
-            "ratios": [a / b for a, b in zip(times["auto"], times[kv], strict=True)],
-        }
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+
+    def cycles(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(times[a], times[b], strict=True)]
+
+    result = {
+        kv: {"ms": 1000 * statistics.median(times[kv]), "error": errors[kv], "ratios": cycles("auto", kv)}
         for kv in names
     }
+    if peer is not None:
+        for kv in names:
+            p = f"{kv}@peer"
+            result[kv]["peer"] = {"ms": 1000 * statistics.median(times[p]), "error": errors[p]}
+            result[kv]["vs_peer"] = cycles(p, kv)
+    return result
 
 
 def run(system: str, case: tuple, args: argparse.Namespace, tree: Path | None, kv: str = "auto") -> dict:
     argv = ["--child", system, "--case", json.dumps(case), "--reps", str(args.reps), "--kv", kv]
+    if system == "paired" and args.peer:  # the peer's kernel built into the same process
+        argv += ["--peer-csrc", str(peer_tree(args.peer) / "minicpm" / "engine" / "csrc")]
     return run_child(__file__, argv + (["--scatter"] if args.scatter else []), tree, f"{system} on {case}")
 
 
@@ -232,11 +258,13 @@ def main() -> None:
         help="time the --kv-cache-dtype formats and the activation dtype's cache call by call in one process",
     )
     p.add_argument("--kv", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--peer-csrc", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child == "paired":  # one process, every format in turn
-        print(json.dumps(paired_child(json.loads(args.case), args.kv.split(","), args.reps, args.scatter)))
+        got = paired_child(json.loads(args.case), args.kv.split(","), args.reps, args.scatter, args.peer_csrc)
+        print(json.dumps(got))
         return
     if args.child:  # one measurement, one JSON line
         print(json.dumps(child(args.child, json.loads(args.case), args.reps, args.scatter, args.kv)))
@@ -249,8 +277,8 @@ def main() -> None:
     bad = [f for f in formats if f not in KV_TARGETS]
     if bad:
         p.error(f"--kv-cache-dtype takes int8 and int4, not {', '.join(bad)}")
-    if args.paired and (not formats or args.peer):
-        p.error("--paired times --kv-cache-dtype formats against the activation dtype's cache, without --peer")
+    if args.paired and not formats:
+        p.error("--paired times --kv-cache-dtype formats against the activation dtype's cache: name them")
     if args.quick:
         args.rounds = 1
     if args.paired:
@@ -338,6 +366,13 @@ def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
             entry[kv] = figures = median_of([{"ms": g[kv]["ms"]} for g in got])
             figures["error"] = err = max(g[kv]["error"] for g in got)
             check_error(kv, case, err, failures)
+            if args.peer:  # the peer revision's kernel on the same cache, in the same cycles
+                figures["peer"] = median_of([{"ms": g[kv]["peer"]["ms"]} for g in got])
+                figures["peer"]["error"] = err = max(g[kv]["peer"]["error"] for g in got)
+                check_error(f"{kv}@{args.peer}", case, err, failures)
+                vs = [r for g in got for r in g[kv]["vs_peer"]]
+                figures["speedup_vs_peer"] = statistics.median(vs)
+                figures["speedup_vs_peer_range"] = [min(vs), max(vs)]
             if kv == "auto":
                 continue
             ratios = [r for g in got for r in g[kv]["ratios"]]
@@ -361,6 +396,9 @@ def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
             line += f" | {kv} {f['ms']:.2f} ms, {f['speedup']:.2f}x [{lo:.2f}, {hi:.2f}]"
             if kv in e.get("targets", {}):
                 line += f" (target {KV_TARGETS[kv]}x: {'holds' if e['targets'][kv]['holds'] else 'not met'})"
+        if args.peer:
+            vs = [f"{kv if kv != 'auto' else e['dtype']} {e[kv]['speedup_vs_peer']:.2f}x" for kv in ["auto", *formats]]
+            line += f" | ours vs {args.peer}: " + ", ".join(vs)
         print(line)
     for f in failures:
         print("NOT like for like:", f)

@@ -227,6 +227,23 @@ def test_cpu_attention_paired_times_every_format_in_one_process() -> None:
     assert refused.returncode == 2 and "--paired times --kv-cache-dtype formats" in refused.stderr
 
 
+def test_cpu_attention_paired_child_times_a_peer_kernel_in_the_same_cycles() -> None:
+    """--paired --peer's child: the peer's C sources (here this tree's own) built into a second
+    library in the same process and timed on every format in the same cycles; each of its outputs
+    checked against sdpa, each cycle's peer time over ours recorded per format."""
+    from minicpm.engine.cpu_kernels import CSRC
+
+    case = json.dumps(["minicpm-2b-128k", "bfloat16", 1, 1024])
+    argv = ["--child", "paired", "--case", case, "--kv", "int8,int4", "--reps", "4", "--peer-csrc", str(CSRC)]
+    got = last_json(run_benchmark("cpu_attention.py", *argv))
+    for kv in ("auto", "int8", "int4"):
+        assert positive(got[kv]["ms"]) and positive(got[kv]["peer"]["ms"])
+        assert got[kv]["error"] <= 2e-2 and got[kv]["peer"]["error"] <= 2e-2
+        assert len(got[kv]["vs_peer"]) == 4 and all(r > 0 for r in got[kv]["vs_peer"])
+    lacking = run_benchmark("cpu_attention.py", *argv[:-1], str(CSRC.parent))  # no kernel sources there
+    assert lacking.returncode != 0 and "lacks minicpm.h" in lacking.stderr
+
+
 def test_load_memory_peak_stays_within_1_3x_of_what_the_load_keeps(tmp_path: Path) -> None:
     """A 337 MB bfloat16 checkpoint (random weights, 168 M parameters) loaded in a fresh process the
     user's way (``LLM.from_pretrained``: load and engine preparation), from safetensors and from a

@@ -191,18 +191,18 @@ _HEADERS = ("minicpm.h", "numeric.h")
 _BUILD_PREFIX = ".build-"  # a build's own directory in the kernel cache, removed when it ends
 
 
-def _build() -> Path:
-    """Compile :data:`SOURCES` into one library in the kernel cache (or find it there); raises on
-    any failure. One process compiles at a time (a lock file in the cache): a second one waits,
+def _build(csrc: Path = CSRC) -> Path:
+    """Compile :data:`SOURCES` (from ``csrc``) into one library in the kernel cache (or find it
+    there); raises on any failure. One process compiles at a time (a lock file in the cache): a second one waits,
     then loads what the first built; a build directory left by a killed build is removed by the
     next one."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    parts = [cc, version, " ".join(_COMMON_FLAGS), _cpu_signature(), *((CSRC / h).read_text() for h in _HEADERS)]
+    parts = [cc, version, " ".join(_COMMON_FLAGS), _cpu_signature(), *((csrc / h).read_text() for h in _HEADERS)]
     for name, flags in SOURCES.items():
-        parts += [name, " ".join(flags), (CSRC / name).read_text()]
+        parts += [name, " ".join(flags), (csrc / name).read_text()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = _cache_dir() / f"minicpm-cpu-{key}.so"
     if target.exists():
@@ -220,7 +220,7 @@ def _build() -> Path:
                 objects = []
                 for name, flags in SOURCES.items():
                     obj = str(tmp / f"{Path(name).stem}.o")
-                    _run([cc, *_COMMON_FLAGS, *flags, "-c", str(CSRC / name), "-o", obj], cc, name, target.parent)
+                    _run([cc, *_COMMON_FLAGS, *flags, "-c", str(csrc / name), "-o", obj], cc, name, target.parent)
                     objects.append(obj)
                 library = str(tmp / "lib.so")
                 _run([cc, "-shared", "-fopenmp", *objects, "-o", library, "-lm"], cc, "the link", target.parent)
@@ -330,6 +330,18 @@ def native_kernels() -> NativeKernels | None:
 
 
 build_failure: str | None = None  # why the last native_kernels() returned None though switched on
+
+
+def kernels_from(csrc: Path) -> NativeKernels:
+    """The kernel library built from another tree's C sources (``csrc``: a benchmark's peer
+    revision's ``minicpm/engine/csrc``), with this module's flags and file list, cached and loaded
+    like :func:`native_kernels`'s so both can run in one process. Raises instead of falling back:
+    :class:`FileNotFoundError` naming a source file the tree lacks, :class:`ABIMismatchError` for
+    a library of another interface, :class:`RuntimeError` for a failed build."""
+    missing = [name for name in (*_HEADERS, *SOURCES) if not (csrc / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{csrc} lacks {', '.join(missing)}: not a kernel tree this module can build")
+    return _load(_build(csrc))
 
 
 PANEL = 32  # output columns per packed panel: csrc/minicpm.h's MINICPM_PANEL, checked at load
