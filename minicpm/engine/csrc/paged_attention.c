@@ -1348,7 +1348,9 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
                                                               char *vq, const int vnni_on, const int kind_on,
                                                               const int ready) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
-    const int kind = kind_on ? kind_on : a->kind; /* kind_on: the KV kind as a constant where nonzero */
+    /* kind_on: the KV kind as a constant where nonzero (-1: a plain cache, so that instance carries
+     * none of the quantized paths' code, whose registers and layout cost a plain cache 5%) */
+    const int kind = kind_on > 0 ? kind_on : kind_on < 0 ? MINICPM_KV_PLAIN : a->kind;
     const int esize = bf16 ? 2 : 4, quant = kind != MINICPM_KV_PLAIN;
     const int64_t width = quant ? kv_width(kind, head_dim) : head_dim * esize; /* bytes of a (slot, head) row */
     const int nsc = quant ? kv_scales(kind, head_dim, 0) : 0;                    /* a key row's scales */
@@ -1608,9 +1610,13 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                     else if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT4)
                         WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
                                                             MINICPM_KV_INT4, ready))
+                    else if (a.kind == MINICPM_KV_PLAIN)
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
                     else
                         WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
 #endif
+                } else if (a.kind == MINICPM_KV_PLAIN) {
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
                 } else {
                     WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
                 }
