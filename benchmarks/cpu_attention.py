@@ -370,14 +370,11 @@ def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
                 figures["peer"] = median_of([{"ms": g[kv]["peer"]["ms"]} for g in got])
                 figures["peer"]["error"] = err = max(g[kv]["peer"]["error"] for g in got)
                 check_error(f"{kv}@{args.peer}", case, err, failures)
-                vs = [r for g in got for r in g[kv]["vs_peer"]]
-                figures["speedup_vs_peer"] = statistics.median(vs)
-                figures["speedup_vs_peer_range"] = [min(vs), max(vs)]
+                figures |= median_of([{"speedup_vs_peer": r} for g in got for r in g[kv]["vs_peer"]])
             if kv == "auto":
                 continue
-            ratios = [r for g in got for r in g[kv]["ratios"]]
-            figures["speedup"] = gain = statistics.median(ratios)
-            figures["speedup_range"] = [min(ratios), max(ratios)]
+            figures |= median_of([{"speedup": r} for g in got for r in g[kv]["ratios"]])
+            gain = figures["speedup"]
             figures["speedup_by_round"] = [statistics.median(g[kv]["ratios"]) for g in got]
             if judged(case):
                 entry.setdefault("targets", {})[kv] = {"need": KV_TARGETS[kv], "holds": gain >= KV_TARGETS[kv]}

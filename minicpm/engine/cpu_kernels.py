@@ -193,9 +193,9 @@ _BUILD_PREFIX = ".build-"  # a build's own directory in the kernel cache, remove
 
 def _build(csrc: Path = CSRC) -> Path:
     """Compile :data:`SOURCES` (from ``csrc``) into one library in the kernel cache (or find it
-    there); raises on any failure. One process compiles at a time (a lock file in the cache): a second one waits,
-    then loads what the first built; a build directory left by a killed build is removed by the
-    next one."""
+    there); raises on any failure. One process compiles at a time (a lock file in the cache): a
+    second one waits, then loads what the first built; a build directory left by a killed build is
+    removed by the next one."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")

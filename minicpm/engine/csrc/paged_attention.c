@@ -985,7 +985,8 @@ static inline __m512i lane_sums4i(const __m512i z[4]) {
  * integer sum (lane_sums4i; exact) times its scale and the head's qs, plus its minimum times the
  * head's sum of q over the group, the two groups of a pair added. ks: the first pair's scales
  * (s0 m0 s1 m1, float16, every pair's in turn). */
-static inline __attribute__((always_inline)) __m512 sums8(const __m512i z[8], const uint16_t *ks, int live, const char *lanes0, const char *lanes1) {
+static inline __attribute__((always_inline)) __m512 sums8(const __m512i z[8], const uint16_t *ks, int live,
+                                                          const char *lanes0, const char *lanes1) {
     const __m512i y[2] = {lane_sums4i(z), lane_sums4i(z + 4)}; /* lane 4 L + j: pair 2 j + L / 2, group L % 2 */
     const __m512i pick = _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30);
     const __m512i pick_min = _mm512_add_epi32(pick, _mm512_set1_epi32(1));
@@ -1021,8 +1022,8 @@ static inline __attribute__((always_inline)) __m512i key_row_int8(const char *hp
  * plus its +128 correction, times its scale and the head's qs, the two groups of a pair added.
  * ks: the first pair's scales (s0 s1, float16, every pair's in turn); start0, start1: the lanes
  * (vnni_start) of heads h0 and h0 + 8. */
-static inline __attribute__((always_inline)) __m512 sums16_int8(const __m512i z[16], const uint16_t *ks, int live, const char *start0,
-                                 const char *start1) {
+static inline __attribute__((always_inline)) __m512 sums16_int8(const __m512i z[16], const uint16_t *ks, int live,
+                                                                const char *start0, const char *start1) {
     const __m512i pick = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
     const char *start[2] = {start0, start1};
     __m512 part[2];
