@@ -1306,7 +1306,9 @@ static inline __attribute__((always_inline)) int scores16_int8(char *vq, int hea
  * kv heads' values alike, so memory is read while either is computed. Asked for only in the key
  * phase, and without the scales, the loads stalled on the scales (the hardware's prefetcher does
  * not run ahead of their short stretches) and memory sat idle while values were weighed (see
- * docs/benchmarks.md for the measurement). Two windows ahead measured no faster. */
+ * docs/benchmarks.md for the measurement). Two windows ahead measured no faster. A partition's
+ * first window is asked for whole as it starts, and during its last window the first of the
+ * partition the thread will likely take next (without, each partition began with a stall). */
 typedef struct {
     const char *at[4], *end[4];
     int64_t per[4];
@@ -1331,7 +1333,27 @@ static inline void ask_ahead(ahead_t *ah) {
     }
 }
 
-/* keys k0..k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
+/* ahead_set for the window of a row's keys that starts at key w (table: the row's block table)
+ * and ends at k1, the block's end or 16 keys later, whichever is first: its four stretches of a
+ * layer whose (slot, head) rows are ``width`` bytes with nsc key scales and nvs value scales */
+static inline void ahead_window(ahead_t *ah, const args_t *a, const int32_t *table, int w, int k1, int64_t width,
+                                int nsc, int nvs, int calls) {
+    const int bs = a->block_size, kv_heads = a->kv_heads, n = k1 - w < 16 ? k1 - w : 16;
+    const int m = bs - w % bs < n ? bs - w % bs : n;
+    const int64_t f = (int64_t)table[w / bs] * bs + w % bs, slot = kv_heads * width;
+    const char *start[4] = {(const char *)a->kc + f * slot, (const char *)a->vc + f * slot,
+                            (const char *)(a->ks + f * kv_heads * nsc), (const char *)(a->vs + f * kv_heads * nvs)};
+    const int64_t bytes[4] = {m * slot, m * slot, (int64_t)m * kv_heads * nsc * 2, (int64_t)m * kv_heads * nvs * 2};
+    ahead_set(ah, start, bytes, calls);
+}
+
+/* a work item's keys k0..k1-1 of its row, and next0..next1-1: the partition of the same row that
+ * the thread will likely take next (next0 -1: none guessed) */
+typedef struct {
+    int k0, k1, next0, next1;
+} span_t;
+
+/* keys sp.k0..sp.k1-1 of ``row`` (k0 on a block edge), every query head, into the running max mx, sum
  * sm (both heads rounded up to 16) and accumulators acc (heads x head_dim). A window of up to 16
  * keys inside one block (every kv head of up to 16 consecutive slots: one stretch of memory) is
  * read in address order:
@@ -1343,12 +1365,13 @@ static inline void ask_ahead(ahead_t *ah) {
  *           accumulators (8 streams, each in address order).
  * qf: room for the row's pre-scaled float32 query (and vq for its VNNI form); ``ready``: both hold
  * this row's already (the thread's previous partition was of the same row). */
-static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, int k0, int k1,
+static inline __attribute__((always_inline)) void decode_part(const args_t *a, int row, const span_t sp,
                                                               const int head_dim, int bf16, float *qf, float *sc,
                                                               float *cr, float *mx, float *sm, float *acc, float *fs,
                                                               char *vq, const int vnni_on, const int kind_on,
                                                               const int ready) {
     const int groups = a->groups, bs = a->block_size, kv_heads = a->kv_heads, heads = a->heads;
+    const int k0 = sp.k0, k1 = sp.k1;
     /* kind_on: the KV kind as a constant where nonzero (-1: a plain cache, so that instance carries
      * none of the quantized paths' code, whose registers and layout cost a plain cache 5%) */
     const int kind = kind_on > 0 ? kind_on : kind_on < 0 ? MINICPM_KV_PLAIN : a->kind;
@@ -1387,6 +1410,11 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         sm[h] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * heads * head_dim);
+    if (quant) { /* the first window asked for at once (where the thread guessed right, again: cheap) */
+        ahead_t first;
+        ahead_window(&first, a, table, k0, k1, width, nsc, nvs, 1);
+        ask_ahead(&first);
+    }
     int n;
     for (int w0 = k0; w0 < k1; w0 += n) {
         const int room = bs - w0 % bs;
@@ -1398,16 +1426,14 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         const float *ksw = fs, *vsw = fs + 16 * kv_heads * nsc;
         /* a quantized cache: the next window's codes and scales asked for into L2, a share per
          * key batch and per kv head's values (without, the hardware's prefetcher fell behind; a
-         * plain cache is read at memory speed without, and no faster with) */
+         * plain cache is read at memory speed without, and no faster with); after the last
+         * window, the first of the thread's likely next partition */
         ahead_t ah = {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}, {0, 0, 0, 0}};
-        if (quant && w0 + n < k1) {
-            const int w1 = w0 + n, n1 = k1 - w1 < 16 ? k1 - w1 : 16, m1 = bs - w1 % bs < n1 ? bs - w1 % bs : n1;
-            const int64_t f1 = (int64_t)table[w1 / bs] * bs + w1 % bs;
-            const char *start[4] = {(const char *)a->kc + f1 * slot, (const char *)a->vc + f1 * slot,
-                                    (const char *)(a->ks + f1 * kv_heads * nsc), (const char *)(a->vs + f1 * kv_heads * nvs)};
-            const int64_t bytes[4] = {m1 * slot, m1 * slot, (int64_t)m1 * kv_heads * nsc * 2, (int64_t)m1 * kv_heads * nvs * 2};
-            ahead_set(&ah, start, bytes, (n * heads + 15) / 16 + (vnni ? kv_heads : 0));
-        }
+        const int calls = (n * heads + 15) / 16 + (vnni ? kv_heads : 0);
+        if (quant && w0 + n < k1)
+            ahead_window(&ah, a, table, w0 + n, k1, width, nsc, nvs, calls);
+        else if (quant && sp.next0 >= 0)
+            ahead_window(&ah, a, table, sp.next0, sp.next1, width, nsc, nvs, calls);
         if (quant) {
             if (!paired && !rows16) /* those read their key scales as float16 */
                 widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
@@ -1603,23 +1629,28 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 const int k1 = a.row_len[row] - k0 < part ? a.row_len[row] : k0 + part;
                 const int ready = row == ready_row; /* this thread prepared the row's query last */
                 ready_row = row;
+                /* the thread's likely next item: this one plus the thread count (items are handed
+                 * out in order); only its prefetch depends on the guess, never a result */
+                const int guess = item + omp_get_num_threads(), g0 = (guess - first[row]) * part;
+                const span_t sp = {k0, k1, guess < first[row + 1] ? g0 : -1,
+                                   a.row_len[row] - g0 < part ? a.row_len[row] : g0 + part};
                 if (bf16) {
 #if HAVE_DECODE_BF16
                     if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT8)
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
                                                             MINICPM_KV_INT8, ready))
                     else if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT4)
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
                                                             MINICPM_KV_INT4, ready))
                     else if (a.kind == MINICPM_KV_PLAIN)
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
                     else
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
+                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
 #endif
                 } else if (a.kind == MINICPM_KV_PLAIN) {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
                 } else {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, k0, k1, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
+                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
                     for (int h = 0; h < heads; h++)
