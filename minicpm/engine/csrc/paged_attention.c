@@ -1574,6 +1574,24 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     }
 }
 
+/* decode_part's instances, each a function of its own: one instance's code never moves another's
+ * (the plain cache's loops ran 5-10% slower or faster as code around them in one function grew
+ * or shrank). BF16: bfloat16 activations; VNNI, KIND: decode_part's vnni_on and kind_on. */
+#define DECODE_INSTANCE(NAME, BF16, VNNI, KIND)                                                                  \
+    static __attribute__((noinline)) void NAME(const args_t *a, int row, const span_t sp, int head_dim, float *qf, \
+                                               float *sc, float *cr, float *mx, float *sm, float *acc, float *fs,   \
+                                               char *vq, int ready) {                                               \
+        WITH_HEAD_DIM(head_dim, decode_part(a, row, sp, HD, BF16, qf, sc, cr, mx, sm, acc, fs, vq, VNNI, KIND, ready)) \
+    }
+#if HAVE_DECODE_BF16
+DECODE_INSTANCE(decode_bf16_int8, 1, 1, MINICPM_KV_INT8)
+DECODE_INSTANCE(decode_bf16_int4, 1, 1, MINICPM_KV_INT4)
+DECODE_INSTANCE(decode_bf16_plain, 1, 0, -1)
+DECODE_INSTANCE(decode_bf16_quant, 1, 0, 0)
+#endif
+DECODE_INSTANCE(decode_f32_plain, 0, 0, -1)
+DECODE_INSTANCE(decode_f32_quant, 0, 0, 0)
+
 /* 1 where decode_avx512 serves dtype and head_dim on this build */
 static int decode_avx512_serves(int dtype, int head_dim) {
     return head_dim % 64 == 0 && (dtype == 0 || (dtype == 1 && HAVE_DECODE_BF16));
@@ -1637,20 +1655,18 @@ static int decode_avx512(int dtype, const args_t *ap, int rows, int head_dim) {
                 if (bf16) {
 #if HAVE_DECODE_BF16
                     if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT8)
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
-                                                            MINICPM_KV_INT8, ready))
+                        decode_bf16_int8(&a, row, sp, head_dim, qf, sc, cr, mx, sm, acc, fs, vq, ready);
                     else if (HAVE_DECODE_VNNI && a.kind == MINICPM_KV_INT4)
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 1,
-                                                            MINICPM_KV_INT4, ready))
+                        decode_bf16_int4(&a, row, sp, head_dim, qf, sc, cr, mx, sm, acc, fs, vq, ready);
                     else if (a.kind == MINICPM_KV_PLAIN)
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
+                        decode_bf16_plain(&a, row, sp, head_dim, qf, sc, cr, mx, sm, acc, fs, vq, ready);
                     else
-                        WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 1, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
+                        decode_bf16_quant(&a, row, sp, head_dim, qf, sc, cr, mx, sm, acc, fs, vq, ready);
 #endif
                 } else if (a.kind == MINICPM_KV_PLAIN) {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, -1, ready))
+                    decode_f32_plain(&a, row, sp, head_dim, qf, sc, cr, mx, sm, acc, fs, vq, ready);
                 } else {
-                    WITH_HEAD_DIM(head_dim, decode_part(&a, row, sp, HD, 0, qf, sc, cr, mx, sm, acc, fs, vq, 0, 0, ready))
+                    decode_f32_quant(&a, row, sp, head_dim, qf, sc, cr, mx, sm, acc, fs, vq, ready);
                 }
                 if (spill[row] < 0) { /* the row's only partition: its output */
                     for (int h = 0; h < heads; h++)
