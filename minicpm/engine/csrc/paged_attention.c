@@ -1334,8 +1334,9 @@ static inline void ask_ahead(ahead_t *ah) {
 }
 
 /* ahead_set for the window of a row's keys that starts at key w (table: the row's block table)
- * and ends at k1, the block's end or 16 keys later, whichever is first: its four stretches of a
- * layer whose (slot, head) rows are ``width`` bytes with nsc key scales and nvs value scales */
+ * and ends at whichever comes first of key k1, the block's end and 16 keys later: its four
+ * stretches of a layer whose (slot, head) rows are ``width`` bytes with nsc key scales and nvs
+ * value scales */
 static inline void ahead_window(ahead_t *ah, const args_t *a, const int32_t *table, int w, int k1, int64_t width,
                                 int nsc, int nvs, int calls) {
     const int bs = a->block_size, kv_heads = a->kv_heads, n = k1 - w < 16 ? k1 - w : 16;
@@ -1575,8 +1576,8 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
 }
 
 /* decode_part's instances, each a function of its own: one instance's code never moves another's
- * (the plain cache's loops ran 5-10% slower or faster as code around them in one function grew
- * or shrank). BF16: bfloat16 activations; VNNI, KIND: decode_part's vnni_on and kind_on. */
+ * (inlined into one function, the plain cache's unchanged loops ran 3-10% slower or faster as the
+ * code around them grew or shrank). BF16: bfloat16 activations; VNNI, KIND: decode_part's vnni_on and kind_on. */
 #define DECODE_INSTANCE(NAME, BF16, VNNI, KIND)                                                                  \
     static __attribute__((noinline)) void NAME(const args_t *a, int row, const span_t sp, int head_dim, float *qf, \
                                                float *sc, float *cr, float *mx, float *sm, float *acc, float *fs,   \
