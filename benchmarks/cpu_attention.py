@@ -17,6 +17,12 @@ same keys and values (checked against sdpa over their dequantized values; GB/s c
 the format stores; with ``--peer``, the revision's kernel on each format too) and its speed-up
 over our kernel on the activation dtype's cache; the issue's
 targets (at MiniCPM's shape, one row, 32k and 128k: int8 >= 1.8x, int4 >= 3x) are reported.
+Every paged cache, in every format, sits on memory laid out as the engine lays out its own
+(``--pages engine``, the default): transparent huge pages asked for before the first touch
+(``advise_huge_pages``), as ``PagedKVCache`` does for a pool of at least 64 MiB a layer (any CPU
+budget of 5 GiB or more at these shapes). ``--pages 4k`` leaves them on 4 KiB pages (the layout
+of the figures before 2026-12-07). sdpa's contiguous cache is a plain torch tensor, as
+transformers' is.
 ``--paired`` measures those speed-ups where they are least at the mercy of a host whose memory
 bandwidth moves from one minute to the next: per case and round, one process holds the cache in
 the activation dtype and in each ``--kv-cache-dtype`` format (the same keys and values) and times
@@ -80,10 +86,28 @@ def check_error(name: str, case, err: float, failures: list[str]) -> None:
         failures.append(f"{name} on {case}: error {err:.3g} > {TOLERANCE[case[1]]}")
 
 
-def _cache(case: list, scatter: bool) -> SimpleNamespace:
+PAGES = ("engine", "4k")
+
+
+def _placed(t, pages: str):
+    """``t``'s values in a new tensor laid out as ``pages`` says: "engine" asks for transparent huge
+    pages before the first touch, as the engine's KV pool does; "4k": ``t`` itself (a plain tensor)."""
+    import torch
+
+    if pages == "4k":
+        return t
+    from minicpm.engine.cpu_kernels import advise_huge_pages
+
+    placed = torch.empty_like(t)
+    advise_huge_pages(placed)  # False (nothing asked) off Linux: then as "4k"
+    return placed.copy_(t)
+
+
+def _cache(case: list, scatter: bool, pages: str = "engine") -> SimpleNamespace:
     """One case's query, its contiguous keys and values (sdpa's cache: rows, kv heads, context,
     head_dim) and the same values in one layer's paged cache in the activation dtype (blocks of
-    64; row r's position p at slot ``tables[r, p // 64] * 64 + p % 64``)."""
+    64; row r's position p at slot ``tables[r, p // 64] * 64 + p % 64``), on ``pages``
+    (:func:`_placed`)."""
     import torch
 
     shape, dtype_name, rows, context = case
@@ -104,6 +128,7 @@ def _cache(case: list, scatter: bool) -> SimpleNamespace:
     for r in range(rows):
         kc[slots[r]] = k[r].transpose(0, 1)
         vc[slots[r]] = v[r].transpose(0, 1)
+    kc, vc = _placed(kc, pages), _placed(vc, pages)
     return SimpleNamespace(
         q=q,
         k=k,
@@ -115,6 +140,7 @@ def _cache(case: list, scatter: bool) -> SimpleNamespace:
         dtype=dtype,
         d=d,
         gqa=heads != kv_heads,
+        pages=pages,
         row_seq=torch.arange(rows, dtype=torch.int32),
         row_len=torch.full((rows,), context, dtype=torch.int32),
     )
@@ -133,6 +159,7 @@ def _stored(c: SimpleNamespace, kv: str) -> tuple:
     # values in their own groups (int4: 64), where this revision has them (a --peer may not)
     vkw = {"value": True} if "value" in inspect.signature(fmt.quantize).parameters else {}
     (kc, ks), (vc, vs) = fmt.quantize(c.kc), fmt.quantize(c.vc, **vkw)
+    kc, ks, vc, vs = (_placed(t, c.pages) for t in (kc, ks, vc, vs))  # as the engine's pool: see _cache
     k, v = c.k.clone(), c.v.clone()
     for r, slots in enumerate(c.slots):
         k[r] = fmt.dequantize(kc[slots], ks[slots], c.dtype).transpose(0, 1)
@@ -160,10 +187,10 @@ def _error(out, expected) -> float:
     return (out.float() - expected).abs().max().item() / max(1.0, expected.abs().max().item())
 
 
-def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -> dict:
+def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto", pages: str = "engine") -> dict:
     """One system on one case (this process): ms per call, and for ours the error against sdpa
     (over the dequantized cache for a quantized ``kv`` format)."""
-    c = _cache(case, scatter)
+    c = _cache(case, scatter, pages)
     if system == "sdpa":
         call, ref = (lambda: _sdpa(c, c.k, c.v)), None
     else:
@@ -181,7 +208,9 @@ def child(system: str, case: list, reps: int, scatter: bool, kv: str = "auto") -
     return result
 
 
-def paired_child(case: list, formats: list[str], reps: int, scatter: bool, peer_csrc: str | None = None) -> dict:
+def paired_child(
+    case: list, formats: list[str], reps: int, scatter: bool, peer_csrc: str | None = None, pages: str = "engine"
+) -> dict:
     """``--paired``: our kernel over the activation dtype's cache and over each quantized format of
     the same keys and values, all held in this process and timed call by call in turn (which goes
     first rotating every cycle), so each cycle's calls see the same machine. Per format: ms (median
@@ -192,12 +221,14 @@ def paired_child(case: list, formats: list[str], reps: int, scatter: bool, peer_
     cycle's peer time over ours on that format."""
     from minicpm.engine.cpu_kernels import kernels_from
 
-    c = _cache(case, scatter)
+    c = _cache(case, scatter, pages)
     names = ["auto", *formats]
     peer = kernels_from(Path(peer_csrc)) if peer_csrc else None
     calls, errors = {}, {}
+    paged = 0  # bytes of the paged caches, every format
     for kv in names:
         stored, ref = _stored(c, kv)
+        paged += sum(t.nbytes for t in stored if t is not None)
         expected = _sdpa(c, *ref)
         del ref
         calls[kv] = _ours(c, stored)
@@ -206,6 +237,11 @@ def paired_child(case: list, formats: list[str], reps: int, scatter: bool, peer_
             calls[f"{kv}@peer"] = _ours(c, stored, peer)
             errors[f"{kv}@peer"] = _error(calls[f"{kv}@peer"](), expected)
         del expected
+    from cpu_real_shape import status_bytes
+
+    # what of the process's memory Linux put on huge pages (with THP on "madvise", only the
+    # advised paged caches can be), over the paged caches' bytes
+    huge = status_bytes("AnonHugePages", source="smaps_rollup") or 0
     # ours on every format, then the peer's: a call never follows one on the same cache, which
     # would find it warm (a small case's cache fits in the last-level cache)
     order = names + [f"{kv}@peer" for kv in names if peer is not None]
@@ -223,6 +259,7 @@ def paired_child(case: list, formats: list[str], reps: int, scatter: bool, peer_
         kv: {"ms": 1000 * statistics.median(times[kv]), "error": errors[kv], "ratios": cycles("auto", kv)}
         for kv in names
     }
+    result["pages"] = {"paged_bytes": paged, "huge_bytes": huge}
     if peer is not None:
         for kv in names:
             p = f"{kv}@peer"
@@ -232,7 +269,7 @@ def paired_child(case: list, formats: list[str], reps: int, scatter: bool, peer_
 
 
 def run(system: str, case: tuple, args: argparse.Namespace, tree: Path | None, kv: str = "auto") -> dict:
-    argv = ["--child", system, "--case", json.dumps(case), "--reps", str(args.reps), "--kv", kv]
+    argv = ["--child", system, "--case", json.dumps(case), "--reps", str(args.reps), "--kv", kv, "--pages", args.pages]
     if system == "paired" and args.peer:  # the peer's kernel built into the same process
         argv += ["--peer-csrc", str(peer_tree(args.peer) / "minicpm" / "engine" / "csrc")]
     return run_child(__file__, argv + (["--scatter"] if args.scatter else []), tree, f"{system} on {case}")
@@ -245,6 +282,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="timed calls per case and round (median)")
     p.add_argument("--scatter", action="store_true", help="shuffle the blocks (default: in order)")
     p.add_argument("--quick", action="store_true", help="two small cases, one round")
+    p.add_argument(
+        "--pages",
+        choices=PAGES,
+        default="engine",
+        help="the paged caches' memory: as the engine's pool (huge pages asked for; default) or 4 KiB pages",
+    )
     p.add_argument(
         "--kv-cache-dtype",
         default="",
@@ -263,11 +306,13 @@ def main() -> None:
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child == "paired":  # one process, every format in turn
-        got = paired_child(json.loads(args.case), args.kv.split(","), args.reps, args.scatter, args.peer_csrc)
+        got = paired_child(
+            json.loads(args.case), args.kv.split(","), args.reps, args.scatter, args.peer_csrc, args.pages
+        )
         print(json.dumps(got))
         return
     if args.child:  # one measurement, one JSON line
-        print(json.dumps(child(args.child, json.loads(args.case), args.reps, args.scatter, args.kv)))
+        print(json.dumps(child(args.child, json.loads(args.case), args.reps, args.scatter, args.kv, args.pages)))
         return
 
     cases = QUICK if args.quick else CASES
@@ -333,7 +378,10 @@ def main() -> None:
     formats_names = {f"minicpm {f}" for f in formats}
     peers = [n for n, _ in systems[1:] if n not in formats_names]
     order = "scattered" if args.scatter else "consecutive"
-    print(f"decode attention, one layer, median of {rounds} rounds x {args.reps} calls ({order} blocks)")
+    print(
+        f"decode attention, one layer, median of {rounds} rounds x {args.reps} calls ({order} blocks, "
+        f"{args.pages} pages)"
+    )
     head = f"{'shape':16s} {'dtype':8s} {'rows':>4s} {'context':>7s}"
     for name, _ in systems:
         head += f" | {name[:18]:>18s} ms   GB/s"
@@ -362,6 +410,8 @@ def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
         shape, dtype, rows, context = case
         got = [run("paired", case, args, None, ",".join(formats)) for _ in range(args.rounds)]
         entry: dict = {"shape": shape, "dtype": dtype, "rows": rows, "context": context}
+        if args.pages == "engine":  # the least share of the paged caches' bytes Linux put on huge pages
+            entry["huge_page_share"] = min(g["pages"]["huge_bytes"] / g["pages"]["paged_bytes"] for g in got)
         for kv in ["auto", *formats]:
             entry[kv] = figures = median_of([{"ms": g[kv]["ms"]} for g in got])
             figures["error"] = err = max(g[kv]["error"] for g in got)
@@ -382,11 +432,14 @@ def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
         print(json.dumps(entry), file=sys.stderr, flush=True)
     print(
         f"decode attention, one layer, paired in one process: {args.rounds} rounds x {args.reps} cycles "
-        f"({'scattered' if args.scatter else 'consecutive'} blocks); speed-up: median of every cycle's ratio [range]"
+        f"({'scattered' if args.scatter else 'consecutive'} blocks, {args.pages} pages); "
+        "speed-up: median of every cycle's ratio [range]"
     )
     for e in report:
         line = f"{e['shape']:16s} {e['dtype']:8s} {e['rows']:4d} {e['context']:7d}"
         line += f" | {e['dtype']} {e['auto']['ms']:.2f} ms"
+        if "huge_page_share" in e:
+            line = line.replace(" | ", f" | huge pages {e['huge_page_share']:.0%} | ", 1)
         for kv in formats:
             f = e[kv]
             lo, hi = f["speedup_range"]

@@ -242,6 +242,12 @@ def test_cpu_attention_paired_child_times_a_peer_kernel_in_the_same_cycles() -> 
         assert len(got[kv]["vs_peer"]) == 4 and all(r > 0 for r in got[kv]["vs_peer"])
         # the peer is this tree's own sources: the same kernel on the same cache, so the same output
         assert got[kv]["peer"]["error"] == got[kv]["error"]
+    # every format's paged cache counted (one row of 1,024 tokens, 36 kv heads of 64): the share the
+    # table gives of them on huge pages is over these bytes (how much Linux gives is the host's)
+    from minicpm.engine.attention.kv_format import FORMATS
+
+    per_token = sum(36 * (FORMATS[f].bytes_per_row(64) + FORMATS[f].bytes_per_row(64, True)) for f in ("int8", "int4"))
+    assert got["pages"]["paged_bytes"] == 1024 * (per_token + 36 * 2 * 64 * 2)  # + the bfloat16 cache
     lacking = run_benchmark("cpu_attention.py", *argv[:-1], str(CSRC.parent))  # no kernel sources there
     assert lacking.returncode != 0 and "lacks minicpm.h" in lacking.stderr
 
