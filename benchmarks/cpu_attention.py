@@ -21,7 +21,7 @@ Every paged cache, in every format, sits on memory laid out as the engine lays o
 (``--pages engine``, the default): transparent huge pages asked for before the first touch
 (``advise_huge_pages``), as ``PagedKVCache`` does for a pool of at least 64 MiB a layer (any CPU
 budget of 5 GiB or more at these shapes). ``--pages 4k`` leaves them on 4 KiB pages (the layout
-of the figures before 2026-12-07). sdpa's contiguous cache is a plain torch tensor, as
+of the figures before 2026-12-08). sdpa's contiguous cache is a plain torch tensor, as
 transformers' is.
 ``--paired`` measures those speed-ups where they are least at the mercy of a host whose memory
 bandwidth moves from one minute to the next: per case and round, one process holds the cache in
@@ -437,9 +437,9 @@ def paired(args: argparse.Namespace, cases: list, formats: list[str]) -> None:
     )
     for e in report:
         line = f"{e['shape']:16s} {e['dtype']:8s} {e['rows']:4d} {e['context']:7d}"
-        line += f" | {e['dtype']} {e['auto']['ms']:.2f} ms"
         if "huge_page_share" in e:
-            line = line.replace(" | ", f" | huge pages {e['huge_page_share']:.0%} | ", 1)
+            line += f" | huge pages {e['huge_page_share']:.0%}"
+        line += f" | {e['dtype']} {e['auto']['ms']:.2f} ms"
         for kv in formats:
             f = e[kv]
             lo, hi = f["speedup_range"]
