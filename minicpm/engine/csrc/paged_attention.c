@@ -387,8 +387,7 @@ static inline __m512 exp16_nonpos(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return _mm512_scalef_ps(p, n); /* p * 2^n, n >= -126: exactly exp_nonpos's product */
 }
 
 static inline void scale_row(float *acc, int head_dim, float correction) {
@@ -1312,20 +1311,31 @@ static inline __attribute__((always_inline)) int scores16_int8(char *vq, int hea
 typedef struct {
     const char *at[4], *end[4];
     int64_t per[4];
+    int wait; /* calls of ask_ahead until the next that asks */
 } ahead_t;
 
-/* the stretches (start, bytes: 0 for none) set to be asked for over ``calls`` calls of ask_ahead */
-static inline void ahead_set(ahead_t *ah, const char *const start[4], const int64_t bytes[4], int calls) {
+/* the stretches (start, bytes: 0 for none) set to be asked for over ``calls`` calls of ask_ahead,
+ * of which every ``thin``-th asks (ask_ahead) */
+static inline void ahead_set(ahead_t *ah, const char *const start[4], const int64_t bytes[4], int calls,
+                             const int thin) {
+    const int asking = (calls + thin - 1) / thin;
     for (int r = 0; r < 4; r++) {
         const char *first = (const char *)((uintptr_t)start[r] & ~(uintptr_t)63);
         const int64_t lines = bytes[r] ? (start[r] + bytes[r] - first + 63) / 64 : 0;
         ah->at[r] = first, ah->end[r] = first + lines * 64;
-        ah->per[r] = (lines + calls - 1) / calls;
+        ah->per[r] = (lines + asking - 1) / asking;
     }
+    ah->wait = 1;
 }
 
-/* one call's share of each stretch asked for */
-static inline void ask_ahead(ahead_t *ah) {
+/* one call's share of each stretch asked for, on every ``thin``-th call (the first included; thin:
+ * a constant where it is called, as ahead_set's). Each asking call's bookkeeping costs about what
+ * a few prefetches do, so int4 windows (about 9 lines a call at MiniCPM's shape) ask on every
+ * other call; int8's (about 17) on every call, as thinning them measured no faster (see
+ * docs/benchmarks.md). */
+static inline __attribute__((always_inline)) void ask_ahead(ahead_t *ah, const int thin) {
+    if (thin > 1 && --ah->wait > 0) return;
+    ah->wait = thin;
     for (int r = 0; r < 4; r++) {
         const char *p = ah->at[r], *stop = p + ah->per[r] * 64 < ah->end[r] ? p + ah->per[r] * 64 : ah->end[r];
         for (; p < stop; p += 64) _mm_prefetch(p, _MM_HINT_T1);
@@ -1338,14 +1348,14 @@ static inline void ask_ahead(ahead_t *ah) {
  * stretches of a layer whose (slot, head) rows are ``width`` bytes with nsc key scales and nvs
  * value scales */
 static inline void ahead_window(ahead_t *ah, const args_t *a, const int32_t *table, int w, int k1, int64_t width,
-                                int nsc, int nvs, int calls) {
+                                int nsc, int nvs, int calls, const int thin) {
     const int bs = a->block_size, kv_heads = a->kv_heads, n = k1 - w < 16 ? k1 - w : 16;
     const int m = bs - w % bs < n ? bs - w % bs : n;
     const int64_t f = (int64_t)table[w / bs] * bs + w % bs, slot = kv_heads * width;
     const char *start[4] = {(const char *)a->kc + f * slot, (const char *)a->vc + f * slot,
                             (const char *)(a->ks + f * kv_heads * nsc), (const char *)(a->vs + f * kv_heads * nvs)};
     const int64_t bytes[4] = {m * slot, m * slot, (int64_t)m * kv_heads * nsc * 2, (int64_t)m * kv_heads * nvs * 2};
-    ahead_set(ah, start, bytes, calls);
+    ahead_set(ah, start, bytes, calls, thin);
 }
 
 /* a work item's keys k0..k1-1 of its row, and next0..next1-1: the partition of the same row that
@@ -1406,6 +1416,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     (void)vq, (void)vnni_on;
     const int paired = 0, rows16 = 0, vnni = 0;
 #endif
+    const int thin = vnni && kind == MINICPM_KV_INT4 ? 2 : 1; /* ask_ahead's */
     for (int h = 0; h < (heads + 15) / 16 * 16; h++) {
         mx[h] = -INFINITY;
         sm[h] = 0.0f;
@@ -1413,8 +1424,8 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
     memset(acc, 0, sizeof(float) * heads * head_dim);
     if (quant) { /* the first window asked for at once (where the thread guessed right, again: cheap) */
         ahead_t first;
-        ahead_window(&first, a, table, k0, k1, width, nsc, nvs, 1);
-        ask_ahead(&first);
+        ahead_window(&first, a, table, k0, k1, width, nsc, nvs, 1, 1);
+        ask_ahead(&first, 1);
     }
     int n;
     for (int w0 = k0; w0 < k1; w0 += n) {
@@ -1429,12 +1440,12 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
          * key batch and per kv head's values (without, the hardware's prefetcher fell behind; a
          * plain cache is read at memory speed without, and no faster with); after the last
          * window, the first of the thread's likely next partition */
-        ahead_t ah = {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}, {0, 0, 0, 0}};
+        ahead_t ah = {{NULL, NULL, NULL, NULL}, {NULL, NULL, NULL, NULL}, {0, 0, 0, 0}, 1};
         const int calls = (n * heads + 15) / 16 + (vnni ? kv_heads : 0);
         if (quant && w0 + n < k1)
-            ahead_window(&ah, a, table, w0 + n, k1, width, nsc, nvs, calls);
+            ahead_window(&ah, a, table, w0 + n, k1, width, nsc, nvs, calls, thin);
         else if (quant && sp.next0 >= 0)
-            ahead_window(&ah, a, table, sp.next0, sp.next1, width, nsc, nvs, calls);
+            ahead_window(&ah, a, table, sp.next0, sp.next1, width, nsc, nvs, calls, thin);
         if (quant) {
             if (!paired && !rows16) /* those read their key scales as float16 */
                 widen_halves(a->ks + first * kv_heads * nsc, n * kv_heads * nsc, fs);
@@ -1449,7 +1460,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         if (paired || rows16) { /* int4 / int8, head_dim 64, MHA: scores16_int4 / scores16_int8 */
             const uint16_t *ks = a->ks + first * kv_heads * nsc;
             for (int f0 = 0; f0 < pairs; f0 += 16) {
-                ask_ahead(&ah);
+                ask_ahead(&ah, thin);
                 const uint8_t *kf = (const uint8_t *)kw + (int64_t)f0 * width;
                 const uint16_t *kss = ks + (int64_t)f0 * nsc;
                 if (f0 + 16 <= pairs) /* a whole batch: its bounds known when compiled */
@@ -1463,7 +1474,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
 #endif
         for (int f0 = 0; f0 < pairs; f0 += 16) {
             __m512 z[16];
-            if (quant) ask_ahead(&ah);
+            if (quant) ask_ahead(&ah, thin);
 #if HAVE_DECODE_VNNI
             const int h_first = h; /* the batch's first head: the qs of its 16 pairs from there */
 #endif
@@ -1511,7 +1522,7 @@ static inline __attribute__((always_inline)) void decode_part(const args_t *a, i
         if (vnni) { /* values of the whole window by integer dot products (see values_vnni) */
             value_weights(sc, vsw, n, heads, groups, kv_heads, nvs, nsg, kind, vwr);
             for (int kvh = 0; kvh < kv_heads; kvh++) {
-                ask_ahead(&ah);
+                ask_ahead(&ah, thin);
                 for (int g = 0; g < groups; g++) {
                     const int hh = kvh * groups + g;
 #if HAVE_VALUES_VBMI
